@@ -1,0 +1,105 @@
+"""Transformer building blocks shared by the text and vision towers (TorchScript-able)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+
+def check_activation(name: str) -> str:
+    """Return `name` if supported, else raise ValueError."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_act {name!r}; supported: {ACTIVATIONS}")
+    return name
+
+
+def additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool keep-mask (True = attend) -> additive float mask: 0 where kept, dtype's lowest value elsewhere."""
+    lowest = -3.4028234663852886e38  # torch.finfo(dtype).min, spelled out (torch.finfo is not scriptable)
+    if dtype == torch.float16:
+        lowest = -65504.0
+    elif dtype == torch.bfloat16:
+        lowest = -3.3895313892515355e38
+    zero = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    return zero.masked_fill(~keep, lowest)
+
+
+class MLP(nn.Module):
+    """fc1 -> activation -> fc2."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, intermediate)
+        self.fc2 = nn.Linear(intermediate, hidden)
+        self.act = check_activation(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.fc1(x)  # (B, T, I)
+        if self.act == "quick_gelu":
+            x = x * torch.sigmoid(1.702 * x)
+        elif self.act == "gelu":
+            x = F.gelu(x)
+        elif self.act == "relu":
+            x = F.relu(x)
+        else:  # gelu_new / gelu_pytorch_tanh
+            x = F.gelu(x, approximate="tanh")
+        return self.fc2(x)  # (B, T, C)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/out projections."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        if hidden % heads != 0:
+            raise ValueError(f"hidden size {hidden} is not a multiple of {heads} heads")
+        self.heads = heads
+        self.head_dim = hidden // heads
+        self.q = nn.Linear(hidden, hidden)
+        self.k = nn.Linear(hidden, hidden)
+        self.v = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        v = self.v(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hd); mask additive (B, 1, T|1, T)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.out(y)
+
+
+class PreLNBlock(nn.Module):
+    """CLIP encoder layer: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, hidden: int, heads: int, intermediate: int, act: str, eps: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(hidden, eps=eps)
+        self.attn = SelfAttention(hidden, heads)
+        self.ln2 = nn.LayerNorm(hidden, eps=eps)
+        self.mlp = MLP(hidden, intermediate, act)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        x = x + self.attn(self.ln1(x), mask)  # (B, T, C)
+        return x + self.mlp(self.ln2(x))  # (B, T, C)
+
+
+class PostLNBlock(nn.Module):
+    """BERT encoder layer: ln1(x + attn(x)), then ln2(x + mlp(x))."""
+
+    def __init__(self, hidden: int, heads: int, intermediate: int, act: str, eps: float):
+        super().__init__()
+        self.attn = SelfAttention(hidden, heads)
+        self.ln1 = nn.LayerNorm(hidden, eps=eps)
+        self.mlp = MLP(hidden, intermediate, act)
+        self.ln2 = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        x = self.ln1(x + self.attn(x, mask))  # (B, T, C)
+        return self.ln2(x + self.mlp(x))  # (B, T, C)
