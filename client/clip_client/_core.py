@@ -1,0 +1,337 @@
+"""What the sync and async clients share: protocol glue, error mapping, retries policy, model info, caches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import ops
+from .errors import CLIPClientError, InvalidInputError, ServerError, ServerTimeoutError, ServerUnavailableError
+
+log = logging.getLogger("clip_client")
+
+DEFAULT_GRPC_URL = "127.0.0.1:8001"
+DEFAULT_HTTP_URL = "127.0.0.1:8000"
+
+# Public ensembles and their tensors (docs/ARCHITECTURE.md).
+ENCODE_TEXT, ENCODE_IMAGE, ZERO_SHOT = "encode_text", "encode_image", "zero_shot"
+TEXT_IN, IMAGE_IN, TOP_K_IN = "text", "image", "top_k"
+TEXT_OUT, IMAGE_OUT = "text_embeds", "image_embeds"
+# Models whose configs bound how many items one request may carry.
+TEXT_LIMIT_MODELS = ("preprocess_text", "text_encoder")
+IMAGE_LIMIT_MODELS = ("preprocess_image", "image_encoder")
+POSTPROCESS = "postprocess"
+ITEM_LIMIT_PARAMS = ("max_items_per_request", "max_batch_items", "max_items")
+FALLBACK_MAX_ITEMS = 64
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the client knows about the served model, read once from the model configs."""
+
+    model_id: str  # identity used to tag galleries; from postprocess's `model_id` parameter when present
+    dim: int  # embedding size D
+    logit_scale: float  # raw learned value; logits use exp(logit_scale)
+    max_text_items: int  # texts per request
+    max_image_items: int  # images per request
+    identity_source: str = "postprocess.model_id"  # or "fallback" (derived from configs, weaker)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        """exp(logit_scale), the multiplier applied to cosine similarities."""
+        return math.exp(self.logit_scale)
+
+    def identity(self) -> dict:
+        """JSON-able identity stored in gallery metadata."""
+        d = asdict(self)
+        d.pop("extra")
+        d.pop("max_text_items")
+        d.pop("max_image_items")
+        return d
+
+
+def config_parameter(config: dict | None, name: str) -> str | None:
+    """A `parameters {}` entry of a model config JSON (string_value), or None."""
+    if not config:
+        return None
+    value = (config.get("parameters") or {}).get(name)
+    if isinstance(value, dict):
+        value = value.get("string_value")
+    return None if value in (None, "") else str(value)
+
+
+def output_dim(config: dict | None, name: str) -> int | None:
+    """Last dim of output `name` in a model config JSON, when it is fixed."""
+    for out in (config or {}).get("output", []):
+        if out.get("name") == name and out.get("dims"):
+            d = int(out["dims"][-1])
+            return d if d > 0 else None
+    return None
+
+
+def item_limit(configs: list[dict | None]) -> int:
+    """Smallest positive max_batch_size / max-items parameter over configs (FALLBACK_MAX_ITEMS if none)."""
+    limits = []
+    for c in configs:
+        if not c:
+            continue
+        mbs = int(c.get("max_batch_size") or 0)
+        if mbs > 0:
+            limits.append(mbs)
+        for p in ITEM_LIMIT_PARAMS:
+            v = config_parameter(c, p)
+            if v is not None:
+                try:
+                    limits.append(int(v))
+                except ValueError:
+                    log.warning("ignoring non-integer parameter %s=%r", p, v)
+    limits = [x for x in limits if x > 0]
+    return min(limits) if limits else FALLBACK_MAX_ITEMS
+
+
+def build_model_info(configs: dict[str, dict | None], logit_scale: float | None = None) -> ModelInfo:
+    """ModelInfo from the configs of the public ensembles, their composing models and postprocess."""
+    post = configs.get(POSTPROCESS)
+    dim = output_dim(configs.get(ENCODE_TEXT), TEXT_OUT) or output_dim(configs.get(ENCODE_IMAGE), IMAGE_OUT)
+    if dim is None:
+        dim = output_dim(configs.get("text_encoder"), "text_embeds__0")
+    if dim is None:
+        raise ServerError("cannot read the embedding size from the encode_text / encode_image configs")
+    if logit_scale is None:
+        raw = config_parameter(post, "logit_scale")
+        if raw is None:
+            raise ServerError("the postprocess config has no logit_scale parameter")
+        logit_scale = float(raw)
+    model_id = config_parameter(post, "model_id")
+    source = "postprocess.model_id"
+    if model_id is None:
+        # Weaker identity: derived from what the configs expose (no weights hash available to the client).
+        blob = json.dumps({"dim": dim, "logit_scale": round(logit_scale, 6),
+                           "encoders": [(configs.get(m) or {}).get("name") for m in ("text_encoder", "image_encoder")]},
+                          sort_keys=True)
+        model_id = "cfg-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+        source = "fallback"
+    return ModelInfo(
+        model_id=model_id,
+        dim=dim,
+        logit_scale=float(logit_scale),
+        max_text_items=item_limit([configs.get(m) for m in (ENCODE_TEXT, *TEXT_LIMIT_MODELS)]),
+        max_image_items=item_limit([configs.get(m) for m in (ENCODE_IMAGE, *IMAGE_LIMIT_MODELS)]),
+        identity_source=source,
+    )
+
+
+def bytes_tensor(items: list[bytes]) -> np.ndarray:
+    """list of bytes -> object array shaped (N, 1) for a BYTES input."""
+    arr = np.empty((len(items), 1), dtype=object)
+    for i, b in enumerate(items):
+        arr[i, 0] = b
+    return arr
+
+
+def probe_image() -> bytes:
+    """A small deterministic uint8 image (.npy) used to read logit_scale through zero_shot when no config has it."""
+    from .inputs import npy_bytes
+
+    rng = np.random.default_rng(0)
+    return npy_bytes(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8))
+
+
+def logit_scale_from_zero_shot(out: dict[str, np.ndarray]) -> float:
+    """logit_scale = log(logit / cosine) from one zero_shot answer (1 text, 1 image)."""
+    cos = float(ops.similarity(out[TEXT_OUT], out[IMAGE_OUT])[0, 0])
+    logit = float(out["logits_per_text"][0, 0])
+    if abs(cos) < 1e-3 or logit / cos <= 0:
+        raise ServerError("cannot infer logit_scale from zero_shot (probe similarity too small)")
+    return math.log(logit / cos)
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def _status(exc: BaseException) -> str:
+    status = getattr(exc, "status", None)
+    try:
+        return str(status() if callable(status) else status or "")
+    except Exception:  # noqa: BLE001 - a foreign exception type with an odd status attribute
+        return ""
+
+
+def _message(exc: BaseException) -> str:
+    msg = getattr(exc, "message", None)
+    try:
+        text = msg() if callable(msg) else msg
+    except Exception:  # noqa: BLE001
+        text = None
+    return str(text or exc)
+
+
+def map_error(exc: BaseException, what: str) -> CLIPClientError:
+    """Any exception raised by tritonclient / the transport -> one of our typed errors."""
+    if isinstance(exc, CLIPClientError):
+        return exc
+    status, msg = _status(exc), _message(exc)
+    if isinstance(exc, TimeoutError) or status in ("StatusCode.DEADLINE_EXCEEDED", "408", "504") or (
+        not status and "failed to obtain inference response" in msg
+    ):
+        return ServerTimeoutError(f"{what}: timed out ({msg})")
+    if status in ("StatusCode.UNAVAILABLE", "503"):
+        return ServerUnavailableError(f"{what}: server unavailable: {msg}")
+    if status in ("StatusCode.INVALID_ARGUMENT", "400", "StatusCode.OUT_OF_RANGE", "413"):
+        return InvalidInputError(msg)
+    if not status and _is_connection_error(exc):
+        return ServerUnavailableError(f"{what}: cannot connect: {msg}")
+    if status:
+        return ServerError(f"{what}: [{status}] {msg}")
+    return ServerError(f"{what}: {type(exc).__name__}: {msg}")
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, (ConnectionError, OSError)):
+        return True
+    try:
+        import aiohttp
+
+        return isinstance(exc, aiohttp.ClientConnectionError)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def retryable(err: CLIPClientError) -> bool:
+    """Only unavailable servers / connection failures are retried; never invalid input or timeouts."""
+    return isinstance(err, ServerUnavailableError)
+
+
+def backoff_delay(attempt: int, base: float, cap: float = 10.0) -> float:
+    """Exponential backoff with full jitter for retry number `attempt` (0-based)."""
+    return random.uniform(0.5, 1.0) * min(cap, base * (2**attempt))
+
+
+# ----------------------------------------------------------------------------------- shared client base
+
+
+class ClientBase:
+    """Options, model-info cache and prompt-embedding cache shared by CLIPClient and AsyncCLIPClient."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.25,
+        max_concurrency: int = 4,
+        max_request_bytes: int = 32 * 1024 * 1024,
+        max_items: int | None = None,
+        prompt_cache_size: int = 4096,
+        headers: dict[str, str] | None = None,
+    ):
+        protocol = protocol.lower()
+        if protocol not in ("grpc", "http"):
+            raise InvalidInputError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        url = url or (DEFAULT_GRPC_URL if protocol == "grpc" else DEFAULT_HTTP_URL)
+        for scheme in ("http://", "https://", "grpc://"):
+            if url.startswith(scheme):
+                url = url[len(scheme):]
+        if timeout <= 0 or retries < 0 or max_concurrency < 1:
+            raise InvalidInputError("timeout must be > 0, retries >= 0, max_concurrency >= 1")
+        self.url = url.rstrip("/")
+        self.protocol = protocol
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.max_concurrency = int(max_concurrency)
+        self.max_request_bytes = int(max_request_bytes)
+        self.max_items = max_items  # caps the server-derived limit when set
+        self.headers = headers
+        self._info: ModelInfo | None = None
+        self._prompt_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._prompt_cache_size = int(prompt_cache_size)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(url={self.url!r}, protocol={self.protocol!r})"
+
+    # ---- requests
+    def _make_inputs(self, named: dict[str, np.ndarray]) -> list:
+        mod = self._module()
+        inputs = []
+        for name, arr in named.items():
+            dtype = "BYTES" if arr.dtype == object else {np.dtype(np.int32): "INT32"}[arr.dtype]
+            inp = mod.InferInput(name, list(arr.shape), dtype)
+            if self.protocol == "http":
+                inp.set_data_from_numpy(arr, binary_data=True)
+            else:
+                inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        return inputs
+
+    def _make_outputs(self, names: list[str]) -> list:
+        mod = self._module()
+        if self.protocol == "http":
+            return [mod.InferRequestedOutput(n, binary_data=True) for n in names]
+        return [mod.InferRequestedOutput(n) for n in names]
+
+    def _module(self):  # the tritonclient module providing InferInput / InferRequestedOutput
+        if self.protocol == "http":
+            import tritonclient.http as mod
+        else:
+            import tritonclient.grpc as mod
+        return mod
+
+    @staticmethod
+    def _config_json(raw: Any) -> dict:
+        """get_model_config's answer (HTTP dict, gRPC {'config': {...}}) -> the config dict."""
+        if isinstance(raw, dict) and "config" in raw and isinstance(raw["config"], dict):
+            return raw["config"]
+        return raw
+
+    def _limits(self, info: ModelInfo, kind: str) -> int:
+        n = info.max_text_items if kind == "text" else info.max_image_items
+        return min(n, self.max_items) if self.max_items else n
+
+    # ---- prompt cache (raw, unnormalised text embeddings keyed by prompt)
+    def _cached_prompts(self, prompts: list[str]) -> list[str]:
+        """Prompts not in the cache yet, de-duplicated, in first-seen order."""
+        return list(OrderedDict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+
+    def _store_prompts(self, prompts: list[str], embeds: np.ndarray) -> None:
+        for p, e in zip(prompts, embeds):
+            self._prompt_cache[p] = e
+            self._prompt_cache.move_to_end(p)
+        while len(self._prompt_cache) > self._prompt_cache_size:
+            self._prompt_cache.popitem(last=False)
+
+    def _class_matrix(self, prompts: list[str], n_classes: int, n_templates: int) -> np.ndarray:
+        raw = np.stack([self._prompt_cache[p] for p in prompts])  # (C*T, D)
+        return ops.class_embeddings(raw, n_classes, n_templates)  # (C, D)
+
+    def clear_cache(self) -> None:
+        """Forget cached prompt embeddings and the model info (e.g. after the server's model changed)."""
+        self._prompt_cache.clear()
+        self._info = None
+
+
+def classify_result(image_embeds: np.ndarray, class_embeds: np.ndarray, scale: float, return_probabilities: bool):
+    """(predictions (I,) int64, probabilities (I, C) float32 or None) from normalised embeddings."""
+    logits = ops.similarity(image_embeds, class_embeds, scale)  # (I, C)
+    preds = np.argmax(logits, axis=1).astype(np.int64) if len(logits) else np.zeros((0,), np.int64)
+    return preds, (ops.softmax(logits, axis=1) if return_probabilities else None)
+
+
+def check_classes(class_texts: Any) -> list[str]:
+    """class_texts -> list[str], non-empty."""
+    from .inputs import normalize_texts
+
+    classes = normalize_texts(class_texts)
+    if not classes:
+        raise InvalidInputError("class_texts must hold at least one class")
+    return classes

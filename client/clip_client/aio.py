@@ -1,0 +1,218 @@
+"""AsyncCLIPClient: the asyncio twin of CLIPClient (tritonclient.http.aio / tritonclient.grpc.aio)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from . import ops
+from ._core import (
+    ENCODE_IMAGE,
+    ENCODE_TEXT,
+    IMAGE_IN,
+    IMAGE_LIMIT_MODELS,
+    IMAGE_OUT,
+    POSTPROCESS,
+    TEXT_IN,
+    TEXT_LIMIT_MODELS,
+    TEXT_OUT,
+    ZERO_SHOT,
+    ClientBase,
+    ModelInfo,
+    backoff_delay,
+    build_model_info,
+    bytes_tensor,
+    check_classes,
+    classify_result,
+    log,
+    logit_scale_from_zero_shot,
+    map_error,
+    probe_image,
+    retryable,
+)
+from .errors import CLIPClientError, ServerError
+from .inputs import chunk_spans, encode_images, encode_texts, normalize_texts
+
+
+class AsyncCLIPClient(ClientBase):
+    """Asyncio client with the same methods as CLIPClient (as coroutines). Use it from one event loop.
+
+    >>> async with AsyncCLIPClient("127.0.0.1:8001") as c:
+    ...     emb = await c.encode_text(["a cat", "a dog"])
+    """
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", **options: Any):
+        super().__init__(url, protocol, **options)
+        self._client: Any = None
+        self._sem: asyncio.Semaphore | None = None
+        self._info_lock: asyncio.Lock | None = None
+
+    async def __aenter__(self) -> "AsyncCLIPClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the underlying tritonclient."""
+        client, self._client = self._client, None
+        self._sem = self._info_lock = None
+        if client is not None:
+            await client.close()
+
+    def _triton(self):
+        """The aio tritonclient, created inside the running loop on first use."""
+        if self._client is None:
+            if self.protocol == "http":
+                import tritonclient.http.aio as mod
+
+                self._client = mod.InferenceServerClient(self.url, conn_timeout=self.timeout, conn_limit=self.max_concurrency * 2)
+            else:
+                import tritonclient.grpc.aio as mod
+
+                self._client = mod.InferenceServerClient(self.url)
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+            self._info_lock = asyncio.Lock()
+        return self._client
+
+    # ---------------------------------------------------------------------------------- transport
+    async def _call(self, what: str, make_coro) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                return await make_coro()
+            except Exception as exc:  # noqa: BLE001 - mapped below
+                err = map_error(exc, what)
+                if not retryable(err) or attempt == self.retries:
+                    raise err from None
+                delay = backoff_delay(attempt, self.backoff)
+                log.debug("%s: %s; retry %d/%d in %.2fs", what, err, attempt + 1, self.retries, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        async def once():
+            client = self._triton()
+            kwargs: dict[str, Any] = {"headers": self.headers}
+            if self.protocol == "grpc":
+                kwargs["client_timeout"] = self.timeout
+            async with self._sem:
+                result = await client.infer(model, self._make_inputs(inputs), outputs=self._make_outputs(outputs), **kwargs)
+            return {n: result.as_numpy(n) for n in outputs}
+
+        return await self._call(f"infer {model}", once)
+
+    async def _model_config(self, model: str) -> dict | None:
+        async def once():
+            client = self._triton()
+            if self.protocol == "grpc":
+                raw = await client.get_model_config(model, as_json=True, client_timeout=self.timeout, headers=self.headers)
+            else:
+                raw = await client.get_model_config(model, headers=self.headers)
+            return self._config_json(raw)
+
+        try:
+            return await self._call(f"config {model}", once)
+        except CLIPClientError as e:
+            if retryable(e):
+                raise
+            log.debug("no config for %s: %s", model, e)
+            return None
+
+    # ---------------------------------------------------------------------------------- model info
+    async def get_model_info(self) -> ModelInfo:
+        """Embedding size, logit_scale, model identity and per-request limits, read from the server once."""
+        if self._info is not None:
+            return self._info
+        self._triton()
+        async with self._info_lock:
+            if self._info is None:
+                names = (POSTPROCESS, ENCODE_TEXT, ENCODE_IMAGE, *TEXT_LIMIT_MODELS, *IMAGE_LIMIT_MODELS)
+                found = await asyncio.gather(*(self._model_config(n) for n in names))
+                configs = dict(zip(names, found))
+                if configs[ENCODE_TEXT] is None and configs[ENCODE_IMAGE] is None:
+                    raise ServerError(f"the server at {self.url} serves neither encode_text nor encode_image")
+                scale = None
+                if configs[POSTPROCESS] is None or "logit_scale" not in (configs[POSTPROCESS].get("parameters") or {}):
+                    log.warning("postprocess config has no logit_scale; reading it through a zero_shot call")
+                    scale = logit_scale_from_zero_shot(await self._infer(
+                        ZERO_SHOT,
+                        {TEXT_IN: bytes_tensor([b"a photo"]), IMAGE_IN: bytes_tensor([probe_image()])},
+                        [TEXT_OUT, IMAGE_OUT, "logits_per_text"],
+                    ))
+                self._info = build_model_info(configs, scale)
+        return self._info
+
+    # ---------------------------------------------------------------------------------- encoding
+    async def _encode(self, items: list[bytes], kind: str, normalize: bool) -> np.ndarray:
+        info = await self.get_model_info()
+        model, name, out = (ENCODE_TEXT, TEXT_IN, TEXT_OUT) if kind == "text" else (ENCODE_IMAGE, IMAGE_IN, IMAGE_OUT)
+        if not items:
+            return np.zeros((0, info.dim), np.float32)
+        spans = chunk_spans([len(b) for b in items], self._limits(info, kind), self.max_request_bytes)
+
+        async def one(s: tuple[int, int]) -> np.ndarray:
+            return (await self._infer(model, {name: bytes_tensor(items[s[0]:s[1]])}, [out]))[out]
+
+        parts = await asyncio.gather(*(one(s) for s in spans))  # in input order
+        embeds = np.concatenate(parts, axis=0).astype(np.float32, copy=False)  # (N, D)
+        return ops.l2_normalize(embeds) if normalize else embeds
+
+    async def encode_text(self, texts: str | list[str], normalize: bool = True) -> np.ndarray:
+        """Text embeddings (n, D) float32, L2-normalised unless normalize=False."""
+        return await self._encode(encode_texts(normalize_texts(texts)), "text", normalize)
+
+    async def encode_image(self, images: Any, normalize: bool = True) -> np.ndarray:
+        """Image embeddings (n, D) float32; images: path, bytes, PIL image, uint8 (H, W, 3) array, or a batch of those."""
+        return await self._encode(encode_images(images), "image", normalize)
+
+    # ---------------------------------------------------------------------------------- similarity
+    async def compute_similarity(
+        self, text_embeddings: np.ndarray, image_embeddings: np.ndarray, apply_temperature: bool = True
+    ) -> np.ndarray:
+        """Cosine similarity (n_texts, n_images), times exp(logit_scale) when apply_temperature (CLIP's logits)."""
+        scale = (await self.get_model_info()).scale if apply_temperature else 1.0
+        return ops.similarity(text_embeddings, image_embeddings, scale)
+
+    async def _logits(self, texts: Any, images: Any) -> np.ndarray:
+        t, i = await asyncio.gather(self.encode_text(texts), self.encode_image(images))
+        return await self.compute_similarity(t, i)  # (T, I)
+
+    async def find_best_matches(self, texts: Any, images: Any, top_k: int = 5, return_scores: bool = False):
+        """Top-k image indices per text (n_texts, min(k, n_images)), best first; with return_scores, (indices, logits)."""
+        logits = await self._logits(texts, images)
+        idx = ops.topk_indices(logits, top_k)
+        return (idx, np.take_along_axis(logits, idx, axis=1)) if return_scores else idx
+
+    async def find_best_text_matches(self, images: Any, texts: Any, top_k: int = 5, return_scores: bool = False):
+        """Top-k text indices per image (n_images, min(k, n_texts)), best first; with return_scores, (indices, logits)."""
+        logits = (await self._logits(texts, images)).T  # (I, T)
+        idx = ops.topk_indices(logits, top_k)
+        return (idx, np.take_along_axis(logits, idx, axis=1)) if return_scores else idx
+
+    async def class_embeddings(self, class_texts: Any, templates: list[str] | None = None) -> np.ndarray:
+        """Normalised class embeddings (C, D), prompt embeddings cached (see CLIPClient.class_embeddings)."""
+        classes = check_classes(class_texts)
+        prompts = ops.expand_templates(classes, templates)
+        missing = self._cached_prompts(prompts)
+        if missing:
+            self._store_prompts(missing, await self.encode_text(missing, normalize=False))
+        return self._class_matrix(prompts, len(classes), max(1, len(templates or [])))
+
+    async def zero_shot_classification(
+        self, images: Any, class_texts: Any, return_probabilities: bool = True, templates: list[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(predictions: class indices (n_images,) int64, probabilities (n_images, n_classes) or None)."""
+        cls, img = await asyncio.gather(self.class_embeddings(class_texts, templates), self.encode_image(images))
+        return classify_result(img, cls, (await self.get_model_info()).scale, return_probabilities)
+
+    async def zero_shot(self, images: Any, texts: Any, top_k: int = 5) -> dict[str, np.ndarray]:
+        """One raw call of the zero_shot ensemble (all its outputs); inputs must fit in one request."""
+        t, i = encode_texts(normalize_texts(texts)), encode_images(images)
+        outs = ["text_embeds", "image_embeds", "logits_per_image", "logits_per_text", "probs", "topk_texts", "topk_images"]
+        return await self._infer(
+            ZERO_SHOT,
+            {TEXT_IN: bytes_tensor(t), IMAGE_IN: bytes_tensor(i), "top_k": np.array([top_k], dtype=np.int32)},
+            outs,
+        )
