@@ -1,0 +1,235 @@
+"""Image bytes -> CLIP pixel values, matching transformers' CLIPImageProcessor (PIL bicubic, center crop, normalise).
+
+Runs inside the Triton python stub: numpy and Pillow only, never torch.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+try:
+    from clip_build.runtime.errors import InvalidInputError
+except ImportError:  # pragma: no cover - errors.py is written by another module owner
+
+    class InvalidInputError(ValueError):
+        """A client sent an item we refuse to process."""
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+NPY_MAGIC = b"\x93NUMPY"
+_FORMAT_ALIASES = {"JPG": "JPEG", "TIF": "TIFF"}
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Preprocessing constants (from the checkpoint's preprocessor_config.json) and input limits."""
+
+    image_size: int = 224  # shortest edge (resize_mode=shortest_edge) or square side (exact)
+    crop_size: int = 224
+    resize_mode: str = "shortest_edge"
+    do_center_crop: bool = True
+    resample: int = 3  # PIL.Image.Resampling.BICUBIC
+    rescale_factor: float = 1 / 255
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+    jpeg_draft_gap: float = 0.0  # 0 = exact; >0: JPEG DCT-downscale to >= gap x target first (faster, inexact)
+
+    @classmethod
+    def from_parameters(cls, p: dict) -> "ImageConfig":
+        """Build from read_parameters() output."""
+        return cls(
+            image_size=p["image_size"],
+            crop_size=p["crop_size"],
+            resize_mode=p["resize_mode"],
+            do_center_crop=p["do_center_crop"],
+            resample=p["resample"],
+            rescale_factor=p["rescale_factor"],
+            mean=tuple(p["image_mean"]),
+            std=tuple(p["image_std"]),
+            max_image_bytes=p["max_image_bytes"],
+            max_pixels=p["max_pixels"],
+            allowed_formats=tuple(p["allowed_formats"]),
+            jpeg_draft_gap=p.get("jpeg_draft_gap", 0.0),
+        )
+
+    @property
+    def output_size(self) -> int:
+        """Side of the square the encoder receives."""
+        return self.crop_size if self.do_center_crop else self.image_size
+
+
+def _normalise_lut(cfg: ImageConfig) -> np.ndarray:
+    """[3, 256] float32: uint8 value -> normalised value, computed with transformers' own float32 arithmetic."""
+    v = np.arange(256, dtype=np.float32)[None, :]  # (1, 256)
+    v = (v * np.float32(cfg.rescale_factor)).astype(np.float32)  # transformers' rescale: float32 multiply
+    mean = np.asarray(cfg.mean, dtype=np.float32)[:, None]
+    std = np.asarray(cfg.std, dtype=np.float32)[:, None]
+    return ((v - mean) / std).astype(np.float32)  # (3, 256)
+
+
+class ImagePreprocessor:
+    """Decode, validate, resize and crop single items; normalise whole batches in one numpy op."""
+
+    def __init__(self, cfg: ImageConfig | None = None):
+        self.cfg = cfg or ImageConfig()
+        if self.cfg.resize_mode not in ("shortest_edge", "exact"):
+            raise ValueError(f"resize_mode must be shortest_edge or exact, not {self.cfg.resize_mode!r}")
+        self.formats = tuple(_FORMAT_ALIASES.get(f.upper(), f.upper()) for f in self.cfg.allowed_formats)
+        self._lut = _normalise_lut(self.cfg)  # (3, 256)
+
+    # ---- single items (may raise InvalidInputError)
+    def load(self, data: bytes) -> np.ndarray:
+        """Bytes (encoded image or .npy uint8 HxWx3) -> uint8 [S, S, 3] resized and cropped."""
+        if len(data) == 0:
+            raise InvalidInputError("empty image")
+        if len(data) > self.cfg.max_image_bytes:
+            raise InvalidInputError(f"image is {len(data)} bytes, more than the limit of {self.cfg.max_image_bytes}")
+        image = self._from_npy(data) if data[:6] == NPY_MAGIC else self.decode(data)
+        return self.resize_crop(image)
+
+    def decode(self, data: bytes) -> Image.Image:
+        """Encoded bytes -> RGB PIL image (EXIF-oriented, alpha on white, 16-bit scaled)."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data), formats=self.formats)
+        except Image.UnidentifiedImageError:
+            raise InvalidInputError(
+                f"not a decodable image (allowed formats: {', '.join(self.formats)}, or .npy uint8 HxWx3)"
+            ) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise InvalidInputError(f"image has too many pixels (limit {self.cfg.max_pixels})") from None
+        except Exception as exc:
+            raise InvalidInputError(f"cannot read image header: {exc}") from None
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise InvalidInputError(f"image has an empty size {width}x{height}")
+        if width * height > self.cfg.max_pixels:
+            raise InvalidInputError(
+                f"image is {width}x{height} = {width * height} pixels, more than the limit of {self.cfg.max_pixels}"
+            )
+        try:
+            if self.cfg.jpeg_draft_gap > 0 and image.format == "JPEG":
+                tw, th = self.target_size(width, height)
+                image.draft("RGB", (int(tw * self.cfg.jpeg_draft_gap), int(th * self.cfg.jpeg_draft_gap)))
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
+            return to_rgb(image)
+        except InvalidInputError:
+            raise
+        except Exception as exc:  # truncated or corrupt data
+            raise InvalidInputError(f"cannot decode {image.format} image: {exc}") from None
+
+    def _from_npy(self, data: bytes) -> Image.Image:
+        """.npy bytes -> RGB PIL image; header checked before the array is read."""
+        fp = io.BytesIO(data)
+        try:
+            version = np.lib.format.read_magic(fp)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except Exception as exc:
+            raise InvalidInputError(f"bad .npy header: {exc}") from None
+        if dtype != np.uint8 or len(shape) != 3 or shape[2] != 3:
+            raise InvalidInputError(f".npy image must be uint8 with shape (H, W, 3), got {dtype} {tuple(shape)}")
+        height, width = int(shape[0]), int(shape[1])
+        if height <= 0 or width <= 0:
+            raise InvalidInputError(f".npy image has an empty size {tuple(shape)}")
+        if height * width > self.cfg.max_pixels:
+            raise InvalidInputError(f".npy image has {height * width} pixels, more than the limit of {self.cfg.max_pixels}")
+        fp.seek(0)
+        try:
+            array = np.load(fp, allow_pickle=False)
+        except Exception as exc:
+            raise InvalidInputError(f"cannot read .npy image: {exc}") from None
+        return Image.fromarray(np.ascontiguousarray(array), "RGB")
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after resizing, exactly as transformers computes it."""
+        size = self.cfg.image_size
+        if self.cfg.resize_mode == "exact":
+            return size, size
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = size, int(size * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+
+    def resize_crop(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> uint8 [S, S, 3]: PIL resize as transformers does, then center crop."""
+        new_w, new_h = self.target_size(*image.size)
+        if not self.cfg.do_center_crop:
+            return np.asarray(image.resize((new_w, new_h), resample=self.cfg.resample))
+        crop = self.cfg.crop_size
+        top, left = (new_h - crop) // 2, (new_w - crop) // 2
+        if top < 0 or left < 0:  # crop larger than the resized image: transformers zero-pads
+            resized = np.asarray(image.resize((new_w, new_h), resample=self.cfg.resample))
+            return _center_crop_padded(resized, crop)
+        # Resize the whole image, then crop: Pillow's resize(box=...) is not bit-identical to this.
+        resized = image.resize((new_w, new_h), resample=self.cfg.resample)
+        return np.asarray(resized)[top : top + crop, left : left + crop]
+
+    # ---- batches
+    def normalise(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] -> float32 [N, 3, S, S]: rescale + normalise as one table lookup per channel."""
+        n, h, w, _ = batch.shape
+        out = np.empty((n, 3, h, w), dtype=np.float32)  # (N, 3, S, S)
+        for c in range(3):
+            self._lut[c].take(batch[..., c], out=out[:, c])  # bit-identical to transformers' float32 math
+        return out
+
+    def load_many(self, items: list[bytes], pool=None, catch: type[BaseException] = InvalidInputError) -> list:
+        """load() every item, in `pool` (an Executor) when given (Pillow releases the GIL); `catch`es are returned."""
+
+        def one(data: bytes):
+            try:
+                return self.load(data)
+            except catch as exc:
+                return exc
+
+        if pool is None or len(items) < 2:
+            return [one(b) for b in items]
+        return list(pool.map(one, items))
+
+    def __call__(self, items: list[bytes]) -> np.ndarray:
+        """Convenience: bytes items -> float32 [N, 3, S, S] (raises on the first bad item)."""
+        return self.normalise(np.stack([self.load(b) for b in items]))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB: transparency composited on white, 16/32-bit greyscale scaled to 8 bits."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        array = np.asarray(image).astype(np.int64)
+        array = np.clip(array, 0, 65535)
+        array = ((array * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
+        return Image.fromarray(array, "L").convert("RGB")
+    if mode == "F":
+        raise InvalidInputError("floating-point images (mode F) are not supported")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")  # same as transformers' convert_to_rgb
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _center_crop_padded(array: np.ndarray, crop: int) -> np.ndarray:
+    """transformers' center_crop when the image is smaller than the crop: zero-pad, then crop. (H, W, 3)."""
+    h, w = array.shape[:2]
+    nh, nw = max(crop, h), max(crop, w)
+    canvas = np.zeros((nh, nw, 3), dtype=np.uint8)
+    tp, lp = -(-(nh - h) // 2), -(-(nw - w) // 2)  # ceil
+    canvas[tp : tp + h, lp : lp + w] = array
+    top, left = (h - crop) // 2 + tp, (w - crop) // 2 + lp
+    return canvas[max(0, top) : max(0, top) + crop, max(0, left) : max(0, left) + crop]
