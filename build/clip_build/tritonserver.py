@@ -1,0 +1,387 @@
+"""Locate the tritonserver shipped in the nvidia-pytriton wheel, assemble our backend dir, run and probe the server."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PYTHON_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
+# Our Python-based runner for configs that say `backend: "pytorch"` (libtorch naming rules).
+RUNNER_SOURCE = Path(__file__).resolve().parent / "backends" / "pytorch" / "model.py"
+
+
+class TritonServerError(RuntimeError):
+    """The server could not start, a model failed to load, or the server died."""
+
+
+def _site_packages_of(package: str) -> Path:
+    """Site-packages folder holding `package`, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonServerError(f"python package {package!r} is not installed (pip install nvidia-pytriton)")
+    return Path(next(iter(spec.submodule_search_locations))).resolve().parent
+
+
+def triton_root() -> Path:
+    """The `pytriton/tritonserver` folder of the nvidia-pytriton wheel."""
+    root = _site_packages_of("pytriton") / "pytriton" / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise TritonServerError(f"no tritonserver binary under {root}")
+    return root
+
+
+def tritonserver_binary() -> Path:
+    """Path of the tritonserver executable."""
+    return triton_root() / "bin" / "tritonserver"
+
+
+def library_path() -> str:
+    """LD_LIBRARY_PATH the server needs: the wheel's bundled libs, then Python's own lib dir (libpython)."""
+    libs = _site_packages_of("pytriton") / "nvidia_pytriton.libs"
+    parts = [str(libs), sysconfig.get_config_var("LIBDIR") or ""]
+    old = os.environ.get("LD_LIBRARY_PATH")
+    if old:
+        parts.append(old)
+    return os.pathsep.join(p for p in parts if p)
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for tritonserver: our venv's bin/ first on PATH (the python stub finds its packages that way)."""
+    env = dict(os.environ if base is None else base)
+    scripts = sysconfig.get_path("scripts")
+    env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "/usr/bin:/bin")])
+    env["LD_LIBRARY_PATH"] = library_path()
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def default_cache_dir() -> Path:
+    """Folder we own for assembled backend dirs."""
+    base = os.environ.get("CLIP_TRITON_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "clip-triton"
+    )
+    return Path(base)
+
+
+def _backend_sources() -> dict[str, Path]:
+    """Relative path in the backend dir -> source file."""
+    root = triton_root()
+    python_dir = root / "backends" / "python"
+    stub = root / "python_backend_stubs" / PYTHON_TAG / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonServerError(f"the wheel has no python backend stub for Python {PYTHON_TAG} ({stub})")
+    files = {f"python/{p.name}": p for p in python_dir.iterdir() if p.is_file()}
+    files["python/triton_python_backend_stub"] = stub
+    files["pytorch/model.py"] = RUNNER_SOURCE
+    return files
+
+
+def assemble_backend_dir(cache_dir: Path | None = None) -> Path:
+    """Build (once per content) `<cache>/backends-<hash>/{python,pytorch}`; never touches site-packages."""
+    sources = _backend_sources()
+    digest = hashlib.sha256()
+    for rel, src in sorted(sources.items()):
+        st = src.stat()
+        digest.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    digest.update(RUNNER_SOURCE.read_bytes())
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache_dir / f"backends-{digest.hexdigest()[:16]}"
+    if (target / "pytorch" / "model.py").is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".backends-", dir=cache_dir))
+    try:
+        for rel, src in sources.items():
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        try:
+            os.rename(tmp, target)  # atomic; a concurrent builder may have won the race
+        except OSError:
+            if not (target / "pytorch" / "model.py").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on `host`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def repository_models(repository: Path) -> list[str]:
+    """Model names in a repository: every folder holding a config.pbtxt."""
+    return sorted(p.parent.name for p in Path(repository).glob("*/config.pbtxt"))
+
+
+def _set_pdeathsig() -> None:
+    """In the child: get SIGTERM when the parent dies, so a crashed test run leaves no server behind."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _error_lines(log_text: str, limit: int = 20) -> str:
+    """The server's own error lines (E-level glog lines and failed model table rows)."""
+    keep = []
+    for line in log_text.splitlines():
+        s = line.strip()
+        if s.startswith("E") and "]" in s[:60] or "failed to load" in s or "UNAVAILABLE" in s or s.startswith("error:"):
+            keep.append(s)
+    return "\n".join(keep[-limit:]) if keep else "\n".join(log_text.splitlines()[-limit:])
+
+
+class TritonServer:
+    """A tritonserver process serving one model repository; use as a context manager.
+
+    >>> with TritonServer("repo") as server:      # start() + wait_ready()
+    ...     client = tritonclient.http.InferenceServerClient(server.http_url)
+    """
+
+    def __init__(
+        self,
+        repository: str | Path,
+        *,
+        host: str = "127.0.0.1",
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        log_path: str | Path | None = None,
+        log_verbose: int = 0,
+        backend_dir: str | Path | None = None,
+        extra_args: list[str] | tuple[str, ...] = (),
+        startup_timeout: float = 180.0,
+        die_with_parent: bool = True,
+    ):
+        self.repository = Path(repository).resolve()
+        if not self.repository.is_dir():
+            raise TritonServerError(f"model repository {self.repository} does not exist")
+        self.host = host
+        probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        self.http_port = http_port or free_port(probe_host)
+        self.grpc_port = grpc_port or free_port(probe_host)
+        self.metrics_port = metrics_port or free_port(probe_host)
+        self._probe_host = probe_host
+        self.log_verbose = log_verbose
+        self.backend_dir = Path(backend_dir) if backend_dir else None
+        self.extra_args = list(extra_args)
+        self.startup_timeout = startup_timeout
+        self.die_with_parent = die_with_parent
+        self._own_log_dir: str | None = None
+        if log_path is None:
+            self._own_log_dir = tempfile.mkdtemp(prefix="clip-triton-server-")
+            log_path = Path(self._own_log_dir) / "tritonserver.log"
+        self.log_path = Path(log_path)
+        self.process: subprocess.Popen | None = None
+        self.models = repository_models(self.repository)
+
+    # ---- addresses
+    @property
+    def http_url(self) -> str:
+        """host:port for tritonclient.http."""
+        return f"{self._probe_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        """host:port for tritonclient.grpc."""
+        return f"{self._probe_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Prometheus metrics endpoint."""
+        return f"http://{self._probe_host}:{self.metrics_port}/metrics"
+
+    # ---- lifecycle
+    def command(self) -> list[str]:
+        """The tritonserver command line."""
+        backend_dir = self.backend_dir or assemble_backend_dir()
+        return [
+            str(tritonserver_binary()),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backend_dir}",
+            "--model-control-mode=none",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--disable-auto-complete-config",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    def start(self) -> "TritonServer":
+        """Launch the server (returns at once; call wait_ready)."""
+        if self.process is not None and self.process.poll() is None:
+            raise TritonServerError("server already running")
+        if not self.models:
+            raise TritonServerError(f"no model (folder with config.pbtxt) in {self.repository}")
+        cmd = self.command()
+        log.debug("starting %s", " ".join(cmd))
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as out:
+            self.process = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=server_env(),
+                start_new_session=True,  # Ctrl-C reaches us, and we shut the server down in order
+                preexec_fn=_set_pdeathsig if self.die_with_parent else None,
+            )
+        self._started_at = time.monotonic()
+        return self
+
+    def _get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        url = f"http://{self._probe_host}:{self.http_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return 0, b""
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """True when the server reports `name` (any or one version) ready."""
+        path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/ready"
+        return self._get(path)[0] == 200
+
+    def not_ready_models(self) -> list[str]:
+        """Models of the repository that are not ready now."""
+        return [m for m in self.models if not self.model_ready(m)]
+
+    def wait_ready(self, timeout: float | None = None) -> float:
+        """Block until every model of the repository is ready; return seconds since start.
+
+        Raises TritonServerError with the server's own error lines if it exits or times out.
+        """
+        if self.process is None:
+            raise TritonServerError("server not started")
+        deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise TritonServerError(f"tritonserver exited with code {code}:\n{_error_lines(self.log_text())}")
+            if self._get("/v2/health/live")[0] == 200 and not self.not_ready_models():
+                return time.monotonic() - self._started_at
+            if time.monotonic() > deadline:
+                pending = self.not_ready_models()
+                raise TritonServerError(
+                    f"models not ready after {timeout or self.startup_timeout:.0f}s: {pending}\n"
+                    f"{_error_lines(self.log_text())}"
+                )
+            time.sleep(0.25)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM the server, wait for its stubs to go; SIGKILL the group after `timeout`. Returns the exit code."""
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop in %.0fs; killing its process group", timeout)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        # stubs share the server's process group; none should remain, but never leave one behind
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return proc.returncode
+
+    def close(self) -> None:
+        """Stop and remove our own temporary log dir."""
+        self.stop()
+        if self._own_log_dir:
+            shutil.rmtree(self._own_log_dir, ignore_errors=True)
+            self._own_log_dir = None
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- inspection
+    @property
+    def running(self) -> bool:
+        """The server process is alive."""
+        return self.process is not None and self.process.poll() is None
+
+    def log_text(self) -> str:
+        """Everything the server wrote so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def pids(self) -> list[int]:
+        """Server pid followed by its descendants (python backend stubs)."""
+        if not self.running:
+            return []
+        import psutil
+
+        root = psutil.Process(self.process.pid)
+        return [root.pid] + [c.pid for c in root.children(recursive=True)]
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and all its stubs."""
+        import psutil
+
+        total = 0
+        for pid in self.pids():
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def repository_index(self) -> list[dict]:
+        """The server's repository index (name, version, state, reason)."""
+        req = urllib.request.Request(
+            f"http://{self._probe_host}:{self.http_port}/v2/repository/index", data=b"{}", method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.loads(resp.read())
