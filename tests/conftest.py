@@ -1,0 +1,60 @@
+"""Session fixtures shared by every test module: random HF checkpoints and converted WEIGHTS_DIRs (cached)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+# (family, tower) -> min cosine vs transformers, filled by test_parity and printed in the terminal summary.
+PARITY: dict[tuple[str, str], float] = {}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> Callable[..., Path]:
+    """Factory (family, size="tiny") -> HF checkpoint folder; family: clip | chinese_clip | bert."""
+    from clip_build.synthetic import make_random_checkpoint
+
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(family: str, size: str = "tiny") -> Path:
+        if (family, size) not in cache:
+            out = tmp_path_factory.mktemp(f"ckpt-{family}-{size}")
+            cache[family, size] = make_random_checkpoint(out, family, size)
+        return cache[family, size]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory, checkpoints) -> Callable[..., Path]:
+    """Factory (family, size="tiny") -> converted WEIGHTS_DIR; family: clip | chinese_clip | bert_vit."""
+    from clip_build.convert import convert
+
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(family: str, size: str = "tiny") -> Path:
+        if (family, size) not in cache:
+            out = tmp_path_factory.mktemp(f"weights-{family}-{size}")
+            if family == "bert_vit":  # a BERT text tower + the CLIP checkpoint's ViT; projection freshly initialised
+                convert(str(checkpoints("bert", size)), out, vision_checkpoint=str(checkpoints("clip", size)))
+            else:
+                convert(str(checkpoints(family, size)), out)
+            cache[family, size] = out
+        return cache[family, size]
+
+    return get
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the parity table (min cosine per family per tower) when parity tests ran."""
+    if not PARITY:
+        return
+    terminalreporter.write_sep("-", "parity vs transformers: min cosine over all inputs")
+    for (family, tower), cos in sorted(PARITY.items()):
+        terminalreporter.write_line(f"{family:<24} {tower:<18} {cos:.8f}")
+
+
+logging.getLogger("clip_build").setLevel(logging.INFO)
