@@ -337,28 +337,30 @@ def test_iter_image_files(tmp_path):
 
 
 class _RejectingEncoder:
-    """Stands in for the server's per-item verdict so the bisection bookkeeping can be checked exhaustively."""
+    """Stands in for the server's per-item verdict so the splitting bookkeeping can be checked exhaustively."""
 
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, hint: bool = False):
+        self.calls, self.hint = 0, hint
 
     def encode_image(self, items):
         self.calls += 1
-        bad = [b for b in items if b.startswith(b"bad")]
+        bad = [i for i, b in enumerate(items) if b.startswith(b"bad")]
         if bad:
-            raise InvalidInputError(f"cannot decode {bad[0].decode()}")
+            where = f"image {bad[0]}: " if self.hint else ""
+            raise InvalidInputError(f"{where}cannot decode {items[bad[0]].decode()}")
         return ops.l2_normalize(np.array([[len(b), 1.0] for b in items], np.float32))
 
 
-def test_encode_tolerant_isolates_bad_items():
+@pytest.mark.parametrize("hint", [False, True])
+def test_encode_tolerant_isolates_bad_items(hint):
     items = [b"ok" + b"x" * i for i in range(10)]
     items[3], items[7] = b"bad3", b"bad7"
-    enc = _RejectingEncoder()
+    enc = _RejectingEncoder(hint)
     good, bad = encode_tolerant(enc, items)
-    assert sorted(bad) == [3, 7] and bad[3] == "cannot decode bad3"
+    assert sorted(bad) == [3, 7] and bad[3] == ("image 0: " if hint else "") + "cannot decode bad3"
     assert sorted(good) == [i for i in range(10) if i not in (3, 7)]
     np.testing.assert_allclose(good[5], ops.l2_normalize(np.array([[7, 1.0]]))[0], rtol=1e-6)
-    assert enc.calls <= 1 + 2 * 2 * int(np.ceil(np.log2(10)))
+    assert enc.calls <= (1 + 3 * 2 if hint else 1 + 2 * 2 * int(np.ceil(np.log2(10))))
     enc2 = _RejectingEncoder()
     good, bad = encode_tolerant(enc2, items[:3])
     assert len(good) == 3 and bad == {} and enc2.calls == 1  # a clean batch costs one request

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -186,30 +187,38 @@ def iter_image_files(root: str | os.PathLike, extensions: Iterable[str] = IMAGE_
                 yield Path(dirpath) / name
 
 
-def encode_tolerant(client: Any, items: list[bytes]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-    """Embed a batch; when the server rejects it, bisect until each bad item is isolated.
+_ITEM_HINT = re.compile(r"\bimage (\d+): ")  # the preprocessor names the first bad item of a request
 
-    Returns ({index: normalised embedding}, {index: server's message}). Unavailable servers and timeouts propagate.
+
+def encode_tolerant(client: Any, items: list[bytes]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Embed a batch; when the server rejects it, split it until each bad item is alone and confirmed bad.
+
+    The split uses the server's hint ("image J: ...") when present (3 requests per bad item), else bisects.
+    Returns ({index: normalised embedding}, {index: server's message for that item alone}).
+    Unavailable servers and timeouts propagate.
     """
     good: dict[int, np.ndarray] = {}
     bad: dict[int, str] = {}
 
     def go(lo: int, hi: int) -> None:
+        if lo >= hi:
+            return
         try:
             emb = client.encode_image(items[lo:hi])
         except (InvalidInputError, ServerError) as e:
             if hi - lo == 1:
                 bad[lo] = str(e)
                 return
-            mid = (lo + hi) // 2
-            go(lo, mid)
-            go(mid, hi)
+            hint = _ITEM_HINT.search(str(e))
+            j = lo + int(hint.group(1)) if hint else -1
+            cuts = (lo, j, j + 1, hi) if lo <= j < hi else (lo, (lo + hi) // 2, hi)
+            for a, b in zip(cuts, cuts[1:]):
+                go(a, b)
             return
-        for j, e in enumerate(emb):
-            good[lo + j] = e
+        for k, e in enumerate(emb):
+            good[lo + k] = e
 
-    if items:
-        go(0, len(items))
+    go(0, len(items))
     return good, bad
 
 
