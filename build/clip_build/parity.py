@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run(Path(tmp), args.size)
     sys.stdout.write(f"{'family':<14} {'tower':<20} {'min cosine':<12} 1 - min cosine\n")
     for (family, tower), cos in results.items():
-        sys.stdout.write(f"{family:<14} {tower:<20} {cos:.9f}  {1 - cos:.1e}\n")
+        sys.stdout.write(f"{family:<14} {tower:<20} {cos:.9f}  {max(0.0, 1 - cos):.1e}\n")
     return 0 if min(results.values()) >= 0.99999 else 1
 
 

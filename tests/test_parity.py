@@ -1,0 +1,182 @@
+"""Golden parity of our encoders (eager and TorchScript model.pt) against transformers, for every family."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PARITY
+from safetensors.torch import save_file
+
+from clip_build.convert import convert
+from clip_build.export import build_image_encoder, build_text_encoder, export_torchscript
+from clip_build.parity import CORPUS, cosine_min, hf_image_features, hf_text_features, top1
+from clip_build.runtime.text import TextTokenizer
+from clip_build.synthetic import minilm_dir
+
+MIN_COS = 0.99999
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.* deprecation notices
+
+
+def _tokenize(weights_dir: Path, texts=CORPUS, padding="longest"):
+    """HF tokenizer of the WEIGHTS_DIR -> (input_ids, attention_mask)."""
+    from transformers import AutoTokenizer
+
+    manifest = json.loads((weights_dir / "manifest.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(weights_dir / "tokenizer"))
+    enc = tok(texts, padding=padding, truncation=True, max_length=manifest["tokenizer"]["max_length"],
+              return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _pixels(weights_dir: Path, n: int, seed: int = 0) -> torch.Tensor:
+    s = json.loads((weights_dir / "manifest.json").read_text())["image"]["size"]
+    return torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def bert_vit_with_projection(tmp_path_factory, checkpoints):
+    """bert_vit WEIGHTS_DIR converted with a known --projections file; returns (dir, projection)."""
+    tmp = tmp_path_factory.mktemp("bert_vit_proj")
+    hidden = json.loads((checkpoints("bert") / "config.json").read_text())["hidden_size"]
+    dim = json.loads((checkpoints("clip") / "config.json").read_text())["projection_dim"]
+    proj = torch.randn(dim, hidden, generator=torch.Generator().manual_seed(3)) * hidden ** -0.5
+    save_file({"text_projection.weight": proj}, str(tmp / "proj.safetensors"))
+    out = tmp / "weights"
+    convert(str(checkpoints("bert")), out, str(checkpoints("clip")), str(tmp / "proj.safetensors"))
+    return out, proj
+
+
+def _check_family(family, weights_dir, text_src, vision_src, projection, tmp_path, n_images=6, texts=CORPUS, label=None):
+    """Compare eager + TorchScript text and image embeddings with transformers; record min cosines."""
+    ids, mask = _tokenize(weights_dir, texts)
+    px = _pixels(weights_dir, n_images)
+    ref_t = hf_text_features(family, text_src, ids, mask, projection)
+    ref_i = hf_image_features(vision_src, px, "chinese_clip" if family == "chinese_clip" else "clip")
+    te, ie = build_text_encoder(weights_dir), build_image_encoder(weights_dir)
+    info_t = export_torchscript(te, tmp_path / "text" / "model.pt")
+    info_i = export_torchscript(ie, tmp_path / "image" / "model.pt")
+    assert info_t["embed_dim"] == info_i["embed_dim"] == ref_t.shape[1]
+    assert [i["name"] for i in info_t["inputs"]] == ["input_ids", "attention_mask"]
+    assert [i["name"] for i in info_i["inputs"]] == ["pixel_values"]
+    ts_t = torch.jit.load(str(tmp_path / "text" / "model.pt"))
+    ts_i = torch.jit.load(str(tmp_path / "image" / "model.pt"))
+    with torch.no_grad():
+        outs = {"text (eager)": (ref_t, te(ids, mask)), "text (torchscript)": (ref_t, ts_t(ids, mask)),
+                "image (eager)": (ref_i, ie(px)), "image (torchscript)": (ref_i, ts_i(px))}
+    label = label or family
+    for tower, (ref, ours) in outs.items():
+        assert ours.dtype == torch.float32 and ours.shape == ref.shape
+        cos = cosine_min(ref, ours)
+        PARITY[label, tower] = cos
+        print(f"parity {label:<22} {tower:<20} min cosine {cos:.9f}")
+        assert cos >= MIN_COS, f"{label} {tower}: min cosine {cos}"
+    for eager_t, eager_i in ((outs["text (eager)"][1], outs["image (eager)"][1]),
+                             (outs["text (torchscript)"][1], outs["image (torchscript)"][1])):
+        assert torch.equal(top1(ref_t, ref_i), top1(eager_t, eager_i))
+        assert torch.equal(top1(ref_i, ref_t), top1(eager_i, eager_t))
+
+
+def test_parity_clip(weights, checkpoints, tmp_path):
+    _check_family("clip", weights("clip"), checkpoints("clip"), checkpoints("clip"), None, tmp_path)
+
+
+def test_parity_chinese_clip(weights, checkpoints, tmp_path):
+    _check_family("chinese_clip", weights("chinese_clip"), checkpoints("chinese_clip"), checkpoints("chinese_clip"),
+                  None, tmp_path)
+
+
+def test_parity_bert_vit(bert_vit_with_projection, checkpoints, tmp_path):
+    out, proj = bert_vit_with_projection
+    _check_family("bert_vit", out, checkpoints("bert"), checkpoints("clip"), proj, tmp_path)
+
+
+def test_parity_bert_vit_real_minilm(tmp_path, checkpoints):
+    """The real 384-d all-MiniLM-L6-v2 weights (mean pooling, 256-token limit) + the tiny CLIP ViT."""
+    out = tmp_path / "weights"
+    dim = json.loads((checkpoints("clip") / "config.json").read_text())["projection_dim"]
+    proj = torch.randn(dim, 384, generator=torch.Generator().manual_seed(5)) * 384 ** -0.5
+    save_file({"text_projection.weight": proj}, str(tmp_path / "proj.safetensors"))
+    manifest = convert(str(minilm_dir()), out, str(checkpoints("clip")), str(tmp_path / "proj.safetensors"))
+    assert manifest["text"]["pooling"] == "mean"
+    assert manifest["tokenizer"]["max_length"] == 256  # sentence_bert_config.json's max_seq_length
+    assert manifest["warnings"] == []
+    _check_family("bert_vit", out, minilm_dir(), checkpoints("clip"), proj, tmp_path, n_images=2, texts=CORPUS[:6],
+                  label="bert_vit (MiniLM-L6)")
+
+
+@pytest.mark.slow
+def test_parity_clip_vit_b32(weights, checkpoints, tmp_path):
+    """Full ViT-B/32 size (real openai config, legacy eos_token_id=2 argmax pooling); few inputs."""
+    w = weights("clip", "base")
+    manifest = json.loads((w / "manifest.json").read_text())
+    assert manifest["text"]["config"]["eos_token_id"] == 2 and manifest["projection_dim"] == 512
+    assert manifest["image"]["size"] == 224 and manifest["vision"]["config"]["patch_size"] == 32
+    _check_family("clip", w, checkpoints("clip", "base"), checkpoints("clip", "base"), None, tmp_path,
+                  n_images=2, texts=["a photo of a cat", "a diagram", "", "word " * 100], label="clip ViT-B/32")
+
+
+@pytest.mark.parametrize("family", ["clip", "chinese_clip", "bert_vit"])
+def test_padding_to_longest_equals_padding_to_max_length(weights, family):
+    """Bucketed padding (longest, rounded to 16) gives the same embeddings as padding every text to max_length."""
+    w = weights(family)
+    manifest = json.loads((w / "manifest.json").read_text())
+    t = manifest["tokenizer"]
+    texts = ["a photo of a cat", "short", "", "a somewhat longer sentence with more words in it"]
+    tok = TextTokenizer(w / "tokenizer" / "tokenizer.json", t["max_length"], t["pad_token_id"], 16)
+    ids, mask = tok.encode_batch(texts)
+    assert ids.shape[1] == 16 < t["max_length"]
+    full_ids, full_mask = _tokenize(w, texts, padding="max_length")
+    assert full_ids.shape[1] == t["max_length"]
+    enc = build_text_encoder(w)
+    with torch.no_grad():
+        short = enc(torch.from_numpy(ids), torch.from_numpy(mask))
+        full = enc(full_ids, full_mask)
+    assert torch.allclose(short, full, atol=1e-5, rtol=1e-4)
+    assert cosine_min(short, full) >= 0.999999
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_reduced_precision_casts_inside(weights, dtype, tmp_path):
+    """fp16/bf16 builds take fp32 pixels / int64 ids and return fp32, close to the fp32 build."""
+    w = weights("clip")
+    px = _pixels(w, 3)
+    ids, mask = _tokenize(w, CORPUS[:4])
+    ie, te = build_image_encoder(w, dtype), build_text_encoder(w, dtype)
+    assert ie.visual_projection.weight.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    export_torchscript(ie, tmp_path / "image.pt")
+    ts = torch.jit.load(str(tmp_path / "image.pt"))
+    with torch.no_grad():
+        ref_i, ref_t = build_image_encoder(w)(px), build_text_encoder(w)(ids, mask)
+        got_i, got_t, got_ts = ie(px), te(ids, mask), ts(px)
+    for got, ref in ((got_i, ref_i), (got_t, ref_t), (got_ts, ref_i)):
+        assert got.dtype == torch.float32
+        assert cosine_min(ref, got) >= 0.999
+
+
+def test_torchscript_loads_without_project(weights, tmp_path):
+    """model.pt runs in a fresh interpreter that imports only torch, with dynamic batch and sequence length."""
+    w = weights("clip")
+    export_torchscript(build_text_encoder(w), tmp_path / "text.pt")
+    export_torchscript(build_image_encoder(w), tmp_path / "image.pt")
+    code = (
+        "import sys, torch\n"
+        f"t = torch.jit.load({str(tmp_path / 'text.pt')!r}); i = torch.jit.load({str(tmp_path / 'image.pt')!r})\n"
+        "for b, l in ((1, 5), (3, 16), (2, 77)):\n"
+        "    ids = torch.randint(0, 49406, (b, l)); ids[:, -1] = 49407\n"
+        "    assert t(ids, torch.ones(b, l, dtype=torch.long)).shape == (b, 24)\n"
+        "for b in (1, 4):\n"
+        "    assert i(torch.randn(b, 3, 32, 32)).shape == (b, 24)\n"
+        "assert t.forward.schema.arguments[1].name == 'input_ids', t.forward.schema\n"
+        "assert t.forward.schema.arguments[2].name == 'attention_mask'\n"
+        "assert i.forward.schema.arguments[1].name == 'pixel_values'\n"
+        "assert not any(m.startswith(('clip_build', 'transformers')) for m in sys.modules)\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
