@@ -172,6 +172,7 @@ class TritonServer:
         backend_dir: str | Path | None = None,
         extra_args: list[str] | tuple[str, ...] = (),
         startup_timeout: float = 180.0,
+        exit_timeout: int = 10,
         die_with_parent: bool = True,
     ):
         self.repository = Path(repository).resolve()
@@ -187,6 +188,7 @@ class TritonServer:
         self.backend_dir = Path(backend_dir) if backend_dir else None
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
+        self.exit_timeout = exit_timeout  # seconds the server waits for open connections/in-flight work on SIGTERM
         self.die_with_parent = die_with_parent
         self._own_log_dir: str | None = None
         if log_path is None:
@@ -223,6 +225,7 @@ class TritonServer:
             "--model-control-mode=none",
             "--exit-on-error=true",
             "--strict-readiness=true",
+            f"--exit-timeout-secs={self.exit_timeout}",
             "--disable-auto-complete-config",
             f"--http-address={self.host}",
             f"--http-port={self.http_port}",
@@ -299,11 +302,12 @@ class TritonServer:
                 )
             time.sleep(0.25)
 
-    def stop(self, timeout: float = 30.0) -> int | None:
+    def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM the server, wait for its stubs to go; SIGKILL the group after `timeout`. Returns the exit code."""
         proc = self.process
         if proc is None:
             return None
+        timeout = self.exit_timeout + 20.0 if timeout is None else timeout
         if proc.poll() is None:
             try:
                 os.kill(proc.pid, signal.SIGTERM)

@@ -12,12 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-try:
-    from clip_build.runtime.errors import InvalidInputError
-except ImportError:  # pragma: no cover - errors.py is written by another module owner
-
-    class InvalidInputError(ValueError):
-        """A client sent an item we refuse to process."""
+from .errors import InvalidInputError
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -5,27 +5,12 @@ import traceback
 
 import triton_python_backend_utils as pb_utils
 
+from clip_build.runtime.errors import InvalidInputError
 from clip_build.runtime.params import read_parameters
-from clip_build.runtime.text import TextTokenizer
-
-try:
-    from clip_build.runtime.errors import InvalidInputError
-except ImportError:  # pragma: no cover
-    from clip_build.runtime.image import InvalidInputError
+from clip_build.runtime.text import TextTokenizer, decode_text
 
 PARAMS = ("tokenizer_file", "max_length", "pad_token_id", "pad_to_multiple_of", "max_text_bytes",
           "max_items_per_request")
-
-
-def decode_text(item, max_bytes: int) -> str:
-    """One BYTES element -> str; InvalidInputError for oversize or non-UTF-8 data."""
-    data = bytes(item)
-    if len(data) > max_bytes:
-        raise InvalidInputError(f"text is {len(data)} bytes, more than the limit of {max_bytes}")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"text is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 class TritonPythonModel:
@@ -53,7 +38,9 @@ class TritonPythonModel:
                 decoded = []
                 for j, item in enumerate(items):
                     try:
-                        decoded.append(decode_text(item, self.max_bytes))
+                        if len(item) > self.max_bytes:
+                            raise InvalidInputError(f"{len(item)} bytes, more than the limit of {self.max_bytes}")
+                        decoded.append(decode_text(item))
                     except InvalidInputError as exc:
                         raise InvalidInputError(f"text {j}: {exc}") from None
             except InvalidInputError as exc:
