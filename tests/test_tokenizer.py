@@ -1,0 +1,126 @@
+"""clip_build.runtime.text.TextTokenizer: token ids identical to the HF tokenizer, bucketed padding, UTF-8 errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clip_build.parity import CORPUS
+from clip_build.runtime.errors import InvalidInputError
+from clip_build.runtime.text import TextTokenizer, decode_text, padded_length
+
+EXTRA = [
+    "a", "A", "don't you'll we've it's", "e-mail: someone@example.com, url https://x.org/a?b=c#d",
+    "Ça va? Größe, straße, ﬁ ligature, Ⅻ, ½", "한국어 텍스트", "עברית ועربية", "Ελληνικά κείμενο",
+    "zero\u200bwidth\u200djoiner", "\u00a0nbsp\u3000ideographic space", "👨‍👩‍👧‍👦 family emoji 🇫🇷 flag",
+    "\x00control\x07chars", "<|startoftext|> literal special <|endoftext|>", "[CLS] [SEP] [PAD] [MASK]",
+    "x" * 500, "a b " * 300, "中" * 600,
+]
+TEXTS = CORPUS + EXTRA
+
+
+def _pair(weights_dir):
+    """(our TextTokenizer, HF tokenizer, max_length) for a WEIGHTS_DIR."""
+    from transformers import AutoTokenizer
+
+    t = json.loads((weights_dir / "manifest.json").read_text())["tokenizer"]
+    ours = TextTokenizer(weights_dir / t["dir"] / "tokenizer.json", t["max_length"], t["pad_token_id"], 16)
+    hf = AutoTokenizer.from_pretrained(str(weights_dir / t["dir"]))
+    return ours, hf, t["max_length"]
+
+
+def _assert_same(ours, hf, max_length, texts):
+    ids, mask = ours.encode_batch(texts)
+    ref = hf(texts, truncation=True, max_length=max_length)
+    longest = max(len(r) for r in ref["input_ids"])
+    assert ids.dtype == mask.dtype == np.int64
+    assert ids.shape == mask.shape == (len(texts), padded_length(longest, 16, max_length))
+    for i, (r_ids, r_mask) in enumerate(zip(ref["input_ids"], ref["attention_mask"])):
+        n = len(r_ids)
+        assert ids[i, :n].tolist() == r_ids, texts[i]
+        assert mask[i, :n].tolist() == r_mask
+        assert (mask[i, n:] == 0).all() and (ids[i, n:] == ours.pad_token_id).all()
+
+
+@pytest.mark.parametrize("family", ["clip", "chinese_clip", "bert_vit"])
+def test_ids_match_hf_on_varied_corpus(weights, family):
+    ours, hf, max_length = _pair(weights(family))
+    _assert_same(ours, hf, max_length, TEXTS)
+    for text in TEXTS:  # one at a time too: padding depends only on the batch
+        _assert_same(ours, hf, max_length, [text])
+
+
+def test_clip_uses_real_vocabulary(weights):
+    ours, _, _ = _pair(weights("clip"))
+    ids, mask = ours.encode_batch(["a photo of a cat"])
+    assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]  # OpenAI CLIP's ids
+    assert ids.shape == (1, 16) and mask.sum() == 7
+
+
+def test_truncation_keeps_special_tokens(weights):
+    ours, hf, max_length = _pair(weights("clip"))
+    ids, mask = ours.encode_batch(["word " * 200])
+    assert ids.shape == (1, max_length) == (1, 77)
+    assert ids[0, 0] == 49406 and ids[0, -1] == 49407 and mask.all()
+    ours_b, _, max_b = _pair(weights("bert_vit"))
+    ids, _ = ours_b.encode_batch(["word " * 200])
+    assert ids.shape == (1, max_b) and ids[0, 0] == 101 and ids[0, -1] == 102  # [CLS] ... [SEP]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.text(max_size=120), min_size=1, max_size=4))
+def test_ids_match_hf_property(weights, texts):
+    for family in ("clip", "bert_vit"):
+        ours, hf, max_length = _pair_cached(weights(family))
+        _assert_same(ours, hf, max_length, texts)
+
+
+_CACHE: dict = {}
+
+
+def _pair_cached(weights_dir):
+    if weights_dir not in _CACHE:
+        _CACHE[weights_dir] = _pair(weights_dir)
+    return _CACHE[weights_dir]
+
+
+@pytest.mark.parametrize("longest,multiple,cap,expected", [
+    (1, 16, 77, 16), (16, 16, 77, 16), (17, 16, 77, 32), (70, 16, 77, 77), (77, 16, 77, 77), (5, 1, 77, 5),
+    (0, 16, 77, 1),
+])
+def test_padded_length(longest, multiple, cap, expected):
+    assert padded_length(longest, multiple, cap) == expected
+
+
+def test_decode_text():
+    assert decode_text("héllo".encode()) == "héllo"
+    assert decode_text(np.array([b"abc"], dtype=object)[0]) == "abc"
+    assert decode_text(np.bytes_(b"x")) == "x"
+    assert decode_text("already str") == "already str"
+    with pytest.raises(InvalidInputError, match="UTF-8"):
+        decode_text(b"\xff\xfebad")
+    assert issubclass(InvalidInputError, ValueError)
+
+
+def test_encode_bytes_and_empty_batch(weights):
+    ours, _, _ = _pair(weights("clip"))
+    ids, mask = ours.encode_bytes([b"a photo", "日本".encode()])
+    assert ids.shape == (2, 16)
+    with pytest.raises(InvalidInputError):
+        ours.encode_bytes([b"ok", b"\xc3\x28"])
+    ids, mask = ours.encode_batch([])
+    assert ids.shape == (0, 0)
+
+
+def test_runtime_never_imports_torch():
+    code = ("import sys, clip_build.runtime.text, clip_build.runtime.errors\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]\n"
+            "assert not bad, bad\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
