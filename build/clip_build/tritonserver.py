@@ -142,11 +142,17 @@ def _set_pdeathsig() -> None:
         pass
 
 
+# E-level lines a CPU-only machine always prints; they are not why anything failed.
+_HARMLESS = ("CudaDriverHelper", "unable to create stream", "CUDA driver version", "NVML", "DCGM")
+
+
 def _error_lines(log_text: str, limit: int = 20) -> str:
-    """The server's own error lines (E-level glog lines and failed model table rows)."""
+    """The server's own error lines (E-level glog lines and failed model table rows), CPU-only noise dropped."""
     keep = []
     for line in log_text.splitlines():
         s = line.strip()
+        if any(h in s for h in _HARMLESS):
+            continue
         if s.startswith("E") and "]" in s[:60] or "failed to load" in s or "UNAVAILABLE" in s or s.startswith("error:"):
             keep.append(s)
     return "\n".join(keep[-limit:]) if keep else "\n".join(log_text.splitlines()[-limit:])
