@@ -1,0 +1,223 @@
+"""Parquet weights, manifest integrity, strict key mapping, pickle refusal and the convert CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from clip_build.convert import ConvertError, KeyMappingError, convert
+from clip_build.export import build_image_encoder, build_text_encoder
+from clip_build.weights import (ParquetWeights, WeightsFormatError, WeightsIntegrityError, compute_model_id,
+                                load_manifest, open_tower, write_parquet)
+from clip_client.cli import main as cli_main
+
+
+# ------------------------------------------------------------------------------------------------ Parquet files
+def test_parquet_roundtrip_and_metadata(tmp_path):
+    tensors = {
+        "a.weight": torch.randn(3, 4),
+        "a.half": torch.randn(5).half(),
+        "a.bf16": torch.randn(2, 3).bfloat16(),
+        "b.ids": torch.arange(6).view(2, 3),
+        "b.scalar": torch.tensor(4.6052),
+        "b.empty": torch.zeros(0, 7),
+        "c.numpy": np.arange(4, dtype=np.float32).reshape(2, 2),
+    }
+    digest = write_parquet(tmp_path / "t.parquet", tensors.items(), {"tower": "text", "family": "x", "config": {"k": 1}})
+    assert len(digest) == 64
+    meta = pq.ParquetFile(tmp_path / "t.parquet")
+    assert meta.num_row_groups == len(tensors)  # one tensor per row group
+    assert [f.name for f in meta.schema_arrow] == ["name", "dtype", "shape", "data"]
+    r = ParquetWeights(tmp_path / "t.parquet")
+    assert r.metadata == {"tower": "text", "family": "x", "config": {"k": 1}}
+    assert r.names() == list(tensors)
+    assert r.dtypes()["a.bf16"] == "bfloat16" and r.dtypes()["c.numpy"] == "float32"
+    got = r.read_torch()
+    for name, t in tensors.items():
+        t = torch.as_tensor(t)
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    assert set(r.read(prefix="b.")) == {"b.ids", "b.scalar", "b.empty"}
+
+
+def test_reader_is_lazy(tmp_path, monkeypatch):
+    """Reading one tensor reads its row group only (plus the name column index)."""
+    write_parquet(tmp_path / "t.parquet", ((f"t{i}", torch.full((64,), float(i))) for i in range(10)), {"tower": "x"})
+    r = ParquetWeights(tmp_path / "t.parquet")
+    calls = []
+    real = r._file.read_row_groups
+    monkeypatch.setattr(r._file, "read_row_groups", lambda groups, **kw: calls.append(list(groups)) or real(groups, **kw))
+    out = r.read(["t7"])
+    assert calls == [[7]] and torch.equal(torch.from_numpy(out["t7"].copy()), torch.full((64,), 7.0))
+    with pytest.raises(WeightsFormatError, match="no tensors named"):
+        r.read(["nope"])
+
+
+def test_duplicate_names_and_bad_files(tmp_path):
+    with pytest.raises(WeightsFormatError, match="duplicate"):
+        write_parquet(tmp_path / "d.parquet", [("x", torch.zeros(1)), ("x", torch.zeros(1))], {})
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(WeightsFormatError):
+        ParquetWeights(tmp_path / "junk.parquet")
+    with pytest.raises(WeightsFormatError, match="missing"):
+        ParquetWeights(tmp_path / "absent.parquet")
+
+
+def test_towers_are_split(weights):
+    w = weights("clip")
+    text, vision = open_tower(w, "text"), open_tower(w, "vision")
+    assert all(n.startswith(("text.", "text_projection")) for n in text.names())
+    assert all(n.startswith(("vision.", "visual_projection")) for n in vision.names())
+    assert text.metadata["tower"] == "text" and text.metadata["family"] == "clip"
+    assert vision.metadata["config"]["image_size"] == 32 and "source" in vision.metadata
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+@pytest.mark.parametrize("family", ["clip", "chinese_clip", "bert_vit"])
+def test_manifest_contents(weights, family):
+    w = weights(family)
+    m = load_manifest(w)
+    assert m["format_version"] == 1 and m["family"] == family
+    assert m["model_id"] == compute_model_id(m["files"]) and len(m["model_id"]) == 16
+    assert {"text.parquet", "vision.parquet", "tokenizer/tokenizer.json", "preprocessor_config.json"} <= set(m["files"])
+    assert m["text"]["pooling"] == {"clip": "eot", "chinese_clip": "cls", "bert_vit": "mean"}[family]
+    assert m["text"]["arch"] == ("clip_text" if family == "clip" else "bert") and m["vision"]["arch"] == "vit"
+    assert isinstance(m["logit_scale"], float) and m["projection_dim"] == 24
+    img = m["image"]
+    assert img["size"] == img["crop_size"] == 32 and len(img["mean"]) == len(img["std"]) == 3
+    assert img["resample"] == 3 and abs(img["rescale_factor"] - 1 / 255) < 1e-12
+    tok = m["tokenizer"]
+    assert tok["dir"] == "tokenizer" and (w / "tokenizer" / "tokenizer.json").is_file()
+    assert tok["pad_token_id"] == (49407 if family == "clip" else 0)
+    assert tok["max_length"] == {"clip": 77, "chinese_clip": 52, "bert_vit": 64}[family]
+    if family == "bert_vit":  # no --projections: loud warning recorded in the manifest
+        assert len(m["warnings"]) == 1 and "RANDOMLY" in m["warnings"][0]
+    else:
+        assert m["warnings"] == []
+
+
+def test_convert_is_deterministic(checkpoints, weights, tmp_path):
+    m = convert(str(checkpoints("clip")), tmp_path / "again")
+    assert m["model_id"] == load_manifest(weights("clip"))["model_id"]
+
+
+def test_sha256_mismatch_stops_loading(weights, tmp_path):
+    w = tmp_path / "w"
+    shutil.copytree(weights("clip"), w)
+    data = bytearray((w / "vision.parquet").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (w / "vision.parquet").write_bytes(bytes(data))
+    with pytest.raises(WeightsIntegrityError, match="vision.parquet"):
+        load_manifest(w)
+    with pytest.raises(WeightsIntegrityError):
+        build_image_encoder(w)
+    build_text_encoder(w)  # the text encoder reads (and verifies) text.parquet only
+    load_manifest(w, verify=False)
+
+
+def test_integrity_other_cases(weights, tmp_path):
+    w = tmp_path / "w"
+    shutil.copytree(weights("clip"), w)
+    (w / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(WeightsIntegrityError, match="missing"):
+        load_manifest(w)
+    shutil.rmtree(w)
+    shutil.copytree(weights("clip"), w)
+    m = json.loads((w / "manifest.json").read_text())
+    m["model_id"] = "0" * 16
+    (w / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(WeightsIntegrityError, match="model_id"):
+        load_manifest(w)
+    m["format_version"] = 99
+    (w / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(WeightsFormatError, match="format_version"):
+        load_manifest(w)
+    with pytest.raises(WeightsFormatError, match="no manifest.json"):
+        load_manifest(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------------------ strict mapping
+def _edited_checkpoint(src, dst, edit):
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    edit(sd)
+    save_file(sd, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_missing_tensor_is_an_error(checkpoints, tmp_path):
+    key = "text_model.encoder.layers.1.mlp.fc2.weight"
+    ck = _edited_checkpoint(checkpoints("clip"), tmp_path / "ck", lambda sd: sd.pop(key))
+    with pytest.raises(KeyMappingError, match=f"missing: {key}"):
+        convert(str(ck), tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_wrong_shape_is_an_error(checkpoints, tmp_path):
+    key = "vision_model.embeddings.position_embedding.weight"
+    ck = _edited_checkpoint(checkpoints("clip"), tmp_path / "ck", lambda sd: sd.update({key: torch.zeros(5, 64)}))
+    with pytest.raises(KeyMappingError, match="wrong shape: vision_model.embeddings.position_embedding"):
+        convert(str(ck), tmp_path / "out")
+
+
+def test_extra_tensor_is_an_error_unless_ignored(checkpoints, tmp_path):
+    ck = _edited_checkpoint(checkpoints("chinese_clip"), tmp_path / "ck",
+                            lambda sd: sd.update({"text_model.surprise.weight": torch.zeros(2)}))
+    with pytest.raises(KeyMappingError, match="unexpected tensor.*text_model.surprise.weight"):
+        convert(str(ck), tmp_path / "out")
+    ok = _edited_checkpoint(checkpoints("chinese_clip"), tmp_path / "ck2", lambda sd: sd.update({
+        "text_model.embeddings.position_ids": torch.arange(64)[None], "text_model.pooler.dense.weight": torch.zeros(48, 48),
+        "text_model.pooler.dense.bias": torch.zeros(48)}))
+    convert(str(ok), tmp_path / "out2")  # documented ignore-list: buffers and the unused BERT pooler
+
+
+def test_projection_file_checked(checkpoints, tmp_path):
+    save_file({"text_projection.weight": torch.zeros(24, 39)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(KeyMappingError, match="wrong shape"):
+        convert(str(checkpoints("bert")), tmp_path / "o", str(checkpoints("clip")), str(tmp_path / "bad.safetensors"))
+    save_file({"text_projection.weight": torch.zeros(24, 40), "other": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(KeyMappingError, match="other"):
+        convert(str(checkpoints("bert")), tmp_path / "o", str(checkpoints("clip")), str(tmp_path / "x.safetensors"))
+
+
+def test_family_errors(checkpoints, tmp_path):
+    with pytest.raises(ConvertError, match="--vision-checkpoint"):
+        convert(str(checkpoints("bert")), tmp_path / "o")
+    with pytest.raises(ConvertError, match="only to a BERT"):
+        convert(str(checkpoints("clip")), tmp_path / "o", vision_checkpoint=str(checkpoints("clip")))
+    with pytest.raises(ConvertError, match="expected clip"):
+        convert(str(checkpoints("bert")), tmp_path / "o", vision_checkpoint=str(checkpoints("bert")))
+
+
+# ------------------------------------------------------------------------------------------------ pickle
+def test_pickle_refused_unless_allowed(checkpoints, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoints("clip"), ck)
+    torch.save(load_file(str(ck / "model.safetensors")), ck / "pytorch_model.bin")
+    (ck / "model.safetensors").unlink()
+    with pytest.raises(ConvertError, match="--allow-pickle"):
+        convert(str(ck), tmp_path / "o")
+    m = convert(str(ck), tmp_path / "o", allow_pickle=True)
+    assert m["family"] == "clip"
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_convert(checkpoints, tmp_path, caplog):
+    assert cli_main(["convert", "--checkpoint", str(checkpoints("bert")), "--vision-checkpoint",
+                     str(checkpoints("clip")), "--out", str(tmp_path / "w")]) == 0
+    assert load_manifest(tmp_path / "w")["family"] == "bert_vit"
+    assert any("RANDOMLY" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert cli_main(["convert", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_import_clip_build_is_cheap():
+    code = "import sys, clip_build, clip_build.weights, clip_build.convert\nassert 'torch' not in sys.modules\n"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
