@@ -1,0 +1,218 @@
+"""Image preprocessing: pixel parity with transformers' CLIPImageProcessor, modes, EXIF, limits, .npy inputs."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from clip_build.runtime.errors import InvalidInputError
+from clip_build.runtime.image import ImageConfig, ImagePreprocessor
+from clip_build.runtime.params import PARAMETERS, read_parameters
+
+TOL = 1 / 255  # the contract: within one uint8 level... of the normalised values, which is stricter
+
+
+@pytest.fixture(scope="module")
+def hf():
+    """transformers' processor, factory by (shortest_edge, crop)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers import CLIPImageProcessor
+
+    def make(size: int = 224, crop: int = 224):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop})
+
+    return make
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth gradients, an edge and noise: (h, w, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([128 + 100 * np.sin(7 * x + 3 * y), 128 + 90 * np.cos(15 * x * y), 128 + 80 * np.sin(11 * x * y + 2)], -1)
+    img += rng.normal(0, 12, (h, w, 3))
+    img[h // 3 : h // 2, w // 4 : w // 2] = (250, 20, 20)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def reference(hf_proc, data: bytes) -> np.ndarray:
+    """What a transformers user gets: PIL open, EXIF transpose, CLIPImageProcessor. (3, S, S)."""
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hf_proc(images=image, return_tensors="np")["pixel_values"][0]
+
+
+SIZES = [(224, 224), (300, 400), (400, 300), (1000, 333), (97, 130), (50, 50), (3, 900), (1080, 1920), (225, 224),
+         (481, 640), (2000, 37)]
+
+
+@pytest.mark.parametrize("h,w", SIZES)
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_parity_with_clip_image_processor(hf, h, w, fmt):
+    data = encode(Image.fromarray(photo(h, w, seed=h * w)), fmt, **({"quality": 90} if fmt != "PNG" else {}))
+    ours = ImagePreprocessor()([data])[0]
+    ref = reference(hf(), data)
+    assert ours.shape == ref.shape == (3, 224, 224)
+    assert ours.dtype == np.float32
+    assert np.abs(ours - ref).max() <= TOL
+
+
+@pytest.mark.parametrize("size,crop", [(32, 32), (256, 224), (224, 256), (64, 48)])
+def test_parity_other_sizes_and_small_images_padded(hf, size, crop):
+    cfg = ImageConfig(image_size=size, crop_size=crop)
+    for h, w in [(40, 90), (500, 300), (20, 20)]:
+        data = encode(Image.fromarray(photo(h, w)), "PNG")
+        ours = ImagePreprocessor(cfg)([data])[0]
+        ref = reference(hf(size, crop), data)
+        assert ours.shape == ref.shape
+        assert np.abs(ours - ref).max() <= TOL
+
+
+def test_batch_normalise_equals_single_items():
+    pre = ImagePreprocessor()
+    items = [encode(Image.fromarray(photo(h, w, s)), "PNG") for s, (h, w) in enumerate([(300, 200), (224, 500), (64, 64)])]
+    batch = pre(items)
+    assert batch.shape == (3, 3, 224, 224)
+    for i, data in enumerate(items):
+        assert np.array_equal(batch[i], pre([data])[0])
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P_transparent", "P", "L", "1", "CMYK"])
+def test_modes_match_transformers_convert_to_rgb(hf, mode):
+    rgb = photo(120, 160)
+    alpha = np.tile(np.linspace(-255, 255, 160).clip(0, 255).astype(np.uint8), (120, 1))  # left half transparent
+    if mode == "RGBA":
+        image, fmt = Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG"
+    elif mode == "LA":
+        image, fmt = Image.fromarray(np.dstack([rgb[..., 0], alpha]), "LA"), "PNG"
+    elif mode == "P_transparent":
+        image = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+        image.info["transparency"] = 3
+        fmt = "PNG"
+    elif mode == "CMYK":
+        image, fmt = Image.fromarray(rgb).convert("CMYK"), "JPEG"
+    else:
+        image, fmt = Image.fromarray(rgb).convert(mode), "PNG"
+    data = encode(image, fmt, **({"transparency": 3} if mode == "P_transparent" else {}))
+    assert Image.open(io.BytesIO(data)).mode == ("P" if mode.startswith("P") else mode)
+    ours = ImagePreprocessor()([data])[0]
+    assert np.abs(ours - reference(hf(), data)).max() <= TOL
+    if mode in ("RGBA", "LA"):  # the transparent left part is composited on white
+        white = (1.0 - np.array(PARAMETERS["image_mean"].default)) / np.array(PARAMETERS["image_std"].default)
+        assert np.allclose(ours[:, :, 0], white[:, None], atol=0.05)
+
+
+def test_16bit_greyscale_is_scaled_not_clipped(hf):
+    ramp = np.tile(np.linspace(0, 65535, 300).astype(np.uint16), (200, 1))  # (200, 300)
+    data = encode(Image.fromarray(ramp), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    ours = ImagePreprocessor()([data])[0]
+    eight = ((ramp.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)  # the 8-bit image it stands for
+    ref = reference(hf(), encode(Image.fromarray(eight).convert("RGB"), "PNG"))
+    assert np.abs(ours - ref).max() <= TOL
+    assert ours.max() - ours.min() > 2  # a plain convert("RGB") clips almost everything to white
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_exif_orientation_applied(hf, orientation):
+    rgb = photo(90, 160)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(rgb), "JPEG", quality=95, exif=exif.tobytes())
+    ours = ImagePreprocessor(ImageConfig(image_size=64, crop_size=64))([data])[0]
+    assert np.abs(ours - reference(hf(64, 64), data)).max() <= TOL
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    assert upright.size == ((90, 160) if orientation in (6, 8) else (160, 90))
+
+
+def test_npy_input_matches_png(hf):
+    rgb = photo(150, 260)
+    buf = io.BytesIO()
+    np.save(buf, rgb)
+    pre = ImagePreprocessor()
+    assert np.array_equal(pre([buf.getvalue()])[0], pre([encode(Image.fromarray(rgb), "PNG")])[0])
+
+
+@pytest.mark.parametrize("array,match", [
+    (np.zeros((10, 10, 3), np.float32), "uint8"),
+    (np.zeros((10, 10), np.uint8), r"\(H, W, 3\)"),
+    (np.zeros((10, 10, 4), np.uint8), r"\(H, W, 3\)"),
+    (np.zeros((0, 10, 3), np.uint8), "empty"),
+    (np.array([{"a": 1}], dtype=object), "uint8"),
+])
+def test_npy_rejected(array, match):
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=True)
+    with pytest.raises(InvalidInputError, match=match):
+        ImagePreprocessor().load(buf.getvalue())
+
+
+def test_npy_pixel_limit_checked_from_header():
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((100, 100, 3), np.uint8))
+    with pytest.raises(InvalidInputError, match="pixels"):
+        ImagePreprocessor(ImageConfig(max_pixels=5000)).load(buf.getvalue())
+
+
+def test_decompression_bomb_refused_before_decode():
+    data = encode(Image.new("L", (6000, 6000)), "PNG")  # tiny file, 36 Mpx
+    pre = ImagePreprocessor(ImageConfig(max_pixels=10_000_000))
+    with pytest.raises(InvalidInputError, match="pixels"):
+        pre.load(data)
+
+
+@pytest.mark.parametrize("data,match", [
+    (b"", "empty"),
+    (b"definitely not an image", "not a decodable image"),
+    (encode(Image.new("RGB", (50, 50)), "PNG")[:60], "decode|header|truncated|not a decodable"),
+    (encode(Image.new("RGB", (64, 64)), "JPEG")[:300], "decode|truncated|Truncated"),
+])
+def test_bad_bytes_raise_invalid_input(data, match):
+    with pytest.raises(InvalidInputError, match=match):
+        ImagePreprocessor().load(data)
+
+
+def test_allowed_formats_restrict_decoders():
+    pre = ImagePreprocessor(ImageConfig(allowed_formats=("PNG",)))
+    pre.load(encode(Image.new("RGB", (40, 40)), "PNG"))
+    with pytest.raises(InvalidInputError, match="allowed formats: PNG"):
+        pre.load(encode(Image.new("RGB", (40, 40)), "JPEG"))
+
+
+def test_max_image_bytes():
+    with pytest.raises(InvalidInputError, match="bytes"):
+        ImagePreprocessor(ImageConfig(max_image_bytes=100)).load(encode(Image.fromarray(photo(64, 64)), "PNG"))
+
+
+def test_load_many_returns_errors_in_place():
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = encode(Image.fromarray(photo(50, 70)), "PNG")
+    with ThreadPoolExecutor(2) as pool:
+        out = ImagePreprocessor().load_many([good, b"junk", good], pool)
+    assert isinstance(out[1], InvalidInputError)
+    assert np.array_equal(out[0], out[2]) and out[0].shape == (224, 224, 3)
+
+
+def test_parameters_roundtrip_into_config():
+    config = {"parameters": {"image_size": {"string_value": "336"}, "image_mean": {"string_value": "0.5,0.5,0.5"},
+                             "do_center_crop": {"string_value": "false"}, "allowed_formats": {"string_value": "PNG, JPEG"}}}
+    p = read_parameters(config, ["image_size", "crop_size", "image_mean", "do_center_crop", "allowed_formats",
+                                 "image_std", "resize_mode", "resample", "rescale_factor", "max_image_bytes",
+                                 "max_pixels", "jpeg_draft_gap"])
+    cfg = ImageConfig.from_parameters(p)
+    assert cfg.image_size == 336 and cfg.crop_size == 224 and cfg.mean == (0.5, 0.5, 0.5)
+    assert cfg.do_center_crop is False and cfg.allowed_formats == ("PNG", "JPEG") and cfg.output_size == 336
