@@ -239,6 +239,12 @@ def test_error_mapping():
     assert isinstance(_core.map_error(ConnectionRefusedError(111, "refused"), "x"), ServerUnavailableError)
     assert isinstance(_core.map_error(E("slow", "StatusCode.DEADLINE_EXCEEDED"), "x"), ServerTimeoutError)
     assert isinstance(_core.map_error(TimeoutError(), "x"), ServerTimeoutError)
+    # per-item rejections reported as INTERNAL by the Python models are still input errors, message verbatim
+    msg = "in ensemble 'encode_image', image 1: not a decodable image"
+    for status in ("StatusCode.INTERNAL", "500"):
+        err = _core.map_error(E(msg, status), "x")
+        assert isinstance(err, InvalidInputError) and str(err) == msg
+    assert type(_core.map_error(E("image 0: internal error while preprocessing (KeyError)", "500"), "x")) is ServerError
     internal = _core.map_error(E("boom", "StatusCode.INTERNAL"), "x")
     assert type(internal) is ServerError and "boom" in str(internal)
     assert _core.retryable(ServerUnavailableError("x"))

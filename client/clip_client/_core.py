@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -175,6 +176,9 @@ def _message(exc: BaseException) -> str:
     return str(text or exc)
 
 
+_ITEM_ERROR = re.compile(r"\b(image|text) \d+: ")
+
+
 def map_error(exc: BaseException, what: str) -> CLIPClientError:
     """Any exception raised by tritonclient / the transport -> one of our typed errors."""
     if isinstance(exc, CLIPClientError):
@@ -187,6 +191,10 @@ def map_error(exc: BaseException, what: str) -> CLIPClientError:
     if status in ("StatusCode.UNAVAILABLE", "503"):
         return ServerUnavailableError(f"{what}: server unavailable: {msg}")
     if status in ("StatusCode.INVALID_ARGUMENT", "400", "StatusCode.OUT_OF_RANGE", "413"):
+        return InvalidInputError(msg)
+    if status in ("StatusCode.INTERNAL", "500") and _ITEM_ERROR.search(msg) and "internal error" not in msg:
+        # The preprocessors reject one item as "image J: <why>" / "text J: <why>"; servers whose Python models
+        # do not set TritonError.INVALID_ARG report that as INTERNAL. It is still the caller's input.
         return InvalidInputError(msg)
     if not status and _is_connection_error(exc):
         return ServerUnavailableError(f"{what}: cannot connect: {msg}")

@@ -1,0 +1,349 @@
+"""CLIPClient / AsyncCLIPClient against the real Triton server, checked against transformers in-process.
+
+Every method, every input form, sync and async, gRPC and HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_client import AsyncCLIPClient, CLIPClient, CLIPClientError, InvalidInputError
+
+COS_MIN = 0.99999
+TEXTS = ["a photo of a cat", "a red car", "Ünïcödé café — “quotes”", "日本語のテキスト", "word " * 100]
+LABELS = ["cat", "dog", "bird", "red car"]
+TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "art of the {}"]
+
+
+def _pattern(seed: int, size=(64, 48)) -> np.ndarray:
+    """A smooth random colour pattern (uint8, (H, W, 3))."""
+    g = np.random.default_rng(seed).integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(g).resize(size, Image.BICUBIC))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict:
+    """Test images in every input form, with the PIL image transformers sees for each."""
+    d = tmp_path_factory.mktemp("client-images")
+    arrays = [_pattern(s) for s in range(6)]
+    png, jpg = d / "a.png", d / "b.jpg"
+    Image.fromarray(arrays[0]).save(png)
+    Image.fromarray(arrays[1]).save(jpg, quality=92)
+    buf = io.BytesIO()
+    Image.fromarray(arrays[2]).save(buf, format="PNG")
+    gray = Image.fromarray(arrays[3]).convert("L")
+    forms = {
+        "path_str": (str(png), Image.open(png)),
+        "path_obj": (jpg, Image.open(jpg)),
+        "bytes": (buf.getvalue(), Image.open(io.BytesIO(buf.getvalue()))),
+        "pil_rgb": (Image.fromarray(arrays[4]), Image.fromarray(arrays[4])),
+        "pil_gray": (gray, gray),
+        "ndarray": (arrays[5], Image.fromarray(arrays[5])),
+    }
+    return {"forms": forms, "arrays": arrays, "dir": d}
+
+
+@pytest.fixture(scope="module")
+def reference(triton_server):
+    """transformers in-process: text/image features (unnormalised) and logit_scale of the served checkpoint."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    ckpt = str(triton_server.checkpoint_dir)
+    model = CLIPModel.from_pretrained(ckpt).eval()
+    proc = CLIPProcessor.from_pretrained(ckpt)
+
+    def pooled(out):
+        return out.pooler_output if hasattr(out, "pooler_output") else out
+
+    class Ref:
+        logit_scale = float(model.logit_scale.detach())
+        dim = int(model.config.projection_dim)
+
+        @staticmethod
+        @torch.no_grad()
+        def text(texts):
+            t = proc.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+            return pooled(model.get_text_features(**t)).numpy()
+
+        @staticmethod
+        @torch.no_grad()
+        def image(pils):
+            px = proc.image_processor([p.convert("RGB") for p in pils], return_tensors="pt")["pixel_values"]
+            return pooled(model.get_image_features(pixel_values=px)).numpy()
+
+    return Ref
+
+
+class _Runner:
+    """One facade over both clients: async methods are run to completion on a private loop."""
+
+    def __init__(self, client, loop=None):
+        self.client, self.loop = client, loop
+
+    def __getattr__(self, name):
+        attr = getattr(self.client, name)
+        if self.loop is not None and inspect.iscoroutinefunction(attr):
+            return lambda *a, **k: self.loop.run_until_complete(attr(*a, **k))
+        return attr
+
+    def close(self):
+        if self.loop is None:
+            self.client.close()
+        else:
+            self.loop.run_until_complete(self.client.close())
+            self.loop.close()
+
+
+def _make(triton_server, protocol: str, mode: str, **options) -> _Runner:
+    url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
+    if mode == "sync":
+        return _Runner(CLIPClient(url, protocol=protocol, **options))
+    return _Runner(AsyncCLIPClient(url, protocol=protocol, **options), asyncio.new_event_loop())
+
+
+@pytest.fixture(scope="module", params=[("grpc", "sync"), ("http", "sync"), ("grpc", "async"), ("http", "async")],
+                ids=lambda p: "-".join(p))
+def client(request, triton_server):
+    c = _make(triton_server, *request.param)
+    yield c
+    c.close()
+
+
+def _cos(a, b) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+def _norm(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------------- model info
+
+
+def test_model_info(client, reference):
+    info = client.get_model_info()
+    assert info.dim == reference.dim
+    assert info.logit_scale == pytest.approx(reference.logit_scale, abs=1e-5)
+    assert info.max_text_items >= 1 and info.max_image_items >= 1
+    assert info.model_id
+
+
+# ------------------------------------------------------------------------------------------- encoding
+
+
+def test_encode_text_matches_transformers(client, reference):
+    got = client.encode_text(TEXTS)
+    assert got.shape == (len(TEXTS), reference.dim) and got.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    assert _cos(got, reference.text(TEXTS)).min() >= COS_MIN
+    raw = client.encode_text(TEXTS, normalize=False)
+    ref = reference.text(TEXTS)
+    np.testing.assert_allclose(np.linalg.norm(raw, axis=1), np.linalg.norm(ref, axis=1), rtol=1e-4)
+
+
+def test_encode_text_single_and_empty(client, reference):
+    one = client.encode_text("a photo of a cat")
+    assert one.shape == (1, reference.dim)
+    assert _cos(one, reference.text(["a photo of a cat"]))[0] >= COS_MIN
+    assert client.encode_text([]).shape == (0, reference.dim)
+
+
+@pytest.mark.parametrize("form", ["path_str", "path_obj", "bytes", "pil_rgb", "pil_gray", "ndarray"])
+def test_encode_image_each_form(client, reference, images, form):
+    item, pil = images["forms"][form]
+    got = client.encode_image(item)
+    assert got.shape == (1, reference.dim)
+    assert _cos(got, reference.image([pil]))[0] >= COS_MIN
+
+
+def test_encode_image_batches(client, reference, images):
+    forms = list(images["forms"].values())
+    got = client.encode_image([item for item, _ in forms])  # mixed list, input order kept
+    assert _cos(got, reference.image([pil for _, pil in forms])).min() >= COS_MIN
+    stack = np.stack(images["arrays"])  # uint8 (N, H, W, 3)
+    got = client.encode_image(stack)
+    assert got.shape == (len(stack), reference.dim)
+    assert _cos(got, reference.image([Image.fromarray(a) for a in stack])).min() >= COS_MIN
+    raw = client.encode_image(stack, normalize=False)
+    ref = reference.image([Image.fromarray(a) for a in stack])
+    np.testing.assert_allclose(np.linalg.norm(raw, axis=1), np.linalg.norm(ref, axis=1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("protocol,mode", [("grpc", "sync"), ("http", "async")])
+def test_big_batches_are_chunked_in_order(triton_server, reference, protocol, mode):
+    """More items than one request may carry: split (here into chunks of 7), sent concurrently, order kept."""
+    c = _make(triton_server, protocol, mode, max_items=7)
+    try:
+        texts = [f"photo number {i} of {'a cat' if i % 2 else 'a dog'}" for i in range(40)]
+        got = c.encode_text(texts)
+        assert _cos(got, reference.text(texts)).min() >= COS_MIN
+        arrays = [_pattern(100 + i) for i in range(30)]
+        got = c.encode_image(arrays)
+        assert _cos(got, reference.image([Image.fromarray(a) for a in arrays])).min() >= COS_MIN
+    finally:
+        c.close()
+    # the server's own limit: more texts than max_text_items in one call
+    c = _make(triton_server, protocol, mode)
+    try:
+        n = c.get_model_info().max_text_items * 2 + 3
+        texts = [f"text {i}" for i in range(n)]
+        got = c.encode_text(texts)
+        assert got.shape[0] == n
+        assert _cos(got[-5:], reference.text(texts[-5:])).min() >= COS_MIN
+    finally:
+        c.close()
+
+
+def test_sync_client_is_thread_safe(triton_server, reference):
+    """One CLIPClient shared by threads (HTTP: one tritonclient per thread)."""
+    c = CLIPClient(triton_server.http_url, protocol="http")
+    expected = _norm(reference.text(TEXTS))
+    errors: list = []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                got = c.encode_text(TEXTS[i % len(TEXTS):] + TEXTS[: i % len(TEXTS)])
+                assert _cos(got, np.roll(expected, -(i % len(TEXTS)), axis=0)).min() >= COS_MIN
+        except Exception as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    c.close()
+    assert not errors, errors
+
+
+# ------------------------------------------------------------------------------------------- similarity, matching
+
+
+@pytest.fixture(scope="module")
+def zero_shot_ref(triton_server, images):
+    """The zero_shot ensemble's own answer for TEXTS x the test arrays (the server-side computation)."""
+    with CLIPClient(triton_server.grpc_url) as c:
+        return c.zero_shot(images["arrays"], TEXTS, top_k=3)
+
+
+def test_compute_similarity(client, reference, images, zero_shot_ref):
+    t, i = client.encode_text(TEXTS), client.encode_image(images["arrays"])
+    logits = client.compute_similarity(t, i)
+    assert logits.shape == (len(TEXTS), len(images["arrays"]))
+    np.testing.assert_allclose(logits, zero_shot_ref["logits_per_text"], atol=1e-3, rtol=1e-4)
+    ref = np.exp(reference.logit_scale) * _norm(reference.text(TEXTS)) @ _norm(
+        reference.image([Image.fromarray(a) for a in images["arrays"]])).T
+    np.testing.assert_allclose(logits, ref, atol=1e-3, rtol=1e-4)
+    cos = client.compute_similarity(t, i, apply_temperature=False)
+    np.testing.assert_allclose(cos * np.exp(reference.logit_scale), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_find_best_matches_equal_server_topk(client, images, zero_shot_ref):
+    idx = client.find_best_matches(TEXTS, images["arrays"], top_k=3)
+    np.testing.assert_array_equal(idx, zero_shot_ref["topk_images"])
+    idx, scores = client.find_best_matches(TEXTS, images["arrays"], top_k=3, return_scores=True)
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    idx = client.find_best_text_matches(images["arrays"], TEXTS, top_k=3)
+    np.testing.assert_array_equal(idx, zero_shot_ref["topk_texts"])
+    assert client.find_best_text_matches(images["arrays"][0], TEXTS, top_k=50).shape == (1, len(TEXTS))
+
+
+# ------------------------------------------------------------------------------------------- zero-shot
+
+
+def test_zero_shot_classification_matches_server_probs(client, images, triton_server):
+    with CLIPClient(triton_server.grpc_url) as c:
+        server = c.zero_shot(images["arrays"], LABELS, top_k=1)
+    preds, probs = client.zero_shot_classification(images["arrays"], LABELS)
+    assert probs.shape == (len(images["arrays"]), len(LABELS))
+    np.testing.assert_allclose(probs, server["probs"], atol=1e-4)
+    np.testing.assert_array_equal(preds, np.argmax(server["probs"], axis=1))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    preds2, none = client.zero_shot_classification(images["arrays"][0], LABELS, return_probabilities=False)
+    assert none is None and preds2.tolist() == preds[:1].tolist()
+
+
+def test_zero_shot_templates_average_and_cache(client, reference, images):
+    _, probs = client.zero_shot_classification(images["arrays"], LABELS, templates=TEMPLATES)
+    prompts = [t.replace("{}", c) for c in LABELS for t in TEMPLATES]
+    e = _norm(reference.text(prompts)).reshape(len(LABELS), len(TEMPLATES), -1).mean(axis=1)
+    cls = _norm(e)  # (C, D)
+    img = _norm(reference.image([Image.fromarray(a) for a in images["arrays"]]))
+    logits = np.exp(reference.logit_scale) * img @ cls.T
+    ref = np.exp(logits - logits.max(axis=1, keepdims=True))
+    ref /= ref.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(probs, ref, atol=1e-4)
+
+    # cached: the same prompts are not encoded again (only the images are sent)
+    inner = client.client
+    calls: list[str] = []
+    original = inner._infer
+
+    if inspect.iscoroutinefunction(original):
+        async def spy(model, *a, **k):
+            calls.append(model)
+            return await original(model, *a, **k)
+    else:
+        def spy(model, *a, **k):
+            calls.append(model)
+            return original(model, *a, **k)
+
+    inner._infer = spy
+    try:
+        _, again = client.zero_shot_classification(images["arrays"], LABELS, templates=TEMPLATES)
+    finally:
+        del inner._infer
+    assert "encode_text" not in calls and "encode_image" in calls
+    np.testing.assert_allclose(again, probs, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_bad_image_is_reported_not_retried(client, images):
+    inner = client.client
+    calls: list[str] = []
+    original = inner._infer
+
+    if inspect.iscoroutinefunction(original):
+        async def spy(model, *a, **k):
+            calls.append(model)
+            return await original(model, *a, **k)
+    else:
+        def spy(model, *a, **k):
+            calls.append(model)
+            return original(model, *a, **k)
+
+    inner._infer = spy
+    try:
+        with pytest.raises(CLIPClientError) as info:
+            client.encode_image([images["arrays"][0], b"\xff\xd8\xff this is not a JPEG"])
+    finally:
+        del inner._infer
+    err = info.value
+    assert isinstance(err, InvalidInputError)  # carries the server's message verbatim
+    assert "image 1" in str(err) and "Traceback" not in str(err) and not str(err).startswith("[")
+    assert calls == ["encode_image"]  # one request: never retried
+
+
+def test_client_side_input_errors(client):
+    with pytest.raises(InvalidInputError):
+        client.encode_text([1, 2])
+    with pytest.raises(InvalidInputError):
+        client.encode_image(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(InvalidInputError):
+        client.encode_image(Path("/does/not/exist.jpg"))
+    with pytest.raises(InvalidInputError):
+        client.zero_shot_classification(np.zeros((8, 8, 3), np.uint8), [])
