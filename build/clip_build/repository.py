@@ -137,7 +137,8 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
         _header("postprocess", "python", 0)
         + _io("input", [_tensor("TEXT_EMBEDS", "TYPE_FP32", [-1, dim]), _tensor("IMAGE_EMBEDS", "TYPE_FP32", [-1, dim]),
                         _tensor("TOP_K", "TYPE_INT32", [1], optional=True)])
-        + _io("output", [_tensor(n, t, [-1, -1]) for n, t in (
+        + _io("output", [_tensor("TEXT_EMBEDS_OUT", "TYPE_FP32", [-1, dim]),
+                         _tensor("IMAGE_EMBEDS_OUT", "TYPE_FP32", [-1, dim])] + [_tensor(n, t, [-1, -1]) for n, t in (
             ("LOGITS_PER_IMAGE", "TYPE_FP32"), ("LOGITS_PER_TEXT", "TYPE_FP32"), ("PROBS", "TYPE_FP32"),
             ("TOPK_TEXTS", "TYPE_INT64"), ("TOPK_IMAGES", "TYPE_INT64"))])
         + _instances("KIND_CPU", 1)
@@ -169,15 +170,22 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
     text_out, image_out = _tensor("text_embeds", "TYPE_FP32", [-1, dim]), _tensor("image_embeds", "TYPE_FP32", [-1, dim])
     cfg["encode_text"] = _ensemble("encode_text", [text_in], [text_out], text_steps)
     cfg["encode_image"] = _ensemble("encode_image", [image_in], [image_out], image_steps)
+    # Triton 2.51 fails ("unexpected deadlock") when a client requests a subset of outputs and an ensemble output is
+    # also an intermediate tensor; so the encoders feed internal tensors and postprocess echoes the embeddings.
+    zs_text_steps = [text_steps[0], _step("text_encoder", {"input_ids": "_input_ids", "attention_mask": "_attention_mask"},
+                                          {"text_embeds__0": "_text_embeds"})]
+    zs_image_steps = [image_steps[0], _step("image_encoder", {"pixel_values": "_pixel_values"},
+                                            {"image_embeds__0": "_image_embeds"})]
     cfg["zero_shot"] = _ensemble(
         "zero_shot",
         [text_in, image_in, _tensor("top_k", "TYPE_INT32", [1], optional=True)],  # absent: default_top_k
         [text_out, image_out] + [_tensor(n, t, [-1, -1]) for n, t in (
             ("logits_per_image", "TYPE_FP32"), ("logits_per_text", "TYPE_FP32"), ("probs", "TYPE_FP32"),
             ("topk_texts", "TYPE_INT64"), ("topk_images", "TYPE_INT64"))],
-        text_steps + image_steps + [_step(
-            "postprocess", {"TEXT_EMBEDS": "text_embeds", "IMAGE_EMBEDS": "image_embeds", "TOP_K": "top_k"},
-            {"LOGITS_PER_IMAGE": "logits_per_image", "LOGITS_PER_TEXT": "logits_per_text", "PROBS": "probs",
+        zs_text_steps + zs_image_steps + [_step(
+            "postprocess", {"TEXT_EMBEDS": "_text_embeds", "IMAGE_EMBEDS": "_image_embeds", "TOP_K": "top_k"},
+            {"TEXT_EMBEDS_OUT": "text_embeds", "IMAGE_EMBEDS_OUT": "image_embeds",
+             "LOGITS_PER_IMAGE": "logits_per_image", "LOGITS_PER_TEXT": "logits_per_text", "PROBS": "probs",
              "TOPK_TEXTS": "topk_texts", "TOPK_IMAGES": "topk_images"})],
     )
     return cfg

@@ -1,4 +1,8 @@
-"""postprocess: TEXT_EMBEDS [T, D], IMAGE_EMBEDS [I, D], TOP_K [1] -> logits, probs and top-k (zero_shot)."""
+"""postprocess: TEXT_EMBEDS [T, D], IMAGE_EMBEDS [I, D], TOP_K [1] -> logits, probs and top-k (zero_shot).
+
+The embeddings are echoed as TEXT_EMBEDS_OUT / IMAGE_EMBEDS_OUT: in Triton 2.51 an ensemble output that also feeds
+another step breaks requests asking for a subset of outputs, so zero_shot takes its embeddings from here.
+"""
 
 import traceback
 
@@ -40,9 +44,10 @@ class TritonPythonModel:
                 if text.shape[-1] != image.shape[-1]:
                     raise ValueError(f"embedding sizes differ: text {text.shape}, image {image.shape}")
                 result = zero_shot(text, image, self.logit_scale, k)
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(result[key]))
-                                    for name, key in OUTPUTS.items()]))
+                tensors = [pb_utils.Tensor("TEXT_EMBEDS_OUT", np.ascontiguousarray(text, dtype=np.float32)),
+                           pb_utils.Tensor("IMAGE_EMBEDS_OUT", np.ascontiguousarray(image, dtype=np.float32))]
+                tensors += [pb_utils.Tensor(name, np.ascontiguousarray(result[key])) for name, key in OUTPUTS.items()]
+                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             except ValueError as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
             except Exception as exc:
