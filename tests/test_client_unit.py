@@ -267,6 +267,25 @@ def test_retries_with_backoff_then_unavailable(protocol):
     c.close()
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_async_retries_then_unavailable(protocol):
+    import asyncio
+    import socket
+
+    from clip_client import AsyncCLIPClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def go():
+        async with AsyncCLIPClient(f"127.0.0.1:{port}", protocol=protocol, retries=1, backoff=0.05, timeout=5) as c:
+            with pytest.raises(ServerUnavailableError):
+                await c.encode_image(np.zeros((8, 8, 3), np.uint8))
+
+    asyncio.run(go())
+
+
 def test_client_options_validated():
     with pytest.raises(InvalidInputError):
         CLIPClient(protocol="websocket")

@@ -187,7 +187,7 @@ def map_error(exc: BaseException, what: str) -> CLIPClientError:
     if isinstance(exc, TimeoutError) or status in ("StatusCode.DEADLINE_EXCEEDED", "408", "504") or (
         not status and "failed to obtain inference response" in msg
     ):
-        return ServerTimeoutError(f"{what}: timed out ({msg})")
+        return ServerTimeoutError(f"{what}: timed out" + (f" ({msg})" if msg else ""))
     if status in ("StatusCode.UNAVAILABLE", "503"):
         return ServerUnavailableError(f"{what}: server unavailable: {msg}")
     if status in ("StatusCode.INVALID_ARGUMENT", "400", "StatusCode.OUT_OF_RANGE", "413"):

@@ -32,7 +32,7 @@ from ._core import (
     probe_image,
     retryable,
 )
-from .errors import CLIPClientError, ServerError
+from .errors import ServerError
 from .inputs import chunk_spans, encode_images, encode_texts, normalize_texts
 
 
@@ -48,6 +48,7 @@ class AsyncCLIPClient(ClientBase):
         self._client: Any = None
         self._sem: asyncio.Semaphore | None = None
         self._info_lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> "AsyncCLIPClient":
         return self
@@ -58,13 +59,18 @@ class AsyncCLIPClient(ClientBase):
     async def close(self) -> None:
         """Close the underlying tritonclient."""
         client, self._client = self._client, None
-        self._sem = self._info_lock = None
+        self._sem = self._info_lock = self._loop = None
         if client is not None:
             await client.close()
 
     def _triton(self):
-        """The aio tritonclient, created inside the running loop on first use."""
+        """The aio tritonclient of the running event loop (created on first use; a new loop gets a new one)."""
+        loop = asyncio.get_running_loop()
+        if self._client is not None and self._loop is not loop:
+            log.debug("event loop changed: opening a new tritonclient")  # the old one belongs to a closed loop
+            self._client = None
         if self._client is None:
+            self._loop = loop
             if self.protocol == "http":
                 import tritonclient.http.aio as mod
 
@@ -97,8 +103,11 @@ class AsyncCLIPClient(ClientBase):
             kwargs: dict[str, Any] = {"headers": self.headers}
             if self.protocol == "grpc":
                 kwargs["client_timeout"] = self.timeout
-            async with self._sem:
-                result = await client.infer(model, self._make_inputs(inputs), outputs=self._make_outputs(outputs), **kwargs)
+            async with self._sem:  # wait_for: the client-side deadline, also for HTTP (aiohttp's is per session)
+                result = await asyncio.wait_for(
+                    client.infer(model, self._make_inputs(inputs), outputs=self._make_outputs(outputs), **kwargs),
+                    self.timeout,
+                )
             return {n: result.as_numpy(n) for n in outputs}
 
         return await self._call(f"infer {model}", once)
@@ -109,14 +118,12 @@ class AsyncCLIPClient(ClientBase):
             if self.protocol == "grpc":
                 raw = await client.get_model_config(model, as_json=True, client_timeout=self.timeout, headers=self.headers)
             else:
-                raw = await client.get_model_config(model, headers=self.headers)
+                raw = await asyncio.wait_for(client.get_model_config(model, headers=self.headers), self.timeout)
             return self._config_json(raw)
 
         try:
             return await self._call(f"config {model}", once)
-        except CLIPClientError as e:
-            if retryable(e):
-                raise
+        except ServerError as e:  # e.g. NOT_FOUND: the model is not served; timeouts / unavailable propagate
             log.debug("no config for %s: %s", model, e)
             return None
 

@@ -34,7 +34,7 @@ from ._core import (
     probe_image,
     retryable,
 )
-from .errors import CLIPClientError, ServerError
+from .errors import ServerError
 from .inputs import chunk_spans, encode_images, encode_texts, normalize_texts
 
 
@@ -135,9 +135,7 @@ class CLIPClient(ClientBase):
 
         try:
             return self._call(f"config {model}", once)
-        except CLIPClientError as e:
-            if retryable(e):
-                raise
+        except ServerError as e:  # e.g. NOT_FOUND: the model is not served; timeouts / unavailable propagate
             log.debug("no config for %s: %s", model, e)
             return None
 

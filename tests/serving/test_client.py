@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_client import AsyncCLIPClient, CLIPClient, CLIPClientError, InvalidInputError
+from clip_client import AsyncCLIPClient, CLIPClient, CLIPClientError, InvalidInputError, ServerTimeoutError
 
 COS_MIN = 0.99999
 TEXTS = ["a photo of a cat", "a red car", "Ünïcödé café — “quotes”", "日本語のテキスト", "word " * 100]
@@ -347,3 +347,25 @@ def test_client_side_input_errors(client):
         client.encode_image(Path("/does/not/exist.jpg"))
     with pytest.raises(InvalidInputError):
         client.zero_shot_classification(np.zeros((8, 8, 3), np.uint8), [])
+
+
+@pytest.mark.parametrize("protocol,mode", [("grpc", "sync"), ("http", "sync"), ("grpc", "async"), ("http", "async")])
+def test_timeout_is_typed(triton_server, protocol, mode):
+    with CLIPClient(triton_server.grpc_url) as probe:
+        info = probe.get_model_info()
+    c = _make(triton_server, protocol, mode, timeout=0.01, max_request_bytes=1 << 30)
+    c.client._info = info  # skip the config reads, which may themselves miss a 10 ms deadline
+    try:
+        heavy = np.random.default_rng(0).integers(0, 256, size=(32, 480, 640, 3), dtype=np.uint8)
+        with pytest.raises(ServerTimeoutError, match="timed out"):
+            c.encode_image(heavy)  # 32 VGA images in one request take far longer than 10 ms on 2 CPU cores
+    finally:
+        c.close()
+
+
+def test_async_client_survives_a_new_event_loop(triton_server, reference):
+    c = AsyncCLIPClient(triton_server.http_url, protocol="http")
+    first = asyncio.run(c.encode_text("a cat"))
+    second = asyncio.run(c.encode_text("a cat"))  # another loop: the client reopens its connection
+    asyncio.run(c.close())
+    assert _cos(first, second)[0] >= COS_MIN
