@@ -1,0 +1,78 @@
+"""`clip-triton build`: verified weights, generated configs, recorded torch version; the backend dir we assemble."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from clip_build.repository import MODELS, build_repository, generate_configs, read_info
+from clip_build.runtime.params import read_parameters
+from clip_build.tritonserver import assemble_backend_dir
+
+
+def test_repository_layout_and_info(triton_repository, weights):
+    manifest = json.loads((weights("clip") / "manifest.json").read_text())
+    for name in MODELS:
+        assert (triton_repository / name / "config.pbtxt").is_file(), name
+        assert (triton_repository / name / "1").is_dir(), name
+    for name in ("text_encoder", "image_encoder"):
+        assert (triton_repository / name / "1" / "model.pt").is_file()
+    assert (triton_repository / "preprocess_text" / "1" / "tokenizer.json").is_file()
+    info = read_info(triton_repository)
+    assert info["model_id"] == manifest["model_id"]
+    assert info["torch_version"].startswith("2.") and info["dtype"] == "fp32"
+    d = manifest["projection_dim"]
+    assert f"dims: [ {d} ]" in (triton_repository / "text_encoder" / "config.pbtxt").read_text()
+    assert 'backend: "pytorch"' in (triton_repository / "image_encoder" / "config.pbtxt").read_text()
+
+
+def test_generated_parameters_parse_back(weights):
+    manifest = json.loads((weights("clip") / "manifest.json").read_text())
+    configs = generate_configs(manifest, instance_kind="gpu", instance_count=2, max_batch_size=16,
+                               limits={"max_pixels": 1234})
+    assert "KIND_GPU" in configs["image_encoder"] and "count: 2" in configs["text_encoder"]
+    assert "KIND_CPU" in configs["preprocess_image"]  # python models stay on CPU
+    assert "max_batch_size: 16" in configs["preprocess_text"]
+    assert "max_pixels" in configs["preprocess_image"] and '"1234"' in configs["preprocess_image"]
+    # the logit scale travels with the weights
+    assert repr(float(manifest["logit_scale"])) in configs["postprocess"]
+    assert "optional: true" in configs["zero_shot"]
+
+
+def test_sha_mismatch_stops_the_build(weights, tmp_path):
+    bad = tmp_path / "weights"
+    shutil.copytree(weights("clip"), bad)
+    data = bytearray((bad / "vision.parquet").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "vision.parquet").write_bytes(bytes(data))
+    from clip_build.weights import WeightsError
+
+    with pytest.raises(WeightsError, match="sha256"):
+        build_repository(bad, tmp_path / "repo")
+    assert not (tmp_path / "repo" / "image_encoder" / "1" / "model.pt").exists()
+
+
+def test_cli_build_rejects_tampered_weights(weights, tmp_path):
+    from clip_client.cli import main
+
+    bad = tmp_path / "weights"
+    shutil.copytree(weights("clip"), bad)
+    (bad / "tokenizer" / "tokenizer.json").write_text("{}")
+    assert main(["build", "--weights", str(bad), "--repository", str(tmp_path / "repo")]) == 1
+
+
+def test_read_parameters_defaults_and_errors():
+    p = read_parameters({"parameters": {}}, ["max_length", "allowed_formats"])
+    assert p == {"max_length": 77, "allowed_formats": ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]}
+    with pytest.raises(ValueError, match="max_length"):
+        read_parameters({"parameters": {"max_length": {"string_value": "many"}}}, ["max_length"])
+
+
+def test_backend_dir_is_ours(tmp_path):
+    root = assemble_backend_dir(tmp_path)
+    assert (root / "python" / "libtriton_python.so").is_file()
+    assert (root / "python" / "triton_python_backend_stub").is_file()
+    assert (root / "pytorch" / "model.py").is_file()
+    assert assemble_backend_dir(tmp_path) == root  # cached by content

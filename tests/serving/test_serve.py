@@ -1,0 +1,94 @@
+"""`clip-triton serve`: fails with the server's own message on a broken model; stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from clip_build.tritonserver import TritonServer, TritonServerError, free_port
+
+CONFIG = """name: "{name}"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "X" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+"""
+
+IDENTITY = """import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())])
+                for r in requests]
+"""
+
+BROKEN = """class TritonPythonModel:
+    def initialize(self, args):
+        raise RuntimeError("broken on purpose: missing vocabulary")
+"""
+
+
+def _repo(root: Path, models: dict[str, str]) -> Path:
+    for name, source in models.items():
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "config.pbtxt").write_text(CONFIG.format(name=name))
+        (root / name / "1" / "model.py").write_text(source)
+    return root
+
+
+def _serve_cmd(repo: Path) -> list[str]:
+    return [sys.executable, "-m", "clip_client.cli", "serve", "--repository", str(repo), "--http-port",
+            str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
+            "--startup-timeout", "120"]
+
+
+def test_serve_fails_with_the_servers_message(tmp_path):
+    repo = _repo(tmp_path / "repo", {"ok": IDENTITY, "broken": BROKEN})
+    proc = subprocess.run(_serve_cmd(repo), capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "broken on purpose: missing vocabulary" in proc.stderr, proc.stderr[-3000:]
+    assert "Ctrl-C to stop" not in proc.stdout
+
+
+def test_wait_ready_raises_with_the_model_error(tmp_path):
+    server = TritonServer(_repo(tmp_path / "repo", {"broken": BROKEN}), exit_timeout=2)
+    server.start()
+    try:
+        with pytest.raises(TritonServerError, match="broken on purpose"):
+            server.wait_ready(120)
+    finally:
+        server.stop()
+
+
+def test_serve_stops_cleanly_on_sigterm(tmp_path):
+    repo = _repo(tmp_path / "repo", {"identity": IDENTITY})
+    proc = subprocess.Popen(_serve_cmd(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C to stop" in line:
+                break
+        assert any("HTTP" in l for l in lines), "".join(lines) + proc.stderr.read()
+        children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert children, "tritonserver and its stub should be running"
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+        time.sleep(0.5)
+        assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
