@@ -225,8 +225,18 @@ def test_bad_item_names_its_index(triton_server, protocol):
     client.close()
 
 
-def test_server_processes_and_memory(triton_server):
-    """One server process plus a stub per python-backend model instance; report their memory."""
-    pids = triton_server.server.pids()
-    assert len(pids) >= 1 + 5  # server + 3 python models + 2 encoders
+def test_python_model_stubs_never_load_torch(triton_server):
+    """One stub per model instance; only the encoders' stubs may map libtorch (stub memory)."""
+    import psutil
+
+    stubs = {}
+    for pid in triton_server.server.pids()[1:]:
+        cmd = psutil.Process(pid).cmdline()
+        if len(cmd) > 1 and "triton_python_backend_stub" in cmd[0]:
+            stubs[cmd[1].split("/")[-3]] = pid  # <repo>/<model>/1/<file>
+    assert set(stubs) >= {"preprocess_text", "preprocess_image", "postprocess", "text_encoder", "image_encoder"}
+    for model, pid in stubs.items():
+        with open(f"/proc/{pid}/maps") as f:
+            has_torch = "libtorch" in f.read()
+        assert has_torch == model.endswith("_encoder"), model
     assert triton_server.server.rss_bytes() > 0
