@@ -9,7 +9,7 @@ import math
 import random
 import re
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,6 @@ class ModelInfo:
     max_text_items: int  # texts per request
     max_image_items: int  # images per request
     identity_source: str = "postprocess.model_id"  # or "fallback" (derived from configs, weaker)
-    extra: dict = field(default_factory=dict)
 
     @property
     def scale(self) -> float:
@@ -54,7 +53,6 @@ class ModelInfo:
     def identity(self) -> dict:
         """JSON-able identity stored in gallery metadata."""
         d = asdict(self)
-        d.pop("extra")
         d.pop("max_text_items")
         d.pop("max_image_items")
         return d
