@@ -7,9 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-# (family, tower) -> min cosine vs transformers, filled by test_parity and printed in the terminal summary.
-PARITY: dict[tuple[str, str], float] = {}
+from parity_results import PARITY
 
 
 @pytest.fixture(scope="session")

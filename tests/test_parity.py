@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PARITY
+from parity_results import PARITY
 from safetensors.torch import save_file
 
 from clip_build.convert import convert
