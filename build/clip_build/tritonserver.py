@@ -351,8 +351,12 @@ class TritonServer:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()  # also drops our temporary log dir
+        else:
+            self.stop()  # keep the log for the post-mortem
+            log.info("tritonserver log kept at %s", self.log_path)
 
     # ---- inspection
     @property

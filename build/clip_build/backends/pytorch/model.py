@@ -79,7 +79,9 @@ class TritonPythonModel:
         self.arg_index = self._map_inputs([n for n, _ in self.inputs])
         self.logger.log_info(
             f"{args['model_name']}: loaded {filename} on {self.device}, inputs {self.arg_index}, "
-            f"outputs {[n for n, _, _ in self.outputs]}"
+            f"outputs {[n for n, _, _ in self.outputs]}, torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}/{torch.get_num_interop_threads()}, "
+            f"cpu {torch.backends.cpu.get_cpu_capability()}"
         )
 
     def _map_inputs(self, names: list[str]) -> dict[str, int]:
