@@ -84,6 +84,8 @@ def image_parameters(manifest: dict) -> dict[str, Any]:
     shortest = img.get("shortest_edge")
     size = int(shortest or img.get("size") or P.PARAMETERS["image_size"].default)
     crop = int(img.get("crop_size") or size)
+    if shortest and not img.get("do_center_crop", True):
+        raise ValueError("the checkpoint resizes the shortest edge without a center crop: images would not be square")
     return {
         "image_size": size,
         "resize_mode": "shortest_edge" if shortest else "exact",

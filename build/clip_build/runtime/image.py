@@ -63,8 +63,7 @@ class ImageConfig:
 
 def _normalise_lut(cfg: ImageConfig) -> np.ndarray:
     """[3, 256] float32: uint8 value -> normalised value, computed with transformers' own float32 arithmetic."""
-    v = np.arange(256, dtype=np.float32)[None, :]  # (1, 256)
-    v = (v * np.float32(cfg.rescale_factor)).astype(np.float32)  # transformers' rescale: float32 multiply
+    v = (np.arange(256, dtype=np.float64) * cfg.rescale_factor).astype(np.float32)[None, :]  # (1, 256), as rescale()
     mean = np.asarray(cfg.mean, dtype=np.float32)[:, None]
     std = np.asarray(cfg.std, dtype=np.float32)[:, None]
     return ((v - mean) / std).astype(np.float32)  # (3, 256)
@@ -77,6 +76,8 @@ class ImagePreprocessor:
         self.cfg = cfg or ImageConfig()
         if self.cfg.resize_mode not in ("shortest_edge", "exact"):
             raise ValueError(f"resize_mode must be shortest_edge or exact, not {self.cfg.resize_mode!r}")
+        if not self.cfg.do_center_crop and self.cfg.resize_mode != "exact":
+            raise ValueError("without a center crop, resize_mode must be exact: the encoder takes a fixed square")
         self.formats = tuple(_FORMAT_ALIASES.get(f.upper(), f.upper()) for f in self.cfg.allowed_formats)
         self._lut = _normalise_lut(self.cfg)  # (3, 256)
 
