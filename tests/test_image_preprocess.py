@@ -18,15 +18,15 @@ TOL = 1 / 255  # the contract; in practice the values are bit-identical (same PI
 
 @pytest.fixture(scope="module")
 def hf():
-    """transformers' processor, factory by (shortest_edge, crop)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from transformers import CLIPImageProcessor
+    """transformers' processor, factory by (shortest_edge, crop).
+
+    The PIL backend explicitly: transformers 5's `CLIPImageProcessor` is the torchvision backend when torchvision
+    is installed (tensor bicubic, not PIL's) and falls back to this one otherwise.
+    """
+    from transformers import CLIPImageProcessorPil
 
     def make(size: int = 224, crop: int = 224):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop})
+        return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop})
 
     return make
 

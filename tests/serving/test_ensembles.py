@@ -68,10 +68,11 @@ def hf(triton_server):
     """In-process transformers on the same checkpoint: (model, tokenizer, image processor)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
-        ckpt = str(triton_server.checkpoint_dir)
-        return CLIPModel.from_pretrained(ckpt).eval(), AutoTokenizer.from_pretrained(ckpt), CLIPImageProcessor.from_pretrained(ckpt)
+        ckpt = str(triton_server.checkpoint_dir)  # PIL backend: what CLIPImageProcessor is without torchvision
+        return (CLIPModel.from_pretrained(ckpt).eval(), AutoTokenizer.from_pretrained(ckpt),
+                CLIPImageProcessorPil.from_pretrained(ckpt))
 
 
 @pytest.fixture(scope="module")
