@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 PROTOCOLS = ("http", "grpc")
 TEXTS = ["a photo of a cat", "a photo of a dog", "a diagram", "ein Foto 🐱 mit Umlauten äöü", "x",
-         "a much longer description of a scene with many different words in it, " * 3]
+         "a much longer description of a scene with many different words in it, " * 8]  # > 77 tokens: truncated
 
 
 def _photo(h: int, w: int, seed: int) -> np.ndarray:
