@@ -35,8 +35,10 @@ class _Response:
 
 
 class _Error:
-    def __init__(self, message):
-        self.message = message
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, message, code=None):
+        self.message, self.code = message, code
 
 
 class _Logger:
@@ -108,6 +110,7 @@ def test_preprocess_image_isolates_bad_request_and_normalises_once(pb, manifest,
     s = model.pre.cfg.output_size
     assert out[0].error is None and out[0].outputs["PIXEL_VALUES"].shape == (2, 3, s, s)
     assert out[1].error is not None and out[1].error.message.startswith("image 1: not a decodable image")
+    assert out[1].error.code == "INVALID_ARG"
     assert out[2].error is None and out[2].outputs["PIXEL_VALUES"].shape == (1, 3, s, s)
     assert calls == [(3, s, s, 3)]  # one vectorised normalise for the whole execute
     solo = model.execute([_bytes_req("IMAGE", [_png(33, 70, 2)])])[0]

@@ -49,9 +49,15 @@ class TritonPythonModel:
                 tensors += [pb_utils.Tensor(name, np.ascontiguousarray(result[key])) for name, key in OUTPUTS.items()]
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             except ValueError as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+                responses.append(_error(str(exc)))
             except Exception as exc:
                 self.logger.log_error(traceback.format_exc())
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"postprocess failed ({type(exc).__name__})")))
+                responses.append(_error(f"postprocess failed ({type(exc).__name__})", invalid_input=False))
         return responses
+
+
+def _error(message: str, invalid_input: bool = True):
+    """Failed response for one request: INVALID_ARG (HTTP 400) for the caller's input, else INTERNAL."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid_input else "INTERNAL", None)
+    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(error=error)

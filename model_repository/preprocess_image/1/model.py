@@ -47,7 +47,8 @@ class TritonPythonModel:
                     responses[r] = _error(f"image {j - lo}: {exc}")
                 elif isinstance(exc, Exception):
                     self.logger.log_error("".join(traceback.format_exception(exc)))
-                    responses[r] = _error(f"image {j - lo}: internal error while preprocessing ({type(exc).__name__})")
+                    responses[r] = _error(f"image {j - lo}: internal error while preprocessing ({type(exc).__name__})",
+                                          invalid_input=False)
                 else:
                     continue
                 del spans[r]
@@ -68,5 +69,8 @@ class TritonPythonModel:
             self.pool.shutdown(wait=False)
 
 
-def _error(message: str):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+def _error(message: str, invalid_input: bool = True):
+    """Failed response for one request: INVALID_ARG (HTTP 400) for the caller's input, else INTERNAL."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid_input else "INTERNAL", None)
+    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(error=error)

@@ -55,7 +55,7 @@ class TritonPythonModel:
             except Exception as exc:
                 self.logger.log_error(traceback.format_exc())
                 for r in spans:
-                    responses[r] = _error(f"tokenization failed ({type(exc).__name__})")
+                    responses[r] = _error(f"tokenization failed ({type(exc).__name__})", invalid_input=False)
                 return responses
             for r, (lo, hi) in spans.items():
                 responses[r] = pb_utils.InferenceResponse(output_tensors=[
@@ -65,5 +65,8 @@ class TritonPythonModel:
         return responses
 
 
-def _error(message: str):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+def _error(message: str, invalid_input: bool = True):
+    """Failed response for one request: INVALID_ARG (HTTP 400) for the caller's input, else INTERNAL."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid_input else "INTERNAL", None)
+    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(error=error)
