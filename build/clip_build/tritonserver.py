@@ -163,6 +163,9 @@ class TritonServer:
 
     >>> with TritonServer("repo") as server:      # start() + wait_ready()
     ...     client = tritonclient.http.InferenceServerClient(server.http_url)
+
+    Ports default to free ones. die_with_parent: the server gets SIGTERM when the *thread* that started it exits
+    (PR_SET_PDEATHSIG), so a crashed test run leaves nothing behind; start it from a long-lived thread.
     """
 
     def __init__(
