@@ -27,11 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # a module still being written must not break the other commands
-            continue
-        module.add_arguments(p, name)
+        importlib.import_module(module_name).add_arguments(p, name)
     return parser
 
 
