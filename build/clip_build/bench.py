@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 log = logging.getLogger(__name__)
@@ -83,10 +86,760 @@ def jpeg_images(n: int, sizes: str | Sequence = DEFAULT_IMAGE_SIZES, seed: int =
     return out
 
 
+
+# ---- results ------------------------------------------------------------------------------------------------------
+@dataclass
+class LoadResult:
+    """One closed-loop run: `concurrency` callers, each sending one request after the other."""
+
+    kind: str  # "image" | "text"
+    concurrency: int
+    items_per_request: int
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def items_per_s(self) -> float:
+        return self.requests * self.items_per_request / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float:
+        """Latency percentile q (0..100) in ms."""
+        import numpy as np  # noqa: PLC0415
+
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    def summary(self) -> dict:
+        return {"kind": self.kind, "concurrency": self.concurrency, "items_per_request": self.items_per_request,
+                "requests": self.requests, "errors": self.errors, "seconds": round(self.seconds, 3),
+                "items_per_s": round(self.items_per_s, 2), "p50_ms": round(self.pct(50), 1),
+                "p95_ms": round(self.pct(95), 1), "p99_ms": round(self.pct(99), 1)}
+
+
+@dataclass
+class Check:
+    """One target line of the report."""
+
+    name: str
+    value: float | None
+    target: str  # human text, e.g. ">= 1.2x"
+    ok: bool | None  # None: not measured
+    detail: str = ""
+    unit: str = ""
+
+    @property
+    def verdict(self) -> str:
+        return "n/a" if self.ok is None else ("PASS" if self.ok else "MISS")
+
+
+def _ratio_check(name: str, num: float | None, den: float | None, minimum: float, detail: str = "") -> Check:
+    if not num or not den:
+        return Check(name, None, f">= {minimum:g}x", None, detail or "not measured")
+    r = num / den
+    return Check(name, r, f">= {minimum:g}x", r >= minimum, detail, "x")
+
+
+# ---- measurements -------------------------------------------------------------------------------------------------
+def _torch_threads() -> int:
+    import torch  # noqa: PLC0415
+
+    return torch.get_num_threads()
+
+
+def measure_in_process(checkpoint: Path, images: list[bytes], texts: list[str], batch_sizes: Sequence[int],
+                       n_images: int, n_texts: int) -> dict:
+    """transformers in-process: PIL decode + processor/tokenizer + get_*_features, items/s per batch size."""
+    import torch  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel  # noqa: PLC0415
+
+    model = CLIPModel.from_pretrained(str(checkpoint)).eval()
+    processor = AutoImageProcessor.from_pretrained(str(checkpoint))
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+
+    def feats(out):
+        return out.pooler_output if hasattr(out, "pooler_output") else out
+
+    def image_batch(batch: list[bytes]):
+        pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in batch]
+        px = processor(images=pil, return_tensors="pt")["pixel_values"]  # (B, 3, S, S)
+        return feats(model.get_image_features(pixel_values=px))
+
+    def text_batch(batch: list[str]):
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        return feats(model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
+
+    out: dict = {"image": {}, "text": {}, "model_only_image": {}, "processor": type(processor).__name__,
+                 "tokenizer": type(tokenizer).__name__, "torch_threads": _torch_threads()}
+    with torch.inference_mode():
+        for kind, items, fn, n in (("image", images, image_batch, n_images), ("text", texts, text_batch, n_texts)):
+            for b in batch_sizes:
+                fn([items[i % len(items)] for i in range(b)])  # warm-up (allocator, kernels)
+                total = max(n, 2 * b) // b * b
+                t0 = time.perf_counter()
+                for start in range(0, total, b):
+                    fn([items[(start + i) % len(items)] for i in range(b)])
+                dt = time.perf_counter() - t0
+                out[kind][b] = total / dt
+                log.info("in-process %s batch %d: %.1f items/s", kind, b, total / dt)
+        # model only (pixels ready): how much of the end-to-end time is decode + preprocessing
+        b = max(batch_sizes)
+        px = processor(images=[Image.open(io.BytesIO(images[i % len(images)])).convert("RGB") for i in range(b)],
+                       return_tensors="pt")["pixel_values"]
+        model.get_image_features(pixel_values=px)
+        t0, reps = time.perf_counter(), max(1, n_images // b)
+        for _ in range(reps):
+            model.get_image_features(pixel_values=px)
+        out["model_only_image"][b] = reps * b / (time.perf_counter() - t0)
+    del model
+    return out
+
+
+def image_config_for(manifest: dict):
+    """Our ImageConfig from a manifest, exactly as preprocess_image gets it (repository.image_parameters)."""
+    from clip_build.repository import image_parameters  # noqa: PLC0415
+    from clip_build.runtime import params as P  # noqa: PLC0415
+    from clip_build.runtime.image import ImageConfig  # noqa: PLC0415
+
+    p = {name: spec.default for name, spec in P.PARAMETERS.items()}
+    p.update(image_parameters(manifest))
+    return ImageConfig.from_parameters(p)
+
+
+def measure_preprocessing(checkpoint: Path, manifest: dict, images: list[bytes], reps: int) -> dict:
+    """Our preprocessing (clip_build.runtime.image) vs transformers' image processor, both bytes -> pixels, 1 thread."""
+    import dataclasses  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+    from transformers import AutoImageProcessor  # noqa: PLC0415
+
+    from clip_build.runtime.image import ImagePreprocessor  # noqa: PLC0415
+
+    cfg = image_config_for(manifest)
+    ours = ImagePreprocessor(cfg)
+    hf = AutoImageProcessor.from_pretrained(str(checkpoint))
+
+    def run_hf(batch):
+        pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in batch]
+        return hf(images=pil, return_tensors="np")["pixel_values"]
+
+    def timed(fn) -> tuple[float, object]:
+        fn(images[:2])
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            result = fn(images)
+        return (time.perf_counter() - t0) / (reps * len(images)), result
+
+    t_hf, px_hf = timed(run_hf)
+    t_ours, px_ours = timed(ours)
+    std = np.asarray(cfg.std, dtype=np.float64).reshape(1, 3, 1, 1)
+    diff = np.abs(px_ours.astype(np.float64) - px_hf.astype(np.float64))  # (N, 3, S, S) normalised units
+    levels = float((diff * std / cfg.rescale_factor).max())  # in 1/255 pixel levels
+    out = {"hf_ms": t_hf * 1e3, "ours_ms": t_ours * 1e3, "speedup": t_hf / t_ours, "max_diff_levels": levels,
+           "max_diff_normalised": float(diff.max()), "hf_class": type(hf).__name__, "images": len(images)}
+    # the inexact fast path preprocess_image offers (jpeg_draft_gap > 0): speed and error for the notes
+    draft = ImagePreprocessor(dataclasses.replace(cfg, jpeg_draft_gap=4.0))
+    t_draft, px_draft = timed(draft)
+    out["draft4_ms"] = t_draft * 1e3
+    out["draft4_speedup"] = t_hf / t_draft
+    out["draft4_max_diff_levels"] = float((np.abs(px_draft - px_hf) * std / cfg.rescale_factor).max())
+    return out
+
+
+def closed_loop(client_factory, kind: str, items: list, concurrency: int, seconds: float, per_request: int = 1,
+                normalize: bool = False) -> LoadResult:
+    """`concurrency` threads, each sending requests of `per_request` items back to back for `seconds`."""
+    import threading  # noqa: PLC0415
+
+    client = client_factory()
+    fn = client.encode_image if kind == "image" else client.encode_text
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    start_gate = threading.Barrier(concurrency + 1)
+    deadline = [0.0]
+
+    def worker(idx: int) -> None:
+        local: list[float] = []
+        n = idx * 7919
+        start_gate.wait()
+        while time.perf_counter() < deadline[0]:
+            batch = [items[(n + j) % len(items)] for j in range(per_request)]
+            n += per_request
+            t0 = time.perf_counter()
+            try:
+                fn(batch, normalize=normalize)
+            except Exception as exc:  # noqa: BLE001  counted, the run goes on
+                with lock:
+                    errors[0] += 1
+                    if errors[0] <= 3:
+                        log.warning("%s request failed: %s", kind, exc)
+                continue
+            local.append((time.perf_counter() - t0) * 1e3)
+        with lock:
+            lat.extend(local)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    deadline[0] = time.perf_counter() + seconds
+    t_start = time.perf_counter()
+    start_gate.wait()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t_start
+    client.close()
+    return LoadResult(kind, concurrency, per_request, len(lat), errors[0], elapsed, lat)
+
+
+def model_stats(http_url: str) -> dict[str, dict]:
+    """Triton's per-model statistics (cumulative counts and ns)."""
+    import tritonclient.http as httpclient  # noqa: PLC0415
+
+    client = httpclient.InferenceServerClient(http_url)
+    try:
+        stats = client.get_inference_statistics()
+    finally:
+        client.close()
+    out = {}
+    for m in stats.get("model_stats", []):
+        inf = m.get("inference_stats", {})
+        out[m["name"]] = {"inference_count": int(m.get("inference_count", 0)),
+                          "execution_count": int(m.get("execution_count", 0)),
+                          **{f"{k}_ns": int(inf.get(k, {}).get("ns", 0)) for k in
+                             ("queue", "compute_input", "compute_infer", "compute_output")},
+                          "success_count": int(inf.get("success", {}).get("count", 0))}
+    return out
+
+
+def stats_delta(before: dict, after: dict) -> dict[str, dict]:
+    """Per model over a run: requests, executions, mean batch, ms per request queued / computing."""
+    out = {}
+    for name, a in after.items():
+        b = before.get(name, {})
+        d = {k: a[k] - b.get(k, 0) for k in a}
+        if not d["success_count"]:
+            continue
+        reqs, execs = d["success_count"], max(1, d["execution_count"])
+        out[name] = {"requests": reqs, "executions": d["execution_count"],
+                     "mean_batch": d["inference_count"] / execs,
+                     "queue_ms": d["queue_ns"] / reqs / 1e6,
+                     "compute_ms_per_exec": (d["compute_input_ns"] + d["compute_infer_ns"] + d["compute_output_ns"])
+                     / reqs / 1e6 * (reqs / execs),
+                     "compute_ms_per_item": (d["compute_input_ns"] + d["compute_infer_ns"] + d["compute_output_ns"])
+                     / reqs / 1e6 * (reqs / max(1, d["inference_count"]))}
+    return out
+
+
+def _stub_breakdown(server) -> dict[str, float]:
+    """RSS (MB) per process of the server: tritonserver itself and each python stub (by model name)."""
+    import psutil  # noqa: PLC0415
+
+    out: dict[str, float] = {}
+    for pid in server.pids():
+        try:
+            proc = psutil.Process(pid)
+            cmd = proc.cmdline()
+            rss = proc.memory_info().rss / 2**20
+        except psutil.NoSuchProcess:
+            continue
+        name = "tritonserver"
+        if cmd and "stub" in cmd[0]:
+            # triton_python_backend_stub <model path> <shm region> ... : model path holds the model's folder
+            path = Path(cmd[1]) if len(cmd) > 1 else Path("?")
+            name = path.parent.parent.name if path.name == "model.py" else path.name
+        out[name] = out.get(name, 0.0) + rss
+    return out
+
+
+# ---- preparation --------------------------------------------------------------------------------------------------
+def prepare_weights(args) -> tuple[Path | None, Path, dict]:
+    """(HF checkpoint or None, WEIGHTS_DIR, manifest): --weights, --checkpoint, or a random ViT-B/32-size CLIP."""
+    from clip_build.weights import load_manifest  # noqa: PLC0415
+
+    work = Path(args.workdir)
+    if args.weights:
+        weights = Path(args.weights)
+        manifest = load_manifest(weights)
+        ckpt = Path(args.checkpoint) if args.checkpoint else None
+        if ckpt is None:  # the baseline needs the HF checkpoint the weights came from, when it is a local folder
+            src = (manifest.get("source") or {}).get("vision") or ""
+            ckpt = Path(src) if src and (Path(src) / "config.json").is_file() else None
+        return ckpt, weights, manifest
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+        weights = work / f"weights-{_slug(str(ckpt.resolve()))}"
+    else:
+        ckpt = work / "checkpoint-clip-base-random"
+        weights = work / "weights-clip-base-random"
+        if not (ckpt / "config.json").is_file():
+            from clip_build.synthetic import make_random_checkpoint  # noqa: PLC0415
+
+            log.info("making a random-weight ViT-B/32-size CLIP checkpoint in %s", ckpt)
+            make_random_checkpoint(ckpt, "clip", size="base")
+    if not (weights / "manifest.json").is_file() or args.rebuild:
+        from clip_build.convert import convert  # noqa: PLC0415
+
+        log.info("converting %s -> %s", ckpt, weights)
+        convert(str(ckpt), weights)
+    return ckpt, weights, load_manifest(weights)
+
+
+def _slug(text: str) -> str:
+    import hashlib  # noqa: PLC0415
+
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def prepare_repository(args, weights: Path, manifest: dict, dtype: str) -> tuple[Path, float | None]:
+    """A model repository for `dtype` (reused when built from the same weights with the same options)."""
+    from clip_build.repository import build_repository, read_info  # noqa: PLC0415
+
+    repo = Path(args.workdir) / f"repo-{manifest['model_id']}-{dtype}-i{args.instance_count}-q{args.queue_delay_us}"
+    try:
+        info = read_info(repo)
+        if not args.rebuild and info.get("model_id") == manifest["model_id"] and info.get("dtype") == dtype:
+            return repo, None
+    except (FileNotFoundError, ValueError):
+        pass
+    t0 = time.perf_counter()
+    build_repository(weights, repo, dtype=dtype, instance_count=args.instance_count,
+                     max_queue_delay_us=args.queue_delay_us)
+    return repo, time.perf_counter() - t0
+
+
+# ---- the run ------------------------------------------------------------------------------------------------------
+def _machine() -> dict:
+    import platform  # noqa: PLC0415
+
+    import psutil  # noqa: PLC0415
+
+    cpu = platform.processor() or platform.machine()
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in flags]
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415  (importing locust would monkey-patch)
+
+    versions = {}
+    for mod, dist in (("torch", "torch"), ("transformers", "transformers"), ("tritonclient", "tritonclient"),
+                      ("numpy", "numpy"), ("PIL", "pillow")):
+        try:
+            versions[mod] = version(dist)
+        except PackageNotFoundError:
+            versions[mod] = "?"
+    return {"cpu": cpu, "isa": isa, "cores": psutil.cpu_count(logical=True),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "os": platform.platform(),
+            "python": platform.python_version(), **versions}
+
+
+def serve_and_measure(args, repo: Path, images: list[bytes], texts: list[str], probe_images: list[bytes],
+                      probe_texts: list[str], full: bool) -> dict:
+    """Start the server on `repo`, measure cold start, RSS, client load at each concurrency, perf_analyzer."""
+    from clip_client import CLIPClient  # noqa: PLC0415
+
+    from clip_build.tritonserver import TritonServer  # noqa: PLC0415
+
+    res: dict = {"client": [], "perf_analyzer": [], "stats": {}, "errors": []}
+    log_path = Path(args.workdir) / f"tritonserver-{repo.name}.log"
+    server = TritonServer(repo, log_path=log_path, exit_timeout=3)
+    t0 = time.perf_counter()
+    server.start()
+    try:
+        server.wait_ready(300)
+        res["cold_start_s"] = time.perf_counter() - t0
+        res["rss_idle_mb"] = server.rss_bytes() / 2**20
+        url = server.grpc_url if args.protocol == "grpc" else server.http_url
+        log.info("server ready in %.1fs (%s), RSS %.0f MB", res["cold_start_s"], repo.name, res["rss_idle_mb"])
+
+        def factory():
+            return CLIPClient(url, protocol=args.protocol, retries=0, timeout=120.0)
+
+        # probe embeddings (bf16 vs fp32 cosine) and warm-up at every batch size the batcher may form
+        with factory() as c:
+            res["probe_image"] = c.encode_image(probe_images, normalize=False).tolist()
+            res["probe_text"] = c.encode_text(probe_texts, normalize=False).tolist()
+        closed_loop(factory, "image", images, max(args.concurrency), args.warmup)
+        closed_loop(factory, "text", texts, max(args.concurrency), args.warmup / 2)
+        res["rss_warm_mb"] = server.rss_bytes() / 2**20
+        res["rss_by_process_mb"] = _stub_breakdown(server)
+        levels = args.concurrency if full else [8]
+        for kind, items in (("image", images), ("text", texts)):
+            for c in levels:
+                before = model_stats(server.http_url)
+                r = closed_loop(factory, kind, items, c, args.duration)
+                res["stats"][f"{kind}@{c}"] = stats_delta(before, model_stats(server.http_url))
+                res["client"].append(r.summary())
+                log.info("triton %s c=%d: %.1f items/s p50 %.0f ms p95 %.0f ms (%d errors)", kind, c, r.items_per_s,
+                         r.pct(50), r.pct(95), r.errors)
+        if full:  # the design's latency figure: one request carrying 8 items, alone on the server
+            for kind, items in (("image", images), ("text", texts)):
+                r = closed_loop(factory, kind, items, 1, args.duration / 2, per_request=8)
+                res["client"].append(r.summary())
+        res["rss_peak_mb"] = max(res["rss_warm_mb"], server.rss_bytes() / 2**20)
+        if full and not args.no_perf_analyzer:
+            res["perf_analyzer"] = run_perf(args, server, images, texts)
+        if not server.running:
+            res["errors"].append("tritonserver died during the run")
+    finally:
+        server.stop()
+    return res
+
+
+def run_perf(args, server, images: list[bytes], texts: list[str]) -> list[dict]:
+    """perf_analyzer on encode_image / encode_text, single-item requests, at each concurrency."""
+    from clip_build import perf  # noqa: PLC0415
+
+    rows = []
+    url = server.grpc_url if args.protocol == "grpc" else server.http_url
+    for kind, model, data in (("image", "encode_image", perf.image_input_data(images[:16])),
+                              ("text", "encode_text", perf.text_input_data(texts[:64]))):
+        try:
+            got = perf.run_perf_analyzer(model, url, data, protocol=args.protocol, concurrency=args.concurrency,
+                                         measurement_ms=args.pa_window_ms, max_trials=4,
+                                         workdir=Path(args.workdir))
+        except perf.PerfError as exc:
+            log.warning("perf_analyzer: %s", exc)
+            rows.append({"kind": kind, "error": str(exc)})
+            continue
+        for r in got:
+            rows.append({"kind": kind, "concurrency": r.concurrency, "items_per_s": round(r.throughput, 2),
+                         "p50_ms": round(r.p50_us / 1e3, 1), "p95_ms": round(r.p95_us / 1e3, 1),
+                         "p99_ms": round(r.p99_us / 1e3, 1)})
+            log.info("perf_analyzer %s c=%d: %.1f items/s p95 %.0f ms", kind, r.concurrency, r.throughput,
+                     r.p95_us / 1e3)
+    return rows
+
+
+def _find(rows: list[dict], kind: str, concurrency: int, per_request: int = 1) -> dict | None:
+    for r in rows:
+        if r.get("kind") == kind and r.get("concurrency") == concurrency and r.get("items_per_request", 1) == per_request:
+            return r
+    return None
+
+
+def _cosine_min(a: list, b: list) -> float:
+    import numpy as np  # noqa: PLC0415
+
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    return float(cos.min())
+
+
+def evaluate(results: dict) -> list[Check]:
+    """Every ratio against its target."""
+    inproc, fp32 = results.get("in_process") or {}, results["triton"]["fp32"]
+    img_best = max((inproc.get("image") or {}).values(), default=None)
+    txt_best = max((inproc.get("text") or {}).values(), default=None)
+    img8, txt8 = _find(fp32["client"], "image", 8), _find(fp32["client"], "text", 8)
+    img16 = _find(fp32["client"], "image", 16)
+    checks = [
+        _ratio_check("Triton images/s at c=8 vs in-process best batch", img8 and img8["items_per_s"], img_best, 1.2),
+        _ratio_check("Triton texts/s at c=8 (short prompts) vs in-process best batch", txt8 and txt8["items_per_s"],
+                     txt_best, 2.0),
+        _ratio_check("c=16 single-image throughput vs in-process batch 16", img16 and img16["items_per_s"],
+                     (inproc.get("image") or {}).get(16), 0.9),
+    ]
+    pre = results.get("preprocessing")
+    if pre:
+        checks.append(_ratio_check("our image preprocessing vs transformers' processor", pre["speedup"], 1.0, 3.0,
+                                   f"{pre['ours_ms']:.2f} vs {pre['hf_ms']:.2f} ms/img"))
+        checks.append(Check("preprocessing max pixel difference", pre["max_diff_levels"], "<= 1/255",
+                            pre["max_diff_levels"] <= 1.0 + 1e-6, "in 1/255 levels", "/255"))
+    cold = fp32.get("cold_start_s")
+    checks.append(Check("cold start (serve -> all models ready)", cold, "<= 20 s", None if cold is None else cold <= 20,
+                        unit="s"))
+    rss = fp32.get("rss_peak_mb")
+    checks.append(Check("whole-server RSS (tritonserver + stubs)", rss and rss / 1024, "<= 1.5 GB",
+                        None if rss is None else rss / 1024 <= 1.5, unit="GB"))
+    for kind, bound in (("text", 50.0), ("image", 150.0)):
+        r = _find(fp32["client"], kind, 1, per_request=8)
+        checks.append(Check(f"batch of 8 {kind}s p50 latency (fp32)", r and r["p50_ms"], f"< {bound:g} ms",
+                            None if not r else r["p50_ms"] < bound, "design figure; image bound is for bf16", "ms"))
+    bf16 = results["triton"].get("bf16")
+    if bf16:
+        b_img = _find(bf16["client"], "image", 8)
+        checks.append(_ratio_check("bf16 Triton images/s at c=8 vs in-process fp32", b_img and b_img["items_per_s"],
+                                   img_best, 2.5))
+        b_txt = _find(bf16["client"], "text", 8)
+        checks.append(_ratio_check("bf16 vs fp32 Triton images/s at c=8", b_img and b_img["items_per_s"],
+                                   img8 and img8["items_per_s"], 1.0, "speed-up from the bf16 build"))
+        checks.append(_ratio_check("bf16 vs fp32 Triton texts/s at c=8", b_txt and b_txt["items_per_s"],
+                                   txt8 and txt8["items_per_s"], 1.0))
+        for kind in ("image", "text"):
+            cos = _cosine_min(bf16[f"probe_{kind}"], fp32[f"probe_{kind}"])
+            checks.append(Check(f"bf16 vs fp32 {kind} embedding cosine (min)", cos, ">= 0.9999", cos >= 0.9999))
+    return checks
+
+
+# ---- reporting ----------------------------------------------------------------------------------------------------
+NOTES_BEGIN, NOTES_END = "<!-- notes: kept across bench runs -->", "<!-- /notes -->"
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if unit == "x":
+        return f"{value:.2f}x"
+    if unit == "GB":
+        return f"{value:.2f} GB"
+    if unit == "/255":
+        return f"{value:.2f}/255"
+    if abs(value) < 10 and unit != "ms":
+        return f"{value:.5g}{(' ' + unit) if unit else ''}"
+    return f"{value:.1f}{(' ' + unit) if unit else ''}"
+
+
+def checks_table(checks: list[Check]) -> str:
+    lines = ["| metric | measured | target | verdict | detail |", "|---|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c.name} | {_fmt(c.value, c.unit)} | {c.target} | **{c.verdict}** | {c.detail} |")
+    return "\n".join(lines)
+
+
+def _load_table(rows: list[dict], title: str) -> list[str]:
+    out = [f"| {title} | kind | concurrency | items/request | items/s | p50 ms | p95 ms | p99 ms | errors |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {title} | {r['kind']} | | | error: {r['error'][:120]} | | | | |")
+            continue
+        out.append(f"| {title} | {r['kind']} | {r['concurrency']} | {r.get('items_per_request', 1)} | "
+                   f"{r['items_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
+                   f"{r.get('errors', '')} |")
+    return out
+
+
+def _stats_table(stats: dict[str, dict]) -> list[str]:
+    out = ["| run | model | requests | executions | mean batch | queue ms/request | compute ms/execution | "
+           "compute ms/item |", "|---|---|---|---|---|---|---|---|"]
+    for run_name, models in stats.items():
+        for name, s in sorted(models.items()):
+            out.append(f"| {run_name} | {name} | {s['requests']} | {s['executions']} | {s['mean_batch']:.1f} | "
+                       f"{s['queue_ms']:.1f} | {s['compute_ms_per_exec']:.1f} | {s['compute_ms_per_item']:.1f} |")
+    return out
+
+
+def render_markdown(results: dict, checks: list[Check], notes: str) -> str:
+    m, cmd = results["machine"], results["command"]
+    inproc = results.get("in_process") or {}
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `clip-triton bench` (build/clip_build/bench.py); the notes section is written by hand and kept "
+        "across runs.",
+        "",
+        "## Machine",
+        f"- CPU: {m['cpu']}, {m['cores']} logical cores ({', '.join(m['isa']) or 'no AVX-512'}), "
+        f"{m['memory_gb']} GB RAM, no GPU",
+        f"- {m['os']}, Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
+        f"tritonclient {m['tritonclient']}, tritonserver 2.51 (nvidia-pytriton wheel), numpy {m['numpy']}, "
+        f"Pillow {m['PIL']}",
+        f"- Weights: {results['weights_desc']}",
+        f"- Date: {results['date']}, run time {results['elapsed_s']:.0f} s",
+        "",
+        "## Reproduce",
+        "```bash",
+        f"{cmd}",
+        "```",
+        "",
+        "## Targets",
+        checks_table(checks),
+        "",
+        "## In-process transformers (the baseline)",
+        f"PIL decode + {inproc.get('processor', '?')} / {inproc.get('tokenizer', '?')} + get_*_features, "
+        f"torch threads {inproc.get('torch_threads', '?')}; items/s by batch size.",
+        "",
+        "| batch | images/s | texts/s |",
+        "|---|---|---|",
+    ]
+    for b in sorted(set((inproc.get("image") or {})) | set((inproc.get("text") or {}))):
+        lines.append(f"| {b} | {(inproc.get('image') or {}).get(b, float('nan')):.1f} | "
+                     f"{(inproc.get('text') or {}).get(b, float('nan')):.1f} |")
+    for b, v in (inproc.get("model_only_image") or {}).items():
+        lines.append(f"\nModel only (pixel values ready), batch {b}: {v:.1f} images/s.")
+    lines += ["", "## Triton (closed loop: N callers, one request after the other)", ""]
+    for dtype, res in results["triton"].items():
+        lines += _load_table(res["client"], f"client {dtype}")
+        if res.get("perf_analyzer"):
+            lines += _load_table(res["perf_analyzer"], f"perf_analyzer {dtype}")[2:]
+        lines.append("")
+        lines.append(f"{dtype}: cold start {res.get('cold_start_s', float('nan')):.1f} s; RSS idle "
+                     f"{res.get('rss_idle_mb', 0):.0f} MB, after warm-up {res.get('rss_warm_mb', 0):.0f} MB, peak "
+                     f"{res.get('rss_peak_mb', 0):.0f} MB; by process (MB): "
+                     + ", ".join(f"{k} {v:.0f}" for k, v in sorted((res.get('rss_by_process_mb') or {}).items())))
+        if res.get("build_s"):
+            lines.append(f"Repository build ({dtype}): {res['build_s']:.0f} s.")
+        lines.append("")
+    lines += ["## Where the time goes (Triton model statistics over each fp32 run)", ""]
+    lines += _stats_table(results["triton"]["fp32"].get("stats") or {})
+    pre = results.get("preprocessing")
+    if pre:
+        lines += ["", "## Image preprocessing alone (bytes -> pixel values, one thread)", "",
+                  f"- transformers {pre['hf_class']}: {pre['hf_ms']:.2f} ms/image (PIL decode + convert + processor)",
+                  f"- ours (clip_build.runtime.image, exact): {pre['ours_ms']:.2f} ms/image, {pre['speedup']:.2f}x, "
+                  f"max difference {pre['max_diff_levels']:.3f}/255",
+                  f"- ours with jpeg_draft_gap=4 (inexact): {pre['draft4_ms']:.2f} ms/image, "
+                  f"{pre['draft4_speedup']:.2f}x, max difference {pre['draft4_max_diff_levels']:.2f}/255",
+                  f"- over {pre['images']} JPEGs of sizes {results['image_sizes']}"]
+    if results.get("plot"):
+        lines += ["", f"![throughput and latency]({Path(results['plot']).name})"]
+    lines += ["", "## Notes", NOTES_BEGIN, notes.strip() or "(none yet)", NOTES_END, ""]
+    return "\n".join(lines)
+
+
+def read_notes(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
+    if NOTES_BEGIN in text and NOTES_END in text:
+        return text.split(NOTES_BEGIN, 1)[1].split(NOTES_END, 1)[0]
+    return ""
+
+
+def plot(results: dict, path: Path) -> bool:
+    """Throughput vs concurrency and latency percentiles, one PNG (needs matplotlib)."""
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot")
+        return False
+    inproc = results.get("in_process") or {}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for col, kind in enumerate(("image", "text")):
+        ax_t, ax_l = axes[0][col], axes[1][col]
+        for dtype, res in results["triton"].items():
+            for source, rows in (("client", res["client"]), ("perf_analyzer", res.get("perf_analyzer") or [])):
+                pts = sorted((r["concurrency"], r) for r in rows
+                             if r.get("kind") == kind and "error" not in r and r.get("items_per_request", 1) == 1)
+                if not pts:
+                    continue
+                xs = [c for c, _ in pts]
+                style = "-o" if source == "client" else "--s"
+                ax_t.plot(xs, [r["items_per_s"] for _, r in pts], style, label=f"Triton {dtype} ({source})")
+                if source == "client":
+                    for q, ls in (("p50_ms", "-"), ("p95_ms", "--"), ("p99_ms", ":")):
+                        ax_l.plot(xs, [r[q] for _, r in pts], ls, marker="o", label=f"{dtype} {q[:3]}")
+        best = (inproc.get(kind) or {})
+        if best:
+            b, v = max(best.items(), key=lambda kv: kv[1])
+            ax_t.axhline(v, color="grey", linestyle=":", label=f"in-process best (batch {b})")
+        ax_t.set_title(f"{kind}s/s vs concurrency (single-item requests)")
+        ax_t.set_xlabel("concurrent callers")
+        ax_t.set_ylabel(f"{kind}s/s")
+        ax_t.set_ylim(bottom=0)
+        ax_t.legend(fontsize=7)
+        ax_l.set_title(f"{kind} request latency (client)")
+        ax_l.set_xlabel("concurrent callers")
+        ax_l.set_ylabel("ms")
+        ax_l.set_ylim(bottom=0)
+        ax_l.legend(fontsize=7)
+    fig.suptitle(f"clip-triton on {results['machine']['cpu']} ({results['machine']['cores']} cores)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Options of `clip-triton bench`."""
+    parser.add_argument("--weights", help="WEIGHTS_DIR from `clip-triton convert` (default: a random ViT-B/32-size CLIP)")
+    parser.add_argument("--checkpoint", help="HF checkpoint folder: converted, and the in-process baseline loads it")
+    parser.add_argument("--workdir", default=".artifacts/bench", help="checkpoints, weights, repositories, logs")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: also build and serve a bf16 repository and compare it with fp32")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32], help="in-process batch sizes")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per concurrency level")
+    parser.add_argument("--warmup", type=float, default=6.0, help="seconds of warm-up load after the server starts")
+    parser.add_argument("--pa-window-ms", type=int, default=4000, help="perf_analyzer measurement window")
+    parser.add_argument("--no-perf-analyzer", action="store_true")
+    parser.add_argument("--instance-count", type=int, default=1, help="encoder instances in the built repository")
+    parser.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batcher max queue delay")
+    parser.add_argument("--image-sizes", default="224x224,320x240,480x640,640x480,1024x768")
+    parser.add_argument("--quick", action="store_true", help="c=8 only, short runs, no perf_analyzer (~3 min)")
+    parser.add_argument("--rebuild", action="store_true", help="convert and build again even when cached")
+    parser.add_argument("--report", default="docs/benchmarks.md", help="markdown report ('' = none)")
+    parser.add_argument("--plot", default="docs/benchmarks.png", help="PNG plot ('' = none)")
+    parser.add_argument("--json", default="reports/bench.json", help="raw results ('' = none)")
 
 
 def run(args: argparse.Namespace, command: str) -> int:
-    """Run the benchmark."""
-    raise SystemExit("clip-triton bench: not implemented yet")
+    """Entry point of `clip-triton bench`."""
+    import json  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    started = time.perf_counter()
+    if args.quick:
+        args.duration, args.warmup, args.batch_sizes = min(args.duration, 4.0), min(args.warmup, 4.0), [8, 16]
+        args.no_perf_analyzer = True
+    full = not args.quick
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    ckpt, weights, manifest = prepare_weights(args)
+    sizes = parse_sizes(args.image_sizes)
+    images = jpeg_images(24 if full else 12, sizes=sizes, seed=1)
+    texts = short_prompts(256)
+    probe_images, probe_texts = jpeg_images(8, sizes=sizes, seed=2), short_prompts(8)
+    results: dict = {
+        "machine": _machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "clip-triton bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "clip-triton bench",
+        "weights_desc": f"{manifest.get('family')} model_id {manifest['model_id']}, "
+                        f"{'random init, ViT-B/32 size' if not (args.weights or args.checkpoint) else weights}, "
+                        f"projection dim {manifest['projection_dim']}",
+        "image_sizes": ", ".join(f"{w}x{h}" for w, h in sizes), "triton": {},
+    }
+    if ckpt is not None:
+        results["preprocessing"] = measure_preprocessing(ckpt, manifest, images, reps=2 if full else 1)
+        log.info("preprocessing: ours %.2f ms/img, transformers %.2f ms/img (%.2fx), max diff %.3f/255",
+                 results["preprocessing"]["ours_ms"], results["preprocessing"]["hf_ms"],
+                 results["preprocessing"]["speedup"], results["preprocessing"]["max_diff_levels"])
+        results["in_process"] = measure_in_process(ckpt, images, texts, args.batch_sizes,
+                                                   n_images=64 if full else 32, n_texts=256 if full else 128)
+    else:
+        log.warning("no HF checkpoint for --weights %s: in-process baseline skipped", weights)
+    import gc  # noqa: PLC0415
+
+    gc.collect()
+    for dtype in ("fp32", "bf16") if args.dtype == "bf16" else ("fp32",):
+        repo, build_s = prepare_repository(args, weights, manifest, dtype)
+        res = serve_and_measure(args, repo, images, texts, probe_images, probe_texts, full)
+        res["build_s"] = build_s
+        results["triton"][dtype] = res
+    checks = evaluate(results)
+    results["elapsed_s"] = time.perf_counter() - started
+    results["checks"] = [c.__dict__ | {"verdict": c.verdict} for c in checks]
+
+    width = max(len(c.name) for c in checks)
+    print(f"\n{'metric':<{width}}  {'measured':>12}  {'target':>12}  verdict")
+    for c in checks:
+        print(f"{c.name:<{width}}  {_fmt(c.value, c.unit):>12}  {c.target:>12}  {c.verdict}")
+    if args.plot and plot(results, Path(args.plot)):
+        results["plot"] = args.plot
+    if args.report:
+        path = Path(args.report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_markdown(results, checks, read_notes(path)), encoding="utf-8")
+        print(f"report: {path}")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    print(f"bench finished in {results['elapsed_s']:.0f} s")
+    errors = [e for res in results["triton"].values() for e in res.get("errors", [])]
+    return 1 if errors else 0
