@@ -347,9 +347,9 @@ def _stub_breakdown(server) -> dict[str, float]:
             continue
         name = "tritonserver"
         if cmd and "stub" in cmd[0]:
-            # triton_python_backend_stub <model path> <shm region> ... : model path holds the model's folder
-            path = Path(cmd[1]) if len(cmd) > 1 else Path("?")
-            name = path.parent.parent.name if path.name == "model.py" else path.name
+            # triton_python_backend_stub <repo>/<model>/<version>/<file> <shm region> ...
+            name = Path(cmd[1]).parents[1].name if len(cmd) > 1 else "stub"
+
         out[name] = out.get(name, 0.0) + rss
     return out
 
@@ -411,6 +411,20 @@ def prepare_repository(args, weights: Path, manifest: dict, dtype: str) -> tuple
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
+def wait_idle(max_wait_s: float, threshold: float) -> float:
+    """Wait (up to max_wait_s) for the 1-minute load average to fall below threshold; return it."""
+    import os  # noqa: PLC0415
+
+    deadline = time.monotonic() + max_wait_s
+    load = os.getloadavg()[0]
+    while load >= threshold and time.monotonic() < deadline:
+        time.sleep(5)
+        load = os.getloadavg()[0]
+    if load >= threshold:
+        log.warning("load average %.2f: other processes share the CPU, numbers will be low and noisy", load)
+    return load
+
+
 def _machine() -> dict:
     import platform  # noqa: PLC0415
 
@@ -645,7 +659,7 @@ def render_markdown(results: dict, checks: list[Check], notes: str) -> str:
         f"tritonclient {m['tritonclient']}, tritonserver 2.51 (nvidia-pytriton wheel), numpy {m['numpy']}, "
         f"Pillow {m['PIL']}",
         f"- Weights: {results['weights_desc']}",
-        f"- Date: {results['date']}, run time {results['elapsed_s']:.0f} s",
+        f"- Date: {results['date']}, run time {results['elapsed_s']:.0f} s, load average {m.get('loadavg', '?')}",
         "",
         "## Reproduce",
         "```bash",
@@ -773,6 +787,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--instance-count", type=int, default=1, help="encoder instances in the built repository")
     parser.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batcher max queue delay")
     parser.add_argument("--image-sizes", default="224x224,320x240,480x640,640x480,1024x768")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="first wait up to SECONDS for the load average to fall below 0.5")
     parser.add_argument("--quick", action="store_true", help="c=8 only, short runs, no perf_analyzer (~3 min)")
     parser.add_argument("--rebuild", action="store_true", help="convert and build again even when cached")
     parser.add_argument("--report", default="docs/benchmarks.md", help="markdown report ('' = none)")
@@ -792,6 +808,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     full = not args.quick
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     ckpt, weights, manifest = prepare_weights(args)
+    load_before = wait_idle(args.wait_idle, 0.5)
     sizes = parse_sizes(args.image_sizes)
     images = jpeg_images(24 if full else 12, sizes=sizes, seed=1)
     texts = short_prompts(256)
@@ -823,6 +840,9 @@ def run(args: argparse.Namespace, command: str) -> int:
         results["triton"][dtype] = res
     checks = evaluate(results)
     results["elapsed_s"] = time.perf_counter() - started
+    import os  # noqa: PLC0415
+
+    results["machine"]["loadavg"] = f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after (1-min)"
     results["checks"] = [c.__dict__ | {"verdict": c.verdict} for c in checks]
 
     width = max(len(c.name) for c in checks)
