@@ -6,6 +6,7 @@ Runs inside the Triton python stub: numpy and Pillow only, never torch.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from .errors import InvalidInputError
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# warnings.catch_warnings is not thread-safe (it swaps the global filter list) and items decode in a thread pool.
+_OPEN_LOCK = threading.Lock()
 NPY_MAGIC = b"\x93NUMPY"
 _FORMAT_ALIASES = {"JPG": "JPEG", "TIF": "TIFF"}
 
@@ -79,6 +82,11 @@ class ImagePreprocessor:
         if not self.cfg.do_center_crop and self.cfg.resize_mode != "exact":
             raise ValueError("without a center crop, resize_mode must be exact: the encoder takes a fixed square")
         self.formats = tuple(_FORMAT_ALIASES.get(f.upper(), f.upper()) for f in self.cfg.allowed_formats)
+        if not self.formats:
+            raise ValueError("allowed_formats is empty")
+        if Image.MAX_IMAGE_PIXELS is not None and self.cfg.max_pixels > Image.MAX_IMAGE_PIXELS:
+            # our max_pixels is the authority; Pillow's own bomb check would refuse below it
+            Image.MAX_IMAGE_PIXELS = self.cfg.max_pixels
         self._lut = _normalise_lut(self.cfg)  # (3, 256)
 
     # ---- single items (may raise InvalidInputError)
@@ -94,7 +102,7 @@ class ImagePreprocessor:
     def decode(self, data: bytes) -> Image.Image:
         """Encoded bytes -> RGB PIL image (EXIF-oriented, alpha on white, 16-bit scaled)."""
         try:
-            with warnings.catch_warnings():
+            with _OPEN_LOCK, warnings.catch_warnings():  # Image.open only parses the header: cheap to serialise
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data), formats=self.formats)
         except Image.UnidentifiedImageError:

@@ -11,14 +11,24 @@ from tokenizers import Tokenizer
 from .errors import InvalidInputError
 
 
-def decode_text(item: bytes | bytearray | memoryview | str | np.bytes_ | np.str_) -> str:
-    """A Triton BYTES element -> str; raise InvalidInputError on invalid UTF-8."""
+def decode_text(item: bytes | bytearray | memoryview | str | np.bytes_ | np.str_, max_bytes: int | None = None) -> str:
+    """A Triton BYTES element -> str; InvalidInputError on invalid UTF-8 or more than `max_bytes` bytes.
+
+    The empty text is valid (CLIP tokenizes it to BOS, EOS, as the HF tokenizer does).
+    """
     if isinstance(item, str):
-        return str(item)
+        try:
+            data = str(item).encode("utf-8")  # a str with lone surrogates is not UTF-8 either
+        except UnicodeEncodeError as e:
+            raise InvalidInputError(f"text is not valid Unicode (character {e.start} is a lone surrogate)") from None
+    else:
+        data = bytes(item)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise InvalidInputError(f"text is {len(data)} bytes, more than the limit of {max_bytes}")
     try:
-        return bytes(item).decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InvalidInputError(f"text is not valid UTF-8 (byte {e.start}: {bytes(item)[e.start:e.start + 4]!r})") from e
+        raise InvalidInputError(f"text is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r})") from None
 
 
 def padded_length(longest: int, multiple: int, max_length: int) -> int:
@@ -57,6 +67,6 @@ class TextTokenizer:
             mask[i, :n] = 1
         return ids, mask
 
-    def encode_bytes(self, items: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    def encode_bytes(self, items: Sequence[bytes], max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """decode_text each item, then encode_batch (raises InvalidInputError on the first bad item)."""
-        return self.encode_batch([decode_text(x) for x in items])
+        return self.encode_batch([decode_text(x, max_bytes) for x in items])

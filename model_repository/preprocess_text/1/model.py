@@ -38,9 +38,7 @@ class TritonPythonModel:
                 decoded = []
                 for j, item in enumerate(items):
                     try:
-                        if len(item) > self.max_bytes:
-                            raise InvalidInputError(f"{len(item)} bytes, more than the limit of {self.max_bytes}")
-                        decoded.append(decode_text(item))
+                        decoded.append(decode_text(item, self.max_bytes))
                     except InvalidInputError as exc:
                         raise InvalidInputError(f"text {j}: {exc}") from None
             except InvalidInputError as exc:
