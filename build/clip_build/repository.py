@@ -15,12 +15,13 @@ from .runtime import params as P
 
 log = logging.getLogger(__name__)
 
-PYTHON_MODELS = ("preprocess_text", "preprocess_image", "postprocess")
+PYTHON_MODELS = ("preprocess_text", "preprocess_image", "postprocess", "clip_info")
 ENCODERS = ("text_encoder", "image_encoder")
 ENSEMBLES = ("encode_text", "encode_image", "zero_shot")
 MODELS = PYTHON_MODELS + ENCODERS + ENSEMBLES
 DTYPES = ("fp32", "fp16", "bf16")
 INFO_FILE = "clip_triton.json"
+CLIP_INFO_FILE = "info.json"  # clip_info/1/info.json: what the clip_info model answers
 
 
 def template_dir() -> Path:
@@ -98,6 +99,35 @@ def image_parameters(manifest: dict) -> dict[str, Any]:
     }
 
 
+def effective_limits(max_batch_size: int = 64, limits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every request limit (params.LIMITS) as the python models will enforce it: --limit values over defaults."""
+    merged = {"max_items_per_request": max_batch_size, **(limits or {})}
+    return {n: merged.get(n, P.PARAMETERS[n].default) for n in P.LIMITS}
+
+
+def info_payload(manifest: dict, *, dtype: str = "fp32", max_batch_size: int = 64,
+                 limits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the clip_info model answers (JSON): identity, sizes and the request limits."""
+    lim = effective_limits(max_batch_size, limits)
+    per_request = min(int(max_batch_size), int(lim["max_items_per_request"]))
+    img = image_parameters(manifest)
+    return {
+        "format_version": 1,
+        "model_id": manifest["model_id"],
+        "family": manifest.get("family"),
+        "projection_dim": int(manifest["projection_dim"]),
+        "logit_scale": float(manifest["logit_scale"]),
+        "dtype": dtype,
+        "max_batch_size": int(max_batch_size),
+        "max_items_per_request": per_request,
+        "max_text_items": per_request,
+        "max_image_items": per_request,
+        "max_length": int(manifest["tokenizer"]["max_length"]),
+        "image_size": img["crop_size"] if img["do_center_crop"] else img["image_size"],
+        "limits": {**lim, "allowed_formats": list(lim["allowed_formats"])},
+    }
+
+
 def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_count: int = 1,
                      max_batch_size: int = 64, max_queue_delay_us: int = 1000,
                      limits: dict[str, Any] | None = None) -> dict[str, str]:
@@ -144,7 +174,15 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
             ("LOGITS_PER_IMAGE", "TYPE_FP32"), ("LOGITS_PER_TEXT", "TYPE_FP32"), ("PROBS", "TYPE_FP32"),
             ("TOPK_TEXTS", "TYPE_INT64"), ("TOPK_IMAGES", "TYPE_INT64"))])
         + _instances("KIND_CPU", 1)
-        + params(["logit_scale", "default_top_k"], {"logit_scale": float(manifest["logit_scale"])})
+        + params(["logit_scale", "default_top_k", "model_id"],
+                 {"logit_scale": float(manifest["logit_scale"]), "model_id": str(manifest["model_id"])})
+    )
+    # Identity and limits for clients that may not read model configs (model-config API restricted).
+    cfg["clip_info"] = (
+        _header("clip_info", "python", 0)
+        + _io("input", [_tensor("request", "TYPE_STRING", [1], optional=True)])
+        + _io("output", [_tensor("info", "TYPE_STRING", [1])])
+        + _instances("KIND_CPU", 1)
     )
     torch_params = _parameters({"INFERENCE_MODE": "true", "DISABLE_OPTIMIZED_EXECUTION": "false"})
     cfg["text_encoder"] = (
@@ -240,6 +278,8 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
                                max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us, limits=limits)
     for name, text in configs.items():
         (repo / name / "config.pbtxt").write_text(text, encoding="utf-8")
+    payload = info_payload(manifest, dtype=dtype, max_batch_size=max_batch_size, limits=limits)
+    (repo / "clip_info" / "1" / CLIP_INFO_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
     info = {
         "format_version": 1,
@@ -258,6 +298,7 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
         "source": manifest.get("source"),
         "weights_dir": str(weights_dir.resolve()),
         "weights_files": manifest.get("files"),
+        "limits": payload["limits"],
         "warnings": manifest.get("warnings") or [],
         "exports": exports,
         "models": list(MODELS),

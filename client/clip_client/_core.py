@@ -30,6 +30,7 @@ TEXT_OUT, IMAGE_OUT = "text_embeds", "image_embeds"
 TEXT_LIMIT_MODELS = ("preprocess_text", "text_encoder")
 IMAGE_LIMIT_MODELS = ("preprocess_image", "image_encoder")
 POSTPROCESS = "postprocess"
+CLIP_INFO, CLIP_INFO_OUT = "clip_info", "info"  # identity + limits as JSON; works with model-config restricted
 ITEM_LIMIT_PARAMS = ("max_items_per_request", "max_batch_items", "max_items")
 FALLBACK_MAX_ITEMS = 64
 
@@ -129,6 +130,25 @@ def build_model_info(configs: dict[str, dict | None], logit_scale: float | None 
     )
 
 
+def model_info_from_clip_info(out: np.ndarray | bytes | str) -> ModelInfo:
+    """ModelInfo from the clip_info model's `info` output (JSON, BYTES [1])."""
+    if isinstance(out, np.ndarray):
+        out = out.reshape(-1)[0]
+    try:
+        info = json.loads(out.decode("utf-8") if isinstance(out, (bytes, bytearray, np.bytes_)) else str(out))
+        per_request = int(info.get("max_items_per_request") or FALLBACK_MAX_ITEMS)
+        return ModelInfo(
+            model_id=str(info["model_id"]),
+            dim=int(info["projection_dim"]),
+            logit_scale=float(info["logit_scale"]),
+            max_text_items=int(info.get("max_text_items") or per_request),
+            max_image_items=int(info.get("max_image_items") or per_request),
+            identity_source="clip_info",
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ServerError(f"clip_info answered something unreadable: {exc}") from None
+
+
 def bytes_tensor(items: list[bytes]) -> np.ndarray:
     """list of bytes -> object array shaped (N, 1) for a BYTES input."""
     arr = np.empty((len(items), 1), dtype=object)
@@ -175,6 +195,14 @@ def _message(exc: BaseException) -> str:
 
 
 _ITEM_ERROR = re.compile(r"\b(image|text) \d+: ")
+# Transient server states: a python stub died (Triton 24.x answers INTERNAL "Stub process ... is not healthy" and
+# does not restart it; the supervisor restarts the server), the server is stopping or restarting.
+_TRANSIENT = re.compile(
+    r"stub process .*(not healthy|is not alive)|stub process is unhealthy|is not healthy|server is stopping"
+    r"|server is shutting down|not accepting new|failed to connect to all addresses|connection refused"
+    r"|connection reset|connection closed|socket closed|broken pipe|remote end closed|connection aborted",
+    re.IGNORECASE,
+)
 
 
 def map_error(exc: BaseException, what: str) -> CLIPClientError:
@@ -186,10 +214,14 @@ def map_error(exc: BaseException, what: str) -> CLIPClientError:
         not status and "failed to obtain inference response" in msg
     ):
         return ServerTimeoutError(f"{what}: timed out" + (f" ({msg})" if msg else ""))
+    if "is restricted" in msg:  # Triton's restricted APIs answer gRPC UNAVAILABLE / HTTP 403: not transient
+        return ServerError(f"{what}: [{status}] {msg} (an admin API: the server restricts it to an admin key)")
     if status in ("StatusCode.UNAVAILABLE", "503"):
         return ServerUnavailableError(f"{what}: server unavailable: {msg}")
     if status in ("StatusCode.INVALID_ARGUMENT", "400", "StatusCode.OUT_OF_RANGE", "413"):
-        return InvalidInputError(msg)
+        return InvalidInputError(msg)  # never retried, whatever the message says
+    if _TRANSIENT.search(msg) and not _ITEM_ERROR.search(msg):
+        return ServerUnavailableError(f"{what}: server unavailable: [{status or type(exc).__name__}] {msg}")
     if status in ("StatusCode.INTERNAL", "500") and _ITEM_ERROR.search(msg) and "internal error" not in msg:
         # The preprocessors reject one item as "image J: <why>" / "text J: <why>"; servers whose Python models
         # do not set TritonError.INVALID_ARG report that as INTERNAL. It is still the caller's input.
@@ -204,6 +236,10 @@ def map_error(exc: BaseException, what: str) -> CLIPClientError:
 def _is_connection_error(exc: BaseException) -> bool:
     if isinstance(exc, (ConnectionError, OSError)):
         return True
+    import http.client
+
+    if isinstance(exc, http.client.HTTPException) and type(exc).__name__ in ("HTTPConnectionClosed", "RemoteDisconnected"):
+        return True  # geventhttpclient: the server closed the connection (stopping / restarting)
     try:
         import aiohttp
 

@@ -19,6 +19,8 @@ from ._core import (
     TEXT_LIMIT_MODELS,
     TEXT_OUT,
     ZERO_SHOT,
+    CLIP_INFO,
+    CLIP_INFO_OUT,
     ClientBase,
     ModelInfo,
     backoff_delay,
@@ -29,10 +31,11 @@ from ._core import (
     log,
     logit_scale_from_zero_shot,
     map_error,
+    model_info_from_clip_info,
     probe_image,
     retryable,
 )
-from .errors import ServerError
+from .errors import CLIPClientError, ServerError, ServerTimeoutError, ServerUnavailableError
 from .inputs import chunk_spans, encode_images, encode_texts, normalize_texts
 
 
@@ -128,12 +131,28 @@ class AsyncCLIPClient(ClientBase):
             return None
 
     # ---------------------------------------------------------------------------------- model info
+    async def _clip_info(self) -> ModelInfo | None:
+        """ModelInfo from the clip_info model; None when the server has none (older repositories)."""
+        try:
+            out = await self._infer(CLIP_INFO, {}, [CLIP_INFO_OUT])
+            return model_info_from_clip_info(out[CLIP_INFO_OUT])
+        except (ServerUnavailableError, ServerTimeoutError):
+            raise
+        except CLIPClientError as e:  # unknown model: fall back to the model configs
+            log.debug("no clip_info (%s); reading model configs", e)
+            return None
+
     async def get_model_info(self) -> ModelInfo:
-        """Embedding size, logit_scale, model identity and per-request limits, read from the server once."""
+        """Embedding size, logit_scale, model identity and per-request limits, read from the server once.
+
+        From the clip_info model (needs only the inference API); from the model configs when it is missing.
+        """
         if self._info is not None:
             return self._info
         self._triton()
         async with self._info_lock:
+            if self._info is None:
+                self._info = await self._clip_info()
             if self._info is None:
                 names = (POSTPROCESS, ENCODE_TEXT, ENCODE_IMAGE, *TEXT_LIMIT_MODELS, *IMAGE_LIMIT_MODELS)
                 found = await asyncio.gather(*(self._model_config(n) for n in names))

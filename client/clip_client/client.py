@@ -21,6 +21,8 @@ from ._core import (
     TEXT_LIMIT_MODELS,
     TEXT_OUT,
     ZERO_SHOT,
+    CLIP_INFO,
+    CLIP_INFO_OUT,
     ClientBase,
     ModelInfo,
     backoff_delay,
@@ -31,10 +33,11 @@ from ._core import (
     log,
     logit_scale_from_zero_shot,
     map_error,
+    model_info_from_clip_info,
     probe_image,
     retryable,
 )
-from .errors import ServerError
+from .errors import CLIPClientError, ServerError, ServerTimeoutError, ServerUnavailableError
 from .inputs import chunk_spans, encode_images, encode_texts, normalize_texts
 
 
@@ -146,8 +149,23 @@ class CLIPClient(ClientBase):
         return list(self._executor().map(fn, jobs))
 
     # ---------------------------------------------------------------------------------- model info
+    def _clip_info(self) -> ModelInfo | None:
+        """ModelInfo from the clip_info model; None when the server has none (older repositories)."""
+        try:
+            return model_info_from_clip_info(self._infer(CLIP_INFO, {}, [CLIP_INFO_OUT])[CLIP_INFO_OUT])
+        except (ServerUnavailableError, ServerTimeoutError):
+            raise
+        except CLIPClientError as e:  # unknown model: fall back to the model configs
+            log.debug("no clip_info (%s); reading model configs", e)
+            return None
+
     def get_model_info(self) -> ModelInfo:
-        """Embedding size, logit_scale, model identity and per-request limits, read from the server once."""
+        """Embedding size, logit_scale, model identity and per-request limits, read from the server once.
+
+        From the clip_info model (needs only the inference API); from the model configs when it is missing.
+        """
+        if self._info is None:
+            self._info = self._clip_info()
         if self._info is None:
             names = (POSTPROCESS, ENCODE_TEXT, ENCODE_IMAGE, *TEXT_LIMIT_MODELS, *IMAGE_LIMIT_MODELS)
             configs = {n: self._model_config(n) for n in names}

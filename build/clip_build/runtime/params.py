@@ -48,7 +48,11 @@ PARAMETERS: dict[str, Param] = {
     # postprocess
     "logit_scale": Param("float", 4.605170249938965, "raw learned logit scale; logits use exp(logit_scale)"),
     "default_top_k": Param("int", 5, "top_k used when a request sends none"),
+    "model_id": Param("str", "", "identity of the weights (manifest model_id); clients tag galleries with it"),
 }
+
+# The parameters that bound what one request may carry (documented defaults table: README, "Security and limits").
+LIMITS = ("max_items_per_request", "max_text_bytes", "max_image_bytes", "max_pixels", "allowed_formats")
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "int": lambda s: int(s.strip()),
