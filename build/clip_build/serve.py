@@ -1,18 +1,35 @@
-"""`clip-triton serve`: run the embedded tritonserver on a model repository until Ctrl-C / SIGTERM."""
+"""`clip-triton serve`: run the embedded tritonserver on a model repository, supervised, until Ctrl-C / SIGTERM.
+
+Secure defaults: binds 127.0.0.1; model control mode none; the admin APIs (model-repository, model-config,
+shared-memory, statistics, trace, logging) answer only requests with the header `x-clip-admin-key: <key>`, the
+key coming from --admin-key, else $CLIP_TRITON_ADMIN_KEY, else generated at start and printed once. Health,
+metadata and inference stay open. --no-restrict opens everything (development).
+
+Supervision: when the server process dies or any model stops being ready (a crashed Python stub is not
+restarted by Triton 24.x), the server is restarted on the same ports; more than --max-restarts restarts within
+--restart-window seconds end `serve` with exit code 1.
+
+SIGTERM / Ctrl-C: the server is stopped with SIGTERM; it finishes the requests in flight (up to --exit-timeout
+seconds) before it exits; `serve` then exits 0.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import secrets
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from .tritonserver import TritonServer, TritonServerError
+from .tritonserver import ADMIN_HEADER, RESTRICTED_APIS, Supervisor, TritonServer, TritonServerError
 
 log = logging.getLogger(__name__)
+
+ADMIN_KEY_ENV = "CLIP_TRITON_ADMIN_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -23,17 +40,44 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for every model")
+    parser.add_argument("--exit-timeout", type=int, default=30,
+                        help="seconds the server lets in-flight requests finish after SIGTERM")
     parser.add_argument("--log-file", default=None, help="server log (default: a temporary file, echoed on failure)")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    parser.add_argument("--admin-key", default=None,
+                        help=f"value of the {ADMIN_HEADER} header that unlocks the admin APIs "
+                             f"(default: ${ADMIN_KEY_ENV}, else a random key printed at start)")
+    parser.add_argument("--no-restrict", action="store_true",
+                        help="development: leave model-repository/model-config/statistics/... APIs open")
+    parser.add_argument("--no-supervise", action="store_true", help="exit 1 instead of restarting a failed server")
+    parser.add_argument("--max-restarts", type=int, default=5, help="restarts allowed within --restart-window")
+    parser.add_argument("--restart-window", type=float, default=300.0, help="seconds")
+
+
+def resolve_admin_key(admin_key: str | None, restrict: bool) -> tuple[str | None, bool]:
+    """(key, generated): the explicit key, else $CLIP_TRITON_ADMIN_KEY, else a random one; None if not restricting."""
+    if not restrict:
+        return None, False
+    key = admin_key or os.environ.get(ADMIN_KEY_ENV)
+    if key:
+        return key, False
+    return secrets.token_urlsafe(24), True
 
 
 def serve(repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
-          metrics_port: int = 8002, startup_timeout: float = 300.0, log_file: str | None = None,
-          log_verbose: int = 0, stop_event: threading.Event | None = None, out=sys.stdout) -> int:
-    """Start, wait for every model, print the endpoints, block until a signal or `stop_event`; return an exit code."""
+          metrics_port: int = 8002, startup_timeout: float = 300.0, exit_timeout: int = 30,
+          log_file: str | None = None, log_verbose: int = 0, stop_event: threading.Event | None = None,
+          out=sys.stdout, restrict: bool = True, admin_key: str | None = None, supervise: bool = True,
+          max_restarts: int = 5, restart_window: float = 300.0, check_interval: float = 1.0,
+          on_ready=None) -> int:
+    """Start, wait for every model, print the endpoints, supervise until a signal or `stop_event`; return an exit code.
+
+    on_ready(server, supervisor_or_None) is called once the server first serves (tests use it to reach the server).
+    """
+    key, generated = resolve_admin_key(admin_key, restrict)
     server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           log_path=log_file, log_verbose=log_verbose, startup_timeout=startup_timeout,
-                          die_with_parent=True)
+                          exit_timeout=exit_timeout, die_with_parent=True, admin_key=key)
     stop = stop_event or threading.Event()
     received: list[int] = []
 
@@ -45,6 +89,7 @@ def serve(repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
+    code = None
     try:
         server.start()
         try:
@@ -62,23 +107,40 @@ def serve(repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8
         print(f"  gRPC     {server.grpc_url}", file=out)
         print(f"  metrics  {server.metrics_url}", file=out)
         print(f"  log      {server.log_path}", file=out)
+        if key is None:
+            print("  admin APIs are NOT restricted (--no-restrict)", file=out)
+        else:
+            print(f"  restricted ({', '.join(RESTRICTED_APIS)}): send header {ADMIN_HEADER}", file=out)
+            if generated:
+                print(f"admin key: {key}", file=out)
         print("Ctrl-C to stop.", file=out, flush=True)
-        ticks = 0
-        while not stop.wait(1.0):
-            ticks += 1
-            if not server.running:
-                log.error("tritonserver exited unexpectedly (code %s):\n%s", server.process.returncode,
-                          server.log_text()[-4000:])
+        supervisor = None
+        if supervise:
+            supervisor = Supervisor(server, check_interval=check_interval, max_restarts=max_restarts,
+                                    window=restart_window, ready_timeout=startup_timeout)
+        if on_ready is not None:
+            on_ready(server, supervisor)
+        if supervisor is not None:
+            if supervisor.run(stop) != 0:
                 return 1
-            gone = server.not_ready_models() if ticks % 5 == 0 else []
-            if gone:  # a crashed python stub is not restarted and /v2/health stays 200: watch the models
-                log.error("models no longer ready: %s; stopping", gone)
-                return 1
-        log.info("signal %s: stopping tritonserver", received[0] if received else "stop")
+        else:
+            ticks = 0
+            while not stop.wait(check_interval):
+                ticks += 1
+                if not server.running:
+                    log.error("tritonserver exited unexpectedly (code %s):\n%s", server.process.returncode,
+                              server.log_text()[-4000:])
+                    return 1
+                gone = server.not_ready_models() if ticks % 5 == 0 else []
+                dead = server.dead_stubs()
+                if gone or dead:  # a crashed python stub is not restarted and its model stays "ready" (2.51)
+                    log.error("models no longer ready: %s; dead python stubs: %s; stopping", gone, dead)
+                    return 1
+        log.info("signal %s: stopping tritonserver (in-flight requests finish first)", received[0] if received else "stop")
         return 0
     finally:
         code = server.stop()
-        log.debug("tritonserver exit code %s", code)
+        log.info("tritonserver exit code %s", code)
         if code == 0 and not log_file:
             server.close()  # drop our temporary log; on failure it stays for the user to read
         for sig, handler in previous.items():
@@ -89,8 +151,10 @@ def run(args: argparse.Namespace, command: str) -> int:
     """Entry point of `clip-triton serve`."""
     try:
         return serve(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                     metrics_port=args.metrics_port, startup_timeout=args.startup_timeout, log_file=args.log_file,
-                     log_verbose=args.log_verbose)
+                     metrics_port=args.metrics_port, startup_timeout=args.startup_timeout,
+                     exit_timeout=args.exit_timeout, log_file=args.log_file, log_verbose=args.log_verbose,
+                     restrict=not args.no_restrict, admin_key=args.admin_key, supervise=not args.no_supervise,
+                     max_restarts=args.max_restarts, restart_window=args.restart_window)
     except TritonServerError as exc:
         log.error("%s", exc)
         return 1

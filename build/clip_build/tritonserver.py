@@ -15,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +26,14 @@ log = logging.getLogger(__name__)
 PYTHON_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
 # Our Python-based runner for configs that say `backend: "pytorch"` (libtorch naming rules).
 RUNNER_SOURCE = Path(__file__).resolve().parent / "backends" / "pytorch" / "model.py"
+
+
+# APIs (HTTP) / protocols (gRPC) that `serve` puts behind the admin key header by default. Health, metadata and
+# inference stay open: clients need nothing else (identity and limits come from the clip_info model).
+ADMIN_HEADER = "x-clip-admin-key"
+# Triton 2.51's gRPC frontend reads a restricted-protocol key from the metadata key with this prefix.
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
+RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 
 
 class TritonServerError(RuntimeError):
@@ -146,8 +155,11 @@ def _set_pdeathsig() -> None:
 _HARMLESS = ("CudaDriverHelper", "unable to create stream", "CUDA driver version", "NVML", "DCGM")
 
 
-def _error_lines(log_text: str, limit: int = 20) -> str:
-    """The server's own error lines (E-level glog lines and failed model table rows), CPU-only noise dropped."""
+def _error_lines(log_text: str, limit: int = 20, fallback: bool = True) -> str:
+    """The server's own error lines (E-level glog lines and failed model table rows), CPU-only noise dropped.
+
+    With none found: the log's last `limit` lines when `fallback`, else "".
+    """
     keep = []
     for line in log_text.splitlines():
         s = line.strip()
@@ -155,7 +167,9 @@ def _error_lines(log_text: str, limit: int = 20) -> str:
             continue
         if s.startswith("E") and "]" in s[:60] or "failed to load" in s or "UNAVAILABLE" in s or s.startswith("error:"):
             keep.append(s)
-    return "\n".join(keep[-limit:]) if keep else "\n".join(log_text.splitlines()[-limit:])
+    if keep:
+        return "\n".join(keep[-limit:])
+    return "\n".join(log_text.splitlines()[-limit:]) if fallback else ""
 
 
 class TritonServer:
@@ -166,6 +180,8 @@ class TritonServer:
 
     Ports default to free ones. die_with_parent: the server gets SIGTERM when the *thread* that started it exits
     (PR_SET_PDEATHSIG), so a crashed test run leaves nothing behind; start it from a long-lived thread.
+    admin_key: when set, the `restricted_apis` (HTTP --http-restricted-api, gRPC --grpc-restricted-protocol) answer
+    only requests carrying the header `x-clip-admin-key: <admin_key>` (see `admin_headers`).
     """
 
     def __init__(
@@ -183,6 +199,8 @@ class TritonServer:
         startup_timeout: float = 180.0,
         exit_timeout: int = 10,
         die_with_parent: bool = True,
+        admin_key: str | None = None,
+        restricted_apis: tuple[str, ...] | list[str] = RESTRICTED_APIS,
     ):
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
@@ -205,7 +223,12 @@ class TritonServer:
             log_path = Path(self._own_log_dir) / "tritonserver.log"
         self.log_path = Path(log_path)
         self.process: subprocess.Popen | None = None
+        self._stubs: list = []  # psutil.Process of each python backend stub, found when the server became ready
         self.models = repository_models(self.repository)
+        if admin_key is not None and (not admin_key or any(c in admin_key for c in ",:= \t\n")):
+            raise TritonServerError("admin_key must be non-empty without spaces, ',', ':' or '='")
+        self.admin_key = admin_key
+        self.restricted_apis = tuple(restricted_apis) if admin_key else ()
 
     # ---- addresses
     @property
@@ -222,6 +245,23 @@ class TritonServer:
     def metrics_url(self) -> str:
         """Prometheus metrics endpoint."""
         return f"http://{self._probe_host}:{self.metrics_port}/metrics"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """Headers that unlock the restricted APIs over HTTP and gRPC (empty when nothing is restricted).
+
+        tritonclient: `headers=server.admin_headers`. HTTP reads `x-clip-admin-key`; Triton's gRPC frontend reads
+        the metadata key `triton-grpc-protocol-x-clip-admin-key`; each side ignores the other's.
+        """
+        return {ADMIN_HEADER: self.admin_key, GRPC_ADMIN_HEADER: self.admin_key} if self.admin_key else {}
+
+    def restriction_args(self) -> list[str]:
+        """--http-restricted-api / --grpc-restricted-protocol flags for the admin key (none without one)."""
+        if not self.admin_key or not self.restricted_apis:
+            return []
+        apis = ",".join(self.restricted_apis)
+        return [f"--http-restricted-api={apis}:{ADMIN_HEADER}={self.admin_key}",
+                f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={self.admin_key}"]
 
     # ---- lifecycle
     def command(self) -> list[str]:
@@ -245,6 +285,7 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={self.log_verbose}",
+            *self.restriction_args(),
             *self.extra_args,
         ]
 
@@ -273,7 +314,7 @@ class TritonServer:
     def _get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         url = f"http://{self._probe_host}:{self.http_port}{path}"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=self.admin_headers), timeout=timeout) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
@@ -302,6 +343,7 @@ class TritonServer:
             if code is not None:
                 raise TritonServerError(f"tritonserver exited with code {code}:\n{_error_lines(self.log_text())}")
             if self._get("/v2/health/live")[0] == 200 and not self.not_ready_models():
+                self._stubs = self._find_stubs()
                 return time.monotonic() - self._started_at
             if time.monotonic() > deadline:
                 pending = self.not_ready_models()
@@ -383,6 +425,47 @@ class TritonServer:
         root = psutil.Process(self.process.pid)
         return [root.pid] + [c.pid for c in root.children(recursive=True)]
 
+    def _find_stubs(self) -> list:
+        import psutil
+
+        stubs = []
+        for pid in self.pids()[1:]:
+            try:
+                proc = psutil.Process(pid)
+                if proc.name().startswith("triton_python_b"):  # triton_python_backend_stub (comm is 15 chars)
+                    stubs.append(proc)
+            except psutil.Error:
+                pass
+        return stubs
+
+    def stubs(self) -> dict[str, list[int]]:
+        """Model name -> pids of its python backend stub processes (one per instance), as found at ready time."""
+        out: dict[str, list[int]] = {}
+        for proc in self._stubs:
+            try:
+                model = Path(proc.cmdline()[1]).parents[1].name  # <repository>/<model>/<version>/model.py
+            except Exception:  # noqa: BLE001 - gone or unreadable
+                model = "?"
+            out.setdefault(model, []).append(proc.pid)
+        return out
+
+    def dead_stubs(self) -> list[int]:
+        """Pids of stubs (found at ready time) that are no longer running.
+
+        Triton 2.51 neither restarts a crashed stub nor marks its model not ready: requests fail with INTERNAL
+        "Stub process '<model>_0_0' is not healthy" while /v2/models/<model>/ready stays 200. This is the check.
+        """
+        import psutil
+
+        dead = []
+        for proc in self._stubs:
+            try:
+                if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+                    dead.append(proc.pid)
+            except psutil.Error:
+                dead.append(proc.pid)
+        return dead
+
     def rss_bytes(self) -> int:
         """Resident memory of the server and all its stubs."""
         import psutil
@@ -398,7 +481,106 @@ class TritonServer:
     def repository_index(self) -> list[dict]:
         """The server's repository index (name, version, state, reason)."""
         req = urllib.request.Request(
-            f"http://{self._probe_host}:{self.http_port}/v2/repository/index", data=b"{}", method="POST"
+            f"http://{self._probe_host}:{self.http_port}/v2/repository/index", data=b"{}", method="POST",
+            headers=self.admin_headers,
         )
         with urllib.request.urlopen(req, timeout=5) as resp:
             return json.loads(resp.read())
+
+
+class Supervisor:
+    """Keeps a started, ready TritonServer serving: restarts it (same ports) when it dies or a model is not ready.
+
+    Since Triton 24.x a crashed Python stub is not restarted, and in 2.51 neither /v2/health/ready nor the model's
+    own readiness notices (its requests fail with INTERNAL "Stub process ... is not healthy"). So every
+    `check_interval` seconds the supervisor checks the server process, the stub processes (TritonServer.dead_stubs)
+    and each model's readiness; a failure is confirmed
+    once (`confirm_delay` later) before it acts. A restart is: log the server's error lines, stop it (SIGTERM,
+    SIGKILL after `stop_timeout`), start it again, wait until every model is ready. Restart storms are bounded:
+    the k-th restart within `window` seconds waits `backoff * 2**(k-1)` seconds (at most `max_backoff`) first, and
+    when `max_restarts` restarts happened within `window` the supervisor gives up and `run` returns 1.
+
+    >>> stop = threading.Event()
+    >>> sup = Supervisor(server)            # server already started and ready
+    >>> thread = sup.start_thread(stop)     # or sup.run(stop) in the calling thread; stop.set() to end it
+    """
+
+    def __init__(self, server: TritonServer, *, check_interval: float = 1.0, confirm_delay: float = 0.5,
+                 max_restarts: int = 5, window: float = 300.0, backoff: float = 1.0, max_backoff: float = 30.0,
+                 stop_timeout: float | None = None, ready_timeout: float | None = None):
+        self.server = server
+        self.check_interval = check_interval
+        self.confirm_delay = confirm_delay
+        self.max_restarts = max_restarts
+        self.window = window
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.stop_timeout = stop_timeout if stop_timeout is not None else server.exit_timeout + 5.0
+        self.ready_timeout = ready_timeout
+        self.restarts: list[dict] = []  # {"at": time.time(), "reason": str, "seconds": float, "ok": bool}
+        self.gave_up = False
+        self.exit_code: int | None = None
+
+    def problem(self) -> str | None:
+        """Why the server needs a restart now, or None when it is serving."""
+        if not self.server.running:
+            code = self.server.process.returncode if self.server.process is not None else None
+            return f"tritonserver exited (code {code})"
+        dead = self.server.dead_stubs()
+        if dead:  # Triton 2.51 keeps such a model "ready": its requests fail with "Stub process ... is not healthy"
+            return f"python backend stub process(es) {dead} died"
+        gone = self.server.not_ready_models()
+        return f"models not ready: {', '.join(gone)}" if gone else None
+
+    def _recent(self) -> int:
+        now = time.time()
+        return sum(1 for r in self.restarts if now - r["at"] <= self.window)
+
+    def restart(self, reason: str) -> bool:
+        """Stop and start the server on the same ports; True when every model is ready again."""
+        started = time.monotonic()
+        tail = _error_lines(self.server.log_text(), limit=10, fallback=False) or "(none)"
+        log.warning("supervisor: %s; restarting tritonserver. Its last error lines:\n%s", reason, tail)
+        self.server.stop(timeout=self.stop_timeout)
+        ok = True
+        try:
+            self.server.start()
+            self.server.wait_ready(self.ready_timeout)
+        except TritonServerError as exc:
+            ok = False
+            log.error("supervisor: restart failed: %s", exc)
+        seconds = time.monotonic() - started
+        self.restarts.append({"at": time.time(), "reason": reason, "seconds": round(seconds, 2), "ok": ok})
+        if ok:
+            log.warning("supervisor: tritonserver serving again after %.1fs (restart %d)", seconds, len(self.restarts))
+        return ok
+
+    def run(self, stop: threading.Event) -> int:
+        """Supervise until `stop` is set (returns 0) or restarts exceed the budget (returns 1)."""
+        while not stop.wait(self.check_interval):
+            reason = self.problem()
+            if reason is None:
+                continue
+            if self.server.running and stop.wait(self.confirm_delay):  # a transient probe failure is not a crash
+                break
+            reason = self.problem()
+            if reason is None or stop.is_set():
+                continue
+            recent = self._recent()
+            if recent >= self.max_restarts:
+                log.error("supervisor: %s, and %d restarts within %.0fs already; giving up", reason, recent, self.window)
+                self.gave_up = True
+                self.exit_code = 1
+                return 1
+            delay = min(self.max_backoff, self.backoff * 2 ** (recent - 1)) if recent else 0.0
+            if delay and stop.wait(delay):
+                break
+            self.restart(reason)
+        self.exit_code = 0
+        return 0
+
+    def start_thread(self, stop: threading.Event) -> threading.Thread:
+        """run(stop) in a daemon thread. Restarted servers die with that thread (die_with_parent): stop it last."""
+        thread = threading.Thread(target=self.run, args=(stop,), name="triton-supervisor", daemon=True)
+        thread.start()
+        return thread
