@@ -342,7 +342,11 @@ def run(args: argparse.Namespace, command: str) -> int:
         if not sep or name not in P.PARAMETERS:
             log.error("bad --limit %r (known names: %s)", item, ", ".join(sorted(P.PARAMETERS)))
             return 2
-        limits[name] = P.read_parameters({"parameters": {name: {"string_value": value}}}, [name])[name]
+        try:
+            limits[name] = P.read_parameters({"parameters": {name: {"string_value": value}}}, [name])[name]
+        except ValueError as exc:
+            log.error("bad --limit %r: %s", item, exc)
+            return 2
     try:
         repo = build_repository(args.weights, args.repository, instance_kind=args.instance_kind,
                                 instance_count=args.instance_count, dtype=args.dtype,

@@ -54,13 +54,38 @@ def test_sha_mismatch_stops_the_build(weights, tmp_path):
     assert not (tmp_path / "repo" / "image_encoder" / "1" / "model.pt").exists()
 
 
-def test_cli_build_rejects_tampered_weights(weights, tmp_path):
+def test_cli_build_rejects_tampered_weights(weights, tmp_path, caplog):
     from clip_client.cli import main
 
     bad = tmp_path / "weights"
     shutil.copytree(weights("clip"), bad)
     (bad / "tokenizer" / "tokenizer.json").write_text("{}")
     assert main(["build", "--weights", str(bad), "--repository", str(tmp_path / "repo")]) == 1
+    assert any("build failed" in r.getMessage() and "sha256" in r.getMessage() and "tokenizer.json" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    shutil.copy2(weights("clip") / "tokenizer" / "tokenizer.json", bad / "tokenizer" / "tokenizer.json")
+    data = bytearray((bad / "text.parquet").read_bytes())
+    data[len(data) // 3] ^= 0x01
+    (bad / "text.parquet").write_bytes(bytes(data))
+    assert main(["build", "--weights", str(bad), "--repository", str(tmp_path / "repo2")]) == 1
+    assert any("sha256" in r.getMessage() and "text.parquet" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "repo2" / "text_encoder" / "1" / "model.pt").exists()
+
+
+def test_cli_build_limits_are_checked(weights, tmp_path, caplog):
+    from clip_client.cli import main
+
+    out = tmp_path / "repo"
+    assert main(["build", "--weights", str(weights("clip")), "--repository", str(out), "--limit", "max_pixels=lots"]) == 2
+    assert any("max_pixels" in r.getMessage() for r in caplog.records)
+    assert main(["build", "--weights", str(weights("clip")), "--repository", str(out), "--limit", "nonsense=1"]) == 2
+    assert main(["build", "--weights", str(weights("clip")), "--repository", str(out), "--limit", "max_pixels=1000",
+                 "--limit", "allowed_formats=PNG", "--limit", "max_items_per_request=8"]) == 0
+    assert '"1000"' in (out / "preprocess_image" / "config.pbtxt").read_text()
+    info = json.loads((out / "clip_info" / "1" / "info.json").read_text())
+    assert info["limits"]["max_pixels"] == 1000 and info["limits"]["allowed_formats"] == ["PNG"]
+    assert info["max_items_per_request"] == 8 and info["model_id"] in (out / "postprocess" / "config.pbtxt").read_text()
 
 
 def test_read_parameters_defaults_and_errors():
