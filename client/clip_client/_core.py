@@ -269,8 +269,8 @@ class ClientBase:
         url: str | None = None,
         protocol: str = "grpc",
         timeout: float = 60.0,
-        retries: int = 3,
-        backoff: float = 0.25,
+        retries: int = 6,
+        backoff: float = 0.5,  # with retries=6: 13-26 s of retrying, longer than a supervised restart
         max_concurrency: int = 4,
         max_request_bytes: int = 32 * 1024 * 1024,
         max_items: int | None = None,
