@@ -496,7 +496,7 @@ class Supervisor:
     `check_interval` seconds the supervisor checks the server process, the stub processes (TritonServer.dead_stubs)
     and each model's readiness; a failure is confirmed
     once (`confirm_delay` later) before it acts. A restart is: log the server's error lines, stop it (SIGTERM,
-    SIGKILL after `stop_timeout`), start it again, wait until every model is ready. Restart storms are bounded:
+    SIGKILL after `stop_timeout`, 5 s by default), start it again, wait until every model is ready. Restart storms are bounded:
     the k-th restart within `window` seconds waits `backoff * 2**(k-1)` seconds (at most `max_backoff`) first, and
     when `max_restarts` restarts happened within `window` the supervisor gives up and `run` returns 1.
 
@@ -515,7 +515,9 @@ class Supervisor:
         self.window = window
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self.stop_timeout = stop_timeout if stop_timeout is not None else server.exit_timeout + 5.0
+        # A broken server is not drained for long (serve's --exit-timeout is for a clean shutdown): the clients' retries
+        # carry the requests it drops; a long drain would only lengthen the outage.
+        self.stop_timeout = stop_timeout if stop_timeout is not None else min(server.exit_timeout + 5.0, 5.0)
         self.ready_timeout = ready_timeout
         self.restarts: list[dict] = []  # {"at": time.time(), "reason": str, "seconds": float, "ok": bool}
         self.gave_up = False
