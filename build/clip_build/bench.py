@@ -331,13 +331,12 @@ def stats_delta(before: dict, after: dict) -> dict[str, dict]:
         if not d["success_count"]:
             continue
         reqs, execs = d["success_count"], max(1, d["execution_count"])
-        out[name] = {"requests": reqs, "executions": d["execution_count"],
-                     "mean_batch": d["inference_count"] / execs,
-                     "queue_ms": d["queue_ns"] / reqs / 1e6,
-                     "compute_ms_per_exec": (d["compute_input_ns"] + d["compute_infer_ns"] + d["compute_output_ns"])
-                     / reqs / 1e6 * (reqs / execs),
-                     "compute_ms_per_item": (d["compute_input_ns"] + d["compute_infer_ns"] + d["compute_output_ns"])
-                     / reqs / 1e6 * (reqs / max(1, d["inference_count"]))}
+        batch = d["inference_count"] / execs
+        # Triton charges every request of a batch with the whole execution: ns / requests = one execution's time
+        per_exec = (d["compute_input_ns"] + d["compute_infer_ns"] + d["compute_output_ns"]) / reqs / 1e6
+        out[name] = {"requests": reqs, "executions": d["execution_count"], "mean_batch": batch,
+                     "queue_ms": d["queue_ns"] / reqs / 1e6, "compute_ms_per_exec": per_exec,
+                     "compute_ms_per_item": per_exec / max(batch, 1e-9)}
     return out
 
 
@@ -522,6 +521,11 @@ def serve_and_measure(args, repo: Path, images: list[bytes], texts: list[str], p
             res["perf_analyzer"] = run_perf(args, server, images, texts)
         if not server.running:
             res["errors"].append("tritonserver died during the run")
+        elif server.not_ready_models():  # a dead stub is not restarted (24.x): its models stay unavailable
+            res["errors"].append(f"models not ready after the run: {server.not_ready_models()}")
+        for r in res["client"]:
+            if r["errors"]:
+                res["errors"].append(f"{r['errors']} failed {r['kind']} requests at c={r['concurrency']}")
     finally:
         server.stop()
     return res
@@ -713,7 +717,10 @@ def render_markdown(results: dict, checks: list[Check], notes: str) -> str:
         if res.get("build_s"):
             lines.append(f"Repository build ({dtype}): {res['build_s']:.0f} s.")
         lines.append("")
-    lines += ["## Where the time goes (Triton model statistics over each fp32 run)", ""]
+    for dtype, res in results["triton"].items():
+        for err in res.get("errors", []):
+            lines.append(f"**{dtype} run error:** {err}")
+    lines += ["", "## Where the time goes (Triton model statistics over each fp32 run)", ""]
     lines += _stats_table(results["triton"]["fp32"].get("stats") or {})
     pre = results.get("preprocessing")
     if pre:
