@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test tools bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# perf_analyzer from the tritonclient 2.51.0 wheel (hash-pinned) into .artifacts/tools
+tools: setup
+	$(BIN)/python -m clip_build.perf install
+
+bench: setup tools
+	$(BIN)/clip-triton bench --dtype bf16
 
 clean:
 	rm -rf .artifacts reports
