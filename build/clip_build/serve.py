@@ -25,7 +25,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .tritonserver import ADMIN_HEADER, RESTRICTED_APIS, Supervisor, TritonServer, TritonServerError
+from .tritonserver import ADMIN_HEADER, RESTRICTED_APIS, StartupCancelled, Supervisor, TritonServer, TritonServerError
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,19 @@ def serve(repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8
     try:
         server.start()
         try:
-            seconds = server.wait_ready()
+            seconds = server.wait_ready(stop=stop)
+        except StartupCancelled:
+            log.info("signal %s while starting: stopping tritonserver", received[0] if received else "stop")
+            return 0
         except TritonServerError as exc:
             log.error("%s", exc)
             if not log_file:
                 log.error("full server log: %s", server.log_path)
             return 1
-        info_path = Path(repository) / "clip_triton.json"
-        model_id = json.loads(info_path.read_text())["model_id"] if info_path.is_file() else "?"
+        try:
+            model_id = json.loads((Path(repository) / "clip_triton.json").read_text())["model_id"]
+        except (OSError, ValueError, KeyError, TypeError):  # a repository not built by us, or a damaged info file
+            model_id = "?"
         print(f"tritonserver ready in {seconds:.1f}s: {len(server.models)} models ({', '.join(server.models)}), "
               f"model_id {model_id}", file=out)
         print(f"  HTTP     http://{server.http_url}", file=out)

@@ -40,6 +40,10 @@ class TritonServerError(RuntimeError):
     """The server could not start, a model failed to load, or the server died."""
 
 
+class StartupCancelled(TritonServerError):
+    """wait_ready() was asked to stop (a signal arrived while the models were loading)."""
+
+
 def _site_packages_of(package: str) -> Path:
     """Site-packages folder holding `package`, found without importing it."""
     spec = importlib.util.find_spec(package)
@@ -333,15 +337,18 @@ class TritonServer:
         """Models of the repository that are not ready now."""
         return [m for m in self.models if not self.model_ready(m)]
 
-    def wait_ready(self, timeout: float | None = None) -> float:
+    def wait_ready(self, timeout: float | None = None, stop: threading.Event | None = None) -> float:
         """Block until every model of the repository is ready; return seconds since start.
 
-        Raises TritonServerError with the server's own error lines if it exits or times out.
+        Raises TritonServerError with the server's own error lines if it exits or times out, and StartupCancelled
+        as soon as `stop` is set.
         """
         if self.process is None:
             raise TritonServerError("server not started")
         deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
         while True:
+            if stop is not None and stop.is_set():
+                raise StartupCancelled("stopped while the models were loading")
             code = self.process.poll()
             if code is not None:
                 raise TritonServerError(f"tritonserver exited with code {code}:\n{_error_lines(self.log_text())}")
@@ -520,7 +527,7 @@ class Supervisor:
         self.max_backoff = max_backoff
         # A broken server is not drained for long (serve's --exit-timeout is for a clean shutdown): the clients' retries
         # carry the requests it drops; a long drain would only lengthen the outage.
-        self.stop_timeout = stop_timeout if stop_timeout is not None else min(server.exit_timeout + 5.0, 5.0)
+        self.stop_timeout = 5.0 if stop_timeout is None else stop_timeout
         self.ready_timeout = ready_timeout
         self.restarts: list[dict] = []  # {"at": time.time(), "reason": str, "seconds": float, "ok": bool}
         self.gave_up = False

@@ -168,14 +168,19 @@ def test_supervisor_gives_up_after_a_restart_storm():
 
 
 # ------------------------------------------------------------------------------------------------ SIGTERM drain
-SLOW = """import time
+SLOW = """import os
+import time
 import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        self.marks = os.path.join(args["model_repository"], "started")
+
     def execute(self, requests):
         out = []
         for r in requests:
+            open(f"{self.marks}-{time.monotonic_ns()}", "w").close()  # the test waits for these, not a sleep
             time.sleep(1.0)
             out.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())]))
         return out
@@ -235,7 +240,10 @@ def test_sigterm_under_load_drains_in_flight_requests(tmp_path):
         threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]  # 2 instances x 1 s: ~3 s of work
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while len(list((repo / "slow").glob("started-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # both instances busy: the other requests are queued in the server
+        assert len(list((repo / "slow").glob("started-*"))) >= 2
         os.kill(proc.pid, signal.SIGTERM)
         sent = time.monotonic()
         for t in threads:

@@ -92,3 +92,32 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+SLOW_START = """import time
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        time.sleep(120)
+"""
+
+
+def test_sigterm_while_models_load_stops_at_once(tmp_path):
+    repo = _repo(tmp_path / "repo", {"slow": SLOW_START})
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_serve_cmd(repo), stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "triton_python_backend_stub" not in " ".join(
+                " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)):
+            time.sleep(0.2)  # the slow model's stub is running its initialize()
+        os.kill(proc.pid, signal.SIGTERM)
+        started = time.monotonic()
+        assert proc.wait(60) == 0, log.read_text()
+        assert time.monotonic() - started < 45, "serve waited for the model to finish loading"
+        assert "while starting" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -135,8 +135,9 @@ class TritonPythonModel:
                 arrays[r] = item
                 key = tuple((n, a.shape[1:] if self.batching else a.shape) for n, a in item.items())
                 groups.setdefault(key, []).append(r)
-            except Exception as exc:
-                responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+            except (ValueError, TypeError) as exc:  # the caller's tensors: missing input, uncastable dtype
+                responses[r] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
 
         for members in groups.values():
             try:
