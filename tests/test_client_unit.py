@@ -293,6 +293,50 @@ def test_client_options_validated():
     assert CLIPClient().url == "127.0.0.1:8001"
 
 
+class _StubTextClient(CLIPClient):
+    """CLIPClient whose encode_text is a deterministic function of each text (no server)."""
+
+    def __init__(self, **options):
+        super().__init__("127.0.0.1:1", **options)
+        self.encoded: list[str] = []
+
+    def encode_text(self, texts, normalize=True):
+        self.encoded.extend(texts)
+        out = np.stack([np.random.default_rng(list(t.encode())).normal(size=8) for t in texts]).astype(np.float32)
+        return ops.l2_normalize(out) if normalize else out
+
+
+def test_prompt_cache_smaller_than_the_prompts():
+    """More prompts than prompt_cache_size: the class matrix is still built from all of them (was a KeyError)."""
+    classes = [f"class {i}" for i in range(7)]
+    templates = ["a {}.", "the {}!", "photo of {}"]
+    big, small = _StubTextClient(), _StubTextClient(prompt_cache_size=4)
+    want = big.class_embeddings(classes, templates)
+    np.testing.assert_array_equal(small.class_embeddings(classes, templates), want)
+    assert len(small._prompt_cache) == 4
+    np.testing.assert_array_equal(small.class_embeddings(classes, templates), want)  # again, cache partly hit
+    np.testing.assert_array_equal(_StubTextClient(prompt_cache_size=0).class_embeddings(classes, templates), want)
+    before = len(big.encoded)
+    np.testing.assert_array_equal(big.class_embeddings(classes, templates), want)
+    assert len(big.encoded) == before  # all cached: nothing encoded again
+
+
+def test_prompt_cache_shared_by_threads():
+    """Threads sharing one client and a small cache evict each other's prompts: every result stays right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    templates = ["a {}.", "the {}!"]
+    jobs = [[f"class {(i + j) % 11}" for j in range(5)] for i in range(40)]
+    ref = _StubTextClient()
+    want = [ref.class_embeddings(c, templates) for c in jobs]
+    shared = _StubTextClient(prompt_cache_size=3)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda c: shared.class_embeddings(c, templates), jobs))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert len(shared._prompt_cache) <= 3
+
+
 # ------------------------------------------------------------------------------------------- gallery
 
 

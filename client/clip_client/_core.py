@@ -8,8 +8,9 @@ import logging
 import math
 import random
 import re
+import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -261,6 +262,17 @@ def backoff_delay(attempt: int, base: float, cap: float = 10.0) -> float:
 # ----------------------------------------------------------------------------------- shared client base
 
 
+@dataclass
+class PromptJob:
+    """The prompts of one class_embeddings call: which embeddings the cache had, which must be encoded."""
+
+    prompts: list[str]  # class-major: C classes x T templates
+    n_classes: int
+    n_templates: int
+    known: dict[str, np.ndarray] = field(default_factory=dict)  # prompt -> raw embedding, from the cache
+    missing: list[str] = field(default_factory=list)  # to encode, de-duplicated, in first-seen order
+
+
 class ClientBase:
     """Options, model-info cache and prompt-embedding cache shared by CLIPClient and AsyncCLIPClient."""
 
@@ -298,6 +310,7 @@ class ClientBase:
         self._info: ModelInfo | None = None
         self._prompt_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._prompt_cache_size = int(prompt_cache_size)
+        self._prompt_lock = threading.Lock()  # the cache is shared by threads (CLIPClient) and tasks
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(url={self.url!r}, protocol={self.protocol!r})"
@@ -341,24 +354,46 @@ class ClientBase:
         return min(n, self.max_items) if self.max_items else n
 
     # ---- prompt cache (raw, unnormalised text embeddings keyed by prompt)
-    def _cached_prompts(self, prompts: list[str]) -> list[str]:
-        """Prompts not in the cache yet, de-duplicated, in first-seen order."""
-        return list(OrderedDict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+    def _prompt_job(self, class_texts: Any, templates: list[str] | None) -> "PromptJob":
+        """The prompts of class_texts x templates, with the embeddings the cache already holds for them."""
+        classes = check_classes(class_texts)
+        prompts = ops.expand_templates(classes, templates)
+        known: dict[str, np.ndarray] = {}
+        with self._prompt_lock:
+            for p in prompts:
+                if p not in known and p in self._prompt_cache:
+                    known[p] = self._prompt_cache[p]
+                    self._prompt_cache.move_to_end(p)  # least recently used goes first
+        missing = list(OrderedDict.fromkeys(p for p in prompts if p not in known))  # de-duplicated, first-seen order
+        return PromptJob(prompts, len(classes), max(1, len(templates or [])), known, missing)
 
     def _store_prompts(self, prompts: list[str], embeds: np.ndarray) -> None:
-        for p, e in zip(prompts, embeds):
-            self._prompt_cache[p] = e
-            self._prompt_cache.move_to_end(p)
-        while len(self._prompt_cache) > self._prompt_cache_size:
-            self._prompt_cache.popitem(last=False)
+        with self._prompt_lock:
+            for p, e in zip(prompts, embeds):
+                self._prompt_cache[p] = e
+                self._prompt_cache.move_to_end(p)
+            while len(self._prompt_cache) > self._prompt_cache_size:
+                self._prompt_cache.popitem(last=False)
 
-    def _class_matrix(self, prompts: list[str], n_classes: int, n_templates: int) -> np.ndarray:
-        raw = np.stack([self._prompt_cache[p] for p in prompts])  # (C*T, D)
-        return ops.class_embeddings(raw, n_classes, n_templates)  # (C, D)
+    def _class_matrix(self, job: "PromptJob", encoded: np.ndarray | None) -> np.ndarray:
+        """Normalised class embeddings (C, D) from the job's cached embeddings and `encoded` (job.missing's, raw).
+
+        Built from the job's own embeddings, never read back from the cache: the cache may be smaller than the
+        number of prompts, and other threads may evict entries meanwhile.
+        """
+        embeds = dict(job.known)
+        if job.missing:
+            if encoded is None or len(encoded) != len(job.missing):
+                raise ServerError("encode_text answered a different number of embeddings than prompts sent")
+            embeds.update(zip(job.missing, encoded))
+            self._store_prompts(job.missing, encoded)
+        raw = np.stack([embeds[p] for p in job.prompts])  # (C*T, D)
+        return ops.class_embeddings(raw, job.n_classes, job.n_templates)  # (C, D)
 
     def clear_cache(self) -> None:
         """Forget cached prompt embeddings and the model info (e.g. after the server's model changed)."""
-        self._prompt_cache.clear()
+        with self._prompt_lock:
+            self._prompt_cache.clear()
         self._info = None
 
 

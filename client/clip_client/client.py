@@ -28,7 +28,6 @@ from ._core import (
     backoff_delay,
     build_model_info,
     bytes_tensor,
-    check_classes,
     classify_result,
     log,
     logit_scale_from_zero_shot,
@@ -231,12 +230,9 @@ class CLIPClient(ClientBase):
 
         Prompt embeddings are cached: a prompt already seen is not sent again.
         """
-        classes = check_classes(class_texts)
-        prompts = ops.expand_templates(classes, templates)
-        missing = self._cached_prompts(prompts)
-        if missing:
-            self._store_prompts(missing, self.encode_text(missing, normalize=False))
-        return self._class_matrix(prompts, len(classes), max(1, len(templates or [])))
+        job = self._prompt_job(class_texts, templates)
+        encoded = (self.encode_text(job.missing, normalize=False)) if job.missing else None
+        return self._class_matrix(job, encoded)
 
     def zero_shot_classification(
         self, images: Any, class_texts: Any, return_probabilities: bool = True, templates: list[str] | None = None

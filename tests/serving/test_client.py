@@ -309,6 +309,31 @@ def test_zero_shot_templates_average_and_cache(client, reference, images):
     np.testing.assert_allclose(again, probs, atol=1e-6)
 
 
+@pytest.mark.parametrize("protocol,mode", [("grpc", "sync"), ("http", "async")])
+def test_prompt_cache_smaller_than_the_prompts(triton_server, images, protocol, mode):
+    """More prompts than prompt_cache_size (and threads sharing the client): same answer as a big cache."""
+    labels = LABELS + ["tree", "house", "boat"]  # 7 classes x 3 templates = 21 prompts, cache of 5
+    big, small = _make(triton_server, protocol, mode), _make(triton_server, protocol, mode, prompt_cache_size=5)
+    try:
+        want = big.class_embeddings(labels, TEMPLATES)
+        for _ in range(2):  # the second call finds some prompts in the cache
+            np.testing.assert_allclose(small.class_embeddings(labels, TEMPLATES), want, atol=1e-6)
+        assert len(small.client._prompt_cache) == 5
+        _, probs = small.zero_shot_classification(images["arrays"], labels, templates=TEMPLATES)
+        _, ref = big.zero_shot_classification(images["arrays"], labels, templates=TEMPLATES)
+        np.testing.assert_allclose(probs, ref, atol=1e-5)
+    finally:
+        big.close()
+        small.close()
+    if mode == "sync":
+        from concurrent.futures import ThreadPoolExecutor
+
+        with CLIPClient(triton_server.grpc_url, prompt_cache_size=3) as shared, ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda k: shared.class_embeddings(labels[k:] + labels[:k], TEMPLATES), range(8)))
+        for k, g in enumerate(got):
+            np.testing.assert_allclose(g, np.roll(want, -(k % len(labels)), axis=0), atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- errors
 
 
