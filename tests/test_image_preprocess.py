@@ -81,6 +81,27 @@ def test_parity_other_sizes_and_small_images_padded(hf, size, crop):
         assert np.abs(ours - ref).max() <= TOL
 
 
+def _chinese_clip_processor_class():
+    """transformers' ChineseCLIPImageProcessor, PIL backend (transformers 5 names it ...Pil; 4.x has one class)."""
+    import transformers
+
+    return getattr(transformers, "ChineseCLIPImageProcessorPil", None) or transformers.ChineseCLIPImageProcessor
+
+
+@pytest.mark.parametrize("side", [224, 32])
+@pytest.mark.parametrize("h,w", [(300, 400), (400, 300), (1000, 333), (3, 900), (1080, 1920), (97, 130), (50, 50)])
+def test_parity_with_chinese_clip_exact_resize(h, w, side):
+    """Real Chinese-CLIP configs: size {height, width}, no center crop -> resized to exactly side x side."""
+    hf_proc = _chinese_clip_processor_class()(size={"height": side, "width": side}, crop_size=side,
+                                              do_center_crop=False)
+    data = encode(Image.fromarray(photo(h, w, seed=h + w)), "JPEG", quality=90)
+    cfg = ImageConfig(image_size=side, crop_size=side, resize_mode="exact", do_center_crop=False)
+    ours = ImagePreprocessor(cfg)([data])[0]
+    ref = reference(hf_proc, data)
+    assert ours.shape == ref.shape == (3, side, side)
+    assert np.abs(ours - ref).max() <= TOL
+
+
 def test_batch_normalise_equals_single_items():
     pre = ImagePreprocessor()
     items = [encode(Image.fromarray(photo(h, w, s)), "PNG") for s, (h, w) in enumerate([(300, 200), (224, 500), (64, 64)])]

@@ -90,6 +90,43 @@ def test_parity_chinese_clip(weights, checkpoints, tmp_path):
                   None, tmp_path)
 
 
+def test_chinese_clip_images_end_to_end(weights, checkpoints):
+    """Image bytes -> our runtime preprocessing (settings from the manifest, as `build` writes them) -> our encoder,
+    vs transformers' ChineseCLIPImageProcessor (PIL backend, from the checkpoint's real-layout preprocessor_config.json)
+    -> ChineseCLIPModel.get_image_features, on non-square images."""
+    import io
+
+    import numpy as np
+    import transformers
+    from PIL import Image
+
+    from clip_build.repository import image_parameters
+    from clip_build.runtime.image import ImageConfig, ImagePreprocessor
+    from clip_build.runtime.params import PARAMETERS
+
+    ck, w = checkpoints("chinese_clip"), weights("chinese_clip")
+    proc_cls = getattr(transformers, "ChineseCLIPImageProcessorPil", None) or transformers.ChineseCLIPImageProcessor
+    hf_proc = proc_cls.from_pretrained(str(ck))
+    manifest = json.loads((w / "manifest.json").read_text())
+    params = {n: p.default for n, p in PARAMETERS.items()} | image_parameters(manifest)
+    assert params["resize_mode"] == "exact" and params["do_center_crop"] is False
+    ours = ImagePreprocessor(ImageConfig.from_parameters(params))
+    rng = np.random.default_rng(0)
+    items = []
+    for h, w_ in ((48, 120), (200, 37), (33, 33), (90, 64)):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w_, 3), dtype=np.uint8)).save(buf, "PNG")
+        items.append(buf.getvalue())
+    ref_px = hf_proc(images=[Image.open(io.BytesIO(b)) for b in items], return_tensors="pt")["pixel_values"]
+    our_px = torch.from_numpy(ours(items))
+    assert our_px.shape == ref_px.shape == (4, 3, 32, 32)
+    assert (our_px - ref_px).abs().max().item() <= 1 / 255
+    with torch.no_grad():
+        ref = hf_image_features(ck, ref_px, "chinese_clip")
+        got = build_image_encoder(w)(our_px)
+    assert cosine_min(ref, got) >= MIN_COS
+
+
 def test_parity_bert_vit(bert_vit_with_projection, checkpoints, tmp_path):
     out, proj = bert_vit_with_projection
     _check_family("bert_vit", out, checkpoints("bert"), checkpoints("clip"), proj, tmp_path)

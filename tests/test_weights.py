@@ -103,6 +103,45 @@ def test_manifest_contents(weights, family):
         assert m["warnings"] == []
 
 
+def test_chinese_clip_preprocessor_is_the_real_layout(checkpoints, weights):
+    """Real OFA-Sys Chinese-CLIP: size {height, width}, no center crop -> an exact resize, not a shortest edge."""
+    raw = json.loads((checkpoints("chinese_clip") / "preprocessor_config.json").read_text())
+    assert raw["image_processor_type"] == "ChineseCLIPImageProcessor" and raw["do_center_crop"] is False
+    assert raw["size"] == {"height": 32, "width": 32} and raw["crop_size"] == 32
+    img = load_manifest(weights("chinese_clip"))["image"]
+    assert img["resize_mode"] == "exact" and img["resize_size"] == 32 and img["shortest_edge"] is None
+    assert img["do_center_crop"] is False and img["size"] == 32
+    clip = load_manifest(weights("clip"))["image"]
+    assert clip["resize_mode"] == "shortest_edge" and clip["shortest_edge"] == 32 and clip["do_center_crop"] is True
+
+
+def _with_preprocessor(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "preprocessor_config.json").read_text())
+    cfg.update(changes)
+    (dst / "preprocessor_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"size": {"height": 32, "width": 40}}, "not square"),
+    ({"size": {"height": 48, "width": 48}}, "does not match the vision tower's image_size 32"),
+    ({"size": {"shortest_edge": 32}}, "do_center_crop=false.*not be square"),
+    ({"size": {"shortest_edge": 32, "longest_edge": 64}, "do_center_crop": True}, "not supported"),
+])
+def test_unsupported_image_sizes_are_refused(checkpoints, tmp_path, changes, match):
+    ck = _with_preprocessor(checkpoints("chinese_clip"), tmp_path / "ck", **changes)
+    with pytest.raises(ConvertError, match=match):
+        convert(str(ck), tmp_path / "out")
+
+
+def test_exact_resize_with_center_crop(checkpoints, tmp_path):
+    ck = _with_preprocessor(checkpoints("chinese_clip"), tmp_path / "ck", size={"height": 40, "width": 40},
+                            do_center_crop=True, crop_size={"height": 32, "width": 32})
+    img = convert(str(ck), tmp_path / "out")["image"]
+    assert (img["resize_mode"], img["resize_size"], img["crop_size"], img["do_center_crop"]) == ("exact", 40, 32, True)
+
+
 def test_convert_is_deterministic(checkpoints, weights, tmp_path):
     m = convert(str(checkpoints("clip")), tmp_path / "again")
     assert m["model_id"] == load_manifest(weights("clip"))["model_id"]

@@ -269,7 +269,12 @@ def write_tokenizer(src: Path, out: Path, max_positions: int) -> dict[str, Any]:
 
 
 def image_settings(src: Path, vision_cfg: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
-    """Preprocessing constants from preprocessor_config.json (CLIP defaults, with a warning, when absent)."""
+    """Preprocessing constants from preprocessor_config.json (CLIP defaults, with a warning, when absent).
+
+    `size` is either {"shortest_edge": N} (keep the aspect ratio; CLIPImageProcessor) or {"height": H, "width": W}
+    (resize to exactly HxW, ignoring the aspect ratio; ChineseCLIPImageProcessor's real configs): recorded as
+    `resize_mode` "shortest_edge" (with `shortest_edge`) or "exact" (with `resize_size` = H = W, `shortest_edge` null).
+    """
     s = vision_cfg["image_size"]
     path = src / "preprocessor_config.json"
     if not path.is_file():
@@ -281,22 +286,34 @@ def image_settings(src: Path, vision_cfg: Mapping[str, Any], warnings: list[str]
     size = p.get("size", {"shortest_edge": s})
     if isinstance(size, int):
         size = {"shortest_edge": size}
-    shortest = size.get("shortest_edge") or min(size.get("height", s), size.get("width", s))
+    size = {k: v for k, v in size.items() if v is not None}
     crop = p.get("crop_size", {"height": s, "width": s})
     if isinstance(crop, int):
         crop = {"height": crop, "width": crop}
     do_crop = bool(p.get("do_center_crop", True))
+    flags = {k: bool(p.get(k, True)) for k in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb")}
+    if set(size) == {"shortest_edge"}:
+        mode, shortest, resize_size = "shortest_edge", int(size["shortest_edge"]), int(size["shortest_edge"])
+    elif set(size) == {"height", "width"}:
+        if size["height"] != size["width"]:
+            raise ConvertError(f"{path}: size {size} is not square; only a square exact resize is supported")
+        mode, shortest, resize_size = "exact", None, int(size["height"])
+    else:
+        raise ConvertError(f"{path}: size {size} is not supported (expected {{\"shortest_edge\": N}} or "
+                           "{\"height\": N, \"width\": N})")
     if do_crop and (crop.get("height"), crop.get("width")) != (s, s):
         raise ConvertError(f"{path}: crop_size {crop} does not match the vision tower's image_size {s}")
-    if not do_crop and "height" in size and (size["height"], size["width"]) != (s, s):
+    if not do_crop and mode == "shortest_edge":
+        raise ConvertError(f"{path}: do_center_crop=false with size {size} keeps the aspect ratio, so images would "
+                           "not be square; the image encoder takes a fixed square input")
+    if not do_crop and resize_size != s:
         raise ConvertError(f"{path}: size {size} does not match the vision tower's image_size {s}")
     return {
-        "size": s, "crop_size": int(crop.get("height", s)), "shortest_edge": int(shortest), "do_center_crop": do_crop,
+        "size": s, "crop_size": int(crop.get("height", s)), "shortest_edge": shortest,
+        "resize_mode": mode, "resize_size": resize_size, "do_center_crop": do_crop,
         "resample": int(p.get("resample", 3)), "mean": [float(x) for x in p.get("image_mean", DEFAULT_MEAN)],
         "std": [float(x) for x in p.get("image_std", DEFAULT_STD)],
-        "rescale_factor": float(p.get("rescale_factor", 1 / 255)), "do_resize": bool(p.get("do_resize", True)),
-        "do_rescale": bool(p.get("do_rescale", True)), "do_normalize": bool(p.get("do_normalize", True)),
-        "do_convert_rgb": bool(p.get("do_convert_rgb", True)),
+        "rescale_factor": float(p.get("rescale_factor", 1 / 255)), **flags,
     }
 
 

@@ -80,18 +80,29 @@ def _ensemble(name: str, inputs: list[str], outputs: list[str], steps: list[str]
 
 
 def image_parameters(manifest: dict) -> dict[str, Any]:
-    """Preprocessing parameters for preprocess_image from the manifest's `image` block."""
+    """Preprocessing parameters for preprocess_image from the manifest's `image` block.
+
+    `resize_mode` "exact" (ChineseCLIPImageProcessor's {"height", "width"} size) resizes to `resize_size` square,
+    ignoring the aspect ratio; "shortest_edge" keeps it. Manifests written before `resize_mode` existed: shortest_edge
+    when `shortest_edge` is set, else exact.
+    """
     img = manifest.get("image") or {}
     shortest = img.get("shortest_edge")
-    size = int(shortest or img.get("size") or P.PARAMETERS["image_size"].default)
+    mode = img.get("resize_mode") or ("shortest_edge" if shortest else "exact")
+    if mode not in ("shortest_edge", "exact"):
+        raise ValueError(f"the manifest's image.resize_mode {mode!r} is not supported (shortest_edge or exact)")
+    size = int(img.get("resize_size") or (shortest if mode == "shortest_edge" else None) or img.get("size")
+               or P.PARAMETERS["image_size"].default)
     crop = int(img.get("crop_size") or size)
-    if shortest and not img.get("do_center_crop", True):
-        raise ValueError("the checkpoint resizes the shortest edge without a center crop: images would not be square")
+    do_crop = bool(img.get("do_center_crop", True))
+    if mode == "shortest_edge" and not do_crop:
+        raise ValueError("the checkpoint resizes the shortest edge without a center crop: images would not be square"
+                         " (re-run `clip-triton convert` if its preprocessor_config.json has a height/width size)")
     return {
         "image_size": size,
-        "resize_mode": "shortest_edge" if shortest else "exact",
+        "resize_mode": mode,
         "crop_size": crop,
-        "do_center_crop": bool(img.get("do_center_crop", True)),
+        "do_center_crop": do_crop,
         "resample": int(img.get("resample", 3)),
         "rescale_factor": float(img.get("rescale_factor", 1 / 255)),
         "image_mean": list(img.get("mean") or P.PARAMETERS["image_mean"].default),

@@ -97,6 +97,29 @@ def _write_preprocessor(out: Path, size: int) -> None:
     proc.save_pretrained(str(out))
 
 
+def _write_chinese_clip_preprocessor(out: Path, size: int) -> None:
+    """preprocessor_config.json in the layout of the real OFA-Sys/chinese-clip-vit-* checkpoints.
+
+    ChineseCLIPImageProcessor with a {"height", "width"} size and no center crop: every image is resized to exactly
+    size x size, ignoring its aspect ratio.
+    """
+    cfg = {
+        "crop_size": size,
+        "do_center_crop": False,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": CLIP_MEAN,
+        "image_processor_type": "ChineseCLIPImageProcessor",
+        "image_std": CLIP_STD,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"height": size, "width": size},
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
 def _vision_cfg(size: str) -> dict:
     if size == "base":  # ViT-B/32
         return dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -158,8 +181,10 @@ def make_random_checkpoint(out_dir: str | os.PathLike, family: str, size: str = 
     model.eval()
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
-    if family != "bert":
+    if family == "clip":
         _write_preprocessor(out, cfg.vision_config.image_size)
+    elif family == "chinese_clip":
+        _write_chinese_clip_preprocessor(out, cfg.vision_config.image_size)
     return out
 
 

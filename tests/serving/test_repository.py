@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -39,6 +40,32 @@ def test_generated_parameters_parse_back(weights):
     # the logit scale travels with the weights
     assert repr(float(manifest["logit_scale"])) in configs["postprocess"]
     assert "optional: true" in configs["zero_shot"]
+
+
+def test_chinese_clip_real_layout_builds(weights, tmp_path):
+    """The real Chinese-CLIP preprocessor (height/width size, no center crop) builds, with an exact resize."""
+    repo = build_repository(weights("chinese_clip"), tmp_path / "repo")
+    text = (repo / "preprocess_image" / "config.pbtxt").read_text()
+    assert "dims: [ 3, 32, 32 ]" in text
+    p = read_parameters({"parameters": _parameters_of(text)}, ["resize_mode", "image_size", "do_center_crop"])
+    assert p == {"resize_mode": "exact", "image_size": 32, "do_center_crop": False}
+    assert "dims: [ 3, 32, 32 ]" in (repo / "image_encoder" / "config.pbtxt").read_text()
+    assert json.loads((repo / "clip_info" / "1" / "info.json").read_text())["image_size"] == 32
+
+
+def test_old_manifest_shortest_edge_without_crop_is_refused(weights):
+    manifest = json.loads((weights("chinese_clip") / "manifest.json").read_text())
+    manifest["image"] = {**manifest["image"], "shortest_edge": 32}
+    for key in ("resize_mode", "resize_size"):
+        manifest["image"].pop(key)
+    with pytest.raises(ValueError, match="without a center crop"):
+        generate_configs(manifest)
+
+
+def _parameters_of(pbtxt: str) -> dict:
+    """key -> {"string_value": ...} from a generated config.pbtxt's parameters blocks (values hold no quotes)."""
+    found = re.findall(r'key: "([^"]*)"\n  value: \{ string_value: "([^"]*)" \}', pbtxt)
+    return {k: {"string_value": v} for k, v in found}
 
 
 def test_sha_mismatch_stops_the_build(weights, tmp_path):
