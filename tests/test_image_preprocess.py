@@ -102,6 +102,32 @@ def test_parity_with_chinese_clip_exact_resize(h, w, side):
     assert np.abs(ours - ref).max() <= TOL
 
 
+@pytest.mark.parametrize("do_rescale,do_normalize", [(False, True), (True, False), (False, False)])
+def test_rescale_and_normalize_flags_follow_the_manifest(do_rescale, do_normalize):
+    """A manifest's do_rescale / do_normalize = false reach the runtime (via build's image_parameters) as identity
+    steps and give transformers' pixels."""
+    from transformers import CLIPImageProcessorPil
+
+    from clip_build.repository import image_parameters
+
+    image = {"size": 64, "crop_size": 64, "shortest_edge": 64, "resize_mode": "shortest_edge", "resize_size": 64,
+             "do_center_crop": True, "resample": 3, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
+             "rescale_factor": 1 / 255, "do_resize": True, "do_rescale": do_rescale, "do_normalize": do_normalize,
+             "do_convert_rgb": True}
+    params = {n: p.default for n, p in PARAMETERS.items()} | image_parameters({"image": image})
+    hf_proc = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                                    image_mean=image["mean"], image_std=image["std"], do_rescale=do_rescale,
+                                    do_normalize=do_normalize)
+    for h, w in [(100, 70), (64, 200)]:
+        data = encode(Image.fromarray(photo(h, w)), "PNG")
+        ours = ImagePreprocessor(ImageConfig.from_parameters(params))([data])[0]
+        ref = reference(hf_proc, data).astype(np.float32)
+        assert ours.shape == ref.shape == (3, 64, 64)
+        scale = 255 if not do_rescale else 1  # unrescaled values are 255x larger; the tolerance is 1/255 of a step
+        assert np.abs(ours - ref).max() <= TOL * scale
+        assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
 def test_batch_normalise_equals_single_items():
     pre = ImagePreprocessor()
     items = [encode(Image.fromarray(photo(h, w, s)), "PNG") for s, (h, w) in enumerate([(300, 200), (224, 500), (64, 64)])]

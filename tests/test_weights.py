@@ -135,6 +135,20 @@ def test_unsupported_image_sizes_are_refused(checkpoints, tmp_path, changes, mat
         convert(str(ck), tmp_path / "out")
 
 
+def test_do_resize_false_is_refused(checkpoints, tmp_path):
+    ck = _with_preprocessor(checkpoints("clip"), tmp_path / "ck", do_resize=False)
+    with pytest.raises(ConvertError, match="do_resize=false is not supported"):
+        convert(str(ck), tmp_path / "out")
+
+
+def test_processing_flags_recorded(checkpoints, tmp_path):
+    ck = _with_preprocessor(checkpoints("clip"), tmp_path / "ck", do_normalize=False, do_rescale=False,
+                            do_convert_rgb=False)
+    m = convert(str(ck), tmp_path / "out")
+    assert (m["image"]["do_normalize"], m["image"]["do_rescale"], m["image"]["do_convert_rgb"]) == (False, False, False)
+    assert len(m["warnings"]) == 1 and "do_convert_rgb=false" in m["warnings"][0]
+
+
 def test_exact_resize_with_center_crop(checkpoints, tmp_path):
     ck = _with_preprocessor(checkpoints("chinese_clip"), tmp_path / "ck", size={"height": 40, "width": 40},
                             do_center_crop=True, crop_size={"height": 32, "width": 32})

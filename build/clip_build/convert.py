@@ -274,6 +274,7 @@ def image_settings(src: Path, vision_cfg: Mapping[str, Any], warnings: list[str]
     `size` is either {"shortest_edge": N} (keep the aspect ratio; CLIPImageProcessor) or {"height": H, "width": W}
     (resize to exactly HxW, ignoring the aspect ratio; ChineseCLIPImageProcessor's real configs): recorded as
     `resize_mode` "shortest_edge" (with `shortest_edge`) or "exact" (with `resize_size` = H = W, `shortest_edge` null).
+    Settings the serving runtime cannot reproduce are refused here, with the flag named, rather than served wrong.
     """
     s = vision_cfg["image_size"]
     path = src / "preprocessor_config.json"
@@ -292,6 +293,12 @@ def image_settings(src: Path, vision_cfg: Mapping[str, Any], warnings: list[str]
         crop = {"height": crop, "width": crop}
     do_crop = bool(p.get("do_center_crop", True))
     flags = {k: bool(p.get(k, True)) for k in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb")}
+    if not flags["do_resize"]:
+        raise ConvertError(f"{path}: do_resize=false is not supported: the image encoder takes a fixed "
+                           f"{s}x{s} input, so every image must be resized")
+    if not flags["do_convert_rgb"]:
+        _warn(warnings, f"{path}: do_convert_rgb=false; the server converts every image to RGB anyway (the vision "
+                        "tower takes 3 channels), which is what the checkpoint's processor gives for RGB images")
     if set(size) == {"shortest_edge"}:
         mode, shortest, resize_size = "shortest_edge", int(size["shortest_edge"]), int(size["shortest_edge"])
     elif set(size) == {"height", "width"}:

@@ -98,15 +98,21 @@ def image_parameters(manifest: dict) -> dict[str, Any]:
     if mode == "shortest_edge" and not do_crop:
         raise ValueError("the checkpoint resizes the shortest edge without a center crop: images would not be square"
                          " (re-run `clip-triton convert` if its preprocessor_config.json has a height/width size)")
+    if not img.get("do_resize", True):
+        raise ValueError("the checkpoint's preprocessor has do_resize=false: not supported (the image encoder takes a "
+                         "fixed square input)")
+    # do_rescale / do_normalize = false are the identity steps: rescale by 1, normalise with mean 0 and std 1.
+    # (do_convert_rgb = false: the runtime still converts to RGB, the only input the 3-channel tower accepts.)
+    do_rescale, do_normalize = bool(img.get("do_rescale", True)), bool(img.get("do_normalize", True))
     return {
         "image_size": size,
         "resize_mode": mode,
         "crop_size": crop,
         "do_center_crop": do_crop,
         "resample": int(img.get("resample", 3)),
-        "rescale_factor": float(img.get("rescale_factor", 1 / 255)),
-        "image_mean": list(img.get("mean") or P.PARAMETERS["image_mean"].default),
-        "image_std": list(img.get("std") or P.PARAMETERS["image_std"].default),
+        "rescale_factor": float(img.get("rescale_factor", 1 / 255)) if do_rescale else 1.0,
+        "image_mean": list(img.get("mean") or P.PARAMETERS["image_mean"].default) if do_normalize else [0.0] * 3,
+        "image_std": list(img.get("std") or P.PARAMETERS["image_std"].default) if do_normalize else [1.0] * 3,
     }
 
 

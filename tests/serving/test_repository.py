@@ -62,6 +62,17 @@ def test_old_manifest_shortest_edge_without_crop_is_refused(weights):
         generate_configs(manifest)
 
 
+def test_image_flags_reach_the_preprocessor(weights):
+    manifest = json.loads((weights("clip") / "manifest.json").read_text())
+    manifest["image"] = {**manifest["image"], "do_normalize": False, "do_rescale": False}
+    text = generate_configs(manifest)["preprocess_image"]
+    p = read_parameters({"parameters": _parameters_of(text)}, ["image_mean", "image_std", "rescale_factor"])
+    assert p == {"image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0], "rescale_factor": 1.0}
+    manifest["image"]["do_resize"] = False
+    with pytest.raises(ValueError, match="do_resize=false"):
+        generate_configs(manifest)
+
+
 def _parameters_of(pbtxt: str) -> dict:
     """key -> {"string_value": ...} from a generated config.pbtxt's parameters blocks (values hold no quotes)."""
     found = re.findall(r'key: "([^"]*)"\n  value: \{ string_value: "([^"]*)" \}', pbtxt)
