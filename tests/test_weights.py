@@ -270,6 +270,33 @@ def test_cli_convert(checkpoints, tmp_path, caplog):
     assert cli_main(["convert", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
 
 
+# ------------------------------------------------------------------------------------------------ synthetic vocab
+def test_open_clip_wheel_pinned_by_name_and_sha256(tmp_path, monkeypatch):
+    """The BPE source wheel is chosen by exact file name and refused when its sha256 is not the pinned one."""
+    from clip_build import synthetic
+
+    real = synthetic.open_clip_wheel()  # the user's cache (downloaded once, like every tokenizer test needs)
+    monkeypatch.setenv("CLIP_TRITON_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(synthetic.subprocess, "run", lambda *a, **k: pytest.fail(f"unexpected download {a}"))
+    wheels = tmp_path / "cache" / "wheels"
+    wheels.mkdir(parents=True)
+    (wheels / "open_clip_torch-9.9.9-py3-none-any.whl").write_bytes(b"another wheel, sorted last")
+    shutil.copy2(real, wheels / synthetic.OPEN_CLIP_WHEEL_FILE)
+    assert synthetic.open_clip_wheel() == wheels / synthetic.OPEN_CLIP_WHEEL_FILE
+    out = synthetic.clip_bpe_files()
+    assert json.loads((out / "vocab.json").read_text(encoding="utf-8"))["<|endoftext|>"] == 49407
+    (out / "vocab.json").write_text("{}")  # a tampered derived file is rebuilt from the verified wheel
+    assert synthetic.clip_bpe_files() == out and len(json.loads((out / "vocab.json").read_text(encoding="utf-8"))) == 49408
+    data = bytearray((wheels / synthetic.OPEN_CLIP_WHEEL_FILE).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (wheels / synthetic.OPEN_CLIP_WHEEL_FILE).write_bytes(bytes(data))
+    with pytest.raises(synthetic.WheelIntegrityError, match="sha256"):
+        synthetic.open_clip_wheel()
+    (out / "merges.txt").unlink()
+    with pytest.raises(synthetic.WheelIntegrityError, match="sha256"):
+        synthetic.clip_bpe_files()
+
+
 def test_import_clip_build_is_cheap():
     code = "import sys, clip_build, clip_build.weights, clip_build.convert\nassert 'torch' not in sys.modules\n"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

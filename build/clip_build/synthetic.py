@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.resources
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-OPEN_CLIP_WHEEL = "open_clip_torch==3.3.0"
+# OpenAI's BPE merges ship inside this exact wheel; it is fetched by name and version and checked against PyPI's sha256
+# (pip --require-hashes on download, and again here on every use of the cached file).
+OPEN_CLIP_VERSION = "3.3.0"
+OPEN_CLIP_WHEEL = f"open_clip_torch=={OPEN_CLIP_VERSION}"
+OPEN_CLIP_WHEEL_FILE = f"open_clip_torch-{OPEN_CLIP_VERSION}-py3-none-any.whl"
+OPEN_CLIP_WHEEL_SHA256 = "c549ad5ed6bfc119cc11105033c0a2b9d7a2a4afeb40a58a09aab3da1a0043ce"
+# What clip_bpe_files derives from that wheel; a cached copy that does not match is rebuilt.
+CLIP_BPE_SHA256 = {
+    "vocab.json": "3f0c4f7d2086b61b38487075278ea9ed04edb53a03cbb045b86c27190fa8fb69",
+    "merges.txt": "9fd691f7c8039210e0fced15865466c65820d09b63988b0174bfe25de299051a",
+}
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP normalisation, as in CLIPImageProcessor
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -45,19 +58,48 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
+class WheelIntegrityError(RuntimeError):
+    """The open_clip_torch wheel (downloaded or cached) is not the pinned one."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def open_clip_wheel() -> Path:
+    """The pinned open_clip_torch wheel in the cache (downloaded with pip when absent), sha256-verified."""
+    wheels = cache_dir() / "wheels"
+    path = wheels / OPEN_CLIP_WHEEL_FILE
+    if not path.is_file():
+        wheels.mkdir(parents=True, exist_ok=True)
+        log.info("downloading %s (no deps) into %s", OPEN_CLIP_WHEEL, wheels)
+        with tempfile.TemporaryDirectory(dir=wheels) as tmp:  # an empty folder: only pip's download lands there
+            req = Path(tmp) / "requirements.txt"
+            req.write_text(f"{OPEN_CLIP_WHEEL} --hash=sha256:{OPEN_CLIP_WHEEL_SHA256}\n", encoding="utf-8")
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                            "--require-hashes", "-r", str(req), "-d", str(Path(tmp) / "dl")], check=True)
+            got = Path(tmp) / "dl" / OPEN_CLIP_WHEEL_FILE
+            if not got.is_file():
+                raise WheelIntegrityError(f"pip did not download {OPEN_CLIP_WHEEL_FILE} (got "
+                                          f"{sorted(p.name for p in (Path(tmp) / 'dl').glob('*'))})")
+            shutil.move(str(got), str(path))
+    digest = _sha256(path)
+    if digest != OPEN_CLIP_WHEEL_SHA256:
+        raise WheelIntegrityError(f"{path}: sha256 {digest} is not the pinned {OPEN_CLIP_WHEEL_SHA256} of "
+                                  f"{OPEN_CLIP_WHEEL}; delete the file to download it again")
+    return path
+
+
 def clip_bpe_files() -> Path:
     """Folder with vocab.json + merges.txt derived from OpenAI's BPE file inside the open_clip_torch wheel."""
     out = cache_dir() / "clip_bpe"
-    if (out / "vocab.json").exists() and (out / "merges.txt").exists():
+    if all((out / n).is_file() and _sha256(out / n) == h for n, h in CLIP_BPE_SHA256.items()):
         return out
-    wheels = cache_dir() / "wheels"
-    found = sorted(wheels.glob("open_clip_torch-*.whl")) if wheels.exists() else []
-    if not found:
-        log.info("downloading %s (no deps) into %s", OPEN_CLIP_WHEEL, wheels)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", OPEN_CLIP_WHEEL, "-d", str(wheels)],
-                       check=True)
-        found = sorted(wheels.glob("open_clip_torch-*.whl"))
-    with zipfile.ZipFile(found[-1]) as zf:
+    with zipfile.ZipFile(open_clip_wheel()) as zf:
         lines = gzip.decompress(zf.read(BPE_MEMBER)).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # as OpenAI's SimpleTokenizer
     byte_chars = list(_bytes_to_unicode().values())
@@ -68,6 +110,9 @@ def clip_bpe_files() -> Path:
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
     tmp.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
     tmp.replace(out / "vocab.json")
+    for name, want in CLIP_BPE_SHA256.items():
+        if _sha256(out / name) != want:
+            raise WheelIntegrityError(f"{out / name}: derived file does not match its pinned sha256")
     return out
 
 
