@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,16 @@ from .errors import CLIPClientError, ServerError, ServerTimeoutError, ServerUnav
 from .inputs import chunk_spans, encode_images, encode_texts, normalize_texts
 
 
+@dataclass
+class _LoopState:
+    """What belongs to one event loop: the aio tritonclient, the concurrency semaphore, the model-info lock."""
+
+    loop: asyncio.AbstractEventLoop
+    client: Any
+    sem: asyncio.Semaphore
+    info_lock: asyncio.Lock
+
+
 class AsyncCLIPClient(ClientBase):
     """Asyncio client with the same methods as CLIPClient (as coroutines). Use it from one event loop.
 
@@ -47,10 +58,8 @@ class AsyncCLIPClient(ClientBase):
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", **options: Any):
         super().__init__(url, protocol, **options)
-        self._client: Any = None
-        self._sem: asyncio.Semaphore | None = None
-        self._info_lock: asyncio.Lock | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state: _LoopState | None = None
+        self._closing: set[asyncio.Future] = set()  # closes of clients left behind by a loop change
 
     async def __aenter__(self) -> "AsyncCLIPClient":
         return self
@@ -59,31 +68,60 @@ class AsyncCLIPClient(ClientBase):
         await self.close()
 
     async def close(self) -> None:
-        """Close the underlying tritonclient."""
-        client, self._client = self._client, None
-        self._sem = self._info_lock = self._loop = None
-        if client is not None:
-            await client.close()
-
-    def _triton(self):
-        """The aio tritonclient of the running event loop (created on first use; a new loop gets a new one)."""
+        """Close the underlying tritonclient (calls in flight keep their references and fail)."""
+        state, self._state = self._state, None
         loop = asyncio.get_running_loop()
-        if self._client is not None and self._loop is not loop:
-            log.debug("event loop changed: opening a new tritonclient")  # the old one belongs to a closed loop
-            self._client = None
-        if self._client is None:
-            self._loop = loop
+        pending = [f for f in self._closing if not f.done() and f.get_loop() is loop]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        if state is not None:
+            await state.client.close()
+
+    def _loop_state(self) -> "_LoopState":
+        """The aio tritonclient, semaphore and lock of the running event loop (created on first use; a new loop
+        gets new ones, and the old client is closed in the background)."""
+        loop = asyncio.get_running_loop()
+        state = self._state
+        if state is not None and state.loop is not loop:
+            log.debug("event loop changed: opening a new tritonclient")
+            self._state = None
+            self._close_left_behind(state, loop)
+        if self._state is None:
             if self.protocol == "http":
                 import tritonclient.http.aio as mod
 
-                self._client = mod.InferenceServerClient(self.url, conn_timeout=self.timeout, conn_limit=self.max_concurrency * 2)
+                client = mod.InferenceServerClient(self.url, conn_timeout=self.timeout, conn_limit=self.max_concurrency * 2)
             else:
                 import tritonclient.grpc.aio as mod
 
-                self._client = mod.InferenceServerClient(self.url)
-            self._sem = asyncio.Semaphore(self.max_concurrency)
-            self._info_lock = asyncio.Lock()
-        return self._client
+                client = mod.InferenceServerClient(self.url)
+            self._state = _LoopState(loop, client, asyncio.Semaphore(self.max_concurrency), asyncio.Lock())
+        return self._state
+
+    def _triton(self):
+        """The aio tritonclient of the running event loop."""
+        return self._loop_state().client
+
+    def _close_left_behind(self, state: "_LoopState", loop: asyncio.AbstractEventLoop) -> None:
+        """Best-effort close of a previous loop's client: on that loop while it still runs (another thread),
+        else on this one (aiohttp and grpc.aio close cleanly there once their loop is gone)."""
+
+        async def close() -> None:
+            try:
+                await asyncio.wait_for(state.client.close(), 5.0)
+            except Exception as e:  # noqa: BLE001 - best effort: the old loop may be closed half-way
+                log.debug("closing the previous event loop's tritonclient: %s", e)
+
+        try:
+            if state.loop.is_running() and not state.loop.is_closed():
+                fut: asyncio.Future = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(close(), state.loop))
+            else:
+                fut = loop.create_task(close())
+        except RuntimeError as e:  # the old loop stopped meanwhile
+            log.debug("cannot close the previous event loop's tritonclient: %s", e)
+            return
+        self._closing.add(fut)
+        fut.add_done_callback(self._closing.discard)
 
     # ---------------------------------------------------------------------------------- transport
     async def _call(self, what: str, make_coro) -> Any:
@@ -101,13 +139,13 @@ class AsyncCLIPClient(ClientBase):
 
     async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         async def once():
-            client = self._triton()
+            state = self._loop_state()
             kwargs: dict[str, Any] = {"headers": self.headers}
             if self.protocol == "grpc":
                 kwargs["client_timeout"] = self.timeout
-            async with self._sem:  # wait_for: the client-side deadline, also for HTTP (aiohttp's is per session)
+            async with state.sem:  # wait_for: the client-side deadline, also for HTTP (aiohttp's is per session)
                 result = await asyncio.wait_for(
-                    client.infer(model, self._make_inputs(inputs), outputs=self._make_outputs(outputs), **kwargs),
+                    state.client.infer(model, self._make_inputs(inputs), outputs=self._make_outputs(outputs), **kwargs),
                     self.timeout,
                 )
             return {n: result.as_numpy(n) for n in outputs}
@@ -148,8 +186,7 @@ class AsyncCLIPClient(ClientBase):
         """
         if self._info is not None:
             return self._info
-        self._triton()
-        async with self._info_lock:
+        async with self._loop_state().info_lock:  # a local reference: close() may drop the state meanwhile
             if self._info is None:
                 self._info = await self._clip_info()
             if self._info is None:
