@@ -116,6 +116,38 @@ def image_parameters(manifest: dict) -> dict[str, Any]:
     }
 
 
+# What `build --limit NAME=VALUE` (and build_repository / generate_configs' limits=) may set: the request limits and
+# the serving tuning knobs. Everything else (logit_scale, model_id, max_length, pad_token_id, tokenizer_file, the image
+# preprocessing constants) comes from the manifest and must not be overridden.
+BUILD_LIMITS = P.LIMITS + ("jpeg_draft_gap", "decode_threads", "pad_to_multiple_of", "default_top_k")
+_MINIMUM = {"decode_threads": 0, "jpeg_draft_gap": 0}  # others: >= 1
+
+
+def check_limits(limits: dict[str, Any] | None) -> dict[str, Any]:
+    """Validated, typed --limit values; ValueError naming the allowed names for an unknown one, or a bad value."""
+    out: dict[str, Any] = {}
+    for name, value in (limits or {}).items():
+        if name not in BUILD_LIMITS:
+            raise ValueError(f"{name!r} cannot be set with --limit; allowed: {', '.join(BUILD_LIMITS)}")
+        if P.PARAMETERS[name].kind in ("int", "float") and isinstance(value, bool):
+            raise ValueError(f"--limit {name}={value!r}: not a number")
+        text = value if isinstance(value, str) else P.encode(name, value)
+        if not text.strip():  # read_parameters would read "" as "use the default"
+            raise ValueError(f"--limit {name}: empty value")
+        v = P.read_parameters({"parameters": {name: {"string_value": text}}}, [name])[name]  # ParameterError
+        if name == "allowed_formats":
+            known = {f.upper() for f in P.PARAMETERS[name].default} | {"JPG", "TIF"}
+            if not v or any(f.upper() not in known for f in v):
+                raise ValueError(f"--limit allowed_formats={text!r}: give a non-empty subset of "
+                                 f"{','.join(P.PARAMETERS[name].default)}")
+        elif v < _MINIMUM.get(name, 1):
+            raise ValueError(f"--limit {name}={text!r}: must be >= {_MINIMUM.get(name, 1)}")
+        elif name == "jpeg_draft_gap" and 0 < v < 1:
+            raise ValueError(f"--limit jpeg_draft_gap={text!r}: 0 (exact) or >= 1")
+        out[name] = v
+    return out
+
+
 def effective_limits(max_batch_size: int = 64, limits: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every request limit (params.LIMITS) as the python models will enforce it: --limit values over defaults."""
     merged = {"max_items_per_request": max_batch_size, **(limits or {})}
@@ -153,12 +185,13 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
     img = image_parameters(manifest)
     side = img["crop_size"] if img["do_center_crop"] else img["image_size"]
     tok = manifest["tokenizer"]
-    limits = {"max_items_per_request": max_batch_size, **(limits or {})}
+    limits = {"max_items_per_request": max_batch_size, **check_limits(limits)}
     kind = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}[instance_kind]
     batching = _batching(max_batch_size, max_queue_delay_us)
 
     def params(names: list[str], values: dict[str, Any]) -> str:
-        merged = {n: values.get(n, limits.get(n, P.PARAMETERS[n].default)) for n in names}
+        # limits only hold BUILD_LIMITS names: they override the manifest's value (pad_to_multiple_of) or the default
+        merged = {n: limits[n] if n in limits else values.get(n, P.PARAMETERS[n].default) for n in names}
         return _parameters({n: P.encode(n, v) for n, v in merged.items()})
 
     cfg: dict[str, str] = {}
@@ -266,9 +299,7 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
     if max_batch_size < 1 or instance_count < 1 or max_queue_delay_us < 0:
         raise ValueError("max_batch_size and instance_count must be >= 1, max_queue_delay_us >= 0")
-    for name in limits or {}:
-        if name not in P.PARAMETERS:
-            raise ValueError(f"unknown limit {name!r}; known: {sorted(P.PARAMETERS)}")
+    limits = check_limits(limits)
 
     started = time.monotonic()
     weights_dir, repo = Path(weights_dir), Path(repo_dir)
@@ -348,7 +379,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size of the batching models")
     parser.add_argument("--max-queue-delay-us", type=int, default=1000, help="dynamic batcher queue delay")
     parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-                        help="override a python-model parameter, e.g. max_pixels=20000000 (repeatable)")
+                        help="set a request limit or tuning knob, e.g. max_pixels=20000000 (repeatable); allowed: "
+                        + ", ".join(BUILD_LIMITS))
 
 
 def run(args: argparse.Namespace, command: str) -> int:
@@ -358,11 +390,11 @@ def run(args: argparse.Namespace, command: str) -> int:
     limits = {}
     for item in args.limit:
         name, sep, value = item.partition("=")
-        if not sep or name not in P.PARAMETERS:
-            log.error("bad --limit %r (known names: %s)", item, ", ".join(sorted(P.PARAMETERS)))
+        if not sep or name not in BUILD_LIMITS:
+            log.error("bad --limit %r (allowed names: %s)", item, ", ".join(BUILD_LIMITS))
             return 2
         try:
-            limits[name] = P.read_parameters({"parameters": {name: {"string_value": value}}}, [name])[name]
+            limits.update(check_limits({name: value}))
         except ValueError as exc:
             log.error("bad --limit %r: %s", item, exc)
             return 2

@@ -126,6 +126,44 @@ def test_cli_build_limits_are_checked(weights, tmp_path, caplog):
     assert info["max_items_per_request"] == 8 and info["model_id"] in (out / "postprocess" / "config.pbtxt").read_text()
 
 
+@pytest.mark.parametrize("name", ["logit_scale", "model_id", "max_length", "pad_token_id", "tokenizer_file",
+                                  "image_mean", "resize_mode"])
+def test_limits_cannot_override_the_manifest(weights, tmp_path, caplog, name):
+    from clip_client.cli import main
+
+    manifest = json.loads((weights("clip") / "manifest.json").read_text())
+    with pytest.raises(ValueError, match=f"'{name}' cannot be set with --limit; allowed: max_items_per_request, "):
+        generate_configs(manifest, limits={name: "1"})
+    with pytest.raises(ValueError, match="allowed: .*default_top_k"):
+        build_repository(weights("clip"), tmp_path / "repo", limits={name: "1"})
+    assert not (tmp_path / "repo").exists()  # refused before anything is written
+    assert main(["build", "--weights", str(weights("clip")), "--repository", str(tmp_path / "repo2"),
+                 "--limit", f"{name}=1"]) == 2
+    assert any(f"bad --limit '{name}=1'" in r.getMessage() and "pad_to_multiple_of" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("item", ["max_pixels=0", "max_items_per_request=-1", "allowed_formats=", "allowed_formats=EXE",
+                                  "jpeg_draft_gap=0.5", "default_top_k=0", "pad_to_multiple_of=x"])
+def test_limit_values_are_checked(weights, tmp_path, item):
+    from clip_client.cli import main
+
+    assert main(["build", "--weights", str(weights("clip")), "--repository", str(tmp_path / "r"), "--limit", item]) == 2
+
+
+def test_tuning_knobs_reach_the_configs(weights):
+    manifest = json.loads((weights("clip") / "manifest.json").read_text())
+    configs = generate_configs(manifest, limits={"pad_to_multiple_of": "8", "default_top_k": 3, "decode_threads": 0,
+                                                 "jpeg_draft_gap": 4, "allowed_formats": ["png", "JPG"]})
+    text = read_parameters({"parameters": _parameters_of(configs["preprocess_text"])}, ["pad_to_multiple_of"])
+    assert text == {"pad_to_multiple_of": 8}  # the --limit wins over the manifest's 16
+    image = read_parameters({"parameters": _parameters_of(configs["preprocess_image"])},
+                            ["decode_threads", "jpeg_draft_gap", "allowed_formats"])
+    assert image == {"decode_threads": 0, "jpeg_draft_gap": 4.0, "allowed_formats": ["png", "JPG"]}
+    post = read_parameters({"parameters": _parameters_of(configs["postprocess"])}, ["default_top_k", "logit_scale"])
+    assert post == {"default_top_k": 3, "logit_scale": manifest["logit_scale"]}
+
+
 def test_read_parameters_defaults_and_errors():
     p = read_parameters({"parameters": {}}, ["max_length", "allowed_formats"])
     assert p == {"max_length": 77, "allowed_formats": ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]}
