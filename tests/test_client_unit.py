@@ -230,6 +230,53 @@ def test_model_info_fallback_identity():
     assert _core.build_model_info(_configs({}), logit_scale=1.0).logit_scale == 1.0
 
 
+def _fallback_clients(configs: dict, probe_scale: float = 2.5):
+    """A CLIPClient and an AsyncCLIPClient without clip_info, whose configs and zero_shot answers are stubbed."""
+    from clip_client import AsyncCLIPClient
+
+    d = 512
+    t, i = np.zeros((1, d), np.float32), np.zeros((1, d), np.float32)
+    t[0, 0] = i[0, 0] = 1.0
+    t[0, 1] = 1.0  # cosine 1/sqrt(2)
+    answer = {"text_embeds": t, "image_embeds": i, "logits_per_text": np.array([[np.exp(probe_scale) / np.sqrt(2)]])}
+    calls: list = []
+
+    def infer(model, inputs, outputs):
+        calls.append(model)
+        assert model == "zero_shot" and set(inputs) == {"text", "image"}
+        return answer
+
+    async def ainfer(model, inputs, outputs):
+        return infer(model, inputs, outputs)
+
+    async def aconfig(name):
+        return configs.get(name)
+
+    async def anone():
+        return None
+
+    sync, aio = CLIPClient("127.0.0.1:1"), AsyncCLIPClient("127.0.0.1:1")
+    sync._clip_info, sync._model_config, sync._infer = (lambda: None), configs.get, infer
+    aio._clip_info, aio._model_config, aio._infer = anone, aconfig, ainfer
+    return sync, aio, calls
+
+
+@pytest.mark.parametrize("params", [{"logit_scale": {"string_value": "4.6052"}}, {}], ids=["in-config", "probed"])
+def test_model_info_config_fallback_same_in_both_clients(params):
+    import asyncio
+
+    sync, aio, calls = _fallback_clients(_configs(params))
+    info = sync.get_model_info()
+    assert info == asyncio.run(aio.get_model_info())
+    assert info.logit_scale == pytest.approx(4.6052 if params else 2.5, abs=1e-4)
+    assert calls == ([] if params else ["zero_shot", "zero_shot"])
+    sync, aio, _ = _fallback_clients({"postprocess": _configs(params)["postprocess"]})
+    with pytest.raises(ServerError, match="neither encode_text nor encode_image"):
+        sync.get_model_info()
+    with pytest.raises(ServerError, match="neither encode_text nor encode_image"):
+        asyncio.run(aio.get_model_info())
+
+
 def test_error_mapping():
     from tritonclient.utils import InferenceServerException as E
 

@@ -32,6 +32,8 @@ TEXT_LIMIT_MODELS = ("preprocess_text", "text_encoder")
 IMAGE_LIMIT_MODELS = ("preprocess_image", "image_encoder")
 POSTPROCESS = "postprocess"
 CLIP_INFO, CLIP_INFO_OUT = "clip_info", "info"  # identity + limits as JSON; works with model-config restricted
+# Configs read by get_model_info when the server has no clip_info model.
+INFO_CONFIG_MODELS = (POSTPROCESS, ENCODE_TEXT, ENCODE_IMAGE, *TEXT_LIMIT_MODELS, *IMAGE_LIMIT_MODELS)
 ITEM_LIMIT_PARAMS = ("max_items_per_request", "max_batch_items", "max_items")
 FALLBACK_MAX_ITEMS = 64
 
@@ -352,6 +354,28 @@ class ClientBase:
     def _limits(self, info: ModelInfo, kind: str) -> int:
         n = info.max_text_items if kind == "text" else info.max_image_items
         return min(n, self.max_items) if self.max_items else n
+
+    # ---- model info from configs (get_model_info's fallback; the clients only do the I/O)
+    def _scale_probe(self, configs: dict[str, dict | None]) -> tuple[str, dict[str, np.ndarray], list[str]] | None:
+        """Checks the INFO_CONFIG_MODELS configs; the zero_shot request (model, inputs, outputs) whose answer
+        reveals logit_scale when the postprocess config lacks it, else None."""
+        if configs[ENCODE_TEXT] is None and configs[ENCODE_IMAGE] is None:
+            raise ServerError(f"the server at {self.url} serves neither encode_text nor encode_image")
+        post = configs[POSTPROCESS]
+        if post is not None and "logit_scale" in (post.get("parameters") or {}):
+            return None
+        log.warning("postprocess config has no logit_scale; reading it through a zero_shot call")
+        return (
+            ZERO_SHOT,
+            {TEXT_IN: bytes_tensor([b"a photo"]), IMAGE_IN: bytes_tensor([probe_image()])},
+            [TEXT_OUT, IMAGE_OUT, "logits_per_text"],
+        )
+
+    @staticmethod
+    def _info_from_configs(configs: dict[str, dict | None], probe_answer: dict[str, np.ndarray] | None) -> ModelInfo:
+        """ModelInfo from the configs and, when _scale_probe asked for one, the zero_shot probe's answer."""
+        scale = None if probe_answer is None else logit_scale_from_zero_shot(probe_answer)
+        return build_model_info(configs, scale)
 
     # ---- prompt cache (raw, unnormalised text embeddings keyed by prompt)
     def _prompt_job(self, class_texts: Any, templates: list[str] | None) -> "PromptJob":

@@ -14,11 +14,9 @@ from ._core import (
     ENCODE_IMAGE,
     ENCODE_TEXT,
     IMAGE_IN,
-    IMAGE_LIMIT_MODELS,
     IMAGE_OUT,
-    POSTPROCESS,
+    INFO_CONFIG_MODELS,
     TEXT_IN,
-    TEXT_LIMIT_MODELS,
     TEXT_OUT,
     ZERO_SHOT,
     CLIP_INFO,
@@ -26,14 +24,11 @@ from ._core import (
     ClientBase,
     ModelInfo,
     backoff_delay,
-    build_model_info,
     bytes_tensor,
     classify_result,
     log,
-    logit_scale_from_zero_shot,
     map_error,
     model_info_from_clip_info,
-    probe_image,
     retryable,
 )
 from .errors import CLIPClientError, ServerError, ServerTimeoutError, ServerUnavailableError
@@ -166,19 +161,9 @@ class CLIPClient(ClientBase):
         if self._info is None:
             self._info = self._clip_info()
         if self._info is None:
-            names = (POSTPROCESS, ENCODE_TEXT, ENCODE_IMAGE, *TEXT_LIMIT_MODELS, *IMAGE_LIMIT_MODELS)
-            configs = {n: self._model_config(n) for n in names}
-            if configs[ENCODE_TEXT] is None and configs[ENCODE_IMAGE] is None:
-                raise ServerError(f"the server at {self.url} serves neither encode_text nor encode_image")
-            scale = None
-            if configs[POSTPROCESS] is None or "logit_scale" not in (configs[POSTPROCESS].get("parameters") or {}):
-                log.warning("postprocess config has no logit_scale; reading it through a zero_shot call")
-                scale = logit_scale_from_zero_shot(self._infer(
-                    ZERO_SHOT,
-                    {TEXT_IN: bytes_tensor([b"a photo"]), IMAGE_IN: bytes_tensor([probe_image()])},
-                    [TEXT_OUT, IMAGE_OUT, "logits_per_text"],
-                ))
-            self._info = build_model_info(configs, scale)
+            configs = {n: self._model_config(n) for n in INFO_CONFIG_MODELS}
+            probe = self._scale_probe(configs)
+            self._info = self._info_from_configs(configs, None if probe is None else self._infer(*probe))
         return self._info
 
     @property

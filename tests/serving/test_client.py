@@ -6,6 +6,7 @@ Every method, every input form, sync and async, gRPC and HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import io
 import threading
@@ -116,6 +117,28 @@ def client(request, triton_server):
     c = _make(triton_server, *request.param)
     yield c
     c.close()
+
+
+@contextlib.contextmanager
+def _models_called(runner: _Runner):
+    """The models the wrapped client sends inference requests to while the block runs, in order."""
+    inner, calls = runner.client, []
+    original = inner._infer
+
+    if inspect.iscoroutinefunction(original):
+        async def spy(model, *a, **k):
+            calls.append(model)
+            return await original(model, *a, **k)
+    else:
+        def spy(model, *a, **k):
+            calls.append(model)
+            return original(model, *a, **k)
+
+    inner._infer = spy
+    try:
+        yield calls
+    finally:
+        del inner._infer
 
 
 def _cos(a, b) -> np.ndarray:
@@ -287,24 +310,8 @@ def test_zero_shot_templates_average_and_cache(client, reference, images):
     np.testing.assert_allclose(probs, ref, atol=1e-4)
 
     # cached: the same prompts are not encoded again (only the images are sent)
-    inner = client.client
-    calls: list[str] = []
-    original = inner._infer
-
-    if inspect.iscoroutinefunction(original):
-        async def spy(model, *a, **k):
-            calls.append(model)
-            return await original(model, *a, **k)
-    else:
-        def spy(model, *a, **k):
-            calls.append(model)
-            return original(model, *a, **k)
-
-    inner._infer = spy
-    try:
+    with _models_called(client) as calls:
         _, again = client.zero_shot_classification(images["arrays"], LABELS, templates=TEMPLATES)
-    finally:
-        del inner._infer
     assert "encode_text" not in calls and "encode_image" in calls
     np.testing.assert_allclose(again, probs, atol=1e-6)
 
@@ -338,25 +345,8 @@ def test_prompt_cache_smaller_than_the_prompts(triton_server, images, protocol, 
 
 
 def test_bad_image_is_reported_not_retried(client, images):
-    inner = client.client
-    calls: list[str] = []
-    original = inner._infer
-
-    if inspect.iscoroutinefunction(original):
-        async def spy(model, *a, **k):
-            calls.append(model)
-            return await original(model, *a, **k)
-    else:
-        def spy(model, *a, **k):
-            calls.append(model)
-            return original(model, *a, **k)
-
-    inner._infer = spy
-    try:
-        with pytest.raises(CLIPClientError) as info:
-            client.encode_image([images["arrays"][0], b"\xff\xd8\xff this is not a JPEG"])
-    finally:
-        del inner._infer
+    with _models_called(client) as calls, pytest.raises(CLIPClientError) as info:
+        client.encode_image([images["arrays"][0], b"\xff\xd8\xff this is not a JPEG"])
     err = info.value
     assert isinstance(err, InvalidInputError)  # carries the server's message verbatim
     assert "image 1" in str(err) and "Traceback" not in str(err) and not str(err).startswith("[")
