@@ -14,6 +14,7 @@ from PIL import Image
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
+from triton_helpers import infer
 
 PROTOCOLS = ("http", "grpc")
 TEXTS = ["a photo of a cat", "a photo of a dog", "a diagram", "ein Foto 🐱 mit Umlauten äöü", "x",
@@ -44,18 +45,6 @@ def client_for(handle, protocol: str):
     if protocol == "http":
         return httpclient.InferenceServerClient(handle.http_url, network_timeout=120)
     return grpcclient.InferenceServerClient(handle.grpc_url)
-
-
-def infer(client, protocol: str, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-    mod = httpclient if protocol == "http" else grpcclient
-    tensors = []
-    for name, array in inputs.items():
-        dtype = "BYTES" if array.dtype == object else {"int32": "INT32", "float32": "FP32"}[array.dtype.name]
-        t = mod.InferInput(name, list(array.shape), dtype)
-        t.set_data_from_numpy(array)
-        tensors.append(t)
-    result = client.infer(model, tensors, outputs=[mod.InferRequestedOutput(n) for n in outputs])
-    return {n: result.as_numpy(n) for n in outputs}
 
 
 def as_bytes_column(items: list[bytes | str]) -> np.ndarray:

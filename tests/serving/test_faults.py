@@ -18,6 +18,8 @@ import psutil
 import pytest
 from PIL import Image
 
+from triton_helpers import read_until_ready
+
 from clip_build.tritonserver import Supervisor, TritonServer, TritonServerError, free_port
 
 
@@ -181,7 +183,7 @@ class TritonPythonModel:
         out = []
         for r in requests:
             open(f"{self.marks}-{time.monotonic_ns()}", "w").close()  # the test waits for these, not a sleep
-            time.sleep(1.0)
+            time.sleep(2.0)
             out.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())]))
         return out
 """
@@ -191,7 +193,7 @@ backend: "python"
 max_batch_size: 0
 input [ { name: "X" data_type: TYPE_FP32 dims: [ -1 ] } ]
 output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]
-instance_group [ { kind: KIND_CPU count: 2 } ]
+instance_group [ { kind: KIND_CPU count: 6 } ]
 """
 
 
@@ -210,15 +212,7 @@ def test_sigterm_under_load_drains_in_flight_requests(tmp_path):
          "--startup-timeout", "120"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        lines = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C to stop" in line:
-                break
+        lines = read_until_ready(proc)
         out = "".join(lines)
         assert "Ctrl-C to stop" in out, out + proc.stderr.read()
         assert sum(l.startswith("admin key: ") for l in lines) == 1  # generated key, printed once
@@ -237,13 +231,13 @@ def test_sigterm_under_load_drains_in_flight_requests(tmp_path):
             finally:
                 c.close()
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]  # 2 instances x 1 s: ~3 s of work
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]  # 6 instances x 2 s
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while len(list((repo / "slow").glob("started-*"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)  # both instances busy: the other requests are queued in the server
-        assert len(list((repo / "slow").glob("started-*"))) >= 2
+        while len(list((repo / "slow").glob("started-*"))) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)  # every request is executing: all six are in flight when SIGTERM arrives
+        assert len(list((repo / "slow").glob("started-*"))) == 6
         os.kill(proc.pid, signal.SIGTERM)
         sent = time.monotonic()
         for t in threads:

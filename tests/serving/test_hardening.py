@@ -22,6 +22,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image, ImageOps
 from tritonclient.utils import InferenceServerException
+from triton_helpers import infer
 
 from clip_build.repository import generate_configs, info_payload
 from clip_build.tritonserver import TritonServer
@@ -89,18 +90,6 @@ def client_for(url: str, protocol: str):
     if protocol == "http":
         return httpclient.InferenceServerClient(url, network_timeout=120, connection_timeout=120)
     return grpcclient.InferenceServerClient(url)
-
-
-def infer(client, protocol: str, model: str, inputs: dict[str, np.ndarray], outputs: list[str], headers=None):
-    mod = httpclient if protocol == "http" else grpcclient
-    tensors = []
-    for name, array in inputs.items():
-        dtype = "BYTES" if array.dtype == object else {"int32": "INT32", "float32": "FP32"}[array.dtype.name]
-        t = mod.InferInput(name, list(array.shape), dtype)
-        t.set_data_from_numpy(array)
-        tensors.append(t)
-    result = client.infer(model, tensors, outputs=[mod.InferRequestedOutput(n) for n in outputs], headers=headers)
-    return {n: result.as_numpy(n) for n in outputs}
 
 
 def column(items: list[bytes | str]) -> np.ndarray:

@@ -12,6 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from triton_helpers import read_until_ready
+
 from clip_build.tritonserver import TritonServer, TritonServerError, free_port
 
 CONFIG = """name: "{name}"
@@ -73,15 +75,7 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path):
     repo = _repo(tmp_path / "repo", {"identity": IDENTITY})
     proc = subprocess.Popen(_serve_cmd(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        lines = []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C to stop" in line:
-                break
+        lines = read_until_ready(proc)
         assert any("HTTP" in l for l in lines), "".join(lines) + proc.stderr.read()
         children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert children, "tritonserver and its stub should be running"
