@@ -9,6 +9,7 @@ import traceback
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from clip_build.runtime.errors import error_response
 from clip_build.runtime.params import read_parameters
 from clip_build.runtime.postprocess import zero_shot
 
@@ -57,7 +58,5 @@ class TritonPythonModel:
 
 
 def _error(message: str, invalid_input: bool = True):
-    """Failed response for one request: INVALID_ARG (HTTP 400) for the caller's input, else INTERNAL."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid_input else "INTERNAL", None)
-    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(error=error)
+    """Failed response for one request (see clip_build.runtime.errors.error_response)."""
+    return error_response(pb_utils, message, invalid_input)

@@ -8,6 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from clip_build.runtime.image import ImageConfig, ImagePreprocessor, InvalidInputError
+from clip_build.runtime.errors import error_response
 from clip_build.runtime.params import read_parameters
 
 PARAMS = ("image_size", "resize_mode", "crop_size", "do_center_crop", "resample", "rescale_factor", "image_mean",
@@ -70,7 +71,5 @@ class TritonPythonModel:
 
 
 def _error(message: str, invalid_input: bool = True):
-    """Failed response for one request: INVALID_ARG (HTTP 400) for the caller's input, else INTERNAL."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid_input else "INTERNAL", None)
-    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(error=error)
+    """Failed response for one request (see clip_build.runtime.errors.error_response)."""
+    return error_response(pb_utils, message, invalid_input)
