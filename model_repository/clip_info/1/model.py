@@ -10,6 +10,8 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from clip_common.contract import ClipInfo as M
+
 
 class TritonPythonModel:
     """max_batch_size 0; the optional input `request` is ignored."""
@@ -22,4 +24,4 @@ class TritonPythonModel:
 
     def execute(self, requests):
         out = np.array([self.info], dtype=np.object_)  # (1,)
-        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("info", out)]) for _ in requests]
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(M.INFO, out)]) for _ in requests]

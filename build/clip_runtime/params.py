@@ -49,6 +49,11 @@ PARAMETERS: dict[str, Param] = {
     "logit_scale": Param("float", 4.605170249938965, "raw learned logit scale; logits use exp(logit_scale)"),
     "default_top_k": Param("int", 5, "top_k used when a request sends none"),
     "model_id": Param("str", "", "identity of the weights (manifest model_id); clients tag galleries with it"),
+    # TorchScript encoders: the libtorch backend's own parameter names (our Python-based runner reads the same)
+    "INFERENCE_MODE": Param("bool", True, "run forward() under torch.inference_mode"),
+    "DISABLE_OPTIMIZED_EXECUTION": Param("bool", False, "turn TorchScript's profiling executor off"),
+    "INTRA_OP_THREAD_COUNT": Param("int", 0, "torch intra-op threads per instance (0 = torch's default)"),
+    "INTER_OP_THREAD_COUNT": Param("int", 0, "torch inter-op threads (process-global; 0 = torch's default)"),
 }
 
 # The parameters that bound what one request may carry (documented defaults table: README, "Security and limits").
@@ -57,7 +62,8 @@ LIMITS = ("max_items_per_request", "max_text_bytes", "max_image_bytes", "max_pix
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "int": lambda s: int(s.strip()),
     "float": lambda s: float(s.strip()),
-    "bool": lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.strip().lower()],
+    "bool": lambda s: {"true": True, "1": True, "yes": True, "on": True,
+                      "false": False, "0": False, "no": False, "off": False}[s.strip().lower()],
     "str": lambda s: s,
     "floats": lambda s: [float(v) for v in s.split(",") if v.strip()],
     "strs": lambda s: [v.strip() for v in s.split(",") if v.strip()],

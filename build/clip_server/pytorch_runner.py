@@ -1,7 +1,8 @@
 """Python-based `pytorch` backend: runs a TorchScript model.pt with the libtorch backend's naming rules.
 
-Installed as `<backend-dir>/pytorch/model.py`; Triton uses it for every config with `backend: "pytorch"` when
-no libtorch backend is present, so one config.pbtxt serves here and on the NGC image's real libtorch backend.
+Copied as `<backend-dir>/pytorch/model.py` (clip_server.backend_dir); Triton uses it for every config with
+`backend: "pytorch"` when no libtorch backend is present, so one config.pbtxt serves here and on the NGC image's
+real libtorch backend.
 
 Rules kept from the libtorch backend:
 - inputs are named after forward()'s arguments, or all follow `NAME__<index>` (positional);
@@ -14,23 +15,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import traceback
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from clip_runtime.batching import execute_batched, execute_each
+from clip_runtime.errors import InvalidInputError
+from clip_runtime.params import read_parameters
+
 _INDEXED = re.compile(r"^(.*)__(\d+)$")
-
-
-def _bool_param(params: dict, name: str, default: bool) -> bool:
-    value = (params.get(name) or {}).get("string_value")
-    return default if value in (None, "") else value.strip().lower() in ("true", "1", "yes", "on")
-
-
-def _int_param(params: dict, name: str, default: int) -> int:
-    value = (params.get(name) or {}).get("string_value")
-    return default if value in (None, "") else int(value)
+PARAMS = ("INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION", "INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT")
 
 
 class TritonPythonModel:
@@ -39,16 +34,14 @@ class TritonPythonModel:
     def initialize(self, args):
         self.logger = pb_utils.Logger
         config = json.loads(args["model_config"])
-        params = config.get("parameters") or {}
-        self.inference_mode = _bool_param(params, "INFERENCE_MODE", True)
-        self.optimized = not _bool_param(params, "DISABLE_OPTIMIZED_EXECUTION", False)
-        intra = _int_param(params, "INTRA_OP_THREAD_COUNT", 0)
-        inter = _int_param(params, "INTER_OP_THREAD_COUNT", 0)
-        if intra > 0:
-            torch.set_num_threads(intra)
-        if inter > 0:
+        p = read_parameters(config, PARAMS)
+        self.inference_mode = p["INFERENCE_MODE"]
+        self.optimized = not p["DISABLE_OPTIMIZED_EXECUTION"]
+        if p["INTRA_OP_THREAD_COUNT"] > 0:
+            torch.set_num_threads(p["INTRA_OP_THREAD_COUNT"])
+        if p["INTER_OP_THREAD_COUNT"] > 0:
             try:
-                torch.set_num_interop_threads(inter)
+                torch.set_num_interop_threads(p["INTER_OP_THREAD_COUNT"])
             except RuntimeError:  # only settable before any parallel work
                 pass
 
@@ -96,18 +89,29 @@ class TritonPythonModel:
             f"inputs {names} match neither forward()'s arguments {arg_names} nor the NAME__<index> convention"
         )
 
+    # ---- one request's tensors
+    def _read(self, request) -> dict[str, np.ndarray]:
+        """The request's inputs as writable, contiguous numpy arrays of the config's dtypes."""
+        item = {}
+        for name, dtype in self.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise InvalidInputError(f"missing input {name}")
+            try:
+                array = np.ascontiguousarray(tensor.as_numpy(), dtype=dtype)
+            except (ValueError, TypeError) as exc:  # the caller's tensors: uncastable dtype
+                raise InvalidInputError(f"input {name}: {exc}") from None
+            item[name] = array if array.flags.writeable else array.copy()  # torch wants writable memory
+        return item
+
     def _forward(self, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
         """One forward over numpy inputs -> numpy outputs in config order."""
         args = [None] * (max(self.arg_index.values()) + 1)
         for name, array in arrays.items():
             args[self.arg_index[name]] = torch.from_numpy(array).to(self.device)
         with torch.jit.optimized_execution(self.optimized):
-            if self.inference_mode:
-                with torch.inference_mode():
-                    result = self.model(*args)
-            else:
-                with torch.no_grad():
-                    result = self.model(*args)
+            with torch.inference_mode() if self.inference_mode else torch.no_grad():
+                result = self.model(*args)
         if isinstance(result, torch.Tensor):
             result = (result,)
         elif isinstance(result, dict):
@@ -119,52 +123,38 @@ class TritonPythonModel:
             out.append(result[index].detach().to("cpu").numpy().astype(dtype, copy=False))
         return out
 
-    def execute(self, requests):
-        responses: list = [None] * len(requests)
+    def _forward_batch(self, items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Items (one per request, each [n_r, ...]) -> outputs [sum n_r, ...] in item order; one forward per group
+        of items whose shapes past the batch dim agree."""
         groups: dict[tuple, list[int]] = {}
-        arrays: list[dict[str, np.ndarray] | None] = [None] * len(requests)
-        for r, request in enumerate(requests):
-            try:
-                item = {}
-                for name, dtype in self.inputs:
-                    tensor = pb_utils.get_input_tensor_by_name(request, name)
-                    if tensor is None:
-                        raise ValueError(f"missing input {name}")
-                    array = np.ascontiguousarray(tensor.as_numpy(), dtype=dtype)
-                    item[name] = array if array.flags.writeable else array.copy()  # torch wants writable memory
-                arrays[r] = item
-                key = tuple((n, a.shape[1:] if self.batching else a.shape) for n, a in item.items())
-                groups.setdefault(key, []).append(r)
-            except (ValueError, TypeError) as exc:  # the caller's tensors: missing input, uncastable dtype
-                responses[r] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
-
+        for i, item in enumerate(items):
+            groups.setdefault(tuple((n, a.shape[1:]) for n, a in item.items()), []).append(i)
+        names = [n for n, _, _ in self.outputs]
+        if len(groups) == 1:
+            batch = items[0] if len(items) == 1 else {n: np.concatenate([x[n] for x in items]) for n, _ in self.inputs}
+            return dict(zip(names, self._forward(batch)))
+        parts: list[list[np.ndarray] | None] = [None] * len(items)
         for members in groups.values():
-            try:
-                if self.batching and len(members) > 1:
-                    sizes = [next(iter(arrays[r].values())).shape[0] for r in members]
-                    batch = {n: np.concatenate([arrays[r][n] for r in members]) for n, _ in self.inputs}
-                    outs = self._forward(batch)
-                    offsets = np.cumsum([0] + sizes)
-                    for j, r in enumerate(members):
-                        lo, hi = offsets[j], offsets[j + 1]
-                        responses[r] = pb_utils.InferenceResponse(
-                            output_tensors=[pb_utils.Tensor(n, o[lo:hi]) for (n, _, _), o in zip(self.outputs, outs)]
-                        )
-                else:
-                    for r in members:
-                        outs = self._forward(arrays[r])
-                        responses[r] = pb_utils.InferenceResponse(
-                            output_tensors=[pb_utils.Tensor(n, o) for (n, _, _), o in zip(self.outputs, outs)]
-                        )
-            except Exception as exc:
-                self.logger.log_error(f"forward failed: {traceback.format_exc()}")
-                for r in members:
-                    if responses[r] is None:
-                        responses[r] = pb_utils.InferenceResponse(
-                            error=pb_utils.TritonError(f"model execution failed: {type(exc).__name__}: {exc}")
-                        )
-        return responses
+            sizes = [len(next(iter(items[i].values()))) for i in members]
+            batch = {n: np.concatenate([items[i][n] for i in members]) for n, _ in self.inputs}
+            outs = self._forward(batch)
+            offsets = np.cumsum([0] + sizes)
+            for k, i in enumerate(members):
+                parts[i] = [o[offsets[k]:offsets[k + 1]] for o in outs]
+        return {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(names)}
+
+    def execute(self, requests):
+        if not self.batching:  # max_batch_size 0: each request is its own forward, outputs as forward() shapes them
+            return execute_each(
+                pb_utils, requests,
+                lambda r: [pb_utils.Tensor(n, o) for (n, _, _), o in zip(self.outputs, self._forward(self._read(r)))],
+                what="model execution", logger=self.logger)
+        return execute_batched(
+            pb_utils, requests,
+            read=lambda request: [self._read(request)],
+            rows=lambda item: len(next(iter(item.values()))),
+            compute=self._forward_batch,
+            label="request", logger=self.logger)
 
     def finalize(self):
         self.model = None

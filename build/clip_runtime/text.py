@@ -31,6 +31,17 @@ def decode_text(item: bytes | bytearray | memoryview | str | np.bytes_ | np.str_
         raise InvalidInputError(f"text is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r})") from None
 
 
+def decode_texts(items: Sequence, max_bytes: int | None = None) -> list:
+    """decode_text each item; an invalid item gives its InvalidInputError in its place instead of a str."""
+    out: list = []
+    for item in items:
+        try:
+            out.append(decode_text(item, max_bytes))
+        except InvalidInputError as exc:
+            out.append(exc)
+    return out
+
+
 def padded_length(longest: int, multiple: int, max_length: int) -> int:
     """longest rounded up to a multiple of `multiple`, capped at max_length."""
     if multiple > 1:

@@ -1,0 +1,286 @@
+"""The tensor contract of a clip-triton model repository, written once, as data (standard library only).
+
+Every model's inputs and outputs (name, datatype, dims) and each ensemble's steps live here. The config generator
+(clip_build.repository) renders config.pbtxt from it; the Python models, the runner, the client, the locustfile,
+the perf_analyzer input files and the container health check take their names from it.
+
+Naming, three levels (docs/ARCHITECTURE.md):
+- public models (the ensembles and clip_info): lowercase tensors (`text`, `image_embeds`);
+- internal Python models: UPPER_SNAKE tensors (`TEXT`, `PIXEL_VALUES`);
+- TorchScript encoders: the libtorch backend's rules (inputs named after forward()'s arguments, outputs
+  `<name>__<index>`);
+- tensors that only flow inside an ensemble start with `_` (`_input_ids`).
+
+Dims may be symbolic: D (the embedding size) and S (the image side) are filled in from the weights' manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+# Triton datatypes used by the contract.
+BYTES, FP32, INT32, INT64 = "BYTES", "FP32", "INT32", "INT64"
+# Symbolic dims, resolved per repository.
+D, S = "D", "S"
+
+_CONFIG_TYPE = {BYTES: "TYPE_STRING", FP32: "TYPE_FP32", INT32: "TYPE_INT32", INT64: "TYPE_INT64"}
+_NUMPY_TYPE = {BYTES: "object", FP32: "float32", INT32: "int32", INT64: "int64"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a model: name, Triton datatype, dims (batch dim excluded when the model batches)."""
+
+    name: str
+    dtype: str  # BYTES | FP32 | INT32 | INT64
+    dims: tuple[int | str, ...]  # -1 = variable; D / S = filled in from the manifest
+    optional: bool = False
+
+    @property
+    def config_type(self) -> str:
+        """The config.pbtxt data_type (TYPE_STRING for BYTES)."""
+        return _CONFIG_TYPE[self.dtype]
+
+    @property
+    def numpy_dtype(self) -> str:
+        """numpy dtype name of the tensor's values ("object" for BYTES)."""
+        return _NUMPY_TYPE[self.dtype]
+
+    def resolve(self, sizes: Mapping[str, int] | None = None) -> tuple[int, ...]:
+        """Dims with D / S replaced by `sizes`."""
+        sizes = sizes or {}
+        try:
+            return tuple(d if isinstance(d, int) else int(sizes[d]) for d in self.dims)
+        except KeyError as exc:
+            raise ValueError(f"{self.name}: no size given for dim {exc.args[0]}") from None
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One ensemble step: the composing model and its tensor -> ensemble tensor maps."""
+
+    model: str
+    inputs: Mapping[str, str]  # composing model's input -> ensemble tensor
+    outputs: Mapping[str, str]  # composing model's output -> ensemble tensor
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the repository."""
+
+    name: str
+    kind: str  # "python" | "pytorch" | "ensemble"
+    public: bool  # reachable by clients; internal models sit behind the ensembles (the gateway refuses them)
+    batching: bool  # max_batch_size > 0 (dims then exclude the batch dim)
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    steps: tuple[StepSpec, ...] = field(default=())
+
+    def input(self, name: str) -> TensorSpec:
+        """The input called `name`."""
+        return _find(self.inputs, name, self.name, "input")
+
+    def output(self, name: str) -> TensorSpec:
+        """The output called `name`."""
+        return _find(self.outputs, name, self.name, "output")
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+
+def _find(tensors: tuple[TensorSpec, ...], name: str, model: str, what: str) -> TensorSpec:
+    for t in tensors:
+        if t.name == name:
+            return t
+    raise KeyError(f"{model} has no {what} {name!r}")
+
+
+def _map(**pairs: str) -> Mapping[str, str]:
+    return MappingProxyType(dict(pairs))
+
+
+# --------------------------------------------------------------------------------------------- names
+class EncodeText:
+    """Public ensemble: texts -> text embeddings."""
+
+    NAME = "encode_text"
+    TEXT = "text"  # BYTES [N, 1], UTF-8
+    TEXT_EMBEDS = "text_embeds"  # FP32 [N, D], not normalised
+
+
+class EncodeImage:
+    """Public ensemble: images -> image embeddings."""
+
+    NAME = "encode_image"
+    IMAGE = "image"  # BYTES [N, 1], encoded image or .npy uint8 (H, W, 3)
+    IMAGE_EMBEDS = "image_embeds"  # FP32 [N, D]
+
+
+class ZeroShot:
+    """Public ensemble: T texts and I images -> embeddings, logits, softmax over texts, top-k both ways."""
+
+    NAME = "zero_shot"
+    TEXT = "text"
+    IMAGE = "image"
+    TOP_K = "top_k"  # INT32 [1], optional
+    TEXT_EMBEDS = "text_embeds"
+    IMAGE_EMBEDS = "image_embeds"
+    LOGITS_PER_IMAGE = "logits_per_image"  # [I, T]
+    LOGITS_PER_TEXT = "logits_per_text"  # [T, I]
+    PROBS = "probs"  # [I, T]
+    TOPK_TEXTS = "topk_texts"  # INT64 [I, min(k, T)]
+    TOPK_IMAGES = "topk_images"  # INT64 [T, min(k, I)]
+    OUTPUTS = (TEXT_EMBEDS, IMAGE_EMBEDS, LOGITS_PER_IMAGE, LOGITS_PER_TEXT, PROBS, TOPK_TEXTS, TOPK_IMAGES)
+
+
+class ClipInfo:
+    """Public Python model: the served model's identity and limits as JSON."""
+
+    NAME = "clip_info"
+    REQUEST = "request"  # BYTES [1], optional, ignored
+    INFO = "info"  # BYTES [1], JSON
+
+
+class PreprocessText:
+    """Internal Python model: UTF-8 texts -> token ids and attention mask."""
+
+    NAME = "preprocess_text"
+    TEXT = "TEXT"
+    INPUT_IDS = "INPUT_IDS"
+    ATTENTION_MASK = "ATTENTION_MASK"
+
+
+class PreprocessImage:
+    """Internal Python model: image bytes -> normalised pixel values."""
+
+    NAME = "preprocess_image"
+    IMAGE = "IMAGE"
+    PIXEL_VALUES = "PIXEL_VALUES"
+
+
+class TextEncoder:
+    """Internal TorchScript model (libtorch naming)."""
+
+    NAME = "text_encoder"
+    INPUT_IDS = "input_ids"
+    ATTENTION_MASK = "attention_mask"
+    TEXT_EMBEDS = "text_embeds__0"
+
+
+class ImageEncoder:
+    """Internal TorchScript model (libtorch naming)."""
+
+    NAME = "image_encoder"
+    PIXEL_VALUES = "pixel_values"
+    IMAGE_EMBEDS = "image_embeds__0"
+
+
+class Postprocess:
+    """Internal Python model: embeddings -> logits, probabilities, top-k (echoes the embeddings)."""
+
+    NAME = "postprocess"
+    TEXT_EMBEDS = "TEXT_EMBEDS"
+    IMAGE_EMBEDS = "IMAGE_EMBEDS"
+    TOP_K = "TOP_K"
+    TEXT_EMBEDS_OUT = "TEXT_EMBEDS_OUT"
+    IMAGE_EMBEDS_OUT = "IMAGE_EMBEDS_OUT"
+    LOGITS_PER_IMAGE = "LOGITS_PER_IMAGE"
+    LOGITS_PER_TEXT = "LOGITS_PER_TEXT"
+    PROBS = "PROBS"
+    TOPK_TEXTS = "TOPK_TEXTS"
+    TOPK_IMAGES = "TOPK_IMAGES"
+
+
+# Tensors that flow only inside an ensemble.
+_INPUT_IDS, _ATTENTION_MASK, _PIXEL_VALUES = "_input_ids", "_attention_mask", "_pixel_values"
+_TEXT_EMBEDS, _IMAGE_EMBEDS = "_text_embeds", "_image_embeds"
+
+
+# --------------------------------------------------------------------------------------------- models
+def _t(name: str, dtype: str, *dims: int | str, optional: bool = False) -> TensorSpec:
+    return TensorSpec(name, dtype, tuple(dims), optional)
+
+
+_PREPROCESS_TEXT_STEP = StepSpec(PreprocessText.NAME, _map(**{PreprocessText.TEXT: EncodeText.TEXT}),
+                                 _map(**{PreprocessText.INPUT_IDS: _INPUT_IDS,
+                                         PreprocessText.ATTENTION_MASK: _ATTENTION_MASK}))
+_PREPROCESS_IMAGE_STEP = StepSpec(PreprocessImage.NAME, _map(**{PreprocessImage.IMAGE: EncodeImage.IMAGE}),
+                                  _map(**{PreprocessImage.PIXEL_VALUES: _PIXEL_VALUES}))
+_TEXT_ENCODER_INPUTS = _map(**{TextEncoder.INPUT_IDS: _INPUT_IDS, TextEncoder.ATTENTION_MASK: _ATTENTION_MASK})
+_IMAGE_ENCODER_INPUTS = _map(**{ImageEncoder.PIXEL_VALUES: _PIXEL_VALUES})
+
+_TEXT_EMBEDS_OUT = _t(EncodeText.TEXT_EMBEDS, FP32, -1, D)
+_IMAGE_EMBEDS_OUT = _t(EncodeImage.IMAGE_EMBEDS, FP32, -1, D)
+
+MODELS: Mapping[str, ModelSpec] = MappingProxyType({m.name: m for m in (
+    ModelSpec(PreprocessText.NAME, "python", public=False, batching=True,
+              inputs=(_t(PreprocessText.TEXT, BYTES, 1),),
+              outputs=(_t(PreprocessText.INPUT_IDS, INT64, -1), _t(PreprocessText.ATTENTION_MASK, INT64, -1))),
+    ModelSpec(PreprocessImage.NAME, "python", public=False, batching=True,
+              inputs=(_t(PreprocessImage.IMAGE, BYTES, 1),),
+              outputs=(_t(PreprocessImage.PIXEL_VALUES, FP32, 3, S, S),)),
+    ModelSpec(TextEncoder.NAME, "pytorch", public=False, batching=True,
+              inputs=(_t(TextEncoder.INPUT_IDS, INT64, -1), _t(TextEncoder.ATTENTION_MASK, INT64, -1)),
+              outputs=(_t(TextEncoder.TEXT_EMBEDS, FP32, D),)),
+    ModelSpec(ImageEncoder.NAME, "pytorch", public=False, batching=True,
+              inputs=(_t(ImageEncoder.PIXEL_VALUES, FP32, 3, S, S),),
+              outputs=(_t(ImageEncoder.IMAGE_EMBEDS, FP32, D),)),
+    ModelSpec(Postprocess.NAME, "python", public=False, batching=False,
+              inputs=(_t(Postprocess.TEXT_EMBEDS, FP32, -1, D), _t(Postprocess.IMAGE_EMBEDS, FP32, -1, D),
+                      _t(Postprocess.TOP_K, INT32, 1, optional=True)),
+              outputs=(_t(Postprocess.TEXT_EMBEDS_OUT, FP32, -1, D), _t(Postprocess.IMAGE_EMBEDS_OUT, FP32, -1, D),
+                       _t(Postprocess.LOGITS_PER_IMAGE, FP32, -1, -1), _t(Postprocess.LOGITS_PER_TEXT, FP32, -1, -1),
+                       _t(Postprocess.PROBS, FP32, -1, -1), _t(Postprocess.TOPK_TEXTS, INT64, -1, -1),
+                       _t(Postprocess.TOPK_IMAGES, INT64, -1, -1))),
+    ModelSpec(ClipInfo.NAME, "python", public=True, batching=False,
+              inputs=(_t(ClipInfo.REQUEST, BYTES, 1, optional=True),),
+              outputs=(_t(ClipInfo.INFO, BYTES, 1),)),
+    ModelSpec(EncodeText.NAME, "ensemble", public=True, batching=False,
+              inputs=(_t(EncodeText.TEXT, BYTES, -1, 1),), outputs=(_TEXT_EMBEDS_OUT,),
+              steps=(_PREPROCESS_TEXT_STEP,
+                     StepSpec(TextEncoder.NAME, _TEXT_ENCODER_INPUTS,
+                              _map(**{TextEncoder.TEXT_EMBEDS: EncodeText.TEXT_EMBEDS})))),
+    ModelSpec(EncodeImage.NAME, "ensemble", public=True, batching=False,
+              inputs=(_t(EncodeImage.IMAGE, BYTES, -1, 1),), outputs=(_IMAGE_EMBEDS_OUT,),
+              steps=(_PREPROCESS_IMAGE_STEP,
+                     StepSpec(ImageEncoder.NAME, _IMAGE_ENCODER_INPUTS,
+                              _map(**{ImageEncoder.IMAGE_EMBEDS: EncodeImage.IMAGE_EMBEDS})))),
+    # Triton 2.51 fails ("unexpected deadlock") when a client asks for a subset of outputs and an ensemble output is
+    # also an intermediate tensor: the encoders feed internal tensors and postprocess echoes the embeddings.
+    ModelSpec(ZeroShot.NAME, "ensemble", public=True, batching=False,
+              inputs=(_t(ZeroShot.TEXT, BYTES, -1, 1), _t(ZeroShot.IMAGE, BYTES, -1, 1),
+                      _t(ZeroShot.TOP_K, INT32, 1, optional=True)),  # absent: default_top_k
+              outputs=(_TEXT_EMBEDS_OUT, _IMAGE_EMBEDS_OUT,
+                       _t(ZeroShot.LOGITS_PER_IMAGE, FP32, -1, -1), _t(ZeroShot.LOGITS_PER_TEXT, FP32, -1, -1),
+                       _t(ZeroShot.PROBS, FP32, -1, -1), _t(ZeroShot.TOPK_TEXTS, INT64, -1, -1),
+                       _t(ZeroShot.TOPK_IMAGES, INT64, -1, -1)),
+              steps=(_PREPROCESS_TEXT_STEP,
+                     StepSpec(TextEncoder.NAME, _TEXT_ENCODER_INPUTS, _map(**{TextEncoder.TEXT_EMBEDS: _TEXT_EMBEDS})),
+                     _PREPROCESS_IMAGE_STEP,
+                     StepSpec(ImageEncoder.NAME, _IMAGE_ENCODER_INPUTS,
+                              _map(**{ImageEncoder.IMAGE_EMBEDS: _IMAGE_EMBEDS})),
+                     StepSpec(Postprocess.NAME,
+                              _map(**{Postprocess.TEXT_EMBEDS: _TEXT_EMBEDS, Postprocess.IMAGE_EMBEDS: _IMAGE_EMBEDS,
+                                      Postprocess.TOP_K: ZeroShot.TOP_K}),
+                              _map(**{Postprocess.TEXT_EMBEDS_OUT: ZeroShot.TEXT_EMBEDS,
+                                      Postprocess.IMAGE_EMBEDS_OUT: ZeroShot.IMAGE_EMBEDS,
+                                      Postprocess.LOGITS_PER_IMAGE: ZeroShot.LOGITS_PER_IMAGE,
+                                      Postprocess.LOGITS_PER_TEXT: ZeroShot.LOGITS_PER_TEXT,
+                                      Postprocess.PROBS: ZeroShot.PROBS,
+                                      Postprocess.TOPK_TEXTS: ZeroShot.TOPK_TEXTS,
+                                      Postprocess.TOPK_IMAGES: ZeroShot.TOPK_IMAGES}))),
+              ),
+)})
+
+PYTHON_MODELS = tuple(n for n, m in MODELS.items() if m.kind == "python")
+ENCODERS = tuple(n for n, m in MODELS.items() if m.kind == "pytorch")
+ENSEMBLES = tuple(n for n, m in MODELS.items() if m.kind == "ensemble")
+PUBLIC_MODELS = tuple(n for n, m in MODELS.items() if m.public)
+INTERNAL_MODELS = tuple(n for n, m in MODELS.items() if not m.public)
