@@ -22,7 +22,7 @@ test: setup
 
 # perf_analyzer from the tritonclient 2.51.0 wheel (hash-pinned) into .artifacts/tools
 tools: setup
-	$(BIN)/python -m clip_build.perf install
+	$(BIN)/python -m clip_loadtest.perf install
 
 bench: setup tools
 	$(BIN)/clip-triton bench --dtype bf16

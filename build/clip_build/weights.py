@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .files import sha256_file  # noqa: F401 - re-exported: convert and export take it from here
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 METADATA_KEY = b"clip_triton"
@@ -37,15 +39,6 @@ class WeightsFormatError(WeightsError):
 
 class WeightsIntegrityError(WeightsError):
     """A file's sha256 differs from the one recorded at convert time."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def compute_model_id(files: Mapping[str, str]) -> str:

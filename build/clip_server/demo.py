@@ -22,6 +22,9 @@ SAMPLES = [
 ]
 
 
+COMMAND_HELP = {"demo": "convert, build, serve and show a zero-shot result (the main job)"}
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Options of `clip-triton demo`."""
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
@@ -59,8 +62,8 @@ def sample_images(folder: Path) -> list[Path]:
 
 def resolve_checkpoint(checkpoint: str, workdir: Path, offline: bool) -> tuple[Path, bool]:
     """(HF folder, is_random): the real checkpoint when reachable, else a labelled random-weight stand-in."""
-    from .convert import ConvertError
-    from .convert import resolve_checkpoint as fetch
+    from clip_build.convert import ConvertError
+    from clip_build.convert import resolve_checkpoint as fetch
 
     if not offline:
         os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
@@ -71,7 +74,7 @@ def resolve_checkpoint(checkpoint: str, workdir: Path, offline: bool) -> tuple[P
             if checkpoint != DEFAULT_CHECKPOINT:
                 raise
             log.warning("hub not reachable (%s)", str(exc).splitlines()[0][:200])
-    from .synthetic import make_random_checkpoint
+    from clip_build.synthetic import make_random_checkpoint
 
     folder = workdir / "checkpoints" / "random-clip-vit-base-patch32"
     if not (folder / "model.safetensors").is_file():
@@ -84,9 +87,10 @@ def run(args: argparse.Namespace, command: str) -> int:
     """Entry point of `clip-triton demo`."""
     from clip_client import CLIPClient
 
-    from .convert import convert
-    from .repository import build_repository
-    from .tritonserver import TritonServer
+    from clip_build.convert import convert
+    from clip_build.repository import build_repository
+
+    from .process import TritonServer
 
     workdir = Path(args.workdir)
     started = time.monotonic()
@@ -120,8 +124,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         if args.keep_serving:
             print("serving until Ctrl-C ...", flush=True)
             try:
-                while server.running:
-                    time.sleep(1)
+                server.process.wait()
             except KeyboardInterrupt:
                 pass
     return 0

@@ -1,19 +1,14 @@
-"""Locate the tritonserver shipped in the nvidia-pytriton wheel, assemble our backend dir, run and probe the server."""
+"""TritonServer: one tritonserver process serving a model repository (start, readiness, stop, stubs, memory)."""
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.util
-import json
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -21,12 +16,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .backend_dir import assemble_backend_dir
+from .binary import TritonServerError, server_env, tritonserver_binary
+
 log = logging.getLogger(__name__)
-
-PYTHON_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
-# Our Python-based runner for configs that say `backend: "pytorch"` (libtorch naming rules).
-RUNNER_SOURCE = Path(__file__).resolve().parent / "backends" / "pytorch" / "model.py"
-
 
 # APIs (HTTP) / protocols (gRPC) that `serve` puts behind the admin key header by default. Health, metadata and
 # inference stay open: clients need nothing else (identity and limits come from the clip_info model).
@@ -36,106 +29,8 @@ GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 
 
-class TritonServerError(RuntimeError):
-    """The server could not start, a model failed to load, or the server died."""
-
-
 class StartupCancelled(TritonServerError):
     """wait_ready() was asked to stop (a signal arrived while the models were loading)."""
-
-
-def _site_packages_of(package: str) -> Path:
-    """Site-packages folder holding `package`, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise TritonServerError(f"python package {package!r} is not installed (pip install nvidia-pytriton)")
-    return Path(next(iter(spec.submodule_search_locations))).resolve().parent
-
-
-def triton_root() -> Path:
-    """The `pytriton/tritonserver` folder of the nvidia-pytriton wheel."""
-    root = _site_packages_of("pytriton") / "pytriton" / "tritonserver"
-    if not (root / "bin" / "tritonserver").is_file():
-        raise TritonServerError(f"no tritonserver binary under {root}")
-    return root
-
-
-def tritonserver_binary() -> Path:
-    """Path of the tritonserver executable."""
-    return triton_root() / "bin" / "tritonserver"
-
-
-def library_path() -> str:
-    """LD_LIBRARY_PATH the server needs: the wheel's bundled libs, then Python's own lib dir (libpython)."""
-    libs = _site_packages_of("pytriton") / "nvidia_pytriton.libs"
-    parts = [str(libs), sysconfig.get_config_var("LIBDIR") or ""]
-    old = os.environ.get("LD_LIBRARY_PATH")
-    if old:
-        parts.append(old)
-    return os.pathsep.join(p for p in parts if p)
-
-
-def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for tritonserver: our venv's bin/ first on PATH (the python stub finds its packages that way)."""
-    env = dict(os.environ if base is None else base)
-    scripts = sysconfig.get_path("scripts")
-    env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "/usr/bin:/bin")])
-    env["LD_LIBRARY_PATH"] = library_path()
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    # Idle OpenMP threads of one encoder process must not spin on cores another process needs (measured 3-16x
-    # throughput under outside CPU load, noise on a quiet machine).
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return env
-
-
-def default_cache_dir() -> Path:
-    """Folder we own for assembled backend dirs."""
-    base = os.environ.get("CLIP_TRITON_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "clip-triton"
-    )
-    return Path(base)
-
-
-def _backend_sources() -> dict[str, Path]:
-    """Relative path in the backend dir -> source file."""
-    root = triton_root()
-    python_dir = root / "backends" / "python"
-    stub = root / "python_backend_stubs" / PYTHON_TAG / "triton_python_backend_stub"
-    if not stub.is_file():
-        raise TritonServerError(f"the wheel has no python backend stub for Python {PYTHON_TAG} ({stub})")
-    files = {f"python/{p.name}": p for p in python_dir.iterdir() if p.is_file()}
-    files["python/triton_python_backend_stub"] = stub
-    files["pytorch/model.py"] = RUNNER_SOURCE
-    return files
-
-
-def assemble_backend_dir(cache_dir: Path | None = None) -> Path:
-    """Build (once per content) `<cache>/backends-<hash>/{python,pytorch}`; never touches site-packages."""
-    sources = _backend_sources()
-    digest = hashlib.sha256()
-    for rel, src in sorted(sources.items()):
-        st = src.stat()
-        digest.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    digest.update(RUNNER_SOURCE.read_bytes())
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = cache_dir / f"backends-{digest.hexdigest()[:16]}"
-    if (target / "pytorch" / "model.py").is_file():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".backends-", dir=cache_dir))
-    try:
-        for rel, src in sources.items():
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
-        try:
-            os.rename(tmp, target)  # atomic; a concurrent builder may have won the race
-        except OSError:
-            if not (target / "pytorch" / "model.py").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -487,112 +382,3 @@ class TritonServer:
             except psutil.NoSuchProcess:
                 pass
         return total
-
-    def repository_index(self) -> list[dict]:
-        """The server's repository index (name, version, state, reason)."""
-        req = urllib.request.Request(
-            f"http://{self._probe_host}:{self.http_port}/v2/repository/index", data=b"{}", method="POST",
-            headers=self.admin_headers,
-        )
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return json.loads(resp.read())
-
-
-class Supervisor:
-    """Keeps a started, ready TritonServer serving: restarts it (same ports) when it dies or a model is not ready.
-
-    Since Triton 24.x a crashed Python stub is not restarted, and in 2.51 neither /v2/health/ready nor the model's
-    own readiness notices (its requests fail with INTERNAL "Stub process ... is not healthy"). So every
-    `check_interval` seconds the supervisor checks the server process, the stub processes (TritonServer.dead_stubs)
-    and each model's readiness; a failure is confirmed
-    once (`confirm_delay` later) before it acts. A restart is: log the server's error lines, stop it (SIGTERM,
-    SIGKILL after `stop_timeout`, 5 s by default), start it again, wait until every model is ready. Restart storms are bounded:
-    the k-th restart within `window` seconds waits `backoff * 2**(k-1)` seconds (at most `max_backoff`) first, and
-    when `max_restarts` restarts happened within `window` the supervisor gives up and `run` returns 1.
-
-    >>> stop = threading.Event()
-    >>> sup = Supervisor(server)            # server already started and ready
-    >>> thread = sup.start_thread(stop)     # or sup.run(stop) in the calling thread; stop.set() to end it
-    """
-
-    def __init__(self, server: TritonServer, *, check_interval: float = 1.0, confirm_delay: float = 0.5,
-                 max_restarts: int = 5, window: float = 300.0, backoff: float = 1.0, max_backoff: float = 30.0,
-                 stop_timeout: float | None = None, ready_timeout: float | None = None):
-        self.server = server
-        self.check_interval = check_interval
-        self.confirm_delay = confirm_delay
-        self.max_restarts = max_restarts
-        self.window = window
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        # A broken server is not drained for long (serve's --exit-timeout is for a clean shutdown): the clients' retries
-        # carry the requests it drops; a long drain would only lengthen the outage.
-        self.stop_timeout = 5.0 if stop_timeout is None else stop_timeout
-        self.ready_timeout = ready_timeout
-        self.restarts: list[dict] = []  # {"at": time.time(), "reason": str, "seconds": float, "ok": bool}
-        self.gave_up = False
-        self.exit_code: int | None = None
-
-    def problem(self) -> str | None:
-        """Why the server needs a restart now, or None when it is serving."""
-        if not self.server.running:
-            code = self.server.process.returncode if self.server.process is not None else None
-            return f"tritonserver exited (code {code})"
-        dead = self.server.dead_stubs()
-        if dead:  # Triton 2.51 keeps such a model "ready": its requests fail with "Stub process ... is not healthy"
-            return f"python backend stub process(es) {dead} died"
-        gone = self.server.not_ready_models()
-        return f"models not ready: {', '.join(gone)}" if gone else None
-
-    def _recent(self) -> int:
-        now = time.time()
-        return sum(1 for r in self.restarts if now - r["at"] <= self.window)
-
-    def restart(self, reason: str) -> bool:
-        """Stop and start the server on the same ports; True when every model is ready again."""
-        started = time.monotonic()
-        tail = _error_lines(self.server.log_text(), limit=10, fallback=False) or "(none)"
-        log.warning("supervisor: %s; restarting tritonserver. Its last error lines:\n%s", reason, tail)
-        self.server.stop(timeout=self.stop_timeout)
-        ok = True
-        try:
-            self.server.start()
-            self.server.wait_ready(self.ready_timeout)
-        except TritonServerError as exc:
-            ok = False
-            log.error("supervisor: restart failed: %s", exc)
-        seconds = time.monotonic() - started
-        self.restarts.append({"at": time.time(), "reason": reason, "seconds": round(seconds, 2), "ok": ok})
-        if ok:
-            log.warning("supervisor: tritonserver serving again after %.1fs (restart %d)", seconds, len(self.restarts))
-        return ok
-
-    def run(self, stop: threading.Event) -> int:
-        """Supervise until `stop` is set (returns 0) or restarts exceed the budget (returns 1)."""
-        while not stop.wait(self.check_interval):
-            reason = self.problem()
-            if reason is None:
-                continue
-            if self.server.running and stop.wait(self.confirm_delay):  # a transient probe failure is not a crash
-                break
-            reason = self.problem()
-            if reason is None or stop.is_set():
-                continue
-            recent = self._recent()
-            if recent >= self.max_restarts:
-                log.error("supervisor: %s, and %d restarts within %.0fs already; giving up", reason, recent, self.window)
-                self.gave_up = True
-                self.exit_code = 1
-                return 1
-            delay = min(self.max_backoff, self.backoff * 2 ** (recent - 1)) if recent else 0.0
-            if delay and stop.wait(delay):
-                break
-            self.restart(reason)
-        self.exit_code = 0
-        return 0
-
-    def start_thread(self, stop: threading.Event) -> threading.Thread:
-        """run(stop) in a daemon thread. Restarted servers die with that thread (die_with_parent): stop it last."""
-        thread = threading.Thread(target=self.run, args=(stop,), name="triton-supervisor", daemon=True)
-        thread.start()
-        return thread

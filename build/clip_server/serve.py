@@ -25,11 +25,16 @@ import sys
 import threading
 from pathlib import Path
 
-from .tritonserver import ADMIN_HEADER, RESTRICTED_APIS, StartupCancelled, Supervisor, TritonServer, TritonServerError
+from .binary import TritonServerError
+from .process import ADMIN_HEADER, RESTRICTED_APIS, StartupCancelled, TritonServer
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 ADMIN_KEY_ENV = "CLIP_TRITON_ADMIN_KEY"
+
+
+COMMAND_HELP = {"serve": "serve a model repository on the embedded Triton server"}
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from clip_common import contract as C
+
 from . import ops
 from .errors import CLIPClientError, InvalidInputError, ServerError, ServerTimeoutError, ServerUnavailableError
 
@@ -23,18 +25,18 @@ log = logging.getLogger("clip_client")
 DEFAULT_GRPC_URL = "127.0.0.1:8001"
 DEFAULT_HTTP_URL = "127.0.0.1:8000"
 
-# Public ensembles and their tensors (docs/ARCHITECTURE.md).
-ENCODE_TEXT, ENCODE_IMAGE, ZERO_SHOT = "encode_text", "encode_image", "zero_shot"
-TEXT_IN, IMAGE_IN, TOP_K_IN = "text", "image", "top_k"
-TEXT_OUT, IMAGE_OUT = "text_embeds", "image_embeds"
+# Public ensembles and their tensors: clip_common.contract (docs/ARCHITECTURE.md).
+ENCODE_TEXT, ENCODE_IMAGE, ZERO_SHOT = C.EncodeText.NAME, C.EncodeImage.NAME, C.ZeroShot.NAME
+TEXT_IN, IMAGE_IN = C.EncodeText.TEXT, C.EncodeImage.IMAGE
+TEXT_OUT, IMAGE_OUT = C.EncodeText.TEXT_EMBEDS, C.EncodeImage.IMAGE_EMBEDS
 # Models whose configs bound how many items one request may carry.
-TEXT_LIMIT_MODELS = ("preprocess_text", "text_encoder")
-IMAGE_LIMIT_MODELS = ("preprocess_image", "image_encoder")
-POSTPROCESS = "postprocess"
-CLIP_INFO, CLIP_INFO_OUT = "clip_info", "info"  # identity + limits as JSON; works with model-config restricted
+TEXT_LIMIT_MODELS = (C.PreprocessText.NAME, C.TextEncoder.NAME)
+IMAGE_LIMIT_MODELS = (C.PreprocessImage.NAME, C.ImageEncoder.NAME)
+POSTPROCESS = C.Postprocess.NAME
+CLIP_INFO, CLIP_INFO_OUT = C.ClipInfo.NAME, C.ClipInfo.INFO  # identity + limits as JSON; works with model-config restricted
 # Configs read by get_model_info when the server has no clip_info model.
 INFO_CONFIG_MODELS = (POSTPROCESS, ENCODE_TEXT, ENCODE_IMAGE, *TEXT_LIMIT_MODELS, *IMAGE_LIMIT_MODELS)
-ITEM_LIMIT_PARAMS = ("max_items_per_request", "max_batch_items", "max_items")
+ITEM_LIMIT_PARAM = "max_items_per_request"  # the preprocessors' parameter
 FALLBACK_MAX_ITEMS = 64
 
 
@@ -90,13 +92,12 @@ def item_limit(configs: list[dict | None]) -> int:
         mbs = int(c.get("max_batch_size") or 0)
         if mbs > 0:
             limits.append(mbs)
-        for p in ITEM_LIMIT_PARAMS:
-            v = config_parameter(c, p)
-            if v is not None:
-                try:
-                    limits.append(int(v))
-                except ValueError:
-                    log.warning("ignoring non-integer parameter %s=%r", p, v)
+        v = config_parameter(c, ITEM_LIMIT_PARAM)
+        if v is not None:
+            try:
+                limits.append(int(v))
+            except ValueError:
+                log.warning("ignoring non-integer parameter %s=%r", ITEM_LIMIT_PARAM, v)
     limits = [x for x in limits if x > 0]
     return min(limits) if limits else FALLBACK_MAX_ITEMS
 
@@ -106,7 +107,7 @@ def build_model_info(configs: dict[str, dict | None], logit_scale: float | None 
     post = configs.get(POSTPROCESS)
     dim = output_dim(configs.get(ENCODE_TEXT), TEXT_OUT) or output_dim(configs.get(ENCODE_IMAGE), IMAGE_OUT)
     if dim is None:
-        dim = output_dim(configs.get("text_encoder"), "text_embeds__0")
+        dim = output_dim(configs.get(C.TextEncoder.NAME), C.TextEncoder.TEXT_EMBEDS)
     if dim is None:
         raise ServerError("cannot read the embedding size from the encode_text / encode_image configs")
     if logit_scale is None:
@@ -119,7 +120,7 @@ def build_model_info(configs: dict[str, dict | None], logit_scale: float | None 
     if model_id is None:
         # Weaker identity: derived from what the configs expose (no weights hash available to the client).
         blob = json.dumps({"dim": dim, "logit_scale": round(logit_scale, 6),
-                           "encoders": [(configs.get(m) or {}).get("name") for m in ("text_encoder", "image_encoder")]},
+                           "encoders": [(configs.get(m) or {}).get("name") for m in C.ENCODERS]},
                           sort_keys=True)
         model_id = "cfg-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
         source = "fallback"
@@ -171,7 +172,7 @@ def probe_image() -> bytes:
 def logit_scale_from_zero_shot(out: dict[str, np.ndarray]) -> float:
     """logit_scale = log(logit / cosine) from one zero_shot answer (1 text, 1 image)."""
     cos = float(ops.similarity(out[TEXT_OUT], out[IMAGE_OUT])[0, 0])
-    logit = float(out["logits_per_text"][0, 0])
+    logit = float(out[C.ZeroShot.LOGITS_PER_TEXT][0, 0])
     if abs(cos) < 1e-3 or logit / cos <= 0:
         raise ServerError("cannot infer logit_scale from zero_shot (probe similarity too small)")
     return math.log(logit / cos)
@@ -368,7 +369,7 @@ class ClientBase:
         return (
             ZERO_SHOT,
             {TEXT_IN: bytes_tensor([b"a photo"]), IMAGE_IN: bytes_tensor([probe_image()])},
-            [TEXT_OUT, IMAGE_OUT, "logits_per_text"],
+            [TEXT_OUT, IMAGE_OUT, C.ZeroShot.LOGITS_PER_TEXT],
         )
 
     @staticmethod

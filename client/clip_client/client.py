@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from clip_common.contract import ZeroShot
+
 from . import ops
 from ._core import (
     ENCODE_IMAGE,
@@ -232,9 +234,9 @@ class CLIPClient(ClientBase):
     def zero_shot(self, images: Any, texts: Any, top_k: int = 5) -> dict[str, np.ndarray]:
         """One raw call of the zero_shot ensemble (all its outputs); inputs must fit in one request."""
         t, i = encode_texts(normalize_texts(texts)), encode_images(images)
-        outs = ["text_embeds", "image_embeds", "logits_per_image", "logits_per_text", "probs", "topk_texts", "topk_images"]
         return self._infer(
             ZERO_SHOT,
-            {TEXT_IN: bytes_tensor(t), IMAGE_IN: bytes_tensor(i), "top_k": np.array([top_k], dtype=np.int32)},
-            outs,
+            {ZeroShot.TEXT: bytes_tensor(t), ZeroShot.IMAGE: bytes_tensor(i),
+             ZeroShot.TOP_K: np.array([top_k], dtype=np.int32)},
+            list(ZeroShot.OUTPUTS),
         )

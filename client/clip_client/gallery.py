@@ -36,6 +36,17 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 # ------------------------------------------------------------------------------------------- gallery
 
 
+def require_pyarrow() -> None:
+    """Galleries are Parquet: pyarrow comes with the `gallery` extra of the client."""
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise CLIPClientError("galleries need pyarrow: pip install 'clip-triton-client[gallery]' "
+                              "(the full clip-triton install has it)") from None
+
+
+
 @dataclass
 class Gallery:
     """An in-memory gallery: parallel columns plus the identity of the model that embedded it."""
@@ -348,6 +359,10 @@ def search_gallery(client: Any, gallery: Gallery, text: str | None = None, image
 # ------------------------------------------------------------------------------------------- CLI
 
 
+COMMAND_HELP = {"index": "index a folder of images into a gallery", "search": "search a gallery by text or image",
+                "classify": "zero-shot classify images against labels"}
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Arguments of `clip-triton index | search | classify`."""
     if command == "index":
@@ -387,6 +402,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 
 
 def _run_index(client: Any, args: argparse.Namespace) -> int:
+    require_pyarrow()
     if not Path(args.image_dir).exists():
         raise InvalidInputError(f"{args.image_dir} does not exist")
     report = index_images(client, args.image_dir, args.out, batch_size=args.batch_size, prune=args.prune,
@@ -399,6 +415,7 @@ def _run_index(client: Any, args: argparse.Namespace) -> int:
 
 
 def _run_search(client: Any, args: argparse.Namespace) -> int:
+    require_pyarrow()
     if (args.query is None) == (args.image is None):
         raise InvalidInputError("give a text query or --image PATH (exactly one)")
     gallery = Gallery.load(args.gallery)

@@ -1,4 +1,4 @@
-"""Embedding math done on the client: normalisation, CLIP logits, softmax, top-k, prompt-template averaging."""
+"""Embedding math done on the client: CLIP logits, top-k, prompt-template averaging (the shared core is clip_common.ops)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from clip_common.ops import l2_normalize, logits, softmax, top_k
+
 from .errors import InvalidInputError
 
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32); zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norm, eps)).astype(np.float32, copy=False)
+__all__ = ["as_matrix", "class_embeddings", "expand_templates", "l2_normalize", "similarity", "softmax", "topk_indices"]
 
 
 def as_matrix(x: np.ndarray, name: str) -> np.ndarray:
@@ -31,24 +28,14 @@ def similarity(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> np.ndarray:
     a, b = as_matrix(a, "a"), as_matrix(b, "b")
     if a.shape[1] != b.shape[1]:
         raise InvalidInputError(f"embedding sizes differ: {a.shape[1]} vs {b.shape[1]}")
-    return (np.float32(scale) * (l2_normalize(a) @ l2_normalize(b).T)).astype(np.float32, copy=False)
-
-
-def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax (float32)."""
-    z = np.asarray(logits, dtype=np.float32)
-    z = z - z.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32, copy=False)
+    return logits(a, b, scale)
 
 
 def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest scores per row, best first; ties keep the lower index first -> (n, min(k, m)) int64."""
-    scores = np.asarray(scores)
     if k < 1:
         raise InvalidInputError(f"top_k must be >= 1, got {k}")
-    k = min(k, scores.shape[-1])
-    return np.argsort(-scores, axis=-1, kind="stable")[..., :k].astype(np.int64)
+    return top_k(np.atleast_2d(np.asarray(scores)), k)
 
 
 def class_embeddings(prompt_embeddings: np.ndarray, n_classes: int, n_templates: int) -> np.ndarray:

@@ -10,82 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from clip_common.contract import EncodeImage, EncodeText
+
+from .workload import jpeg_images, parse_sizes, short_prompts
+
 log = logging.getLogger(__name__)
-
-# ---- workload (shared by the bench, perf_analyzer runs and loadtest/locustfile.py) -------------------------------
-LABELS = ["cat", "dog", "car", "airplane", "bird", "ship", "horse", "truck", "frog", "deer"]
-_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a {} in the wild", "a close-up photo of the {}.",
-              "a drawing of a {}", "two {}s next to each other"]
-DEFAULT_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((224, 224), (320, 240), (480, 640), (640, 480), (1024, 768))
-
-
-def short_prompts(n: int) -> list[str]:
-    """n short prompts (5-8 words, ~8-12 tokens), deterministic."""
-    out = []
-    for i in range(n):
-        out.append(_TEMPLATES[i % len(_TEMPLATES)].format(LABELS[(i // len(_TEMPLATES) + i) % len(LABELS)]))
-    return out
-
-
-def parse_sizes(spec: str | Sequence) -> list[tuple[int, int]]:
-    """'224,640x480' or [224, (640, 480)] -> [(224, 224), (640, 480)] as (width, height)."""
-    items = spec.replace(" ", "").split(",") if isinstance(spec, str) else list(spec)
-    sizes = []
-    for item in items:
-        if isinstance(item, (tuple, list)):
-            w, h = item
-        elif isinstance(item, int):
-            w = h = item
-        elif "x" in item:
-            w, h = item.lower().split("x", 1)
-        elif item:
-            w = h = item
-        else:
-            continue
-        w, h = int(w), int(h)
-        if not (8 <= w <= 8192 and 8 <= h <= 8192):
-            raise ValueError(f"image size {w}x{h} out of range 8..8192")
-        sizes.append((w, h))
-    if not sizes:
-        raise ValueError(f"no image sizes in {spec!r}")
-    return sizes
-
-
-def synthetic_image(width: int, height: int, seed: int):
-    """A photo-like RGB PIL image: smooth colour gradients, a few shapes and mild noise (JPEG-compresses like a photo)."""
-    import numpy as np  # noqa: PLC0415
-    from PIL import Image, ImageDraw  # noqa: PLC0415
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    chans = []
-    for _ in range(3):
-        a, b, c = rng.uniform(-1, 1, 3)
-        f = rng.uniform(1, 4)
-        chans.append(127 + 80 * np.sin(f * (a * xx / width + b * yy / height) * np.pi + c * 3))
-    arr = np.stack(chans, axis=-1) + rng.normal(0, 6, (height, width, 3))
-    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(2, 6))):
-        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
-        x1, y1 = x0 + int(rng.integers(8, max(9, width // 2))), y0 + int(rng.integers(8, max(9, height // 2)))
-        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=fill)
-    return img
-
-
-def jpeg_images(n: int, sizes: str | Sequence = DEFAULT_IMAGE_SIZES, seed: int = 0, quality: int = 90) -> list[bytes]:
-    """n JPEG files (bytes) cycling through `sizes` (width x height), deterministic for a seed."""
-    out = []
-    for i, (w, h) in enumerate(parse_sizes(sizes) * (n // max(1, len(parse_sizes(sizes))) + 1)):
-        if i >= n:
-            break
-        buf = io.BytesIO()
-        synthetic_image(w, h, seed * 100_003 + i).save(buf, "JPEG", quality=quality)
-        out.append(buf.getvalue())
-    return out
-
-
 
 # ---- results ------------------------------------------------------------------------------------------------------
 @dataclass
@@ -199,8 +128,8 @@ def measure_in_process(checkpoint: Path, images: list[bytes], texts: list[str], 
 def image_config_for(manifest: dict):
     """Our ImageConfig from a manifest, exactly as preprocess_image gets it (repository.image_parameters)."""
     from clip_build.repository import image_parameters  # noqa: PLC0415
-    from clip_build.runtime import params as P  # noqa: PLC0415
-    from clip_build.runtime.image import ImageConfig  # noqa: PLC0415
+    from clip_runtime import params as P  # noqa: PLC0415
+    from clip_runtime.image import ImageConfig  # noqa: PLC0415
 
     p = {name: spec.default for name, spec in P.PARAMETERS.items()}
     p.update(image_parameters(manifest))
@@ -208,14 +137,14 @@ def image_config_for(manifest: dict):
 
 
 def measure_preprocessing(checkpoint: Path, manifest: dict, images: list[bytes], reps: int) -> dict:
-    """Our preprocessing (clip_build.runtime.image) vs transformers' image processor, both bytes -> pixels, 1 thread."""
+    """Our preprocessing (clip_runtime.image) vs transformers' image processor, both bytes -> pixels, 1 thread."""
     import dataclasses  # noqa: PLC0415
 
     import numpy as np  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
     from transformers import AutoImageProcessor  # noqa: PLC0415
 
-    from clip_build.runtime.image import ImagePreprocessor  # noqa: PLC0415
+    from clip_runtime.image import ImagePreprocessor  # noqa: PLC0415
 
     cfg = image_config_for(manifest)
     ours = ImagePreprocessor(cfg)
@@ -468,7 +397,7 @@ def serve_and_measure(args, repo: Path, images: list[bytes], texts: list[str], p
     """Start the server on `repo`, measure cold start, RSS, client load at each concurrency, perf_analyzer."""
     from clip_client import CLIPClient  # noqa: PLC0415
 
-    from clip_build.tritonserver import TritonServer  # noqa: PLC0415
+    from clip_server import TritonServer  # noqa: PLC0415
 
     res: dict = {"client": [], "perf_analyzer": [], "stats": {}, "errors": []}
     import os  # noqa: PLC0415
@@ -533,12 +462,12 @@ def serve_and_measure(args, repo: Path, images: list[bytes], texts: list[str], p
 
 def run_perf(args, server, images: list[bytes], texts: list[str]) -> list[dict]:
     """perf_analyzer on encode_image / encode_text, single-item requests, at each concurrency."""
-    from clip_build import perf  # noqa: PLC0415
+    from . import perf  # noqa: PLC0415
 
     rows = []
     url = server.grpc_url if args.protocol == "grpc" else server.http_url
-    for kind, model, data in (("image", "encode_image", perf.image_input_data(images[:16])),
-                              ("text", "encode_text", perf.text_input_data(texts[:64]))):
+    for kind, model, data in (("image", EncodeImage.NAME, perf.image_input_data(images[:16])),
+                              ("text", EncodeText.NAME, perf.text_input_data(texts[:64]))):
         try:
             got = perf.run_perf_analyzer(model, url, data, protocol=args.protocol, concurrency=args.concurrency,
                                          measurement_ms=args.pa_window_ms, max_trials=4,
@@ -671,7 +600,7 @@ def render_markdown(results: dict, checks: list[Check], notes: str) -> str:
     lines = [
         "# Benchmarks",
         "",
-        "Generated by `clip-triton bench` (build/clip_build/bench.py); the notes section is written by hand and kept "
+        "Generated by `clip-triton bench` (loadtest/clip_loadtest/bench.py); the notes section is written by hand and kept "
         "across runs.",
         "",
         "## Machine",
@@ -726,7 +655,7 @@ def render_markdown(results: dict, checks: list[Check], notes: str) -> str:
     if pre:
         lines += ["", "## Image preprocessing alone (bytes -> pixel values, one thread)", "",
                   f"- transformers {pre['hf_class']}: {pre['hf_ms']:.2f} ms/image (PIL decode + convert + processor)",
-                  f"- ours (clip_build.runtime.image, exact): {pre['ours_ms']:.2f} ms/image, {pre['speedup']:.2f}x, "
+                  f"- ours (clip_runtime.image, exact): {pre['ours_ms']:.2f} ms/image, {pre['speedup']:.2f}x, "
                   f"max difference {pre['max_diff_levels']:.3f}/255",
                   f"- ours as served ({pre['served_threads']} decode threads): {pre['served_ms']:.2f} ms/image, "
                   f"{pre['served_speedup']:.2f}x",
@@ -798,6 +727,9 @@ def plot(results: dict, path: Path) -> bool:
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
+COMMAND_HELP = {"bench": "benchmark Triton against the in-process transformers pipeline"}
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Options of `clip-triton bench`."""
     parser.add_argument("--weights", help="WEIGHTS_DIR from `clip-triton convert` (default: a random ViT-B/32-size CLIP)")

@@ -4,6 +4,8 @@
         --csv reports/http --html reports/http.html
     locust -f loadtest/locustfile.py --headless --host grpc://127.0.0.1:8001 -u 16 -r 16 -t 60s --p95-ms 500
 
+(loadtest/locustfile.py re-exports this module, loadtest/clip_loadtest/locustfile.py.)
+
 Every option below also reads an environment variable (CLIP_LT_*), so workers in a compose file need no flags.
 The quitting gate sets a non-zero exit code on any failure, on too few requests, or when p95/p99 exceed bounds.
 """
@@ -16,7 +18,6 @@ import os
 import random
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -24,16 +25,12 @@ import tritonclient.http as httpclient
 from locust import User, events, task
 from locust.env import Environment
 
-try:  # the installed project (pip install -e .) shares the workload generator with the benchmark
-    from clip_build.bench import LABELS, jpeg_images, parse_sizes, short_prompts
-except ImportError:  # a bare locust worker image: the checkout's build/ folder next to loadtest/
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "build"))
-    from clip_build.bench import LABELS, jpeg_images, parse_sizes, short_prompts
+from clip_common.contract import EncodeImage, EncodeText, ZeroShot
+from clip_loadtest.workload import LABELS, jpeg_images, parse_sizes, short_prompts
 
 log = logging.getLogger("clip_loadtest")
 
 KINDS = ("text", "image", "zero_shot")
-ENSEMBLE = {"text": "encode_text", "image": "encode_image", "zero_shot": "zero_shot"}
 
 
 @events.init_command_line_parser.add_listener
@@ -212,25 +209,25 @@ class CLIPUser(User):
     def text(self) -> None:
         n = max(1, self.environment.parsed_options.text_batch)
         texts = [self.rng.choice(_workload.texts).encode() for _ in range(n)]
-        self._infer("encode_text", [self._bytes_input("text", texts)], ["text_embeds"], {"text_embeds": (n,)},
-                    "encode_text" if n == 1 else f"encode_text[{n}]")
+        self._infer(EncodeText.NAME, [self._bytes_input(EncodeText.TEXT, texts)], [EncodeText.TEXT_EMBEDS],
+                    {EncodeText.TEXT_EMBEDS: (n,)}, EncodeText.NAME if n == 1 else f"{EncodeText.NAME}[{n}]")
 
     def image(self) -> None:
         n = max(1, self.environment.parsed_options.image_batch)
         images = [self.rng.choice(_workload.images) for _ in range(n)]
-        self._infer("encode_image", [self._bytes_input("image", images)], ["image_embeds"], {"image_embeds": (n,)},
-                    "encode_image" if n == 1 else f"encode_image[{n}]")
+        self._infer(EncodeImage.NAME, [self._bytes_input(EncodeImage.IMAGE, images)], [EncodeImage.IMAGE_EMBEDS],
+                    {EncodeImage.IMAGE_EMBEDS: (n,)}, EncodeImage.NAME if n == 1 else f"{EncodeImage.NAME}[{n}]")
 
     def zero_shot(self) -> None:
         labels = _workload.labels
-        top_k = self.mod.InferInput("top_k", [1], "INT32")
+        top_k = self.mod.InferInput(ZeroShot.TOP_K, [1], "INT32")
         top_k.set_data_from_numpy(np.array([self.environment.parsed_options.top_k], dtype=np.int32))
-        inputs = [self._bytes_input("text", [t.encode() for t in labels]),
-                  self._bytes_input("image", [self.rng.choice(_workload.images)]), top_k]
+        inputs = [self._bytes_input(ZeroShot.TEXT, [t.encode() for t in labels]),
+                  self._bytes_input(ZeroShot.IMAGE, [self.rng.choice(_workload.images)]), top_k]
         # all outputs: Triton 2.51 answers "unexpected deadlock" when a request names only some outputs of an
         # ensemble whose outputs also feed a later step (text_embeds/image_embeds feed postprocess)
-        self._infer("zero_shot", inputs, None, {"probs": (1, len(labels)), "topk_texts": (1,)},
-                    "zero_shot")
+        self._infer(ZeroShot.NAME, inputs, None, {ZeroShot.PROBS: (1, len(labels)), ZeroShot.TOPK_TEXTS: (1,)},
+                    ZeroShot.NAME)
 
     @task
     def work(self) -> None:

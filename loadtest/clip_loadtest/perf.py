@@ -1,9 +1,9 @@
 """perf_analyzer helpers: install NVIDIA's load client from the tritonclient 2.51.0 wheel, write BYTES input data,
 run it against our ensembles and parse its CSV.
 
-    python -m clip_build.perf install
-    python -m clip_build.perf run encode_image -u localhost:8000 --concurrency 1 8 16
-    python -m clip_build.perf run encode_text -i grpc -u localhost:8001 --text "a photo of a cat"
+    python -m clip_loadtest.perf install
+    python -m clip_loadtest.perf run encode_image -u localhost:8000 --concurrency 1 8 16
+    python -m clip_loadtest.perf run encode_text -i grpc -u localhost:8001 --text "a photo of a cat"
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from clip_build.files import PinnedWheelError, pinned_wheel, project_root
+from clip_common.contract import ENSEMBLES as PUBLIC_ENSEMBLES
+from clip_common.contract import EncodeImage, EncodeText, ZeroShot
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +44,9 @@ class PerfError(RuntimeError):
     """perf_analyzer could not be installed, or a run failed."""
 
 
-def project_root() -> Path:
-    """The checkout holding pyproject.toml (build/clip_build/perf.py -> ../..), else the working directory."""
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / "pyproject.toml").is_file() else Path.cwd()
-
-
 def default_tools_dir() -> Path:
-    """`.artifacts/tools` in the checkout (ignored by git)."""
-    return project_root() / ".artifacts" / "tools"
+    """`.artifacts/tools` in the checkout (ignored by git), else in the working directory."""
+    return (project_root() or Path.cwd()) / ".artifacts" / "tools"
 
 
 def _pytriton_libs() -> Path:
@@ -64,14 +61,6 @@ def _pytriton_libs() -> Path:
     return libs
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def install_perf_analyzer(tools_dir: Path | None = None, *, force: bool = False) -> Path:
     """Install perf_analyzer into tools_dir/bin (libs into tools_dir/lib); return the binary's path."""
     tools = Path(tools_dir) if tools_dir else default_tools_dir()
@@ -82,19 +71,11 @@ def install_perf_analyzer(tools_dir: Path | None = None, *, force: bool = False)
         raise PerfError(f"perf_analyzer from the {WHEEL_NAME} wheel runs on linux x86_64 only")
     binary.parent.mkdir(parents=True, exist_ok=True)
     libdir.mkdir(parents=True, exist_ok=True)
-    wheel = tools / WHEEL_NAME
-    if not wheel.is_file() or _sha256(wheel) != WHEEL_SHA256:
-        with tempfile.TemporaryDirectory(dir=tools) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                   "--platform", "manylinux1_x86_64", "--python-version", "3", "-d", tmp, f"tritonclient=={WHEEL_VERSION}"]
-            log.info("downloading %s", WHEEL_NAME)
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            got = Path(tmp) / WHEEL_NAME
-            if done.returncode != 0 or not got.is_file():
-                raise PerfError(f"pip download failed: {done.stderr.strip()[-2000:]}")
-            if _sha256(got) != WHEEL_SHA256:
-                raise PerfError(f"{WHEEL_NAME}: sha256 mismatch (expected {WHEEL_SHA256})")
-            shutil.move(str(got), wheel)
+    try:
+        wheel = pinned_wheel(f"tritonclient=={WHEEL_VERSION}", WHEEL_NAME, WHEEL_SHA256, tools,
+                             pip_args=("--platform", "manylinux1_x86_64", "--python-version", "3"))
+    except PinnedWheelError as exc:
+        raise PerfError(str(exc)) from None
     with zipfile.ZipFile(wheel) as zf, zf.open(WHEEL_MEMBER) as src, open(f"{binary}.tmp", "wb") as dst:
         shutil.copyfileobj(src, dst)
     os.chmod(f"{binary}.tmp", 0o755)
@@ -137,21 +118,21 @@ def text_input_data(texts: Iterable[str], batch: int = 1) -> dict:
     """encode_text requests of `batch` texts each ([batch, 1]); perf_analyzer cycles through them."""
     texts = list(texts)
     steps = [texts[i : i + batch] for i in range(0, len(texts) - batch + 1, batch)] or [texts]
-    return {"data": [{"text": _bytes_tensor([t.encode("utf-8") for t in step])} for step in steps]}
+    return {"data": [{EncodeText.TEXT: _bytes_tensor([t.encode("utf-8") for t in step])} for step in steps]}
 
 
 def image_input_data(images: Iterable[bytes], batch: int = 1) -> dict:
     """encode_image requests of `batch` encoded images each ([batch, 1])."""
     images = list(images)
     steps = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)] or [images]
-    return {"data": [{"image": _bytes_tensor(step)} for step in steps]}
+    return {"data": [{EncodeImage.IMAGE: _bytes_tensor(step)} for step in steps]}
 
 
 def zero_shot_input_data(labels: Sequence[str], images: Iterable[bytes], top_k: int = 5) -> dict:
     """zero_shot requests: every label against one image per request."""
     label_tensor = _bytes_tensor([t.encode("utf-8") for t in labels])
-    return {"data": [{"text": label_tensor, "image": _bytes_tensor([img]),
-                      "top_k": {"content": [int(top_k)], "shape": [1]}} for img in images]}
+    return {"data": [{ZeroShot.TEXT: label_tensor, ZeroShot.IMAGE: _bytes_tensor([img]),
+                      ZeroShot.TOP_K: {"content": [int(top_k)], "shape": [1]}} for img in images]}
 
 
 # ---- running ------------------------------------------------------------------------------------------------------
@@ -228,14 +209,14 @@ def run_perf_analyzer(model: str, url: str, input_data: dict | Path, *, protocol
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clip_build.perf", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m clip_loadtest.perf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     inst = sub.add_parser("install", help="install perf_analyzer into .artifacts/tools")
     inst.add_argument("--tools-dir", type=Path, default=None)
     inst.add_argument("--force", action="store_true")
     run = sub.add_parser("run", help="run perf_analyzer against one of our ensembles")
-    run.add_argument("model", choices=["encode_text", "encode_image", "zero_shot"])
+    run.add_argument("model", choices=list(PUBLIC_ENSEMBLES))
     run.add_argument("-u", "--url", default="localhost:8000")
     run.add_argument("-i", "--protocol", choices=["http", "grpc"], default="http")
     run.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
@@ -250,13 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "install":
             print(install_perf_analyzer(args.tools_dir, force=args.force))
             return 0
-        from clip_build import bench as bench_data  # noqa: PLC0415
+        from . import workload as bench_data  # noqa: PLC0415
 
         texts = args.text or bench_data.short_prompts(64)
         images = bench_data.jpeg_images(16, sizes=args.image_sizes)
-        if args.model == "encode_text":
+        if args.model == EncodeText.NAME:
             data = text_input_data(texts, args.batch)
-        elif args.model == "encode_image":
+        elif args.model == EncodeImage.NAME:
             data = image_input_data(images, args.batch)
         else:
             data = zero_shot_input_data(bench_data.LABELS, images)

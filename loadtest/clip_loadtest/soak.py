@@ -1,10 +1,10 @@
 """Soak test: mixed Locust load (loadtest/locustfile.py) plus a trickle of bad inputs for N minutes, while the
 server's and its stubs' resident memory is sampled.
 
-    python -m clip_build.soak --minutes 3                      # synthetic ViT-B/32-size CLIP: build, serve, soak
-    python -m clip_build.soak --minutes 30 --weights W         # your converted weights
-    python -m clip_build.soak --minutes 10 --repository R      # a built repository
-    python -m clip_build.soak --minutes 10 --url 127.0.0.1:8000 --server-pid PID   # a running server
+    python -m clip_loadtest.soak --minutes 3                      # synthetic ViT-B/32-size CLIP: build, serve, soak
+    python -m clip_loadtest.soak --minutes 30 --weights W         # your converted weights
+    python -m clip_loadtest.soak --minutes 10 --repository R      # a built repository
+    python -m clip_loadtest.soak --minutes 10 --url 127.0.0.1:8000 --server-pid PID   # a running server
 
 Goals printed at the end: 0 failed Locust requests, every bad input refused as INVALID_ARG (never a 5xx, never a
 success), all models ready with no dead stub at the end, RSS growth < 5% from the end of the warm-up to the end
@@ -26,9 +26,11 @@ import threading
 import time
 from pathlib import Path
 
-log = logging.getLogger("clip_build.soak")
+from clip_common.contract import EncodeImage, EncodeText
 
-LOCUSTFILE = Path(__file__).resolve().parents[2] / "loadtest" / "locustfile.py"
+log = logging.getLogger(__name__)
+
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
 
 def bad_inputs() -> list[tuple[str, str, bytes]]:
@@ -52,13 +54,13 @@ def bad_inputs() -> list[tuple[str, str, bytes]]:
     buf = io.BytesIO()
     Image.new("RGB", (16, 16)).save(buf, "ICO")
     return [
-        ("encode_image", "image", b""),
-        ("encode_image", "image", b"not an image at all"),
-        ("encode_image", "image", jpeg[: len(jpeg) // 2]),
-        ("encode_image", "image", png(50000, 50000)),
-        ("encode_image", "image", buf.getvalue()),
-        ("encode_text", "text", b"caf\xc3("),
-        ("encode_text", "text", b"a" * 20000),
+        (EncodeImage.NAME, EncodeImage.IMAGE, b""),
+        (EncodeImage.NAME, EncodeImage.IMAGE, b"not an image at all"),
+        (EncodeImage.NAME, EncodeImage.IMAGE, jpeg[: len(jpeg) // 2]),
+        (EncodeImage.NAME, EncodeImage.IMAGE, png(50000, 50000)),
+        (EncodeImage.NAME, EncodeImage.IMAGE, buf.getvalue()),
+        (EncodeText.NAME, EncodeText.TEXT, b"caf\xc3("),
+        (EncodeText.NAME, EncodeText.TEXT, b"a" * 20000),
     ]
 
 
@@ -145,11 +147,11 @@ def rss_growth(samples: list[tuple[float, int]], warmup: float, tail: int = 3) -
 
 def build_synthetic(workdir: Path, weights: Path | None) -> Path:
     """WEIGHTS_DIR (given, or a random ViT-B/32-size CLIP) -> a built repository under workdir."""
-    from .repository import build_repository
+    from clip_build.repository import build_repository
 
     if weights is None:
-        from .convert import convert
-        from .synthetic import make_random_checkpoint
+        from clip_build.convert import convert
+        from clip_build.synthetic import make_random_checkpoint
 
         weights = workdir / "weights"
         if not (weights / "manifest.json").is_file():
@@ -175,7 +177,7 @@ def run_locust(host: str, minutes: float, users: int, out: Path, extra: list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m clip_build.soak", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m clip_loadtest.soak", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=3.0)
     ap.add_argument("--url", default=None, help="HTTP host:port of a running server (default: build and serve)")
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         http_url, grpc_url = args.url, None
         rss_fn = (lambda: tree_rss(args.server_pid)) if args.server_pid else None
     else:
-        from .tritonserver import TritonServer
+        from clip_server import TritonServer
 
         repo = args.repository or build_synthetic(workdir, args.weights)
         server = TritonServer(repo, log_path=workdir / "tritonserver.log", exit_timeout=10)
