@@ -1,4 +1,10 @@
-"""Session fixtures shared by every test module: random HF checkpoints and converted WEIGHTS_DIRs (cached)."""
+"""Test levels (a marker per folder) and the session fixtures parity and integration tests share: random HF
+checkpoints made with transformers and converted WEIGHTS_DIRs (cached).
+
+    pytest -m unit          # tests/unit: pure functions, Python models with Triton faked (seconds)
+    pytest -m parity        # tests/parity: golden results against transformers
+    pytest -m integration   # tests/integration: the real Triton server
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from parity_results import PARITY
+
+from tests.parity.parity_results import PARITY
+
+LEVELS = ("unit", "parity", "integration")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its level, from the folder it lives in."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for level in LEVELS:
+            if level in parts:
+                item.add_marker(getattr(pytest.mark, level))
+                break
 
 
 @pytest.fixture(scope="session")
@@ -55,4 +74,5 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{family:<24} {tower:<20} {cos:.9f}  (1 - cos = {max(0.0, 1 - cos):.1e})")
 
 
-logging.getLogger("clip_build").setLevel(logging.INFO)
+for _name in ("clip_build", "clip_server", "clip_loadtest"):
+    logging.getLogger(_name).setLevel(logging.INFO)

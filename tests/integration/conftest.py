@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clip_build.tritonserver import TritonServer
+from clip_server import TritonServer
 
 
 @dataclass

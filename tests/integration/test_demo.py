@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from clip_build.demo import RANDOM_LABEL, SAMPLES
+from clip_server.demo import RANDOM_LABEL, SAMPLES
 
 
 def test_demo_offline_runs_end_to_end(tmp_path):

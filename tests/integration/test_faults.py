@@ -18,9 +18,9 @@ import psutil
 import pytest
 from PIL import Image
 
-from triton_helpers import read_until_ready
+from tests.integration.triton_helpers import read_until_ready, wait_until
 
-from clip_build.tritonserver import Supervisor, TritonServer, TritonServerError, free_port
+from clip_server import Supervisor, TritonServer, TritonServerError, free_port
 
 
 def _png(seed: int, h: int = 48, w: int = 64) -> bytes:
@@ -96,7 +96,7 @@ def test_killed_stub_is_restored_and_no_request_fails_or_lies(supervised):
     for t in threads:
         t.start()
     try:
-        time.sleep(1.5)
+        assert wait_until(lambda: len(results) >= 10, 60), "traffic never started"
         victim = stub_pid(server, "preprocess_image")
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
@@ -257,7 +257,7 @@ def test_sigterm_under_load_drains_in_flight_requests(tmp_path):
 def test_admin_key_resolution_and_flags_match_compose(tmp_path, monkeypatch):
     import yaml
 
-    from clip_build.serve import resolve_admin_key
+    from clip_server.serve import resolve_admin_key
 
     monkeypatch.delenv("CLIP_TRITON_ADMIN_KEY", raising=False)
     assert resolve_admin_key("given", True) == ("given", False)

@@ -13,7 +13,6 @@ import struct
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,10 +21,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image, ImageOps
 from tritonclient.utils import InferenceServerException
-from triton_helpers import infer
+from tests.integration.triton_helpers import infer
 
 from clip_build.repository import generate_configs, info_payload
-from clip_build.tritonserver import TritonServer
+from clip_server import TritonServer
 
 PROTOCOLS = ("http", "grpc")
 INVALID = ("400", "StatusCode.INVALID_ARGUMENT")

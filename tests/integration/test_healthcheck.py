@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clip_build.tritonserver import free_port
+from clip_server import free_port
 
 SCRIPT = Path(__file__).resolve().parents[2] / "docker" / "healthcheck.py"
 

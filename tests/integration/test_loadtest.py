@@ -45,7 +45,7 @@ def test_locust_smoke(triton_server, tmp_path, protocol):
 @pytest.mark.timeout(60)
 def test_locust_gate_fails_on_errors(tmp_path):
     """The quitting gate turns failed requests into a non-zero exit code (nothing listens on the port)."""
-    from clip_build.tritonserver import free_port
+    from clip_server import free_port
 
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host",
            f"http://127.0.0.1:{free_port()}", "-u", "1", "-r", "1", "-t", "2s", "--only-summary",

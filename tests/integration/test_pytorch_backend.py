@@ -10,7 +10,7 @@ import torch
 
 import tritonclient.http as httpclient
 
-from clip_build.tritonserver import TritonServer
+from clip_server import TritonServer
 
 
 class Positional(torch.nn.Module):

@@ -12,9 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from triton_helpers import read_until_ready
+from tests.integration.triton_helpers import read_until_ready, wait_until
 
-from clip_build.tritonserver import TritonServer, TritonServerError, free_port
+from clip_server import TritonServer, TritonServerError, free_port
 
 CONFIG = """name: "{name}"
 backend: "python"
@@ -81,8 +81,18 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path):
         assert children, "tritonserver and its stub should be running"
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(60) == 0
-        time.sleep(0.5)
-        assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+        def leftovers():
+            alive = []
+            for p in children:
+                try:
+                    if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                        alive.append(p)
+                except psutil.NoSuchProcess:
+                    pass
+            return alive
+
+        assert wait_until(lambda: not leftovers(), 10), leftovers()
     finally:
         if proc.poll() is None:
             proc.kill()

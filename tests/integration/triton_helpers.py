@@ -24,6 +24,16 @@ def infer(client, protocol: str, model: str, inputs: dict[str, np.ndarray], outp
     return {n: result.as_numpy(n) for n in outputs}
 
 
+def wait_until(condition, timeout: float, interval: float = 0.05) -> bool:
+    """Poll `condition()` until it is true (True) or `timeout` seconds passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 def read_until_ready(proc: subprocess.Popen, timeout: float = 120) -> list[str]:
     """stdout lines of `clip-triton serve` up to its "Ctrl-C to stop." line (or EOF / timeout)."""
     lines: list[str] = []

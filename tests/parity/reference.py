@@ -1,15 +1,9 @@
-"""Golden parity against transformers: `python -m clip_build.parity [--size tiny|base]` prints min cosine per tower.
-
-The reference functions here are also used by tests/test_parity.py.
+"""The transformers reference the parity tests compare against: features as transformers computes them, a varied
+text corpus, and the comparison helpers. Test code only (transformers is the reference, never a runtime dependency).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -74,65 +68,3 @@ def top1(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     t = torch.nn.functional.normalize(text.double(), dim=-1)
     i = torch.nn.functional.normalize(image.double(), dim=-1)
     return (t @ i.T).argmax(dim=-1)
-
-
-def run(workdir: Path, size: str = "tiny", n_images: int = 4) -> dict[tuple[str, str], float]:
-    """Make checkpoints, convert, build our encoders (eager + TorchScript) and compare with transformers."""
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer
-
-    from .convert import convert
-    from .export import build_image_encoder, build_text_encoder, export_torchscript
-    from .synthetic import make_random_checkpoint
-
-    results: dict[tuple[str, str], float] = {}
-    ckpt = {f: make_random_checkpoint(workdir / f"ckpt-{f}", f, size) for f in ("clip", "chinese_clip", "bert")}
-    for family in ("clip", "chinese_clip", "bert_vit"):
-        out = workdir / f"weights-{family}"
-        projection = None
-        if family == "bert_vit":
-            hidden = int(json.loads((ckpt["bert"] / "config.json").read_text())["hidden_size"])
-            dim = int(json.loads((ckpt["clip"] / "config.json").read_text())["projection_dim"])
-            projection = torch.randn(dim, hidden, generator=torch.Generator().manual_seed(7)) * hidden ** -0.5
-            save_file({"text_projection.weight": projection}, str(workdir / "proj.safetensors"))
-            convert(str(ckpt["bert"]), out, str(ckpt["clip"]), str(workdir / "proj.safetensors"))
-            text_src, vision_src = ckpt["bert"], ckpt["clip"]
-        else:
-            convert(str(ckpt[family]), out)
-            text_src = vision_src = ckpt[family]
-        tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
-        manifest = json.loads((out / "manifest.json").read_text())
-        max_length = manifest["tokenizer"]["max_length"]
-        enc = tok(CORPUS, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        s = manifest["image"]["size"]
-        px = torch.randn(n_images, 3, s, s, generator=torch.Generator().manual_seed(1))
-        ref_t = hf_text_features(family, text_src, ids, mask, projection)
-        ref_i = hf_image_features(vision_src, px, "chinese_clip" if family == "chinese_clip" else "clip")
-        te, ie = build_text_encoder(out), build_image_encoder(out)
-        export_torchscript(te, workdir / f"ts-{family}" / "text.pt")
-        export_torchscript(ie, workdir / f"ts-{family}" / "image.pt")
-        ts_t, ts_i = (torch.jit.load(str(workdir / f"ts-{family}" / n)) for n in ("text.pt", "image.pt"))
-        with torch.no_grad():
-            results[family, "text (eager)"] = cosine_min(ref_t, te(ids, mask))
-            results[family, "text (torchscript)"] = cosine_min(ref_t, ts_t(ids, mask))
-            results[family, "image (eager)"] = cosine_min(ref_i, ie(px))
-            results[family, "image (torchscript)"] = cosine_min(ref_i, ts_i(px))
-    return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", choices=("tiny", "base"), default="tiny")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="clip-parity-") as tmp:
-        results = run(Path(tmp), args.size)
-    sys.stdout.write(f"{'family':<14} {'tower':<20} {'min cosine':<12} 1 - min cosine\n")
-    for (family, tower), cos in results.items():
-        sys.stdout.write(f"{family:<14} {tower:<20} {cos:.9f}  {max(0.0, 1 - cos):.1e}\n")
-    return 0 if min(results.values()) >= 0.99999 else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from clip_build.runtime.errors import InvalidInputError
-from clip_build.runtime.image import ImageConfig, ImagePreprocessor
-from clip_build.runtime.params import PARAMETERS, read_parameters
+from clip_runtime.errors import InvalidInputError
+from clip_runtime.image import ImageConfig, ImagePreprocessor
+from clip_runtime.params import PARAMETERS, read_parameters
 
 TOL = 1 / 255  # the contract; in practice the values are bit-identical (same PIL resize, same float32 math)
 

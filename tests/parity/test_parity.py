@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from parity_results import PARITY
+from tests.parity.parity_results import PARITY
 from safetensors.torch import save_file
 
 from clip_build.convert import convert
 from clip_build.export import build_image_encoder, build_text_encoder, export_torchscript
-from clip_build.parity import CORPUS, cosine_min, hf_image_features, hf_text_features, top1
-from clip_build.runtime.text import TextTokenizer
+from tests.parity.reference import CORPUS, cosine_min, hf_image_features, hf_text_features, top1
+from clip_runtime.text import TextTokenizer
 from clip_build.synthetic import minilm_dir
 
 MIN_COS = 0.99999
@@ -101,8 +101,8 @@ def test_chinese_clip_images_end_to_end(weights, checkpoints):
     from PIL import Image
 
     from clip_build.repository import image_parameters
-    from clip_build.runtime.image import ImageConfig, ImagePreprocessor
-    from clip_build.runtime.params import PARAMETERS
+    from clip_runtime.image import ImageConfig, ImagePreprocessor
+    from clip_runtime.params import PARAMETERS
 
     ck, w = checkpoints("chinese_clip"), weights("chinese_clip")
     proc_cls = getattr(transformers, "ChineseCLIPImageProcessorPil", None) or transformers.ChineseCLIPImageProcessor

@@ -1,4 +1,4 @@
-"""clip_build.runtime.text.TextTokenizer: token ids identical to the HF tokenizer, bucketed padding, UTF-8 errors."""
+"""clip_runtime.text.TextTokenizer: token ids identical to the HF tokenizer, bucketed padding, UTF-8 errors."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clip_build.parity import CORPUS
-from clip_build.runtime.errors import InvalidInputError
-from clip_build.runtime.text import TextTokenizer, decode_text, padded_length
+from tests.parity.reference import CORPUS
+from clip_runtime.errors import InvalidInputError
+from clip_runtime.text import TextTokenizer, decode_text, padded_length
 
 EXTRA = [
     "a", "A", "don't you'll we've it's", "e-mail: someone@example.com, url https://x.org/a?b=c#d",
@@ -119,7 +119,7 @@ def test_encode_bytes_and_empty_batch(weights):
 
 
 def test_runtime_never_imports_torch():
-    code = ("import sys, clip_build.runtime.text, clip_build.runtime.errors\n"
+    code = ("import sys, clip_runtime.text, clip_runtime.errors\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]\n"
             "assert not bad, bad\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -274,10 +274,13 @@ def test_cli_convert(checkpoints, tmp_path, caplog):
 def test_open_clip_wheel_pinned_by_name_and_sha256(tmp_path, monkeypatch):
     """The BPE source wheel is chosen by exact file name and refused when its sha256 is not the pinned one."""
     from clip_build import synthetic
+    from clip_build.files import PinnedWheelError
 
     real = synthetic.open_clip_wheel()  # the user's cache (downloaded once, like every tokenizer test needs)
     monkeypatch.setenv("CLIP_TRITON_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(synthetic.subprocess, "run", lambda *a, **k: pytest.fail(f"unexpected download {a}"))
+    from clip_build import files
+
+    monkeypatch.setattr(files.subprocess, "run", lambda *a, **k: pytest.fail(f"unexpected download {a}"))
     wheels = tmp_path / "cache" / "wheels"
     wheels.mkdir(parents=True)
     (wheels / "open_clip_torch-9.9.9-py3-none-any.whl").write_bytes(b"another wheel, sorted last")
@@ -290,10 +293,10 @@ def test_open_clip_wheel_pinned_by_name_and_sha256(tmp_path, monkeypatch):
     data = bytearray((wheels / synthetic.OPEN_CLIP_WHEEL_FILE).read_bytes())
     data[len(data) // 2] ^= 0x01
     (wheels / synthetic.OPEN_CLIP_WHEEL_FILE).write_bytes(bytes(data))
-    with pytest.raises(synthetic.WheelIntegrityError, match="sha256"):
+    with pytest.raises(PinnedWheelError, match="sha256"):
         synthetic.open_clip_wheel()
     (out / "merges.txt").unlink()
-    with pytest.raises(synthetic.WheelIntegrityError, match="sha256"):
+    with pytest.raises(PinnedWheelError, match="sha256"):
         synthetic.clip_bpe_files()
 
 

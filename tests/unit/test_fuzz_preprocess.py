@@ -7,7 +7,6 @@ other exception (which the Python models would have to report as an INTERNAL err
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -15,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clip_build.runtime.errors import InvalidInputError
-from clip_build.runtime.image import ImageConfig, ImagePreprocessor
-from clip_build.runtime.text import TextTokenizer, decode_text
+from clip_runtime.errors import InvalidInputError
+from clip_runtime.image import ImageConfig, ImagePreprocessor
+from clip_runtime.text import TextTokenizer, decode_text
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], database=None)
 # A small pixel cap keeps decodes of mutated headers (which may claim large sizes) fast; the code path is the same.
@@ -89,10 +88,8 @@ def test_mutated_images(data):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(weights):
-    wd = weights("clip")
-    t = json.loads((wd / "manifest.json").read_text())["tokenizer"]
-    return TextTokenizer(wd / t["dir"] / "tokenizer.json", t["max_length"], t["pad_token_id"], 16)
+def tokenizer(tokenizer_json):
+    return TextTokenizer(tokenizer_json, max_length=128, pad_token_id=0, pad_to_multiple_of=16)
 
 
 def _check_text_bytes(tok: TextTokenizer, data: bytes, max_bytes: int = 1024) -> None:

@@ -1,4 +1,4 @@
-"""Zero-shot postprocess vs a torch reference written like transformers' CLIPModel.forward."""
+"""Zero-shot postprocess and the shared embedding math (clip_common.ops) vs a torch reference written like transformers' CLIPModel.forward."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from clip_build.runtime.postprocess import l2_normalise, softmax, top_k, zero_shot
+from clip_common.ops import l2_normalize, softmax, top_k
+from clip_runtime.postprocess import zero_shot
 
 
 def torch_reference(text: np.ndarray, image: np.ndarray, logit_scale: float) -> dict[str, np.ndarray]:
@@ -59,8 +60,8 @@ def test_top_k_ties_keep_lower_index_first():
     assert top_k(np.zeros((2, 0), np.float32), 5).shape == (2, 0)
 
 
-def test_l2_normalise_zero_vector_stays_finite():
+def test_l2_normalize_zero_vector_stays_finite():
     x = np.array([[0, 0, 0], [3, 4, 0]], dtype=np.float32)
-    y = l2_normalise(x)
+    y = l2_normalize(x)
     assert np.isfinite(y).all()
     np.testing.assert_allclose(y[1], [0.6, 0.8, 0], atol=1e-7)

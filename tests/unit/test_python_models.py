@@ -6,59 +6,14 @@ import importlib.util
 import io
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from clip_build.repository import generate_configs, template_dir
-
-
-class _Tensor:
-    def __init__(self, name, array):
-        self._name, self._array = name, np.asarray(array)
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-
-class _Response:
-    def __init__(self, output_tensors=None, error=None):
-        self.outputs = {t.name(): t.as_numpy() for t in output_tensors or []}
-        self.error = error
-
-
-class _Error:
-    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
-
-    def __init__(self, message, code=None):
-        self.message, self.code = message, code
-
-
-class _Logger:
-    errors: list[str] = []
-
-    @classmethod
-    def log_error(cls, msg):
-        cls.errors.append(msg)
-
-    log_info = log_warn = log_verbose = classmethod(lambda cls, msg: None)
-
-
-@pytest.fixture()
-def pb(monkeypatch):
-    mod = types.ModuleType("triton_python_backend_utils")
-    mod.Tensor, mod.InferenceResponse, mod.TritonError, mod.Logger = _Tensor, _Response, _Error, _Logger
-    mod.get_input_tensor_by_name = lambda request, name: request.get(name)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", mod)
-    _Logger.errors = []
-    return mod
+from tests.configs import config_json
+from tests.unit.fake_triton import FakeTensor as _Tensor
 
 
 def _load(model: str, manifest: dict, version_dir: Path):
@@ -66,26 +21,10 @@ def _load(model: str, manifest: dict, version_dir: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     instance = module.TritonPythonModel()
-    config = _config_json(generate_configs(manifest)[model])
+    config = config_json(generate_configs(manifest)[model])
     instance.initialize({"model_config": json.dumps(config), "model_repository": str(version_dir.parent),
                          "model_version": version_dir.name, "model_name": model})
     return instance
-
-
-def _config_json(pbtxt: str) -> dict:
-    """Just the parameters of a generated config.pbtxt, as Triton passes them (JSON)."""
-    params, lines = {}, pbtxt.splitlines()
-    for i, line in enumerate(lines):
-        if line.strip().startswith("key:"):
-            key = json.loads(line.split(":", 1)[1])
-            value = json.loads(lines[i + 1].split("string_value:", 1)[1].rstrip(" }"))
-            params[key] = {"string_value": value}
-    return {"parameters": params}
-
-
-@pytest.fixture()
-def manifest(weights):
-    return json.loads((weights("clip") / "manifest.json").read_text())
 
 
 def _png(h, w, seed=0):
@@ -117,10 +56,10 @@ def test_preprocess_image_isolates_bad_request_and_normalises_once(pb, manifest,
     assert np.array_equal(solo.outputs["PIXEL_VALUES"], out[2].outputs["PIXEL_VALUES"])
 
 
-def test_preprocess_text_one_length_per_execute(pb, manifest, weights, tmp_path):
+def test_preprocess_text_one_length_per_execute(pb, manifest, tokenizer_json, tmp_path):
     version = tmp_path / "1"
     version.mkdir()
-    shutil.copy(weights("clip") / "tokenizer" / "tokenizer.json", version / "tokenizer.json")
+    shutil.copy(tokenizer_json, version / "tokenizer.json")
     model = _load("preprocess_text", manifest, version)
     requests = [_bytes_req("TEXT", [b"a cat"]), _bytes_req("TEXT", [b"ok", b"\xc3\x28 bad"]),
                 _bytes_req("TEXT", ["a much longer sentence with quite a few more words in it".encode()] * 2)]

@@ -1,0 +1,81 @@
+"""The client installs alone (`pip install ./client`: no torch, transformers or Triton server) and the README's
+client examples run from that install, as written, against the real server."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FORBIDDEN = ("torch", "transformers", "pytriton", "tritonserver", "clip_build", "clip_server", "clip_runtime")
+
+
+def readme_python_blocks() -> list[str]:
+    """The README's ```python blocks."""
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), flags=re.S)
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kw)
+
+
+@pytest.fixture(scope="module")
+def client_venv(tmp_path_factory) -> Path:
+    """A fresh Python 3.11 venv with only `pip install ./client` in it."""
+    venv = tmp_path_factory.mktemp("client-venv") / "venv"
+    assert _run([sys.executable, "-m", "venv", str(venv)]).returncode == 0
+    done = _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(ROOT / "client")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return venv
+
+
+def _env(venv: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def test_client_install_has_no_server_side_packages(client_venv):
+    probe = ("import importlib.util, json; print(json.dumps({m: importlib.util.find_spec(m) is not None "
+             f"for m in {FORBIDDEN + ('clip_client', 'clip_common', 'tritonclient')!r}}}))")
+    done = _run([str(client_venv / "bin" / "python"), "-c", probe], env=_env(client_venv), cwd=client_venv)
+    found = __import__("json").loads(done.stdout)
+    assert found.pop("clip_client") and found.pop("clip_common") and found.pop("tritonclient")
+    assert not any(found.values()), found
+    dists = _run([str(client_venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"]).stdout.lower()
+    for name in ("torch", "transformers", "nvidia-pytriton", "clip-triton=="):
+        assert f"\n{name}" not in "\n" + dists, name
+
+
+def test_readme_client_examples_run_from_the_client_install(client_venv, triton_server, tmp_path):
+    blocks = [b for b in readme_python_blocks() if "from clip_client import" in b]
+    assert len(blocks) >= 2, "the README shows the sync and the async client"
+    for i, block in enumerate(blocks):
+        code = block.replace("127.0.0.1:8001", triton_server.grpc_url).replace("127.0.0.1:8000", triton_server.http_url)
+        script = tmp_path / f"example_{i}.py"
+        script.write_text(code, encoding="utf-8")
+        done = _run([str(client_venv / "bin" / "python"), str(script)], cwd=tmp_path, env=_env(client_venv))
+        assert done.returncode == 0, f"README example {i} failed:\n{code}\n{done.stderr[-3000:]}"
+        assert "Traceback" not in done.stderr
+
+
+def test_client_commands_from_the_client_install(client_venv, triton_server, tmp_path):
+    cli = str(client_venv / "bin" / "clip-triton")
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    done = _run([cli, "--help"], env=_env(client_venv))
+    assert done.returncode == 0 and "classify" in done.stdout and "convert" not in done.stdout
+    done = _run([cli, "classify", str(tmp_path / "red.png"), "--labels", "red", "blue", "--url", triton_server.grpc_url,
+                 "--json"], env=_env(client_venv))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"label"' in done.stdout
+    # the gallery needs the [gallery] extra: without it, a clear message and no traceback
+    done = _run([cli, "index", str(tmp_path), "--out", str(tmp_path / "g.parquet"), "--url", triton_server.grpc_url],
+                env=_env(client_venv))
+    assert done.returncode == 2 and "clip-triton-client[gallery]" in done.stderr and "Traceback" not in done.stderr
