@@ -6,6 +6,8 @@ import struct
 import sys
 import urllib.request
 
+from clip_common.contract import ZeroShot  # installed in the server image next to clip_runtime
+
 URL = os.environ.get("CLIP_HEALTH_URL", "http://127.0.0.1:8000")
 REPOSITORY = os.environ.get("CLIP_REPOSITORY", "/models")
 
@@ -30,12 +32,13 @@ def main() -> int:
     text, image = bytes_element(b"a photo"), bytes_element(npy_pixel())
     header = json.dumps({
         "inputs": [
-            {"name": "text", "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(text)}},
-            {"name": "image", "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(image)}},
+            {"name": ZeroShot.TEXT, "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(text)}},
+            {"name": ZeroShot.IMAGE, "shape": [1, 1], "datatype": "BYTES",
+             "parameters": {"binary_data_size": len(image)}},
         ],
-        "outputs": [{"name": "probs", "parameters": {"binary_data": False}}],
+        "outputs": [{"name": ZeroShot.PROBS, "parameters": {"binary_data": False}}],
     }).encode()
-    request = urllib.request.Request(f"{URL}/v2/models/zero_shot/infer", data=header + text + image,
+    request = urllib.request.Request(f"{URL}/v2/models/{ZeroShot.NAME}/infer", data=header + text + image,
                                      headers={"Inference-Header-Content-Length": str(len(header))})
     answer = json.loads(urllib.request.urlopen(request, timeout=20).read())
     probs = answer["outputs"][0]["data"]
