@@ -7,18 +7,26 @@ import logging
 import os
 import sys
 import time
+import warnings
+import zipfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = "openai/clip-vit-base-patch32"
 RANDOM_LABEL = "RANDOM WEIGHTS (offline stand-in for openai/clip-vit-base-patch32: same shapes, real tokenizer)"
-# (file name, label it depicts, drawing) for the sample images; the labels double as the zero-shot classes.
+# Real photographs from scikit-image's sample data (skimage/data), read out of its pinned wheel (never installed).
+PHOTO_WHEEL = ("scikit-image==0.25.2", "scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+               "24cc986e1f4187a12aa319f777b36008764e856e5013666a4a83f8df083c2641")
+# the pixels are the same in every build of the wheel: always fetch this one, whatever the local platform
+PHOTO_WHEEL_PIP_ARGS = ("--platform", "manylinux_2_17_x86_64", "--python-version", "3.11", "--implementation", "cp",
+                        "--abi", "cp311")
+# (member of the wheel, file name, the label it depicts, licence as skimage.data documents it)
 SAMPLES = [
-    ("red_circle.jpg", "a red circle"),
-    ("blue_square.png", "a blue square"),
-    ("green_stripes.webp", "green stripes"),
-    ("yellow_triangle.jpg", "a yellow triangle"),
+    ("skimage/data/chelsea.png", "cat.png", "cat", "CC0 (Stefan van der Walt)"),
+    ("skimage/data/coffee.png", "coffee.png", "cup of coffee", "CC0 (Rachel Michetti)"),
+    ("skimage/data/astronaut.png", "astronaut.png", "astronaut", "public domain (NASA: Eileen Collins)"),
+    ("skimage/data/rocket.jpg", "rocket.jpg", "rocket", "public domain (SpaceX: DSCOVR launch)"),
 ]
 
 
@@ -32,32 +40,38 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--offline", action="store_true", help="do not try the hub; use the random-weight stand-in")
     parser.add_argument("--workdir", default=".artifacts/demo", help="where checkpoints, weights and the repository go")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="encoder dtype")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="how the demo calls the server")
     parser.add_argument("--keep-serving", action="store_true", help="keep the server up after the demo until Ctrl-C")
 
 
 def sample_images(folder: Path) -> list[Path]:
-    """Draw the sample images (simple shapes whose labels a real CLIP gets right)."""
-    from PIL import Image, ImageDraw
+    """The SAMPLES photographs written into `folder` (read from the pinned scikit-image wheel, cached)."""
+    from clip_build.files import cache_dir, pinned_wheel
 
+    requirement, filename, sha256 = PHOTO_WHEEL
+    wheel = pinned_wheel(requirement, filename, sha256, cache_dir() / "wheels", PHOTO_WHEEL_PIP_ARGS)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, _label in SAMPLES:
-        img = Image.new("RGB", (320, 240), "white")
-        draw = ImageDraw.Draw(img)
-        if "circle" in name:
-            draw.ellipse((80, 40, 240, 200), fill=(220, 20, 30))
-        elif "square" in name:
-            draw.rectangle((90, 50, 230, 190), fill=(20, 40, 220))
-        elif "stripes" in name:
-            for x in range(0, 320, 40):
-                draw.rectangle((x, 0, x + 19, 240), fill=(20, 170, 40))
-        else:
-            draw.polygon([(160, 30), (270, 210), (50, 210)], fill=(240, 210, 20))
-        path = folder / name
-        img.save(path)
-        paths.append(path)
+    with zipfile.ZipFile(wheel) as zf:
+        for member, name, _label, _licence in SAMPLES:
+            path = folder / name
+            data = zf.read(member)
+            if not path.is_file() or path.read_bytes() != data:
+                path.write_bytes(data)
+            paths.append(path)
     return paths
+
+
+def quiet_third_parties() -> None:
+    """No third-party warnings or progress bars on the demo's screen (the hub's download bars stay)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", module=r"(transformers|torch|huggingface_hub|safetensors)(\.|$)")
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Writing model shards" and the like; it turns the hub's bars off too
+    enable_progress_bars()
 
 
 def resolve_checkpoint(checkpoint: str, workdir: Path, offline: bool) -> tuple[Path, bool]:
@@ -85,15 +99,22 @@ def resolve_checkpoint(checkpoint: str, workdir: Path, offline: bool) -> tuple[P
 
 def run(args: argparse.Namespace, command: str) -> int:
     """Entry point of `clip-triton demo`."""
-    from clip_client import CLIPClient
+    from clip_client import DEFAULT_TEMPLATE, CLIPClient
 
     from clip_build.convert import convert
+    from clip_build.files import PinnedWheelError
     from clip_build.repository import build_repository
 
     from .process import TritonServer
 
+    quiet_third_parties()
     workdir = Path(args.workdir)
     started = time.monotonic()
+    try:
+        images = [str(p) for p in sample_images(workdir / "images")]
+    except PinnedWheelError as exc:
+        print(f"clip-triton demo: cannot get the sample photos: {exc}", file=sys.stderr)
+        return 1
     checkpoint, is_random = resolve_checkpoint(args.checkpoint, workdir, args.offline)
     label = RANDOM_LABEL if is_random else args.checkpoint
     print(f"[1/4] checkpoint: {label}", flush=True)
@@ -102,22 +123,24 @@ def run(args: argparse.Namespace, command: str) -> int:
     print(f"[2/4] Parquet weights: {weights} (model_id {manifest['model_id']})", flush=True)
     repo = build_repository(weights, workdir / "repository", dtype=args.dtype)
     print(f"[3/4] Triton repository with TorchScript encoders: {repo}", flush=True)
-    images = sample_images(workdir / "images")
-    labels = [label_ for _name, label_ in SAMPLES]
+    labels = [label_ for _member, _name, label_, _licence in SAMPLES]
     with TritonServer(repo) as server:
         print(f"[4/4] tritonserver ready: HTTP {server.http_url}  gRPC {server.grpc_url}", flush=True)
-        url = server.grpc_url if args.protocol == "grpc" else server.http_url
-        with CLIPClient(url, protocol=args.protocol) as client:
-            predictions, probabilities = client.zero_shot_classification(
-                [str(p) for p in images], labels, templates=["a photo of {}.", "{}"])
-            best = client.find_best_matches(labels, [str(p) for p in images], top_k=1)
-        print(f"\nZero-shot over {len(labels)} labels ({label}):")
-        print(f"  {'image':<22} {'prediction':<20} {'p':>6}   expected")
-        for path, pred, probs, expected in zip(images, predictions, probabilities, labels):
-            print(f"  {path.name:<22} {labels[int(pred)]:<20} {probs[int(pred)]:6.3f}   {expected}")
+        url = f"{args.protocol}://" + (server.grpc_url if args.protocol == "grpc" else server.http_url)
+        with CLIPClient(url) as client:
+            results = client.classify(images, labels)  # per image [{label, score}], best first
+            best = client.find_best_matches([DEFAULT_TEMPLATE.format(x) for x in labels], images, top_k=1)  # (4, 1)
+        print(f"\nZero-shot over {len(labels)} labels, prompt {DEFAULT_TEMPLATE!r} ({label}):")
+        print(f"  {'image':<16} {'prediction':<16} {'score':>6}   expected")
+        for path, ranked, expected in zip(images, results, labels):
+            top = ranked[0]
+            print(f"  {Path(path).name:<16} {top['label']:<16} {top['score']:6.3f}   {expected}")
         print("\nBest image for each text:")
-        for text, idx in zip(labels, best):
-            print(f"  {text!r:<22} -> {images[int(idx[0])].name}")
+        prompts = [repr(DEFAULT_TEMPLATE.format(x)) for x in labels]
+        for prompt, idx in zip(prompts, best):
+            print(f"  {prompt:<{max(map(len, prompts))}} -> {Path(images[int(idx[0])]).name}")
+        print(f"\nPhotos ({workdir / 'images'}): scikit-image sample data, "
+              + "; ".join(f"{name} {licence}" for _m, name, _l, licence in SAMPLES) + ".")
         if is_random:
             print("\nNote: random weights, so predictions are arbitrary; with hub access the real CLIP is used.")
         print(f"\ndone in {time.monotonic() - started:.0f}s")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._core import ModelInfo
+from ._core import DEFAULT_TEMPLATE, ModelInfo
 from .aio import AsyncCLIPClient
 from .client import CLIPClient
 from .errors import (
@@ -15,6 +15,7 @@ from .errors import (
 )
 
 __all__ = [
+    "DEFAULT_TEMPLATE",
     "AsyncCLIPClient",
     "CLIPClient",
     "CLIPClientError",

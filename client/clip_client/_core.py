@@ -11,19 +11,23 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clip_common import contract as C
+from clip_common.endpoint import DEFAULT_PORTS, Endpoint, EndpointError, parse_endpoint
 
 from . import ops
 from .errors import CLIPClientError, InvalidInputError, ServerError, ServerTimeoutError, ServerUnavailableError
+from .inputs import DEFAULT_DOWNLOAD_BYTES, encode_images, encode_texts, is_single_image, is_single_text, normalize_texts
 
 log = logging.getLogger("clip_client")
 
-DEFAULT_GRPC_URL = "127.0.0.1:8001"
-DEFAULT_HTTP_URL = "127.0.0.1:8000"
+# The prompt `classify` wraps each label in unless told otherwise (zero_shot_classification keeps bare labels).
+DEFAULT_TEMPLATE = "a photo of a {}."
+CONNECT_TIMEOUT = 3.0  # seconds the first contact may take before the server counts as unreachable
 
 # Public ensembles and their tensors: clip_common.contract (docs/ARCHITECTURE.md).
 ENCODE_TEXT, ENCODE_IMAGE, ZERO_SHOT = C.EncodeText.NAME, C.EncodeImage.NAME, C.ZeroShot.NAME
@@ -262,6 +266,26 @@ def backoff_delay(attempt: int, base: float, cap: float = 10.0) -> float:
     return random.uniform(0.5, 1.0) * min(cap, base * (2**attempt))
 
 
+def unreachable_message(endpoint: Endpoint, err: CLIPClientError, connect_timeout: float) -> str:
+    """One message for a server that was never reached: the address, the protocol, why, and what to check."""
+    names = {"http": "HTTP", "grpc": "gRPC"}
+    name = names[endpoint.protocol] + (" with TLS" if endpoint.tls else "")
+    reason = re.sub(r"^connect: (server unavailable: |cannot connect: )?(\[\w+\] )?", "", str(err).split("\n")[0])
+    if isinstance(err, ServerTimeoutError):
+        reason = f"no answer within {connect_timeout:g} s"
+    port = endpoint.effective_port
+    hint = f"Is the server running, and is {port} its {names[endpoint.protocol]} port?"
+    other = "grpc" if endpoint.protocol == "http" else "http"
+    if port == DEFAULT_PORTS[other]:
+        hint += (f" {port} is Triton's default {names[other]} port: use {other}://{endpoint.host}:{port}, or "
+                 f"{endpoint.protocol}://{endpoint.host}:{DEFAULT_PORTS[endpoint.protocol]} for {names[endpoint.protocol]}.")
+    else:
+        hint += " (Triton's defaults: HTTP 8000, gRPC 8001.)"
+    if endpoint.tls:
+        hint += " Does it serve TLS there, with a certificate this client trusts (ca_file)?"
+    return f"cannot reach a Triton server at {endpoint.url} ({name}): {reason}. {hint}"
+
+
 # ----------------------------------------------------------------------------------- shared client base
 
 
@@ -282,7 +306,7 @@ class ClientBase:
     def __init__(
         self,
         url: str | None = None,
-        protocol: str = "grpc",
+        protocol: str | None = None,
         timeout: float = 60.0,
         retries: int = 6,
         backoff: float = 0.5,  # with retries=6: 13-26 s of retrying, longer than a supervised restart
@@ -291,32 +315,70 @@ class ClientBase:
         max_items: int | None = None,
         prompt_cache_size: int = 4096,
         headers: dict[str, str] | None = None,
+        ca_file: str | Path | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        max_download_bytes: int = DEFAULT_DOWNLOAD_BYTES,
     ):
-        protocol = protocol.lower()
-        if protocol not in ("grpc", "http"):
-            raise InvalidInputError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
-        url = url or (DEFAULT_GRPC_URL if protocol == "grpc" else DEFAULT_HTTP_URL)
-        for scheme in ("http://", "https://", "grpc://"):
-            if url.startswith(scheme):
-                url = url[len(scheme):]
-        if timeout <= 0 or retries < 0 or max_concurrency < 1:
-            raise InvalidInputError("timeout must be > 0, retries >= 0, max_concurrency >= 1")
-        self.url = url.rstrip("/")
-        self.protocol = protocol
+        try:
+            self.endpoint: Endpoint = parse_endpoint(url, protocol)
+        except EndpointError as e:
+            raise InvalidInputError(str(e)) from None
+        if timeout <= 0 or retries < 0 or max_concurrency < 1 or connect_timeout <= 0 or max_download_bytes < 1:
+            raise InvalidInputError("timeout and connect_timeout must be > 0, retries >= 0, max_concurrency >= 1, "
+                                    "max_download_bytes >= 1")
+        if ca_file is not None:
+            if not self.endpoint.tls:
+                raise InvalidInputError(f"ca_file is for TLS: use an https:// or grpcs:// URL, not {self.endpoint.url}")
+            if not Path(ca_file).is_file():
+                raise InvalidInputError(f"ca_file {str(ca_file)!r} is not a file")
+        self.protocol = self.endpoint.protocol
+        self.url = self.endpoint.url  # canonical, scheme included
+        self.ca_file = None if ca_file is None else str(ca_file)
         self.timeout = float(timeout)
+        self.connect_timeout = min(float(connect_timeout), self.timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.max_concurrency = int(max_concurrency)
         self.max_request_bytes = int(max_request_bytes)
         self.max_items = max_items  # caps the server-derived limit when set
+        self.max_download_bytes = int(max_download_bytes)
         self.headers = headers
+        self._reached = False  # a Triton server answered once: from then on, failures are retried
         self._info: ModelInfo | None = None
         self._prompt_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._prompt_cache_size = int(prompt_cache_size)
         self._prompt_lock = threading.Lock()  # the cache is shared by threads (CLIPClient) and tasks
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(url={self.url!r}, protocol={self.protocol!r})"
+        return f"{type(self).__name__}(url={self.url!r})"
+
+    # ---- connecting
+    def _first_contact_failed(self, exc: BaseException) -> None:
+        """Before any server answered: raise one clear ServerUnavailableError for a transport failure (no retries);
+        return when `exc` is an answer from a server (then the address is right and normal handling applies)."""
+        err = map_error(exc, "connect")
+        if isinstance(err, (ServerUnavailableError, ServerTimeoutError)):
+            raise ServerUnavailableError(unreachable_message(self.endpoint, err, self.connect_timeout)) from None
+
+    def _log_retry(self, what: str, err: CLIPClientError, attempt: int, delay: float) -> None:
+        log.warning("%s: %s; retry %d/%d in %.2f s", what, err, attempt + 1, self.retries, delay)
+
+    def _batch_limit(self, info: "ModelInfo", kind: str, batch_size: int | None) -> int:
+        """Items per request: the server's limit, capped by max_items and the call's batch_size."""
+        n = info.max_text_items if kind == "text" else info.max_image_items
+        if self.max_items:
+            n = min(n, self.max_items)
+        if batch_size is not None:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
+            n = min(n, batch_size)
+        return n
+
+    def _item_bytes(self, inputs: Any, kind: str):
+        """The BYTES items of a call's texts or images, produced lazily (files are read and URLs fetched on demand)."""
+        if kind == "text":
+            return encode_texts(inputs)
+        return encode_images(inputs, max_download_bytes=self.max_download_bytes, download_timeout=self.timeout)
 
     # ---- requests
     def _make_inputs(self, named: dict[str, np.ndarray]) -> list:
@@ -352,10 +414,6 @@ class ClientBase:
             return raw["config"]
         return raw
 
-    def _limits(self, info: ModelInfo, kind: str) -> int:
-        n = info.max_text_items if kind == "text" else info.max_image_items
-        return min(n, self.max_items) if self.max_items else n
-
     # ---- model info from configs (get_model_info's fallback; the clients only do the I/O)
     def _scale_probe(self, configs: dict[str, dict | None]) -> tuple[str, dict[str, np.ndarray], list[str]] | None:
         """Checks the INFO_CONFIG_MODELS configs; the zero_shot request (model, inputs, outputs) whose answer
@@ -379,9 +437,10 @@ class ClientBase:
         return build_model_info(configs, scale)
 
     # ---- prompt cache (raw, unnormalised text embeddings keyed by prompt)
-    def _prompt_job(self, class_texts: Any, templates: list[str] | None) -> "PromptJob":
+    def _prompt_job(self, class_texts: Any, templates: str | list[str] | None) -> "PromptJob":
         """The prompts of class_texts x templates, with the embeddings the cache already holds for them."""
         classes = check_classes(class_texts)
+        templates = [templates] if isinstance(templates, str) else templates
         prompts = ops.expand_templates(classes, templates)
         known: dict[str, np.ndarray] = {}
         with self._prompt_lock:
@@ -422,6 +481,34 @@ class ClientBase:
         self._info = None
 
 
+def as_embeddings(x: Any) -> np.ndarray | None:
+    """x itself when it is precomputed embeddings (a float array (D,) or (N, D)), else None (texts or images)."""
+    if isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.ndim in (1, 2):
+        return x
+    return None
+
+
+def is_single(inputs: Any, kind: str) -> bool:
+    """True when a call's texts / images are one item (the answer is then one (D,) row)."""
+    return is_single_text(inputs) if kind == "text" else is_single_image(inputs)
+
+
+def progress_bar(inputs: Any, show: bool, kind: str):
+    """A tqdm bar over a call's items (total known when `inputs` has a length); a silent one when show is False."""
+    from tqdm.auto import tqdm
+
+    total = len(inputs) if hasattr(inputs, "__len__") and not is_single(inputs, kind) else None
+    return tqdm(total=total, unit=kind if kind == "text" else "img", desc=f"encode_{kind}", disable=not show)
+
+
+def ranked_labels(image_embeds: np.ndarray, class_embeds: np.ndarray, labels: list[str], scale: float,
+                  top_k: int | None) -> list[list[dict]]:
+    """Per image, [{"label", "score"}] sorted by score (softmax over the labels), best first; top_k of them."""
+    probs = ops.softmax(ops.similarity(image_embeds, class_embeds, scale), axis=1)  # (I, C)
+    idx = ops.topk_indices(probs, len(labels) if top_k is None else top_k)  # (I, k)
+    return [[{"label": labels[c], "score": float(row[c])} for c in order] for row, order in zip(probs, idx)]
+
+
 def classify_result(image_embeds: np.ndarray, class_embeds: np.ndarray, scale: float, return_probabilities: bool):
     """(predictions (I,) int64, probabilities (I, C) float32 or None) from normalised embeddings."""
     logits = ops.similarity(image_embeds, class_embeds, scale)  # (I, C)
@@ -431,8 +518,6 @@ def classify_result(image_embeds: np.ndarray, class_embeds: np.ndarray, scale: f
 
 def check_classes(class_texts: Any) -> list[str]:
     """class_texts -> list[str], non-empty."""
-    from .inputs import normalize_texts
-
     classes = normalize_texts(class_texts)
     if not classes:
         raise InvalidInputError("class_texts must hold at least one class")

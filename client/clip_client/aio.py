@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from clip_common.contract import ZeroShot
+from clip_common.endpoint import tritonclient_tls
 
 from . import ops
 from ._core import (
+    DEFAULT_TEMPLATE,
     ENCODE_IMAGE,
     ENCODE_TEXT,
     IMAGE_IN,
@@ -24,16 +28,20 @@ from ._core import (
     CLIP_INFO_OUT,
     ClientBase,
     ModelInfo,
+    as_embeddings,
     backoff_delay,
     bytes_tensor,
     classify_result,
+    is_single,
     log,
     map_error,
     model_info_from_clip_info,
+    progress_bar,
+    ranked_labels,
     retryable,
 )
 from .errors import CLIPClientError, ServerError, ServerTimeoutError, ServerUnavailableError
-from .inputs import chunk_spans, encode_images, encode_texts, normalize_texts
+from .inputs import encode_texts, iter_batches, normalize_texts
 
 
 @dataclass
@@ -49,11 +57,11 @@ class _LoopState:
 class AsyncCLIPClient(ClientBase):
     """Asyncio client with the same methods as CLIPClient (as coroutines). Use it from one event loop.
 
-    >>> async with AsyncCLIPClient("127.0.0.1:8001") as c:
-    ...     emb = await c.encode_text(["a cat", "a dog"])
+    >>> async with AsyncCLIPClient("http://127.0.0.1:8000") as c:
+    ...     emb = await c.encode_text(["a cat", "a dog"])  # (2, D)
     """
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", **options: Any):
+    def __init__(self, url: str | None = None, protocol: str | None = None, **options: Any):
         super().__init__(url, protocol, **options)
         self._state: _LoopState | None = None
         self._closing: set[asyncio.Future] = set()  # closes of clients left behind by a loop change
@@ -85,13 +93,17 @@ class AsyncCLIPClient(ClientBase):
             self._close_left_behind(state, loop)
         if self._state is None:
             if self.protocol == "http":
+                import ssl
+
                 import tritonclient.http.aio as mod
 
-                client = mod.InferenceServerClient(self.url, conn_timeout=self.timeout, conn_limit=self.max_concurrency * 2)
+                tls = {"ssl": True, "ssl_context": ssl.create_default_context(cafile=self.ca_file)} if self.endpoint.tls else {}
+                client = mod.InferenceServerClient(self.endpoint.address, conn_timeout=self.timeout,
+                                                   conn_limit=self.max_concurrency * 2, **tls)
             else:
                 import tritonclient.grpc.aio as mod
 
-                client = mod.InferenceServerClient(self.url)
+                client = mod.InferenceServerClient(self.endpoint.address, **tritonclient_tls(self.endpoint, self.ca_file))
             self._state = _LoopState(loop, client, asyncio.Semaphore(self.max_concurrency), asyncio.Lock())
         return self._state
 
@@ -121,7 +133,23 @@ class AsyncCLIPClient(ClientBase):
         fut.add_done_callback(self._closing.discard)
 
     # ---------------------------------------------------------------------------------- transport
+    async def _first_contact(self) -> None:
+        """Once per client: is a Triton server there? If not, fail within connect_timeout with one clear message."""
+        if self._reached:
+            return
+        try:
+            client = self._triton()
+            if self.protocol == "grpc":
+                await client.is_server_live(headers=self.headers, client_timeout=self.connect_timeout)
+            else:
+                await asyncio.wait_for(client.is_server_live(headers=self.headers), self.connect_timeout)
+        except Exception as exc:  # noqa: BLE001 - a transport failure raises; an answer means a server is there
+            self._first_contact_failed(exc)
+        self._reached = True
+
     async def _call(self, what: str, make_coro) -> Any:
+        """make_coro() with retries on unavailable servers (once one was reached); errors mapped to our types."""
+        await self._first_contact()
         for attempt in range(self.retries + 1):
             try:
                 return await make_coro()
@@ -130,7 +158,7 @@ class AsyncCLIPClient(ClientBase):
                 if not retryable(err) or attempt == self.retries:
                     raise err from None
                 delay = backoff_delay(attempt, self.backoff)
-                log.debug("%s: %s; retry %d/%d in %.2fs", what, err, attempt + 1, self.retries, delay)
+                self._log_retry(what, err, attempt, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -194,57 +222,102 @@ class AsyncCLIPClient(ClientBase):
         return self._info
 
     # ---------------------------------------------------------------------------------- encoding
-    async def _encode(self, items: list[bytes], kind: str, normalize: bool) -> np.ndarray:
+    async def _stream(self, batches: Iterator[list[bytes]], send: Callable[[list[bytes]], Awaitable[np.ndarray]],
+                      bar) -> list[np.ndarray]:
+        """send(batch) for each batch, up to max_concurrency at once, reading batches (files, URLs) off the event
+        loop only as slots free up; the answers in input order."""
+        parts: dict[int, np.ndarray] = {}
+        pending: dict[asyncio.Task, int] = {}
+
+        async def collect(when: str) -> None:
+            done, _ = await asyncio.wait(pending, return_when=when)
+            for task in done:
+                parts[pending.pop(task)] = part = task.result()
+                bar.update(len(part))
+
+        try:
+            for n in itertools.count():
+                batch = await asyncio.to_thread(next, batches, None)
+                if batch is None:
+                    break
+                pending[asyncio.ensure_future(send(batch))] = n
+                if len(pending) >= self.max_concurrency:
+                    await collect(asyncio.FIRST_COMPLETED)
+            while pending:
+                await collect(asyncio.FIRST_EXCEPTION)
+        finally:  # on failure: stop what is still in flight, and collect it so that nothing is left unawaited
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        return [parts[n] for n in sorted(parts)]
+
+    async def _encode(self, inputs: Any, kind: str, normalize: bool, batch_size: int | None,
+                      show_progress: bool) -> np.ndarray:
         info = await self.get_model_info()
         model, name, out = (ENCODE_TEXT, TEXT_IN, TEXT_OUT) if kind == "text" else (ENCODE_IMAGE, IMAGE_IN, IMAGE_OUT)
-        if not items:
-            return np.zeros((0, info.dim), np.float32)
-        spans = chunk_spans([len(b) for b in items], self._limits(info, kind), self.max_request_bytes)
+        batches = iter_batches(self._item_bytes(inputs, kind), self._batch_limit(info, kind, batch_size),
+                               self.max_request_bytes)
 
-        async def one(s: tuple[int, int]) -> np.ndarray:
-            return (await self._infer(model, {name: bytes_tensor(items[s[0]:s[1]])}, [out]))[out]
+        async def send(batch: list[bytes]) -> np.ndarray:
+            return (await self._infer(model, {name: bytes_tensor(batch)}, [out]))[out]
 
-        parts = await asyncio.gather(*(one(s) for s in spans))  # in input order
-        embeds = np.concatenate(parts, axis=0).astype(np.float32, copy=False)  # (N, D)
-        return ops.l2_normalize(embeds) if normalize else embeds
+        with progress_bar(inputs, show_progress, kind) as bar:
+            parts = await self._stream(batches, send, bar)
+        embeds = np.concatenate(parts, axis=0) if parts else np.zeros((0, info.dim), np.float32)  # (N, D)
+        embeds = embeds.astype(np.float32, copy=False)
+        if normalize:
+            embeds = ops.l2_normalize(embeds)
+        return embeds[0] if is_single(inputs, kind) else embeds
 
-    async def encode_text(self, texts: str | list[str], normalize: bool = True) -> np.ndarray:
-        """Text embeddings (n, D) float32, L2-normalised unless normalize=False."""
-        return await self._encode(encode_texts(normalize_texts(texts)), "text", normalize)
+    async def encode_text(self, texts: str | Iterable[str], normalize: bool = True, *, batch_size: int | None = None,
+                          show_progress: bool = False) -> np.ndarray:
+        """Text embeddings: (D,) for one str, (N, D) for an iterable (see CLIPClient.encode_text)."""
+        return await self._encode(texts, "text", normalize, batch_size, show_progress)
 
-    async def encode_image(self, images: Any, normalize: bool = True) -> np.ndarray:
-        """Image embeddings (n, D) float32; images: path, bytes, PIL image, uint8 (H, W, 3) array, or a batch of those."""
-        return await self._encode(encode_images(images), "image", normalize)
+    async def encode_image(self, images: Any, normalize: bool = True, *, batch_size: int | None = None,
+                           show_progress: bool = False) -> np.ndarray:
+        """Image embeddings: (D,) for one image, (N, D) for an iterable (see CLIPClient.encode_image)."""
+        return await self._encode(images, "image", normalize, batch_size, show_progress)
+
+    async def _text_matrix(self, texts: Any) -> np.ndarray:
+        e = as_embeddings(texts)
+        return await self.encode_text(texts) if e is None else e
+
+    async def _image_matrix(self, images: Any) -> np.ndarray:
+        e = as_embeddings(images)
+        return await self.encode_image(images) if e is None else e
 
     # ---------------------------------------------------------------------------------- similarity
-    async def compute_similarity(
-        self, text_embeddings: np.ndarray, image_embeddings: np.ndarray, apply_temperature: bool = True
-    ) -> np.ndarray:
-        """Cosine similarity (n_texts, n_images), times exp(logit_scale) when apply_temperature (CLIP's logits)."""
+    async def compute_similarity(self, texts: Any, images: Any, apply_temperature: bool = True) -> np.ndarray:
+        """(n_texts, n_images) cosine similarity, times exp(logit_scale) when apply_temperature; texts / images:
+        embeddings or inputs to encode (see CLIPClient.compute_similarity)."""
+        t, i = await asyncio.gather(self._text_matrix(texts), self._image_matrix(images))
         scale = (await self.get_model_info()).scale if apply_temperature else 1.0
-        return ops.similarity(text_embeddings, image_embeddings, scale)
-
-    async def _logits(self, texts: Any, images: Any) -> np.ndarray:
-        t, i = await asyncio.gather(self.encode_text(texts), self.encode_image(images))
-        return await self.compute_similarity(t, i)  # (T, I)
+        return ops.similarity(t, i, scale)
 
     async def find_best_matches(self, texts: Any, images: Any, top_k: int = 5, return_scores: bool = False):
         """Top-k image indices per text (n_texts, min(k, n_images)), best first; with return_scores, (indices, logits)."""
-        logits = await self._logits(texts, images)
-        idx = ops.topk_indices(logits, top_k)
-        return (idx, np.take_along_axis(logits, idx, axis=1)) if return_scores else idx
+        return ops.ranked(await self.compute_similarity(texts, images), top_k, return_scores)
 
     async def find_best_text_matches(self, images: Any, texts: Any, top_k: int = 5, return_scores: bool = False):
         """Top-k text indices per image (n_images, min(k, n_texts)), best first; with return_scores, (indices, logits)."""
-        logits = (await self._logits(texts, images)).T  # (I, T)
-        idx = ops.topk_indices(logits, top_k)
-        return (idx, np.take_along_axis(logits, idx, axis=1)) if return_scores else idx
+        return ops.ranked((await self.compute_similarity(texts, images)).T, top_k, return_scores)
 
-    async def class_embeddings(self, class_texts: Any, templates: list[str] | None = None) -> np.ndarray:
+    async def class_embeddings(self, class_texts: Any, templates: str | list[str] | None = None) -> np.ndarray:
         """Normalised class embeddings (C, D), prompt embeddings cached (see CLIPClient.class_embeddings)."""
         job = self._prompt_job(class_texts, templates)
         encoded = (await self.encode_text(job.missing, normalize=False)) if job.missing else None
         return self._class_matrix(job, encoded)
+
+    async def classify(self, images: Any, labels: Any, templates: str | list[str] | None = None,
+                       top_k: int | None = None):
+        """Per image, [{"label", "score"}] sorted by score, default template "a photo of a {}." (see CLIPClient.classify)."""
+        names = normalize_texts(labels)
+        cls, img = await asyncio.gather(self.class_embeddings(names, templates or [DEFAULT_TEMPLATE]),
+                                        self._image_matrix(images))
+        rows = ranked_labels(img, cls, names, (await self.get_model_info()).scale, top_k)
+        single = img.ndim == 1 if as_embeddings(images) is not None else is_single(images, "image")
+        return rows[0] if single else rows
 
     async def zero_shot_classification(
         self, images: Any, class_texts: Any, return_probabilities: bool = True, templates: list[str] | None = None
@@ -255,7 +328,7 @@ class AsyncCLIPClient(ClientBase):
 
     async def zero_shot(self, images: Any, texts: Any, top_k: int = 5) -> dict[str, np.ndarray]:
         """One raw call of the zero_shot ensemble (all its outputs); inputs must fit in one request."""
-        t, i = encode_texts(normalize_texts(texts)), encode_images(images)
+        t, i = list(encode_texts(texts)), await asyncio.to_thread(lambda: list(self._item_bytes(images, "image")))
         return await self._infer(
             ZERO_SHOT,
             {ZeroShot.TEXT: bytes_tensor(t), ZeroShot.IMAGE: bytes_tensor(i),

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
 
 from clip_common.contract import ZeroShot
+from clip_common.endpoint import tritonclient_tls
 
 from . import ops
 from ._core import (
+    DEFAULT_TEMPLATE,
     ENCODE_IMAGE,
     ENCODE_TEXT,
     IMAGE_IN,
@@ -25,26 +30,30 @@ from ._core import (
     CLIP_INFO_OUT,
     ClientBase,
     ModelInfo,
+    as_embeddings,
     backoff_delay,
     bytes_tensor,
     classify_result,
+    is_single,
     log,
     map_error,
     model_info_from_clip_info,
+    progress_bar,
+    ranked_labels,
     retryable,
 )
 from .errors import CLIPClientError, ServerError, ServerTimeoutError, ServerUnavailableError
-from .inputs import chunk_spans, encode_images, encode_texts, normalize_texts
+from .inputs import encode_texts, iter_batches, normalize_texts
 
 
 class CLIPClient(ClientBase):
     """Synchronous client. Thread-safe: every thread gets its own tritonclient (tritonclient.http is not thread-safe).
 
-    >>> with CLIPClient("127.0.0.1:8001") as c:
-    ...     probs = c.zero_shot_classification("cat.jpg", ["a cat", "a dog"])[1]
+    >>> with CLIPClient("grpc://127.0.0.1:8001") as c:  # http://, https://, grpc://, grpcs://
+    ...     c.classify("cat.jpg", ["cat", "dog"])  # [{"label": "cat", "score": 0.98}, {"label": "dog", ...}]
     """
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", **options: Any):
+    def __init__(self, url: str | None = None, protocol: str | None = None, **options: Any):
         super().__init__(url, protocol, **options)
         self._local = threading.local()
         self._clients: list[Any] = []
@@ -76,20 +85,40 @@ class CLIPClient(ClientBase):
         """This thread's tritonclient (created on first use)."""
         client = getattr(self._local, "client", None)
         if client is None:
-            if self.protocol == "http":
-                import tritonclient.http as mod
-
-                client = mod.InferenceServerClient(
-                    self.url, connection_timeout=self.timeout, network_timeout=self.timeout
-                )
-            else:
-                import tritonclient.grpc as mod
-
-                client = mod.InferenceServerClient(self.url)
+            client = self._new_tritonclient(self.timeout)
             with self._lock:
                 self._clients.append(client)
             self._local.client = client
         return client
+
+    def _new_tritonclient(self, network_timeout: float):
+        """A tritonclient for this endpoint (TLS per its scheme); HTTP reads time out after network_timeout."""
+        tls = tritonclient_tls(self.endpoint, self.ca_file)
+        if self.protocol == "http":
+            import tritonclient.http as mod
+
+            return mod.InferenceServerClient(self.endpoint.address, connection_timeout=self.connect_timeout,
+                                             network_timeout=network_timeout, **tls)
+        import tritonclient.grpc as mod
+
+        return mod.InferenceServerClient(self.endpoint.address, **tls)
+
+    def _first_contact(self) -> None:
+        """Once per client: is a Triton server there? If not, fail within connect_timeout with one clear message."""
+        if self._reached:
+            return
+        try:
+            if self.protocol == "grpc":
+                self._triton().is_server_live(headers=self.headers, client_timeout=self.connect_timeout)
+            else:  # its own client: every read of the probe times out after connect_timeout
+                probe = self._new_tritonclient(self.connect_timeout)
+                try:
+                    probe.is_server_live(headers=self.headers)
+                finally:
+                    probe.close()
+        except Exception as exc:  # noqa: BLE001 - a transport failure raises; an answer means a server is there
+            self._first_contact_failed(exc)
+        self._reached = True
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -99,7 +128,8 @@ class CLIPClient(ClientBase):
 
     # ---------------------------------------------------------------------------------- transport
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """fn() with retries on unavailable servers; errors mapped to our types."""
+        """fn() with retries on unavailable servers (once one was reached); errors mapped to our types."""
+        self._first_contact()
         for attempt in range(self.retries + 1):
             try:
                 return fn()
@@ -108,7 +138,7 @@ class CLIPClient(ClientBase):
                 if not retryable(err) or attempt == self.retries:
                     raise err from None
                 delay = backoff_delay(attempt, self.backoff)
-                log.debug("%s: %s; retry %d/%d in %.2fs", what, err, attempt + 1, self.retries, delay)
+                self._log_retry(what, err, attempt, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -137,12 +167,6 @@ class CLIPClient(ClientBase):
         except ServerError as e:  # e.g. NOT_FOUND: the model is not served; timeouts / unavailable propagate
             log.debug("no config for %s: %s", model, e)
             return None
-
-    def _map(self, fn: Callable[[Any], Any], jobs: list[Any]) -> list[Any]:
-        """fn over jobs, concurrently on the pool when there are several; results in order."""
-        if len(jobs) <= 1:
-            return [fn(j) for j in jobs]
-        return list(self._executor().map(fn, jobs))
 
     # ---------------------------------------------------------------------------------- model info
     def _clip_info(self) -> ModelInfo | None:
@@ -174,45 +198,95 @@ class CLIPClient(ClientBase):
         return self.get_model_info().logit_scale
 
     # ---------------------------------------------------------------------------------- encoding
-    def _encode(self, items: list[bytes], kind: str, normalize: bool) -> np.ndarray:
+    def _stream(self, batches: Iterator[list[bytes]], send: Callable[[list[bytes]], np.ndarray], bar) -> list[np.ndarray]:
+        """send(batch) for each batch, up to max_concurrency at once, reading batches only as slots free up;
+        the answers in input order. A lone batch is sent from the calling thread."""
+        first = next(batches, None)
+        second = None if first is None else next(batches, None)
+        if second is None:
+            parts = [] if first is None else [send(first)]
+            bar.update(sum(len(p) for p in parts))
+            return parts
+        pending: deque[Future] = deque()
+        parts = []
+
+        def collect() -> None:
+            part = pending.popleft().result()
+            parts.append(part)
+            bar.update(len(part))
+
+        try:
+            for batch in itertools.chain((first, second), batches):
+                pending.append(self._executor().submit(send, batch))
+                while len(pending) >= self.max_concurrency:
+                    collect()
+            while pending:
+                collect()
+        finally:
+            for f in pending:
+                f.cancel()
+        return parts
+
+    def _encode(self, inputs: Any, kind: str, normalize: bool, batch_size: int | None, show_progress: bool) -> np.ndarray:
         info = self.get_model_info()
         model, name, out = (ENCODE_TEXT, TEXT_IN, TEXT_OUT) if kind == "text" else (ENCODE_IMAGE, IMAGE_IN, IMAGE_OUT)
-        if not items:
-            return np.zeros((0, info.dim), np.float32)
-        spans = chunk_spans([len(b) for b in items], self._limits(info, kind), self.max_request_bytes)
-        parts = self._map(lambda s: self._infer(model, {name: bytes_tensor(items[s[0]:s[1]])}, [out])[out], spans)
-        embeds = np.concatenate(parts, axis=0).astype(np.float32, copy=False)  # (N, D)
-        return ops.l2_normalize(embeds) if normalize else embeds
+        batches = iter_batches(self._item_bytes(inputs, kind), self._batch_limit(info, kind, batch_size),
+                               self.max_request_bytes)
+        with progress_bar(inputs, show_progress, kind) as bar:
+            parts = self._stream(batches, lambda b: self._infer(model, {name: bytes_tensor(b)}, [out])[out], bar)
+        embeds = np.concatenate(parts, axis=0) if parts else np.zeros((0, info.dim), np.float32)  # (N, D)
+        embeds = embeds.astype(np.float32, copy=False)
+        if normalize:
+            embeds = ops.l2_normalize(embeds)
+        return embeds[0] if is_single(inputs, kind) else embeds
 
-    def encode_text(self, texts: str | list[str], normalize: bool = True) -> np.ndarray:
-        """Text embeddings (n, D) float32, L2-normalised unless normalize=False."""
-        return self._encode(encode_texts(normalize_texts(texts)), "text", normalize)
+    def encode_text(self, texts: str | Iterable[str], normalize: bool = True, *, batch_size: int | None = None,
+                    show_progress: bool = False) -> np.ndarray:
+        """Text embeddings, float32, L2-normalised unless normalize=False: (D,) for one str, (N, D) for an iterable.
 
-    def encode_image(self, images: Any, normalize: bool = True) -> np.ndarray:
-        """Image embeddings (n, D) float32; images: path, bytes, PIL image, uint8 (H, W, 3) array, or a batch of those."""
-        return self._encode(encode_images(images), "image", normalize)
+        Any iterable works (a generator is consumed batch by batch); batch_size caps the texts per request.
+        """
+        return self._encode(texts, "text", normalize, batch_size, show_progress)
+
+    def encode_image(self, images: Any, normalize: bool = True, *, batch_size: int | None = None,
+                     show_progress: bool = False) -> np.ndarray:
+        """Image embeddings, float32: (D,) for one image, (N, D) for an iterable of them (or a uint8 (N, H, W, 3)).
+
+        An image is a file path, an http(s) URL (fetched here, at most max_download_bytes), encoded bytes, a PIL
+        image or a uint8 (H, W, 3) array. Iterables are read lazily, batch by batch.
+        """
+        return self._encode(images, "image", normalize, batch_size, show_progress)
+
+    def _text_matrix(self, texts: Any) -> np.ndarray:
+        e = as_embeddings(texts)
+        return self.encode_text(texts) if e is None else e
+
+    def _image_matrix(self, images: Any) -> np.ndarray:
+        e = as_embeddings(images)
+        return self.encode_image(images) if e is None else e
 
     # ---------------------------------------------------------------------------------- similarity
-    def compute_similarity(
-        self, text_embeddings: np.ndarray, image_embeddings: np.ndarray, apply_temperature: bool = True
-    ) -> np.ndarray:
-        """Cosine similarity (n_texts, n_images), times exp(logit_scale) when apply_temperature (CLIP's logits)."""
+    def compute_similarity(self, texts: Any, images: Any, apply_temperature: bool = True) -> np.ndarray:
+        """(n_texts, n_images): cosine similarity, times exp(logit_scale) when apply_temperature (CLIP's logits).
+
+        texts / images: precomputed embeddings (float arrays (D,) or (N, D)), or texts / images to encode.
+        """
+        t, i = self._text_matrix(texts), self._image_matrix(images)
         scale = self.get_model_info().scale if apply_temperature else 1.0
-        return ops.similarity(text_embeddings, image_embeddings, scale)
+        return ops.similarity(t, i, scale)
 
     def find_best_matches(self, texts: Any, images: Any, top_k: int = 5, return_scores: bool = False):
-        """Top-k image indices per text (n_texts, min(k, n_images)), best first; with return_scores, (indices, logits)."""
-        logits = self.compute_similarity(self.encode_text(texts), self.encode_image(images))  # (T, I)
-        idx = ops.topk_indices(logits, top_k)
-        return (idx, np.take_along_axis(logits, idx, axis=1)) if return_scores else idx
+        """Top-k image indices per text (n_texts, min(k, n_images)), best first; with return_scores, (indices, logits).
+
+        texts / images: embeddings or inputs, as for compute_similarity.
+        """
+        return ops.ranked(self.compute_similarity(texts, images), top_k, return_scores)
 
     def find_best_text_matches(self, images: Any, texts: Any, top_k: int = 5, return_scores: bool = False):
         """Top-k text indices per image (n_images, min(k, n_texts)), best first; with return_scores, (indices, logits)."""
-        logits = self.compute_similarity(self.encode_text(texts), self.encode_image(images)).T  # (I, T)
-        idx = ops.topk_indices(logits, top_k)
-        return (idx, np.take_along_axis(logits, idx, axis=1)) if return_scores else idx
+        return ops.ranked(self.compute_similarity(texts, images).T, top_k, return_scores)
 
-    def class_embeddings(self, class_texts: Any, templates: list[str] | None = None) -> np.ndarray:
+    def class_embeddings(self, class_texts: Any, templates: str | list[str] | None = None) -> np.ndarray:
         """Normalised class embeddings (C, D): per class, templates' embeddings normalised, averaged, re-normalised.
 
         Prompt embeddings are cached: a prompt already seen is not sent again.
@@ -221,19 +295,34 @@ class CLIPClient(ClientBase):
         encoded = (self.encode_text(job.missing, normalize=False)) if job.missing else None
         return self._class_matrix(job, encoded)
 
+    def classify(self, images: Any, labels: Any, templates: str | list[str] | None = None, top_k: int | None = None):
+        """Zero-shot: per image, [{"label": ..., "score": ...}] sorted by score, best first (scores sum to 1 over
+        all labels); one list for one image, a list of lists for several (the transformers pipeline's shape).
+
+        Each label is put into `templates` (default DEFAULT_TEMPLATE, "a photo of a {}."; several are averaged;
+        ["{}"] uses the bare labels). images: anything encode_image takes, or precomputed image embeddings.
+        """
+        names = normalize_texts(labels)
+        cls = self.class_embeddings(names, templates or [DEFAULT_TEMPLATE])
+        img = self._image_matrix(images)
+        rows = ranked_labels(img, cls, names, self.get_model_info().scale, top_k)
+        single = img.ndim == 1 if as_embeddings(images) is not None else is_single(images, "image")
+        return rows[0] if single else rows
+
     def zero_shot_classification(
         self, images: Any, class_texts: Any, return_probabilities: bool = True, templates: list[str] | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """(predictions, probabilities): predictions are class INDICES (n_images,) int64 into class_texts;
         probabilities (n_images, n_classes) float32 are the softmax over classes of exp(logit_scale) * cosine,
-        as the zero_shot ensemble's `probs` (None when return_probabilities=False).
+        as the zero_shot ensemble's `probs` (None when return_probabilities=False). Bare class texts unless
+        templates are given; classify() gives [{label, score}] with a default template.
         """
         cls = self.class_embeddings(class_texts, templates)
         return classify_result(self.encode_image(images), cls, self.get_model_info().scale, return_probabilities)
 
     def zero_shot(self, images: Any, texts: Any, top_k: int = 5) -> dict[str, np.ndarray]:
         """One raw call of the zero_shot ensemble (all its outputs); inputs must fit in one request."""
-        t, i = encode_texts(normalize_texts(texts)), encode_images(images)
+        t, i = list(encode_texts(texts)), list(self._item_bytes(images, "image"))
         return self._infer(
             ZERO_SHOT,
             {ZeroShot.TEXT: bytes_tensor(t), ZeroShot.IMAGE: bytes_tensor(i),

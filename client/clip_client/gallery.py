@@ -1,4 +1,4 @@
-"""Parquet image galleries and the `clip-triton index | search | classify` commands.
+"""Parquet image galleries and the `clip-triton index | search` commands.
 
 Gallery file: columns path (string), sha256 (string), size (int64), embedding (fixed_size_list<float32>[D],
 L2-normalised); file key-value metadata `clip_triton_gallery` = JSON {format_version, model_id, dim, logit_scale,
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import ops
+from .cli import add_connection_arguments, connect
 from .errors import CLIPClientError, InvalidInputError, ModelMismatchError, ServerError
 
 log = logging.getLogger("clip_client.gallery")
@@ -351,7 +352,7 @@ def search_gallery(client: Any, gallery: Gallery, text: str | None = None, image
     if (text is None) == (image is None):
         raise InvalidInputError("give exactly one of a text query or an image query")
     gallery.check_identity(client.get_model_info().identity())
-    query = client.encode_text(text) if text is not None else client.encode_image(image)  # (1, D)
+    query = client.encode_text(text) if text is not None else client.encode_image(image)  # (D,)
     idx, scores = gallery.search(query, k)
     return [(gallery.paths[i], float(s)) for i, s in zip(idx[0], scores[0])]
 
@@ -359,12 +360,11 @@ def search_gallery(client: Any, gallery: Gallery, text: str | None = None, image
 # ------------------------------------------------------------------------------------------- CLI
 
 
-COMMAND_HELP = {"index": "index a folder of images into a gallery", "search": "search a gallery by text or image",
-                "classify": "zero-shot classify images against labels"}
+COMMAND_HELP = {"index": "index a folder of images into a gallery", "search": "search a gallery by text or image"}
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Arguments of `clip-triton index | search | classify`."""
+    """Arguments of `clip-triton index | search`."""
     if command == "index":
         parser.add_argument("image_dir", help="folder of images (searched recursively) or one image file")
         parser.add_argument("--out", required=True, help="Parquet gallery to create or extend")
@@ -377,25 +377,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--gallery", required=True, help="Parquet gallery written by `clip-triton index`")
         parser.add_argument("-k", "--top-k", type=int, default=10, help="results to show (default 10)")
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    elif command == "classify":
-        parser.add_argument("images", nargs="+", help="image files")
-        parser.add_argument("--labels", nargs="+", required=True, help="class names")
-        parser.add_argument("--template", action="append", dest="templates", default=None,
-                            help="prompt template with {} for the label, e.g. 'a photo of a {}.' (repeatable; averaged)")
-        parser.add_argument("-k", "--top-k", type=int, default=1, help="labels to show per image (default 1)")
-        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--url", default=None, help="server address host:port (default 127.0.0.1:8001 grpc, :8000 http)")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default grpc")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    add_connection_arguments(parser)
 
 
 def run(args: argparse.Namespace, command: str) -> int:
     """Run one command; 0 on success, 1 when some inputs failed, 2 on errors."""
-    from .client import CLIPClient
-
     try:
-        with CLIPClient(args.url, protocol=args.protocol, timeout=args.timeout) as client:
-            return {"index": _run_index, "search": _run_search, "classify": _run_classify}[command](client, args)
+        with connect(args) as client:
+            return {"index": _run_index, "search": _run_search}[command](client, args)
     except CLIPClientError as e:
         print(f"clip-triton {command}: error: {e}", file=sys.stderr)
         return 2
@@ -426,40 +415,3 @@ def _run_search(client: Any, args: argparse.Namespace) -> int:
         for r, (p, s) in enumerate(hits):
             print(f"{r + 1:>3}  {s:.4f}  {p}")
     return 0
-
-
-def _run_classify(client: Any, args: argparse.Namespace) -> int:
-    items: list[bytes] = []
-    names: list[str] = []
-    failed: list[tuple[str, str]] = []
-    for p in args.images:
-        try:
-            items.append(Path(p).read_bytes())
-            names.append(p)
-        except OSError as e:
-            failed.append((p, f"cannot read: {e.strerror or e}"))
-    classes = client.class_embeddings(args.labels, args.templates)  # (C, D)
-    scale = client.get_model_info().scale
-    good, bad = {}, {}
-    limit = client.get_model_info().max_image_items
-    for lo in range(0, len(items), limit):
-        g, b = encode_tolerant(client, items[lo:lo + limit])
-        good.update({lo + i: e for i, e in g.items()})
-        bad.update({lo + i: m for i, m in b.items()})
-    failed += [(names[i], m) for i, m in sorted(bad.items())]
-    rows = []
-    if good:
-        order = sorted(good)
-        probs = ops.softmax(ops.similarity(np.stack([good[i] for i in order]), classes, scale), axis=1)  # (I, C)
-        top = ops.topk_indices(probs, args.top_k)
-        for n, i in enumerate(order):
-            rows.append({"path": names[i], "labels": [{"label": args.labels[c], "probability": float(probs[n, c])}
-                                                      for c in top[n]]})
-    if args.json:
-        print(json.dumps({"results": rows, "failed": [{"path": p, "error": m} for p, m in failed]}, indent=2))
-    else:
-        for row in rows:
-            print(row["path"] + "\t" + "\t".join(f"{x['label']} {x['probability']:.4f}" for x in row["labels"]))
-        for p, m in failed:
-            print(f"skipped {p}: {m}", file=sys.stderr)
-    return 1 if failed else 0

@@ -1,43 +1,54 @@
-"""Turn user inputs (texts, image paths, bytes, PIL images, uint8 arrays) into the BYTES items the ensembles take."""
+"""Turn user inputs (texts, image paths and URLs, bytes, PIL images, uint8 arrays) into the BYTES items the ensembles take."""
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Sequence
+import re
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from .errors import InvalidInputError
 
 NPY_MAGIC = b"\x93NUMPY"
+DEFAULT_DOWNLOAD_BYTES = 20 * 1024 * 1024  # the server's default max_image_bytes
+DEFAULT_DOWNLOAD_TIMEOUT = 30.0  # seconds per image URL, in all
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # PIL modes that PNG stores losslessly; the server converts them to RGB the same way it would for a file.
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}
 
-ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Any]  # Any: PIL.Image.Image
+
+def is_single_text(texts: Any) -> bool:
+    """True when `texts` is one text (a str), not a collection of them."""
+    return isinstance(texts, str)
+
+
+def iter_texts(texts: str | Iterable[str]) -> Iterator[str]:
+    """A str or any iterable of str -> the texts one by one (lazily); anything else is an InvalidInputError."""
+    if isinstance(texts, str):
+        yield texts
+        return
+    if isinstance(texts, (bytes, bytearray)) or texts is None or not isinstance(texts, Iterable):
+        raise InvalidInputError(f"texts must be a str or an iterable of str, got {type(texts).__name__}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InvalidInputError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        yield t
 
 
 def normalize_texts(texts: str | Iterable[str]) -> list[str]:
-    """A str or an iterable of str -> list[str]; anything else is an InvalidInputError."""
-    if isinstance(texts, str):
-        return [texts]
-    if isinstance(texts, (bytes, bytearray)) or texts is None:
-        raise InvalidInputError(f"texts must be a str or a list of str, got {type(texts).__name__}")
-    try:
-        items = list(texts)
-    except TypeError:
-        raise InvalidInputError(f"texts must be a str or a list of str, got {type(texts).__name__}") from None
-    for i, t in enumerate(items):
-        if not isinstance(t, str):
-            raise InvalidInputError(f"texts[{i}] must be a str, got {type(t).__name__}")
-    return items
+    """A str or an iterable of str -> list[str] (see iter_texts)."""
+    return list(iter_texts(texts))
 
 
-def encode_texts(texts: Sequence[str]) -> list[bytes]:
-    """UTF-8 encode each text."""
-    return [t.encode("utf-8") for t in texts]
+def encode_texts(texts: str | Iterable[str]) -> Iterator[bytes]:
+    """Texts (see iter_texts) -> each one UTF-8 encoded, lazily."""
+    for t in iter_texts(texts):
+        yield t.encode("utf-8")
 
 
 def _is_pil(x: Any) -> bool:
@@ -70,21 +81,26 @@ def pil_bytes(image: Any) -> bytes:
     return npy_bytes(np.asarray(image.convert("RGB"), dtype=np.uint8))
 
 
-def image_item_bytes(item: Any, where: str = "image") -> bytes:
-    """One image (path, encoded bytes, PIL image or uint8 (H, W, 3) array) -> the bytes sent to the server."""
+def image_item_bytes(item: Any, where: str = "image", max_download_bytes: int = DEFAULT_DOWNLOAD_BYTES,
+                     download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT) -> bytes:
+    """One image (path, http(s) URL, encoded bytes, PIL image or uint8 (H, W, 3) array) -> the bytes sent to the server."""
     if isinstance(item, (bytes, bytearray, memoryview)):
         data = bytes(item)
         if not data:
             raise InvalidInputError(f"{where}: empty bytes")
         return data
+    if isinstance(item, str) and _URL.match(item):
+        scheme = item.split(":", 1)[0].lower()
+        if scheme not in ("http", "https"):
+            raise InvalidInputError(f"{where}: cannot read {item!r}: only http:// and https:// URLs are fetched")
+        return fetch_url(item, where, max_download_bytes, download_timeout)
     if isinstance(item, (str, os.PathLike)):
-        path = Path(item)
         try:
-            data = path.read_bytes()
+            data = Path(item).read_bytes()
         except OSError as e:
-            raise InvalidInputError(f"{where}: cannot read {str(path)!r}: {e.strerror or e}") from None
+            raise InvalidInputError(f"{where}: cannot read {os.fspath(item)!r}: {e.strerror or e}") from None
         if not data:
-            raise InvalidInputError(f"{where}: {str(path)!r} is empty")
+            raise InvalidInputError(f"{where}: {os.fspath(item)!r} is empty")
         return data
     if isinstance(item, np.ndarray):
         _check_pixels(item, where)
@@ -92,46 +108,92 @@ def image_item_bytes(item: Any, where: str = "image") -> bytes:
     if _is_pil(item):
         return pil_bytes(item)
     raise InvalidInputError(
-        f"{where}: expected a file path, encoded bytes, a PIL image or a uint8 (H, W, 3) array, got {type(item).__name__}"
+        f"{where}: expected a file path, an http(s) URL, encoded bytes, a PIL image or a uint8 (H, W, 3) array, "
+        f"got {type(item).__name__}"
     )
 
 
-def normalize_images(images: Any) -> list[Any]:
-    """One image or a batch (list/tuple, or a uint8 (N, H, W, 3) array) -> a list of single images."""
+def fetch_url(url: str, where: str, max_bytes: int, timeout: float) -> bytes:
+    """GET an http(s) URL: at most max_bytes, within `timeout` seconds in all; failures are InvalidInputErrors."""
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    # Only HTTP(S): no file://, ftp:// or data: handlers, so a redirect cannot reach anything else.
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(context=ssl.create_default_context()),
+                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url, headers={"User-Agent": "clip-triton-client"})
+    chunks, size = [], 0
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise InvalidInputError(f"{where}: {url} is {declared} bytes, more than the limit of {max_bytes}")
+            while chunk := response.read(1 << 16):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise InvalidInputError(f"{where}: {url} is more than the limit of {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise InvalidInputError(f"{where}: cannot fetch {url}: timed out after {timeout:g} s")
+                chunks.append(chunk)
+    except InvalidInputError:
+        raise
+    except urllib.error.HTTPError as e:
+        raise InvalidInputError(f"{where}: cannot fetch {url}: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise InvalidInputError(f"{where}: cannot fetch {url}: {e.reason}") from None
+    except (OSError, http.client.HTTPException, ValueError) as e:  # timeouts, resets, malformed answers
+        raise InvalidInputError(f"{where}: cannot fetch {url}: {e or type(e).__name__}") from None
+    if not size:
+        raise InvalidInputError(f"{where}: {url} answered no bytes")
+    return b"".join(chunks)
+
+
+def is_single_image(images: Any) -> bool:
+    """True when `images` is one image (path, URL, bytes, PIL image, (H, W, 3) array), not a collection."""
     if isinstance(images, np.ndarray):
-        if images.ndim == 4:
-            return list(images)
-        return [images]
-    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)) or _is_pil(images):
-        return [images]
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    raise InvalidInputError(
-        f"images must be an image or a list of images (path, bytes, PIL image, uint8 array), got {type(images).__name__}"
-    )
+        return images.ndim != 4
+    return isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)) or _is_pil(images)
 
 
-def encode_images(images: Any) -> list[bytes]:
-    """Normalize then serialise images (see image_item_bytes)."""
-    items = normalize_images(images)
-    return [image_item_bytes(x, f"images[{i}]") for i, x in enumerate(items)]
+def iter_images(images: Any) -> Iterator[Any]:
+    """One image, or any iterable of images (list, generator, uint8 (N, H, W, 3) array) -> the images one by one."""
+    if is_single_image(images):
+        yield images
+        return
+    if images is None or not isinstance(images, Iterable) or isinstance(images, dict):
+        raise InvalidInputError(
+            "images must be an image or an iterable of images (path, URL, bytes, PIL image, uint8 array), "
+            f"got {type(images).__name__}"
+        )
+    yield from images
 
 
-def chunk_spans(sizes: Sequence[int], max_items: int, max_bytes: int | None = None) -> list[tuple[int, int]]:
-    """Split items (their byte sizes) into consecutive [start, end) spans of <= max_items and <= max_bytes.
+def encode_images(images: Any, **download: Any) -> Iterator[bytes]:
+    """Images -> their bytes (see image_item_bytes), lazily; download: max_download_bytes, download_timeout."""
+    for i, x in enumerate(iter_images(images)):
+        yield image_item_bytes(x, f"images[{i}]", **download)
 
-    An item larger than max_bytes travels alone. Order is kept, every item is in exactly one span.
+
+def iter_batches(items: Iterable[bytes], max_items: int, max_bytes: int | None = None) -> Iterator[list[bytes]]:
+    """Consecutive batches of <= max_items items and <= max_bytes bytes, read lazily from `items`.
+
+    An item larger than max_bytes travels alone. Order is kept, every item is in exactly one batch.
     """
     if max_items < 1:
         raise ValueError(f"max_items must be >= 1, got {max_items}")
-    spans: list[tuple[int, int]] = []
-    start, total = 0, 0
-    for i, size in enumerate(sizes):
-        full = i - start >= max_items or (max_bytes is not None and i > start and total + size > max_bytes)
-        if full:
-            spans.append((start, i))
-            start, total = i, 0
-        total += size
-    if start < len(sizes):
-        spans.append((start, len(sizes)))
-    return spans
+    batch: list[bytes] = []
+    total = 0
+    for item in items:
+        if batch and (len(batch) >= max_items or (max_bytes is not None and total + len(item) > max_bytes)):
+            yield batch
+            batch, total = [], 0
+        batch.append(item)
+        total += len(item)
+    if batch:
+        yield batch

@@ -10,7 +10,8 @@ from clip_common.ops import l2_normalize, logits, softmax, top_k
 
 from .errors import InvalidInputError
 
-__all__ = ["as_matrix", "class_embeddings", "expand_templates", "l2_normalize", "similarity", "softmax", "topk_indices"]
+__all__ = ["as_matrix", "class_embeddings", "expand_templates", "l2_normalize", "ranked", "similarity", "softmax",
+           "topk_indices"]
 
 
 def as_matrix(x: np.ndarray, name: str) -> np.ndarray:
@@ -36,6 +37,12 @@ def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
     if k < 1:
         raise InvalidInputError(f"top_k must be >= 1, got {k}")
     return top_k(np.atleast_2d(np.asarray(scores)), k)
+
+
+def ranked(scores: np.ndarray, k: int, return_scores: bool = False):
+    """topk_indices of scores (n, m), and with return_scores also the scores they point at -> (indices, scores)."""
+    idx = topk_indices(scores, k)
+    return (idx, np.take_along_axis(scores, idx, axis=1)) if return_scores else idx
 
 
 def class_embeddings(prompt_embeddings: np.ndarray, n_classes: int, n_templates: int) -> np.ndarray:

@@ -3,6 +3,9 @@
     locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:8000 -u 16 -r 16 -t 60s \
         --csv reports/http --html reports/http.html
     locust -f loadtest/locustfile.py --headless --host grpc://127.0.0.1:8001 -u 16 -r 16 -t 60s --p95-ms 500
+    locust -f loadtest/locustfile.py --headless --host grpcs://triton.example:443 --ca-file ca.pem ...
+
+The host's scheme picks the protocol and TLS (http, https, grpc, grpcs), as for clip_client and `clip-triton --url`.
 
 (loadtest/locustfile.py re-exports this module, loadtest/clip_loadtest/locustfile.py.)
 
@@ -26,6 +29,7 @@ from locust import User, events, task
 from locust.env import Environment
 
 from clip_common.contract import EncodeImage, EncodeText, ZeroShot
+from clip_common.endpoint import Endpoint, EndpointError, parse_endpoint, tritonclient_tls
 from clip_loadtest.workload import LABELS, jpeg_images, parse_sizes, short_prompts
 
 log = logging.getLogger("clip_loadtest")
@@ -37,7 +41,9 @@ KINDS = ("text", "image", "zero_shot")
 def _add_options(parser) -> None:
     group = parser.add_argument_group("clip-triton")
     group.add_argument("--protocol", choices=["auto", "http", "grpc"], default="auto", env_var="CLIP_LT_PROTOCOL",
-                       help="auto: from the host's scheme (http:// or grpc://)")
+                       help="auto: from the host's scheme (http://, https://, grpc://, grpcs://; none: http)")
+    group.add_argument("--ca-file", default=None, env_var="CLIP_LT_CA_FILE",
+                       help="CA certificates for https:// / grpcs:// hosts (default: the system's)")
     group.add_argument("--mix", default="text=3,image=2,zero_shot=1", env_var="CLIP_LT_MIX",
                        help="task weights, e.g. 'text=1,image=0,zero_shot=0'")
     group.add_argument("--image-sizes", default="224x224,320x240,480x640,640x480,1024x768", env_var="CLIP_LT_IMAGE_SIZES",
@@ -55,6 +61,11 @@ def _add_options(parser) -> None:
                        help="gate: failures/requests allowed (0 = none)")
     group.add_argument("--min-requests", type=int, default=1, env_var="CLIP_LT_MIN_REQUESTS",
                        help="gate: fewer completed requests fail the run")
+
+
+def endpoint_of(host: str | None, protocol: str) -> Endpoint:
+    """The server a --host (and --protocol, 'auto' = the host's scheme, http when it has none) points at."""
+    return parse_endpoint(host, None if protocol == "auto" else protocol, default_protocol="http")
 
 
 def parse_mix(spec: str) -> dict[str, float]:
@@ -124,6 +135,11 @@ def _on_init(environment: Environment, **_kw) -> None:
         return
     if environment.runner is not None and type(environment.runner).__name__ == "MasterRunner":
         return  # the master only aggregates; workers generate load
+    try:
+        endpoint_of(environment.host, opts.protocol)
+    except EndpointError as e:  # before any user starts: one clear message, not a failure per request
+        log.error("clip loadtest: --host: %s", e)
+        sys.exit(2)
     _workload = Workload(opts)
     sizes = sorted({len(b) for b in _workload.images})
     log.info("clip loadtest: mix %s, %d JPEGs (%d..%d bytes)", _workload.mix, len(sizes), sizes[0], sizes[-1])
@@ -145,22 +161,20 @@ class CLIPUser(User):
     def on_start(self) -> None:
         opts = self.environment.parsed_options
         self.rng = random.Random(opts.seed * 7919 + id(self))
-        protocol = opts.protocol
-        host = self.host or ""
-        if protocol == "auto":
-            protocol = "grpc" if host.startswith("grpc://") else "http"
-        url = host.split("://", 1)[-1].rstrip("/")
-        self.protocol = protocol
+        endpoint = endpoint_of(self.host, opts.protocol)
+        tls = tritonclient_tls(endpoint, opts.ca_file)
+        self.protocol = endpoint.protocol
         self.timeout = float(opts.request_timeout)
-        if protocol == "grpc":
+        if self.protocol == "grpc":
             _init_grpc_gevent()
             self.mod = grpcclient
-            self.client = grpcclient.InferenceServerClient(url=url)
+            self.client = grpcclient.InferenceServerClient(url=endpoint.address, **tls)
             self.request_type = "gRPC"
         else:
             self.mod = httpclient
-            self.client = httpclient.InferenceServerClient(url=url, concurrency=1, connection_timeout=self.timeout,
-                                                           network_timeout=self.timeout)
+            self.client = httpclient.InferenceServerClient(url=endpoint.address, concurrency=1,
+                                                           connection_timeout=self.timeout,
+                                                           network_timeout=self.timeout, **tls)
             self.request_type = "HTTP"
 
     def on_stop(self) -> None:

@@ -18,6 +18,8 @@ from PIL import Image
 
 from clip_client import AsyncCLIPClient, CLIPClient, CLIPClientError, InvalidInputError, ServerTimeoutError
 
+from .client_helpers import COMBOS, Runner, make_client
+
 COS_MIN = 0.99999
 TEXTS = ["a photo of a cat", "a red car", "Ünïcödé café — “quotes”", "日本語のテキスト", "word " * 100]
 LABELS = ["cat", "dog", "bird", "red car"]
@@ -84,35 +86,12 @@ def reference(triton_server):
     return Ref
 
 
-class _Runner:
-    """One facade over both clients: async methods are run to completion on a private loop."""
-
-    def __init__(self, client, loop=None):
-        self.client, self.loop = client, loop
-
-    def __getattr__(self, name):
-        attr = getattr(self.client, name)
-        if self.loop is not None and inspect.iscoroutinefunction(attr):
-            return lambda *a, **k: self.loop.run_until_complete(attr(*a, **k))
-        return attr
-
-    def close(self):
-        if self.loop is None:
-            self.client.close()
-        else:
-            self.loop.run_until_complete(self.client.close())
-            self.loop.close()
-
-
-def _make(triton_server, protocol: str, mode: str, **options) -> _Runner:
+def _make(triton_server, protocol: str, mode: str, **options) -> Runner:
     url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
-    if mode == "sync":
-        return _Runner(CLIPClient(url, protocol=protocol, **options))
-    return _Runner(AsyncCLIPClient(url, protocol=protocol, **options), asyncio.new_event_loop())
+    return make_client(f"{protocol}://{url}", mode, **options)
 
 
-@pytest.fixture(scope="module", params=[("grpc", "sync"), ("http", "sync"), ("grpc", "async"), ("http", "async")],
-                ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", params=COMBOS, ids=lambda p: "-".join(p))
 def client(request, triton_server):
     c = _make(triton_server, *request.param)
     yield c
@@ -120,7 +99,7 @@ def client(request, triton_server):
 
 
 @contextlib.contextmanager
-def _models_called(runner: _Runner):
+def _models_called(runner: Runner):
     """The models the wrapped client sends inference requests to while the block runs, in order."""
     inner, calls = runner.client, []
     original = inner._infer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 
 import numpy as np
@@ -18,10 +19,11 @@ from clip_client.errors import ServerError, ServerTimeoutError
 from clip_client.gallery import Gallery, encode_tolerant, gallery_schema, iter_image_files
 from clip_client.inputs import (
     NPY_MAGIC,
-    chunk_spans,
     encode_images,
     image_item_bytes,
-    normalize_images,
+    iter_batches,
+    iter_images,
+    iter_texts,
     normalize_texts,
 )
 
@@ -45,6 +47,20 @@ def test_texts_single_and_batch():
     assert normalize_texts(["a", "b"]) == ["a", "b"]
     assert normalize_texts(("a", "b")) == ["a", "b"]
     assert normalize_texts([]) == []
+    assert normalize_texts(t for t in "ab") == ["a", "b"]  # any iterable
+    assert normalize_texts({"a": 1}.keys()) == ["a"]
+
+
+def test_texts_are_read_lazily():
+    pulled = []
+
+    def gen():
+        for i in range(1000):
+            pulled.append(i)
+            yield f"text {i}"
+
+    it = iter_texts(gen())
+    assert next(it) == "text 0" and pulled == [0]
 
 
 @pytest.mark.parametrize("bad", [3, None, b"bytes", ["ok", 3], [None]])
@@ -116,40 +132,126 @@ def test_pil_cmyk_becomes_rgb_npy():
 def test_image_batches(tmp_path):
     px = _pixels()
     stack = np.stack([px, px[::-1]])  # (2, H, W, 3)
-    assert len(normalize_images(stack)) == 2
-    assert len(normalize_images(px)) == 1
-    assert len(normalize_images(Image.fromarray(px))) == 1
-    assert len(normalize_images(b"xx")) == 1
-    assert len(normalize_images(str(tmp_path / "a.jpg"))) == 1
+    assert len(list(iter_images(stack))) == 2
+    assert len(list(iter_images(px))) == 1
+    assert len(list(iter_images(Image.fromarray(px)))) == 1
+    assert len(list(iter_images(b"xx"))) == 1
+    assert len(list(iter_images(str(tmp_path / "a.jpg")))) == 1
+    assert len(list(iter_images(x for x in [px, px]))) == 2  # generators too
     p = tmp_path / "a.png"
     Image.fromarray(px).save(p)
-    items = encode_images([p, px, Image.fromarray(px), p.read_bytes()])
+    items = list(encode_images([p, px, Image.fromarray(px), p.read_bytes()]))
     assert items[0] == items[3] == p.read_bytes()
     assert items[1] == items[2]  # array and RGB PIL image: the same .npy bytes
     with pytest.raises(InvalidInputError, match=r"images\[1\]"):
-        encode_images([p, 42])
+        list(encode_images([p, 42]))
     with pytest.raises(InvalidInputError):
-        normalize_images(42)
+        list(iter_images(42))
+
+
+@pytest.fixture()
+def web(tmp_path):
+    """A local HTTP server: /<name> serves tmp_path/<name>; /big streams 3 MB without a length; /slow never answers;
+    /to-file redirects to a file:// URL."""
+    import http.server
+    import threading
+
+    release = threading.Event()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(tmp_path), **k)
+
+        def log_message(self, *a):  # quiet
+            pass
+
+        def do_GET(self):
+            if self.path == "/big":
+                self.send_response(200)
+                self.end_headers()
+                for _ in range(3):
+                    self.wfile.write(b"x" * (1 << 20))
+            elif self.path == "/slow":
+                release.wait(30)
+            elif self.path == "/to-file":
+                self.send_response(302)
+                self.send_header("Location", "file:///etc/hostname")
+                self.end_headers()
+            else:
+                super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_image_urls_are_fetched_with_a_cap_and_a_timeout(web, tmp_path):
+    p = tmp_path / "x.png"
+    Image.fromarray(_pixels()).save(p)
+    assert image_item_bytes(f"{web}/x.png") == p.read_bytes()
+    assert image_item_bytes(f"HTTP://{web[7:]}/x.png") == p.read_bytes()  # schemes are case-insensitive
+    with pytest.raises(InvalidInputError, match=rf"images\[0\]: {web}/x.png is \d+ bytes, more than the limit of 100"):
+        list(encode_images([f"{web}/x.png"], max_download_bytes=100))  # Content-Length said so
+    with pytest.raises(InvalidInputError, match=rf"{web}/big is more than the limit of 1000000 bytes"):
+        image_item_bytes(f"{web}/big", max_download_bytes=1_000_000)  # no length: counted while reading
+    with pytest.raises(InvalidInputError, match=rf"cannot fetch {web}/missing.jpg: HTTP 404"):
+        image_item_bytes(f"{web}/missing.jpg")
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidInputError, match=rf"cannot fetch {web}/slow: .*timed out"):
+        image_item_bytes(f"{web}/slow", download_timeout=0.5)
+    assert time.perf_counter() - t0 < 3
+    with pytest.raises(InvalidInputError, match=rf"cannot fetch {web}/to-file"):
+        image_item_bytes(f"{web}/to-file")  # only http(s): a redirect cannot read local files
+
+
+def test_other_urls_and_odd_paths_keep_their_spelling(tmp_path):
+    with pytest.raises(InvalidInputError, match=re.escape("'ftp://host/a.jpg': only http:// and https:// URLs")):
+        image_item_bytes("ftp://host/a.jpg")
+    odd = str(tmp_path) + "//sub//missing.jpg"
+    with pytest.raises(InvalidInputError, match=re.escape(repr(odd))):  # the caller's own spelling, // included
+        image_item_bytes(odd)
 
 
 # ------------------------------------------------------------------------------------------- chunking
 
 
-def test_chunk_spans_basic():
-    assert chunk_spans([1] * 5, 2) == [(0, 2), (2, 4), (4, 5)]
-    assert chunk_spans([], 3) == []
-    assert chunk_spans([10, 10, 100, 10], 10, max_bytes=25) == [(0, 2), (2, 3), (3, 4)]  # 100 > 25 travels alone
+def _sizes(batches):
+    return [[len(x) for x in b] for b in batches]
+
+
+def test_iter_batches_basic():
+    assert _sizes(iter_batches([b"a"] * 5, 2)) == [[1, 1], [1, 1], [1]]
+    assert list(iter_batches([], 3)) == []
+    ten, hundred = b"x" * 10, b"x" * 100
+    assert _sizes(iter_batches([ten, ten, hundred, ten], 10, max_bytes=25)) == [[10, 10], [100], [10]]  # 100 alone
+
+
+def test_iter_batches_stream():
+    """A batch is handed out as soon as it is full: a generator is never read ahead by more than one item."""
+    pulled = []
+
+    def gen():
+        for i in range(10**6):
+            pulled.append(i)
+            yield b"x"
+
+    first = next(iter_batches(gen(), 4))
+    assert len(first) == 4 and len(pulled) == 5  # the 5th item told that the batch was full
 
 
 @given(st.lists(st.integers(1, 1000), max_size=300), st.integers(1, 70), st.one_of(st.none(), st.integers(1, 5000)))
-def test_chunk_spans_cover_in_order(sizes, max_items, max_bytes):
-    spans = chunk_spans(sizes, max_items, max_bytes)
-    flat = [i for a, b in spans for i in range(a, b)]
-    assert flat == list(range(len(sizes)))  # every item once, in input order
-    for a, b in spans:
-        assert 1 <= b - a <= max_items
-        if max_bytes is not None and b - a > 1:
-            assert sum(sizes[a:b]) <= max_bytes
+def test_iter_batches_cover_in_order(sizes, max_items, max_bytes):
+    items = [bytes([i % 256]) * n for i, n in enumerate(sizes)]
+    batches = list(iter_batches(iter(items), max_items, max_bytes))
+    assert [x for b in batches for x in b] == items  # every item once, in input order
+    for b in batches:
+        assert 1 <= len(b) <= max_items
+        if max_bytes is not None and len(b) > 1:
+            assert sum(map(len, b)) <= max_bytes
 
 
 # ------------------------------------------------------------------------------------------- math
@@ -298,46 +400,142 @@ def test_error_mapping():
     assert not _core.retryable(InvalidInputError("x")) and not _core.retryable(ServerTimeoutError("x"))
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_retries_with_backoff_then_unavailable(protocol):
-    """A closed port: retried `retries` times with growing delays, then ServerUnavailableError."""
+def _closed_port() -> int:
     import socket
 
     with socket.socket() as s:  # a free port nobody listens on
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    c = CLIPClient(f"127.0.0.1:{port}", protocol=protocol, retries=2, backoff=0.2, timeout=5)
-    t0 = time.perf_counter()
-    with pytest.raises(ServerUnavailableError):
-        c.encode_text("a cat")
-    assert time.perf_counter() - t0 >= 0.3  # 2 retries: >= 0.1 + 0.2 with jitter in [0.5, 1]
-    c.close()
+        return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_async_retries_then_unavailable(protocol):
+def _encode_text(url: str, mode: str, **options):
+    """encode_text("a cat") through a fresh CLIPClient or AsyncCLIPClient."""
     import asyncio
-    import socket
 
     from clip_client import AsyncCLIPClient
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    if mode == "sync":
+        with CLIPClient(url, **options) as c:
+            return c.encode_text("a cat")
 
     async def go():
-        async with AsyncCLIPClient(f"127.0.0.1:{port}", protocol=protocol, retries=1, backoff=0.05, timeout=5) as c:
-            with pytest.raises(ServerUnavailableError):
-                await c.encode_image(np.zeros((8, 8, 3), np.uint8))
+        async with AsyncCLIPClient(url, **options) as c:
+            return await c.encode_text("a cat")
 
-    asyncio.run(go())
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("scheme", ["grpc", "http", "grpcs", "https"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_never_reached_fails_fast_with_one_clear_message(scheme, mode, caplog):
+    """Nothing listens: no retries, one message naming the address, the protocol and what to check."""
+    url = f"{scheme}://127.0.0.1:{_closed_port()}"
+    t0 = time.perf_counter()
+    with pytest.raises(ServerUnavailableError) as info:
+        _encode_text(url, mode, retries=6, backoff=0.5)
+    assert time.perf_counter() - t0 < 5.0
+    msg = str(info.value)
+    assert msg.startswith(f"cannot reach a Triton server at {url} ({'gRPC' if scheme.startswith('grpc') else 'HTTP'}")
+    assert re.search("refused|connect call failed", msg, re.I) and "Is the server running" in msg and "\n" not in msg
+    assert ("TLS" in msg) == scheme.endswith("s")
+    assert not [r for r in caplog.records if "retry" in r.getMessage()]  # never retried
+
+
+def test_unreachable_message_names_the_other_protocols_port():
+    from clip_common.endpoint import parse_endpoint
+
+    msg = _core.unreachable_message(parse_endpoint("127.0.0.1:8000"), ServerUnavailableError("connect: x"), 3.0)
+    assert msg.startswith("cannot reach a Triton server at grpc://127.0.0.1:8000 (gRPC): x.")
+    assert "8000 is Triton's default HTTP port: use http://127.0.0.1:8000" in msg
+    msg = _core.unreachable_message(parse_endpoint("http://h:9"), ServerTimeoutError("connect: timed out"), 3.0)
+    assert "no answer within 3 s" in msg and "Triton's defaults: HTTP 8000, gRPC 8001" in msg
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_after_first_contact_failures_are_retried_and_logged(protocol, mode, caplog, monkeypatch):
+    """Once a server answered (here: marked as reached), a lost server is retried with growing, logged delays."""
+    from clip_client import AsyncCLIPClient
+
+    monkeypatch.setattr(_core.ClientBase, "_reached", True, raising=False)
+    monkeypatch.setattr(CLIPClient, "__init__", _reached_init(CLIPClient.__init__))
+    monkeypatch.setattr(AsyncCLIPClient, "__init__", _reached_init(AsyncCLIPClient.__init__))
+    t0 = time.perf_counter()
+    with caplog.at_level("WARNING", logger="clip_client"), pytest.raises(ServerUnavailableError):
+        _encode_text(f"{protocol}://127.0.0.1:{_closed_port()}", mode, retries=2, backoff=0.2, timeout=5)
+    assert time.perf_counter() - t0 >= 0.3  # 2 retries: >= 0.1 + 0.2 with jitter in [0.5, 1]
+    retries = [r for r in caplog.records if r.levelname == "WARNING" and "retry" in r.getMessage()]
+    assert [m.getMessage().split("; retry ")[1][:3] for m in retries] == ["1/2", "2/2"]
+    assert all(re.search("refused|connect call failed", r.getMessage(), re.I) for r in retries)  # each says why
+
+
+def _reached_init(init):
+    def wrapped(self, *a, **k):
+        init(self, *a, **k)
+        self._reached = True  # as if a server had answered before
+
+    return wrapped
 
 
 def test_client_options_validated():
     with pytest.raises(InvalidInputError):
         CLIPClient(protocol="websocket")
-    assert CLIPClient("http://localhost:8000", protocol="http").url == "localhost:8000"
-    assert CLIPClient().url == "127.0.0.1:8001"
+    with pytest.raises(InvalidInputError, match="unknown URL scheme 'ftp'"):
+        CLIPClient("ftp://localhost:8000")
+    with pytest.raises(InvalidInputError, match="is a grpc URL but protocol='http'"):
+        CLIPClient("grpc://localhost:8001", protocol="http")
+    with pytest.raises(InvalidInputError, match="ca_file is for TLS"):
+        CLIPClient("grpc://localhost:8001", ca_file=__file__)
+    with pytest.raises(InvalidInputError, match="not a file"):
+        CLIPClient("grpcs://localhost:8001", ca_file="/no/such/ca.pem")
+    assert CLIPClient("http://localhost:8000").protocol == "http"
+    assert CLIPClient("localhost:8000", protocol="http").url == "http://localhost:8000"
+    assert CLIPClient("localhost:9000").url == "grpc://localhost:9000"  # a bare host:port keeps the gRPC default
+    assert CLIPClient().url == "grpc://127.0.0.1:8001"
+    assert CLIPClient(protocol="http").url == "http://127.0.0.1:8000"
+    c = CLIPClient("https://triton.example/v2prefix/")
+    assert (c.protocol, c.endpoint.tls, c.endpoint.address, c.endpoint.effective_port) == (
+        "http", True, "triton.example/v2prefix", 443)
+
+
+@pytest.mark.parametrize("url,expected", [
+    ("http://h:1", ("http", False, "h:1")), ("HTTPS://h:2", ("http", True, "h:2")), ("grpc://h:3", ("grpc", False, "h:3")),
+    ("grpcs://h:4", ("grpc", True, "h:4")), ("h:5", ("grpc", False, "h:5")), ("[::1]:6", ("grpc", False, "[::1]:6")),
+    ("grpcs://[::1]", ("grpc", True, "[::1]")), ("http://h:7/", ("http", False, "h:7")),
+])
+def test_parse_endpoint(url, expected):
+    from clip_common.endpoint import parse_endpoint
+
+    e = parse_endpoint(url)
+    assert (e.protocol, e.tls, e.address) == expected
+    assert parse_endpoint(e.url) == e  # the canonical URL reads back the same
+
+
+@pytest.mark.parametrize("url,match", [
+    ("ftp://h:1", "unknown URL scheme"), ("h:0", "port must be"), ("h:99999", "port must be"), ("h:x", "port must be"),
+    ("grpc://h:1/path", "cannot have a path"), ("http://:80", "no host"), ("http://u:p@h:1", "credentials"),
+])
+def test_parse_endpoint_rejects(url, match):
+    from clip_common.endpoint import EndpointError, parse_endpoint
+
+    with pytest.raises(EndpointError, match=match):
+        parse_endpoint(url)
+
+
+def test_tritonclient_tls_options(tmp_path, monkeypatch):
+    from clip_common.endpoint import parse_endpoint, tritonclient_tls
+
+    assert tritonclient_tls(parse_endpoint("grpc://h:1")) == {} == tritonclient_tls(parse_endpoint("http://h:1"))
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    assert tritonclient_tls(parse_endpoint("grpcs://h:1"), str(ca)) == {"ssl": True, "root_certificates": str(ca)}
+    assert tritonclient_tls(parse_endpoint("https://h:1"), str(ca)) == {"ssl": True, "ssl_options": {"ca_certs": str(ca)}}
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the system's bundle, as OpenSSL finds it
+    monkeypatch.delenv("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", raising=False)
+    assert tritonclient_tls(parse_endpoint("grpcs://h:1"))["root_certificates"] == str(ca)
+    assert tritonclient_tls(parse_endpoint("https://h:1"))["ssl_options"] == {"ca_certs": str(ca)}
+    monkeypatch.setenv("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", str(ca))  # gRPC's own setting wins: gRPC reads it
+    assert tritonclient_tls(parse_endpoint("grpcs://h:1"))["root_certificates"] is None
 
 
 class _StubTextClient(CLIPClient):
@@ -347,7 +545,7 @@ class _StubTextClient(CLIPClient):
         super().__init__("127.0.0.1:1", **options)
         self.encoded: list[str] = []
 
-    def encode_text(self, texts, normalize=True):
+    def encode_text(self, texts, normalize=True, **_kw):
         self.encoded.extend(texts)
         out = np.stack([np.random.default_rng(list(t.encode())).normal(size=8) for t in texts]).astype(np.float32)
         return ops.l2_normalize(out) if normalize else out
@@ -490,13 +688,61 @@ def test_cli_arguments():
 
     p = _parser()
     a = p.parse_args(["index", "imgs", "--out", "g.parquet"])
-    assert (a.image_dir, a.out, a.url, a.protocol) == ("imgs", "g.parquet", None, "grpc")
+    assert (a.image_dir, a.out, a.url, a.protocol, a.ca_file) == ("imgs", "g.parquet", None, None, None)
     a = p.parse_args(["search", "a red car", "--gallery", "g.parquet", "-k", "3"])
     assert (a.query, a.top_k, a.image) == ("a red car", 3, None)
     a = p.parse_args(["search", "--image", "q.jpg", "--gallery", "g.parquet", "--protocol", "http"])
     assert (a.query, a.image, a.protocol) == (None, "q.jpg", "http")
-    a = p.parse_args(["classify", "x.jpg", "y.jpg", "--labels", "cat", "dog", "--template", "a photo of a {}."])
-    assert (a.images, a.labels, a.templates) == (["x.jpg", "y.jpg"], ["cat", "dog"], ["a photo of a {}."])
+    a = p.parse_args(["classify", "x.jpg", "y.jpg", "--labels", "cat", "dog", "--template", "art of a {}",
+                      "--url", "grpcs://h:443", "--ca-file", "ca.pem"])
+    assert (a.images, a.labels, a.templates, a.top_k) == (["x.jpg", "y.jpg"], ["cat", "dog"], ["art of a {}"], None)
+    assert (a.url, a.ca_file) == ("grpcs://h:443", "ca.pem")
+
+
+def _options_with_defaults(parser) -> list:
+    """The options of a parser whose default is a value (not None / False / suppressed)."""
+    import argparse
+
+    return [a for a in parser._actions if a.option_strings and a.default not in (None, False, argparse.SUPPRESS, [])]
+
+
+def test_every_help_shows_the_defaults(capsys, monkeypatch):
+    """clip-triton COMMAND --help shows each option's default (e.g. --dtype fp32, --max-batch-size 64, ports)."""
+    from clip_client.cli import _parser, main
+
+    monkeypatch.setenv("COLUMNS", "10000")  # one line per option: argparse would wrap long defaults at hyphens
+
+    parser = _parser()
+    sub = next(a for a in parser._actions if a.choices and "classify" in a.choices)
+    assert {"index", "search", "classify", "build", "serve", "demo", "convert", "bench"} <= set(sub.choices)
+    checked = 0
+    for name, command in sub.choices.items():
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # line breaks undone
+        for action in _options_with_defaults(command):
+            shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+            flag = max(action.option_strings, key=len)
+            part = text[text.index(flag, text.index("options:")):]
+            assert re.search(rf"\(?default:? {re.escape(shown)}\b", part), (name, flag, shown, part[:300])
+            checked += 1
+    assert checked > 30
+    build = " ".join(_parser()._subparsers._group_actions[0].choices["build"].format_help().split())
+    for expected in ("(default: fp32)", "(default: cpu)", "(default: 64)"):
+        assert expected in build
+    serve = " ".join(sub.choices["serve"].format_help().split())
+    assert "--http-port HTTP_PORT default: 8000" in serve and "--grpc-port GRPC_PORT default: 8001" in serve
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    from clip_client.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"clip-triton {version('clip-triton')}"
 
 
 def test_cli_search_without_server_fails_cleanly(tmp_path, capsys):

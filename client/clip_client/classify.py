@@ -1,0 +1,74 @@
+"""`clip-triton classify`: zero-shot classification of image files against labels, per file [{label, score}]."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+from ._core import DEFAULT_TEMPLATE
+from .cli import add_connection_arguments, connect
+from .errors import CLIPClientError
+
+COMMAND_HELP = {"classify": "zero-shot classify images against labels"}
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Arguments of `clip-triton classify`."""
+    parser.add_argument("images", nargs="+", help="image files or http(s) URLs")
+    parser.add_argument("--labels", nargs="+", required=True, help="class names")
+    parser.add_argument("--template", action="append", dest="templates", default=None,
+                        help=f"prompt with {{}} for the label (repeatable: averaged; '{{}}' = the bare label) "
+                             f"(default: {DEFAULT_TEMPLATE!r})")
+    parser.add_argument("-k", "--top-k", type=int, default=None, help="labels to show per image (default: all)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_connection_arguments(parser)
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    """Classify; 0 on success, 1 when some images failed (reported, the rest still classified), 2 on errors."""
+    try:
+        with connect(args) as client:
+            rows, failed = classify_files(client, args.images, args.labels, args.templates, args.top_k)
+    except CLIPClientError as e:
+        print(f"clip-triton {command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"results": rows, "failed": [{"path": p, "error": m} for p, m in failed]}, indent=2))
+    else:
+        for row in rows:
+            print(row["path"] + "\t" + "\t".join(f"{x['label']} {x['score']:.4f}" for x in row["labels"]))
+        for path, msg in failed:
+            print(f"skipped {path}: {msg}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def classify_files(client: Any, images: list[str], labels: list[str], templates: list[str] | None,
+                   top_k: int | None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """([{"path", "labels": [{label, score}] best first}], [(path, why it failed)]): a bad file fails alone."""
+    from .gallery import encode_tolerant
+    from .inputs import image_item_bytes
+
+    items: list[bytes] = []
+    names: list[str] = []
+    failed: list[tuple[str, str]] = []
+    for p in images:
+        try:
+            items.append(image_item_bytes(p, p, client.max_download_bytes, client.timeout))
+            names.append(p)
+        except CLIPClientError as e:
+            failed.append((p, str(e).removeprefix(f"{p}: ")))
+    good: dict[int, np.ndarray] = {}
+    limit = client.get_model_info().max_image_items
+    for lo in range(0, len(items), limit):
+        g, bad = encode_tolerant(client, items[lo:lo + limit])
+        good.update({lo + i: e for i, e in g.items()})
+        failed += [(names[lo + i], m) for i, m in sorted(bad.items())]
+    order = sorted(good)
+    if not order:
+        return [], failed
+    ranked = client.classify(np.stack([good[i] for i in order]), labels, templates, top_k)  # (I, D) embeddings in
+    return [{"path": names[i], "labels": r} for i, r in zip(order, ranked)], failed
