@@ -266,13 +266,10 @@ def backoff_delay(attempt: int, base: float, cap: float = 10.0) -> float:
     return random.uniform(0.5, 1.0) * min(cap, base * (2**attempt))
 
 
-def unreachable_message(endpoint: Endpoint, err: CLIPClientError, connect_timeout: float) -> str:
+def unreachable_message(endpoint: Endpoint, reason: str) -> str:
     """One message for a server that was never reached: the address, the protocol, why, and what to check."""
     names = {"http": "HTTP", "grpc": "gRPC"}
     name = names[endpoint.protocol] + (" with TLS" if endpoint.tls else "")
-    reason = re.sub(r"^connect: (server unavailable: |cannot connect: )?(\[\w+\] )?", "", str(err).split("\n")[0])
-    if isinstance(err, ServerTimeoutError):
-        reason = f"no answer within {connect_timeout:g} s"
     port = endpoint.effective_port
     hint = f"Is the server running, and is {port} its {names[endpoint.protocol]} port?"
     other = "grpc" if endpoint.protocol == "http" else "http"
@@ -335,7 +332,7 @@ class ClientBase:
         self.url = self.endpoint.url  # canonical, scheme included
         self.ca_file = None if ca_file is None else str(ca_file)
         self.timeout = float(timeout)
-        self.connect_timeout = min(float(connect_timeout), self.timeout)
+        self.connect_timeout = float(connect_timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.max_concurrency = int(max_concurrency)
@@ -353,12 +350,28 @@ class ClientBase:
         return f"{type(self).__name__}(url={self.url!r})"
 
     # ---- connecting
-    def _first_contact_failed(self, exc: BaseException) -> None:
-        """Before any server answered: raise one clear ServerUnavailableError for a transport failure (no retries);
-        return when `exc` is an answer from a server (then the address is right and normal handling applies)."""
-        err = map_error(exc, "connect")
-        if isinstance(err, (ServerUnavailableError, ServerTimeoutError)):
-            raise ServerUnavailableError(unreachable_message(self.endpoint, err, self.connect_timeout)) from None
+    def _first_contact_failed(self, exc: BaseException | None) -> None:
+        """Before any server answered: raise one clear ServerUnavailableError, no retries. Returns only when `exc`
+        is an error status that a server answered (then the address is right and the normal handling applies).
+        exc=None: the health probe was answered with "not live"."""
+        from tritonclient.utils import InferenceServerException
+
+        proto = {"http": "HTTP", "grpc": "gRPC"}[self.protocol]
+        if exc is None:
+            reason = "something answers there, but not as a live Triton server (its health/live check said no)"
+        else:
+            err = map_error(exc, "connect")
+            transport = isinstance(err, (ServerUnavailableError, ServerTimeoutError))
+            if isinstance(exc, InferenceServerException) and _status(exc) and not transport:
+                return  # a status a server answered (e.g. a gateway that refuses the health API)
+            if isinstance(err, ServerTimeoutError):
+                reason = f"no answer within {self.connect_timeout:g} s"
+            elif transport:
+                reason = re.sub(r"^connect: (server unavailable: |cannot connect: )?(\[\w+\] )?", "",
+                                str(err).split("\n")[0])
+            else:  # e.g. an HTTP client at a gRPC port cannot even parse the answer
+                reason = f"the answer is not {proto} ({type(exc).__name__}: {str(_message(exc)).splitlines()[0][:200]})"
+        raise ServerUnavailableError(unreachable_message(self.endpoint, reason)) from None
 
     def _log_retry(self, what: str, err: CLIPClientError, attempt: int, delay: float) -> None:
         log.warning("%s: %s; retry %d/%d in %.2f s", what, err, attempt + 1, self.retries, delay)

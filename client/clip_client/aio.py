@@ -44,6 +44,33 @@ from .errors import CLIPClientError, ServerError, ServerTimeoutError, ServerUnav
 from .inputs import encode_texts, iter_batches, normalize_texts
 
 
+def _closed_under(what: str) -> BaseException:
+    """What to raise for a CancelledError: itself when this task is being cancelled; a CLIPClientError when nobody
+    cancelled it (grpc.aio cancels the calls in flight when close() closes its channel)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+; without it, never second-guess a cancel
+    if cancelling is None or cancelling():
+        return asyncio.CancelledError()
+    return CLIPClientError(f"{what}: cancelled: the client was closed while the call was in flight")
+
+
+async def _cancel_all(tasks) -> None:
+    """Cancel tasks and wait until each has finished, so that nothing is left running or unawaited."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _gather_or_cancel(*aws: Awaitable) -> list:
+    """asyncio.gather, but when one fails the others are cancelled and awaited (gather leaves them running)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        await _cancel_all(tasks)
+        raise
+
+
 @dataclass
 class _LoopState:
     """What belongs to one event loop: the aio tritonclient, the concurrency semaphore, the model-info lock."""
@@ -140,11 +167,16 @@ class AsyncCLIPClient(ClientBase):
         try:
             client = self._triton()
             if self.protocol == "grpc":
-                await client.is_server_live(headers=self.headers, client_timeout=self.connect_timeout)
+                live = await client.is_server_live(headers=self.headers, client_timeout=self.connect_timeout)
             else:
-                await asyncio.wait_for(client.is_server_live(headers=self.headers), self.connect_timeout)
-        except Exception as exc:  # noqa: BLE001 - a transport failure raises; an answer means a server is there
+                live = await asyncio.wait_for(client.is_server_live(headers=self.headers), self.connect_timeout)
+        except asyncio.CancelledError:
+            raise _closed_under("connect") from None
+        except Exception as exc:  # noqa: BLE001 - a transport failure raises; an error answer means a server is there
             self._first_contact_failed(exc)
+        else:
+            if not live:
+                self._first_contact_failed(None)
         self._reached = True
 
     async def _call(self, what: str, make_coro) -> Any:
@@ -153,6 +185,8 @@ class AsyncCLIPClient(ClientBase):
         for attempt in range(self.retries + 1):
             try:
                 return await make_coro()
+            except asyncio.CancelledError:
+                raise _closed_under(what) from None
             except Exception as exc:  # noqa: BLE001 - mapped below
                 err = map_error(exc, what)
                 if not retryable(err) or attempt == self.retries:
@@ -215,7 +249,7 @@ class AsyncCLIPClient(ClientBase):
             if self._info is None:
                 self._info = await self._clip_info()
             if self._info is None:
-                found = await asyncio.gather(*(self._model_config(n) for n in INFO_CONFIG_MODELS))
+                found = await _gather_or_cancel(*(self._model_config(n) for n in INFO_CONFIG_MODELS))
                 configs = dict(zip(INFO_CONFIG_MODELS, found))
                 probe = self._scale_probe(configs)
                 self._info = self._info_from_configs(configs, None if probe is None else await self._infer(*probe))
@@ -245,10 +279,8 @@ class AsyncCLIPClient(ClientBase):
                     await collect(asyncio.FIRST_COMPLETED)
             while pending:
                 await collect(asyncio.FIRST_EXCEPTION)
-        finally:  # on failure: stop what is still in flight, and collect it so that nothing is left unawaited
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        finally:  # on failure: stop what is still in flight
+            await _cancel_all(pending)
         return [parts[n] for n in sorted(parts)]
 
     async def _encode(self, inputs: Any, kind: str, normalize: bool, batch_size: int | None,
@@ -291,7 +323,7 @@ class AsyncCLIPClient(ClientBase):
     async def compute_similarity(self, texts: Any, images: Any, apply_temperature: bool = True) -> np.ndarray:
         """(n_texts, n_images) cosine similarity, times exp(logit_scale) when apply_temperature; texts / images:
         embeddings or inputs to encode (see CLIPClient.compute_similarity)."""
-        t, i = await asyncio.gather(self._text_matrix(texts), self._image_matrix(images))
+        t, i = await _gather_or_cancel(self._text_matrix(texts), self._image_matrix(images))
         scale = (await self.get_model_info()).scale if apply_temperature else 1.0
         return ops.similarity(t, i, scale)
 
@@ -313,8 +345,8 @@ class AsyncCLIPClient(ClientBase):
                        top_k: int | None = None):
         """Per image, [{"label", "score"}] sorted by score, default template "a photo of a {}." (see CLIPClient.classify)."""
         names = normalize_texts(labels)
-        cls, img = await asyncio.gather(self.class_embeddings(names, templates or [DEFAULT_TEMPLATE]),
-                                        self._image_matrix(images))
+        cls, img = await _gather_or_cancel(self.class_embeddings(names, templates or [DEFAULT_TEMPLATE]),
+                                           self._image_matrix(images))
         rows = ranked_labels(img, cls, names, (await self.get_model_info()).scale, top_k)
         single = img.ndim == 1 if as_embeddings(images) is not None else is_single(images, "image")
         return rows[0] if single else rows
@@ -323,7 +355,7 @@ class AsyncCLIPClient(ClientBase):
         self, images: Any, class_texts: Any, return_probabilities: bool = True, templates: list[str] | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """(predictions: class indices (n_images,) int64, probabilities (n_images, n_classes) or None)."""
-        cls, img = await asyncio.gather(self.class_embeddings(class_texts, templates), self.encode_image(images))
+        cls, img = await _gather_or_cancel(self.class_embeddings(class_texts, templates), self.encode_image(images))
         return classify_result(img, cls, (await self.get_model_info()).scale, return_probabilities)
 
     async def zero_shot(self, images: Any, texts: Any, top_k: int = 5) -> dict[str, np.ndarray]:

@@ -53,22 +53,23 @@ def classify_files(client: Any, images: list[str], labels: list[str], templates:
     from .inputs import image_item_bytes
 
     items: list[bytes] = []
-    names: list[str] = []
-    failed: list[tuple[str, str]] = []
-    for p in images:
+    where: list[int] = []  # index into images of each item
+    failed: dict[int, str] = {}
+    for n, p in enumerate(images):
         try:
             items.append(image_item_bytes(p, p, client.max_download_bytes, client.timeout))
-            names.append(p)
+            where.append(n)
         except CLIPClientError as e:
-            failed.append((p, str(e).removeprefix(f"{p}: ")))
+            failed[n] = str(e).removeprefix(f"{p}: ")
     good: dict[int, np.ndarray] = {}
     limit = client.get_model_info().max_image_items
     for lo in range(0, len(items), limit):
         g, bad = encode_tolerant(client, items[lo:lo + limit])
-        good.update({lo + i: e for i, e in g.items()})
-        failed += [(names[lo + i], m) for i, m in sorted(bad.items())]
+        good.update({where[lo + i]: e for i, e in g.items()})
+        failed.update({where[lo + i]: m for i, m in bad.items()})
     order = sorted(good)
-    if not order:
-        return [], failed
-    ranked = client.classify(np.stack([good[i] for i in order]), labels, templates, top_k)  # (I, D) embeddings in
-    return [{"path": names[i], "labels": r} for i, r in zip(order, ranked)], failed
+    rows = []
+    if order:
+        ranked = client.classify(np.stack([good[n] for n in order]), labels, templates, top_k)  # embeddings in
+        rows = [{"path": images[n], "labels": r} for n, r in zip(order, ranked)]
+    return rows, [(images[n], failed[n]) for n in sorted(failed)]

@@ -109,15 +109,18 @@ class CLIPClient(ClientBase):
             return
         try:
             if self.protocol == "grpc":
-                self._triton().is_server_live(headers=self.headers, client_timeout=self.connect_timeout)
+                live = self._triton().is_server_live(headers=self.headers, client_timeout=self.connect_timeout)
             else:  # its own client: every read of the probe times out after connect_timeout
                 probe = self._new_tritonclient(self.connect_timeout)
                 try:
-                    probe.is_server_live(headers=self.headers)
+                    live = probe.is_server_live(headers=self.headers)
                 finally:
                     probe.close()
-        except Exception as exc:  # noqa: BLE001 - a transport failure raises; an answer means a server is there
+        except Exception as exc:  # noqa: BLE001 - a transport failure raises; an error answer means a server is there
             self._first_contact_failed(exc)
+        else:
+            if not live:
+                self._first_contact_failed(None)
         self._reached = True
 
     def _executor(self) -> ThreadPoolExecutor:

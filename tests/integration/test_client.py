@@ -18,7 +18,8 @@ from PIL import Image
 
 from clip_client import AsyncCLIPClient, CLIPClient, CLIPClientError, InvalidInputError, ServerTimeoutError
 
-from .client_helpers import COMBOS, Runner, make_client
+from tests.integration.client_helpers import COMBOS, Runner, make_client
+from tests.webserver import serve_folder
 
 COS_MIN = 0.99999
 TEXTS = ["a photo of a cat", "a red car", "Ünïcödé café — “quotes”", "日本語のテキスト", "word " * 100]
@@ -99,18 +100,24 @@ def client(request, triton_server):
 
 
 @contextlib.contextmanager
-def _models_called(runner: Runner):
-    """The models the wrapped client sends inference requests to while the block runs, in order."""
+def _models_called(runner: Runner, note=None):
+    """The models the wrapped client sends inference requests to while the block runs, in order (and note(),
+    when given, called at each request)."""
     inner, calls = runner.client, []
     original = inner._infer
 
+    def record(model):
+        calls.append(model)
+        if note is not None:
+            note()
+
     if inspect.iscoroutinefunction(original):
         async def spy(model, *a, **k):
-            calls.append(model)
+            record(model)
             return await original(model, *a, **k)
     else:
         def spy(model, *a, **k):
-            calls.append(model)
+            record(model)
             return original(model, *a, **k)
 
     inner._infer = spy
@@ -155,18 +162,20 @@ def test_encode_text_matches_transformers(client, reference):
 
 
 def test_encode_text_single_and_empty(client, reference):
-    one = client.encode_text("a photo of a cat")
-    assert one.shape == (1, reference.dim)
-    assert _cos(one, reference.text(["a photo of a cat"]))[0] >= COS_MIN
+    one = client.encode_text("a photo of a cat")  # one str in: one (D,) embedding out
+    assert one.shape == (reference.dim,) and one.dtype == np.float32
+    assert _cos(one[None], reference.text(["a photo of a cat"]))[0] >= COS_MIN
+    assert client.encode_text(["a photo of a cat"]).shape == (1, reference.dim)  # a list in: (N, D)
     assert client.encode_text([]).shape == (0, reference.dim)
 
 
 @pytest.mark.parametrize("form", ["path_str", "path_obj", "bytes", "pil_rgb", "pil_gray", "ndarray"])
 def test_encode_image_each_form(client, reference, images, form):
     item, pil = images["forms"][form]
-    got = client.encode_image(item)
-    assert got.shape == (1, reference.dim)
-    assert _cos(got, reference.image([pil]))[0] >= COS_MIN
+    got = client.encode_image(item)  # one image in: (D,)
+    assert got.shape == (reference.dim,)
+    assert _cos(got[None], reference.image([pil]))[0] >= COS_MIN
+    assert client.encode_image([item]).shape == (1, reference.dim)
 
 
 def test_encode_image_batches(client, reference, images):
@@ -228,6 +237,73 @@ def test_sync_client_is_thread_safe(triton_server, reference):
         t.join()
     c.close()
     assert not errors, errors
+
+
+def test_any_iterable_streams_in_batches(client, reference):
+    """A generator is read batch by batch while requests are in flight (never all at once), order kept."""
+    texts = [f"photo number {i} of {'a cat' if i % 2 else 'a dog'}" for i in range(23)]
+    pulled: list[int] = []
+    read_at_request: list[int] = []
+
+    def gen():
+        for i, t in enumerate(texts):
+            pulled.append(i)
+            yield t
+
+    with _models_called(client, note=lambda: read_at_request.append(len(pulled))) as calls:
+        got = client.encode_text(gen(), batch_size=3)
+    assert got.shape == (len(texts), reference.dim)
+    assert _cos(got, reference.text(texts)).min() >= COS_MIN
+    assert calls == ["encode_text"] * 8  # ceil(23 / 3) requests of at most 3 texts
+    # the first request left before the generator was read far: at most max_concurrency batches ahead (+1 item)
+    assert read_at_request[0] <= 3 * client.client.max_concurrency + 1 < len(texts)
+
+
+def test_batch_size_and_progress(client, reference, images, capsys):
+    arrays = images["arrays"]  # 6 images
+    with _models_called(client) as calls:
+        got = client.encode_image(arrays, batch_size=4, show_progress=True)
+    assert calls == ["encode_image", "encode_image"]  # 4 + 2
+    assert _cos(got, reference.image([Image.fromarray(a) for a in arrays])).min() >= COS_MIN
+    err = capsys.readouterr().err
+    assert "6/6" in err and "encode_image" in err  # tqdm's bar, on stderr
+    client.encode_text(["a", "b"])
+    assert capsys.readouterr().err == ""  # no bar unless asked for
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        client.encode_text(["a"], batch_size=0)
+
+
+@pytest.fixture(scope="module")
+def image_urls(images):
+    """The test images' folder served over HTTP on 127.0.0.1."""
+    with serve_folder(images["dir"]) as base:
+        yield base
+
+
+def test_image_urls_are_fetched_by_the_client(client, reference, images, image_urls):
+    url = f"{image_urls}/a.png"
+    one = client.encode_image(url)
+    assert one.shape == (reference.dim,)
+    assert _cos(one[None], reference.image([images["forms"]["path_str"][1]]))[0] >= COS_MIN
+    both = client.encode_image([url, images["dir"] / "b.jpg"])  # URLs and paths mix
+    np.testing.assert_allclose(both[0], one, atol=1e-6)
+    with pytest.raises(InvalidInputError, match=rf"images\[0\]: cannot fetch {image_urls}/nope.png: HTTP 404"):
+        client.encode_image([f"{image_urls}/nope.png"])
+
+
+def test_precomputed_embeddings_are_accepted(client, images):
+    arrays = images["arrays"][:3]
+    t, i = client.encode_text(TEXTS), client.encode_image(arrays)
+    np.testing.assert_allclose(client.compute_similarity(t, i), client.compute_similarity(TEXTS, arrays), atol=1e-5)
+    np.testing.assert_allclose(client.compute_similarity(TEXTS, i), client.compute_similarity(t, arrays), atol=1e-5)
+    np.testing.assert_array_equal(client.find_best_matches(t, i, top_k=2), client.find_best_matches(TEXTS, arrays, top_k=2))
+    np.testing.assert_array_equal(client.find_best_text_matches(i, t, top_k=2),
+                                  client.find_best_text_matches(arrays, TEXTS, top_k=2))
+    one = client.find_best_text_matches(i[0], TEXTS, top_k=3)  # one (D,) embedding: one row
+    np.testing.assert_array_equal(one, client.find_best_text_matches(arrays[:1], TEXTS, top_k=3))
+    with _models_called(client) as calls:
+        client.find_best_matches(t, i)
+    assert calls == []  # nothing to encode
 
 
 # ------------------------------------------------------------------------------------------- similarity, matching
@@ -293,6 +369,31 @@ def test_zero_shot_templates_average_and_cache(client, reference, images):
         _, again = client.zero_shot_classification(images["arrays"], LABELS, templates=TEMPLATES)
     assert "encode_text" not in calls and "encode_image" in calls
     np.testing.assert_allclose(again, probs, atol=1e-6)
+
+
+def test_classify_pipeline_shape_with_the_default_template(client, reference, images):
+    """classify: per image [{label, score}] sorted by score; prompts "a photo of a {}." unless told otherwise."""
+    from clip_client import DEFAULT_TEMPLATE
+
+    arrays = images["arrays"]
+    got = client.classify(arrays, LABELS)
+    prompts = [DEFAULT_TEMPLATE.replace("{}", c) for c in LABELS]
+    logits = np.exp(reference.logit_scale) * _norm(reference.image([Image.fromarray(a) for a in arrays])) @ _norm(
+        reference.text(prompts)).T
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    assert len(got) == len(arrays)
+    for row, p in zip(got, probs):
+        assert [set(x) for x in row] == [{"label", "score"}] * len(LABELS)
+        assert [x["score"] for x in row] == sorted((x["score"] for x in row), reverse=True)
+        assert {x["label"]: x["score"] for x in row} == pytest.approx(dict(zip(LABELS, p.tolist())), abs=1e-4)
+    single = client.classify(arrays[0], LABELS, top_k=2)  # one image in: one list
+    assert [x["label"] for x in single] == [x["label"] for x in got[0][:2]]
+    # bare labels: the original engine's zero_shot_classification, unchanged
+    bare = client.classify(arrays, LABELS, templates=["{}"])
+    _, zs = client.zero_shot_classification(arrays, LABELS)
+    for row, p in zip(bare, zs):
+        assert {x["label"]: x["score"] for x in row} == pytest.approx(dict(zip(LABELS, p.tolist())), abs=1e-5)
 
 
 @pytest.mark.parametrize("protocol,mode", [("grpc", "sync"), ("http", "async")])
@@ -366,8 +467,8 @@ def test_async_client_survives_a_new_event_loop(triton_server, protocol):
     c = AsyncCLIPClient(url, protocol=protocol)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first = asyncio.run(c.encode_text("a cat"))
-        second = asyncio.run(c.encode_text("a cat"))  # another loop: the client reopens its connection
+        first = asyncio.run(c.encode_text(["a cat"]))
+        second = asyncio.run(c.encode_text(["a cat"]))  # another loop: the client reopens its connection
         asyncio.run(c.close())
         gc.collect()
     assert _cos(first, second)[0] >= COS_MIN

@@ -26,6 +26,7 @@ from clip_client.inputs import (
     iter_texts,
     normalize_texts,
 )
+from tests.webserver import serve_folder
 
 RNG = np.random.default_rng(0)
 
@@ -151,42 +152,8 @@ def test_image_batches(tmp_path):
 
 @pytest.fixture()
 def web(tmp_path):
-    """A local HTTP server: /<name> serves tmp_path/<name>; /big streams 3 MB without a length; /slow never answers;
-    /to-file redirects to a file:// URL."""
-    import http.server
-    import threading
-
-    release = threading.Event()
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **k):
-            super().__init__(*a, directory=str(tmp_path), **k)
-
-        def log_message(self, *a):  # quiet
-            pass
-
-        def do_GET(self):
-            if self.path == "/big":
-                self.send_response(200)
-                self.end_headers()
-                for _ in range(3):
-                    self.wfile.write(b"x" * (1 << 20))
-            elif self.path == "/slow":
-                release.wait(30)
-            elif self.path == "/to-file":
-                self.send_response(302)
-                self.send_header("Location", "file:///etc/hostname")
-                self.end_headers()
-            else:
-                super().do_GET()
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    release.set()
-    server.shutdown()
-    server.server_close()
+    with serve_folder(tmp_path) as url:
+        yield url
 
 
 def test_image_urls_are_fetched_with_a_cap_and_a_timeout(web, tmp_path):
@@ -444,11 +411,11 @@ def test_never_reached_fails_fast_with_one_clear_message(scheme, mode, caplog):
 def test_unreachable_message_names_the_other_protocols_port():
     from clip_common.endpoint import parse_endpoint
 
-    msg = _core.unreachable_message(parse_endpoint("127.0.0.1:8000"), ServerUnavailableError("connect: x"), 3.0)
+    msg = _core.unreachable_message(parse_endpoint("127.0.0.1:8000"), "x")
     assert msg.startswith("cannot reach a Triton server at grpc://127.0.0.1:8000 (gRPC): x.")
     assert "8000 is Triton's default HTTP port: use http://127.0.0.1:8000" in msg
-    msg = _core.unreachable_message(parse_endpoint("http://h:9"), ServerTimeoutError("connect: timed out"), 3.0)
-    assert "no answer within 3 s" in msg and "Triton's defaults: HTTP 8000, gRPC 8001" in msg
+    msg = _core.unreachable_message(parse_endpoint("https://h:9"), "y")
+    assert "(HTTP with TLS): y." in msg and "Triton's defaults: HTTP 8000, gRPC 8001" in msg and "serve TLS" in msg
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
