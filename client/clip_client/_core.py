@@ -387,6 +387,28 @@ class ClientBase:
             n = min(n, batch_size)
         return n
 
+    @staticmethod
+    def _route(kind: str) -> tuple[str, str, str]:
+        """(model, input tensor, output tensor) that encode `kind` ("text" or "image")."""
+        return (ENCODE_TEXT, TEXT_IN, TEXT_OUT) if kind == "text" else (ENCODE_IMAGE, IMAGE_IN, IMAGE_OUT)
+
+    @staticmethod
+    def _embeddings(parts: list[np.ndarray], dim: int, normalize: bool, inputs: Any, kind: str) -> np.ndarray:
+        """The answers' parts -> (N, D) float32, L2-normalised if asked; (D,) when the call gave one item."""
+        embeds = np.concatenate(parts, axis=0) if parts else np.zeros((0, dim), np.float32)  # (N, D)
+        embeds = embeds.astype(np.float32, copy=False)
+        if normalize:
+            embeds = ops.l2_normalize(embeds)
+        return embeds[0] if is_single(inputs, kind) else embeds
+
+    @staticmethod
+    def _classified(images: Any, image_embeds: np.ndarray, class_embeds: np.ndarray, labels: list[str],
+                    scale: float, top_k: int | None):
+        """classify's answer: ranked_labels per image; one list when one image (or one (D,) embedding) came in."""
+        rows = ranked_labels(image_embeds, class_embeds, labels, scale, top_k)
+        single = image_embeds.ndim == 1 if as_embeddings(images) is not None else is_single(images, "image")
+        return rows[0] if single else rows
+
     def _item_bytes(self, inputs: Any, kind: str):
         """The BYTES items of a call's texts or images, produced lazily (files are read and URLs fetched on demand)."""
         if kind == "text":

@@ -16,13 +16,7 @@ from clip_common.endpoint import tritonclient_tls
 from . import ops
 from ._core import (
     DEFAULT_TEMPLATE,
-    ENCODE_IMAGE,
-    ENCODE_TEXT,
-    IMAGE_IN,
-    IMAGE_OUT,
     INFO_CONFIG_MODELS,
-    TEXT_IN,
-    TEXT_OUT,
     ZERO_SHOT,
     CLIP_INFO,
     CLIP_INFO_OUT,
@@ -32,25 +26,24 @@ from ._core import (
     backoff_delay,
     bytes_tensor,
     classify_result,
-    is_single,
     log,
     map_error,
     model_info_from_clip_info,
     progress_bar,
-    ranked_labels,
     retryable,
 )
 from .errors import CLIPClientError, ServerError, ServerTimeoutError, ServerUnavailableError
 from .inputs import encode_texts, iter_batches, normalize_texts
 
 
-def _closed_under(what: str) -> BaseException:
-    """What to raise for a CancelledError: itself when this task is being cancelled; a CLIPClientError when nobody
-    cancelled it (grpc.aio cancels the calls in flight when close() closes its channel)."""
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)  # Python 3.11+; without it, never second-guess a cancel
-    if cancelling is None or cancelling():
-        return asyncio.CancelledError()
+def _cancel_requested() -> bool:
+    """Whether someone cancels the running task (else a CancelledError came from grpc.aio, which cancels the calls
+    in flight when close() closes its channel). Before Python 3.11 this cannot be told: assume a real cancel."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is None or cancelling() > 0
+
+
+def _closed_under(what: str) -> CLIPClientError:
     return CLIPClientError(f"{what}: cancelled: the client was closed while the call was in flight")
 
 
@@ -124,7 +117,9 @@ class AsyncCLIPClient(ClientBase):
 
                 import tritonclient.http.aio as mod
 
-                tls = {"ssl": True, "ssl_context": ssl.create_default_context(cafile=self.ca_file)} if self.endpoint.tls else {}
+                tls = {}
+                if self.endpoint.tls:  # the system's CA bundle unless ca_file
+                    tls = {"ssl": True, "ssl_context": ssl.create_default_context(cafile=self.ca_file)}
                 client = mod.InferenceServerClient(self.endpoint.address, conn_timeout=self.timeout,
                                                    conn_limit=self.max_concurrency * 2, **tls)
             else:
@@ -171,6 +166,8 @@ class AsyncCLIPClient(ClientBase):
             else:
                 live = await asyncio.wait_for(client.is_server_live(headers=self.headers), self.connect_timeout)
         except asyncio.CancelledError:
+            if _cancel_requested():
+                raise
             raise _closed_under("connect") from None
         except Exception as exc:  # noqa: BLE001 - a transport failure raises; an error answer means a server is there
             self._first_contact_failed(exc)
@@ -186,6 +183,8 @@ class AsyncCLIPClient(ClientBase):
             try:
                 return await make_coro()
             except asyncio.CancelledError:
+                if _cancel_requested():
+                    raise
                 raise _closed_under(what) from None
             except Exception as exc:  # noqa: BLE001 - mapped below
                 err = map_error(exc, what)
@@ -286,7 +285,7 @@ class AsyncCLIPClient(ClientBase):
     async def _encode(self, inputs: Any, kind: str, normalize: bool, batch_size: int | None,
                       show_progress: bool) -> np.ndarray:
         info = await self.get_model_info()
-        model, name, out = (ENCODE_TEXT, TEXT_IN, TEXT_OUT) if kind == "text" else (ENCODE_IMAGE, IMAGE_IN, IMAGE_OUT)
+        model, name, out = self._route(kind)
         batches = iter_batches(self._item_bytes(inputs, kind), self._batch_limit(info, kind, batch_size),
                                self.max_request_bytes)
 
@@ -295,11 +294,7 @@ class AsyncCLIPClient(ClientBase):
 
         with progress_bar(inputs, show_progress, kind) as bar:
             parts = await self._stream(batches, send, bar)
-        embeds = np.concatenate(parts, axis=0) if parts else np.zeros((0, info.dim), np.float32)  # (N, D)
-        embeds = embeds.astype(np.float32, copy=False)
-        if normalize:
-            embeds = ops.l2_normalize(embeds)
-        return embeds[0] if is_single(inputs, kind) else embeds
+        return self._embeddings(parts, info.dim, normalize, inputs, kind)
 
     async def encode_text(self, texts: str | Iterable[str], normalize: bool = True, *, batch_size: int | None = None,
                           show_progress: bool = False) -> np.ndarray:
@@ -347,9 +342,7 @@ class AsyncCLIPClient(ClientBase):
         names = normalize_texts(labels)
         cls, img = await _gather_or_cancel(self.class_embeddings(names, templates or [DEFAULT_TEMPLATE]),
                                            self._image_matrix(images))
-        rows = ranked_labels(img, cls, names, (await self.get_model_info()).scale, top_k)
-        single = img.ndim == 1 if as_embeddings(images) is not None else is_single(images, "image")
-        return rows[0] if single else rows
+        return self._classified(images, img, cls, names, (await self.get_model_info()).scale, top_k)
 
     async def zero_shot_classification(
         self, images: Any, class_texts: Any, return_probabilities: bool = True, templates: list[str] | None = None

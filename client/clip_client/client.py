@@ -18,13 +18,7 @@ from clip_common.endpoint import tritonclient_tls
 from . import ops
 from ._core import (
     DEFAULT_TEMPLATE,
-    ENCODE_IMAGE,
-    ENCODE_TEXT,
-    IMAGE_IN,
-    IMAGE_OUT,
     INFO_CONFIG_MODELS,
-    TEXT_IN,
-    TEXT_OUT,
     ZERO_SHOT,
     CLIP_INFO,
     CLIP_INFO_OUT,
@@ -34,12 +28,10 @@ from ._core import (
     backoff_delay,
     bytes_tensor,
     classify_result,
-    is_single,
     log,
     map_error,
     model_info_from_clip_info,
     progress_bar,
-    ranked_labels,
     retryable,
 )
 from .errors import CLIPClientError, ServerError, ServerTimeoutError, ServerUnavailableError
@@ -232,16 +224,12 @@ class CLIPClient(ClientBase):
 
     def _encode(self, inputs: Any, kind: str, normalize: bool, batch_size: int | None, show_progress: bool) -> np.ndarray:
         info = self.get_model_info()
-        model, name, out = (ENCODE_TEXT, TEXT_IN, TEXT_OUT) if kind == "text" else (ENCODE_IMAGE, IMAGE_IN, IMAGE_OUT)
+        model, name, out = self._route(kind)
         batches = iter_batches(self._item_bytes(inputs, kind), self._batch_limit(info, kind, batch_size),
                                self.max_request_bytes)
         with progress_bar(inputs, show_progress, kind) as bar:
             parts = self._stream(batches, lambda b: self._infer(model, {name: bytes_tensor(b)}, [out])[out], bar)
-        embeds = np.concatenate(parts, axis=0) if parts else np.zeros((0, info.dim), np.float32)  # (N, D)
-        embeds = embeds.astype(np.float32, copy=False)
-        if normalize:
-            embeds = ops.l2_normalize(embeds)
-        return embeds[0] if is_single(inputs, kind) else embeds
+        return self._embeddings(parts, info.dim, normalize, inputs, kind)
 
     def encode_text(self, texts: str | Iterable[str], normalize: bool = True, *, batch_size: int | None = None,
                     show_progress: bool = False) -> np.ndarray:
@@ -308,9 +296,7 @@ class CLIPClient(ClientBase):
         names = normalize_texts(labels)
         cls = self.class_embeddings(names, templates or [DEFAULT_TEMPLATE])
         img = self._image_matrix(images)
-        rows = ranked_labels(img, cls, names, self.get_model_info().scale, top_k)
-        single = img.ndim == 1 if as_embeddings(images) is not None else is_single(images, "image")
-        return rows[0] if single else rows
+        return self._classified(images, img, cls, names, self.get_model_info().scale, top_k)
 
     def zero_shot_classification(
         self, images: Any, class_texts: Any, return_probabilities: bool = True, templates: list[str] | None = None
