@@ -154,9 +154,10 @@ def _endpoint(host: str, port: int, health_port: int) -> dict:
 
 
 def _retry_policy(retry_on: str) -> dict:
+    previous_hosts = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
     policy = {"retry_on": retry_on, "num_retries": 3,
-              "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
-                  "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+              "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                                        "typed_config": {"@type": previous_hosts}}],
               "host_selection_retry_max_attempts": 5,
               "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"}}
     if "retriable-status-codes" in retry_on:

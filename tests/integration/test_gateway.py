@@ -176,7 +176,8 @@ def test_internal_models_and_admin_apis_refused_over_http(gateway, upstreams):
         assert status in (403, 404), (method, path, status, body)
         assert b"gateway" in body or status == 404, (path, body)  # refused by the edge, not by Triton
     # an escaped slash never becomes a path separator behind the edge
-    assert _http(gateway, "GET", f"/v2/models/{EncodeText.NAME}%2F..%2F{INTERNAL_MODELS[0]}/ready")[0] in (400, 403, 404)
+    escaped = f"/v2/models/{EncodeText.NAME}%2F..%2F{INTERNAL_MODELS[0]}/ready"
+    assert _http(gateway, "GET", escaped)[0] in (400, 403, 404)
     assert _request_counts(upstreams) == before
 
 
@@ -258,7 +259,8 @@ def test_largest_legitimate_request_passes(gateway, gateway_repository, protocol
 
 def test_over_cap_body_refused_before_triton(gateway, upstreams, gateway_repository):
     cap = body_cap(repository_limits(gateway_repository))
-    http_upstream_before = metric(gateway.metrics(), "envoy_cluster_upstream_rq_total", envoy_cluster_name="triton_http")
+    sent = {"envoy_cluster_name": "triton_http"}
+    http_upstream_before = metric(gateway.metrics(), "envoy_cluster_upstream_rq_total", **sent)
     before = _request_counts(upstreams)
     status, body = _http(gateway, "POST", f"/v2/models/{EncodeImage.NAME}/infer", b"x" * (cap + 1))
     assert status == 413, body
@@ -268,7 +270,7 @@ def test_over_cap_body_refused_before_triton(gateway, upstreams, gateway_reposit
     err = _grpc_refused(lambda: grpcclient.InferenceServerClient(gateway.grpc_url).infer(EncodeImage.NAME, [image]))
     assert "Payload Too Large" in err.message()
     assert _request_counts(upstreams) == before
-    after = metric(gateway.metrics(), "envoy_cluster_upstream_rq_total", envoy_cluster_name="triton_http")
+    after = metric(gateway.metrics(), "envoy_cluster_upstream_rq_total", **sent)
     assert after == http_upstream_before
 
 

@@ -250,7 +250,8 @@ def test_distributed_locust_targets_the_gateway(rendered):
     workers = _one(objects, "Deployment", "locust-worker")
     host = next(e["value"] for e in master["env"] if e["name"] == "LOCUST_HOST")
     gateway = next(s for s in _kind(objects, "Service", "gateway") if s["spec"].get("clusterIP") != "None")
-    assert host == f"http://{gateway['metadata']['name']}:{_values('existing-pvc-values.yaml')['gateway']['service']['httpPort']}"
+    port = _values("existing-pvc-values.yaml")["gateway"]["service"]["httpPort"]
+    assert host == f"http://{gateway['metadata']['name']}:{port}"
     assert workers["spec"]["replicas"] == 2
     master_service = _one(objects, "Service", "locust-master")["metadata"]["name"]
     assert _container(workers, "locust")["args"] == ["--worker", "--master-host", master_service]

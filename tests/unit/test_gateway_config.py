@@ -1,0 +1,79 @@
+"""The gateway's Envoy config as rendered from the template (tests/integration/test_gateway.py runs the real Envoy)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from clip_build.repository import effective_limits
+from clip_common.contract import INTERNAL_MODELS, PUBLIC_MODELS
+from clip_server.gateway import (GatewayError, GatewaySettings, Upstream, body_cap, http_routes, render_config,
+                                 repository_limits)
+
+
+def _config(*upstreams: str, **settings) -> dict:
+    options = {"http_port": 8080, "grpc_port": 8081, "max_body_bytes": 1000, **settings}
+    return yaml.safe_load(render_config([Upstream.parse(u) for u in upstreams], GatewaySettings(**options)))
+
+
+def test_upstream_parsing():
+    assert Upstream.parse("triton-0.svc:8000:8001") == Upstream("triton-0.svc", 8000, 8001)
+    for bad in ("host:8000", "host:x:8001", ":1:2", "host:0:8001", "host:8000:70000"):
+        with pytest.raises(GatewayError):
+            Upstream.parse(bad)
+
+
+def test_body_cap_of_the_default_limits():
+    limits = effective_limits()
+    assert body_cap(limits) == 64 * (16384 + 20 * 1024 * 1024 + 8) + 64 * 1024 == 1_343_291_904
+    assert body_cap(repository_limits(None, ["max_items_per_request=2"])) == 2 * (16384 + 20 * 1024 * 1024 + 8) + 65536
+    with pytest.raises(GatewayError):
+        repository_limits(None, ["max_items_per_request=0"])
+
+
+def test_public_models_route_and_internal_models_never_appear():
+    text = render_config([Upstream.parse("10.0.0.1:8000:8001")], GatewaySettings(8080, 8081, 1000))
+    assert not [m for m in INTERNAL_MODELS if m in text]
+    pattern = next(r["match"]["safe_regex"]["regex"] for r in http_routes(GatewaySettings(8080, 8081, 1000))
+                   if r["match"].get("safe_regex", {}).get("regex", "").endswith("/infer$"))
+    for model in PUBLIC_MODELS:
+        assert re.match(pattern, f"/v2/models/{model}/infer")
+        assert re.match(pattern, f"/v2/models/{model}/versions/3/infer")
+        assert f'["{model}"] = true' in text  # the Lua filter's set
+    for model in INTERNAL_MODELS:
+        assert not re.match(pattern, f"/v2/models/{model}/infer")
+
+
+def test_clusters_follow_the_upstreams():
+    static = _config("10.0.0.1:8000:8001", "10.0.0.2:9000:9001")
+    clusters = {c["name"]: c for c in static["static_resources"]["clusters"]}
+    assert clusters["triton_http"]["type"] == "STATIC" and clusters["triton_http"]["lb_policy"] == "LEAST_REQUEST"
+    grpc = clusters["triton_grpc"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ports = [(e["endpoint"]["address"]["socket_address"]["port_value"], e["endpoint"]["health_check_config"]["port_value"])
+             for e in grpc]
+    assert ports == [(8001, 8000), (9001, 9000)]  # gRPC endpoints health-checked on their HTTP port
+    dns = _config("triton-headless.ns.svc.cluster.local:8000:8001")
+    assert {c["type"] for c in dns["static_resources"]["clusters"] if c["name"].startswith("triton")} == {"STRICT_DNS"}
+
+
+def test_body_cap_and_rate_limit_in_both_listeners():
+    config = _config("10.0.0.1:8000:8001", max_body_bytes=12345, rate_limit_rps=7, rate_limit_burst=9)
+    for listener in config["static_resources"]["listeners"][:2]:
+        hcm = listener["filter_chains"][0]["filters"][1]["typed_config"]
+        filters = {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
+        assert filters["envoy.filters.http.buffer"]["max_request_bytes"] == 12345
+        limit = filters["envoy.filters.http.local_ratelimit"]
+        assert limit["filter_enforced"]["default_value"]["numerator"] == 100
+        assert limit["descriptors"][0]["token_bucket"] == {"max_tokens": 9, "tokens_per_fill": 7, "fill_interval": "1s"}
+    off = _config("10.0.0.1:8000:8001")["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][1]
+    limit = next(f for f in off["typed_config"]["http_filters"] if f["name"].endswith("local_ratelimit"))
+    assert limit["typed_config"]["filter_enabled"]["default_value"]["numerator"] == 0
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(GatewayError):
+        render_config([], GatewaySettings(8080, 8081, 1000))
+    with pytest.raises(GatewayError):
+        render_config([Upstream.parse("h:1:2")], GatewaySettings(8080, 8081, 2**32))
