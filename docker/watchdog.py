@@ -3,7 +3,8 @@
 A dead Python stub keeps its model "ready" in Triton 24.10, so the HTTP probes never see it. Every
 CLIP_WATCH_INTERVAL seconds this runs the compose health check (healthcheck.py: every model ready AND one real
 zero_shot inference); once it has passed at least once, CLIP_WATCH_FAILURES failures in a row SIGTERM the
-tritonserver process (the pod shares one process namespace; both containers run as the same user).
+tritonserver process (the pod shares one process namespace; both containers run as the same user), or the process
+CLIP_WATCH_PID when set.
 """
 
 import os
@@ -18,7 +19,9 @@ FAILURES = int(os.environ.get("CLIP_WATCH_FAILURES", "3"))
 
 
 def tritonserver_pids() -> list[int]:
-    """Pids of processes named tritonserver in this (shared) process namespace."""
+    """CLIP_WATCH_PID, else the pids of processes named tritonserver in this (shared) process namespace."""
+    if os.environ.get("CLIP_WATCH_PID"):
+        return [int(os.environ["CLIP_WATCH_PID"])]
     pids = []
     for entry in os.listdir("/proc"):
         try:
@@ -44,6 +47,8 @@ def main() -> None:
     armed, failed = False, 0
     while True:
         if healthy():
+            if not armed:
+                print("inference check passed: watching", file=sys.stderr, flush=True)
             armed, failed = True, 0
         elif armed:
             failed += 1
