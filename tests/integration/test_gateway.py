@@ -27,7 +27,8 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from clip_client import CLIPClient
-from clip_common.contract import ENCODERS, INTERNAL_MODELS, PUBLIC_MODELS, EncodeImage, EncodeText, ZeroShot
+from clip_common.contract import (ENCODERS, INTERNAL_MODELS, PUBLIC_MODELS, EncodeImage, EncodeText,
+                                  PreprocessText, ZeroShot)
 from clip_server import TritonServer
 from clip_server.gateway import GRPC_SERVICE, body_cap, repository_limits
 from tests.integration.gateway_helpers import metric, metric_names, promql_metric_names, scrape, start_gateway
@@ -232,7 +233,22 @@ def test_crafted_grpc_messages_cannot_reach_internal_models(gateway, upstreams):
         late = service_pb2.ModelInferRequest(id="x", model_version="1").SerializeToString() + \
             service_pb2.ModelInferRequest(model_name=internal).SerializeToString()
         assert _raw_infer(gateway, late)[0] == "StatusCode.PERMISSION_DENIED"
-    for garbage in (b"", b"\xff\xff\xff", good[:-3], b"\x0a\x80"):  # unparsable or truncated
+    assert _request_counts(upstreams) == before
+    # a 5-byte tag whose bits above 32 Triton's C++ parser drops: field 1 there, last, so it wins
+    text = service_pb2.ModelInferRequest()
+    tensor = text.inputs.add(name=PreprocessText.TEXT, datatype="BYTES")
+    tensor.shape.extend([1, 1])
+    text.raw_input_contents.append(len(b"a cat").to_bytes(4, "little") + b"a cat")
+    name = PreprocessText.NAME.encode()
+    wrapped = service_pb2.ModelInferRequest(model_name=EncodeText.NAME).SerializeToString() + \
+        text.SerializeToString() + b"\x8a\x80\x80\x80\x10" + bytes([len(name)]) + name
+    with grpc.insecure_channel(upstreams[0].grpc_url) as channel:  # the reference: Triton itself runs it
+        direct = channel.unary_unary(f"/{GRPC_SERVICE}/ModelInfer", request_serializer=lambda b: b,
+                                     response_deserializer=service_pb2.ModelInferResponse.FromString)
+        assert direct(wrapped, timeout=30).model_name == PreprocessText.NAME
+    before = _request_counts(upstreams)
+    assert _raw_infer(gateway, wrapped)[0] == "StatusCode.PERMISSION_DENIED"
+    for garbage in (b"", b"\xff\xff\xff", good[:-3], b"\x0a\x80", b"\x8a\x80\x80\x80\x80\x00\x01a"):  # unparsable
         assert _raw_infer(gateway, garbage)[0] == "StatusCode.INVALID_ARGUMENT", garbage
     assert _request_counts(upstreams) == before
 
