@@ -38,7 +38,7 @@ from pathlib import Path
 from string import Template
 from typing import Any, Mapping, Sequence
 
-from clip_common.contract import INTERNAL_MODELS, PUBLIC_MODELS
+from clip_common.contract import INTERNAL_MODELS, PUBLIC_MODELS, ClipInfo
 
 from .process import _set_pdeathsig, free_port
 
@@ -137,10 +137,46 @@ def repository_limits(repository: str | os.PathLike | None, overrides: Sequence[
         return effective_limits(limits=extra)
     path = Path(repository) / "clip_info" / "1" / CLIP_INFO_FILE
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        return {**info["limits"], "max_items_per_request": info["max_items_per_request"], **extra}
+        return {**_limits_of(json.loads(path.read_text(encoding="utf-8"))), **extra}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise GatewayError(f"cannot read the request limits from {path}: {exc}") from None
+
+
+def _limits_of(info: dict) -> dict[str, Any]:
+    """The request limits in a clip_info payload (items per request: what the server takes in one request)."""
+    return {**info["limits"], "max_items_per_request": info["max_items_per_request"]}
+
+
+def upstream_limits(upstreams: Sequence[Upstream], timeout: float) -> dict[str, Any] | None:
+    """The request limits the upstreams' clip_info model reports (the public inference API), trying every upstream
+    until one answers or `timeout` seconds passed; None when none answered."""
+    body = json.dumps({"inputs": [], "outputs": [{"name": ClipInfo.INFO, "parameters": {"binary_data": False}}]})
+    deadline = time.monotonic() + timeout
+    while True:
+        for u in upstreams:
+            request = urllib.request.Request(f"http://{u.host}:{u.http_port}/v2/models/{ClipInfo.NAME}/infer",
+                                             data=body.encode(), headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=5) as resp:
+                    return _limits_of(json.loads(json.loads(resp.read())["outputs"][0]["data"][0]))
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+                log.debug("clip_info of %s:%s: %s", u.host, u.http_port, exc)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(1.0)
+
+
+def resolve_limits(upstreams: Sequence[Upstream], repository: str | None, overrides: Sequence[str],
+                   timeout: float) -> tuple[dict[str, Any], str]:
+    """(limits, where they came from): --repository or --limit when given, else the upstreams' clip_info (waiting up
+    to `timeout` s; 0 = do not ask), else the build defaults."""
+    if repository is not None or overrides or timeout <= 0:
+        return repository_limits(repository, overrides), repository or ("--limit" if overrides else "build defaults")
+    found = upstream_limits(upstreams, timeout)
+    if found is None:
+        log.warning("no upstream answered clip_info within %.0fs: body cap from the build defaults", timeout)
+        return repository_limits(None), "build defaults"
+    return found, "the upstreams' clip_info"
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -364,9 +400,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="port serving Envoy's /stats/prometheus on --host (default: a free loopback port)")
     parser.add_argument("--repository", default=None,
-                        help="model repository whose request limits set the body cap (default: the build defaults)")
+                        help="model repository whose request limits set the body cap (default: ask the upstreams)")
     parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-                        help="a request limit as given to `clip-triton build --limit` (over --repository's)")
+                        help="a request limit as given to `clip-triton build --limit` (over --repository's or the "
+                             "build defaults; the upstreams are not asked then)")
+    parser.add_argument("--limits-timeout", type=float, default=60.0,
+                        help="seconds to wait for an upstream's clip_info to learn the limits (0: build defaults)")
     parser.add_argument("--max-body-bytes", type=int, default=0,
                         help="request body cap (default: derived from the item limits, see docs/deploy.md)")
     parser.add_argument("--headers-timeout", type=float, default=10.0, help="seconds to receive the request headers")
@@ -386,23 +425,27 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the rendered Envoy config and exit")
 
 
-def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
-    """GatewaySettings from the parsed options (the body cap from the repository's limits unless given)."""
-    cap = args.max_body_bytes or body_cap(repository_limits(args.repository, args.limit))
+def settings_from_args(args: argparse.Namespace, upstreams: Sequence[Upstream]) -> tuple[GatewaySettings, str]:
+    """GatewaySettings from the parsed options, and where the body cap came from."""
+    if args.max_body_bytes:
+        cap, source = args.max_body_bytes, "--max-body-bytes"
+    else:
+        limits, source = resolve_limits(upstreams, args.repository, args.limit, args.limits_timeout)
+        cap = body_cap(limits)
     return GatewaySettings(
         http_port=args.http_port, grpc_port=args.grpc_port, max_body_bytes=cap, listen_address=args.host,
         metrics_address=args.host if args.metrics_port else "127.0.0.1", metrics_port=args.metrics_port,
         headers_timeout=args.headers_timeout, request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
         upstream_timeout=args.upstream_timeout, max_connections=args.max_connections,
         rate_limit_rps=args.rate_limit, rate_limit_burst=args.rate_limit_burst, health_interval=args.health_interval,
-        max_heap_bytes=args.max_heap_bytes)
+        max_heap_bytes=args.max_heap_bytes), source
 
 
 def run(args: argparse.Namespace, command: str) -> int:
     """Entry point of `clip-triton gateway`."""
     try:
         upstreams = [Upstream.parse(u) for u in args.upstream]
-        settings = settings_from_args(args)
+        settings, cap_source = settings_from_args(args, upstreams)
         config = render_config(upstreams, settings)
         if args.print_config:
             print(config, end="")
@@ -412,7 +455,7 @@ def run(args: argparse.Namespace, command: str) -> int:
             f"\n  gRPC     {settings.listen_address}:{settings.grpc_port}",
             f"\n  metrics  http://{settings.metrics_address}:{settings.metrics_port}/stats/prometheus"
             if settings.metrics_port else "",
-            f"\n  body cap {settings.max_body_bytes} bytes",
+            f"\n  body cap {settings.max_body_bytes} bytes (from {cap_source})",
             *(f"\n  upstream {u.host} HTTP {u.http_port} gRPC {u.grpc_port}" for u in upstreams)])
         return run_gateway(config, concurrency=args.concurrency, log_level=args.log_level, describe=describe)
     except GatewayError as exc:

@@ -89,9 +89,8 @@ def _healthy(gateway, count: int) -> bool:
 
 @pytest.fixture(scope="module")
 def gateway(upstreams, gateway_repository):
-    """`clip-triton gateway` over both upstreams, short client timeouts, limits read from the repository."""
-    gw = start_gateway([f"127.0.0.1:{s.http_port}:{s.grpc_port}" for s in upstreams],
-                       "--repository", str(gateway_repository), "--health-interval", "0.5",
+    """`clip-triton gateway` over both upstreams, short client timeouts; it learns the limits from clip_info."""
+    gw = start_gateway([f"127.0.0.1:{s.http_port}:{s.grpc_port}" for s in upstreams], "--health-interval", "0.5",
                        *[x for kv in TIMEOUTS.items() for x in kv])
     try:
         assert wait_until(lambda: _healthy(gw, 2), 30), "".join(gw.output)
@@ -256,7 +255,7 @@ def test_crafted_grpc_messages_cannot_reach_internal_models(gateway, upstreams):
 # ------------------------------------------------------------------------------------------------ body cap
 def test_body_cap_matches_the_item_limits(gateway, gateway_repository):
     cap = body_cap(repository_limits(gateway_repository))
-    assert f"body cap {cap} bytes" in "".join(gateway.output)
+    assert f"body cap {cap} bytes (from the upstreams' clip_info)" in "".join(gateway.output)
     items = LIMITS["max_items_per_request"]
     assert cap >= items * (LIMITS["max_text_bytes"] + LIMITS["max_image_bytes"])
 

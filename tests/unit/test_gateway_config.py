@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -10,7 +11,7 @@ import yaml
 from clip_build.repository import effective_limits
 from clip_common.contract import INTERNAL_MODELS, PUBLIC_MODELS
 from clip_server.gateway import (GatewayError, GatewaySettings, Upstream, body_cap, http_routes, render_config,
-                                 repository_limits)
+                                 repository_limits, resolve_limits)
 
 
 def _config(*upstreams: str, **settings) -> dict:
@@ -31,6 +32,18 @@ def test_body_cap_of_the_default_limits():
     assert body_cap(repository_limits(None, ["max_items_per_request=2"])) == 2 * (16384 + 20 * 1024 * 1024 + 8) + 65536
     with pytest.raises(GatewayError):
         repository_limits(None, ["max_items_per_request=0"])
+
+
+def test_limits_resolution_without_asking_upstreams(tmp_path):
+    nowhere = [Upstream.parse("127.0.0.1:1:2")]
+    assert resolve_limits(nowhere, None, [], 0) == (effective_limits(), "build defaults")
+    assert resolve_limits(nowhere, None, ["max_text_bytes=10"], 60)[0]["max_text_bytes"] == 10  # not asked
+    (tmp_path / "clip_info" / "1").mkdir(parents=True)
+    (tmp_path / "clip_info" / "1" / "info.json").write_text(json.dumps(
+        {"max_items_per_request": 3, "limits": {**effective_limits(), "max_items_per_request": 8}}))
+    limits, source = resolve_limits(nowhere, str(tmp_path), [], 60)
+    assert limits["max_items_per_request"] == 3 and source == str(tmp_path)  # what one request may carry
+    assert resolve_limits(nowhere, None, [], 0.1) == (effective_limits(), "build defaults")  # nobody answered
 
 
 def test_public_models_route_and_internal_models_never_appear():
