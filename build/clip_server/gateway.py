@@ -31,12 +31,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from clip_common.contract import INTERNAL_MODELS, PUBLIC_MODELS, ClipInfo
 
@@ -147,9 +147,11 @@ def _limits_of(info: dict) -> dict[str, Any]:
     return {**info["limits"], "max_items_per_request": info["max_items_per_request"]}
 
 
-def upstream_limits(upstreams: Sequence[Upstream], timeout: float) -> dict[str, Any] | None:
+def upstream_limits(upstreams: Sequence[Upstream], timeout: float,
+                    stop: threading.Event | None = None) -> dict[str, Any] | None:
     """The request limits the upstreams' clip_info model reports (the public inference API), trying every upstream
-    until one answers or `timeout` seconds passed; None when none answered."""
+    until one answers, `timeout` seconds passed or `stop` is set; None when none answered."""
+    stop = stop or threading.Event()
     body = json.dumps({"inputs": [], "outputs": [{"name": ClipInfo.INFO, "parameters": {"binary_data": False}}]})
     deadline = time.monotonic() + timeout
     while True:
@@ -161,20 +163,20 @@ def upstream_limits(upstreams: Sequence[Upstream], timeout: float) -> dict[str, 
                     return _limits_of(json.loads(json.loads(resp.read())["outputs"][0]["data"][0]))
             except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
                 log.debug("clip_info of %s:%s: %s", u.host, u.http_port, exc)
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or stop.wait(1.0):
             return None
-        time.sleep(1.0)
 
 
 def resolve_limits(upstreams: Sequence[Upstream], repository: str | None, overrides: Sequence[str],
-                   timeout: float) -> tuple[dict[str, Any], str]:
+                   timeout: float, stop: threading.Event | None = None) -> tuple[dict[str, Any], str]:
     """(limits, where they came from): --repository or --limit when given, else the upstreams' clip_info (waiting up
     to `timeout` s; 0 = do not ask), else the build defaults."""
     if repository is not None or overrides or timeout <= 0:
         return repository_limits(repository, overrides), repository or ("--limit" if overrides else "build defaults")
-    found = upstream_limits(upstreams, timeout)
+    found = upstream_limits(upstreams, timeout, stop)
     if found is None:
-        log.warning("no upstream answered clip_info within %.0fs: body cap from the build defaults", timeout)
+        if stop is None or not stop.is_set():
+            log.warning("no upstream answered clip_info within %.0fs: body cap from the build defaults", timeout)
         return repository_limits(None), "build defaults"
     return found, "the upstreams' clip_info"
 
@@ -316,40 +318,34 @@ def envoy_binary() -> Path:
     return path
 
 
-def admin_port_of(config: str) -> int:
-    """The admin port a rendered config binds (127.0.0.1)."""
-    match = re.search(r"^admin:\n  address: \{socket_address: \{address: 127\.0\.0\.1, port_value: (\d+)\}\}",
-                      config, re.M)
-    if not match:
-        raise GatewayError("rendered config has no admin address")
-    return int(match.group(1))
-
-
-def _admin_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
+def _envoy_ready(admin_port: int) -> bool:
+    """Envoy's admin interface says the server is live (listeners up)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
-            return resp.status, resp.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-    except (urllib.error.URLError, OSError):
-        return 0, ""
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=2.0) as resp:
+            return resp.status == 200
+    except OSError:  # URLError, HTTPError (503 while initialising), refused
+        return False
 
 
-def run_gateway(config: str, *, concurrency: int = 0, log_level: str = "warn", startup_timeout: float = 30.0,
-                stop: threading.Event | None = None, out=sys.stdout, describe: str = "") -> int:
-    """Start Envoy on `config`, wait until it serves, run until `stop` / SIGTERM / SIGINT; return an exit code."""
-    stop = stop or threading.Event()
-    received: list[int] = []
-
-    def on_signal(signum, _frame):
-        received.append(signum)
-        stop.set()
-
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGTERM / SIGINT while the block runs (in the main thread; previous handlers restored)."""
+    stop = threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
-    admin = admin_port_of(config)
+            previous[sig] = signal.signal(sig, lambda signum, _frame: stop.set())
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_gateway(config: str, admin_port: int, stop: threading.Event, *, concurrency: int = 0,
+                log_level: str = "warn", startup_timeout: float = 30.0, out=sys.stdout, describe: str = "") -> int:
+    """Start Envoy on `config` (admin interface on 127.0.0.1:admin_port), wait until it serves, run until `stop`;
+    return an exit code."""
     with tempfile.TemporaryDirectory(prefix="clip-triton-gateway-") as tmp:
         path = Path(tmp) / "envoy.yaml"
         path.write_text(config, encoding="utf-8")
@@ -359,7 +355,7 @@ def run_gateway(config: str, *, concurrency: int = 0, log_level: str = "warn", s
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_set_pdeathsig)
         try:
             deadline = time.monotonic() + startup_timeout
-            while _admin_get(admin, "/ready")[0] != 200:
+            while not _envoy_ready(admin_port):
                 if proc.poll() is not None:
                     log.error("envoy exited with code %s before serving", proc.returncode)
                     return 1
@@ -374,7 +370,7 @@ def run_gateway(config: str, *, concurrency: int = 0, log_level: str = "warn", s
                 if proc.poll() is not None:
                     log.error("envoy exited unexpectedly with code %s", proc.returncode)
                     return 1
-            log.info("signal %s: stopping envoy", received[0] if received else "stop")
+            log.info("stopping envoy")
             return 0
         finally:
             if proc.poll() is None:
@@ -384,8 +380,6 @@ def run_gateway(config: str, *, concurrency: int = 0, log_level: str = "warn", s
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -425,12 +419,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the rendered Envoy config and exit")
 
 
-def settings_from_args(args: argparse.Namespace, upstreams: Sequence[Upstream]) -> tuple[GatewaySettings, str]:
+def settings_from_args(args: argparse.Namespace, upstreams: Sequence[Upstream],
+                       stop: threading.Event | None = None) -> tuple[GatewaySettings, str]:
     """GatewaySettings from the parsed options, and where the body cap came from."""
     if args.max_body_bytes:
         cap, source = args.max_body_bytes, "--max-body-bytes"
     else:
-        limits, source = resolve_limits(upstreams, args.repository, args.limit, args.limits_timeout)
+        limits, source = resolve_limits(upstreams, args.repository, args.limit, args.limits_timeout, stop)
         cap = body_cap(limits)
     return GatewaySettings(
         http_port=args.http_port, grpc_port=args.grpc_port, max_body_bytes=cap, listen_address=args.host,
@@ -438,26 +433,30 @@ def settings_from_args(args: argparse.Namespace, upstreams: Sequence[Upstream]) 
         headers_timeout=args.headers_timeout, request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
         upstream_timeout=args.upstream_timeout, max_connections=args.max_connections,
         rate_limit_rps=args.rate_limit, rate_limit_burst=args.rate_limit_burst, health_interval=args.health_interval,
-        max_heap_bytes=args.max_heap_bytes), source
+        max_heap_bytes=args.max_heap_bytes, admin_port=free_port()), source
 
 
 def run(args: argparse.Namespace, command: str) -> int:
     """Entry point of `clip-triton gateway`."""
     try:
         upstreams = [Upstream.parse(u) for u in args.upstream]
-        settings, cap_source = settings_from_args(args, upstreams)
-        config = render_config(upstreams, settings)
-        if args.print_config:
-            print(config, end="")
-            return 0
-        describe = "".join([
-            f"\n  HTTP     http://{settings.listen_address}:{settings.http_port}",
-            f"\n  gRPC     {settings.listen_address}:{settings.grpc_port}",
-            f"\n  metrics  http://{settings.metrics_address}:{settings.metrics_port}/stats/prometheus"
-            if settings.metrics_port else "",
-            f"\n  body cap {settings.max_body_bytes} bytes (from {cap_source})",
-            *(f"\n  upstream {u.host} HTTP {u.http_port} gRPC {u.grpc_port}" for u in upstreams)])
-        return run_gateway(config, concurrency=args.concurrency, log_level=args.log_level, describe=describe)
+        with stop_on_signals() as stop:
+            settings, cap_source = settings_from_args(args, upstreams, stop)
+            if stop.is_set():
+                return 0
+            config = render_config(upstreams, settings)
+            if args.print_config:
+                print(config, end="")
+                return 0
+            describe = "".join([
+                f"\n  HTTP     http://{settings.listen_address}:{settings.http_port}",
+                f"\n  gRPC     {settings.listen_address}:{settings.grpc_port}",
+                f"\n  metrics  http://{settings.metrics_address}:{settings.metrics_port}/stats/prometheus"
+                if settings.metrics_port else "",
+                f"\n  body cap {settings.max_body_bytes} bytes (from {cap_source})",
+                *(f"\n  upstream {u.host} HTTP {u.http_port} gRPC {u.grpc_port}" for u in upstreams)])
+            return run_gateway(config, settings.admin_port, stop, concurrency=args.concurrency,
+                               log_level=args.log_level, describe=describe)
     except GatewayError as exc:
         log.error("%s", exc)
         return 1
