@@ -9,6 +9,8 @@ import sysconfig
 from pathlib import Path
 
 PYTHON_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
+SERVER_ROOT_ENV = "CLIP_TRITON_SERVER_ROOT"
+PYTHON_ENV_ENV = "CLIP_TRITON_PYTHON_ENV"
 
 
 class TritonServerError(RuntimeError):
@@ -23,9 +25,16 @@ def _site_packages_of(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))).resolve().parent
 
 
+def server_root() -> Path:
+    """Folder holding `pytriton/tritonserver` and `nvidia_pytriton.libs`: $CLIP_TRITON_SERVER_ROOT (the GPU kit's
+    copy), else the site-packages of the nvidia-pytriton wheel."""
+    env = os.environ.get(SERVER_ROOT_ENV)
+    return Path(env) if env else _site_packages_of("pytriton")
+
+
 def triton_root() -> Path:
-    """The `pytriton/tritonserver` folder of the nvidia-pytriton wheel."""
-    root = _site_packages_of("pytriton") / "pytriton" / "tritonserver"
+    """The `pytriton/tritonserver` folder (binary, backends, python stubs)."""
+    root = server_root() / "pytriton" / "tritonserver"
     if not (root / "bin" / "tritonserver").is_file():
         raise TritonServerError(f"no tritonserver binary under {root}")
     return root
@@ -36,21 +45,32 @@ def tritonserver_binary() -> Path:
     return triton_root() / "bin" / "tritonserver"
 
 
+def libs_dir() -> Path:
+    """The server's bundled shared libraries (`nvidia_pytriton.libs`, names hashed by auditwheel)."""
+    return server_root() / "nvidia_pytriton.libs"
+
+
 def library_path() -> str:
     """LD_LIBRARY_PATH the server needs: the wheel's bundled libs, then Python's own lib dir (libpython)."""
-    libs = _site_packages_of("pytriton") / "nvidia_pytriton.libs"
-    parts = [str(libs), sysconfig.get_config_var("LIBDIR") or ""]
+    parts = [str(libs_dir()), sysconfig.get_config_var("LIBDIR") or ""]
     old = os.environ.get("LD_LIBRARY_PATH")
     if old:
         parts.append(old)
     return os.pathsep.join(p for p in parts if p)
 
 
+def stub_env_bin() -> Path:
+    """bin/ of the Python environment the python backend stubs run in: $CLIP_TRITON_PYTHON_ENV/bin (the GPU kit's),
+    else the running interpreter's."""
+    env = os.environ.get(PYTHON_ENV_ENV)
+    return Path(env) / "bin" if env else Path(sysconfig.get_path("scripts"))
+
+
 def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for tritonserver: our venv's bin/ first on PATH (the python stub finds its packages that way)."""
+    """Environment for tritonserver: the stubs' venv bin/ first on PATH (the python stub finds its packages that way;
+    PYTHONPATH does not reach it)."""
     env = dict(os.environ if base is None else base)
-    scripts = sysconfig.get_path("scripts")
-    env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "/usr/bin:/bin")])
+    env["PATH"] = os.pathsep.join([str(stub_env_bin()), env.get("PATH", "/usr/bin:/bin")])
     env["LD_LIBRARY_PATH"] = library_path()
     env.setdefault("PYTHONUNBUFFERED", "1")
     # Idle OpenMP threads of one encoder process must not spin on cores another process needs (measured 3-16x

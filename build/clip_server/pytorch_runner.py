@@ -8,10 +8,16 @@ Rules kept from the libtorch backend:
 - inputs are named after forward()'s arguments, or all follow `NAME__<index>` (positional);
 - outputs are `NAME__<index>`: the index-th element of forward()'s output (a lone tensor is index 0);
 - parameters INFERENCE_MODE, DISABLE_OPTIMIZED_EXECUTION, INTRA_OP_THREAD_COUNT, INTER_OP_THREAD_COUNT.
+
+Devices: a KIND_GPU instance runs on `cuda:<model_instance_device_id>` with its own CUDA stream (one instance = one
+stub process); each forward gathers the requests' inputs straight into page-locked host memory, copies them to the
+device asynchronously on that stream, and copies each output back once for the whole batch. KIND_GPU without a CUDA
+device visible to torch fails the model load with a clear message: no silent fallback to CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -45,22 +51,20 @@ class TritonPythonModel:
             except RuntimeError:  # only settable before any parallel work
                 pass
 
-        kind = args.get("model_instance_kind", "CPU")
-        device_id = int(args.get("model_instance_device_id", 0) or 0)
-        if kind == "GPU" and torch.cuda.is_available():
-            self.device = torch.device(f"cuda:{device_id}")
-        else:
-            if kind == "GPU":
-                self.logger.log_warn(f"{args['model_name']}: KIND_GPU requested but CUDA is unavailable; using CPU")
-            self.device = torch.device("cpu")
+        self.device = self._device(args)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
         filename = config.get("default_model_filename") or "model.pt"
         path = os.path.join(args["model_repository"], args["model_version"], filename)
         self.model = torch.jit.load(path, map_location=self.device)
         self.model.eval()
+        if self.stream is not None:  # the weights' copies (default stream) are done before our stream reads them
+            torch.cuda.synchronize(self.device)
 
         self.batching = int(config.get("max_batch_size", 0)) > 0
         self.inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"])) for i in config["input"]]
+        # torch dtypes of the pinned staging buffers (cuda only: a BYTES input has none)
+        self.torch_dtypes = {n: torch.from_numpy(np.empty(0, d)).dtype for n, d in self.inputs} if self.stream else {}
         self.outputs = []
         for o in config["output"]:
             m = _INDEXED.match(o["name"])
@@ -77,6 +81,21 @@ class TritonPythonModel:
             f"cpu {torch.backends.cpu.get_cpu_capability()}"
         )
 
+    @staticmethod
+    def _device(args: dict) -> torch.device:
+        """The instance's device: cuda:<id> for KIND_GPU (TritonModelException without CUDA), else cpu."""
+        if args.get("model_instance_kind", "CPU") != "GPU":
+            return torch.device("cpu")
+        device_id = int(args.get("model_instance_device_id", 0) or 0)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device_id >= count:
+            raise pb_utils.TritonModelException(
+                f"{args['model_name']}: instance_group kind KIND_GPU asks for GPU {device_id}, but torch "
+                f"{torch.__version__} sees {count} CUDA device(s) (CUDA build: {torch.version.cuda or 'none'}); "
+                "serve this model where torch has CUDA, or build the repository with --instance-kind cpu")
+        torch.cuda.set_device(device_id)
+        return torch.device("cuda", device_id)
+
     def _map_inputs(self, names: list[str]) -> dict[str, int]:
         """Config input name -> forward() argument position, per the libtorch backend's rules."""
         arg_names = [a.name for a in self.model.forward.schema.arguments][1:]  # drop self
@@ -91,7 +110,7 @@ class TritonPythonModel:
 
     # ---- one request's tensors
     def _read(self, request) -> dict[str, np.ndarray]:
-        """The request's inputs as writable, contiguous numpy arrays of the config's dtypes."""
+        """The request's inputs as contiguous numpy arrays of the config's dtypes (read-only views are fine)."""
         item = {}
         for name, dtype in self.inputs:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -101,27 +120,54 @@ class TritonPythonModel:
                 array = np.ascontiguousarray(tensor.as_numpy(), dtype=dtype)
             except (ValueError, TypeError) as exc:  # the caller's tensors: uncastable dtype
                 raise InvalidInputError(f"input {name}: {exc}") from None
-            item[name] = array if array.flags.writeable else array.copy()  # torch wants writable memory
+            item[name] = array
         return item
 
-    def _forward(self, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """One forward over numpy inputs -> numpy outputs in config order."""
-        args = [None] * (max(self.arg_index.values()) + 1)
-        for name, array in arrays.items():
-            args[self.arg_index[name]] = torch.from_numpy(array).to(self.device)
-        with torch.jit.optimized_execution(self.optimized):
-            with torch.inference_mode() if self.inference_mode else torch.no_grad():
-                result = self.model(*args)
-        if isinstance(result, torch.Tensor):
-            result = (result,)
-        elif isinstance(result, dict):
-            result = tuple(result.values())
+    def _to_device(self, name: str, parts: list[np.ndarray]) -> torch.Tensor:
+        """The parts (one per request) of input `name` as ONE tensor on the instance's device.
+
+        cpu: the numpy memory itself when there is one writable part, else one concatenation. cuda: one concatenation
+        into page-locked memory, then an asynchronous copy on the instance's stream (the host buffer goes back to
+        torch's pinned-memory cache only once that copy is done)."""
+        if self.stream is None:
+            whole = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            return torch.from_numpy(whole if whole.flags.writeable else whole.copy())  # torch wants writable memory
+        rows = sum(len(p) for p in parts)
+        host = torch.empty((rows, *parts[0].shape[1:]), dtype=self.torch_dtypes[name], pin_memory=True)
+        np.concatenate(parts, out=host.numpy())
+        return host.to(self.device, non_blocking=True)
+
+    def _to_host(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Outputs back to the host, one copy each for the whole batch (cuda: into pinned memory, then one sync)."""
+        if self.stream is None:
+            return [t.detach() for t in tensors]
         out = []
-        for name, index, dtype in self.outputs:
-            if index >= len(result):
-                raise RuntimeError(f"output {name} asks for element {index} but forward() returned {len(result)}")
-            out.append(result[index].detach().to("cpu").numpy().astype(dtype, copy=False))
+        for t in tensors:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t.detach(), non_blocking=True)
+            out.append(host)
+        self.stream.synchronize()
         return out
+
+    def _forward(self, inputs: dict[str, list[np.ndarray]]) -> list[np.ndarray]:
+        """One forward over each input's parts (concatenated along the batch dim) -> numpy outputs in config order."""
+        args = [None] * (max(self.arg_index.values()) + 1)
+        stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with stream:
+            for name, parts in inputs.items():
+                args[self.arg_index[name]] = self._to_device(name, parts)
+            with torch.jit.optimized_execution(self.optimized):
+                with torch.inference_mode() if self.inference_mode else torch.no_grad():
+                    result = self.model(*args)
+            if isinstance(result, torch.Tensor):
+                result = (result,)
+            elif isinstance(result, dict):
+                result = tuple(result.values())
+            for name, index, _ in self.outputs:
+                if index >= len(result):
+                    raise RuntimeError(f"output {name} asks for element {index} but forward() returned {len(result)}")
+            host = self._to_host([result[index] for _, index, _ in self.outputs])
+        return [t.numpy().astype(dtype, copy=False) for t, (_, _, dtype) in zip(host, self.outputs)]
 
     def _forward_batch(self, items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Items (one per request, each [n_r, ...]) -> outputs [sum n_r, ...] in item order; one forward per group
@@ -131,13 +177,11 @@ class TritonPythonModel:
             groups.setdefault(tuple((n, a.shape[1:]) for n, a in item.items()), []).append(i)
         names = [n for n, _, _ in self.outputs]
         if len(groups) == 1:
-            batch = items[0] if len(items) == 1 else {n: np.concatenate([x[n] for x in items]) for n, _ in self.inputs}
-            return dict(zip(names, self._forward(batch)))
+            return dict(zip(names, self._forward({n: [x[n] for x in items] for n, _ in self.inputs})))
         parts: list[list[np.ndarray] | None] = [None] * len(items)
         for members in groups.values():
             sizes = [len(next(iter(items[i].values()))) for i in members]
-            batch = {n: np.concatenate([items[i][n] for i in members]) for n, _ in self.inputs}
-            outs = self._forward(batch)
+            outs = self._forward({n: [items[i][n] for i in members] for n, _ in self.inputs})
             offsets = np.cumsum([0] + sizes)
             for k, i in enumerate(members):
                 parts[i] = [o[offsets[k]:offsets[k + 1]] for o in outs]
@@ -147,7 +191,8 @@ class TritonPythonModel:
         if not self.batching:  # max_batch_size 0: each request is its own forward, outputs as forward() shapes them
             return execute_each(
                 pb_utils, requests,
-                lambda r: [pb_utils.Tensor(n, o) for (n, _, _), o in zip(self.outputs, self._forward(self._read(r)))],
+                lambda r: [pb_utils.Tensor(n, o) for (n, _, _), o in
+                           zip(self.outputs, self._forward({k: [a] for k, a in self._read(r).items()}))],
                 what="model execution", logger=self.logger)
         return execute_batched(
             pb_utils, requests,
@@ -157,4 +202,4 @@ class TritonPythonModel:
             label="request", logger=self.logger)
 
     def finalize(self):
-        self.model = None
+        self.model = self.stream = None

@@ -50,12 +50,12 @@ def default_tools_dir() -> Path:
 
 
 def _pytriton_libs() -> Path:
-    import importlib.util
+    from clip_server.binary import TritonServerError, libs_dir
 
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise PerfError("nvidia-pytriton is not installed: it ships libb64 and libcudart that perf_analyzer needs")
-    libs = Path(list(spec.submodule_search_locations)[0]).parent / "nvidia_pytriton.libs"
+    try:
+        libs = libs_dir()
+    except TritonServerError as exc:
+        raise PerfError(f"{exc}: it ships libb64 and libcudart that perf_analyzer needs") from None
     if not libs.is_dir():
         raise PerfError(f"{libs} not found (nvidia-pytriton wheel layout changed?)")
     return libs

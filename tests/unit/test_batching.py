@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -104,7 +105,7 @@ class _Sum(torch.nn.Module):
         return (input_ids * attention_mask).sum(dim=1, keepdim=True).float()  # (B, 1)
 
 
-def _runner(pb, tmp_path, max_batch_size=8):
+def _runner(pb, tmp_path, max_batch_size=8, kind="CPU"):
     version = tmp_path / "1"
     version.mkdir(exist_ok=True)
     torch.jit.script(_Sum()).save(str(version / "model.pt"))
@@ -118,7 +119,7 @@ def _runner(pb, tmp_path, max_batch_size=8):
     spec.loader.exec_module(module)
     model = module.TritonPythonModel()
     model.initialize({"model_config": json.dumps(config), "model_repository": str(tmp_path), "model_version": "1",
-                      "model_name": "summer", "model_instance_kind": "CPU"})
+                      "model_name": "summer", "model_instance_kind": kind, "model_instance_device_id": "0"})
     return model
 
 
@@ -126,7 +127,7 @@ def test_runner_groups_shapes_and_splits_back(pb, tmp_path):
     model = _runner(pb, tmp_path)
     forwards = []
     original = model._forward
-    model._forward = lambda arrays: forwards.append({k: v.shape for k, v in arrays.items()}) or original(arrays)
+    model._forward = lambda parts: forwards.append({k: np.concatenate(v).shape for k, v in parts.items()}) or original(parts)
     a = _req(input_ids=np.array([[1, 2, 3]]), attention_mask=np.array([[1, 1, 0]]))
     b = _req(input_ids=np.array([[4, 5], [6, 7]]), attention_mask=np.ones((2, 2), np.int64))
     c = _req(input_ids=np.array([[1, 1, 1], [2, 2, 2]]), attention_mask=np.ones((2, 3), np.int64))
@@ -150,3 +151,27 @@ def test_runner_forward_failure_has_no_traceback(pb, tmp_path):
     (out,) = model.execute([_req(input_ids=np.array([[1]]), attention_mask=np.array([[1]]))])
     assert out.error.code == "INTERNAL" and "site-packages" not in out.error.message
     assert "TorchScript" not in out.error.message
+
+
+def test_runner_takes_read_only_inputs_without_touching_them(pb, tmp_path):
+    model = _runner(pb, tmp_path)
+
+    def frozen(a):
+        a = np.array(a, np.int64)
+        a.flags.writeable = False  # as Triton hands inputs over (shared memory)
+        return a
+
+    one = _req(input_ids=frozen([[1, 2]]), attention_mask=frozen([[1, 1]]))
+    two = _req(input_ids=frozen([[3, 4]]), attention_mask=frozen([[1, 0]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on a tensor over read-only memory
+        (alone,) = model.execute([one])
+        both = model.execute([one, two])
+    assert alone.outputs["sum__0"].tolist() == [[3.0]]
+    assert [r.outputs["sum__0"].tolist() for r in both] == [[[3.0]], [[3.0]]]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the load failure where torch has no CUDA")
+def test_runner_gpu_kind_without_cuda_fails_the_load(pb, tmp_path):
+    with pytest.raises(pb.TritonModelException, match=r"summer: instance_group kind KIND_GPU .* sees 0 CUDA device"):
+        _runner(pb, tmp_path, kind="GPU")
