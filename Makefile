@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test tools kube-tools bench clean
+.PHONY: setup demo test tools kube-tools bench gpu-kit clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ kube-tools: setup
 
 bench: setup tools
 	$(BIN)/clip-triton bench --dtype bf16
+
+# Everything a GPU machine without network lacks (tritonserver, perf_analyzer, tritonclient, our code) in one folder
+# of <= 64 MiB for the device tool: carry .artifacts/gpu-kit and run `python3 .artifacts/gpu-kit/run_kit.py --device cuda
+# --out "$$OUT"` there (docs/benchmarks.md, "GPU").
+gpu-kit: setup
+	$(BIN)/python -m clip_loadtest.gpukit.assemble --out .artifacts/gpu-kit
 
 clean:
 	rm -rf .artifacts reports

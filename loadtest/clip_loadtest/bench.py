@@ -232,14 +232,13 @@ def closed_loop(client_factory, kind: str, items: list, concurrency: int, second
 
 
 def model_stats(http_url: str) -> dict[str, dict]:
-    """Triton's per-model statistics (cumulative counts and ns)."""
-    import tritonclient.http as httpclient  # noqa: PLC0415
+    """Triton's per-model statistics (cumulative counts and ns), from the HTTP statistics endpoint (standard library
+    only: the GPU kit carries no HTTP client)."""
+    import json  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
 
-    client = httpclient.InferenceServerClient(http_url)
-    try:
-        stats = client.get_inference_statistics()
-    finally:
-        client.close()
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=30) as resp:
+        stats = json.load(resp)
     out = {}
     for m in stats.get("model_stats", []):
         inf = m.get("inference_stats", {})
@@ -492,11 +491,12 @@ def _find(rows: list[dict], kind: str, concurrency: int, per_request: int = 1) -
     return None
 
 
-def _cosine_min(a: list, b: list) -> float:
+def min_cosine(a, b) -> float:
+    """Smallest row-wise cosine between two (N, D) arrays (or nested lists)."""
     import numpy as np  # noqa: PLC0415
 
-    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)  # (N, D)
+    cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))  # (N,)
     return float(cos.min())
 
 
@@ -541,7 +541,7 @@ def evaluate(results: dict) -> list[Check]:
         checks.append(_ratio_check("bf16 vs fp32 Triton texts/s at c=8", b_txt and b_txt["items_per_s"],
                                    txt8 and txt8["items_per_s"], 1.0))
         for kind in ("image", "text"):
-            cos = _cosine_min(bf16[f"probe_{kind}"], fp32[f"probe_{kind}"])
+            cos = min_cosine(bf16[f"probe_{kind}"], fp32[f"probe_{kind}"])
             checks.append(Check(f"bf16 vs fp32 {kind} embedding cosine (min)", cos, ">= 0.9999", cos >= 0.9999))
     return checks
 

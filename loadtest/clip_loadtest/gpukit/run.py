@@ -1,0 +1,414 @@
+"""The GPU kit's one run: for each dtype (bf16, fp16) build a ViT-B/32-size repository with --instance-kind gpu, time
+the towers alone, serve it on the kit's tritonserver, check parity against the fp32 CPU reference (cosine >= 0.999),
+measure end-to-end images/s and texts/s through Triton (the machine's cores decoding), batch-of-8 latency,
+perf_analyzer and GPU utilisation; write gpukit.json, gpukit.md and the server logs into --out.
+
+    python3 .artifacts/gpu-kit/run_kit.py --device cuda --out "$OUT"    # through the kit, on the GPU machine
+    python -m clip_loadtest.gpukit.run --device cpu --out reports/gpukit  # tiny model, KIND_CPU (what CI runs)
+
+Exit code 0 when every dtype served, passed parity and the run had no error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from clip_common.contract import EncodeImage, EncodeText
+
+from .. import perf
+from ..bench import Check, closed_loop, image_config_for, min_cosine, model_stats, stats_delta
+from ..workload import jpeg_images, short_prompts
+from .gpu import GpuMonitor
+from .report import render
+
+log = logging.getLogger(__name__)
+
+PARITY_MIN = 0.999
+KIT_ROOT_ENV = "CLIP_GPUKIT_ROOT"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures on a device."""
+
+    size: str  # synthetic checkpoint size: base = ViT-B/32 + CLIP text, tiny = CI
+    max_batch_size: int
+    instance_count: int  # encoder instances (each its own stub process and CUDA stream)
+    tower_batch: int  # batch of the towers-alone timing
+    tower_iters: int
+    text_lengths: tuple[int, ...]  # token lengths of the text-tower timing (16: short prompts as padded; 77: max)
+    concurrency: int  # callers of the end-to-end runs
+    per_request: int  # items per end-to-end request
+    duration_s: float  # per end-to-end run
+    warmup_s: float
+    image_sizes: str  # the end-to-end JPEGs (width x height)
+    n_images: int
+    perf_window_ms: int
+
+
+PLANS = {
+    "cuda": Plan("base", 256, 2, 256, 30, (16, 77), 8, 64, 8.0, 4.0, "640x480", 64, 3000),
+    "cpu": Plan("tiny", 16, 1, 16, 3, (16, 77), 2, 4, 2.0, 1.0, "64x48,48x64", 8, 1000),
+}
+TARGETS = {"image tower bf16 (img/s, batch 256)": 30_000, "end-to-end images/s through Triton (bf16)": 5_000}
+
+
+class KitRunError(RuntimeError):
+    """The machine cannot run the kit (no CUDA, no shared libpython for the stub, ...)."""
+
+
+# ---- set-up -------------------------------------------------------------------------------------------------------
+def check_machine(device: str) -> dict:
+    """Fail early and clearly: CUDA for --device cuda, a shared libpython and numpy < 2 for the python stubs.
+
+    Returns what the stubs import (their virtual environment, as the stub itself sees it: PYTHONPATH removed)."""
+    import ctypes  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sysconfig  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from clip_server.binary import stub_env_bin  # noqa: PLC0415
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KitRunError(f"--device cuda, but torch {torch.__version__} sees no CUDA device")
+    soname, libdir = sysconfig.get_config_var("INSTSONAME") or "", sysconfig.get_config_var("LIBDIR") or ""
+    for candidate in (os.path.join(libdir, soname), soname):
+        try:
+            ctypes.CDLL(candidate)
+            break
+        except OSError:
+            continue
+    else:
+        raise KitRunError(f"the Triton python stub links {soname or 'libpython'}, which this Python "
+                          f"({sys.executable}) does not have as a shared library (LIBDIR {libdir})")
+    code = ("import json, numpy, clip_runtime; print(json.dumps({'numpy': numpy.__version__, 'numpy_at': "
+            "numpy.__file__, 'clip_runtime_at': clip_runtime.__file__}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(stub_env_bin() / "python3"), "-c", code], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise KitRunError(f"the python stubs' environment ({stub_env_bin()}) cannot import numpy and clip_runtime: "
+                          f"{done.stderr.strip()[-500:]}")
+    stub = json.loads(done.stdout.strip().splitlines()[-1])
+    if int(stub["numpy"].split(".")[0]) >= 2:
+        raise KitRunError(f"the python stubs would import numpy {stub['numpy']} ({stub['numpy_at']}): Triton 24.10's "
+                          "stub misreads numpy 2 arrays (crashes on BYTES inputs, empty FP32 outputs); give them "
+                          "numpy < 2 (the GPU kit's stub-site)")
+    return stub
+
+
+def _origin(module: str) -> str:
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.find_spec(module)
+    return str(Path(spec.origin).parent) if spec and spec.origin else "missing"
+
+
+def environment(device: str, monitor: GpuMonitor) -> dict:
+    """Machine, versions, and where the server and each package came from (the kit's copies on the device)."""
+    import numpy  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from clip_server.binary import tritonserver_binary  # noqa: PLC0415
+
+    env = {"python": platform.python_version(), "executable": sys.executable, "platform": platform.platform(),
+           "cpu_count": os.cpu_count(), "numpy": numpy.__version__, "torch": torch.__version__,
+           "torch_cuda": torch.version.cuda, "tritonserver": str(tritonserver_binary()),
+           "kit_root": os.environ.get(KIT_ROOT_ENV),
+           "packages": {m: _origin(m) for m in ("clip_runtime", "clip_server", "clip_loadtest", "tritonclient",
+                                                "rapidjson")}}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                      "memory_gib": round(props.total_memory / 2**30, 1), "multiprocessors": props.multi_processor_count,
+                      **{f"smi_{k}": v for k, v in monitor.info.items()}}
+    env["gpu_monitor"] = monitor.reason or "nvidia-smi, 200 ms samples"
+    return env
+
+
+def prepare_weights(work: Path, size: str) -> tuple[Path, dict]:
+    """A random-weight CLIP checkpoint of `size`, converted to Parquet (reused when already in `work`)."""
+    from clip_build.convert import convert  # noqa: PLC0415
+    from clip_build.synthetic import make_random_checkpoint  # noqa: PLC0415
+    from clip_build.weights import load_manifest  # noqa: PLC0415
+
+    ckpt, weights = work / f"checkpoint-clip-{size}", work / f"weights-clip-{size}"
+    if not (weights / "manifest.json").is_file():
+        if not (ckpt / "config.json").is_file():
+            make_random_checkpoint(ckpt, "clip", size=size)
+        convert(str(ckpt), weights)
+    return weights, load_manifest(weights)
+
+
+def fp32_reference(weights: Path, manifest: dict, images: list[bytes], texts: list[str]) -> dict:
+    """fp32 embeddings on the CPU of the probe images and texts, preprocessed exactly as the server does."""
+    import torch  # noqa: PLC0415
+
+    from clip_build.export import build_image_encoder, build_text_encoder  # noqa: PLC0415
+    from clip_runtime.image import ImagePreprocessor  # noqa: PLC0415
+    from clip_runtime.text import TextTokenizer  # noqa: PLC0415
+
+    tok = manifest["tokenizer"]
+    tokenizer = TextTokenizer(weights / (tok.get("dir") or "tokenizer") / "tokenizer.json", int(tok["max_length"]),
+                              int(tok["pad_token_id"]), int(tok.get("pad_to_multiple_of") or 16))
+    ids, mask = tokenizer.encode_batch(texts)  # (N, L) int64 each
+    pixels = ImagePreprocessor(image_config_for(manifest))(images)  # (N, 3, S, S) float32
+    with torch.inference_mode():
+        image = build_image_encoder(weights, "fp32")(torch.from_numpy(pixels))  # (N, D)
+        text = build_text_encoder(weights, "fp32")(torch.from_numpy(ids), torch.from_numpy(mask))  # (N, D)
+    return {"image": image.numpy(), "text": text.numpy()}
+
+
+# ---- measurements -------------------------------------------------------------------------------------------------
+def _rate(model, inputs: tuple, batch: int, iters: int, device) -> float:
+    """Items/s of `model(*inputs)` as the runner calls it (inference mode, profiling executor off)."""
+    import torch  # noqa: PLC0415
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.jit.optimized_execution(False), torch.inference_mode():
+        for _ in range(3):  # warm-up: kernels, allocator
+            model(*inputs)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            model(*inputs)
+        sync()
+        return batch * iters / (time.perf_counter() - t0)
+
+
+def measure_towers(repo: Path, device: str, plan: Plan, vocab_size: int) -> dict:
+    """Each TorchScript encoder of `repo` alone on `device`: images/s at tower_batch, texts/s per token length."""
+    import torch  # noqa: PLC0415
+
+    from clip_build.repository import read_info  # noqa: PLC0415
+
+    dev = torch.device(device)
+    side = int(read_info(repo)["exports"]["image_encoder"]["inputs"][0]["shape"][-1])
+    out: dict = {"batch": plan.tower_batch}
+    model = torch.jit.load(str(repo / "image_encoder" / "1" / "model.pt"), map_location=dev).eval()
+    pixels = torch.randn(plan.tower_batch, 3, side, side, device=dev)  # (B, 3, S, S)
+    out["image_per_s"] = _rate(model, (pixels,), plan.tower_batch, plan.tower_iters, dev)
+    model = torch.jit.load(str(repo / "text_encoder" / "1" / "model.pt"), map_location=dev).eval()
+    out["text_per_s"] = {}
+    for length in plan.text_lengths:
+        ids = torch.randint(1, vocab_size, (plan.tower_batch, length), device=dev)  # (B, L)
+        mask = torch.ones_like(ids)  # (B, L)
+        out["text_per_s"][length] = _rate(model, (ids, mask), plan.tower_batch, plan.tower_iters, dev)
+    del model, pixels
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _perf(server, kind: str, items: list, plan: Plan, workdir: Path) -> dict:
+    """perf_analyzer on encode_image / encode_text: requests of per_request items at the run's concurrency."""
+    data = (perf.image_input_data(items, plan.per_request) if kind == "image"
+            else perf.text_input_data(items, plan.per_request))
+    model = EncodeImage.NAME if kind == "image" else EncodeText.NAME
+    root = os.environ.get(KIT_ROOT_ENV)
+    try:
+        rows = perf.run_perf_analyzer(model, server.grpc_url, data, protocol="grpc", concurrency=[plan.concurrency],
+                                      measurement_ms=plan.perf_window_ms, max_trials=3, workdir=workdir,
+                                      tools_dir=Path(root) / "tools" if root else None)
+    except perf.PerfError as exc:
+        return {"error": str(exc)[:500]}
+    r = rows[-1]
+    return {"concurrency": r.concurrency, "items_per_request": plan.per_request,
+            "items_per_s": round(r.throughput * plan.per_request, 1), "requests_per_s": round(r.throughput, 2),
+            "p50_ms": round(r.p50_us / 1e3, 2), "p99_ms": round(r.p99_us / 1e3, 2)}
+
+
+@dataclass
+class Context:
+    """What every dtype's run shares."""
+
+    args: argparse.Namespace
+    plan: Plan
+    weights: Path
+    manifest: dict
+    images: list[bytes]
+    texts: list[str]
+    probe_images: list[bytes]
+    probe_texts: list[str]
+    reference: dict
+    monitor: GpuMonitor
+    deadline: float  # monotonic: optional steps are skipped after it
+
+    def late(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
+def serve_dtype(ctx: Context, dtype: str) -> dict:
+    """Build, time the towers, serve, check parity, measure end to end; the server is always stopped."""
+    from clip_build.repository import build_repository  # noqa: PLC0415
+    from clip_client import CLIPClient  # noqa: PLC0415
+    from clip_server import TritonServer  # noqa: PLC0415
+
+    args, plan, work = ctx.args, ctx.plan, Path(ctx.args.workdir)
+    res: dict = {"errors": [], "skipped": []}
+    repo = work / f"repo-{dtype}"
+    t0 = time.perf_counter()
+    build_repository(ctx.weights, repo, instance_kind="gpu" if args.device == "cuda" else "cpu", dtype=dtype,
+                     instance_count=plan.instance_count, max_batch_size=plan.max_batch_size,
+                     limits={"decode_threads": os.cpu_count() or 1})
+    res["build_s"] = round(time.perf_counter() - t0, 1)
+    phase = f"{dtype} towers"
+    with ctx.monitor.phase(phase):
+        res["towers"] = measure_towers(repo, args.device, plan, int(ctx.manifest["text"]["config"]["vocab_size"]))
+    res["towers"]["gpu"] = ctx.monitor.summary(phase)
+    log.info("%s towers alone: %.0f images/s, texts/s %s", dtype, res["towers"]["image_per_s"],
+             {k: round(v) for k, v in res["towers"]["text_per_s"].items()})
+
+    server = TritonServer(repo, log_path=Path(args.out) / f"tritonserver-{dtype}.log", exit_timeout=3)
+    t0 = time.perf_counter()
+    server.start()
+    try:
+        server.wait_ready(300)
+        res["cold_start_s"] = round(time.perf_counter() - t0, 1)
+
+        def client():
+            return CLIPClient(server.grpc_url, protocol="grpc", retries=0, timeout=120.0)
+
+        with client() as c:
+            res["parity"] = {"image": min_cosine(c.encode_image(ctx.probe_images, normalize=False),
+                                                 ctx.reference["image"]),
+                             "text": min_cosine(c.encode_text(ctx.probe_texts, normalize=False),
+                                                ctx.reference["text"])}
+        log.info("%s parity vs fp32 CPU: min cosine image %.6f, text %.6f", dtype, res["parity"]["image"],
+                 res["parity"]["text"])
+        res["e2e"], res["latency"], res["perf_analyzer"] = {}, {}, {}
+        for kind, items in (("image", ctx.images), ("text", ctx.texts)):
+            closed_loop(client, kind, items, plan.concurrency, plan.warmup_s, plan.per_request)
+            before, phase = model_stats(server.http_url), f"{dtype} e2e {kind}"
+            with ctx.monitor.phase(phase):
+                r = closed_loop(client, kind, items, plan.concurrency, plan.duration_s, plan.per_request)
+            res["e2e"][kind] = {**r.summary(), "gpu": ctx.monitor.summary(phase),
+                                "models": stats_delta(before, model_stats(server.http_url))}
+            log.info("%s end to end %s: %.0f items/s, p50 %.1f ms, p99 %.1f ms, GPU %s", dtype, kind, r.items_per_s,
+                     r.pct(50), r.pct(99), res["e2e"][kind]["gpu"])
+            if r.errors:
+                res["errors"].append(f"{r.errors} failed {kind} requests end to end")
+        for kind, items in (("image", ctx.images), ("text", ctx.texts)):
+            if ctx.late():
+                res["skipped"].append(f"latency and perf_analyzer ({kind}): time budget")
+                continue
+            r = closed_loop(client, kind, items, 1, plan.duration_s / 2, per_request=8)
+            res["latency"][kind] = r.summary()
+            if not args.no_perf_analyzer:
+                res["perf_analyzer"][kind] = _perf(server, kind, items, plan, work)
+        res["rss_mb"] = round(server.rss_bytes() / 2**20)
+        if not server.running or server.not_ready_models():
+            res["errors"].append("the server or a model died during the run (see the server log)")
+    finally:
+        server.stop()
+    return res
+
+
+def evaluate(results: dict, device: str) -> list[Check]:
+    """Parity (enforced) and the issue's GPU targets (reported; n/a on the CPU)."""
+    checks = []
+    for dtype, res in results["dtypes"].items():
+        for kind in ("image", "text"):
+            cos = (res.get("parity") or {}).get(kind)
+            checks.append(Check(f"{dtype} {kind} embeddings vs fp32 CPU (min cosine)", cos, f">= {PARITY_MIN}",
+                                None if cos is None else cos >= PARITY_MIN))
+    bf16 = results["dtypes"].get("bf16") or {}
+    values = [(bf16.get("towers") or {}).get("image_per_s"), ((bf16.get("e2e") or {}).get("image") or {}).get("items_per_s")]
+    for (name, target), value in zip(TARGETS.items(), values):
+        ok = None if device != "cuda" or value is None else value >= target
+        checks.append(Check(name, value, f">= {target:,}", ok, "GPU target" if device == "cuda" else "GPU target; n/a"))
+    return checks
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="run_kit.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=tuple(PLANS), default="cuda", help="cuda: ViT-B/32 size, KIND_GPU; "
+                        "cpu: tiny model, KIND_CPU")
+    parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated encoder dtypes, run in this order")
+    parser.add_argument("--out", default="gpukit-results", help="gpukit.json, gpukit.md, server logs")
+    parser.add_argument("--workdir", default=None, help="checkpoints, weights, repositories (default: a folder "
+                        "under the system temp dir)")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="after this many seconds, skip the optional "
+                        "steps (latency, perf_analyzer) and the dtypes not started")
+    parser.add_argument("--no-perf-analyzer", action="store_true")
+    args = parser.parse_args(argv)
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in args.dtypes if d not in ("fp32", "fp16", "bf16")]
+    if bad or not args.dtypes:
+        parser.error(f"--dtypes: give some of fp32, fp16, bf16 (got {args.dtypes})")
+    if args.workdir is None:
+        import tempfile  # noqa: PLC0415
+
+        args.workdir = str(Path(tempfile.gettempdir()) / f"clip-gpukit-work-{args.device}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.monotonic()
+    plan = PLANS[args.device]
+    out, work = Path(args.out), Path(args.workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"command": " ".join(["run_kit.py", *(argv if argv is not None else sys.argv[1:])]),
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": args.device,
+                     "plan": plan.__dict__, "dtypes": {}, "skipped": [], "errors": []}
+    monitor = GpuMonitor.start() if args.device == "cuda" else GpuMonitor("--device cpu: no GPU")
+    try:
+        stub = check_machine(args.device)
+        results["environment"] = {**environment(args.device, monitor), "stub_python": stub}
+        weights, manifest = prepare_weights(work, plan.size)
+        results["weights"] = {"model_id": manifest["model_id"], "size": plan.size, "family": manifest["family"],
+                              "projection_dim": manifest["projection_dim"], "random_init": True}
+        probe_images, probe_texts = jpeg_images(8, sizes="224x224,640x480,480x640,1024x768", seed=2), short_prompts(8)
+        ctx = Context(args, plan, weights, manifest, jpeg_images(plan.n_images, sizes=plan.image_sizes, seed=1),
+                      short_prompts(256), probe_images, probe_texts,
+                      fp32_reference(weights, manifest, probe_images, probe_texts), monitor,
+                      started + 0.8 * args.budget_s)
+        results["prepare_s"] = round(time.monotonic() - started, 1)
+        for dtype in args.dtypes:
+            if results["dtypes"] and time.monotonic() > started + 0.5 * args.budget_s:
+                results["skipped"].append(f"{dtype}: time budget")
+                continue
+            try:
+                results["dtypes"][dtype] = serve_dtype(ctx, dtype)
+            except Exception as exc:  # noqa: BLE001 - recorded; the next dtype still runs
+                log.exception("%s run failed", dtype)
+                results["dtypes"][dtype] = {"errors": [f"{type(exc).__name__}: {exc}"[:2000]]}
+    except KitRunError as exc:
+        results["errors"].append(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the report is still written
+        log.exception("the run failed")
+        results["errors"].append(f"{type(exc).__name__}: {exc}"[:2000])
+    finally:
+        monitor.stop()
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    checks = evaluate(results, args.device)
+    results["checks"] = [c.__dict__ | {"verdict": c.verdict} for c in checks]
+    (out / "gpukit.json").write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+    (out / "gpukit.md").write_text(render(results, checks), encoding="utf-8")
+    errors = results["errors"] + [e for r in results["dtypes"].values() for e in r.get("errors", [])]
+    parity_ok = all(c.ok for c in checks if "cosine" in c.name) and bool(results["dtypes"])
+    print(f"{out / 'gpukit.md'}: {len(results['dtypes'])} dtype(s) in {results['elapsed_s']:.0f} s, parity "
+          f"{'ok' if parity_ok else 'FAILED'}, {len(errors)} error(s)")
+    for e in errors:
+        print(f"error: {e}")
+    return 0 if parity_ok and not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
