@@ -119,10 +119,11 @@ def environment(device: str, monitor: GpuMonitor) -> dict:
 
     from clip_server.binary import tritonserver_binary  # noqa: PLC0415
 
+    root = os.environ.get(KIT_ROOT_ENV)
     env = {"python": platform.python_version(), "executable": sys.executable, "platform": platform.platform(),
            "cpu_count": os.cpu_count(), "numpy": numpy.__version__, "torch": torch.__version__,
-           "torch_cuda": torch.version.cuda, "tritonserver": str(tritonserver_binary()),
-           "kit_root": os.environ.get(KIT_ROOT_ENV),
+           "torch_cuda": torch.version.cuda, "tritonserver": str(tritonserver_binary()), "kit_root": root,
+           "kit": json.loads((Path(root) / "kit.json").read_text(encoding="utf-8"))["versions"] if root else None,
            "packages": {m: _origin(m) for m in ("clip_runtime", "clip_server", "clip_loadtest", "tritonclient",
                                                 "rapidjson")}}
     if device == "cuda":
@@ -308,8 +309,8 @@ def serve_dtype(ctx: Context, dtype: str) -> dict:
             if not args.no_perf_analyzer:
                 res["perf_analyzer"][kind] = _perf(server, kind, items, plan, work)
         res["rss_mb"] = round(server.rss_bytes() / 2**20)
-        if not server.running or server.not_ready_models():
-            res["errors"].append("the server or a model died during the run (see the server log)")
+        if not server.running or server.not_ready_models() or server.dead_stubs():
+            res["errors"].append("the server, a model or a python stub died during the run (see the server log)")
     finally:
         server.stop()
     return res
