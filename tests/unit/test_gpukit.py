@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 from clip_loadtest.gpukit.gpu import GpuMonitor, parse_sample
 
 
@@ -28,3 +31,23 @@ def test_no_gpu_says_why():
         pass
     assert monitor.summary("run") == {"measured": False, "reason": "--device cpu: no GPU"}
     monitor.stop()
+
+
+def test_start_samples_a_running_nvidia_smi(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"  # stands in for the driver's tool, which this machine does not have
+    fake.write_text('#!/bin/sh\ncase "$*" in\n  *loop-ms*) while true; do echo "37, 1234"; sleep 0.02; done ;;\n'
+                    '  *) echo "NVIDIA H100 80GB HBM3, 580.159.04, 81559 MiB" ;;\nesac\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monitor = GpuMonitor.start(interval_ms=20)
+    try:
+        assert monitor.info == {"name": "NVIDIA H100 80GB HBM3", "driver_version": "580.159.04",
+                                "memory.total": "81559 MiB"}
+        with monitor.phase("run"):
+            deadline = time.monotonic() + 10
+            while len(monitor.samples) < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        summary = monitor.summary("run")
+    finally:
+        monitor.stop()
+    assert summary["measured"] and summary["util_mean_pct"] == 37.0 and summary["memory_max_mib"] == 1234.0

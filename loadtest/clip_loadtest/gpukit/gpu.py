@@ -44,15 +44,15 @@ class GpuMonitor:
         smi = shutil.which("nvidia-smi")
         if smi is None:
             return cls("nvidia-smi not found: GPU utilisation not measured")
-        info = subprocess.run([smi, f"--query-gpu={INFO_QUERY}", "--format=csv,noheader"], capture_output=True,
-                              text=True)
+        info = subprocess.run([smi, "--id=0", f"--query-gpu={INFO_QUERY}", "--format=csv,noheader"],
+                              capture_output=True, text=True)
         if info.returncode != 0:
             return cls(f"nvidia-smi failed: {(info.stderr or info.stdout).strip()[:200]}")
         monitor = cls()
         monitor.info = dict(zip(INFO_QUERY.split(","), (f.strip() for f in info.stdout.splitlines()[0].split(","))))
-        monitor._proc = subprocess.Popen([smi, "-i", "0", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits",
-                                          f"-lms={interval_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                         text=True)
+        monitor._proc = subprocess.Popen([smi, "--id=0", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits",
+                                          f"--loop-ms={interval_ms}"], stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True)
         monitor._thread = threading.Thread(target=monitor._read, daemon=True)
         monitor._thread.start()
         return monitor
