@@ -26,8 +26,7 @@ def _site_packages_of(package: str) -> Path:
 
 
 def server_root() -> Path:
-    """Folder holding `pytriton/tritonserver` and `nvidia_pytriton.libs`: $CLIP_TRITON_SERVER_ROOT (the GPU kit's
-    copy), else the site-packages of the nvidia-pytriton wheel."""
+    """Folder of `pytriton/tritonserver` + `nvidia_pytriton.libs`: $CLIP_TRITON_SERVER_ROOT, else the wheel's."""
     env = os.environ.get(SERVER_ROOT_ENV)
     return Path(env) if env else _site_packages_of("pytriton")
 
@@ -60,15 +59,13 @@ def library_path() -> str:
 
 
 def stub_env_bin() -> Path:
-    """bin/ of the Python environment the python backend stubs run in: $CLIP_TRITON_PYTHON_ENV/bin (the GPU kit's),
-    else the running interpreter's."""
+    """bin/ of the stubs' Python environment: $CLIP_TRITON_PYTHON_ENV/bin, else the running interpreter's."""
     env = os.environ.get(PYTHON_ENV_ENV)
     return Path(env) / "bin" if env else Path(sysconfig.get_path("scripts"))
 
 
 def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for tritonserver: the stubs' venv bin/ first on PATH (the python stub finds its packages that way;
-    PYTHONPATH does not reach it)."""
+    """Environment for tritonserver: the stubs' venv bin/ first on PATH (stubs find packages so, not by PYTHONPATH)."""
     env = dict(os.environ if base is None else base)
     env["PATH"] = os.pathsep.join([str(stub_env_bin()), env.get("PATH", "/usr/bin:/bin")])
     env["LD_LIBRARY_PATH"] = library_path()

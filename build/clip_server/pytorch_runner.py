@@ -124,11 +124,10 @@ class TritonPythonModel:
         return item
 
     def _to_device(self, name: str, parts: list[np.ndarray]) -> torch.Tensor:
-        """The parts (one per request) of input `name` as ONE tensor on the instance's device.
-
-        cpu: the numpy memory itself when there is one writable part, else one concatenation. cuda: one concatenation
-        into page-locked memory, then an asynchronous copy on the instance's stream (the host buffer goes back to
-        torch's pinned-memory cache only once that copy is done)."""
+        """Input `name`'s parts (one per request) as ONE tensor on the device (cuda: via pinned memory, async)."""
+        # cpu: the numpy memory itself when there is one writable part, else one concatenation. cuda: one concatenation
+        # into page-locked memory, then an asynchronous copy on the instance's stream; torch's pinned-memory cache
+        # takes the host buffer back only once that copy is done.
         if self.stream is None:
             whole = parts[0] if len(parts) == 1 else np.concatenate(parts)
             return torch.from_numpy(whole if whole.flags.writeable else whole.copy())  # torch wants writable memory

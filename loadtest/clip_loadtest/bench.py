@@ -232,8 +232,7 @@ def closed_loop(client_factory, kind: str, items: list, concurrency: int, second
 
 
 def model_stats(http_url: str) -> dict[str, dict]:
-    """Triton's per-model statistics (cumulative counts and ns), from the HTTP statistics endpoint (standard library
-    only: the GPU kit carries no HTTP client)."""
+    """Triton's per-model statistics (cumulative counts and ns) over plain HTTP (the GPU kit has no HTTP client)."""
     import json  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
 

@@ -127,7 +127,12 @@ def test_runner_groups_shapes_and_splits_back(pb, tmp_path):
     model = _runner(pb, tmp_path)
     forwards = []
     original = model._forward
-    model._forward = lambda parts: forwards.append({k: np.concatenate(v).shape for k, v in parts.items()}) or original(parts)
+
+    def spy(parts):
+        forwards.append({k: np.concatenate(v).shape for k, v in parts.items()})
+        return original(parts)
+
+    model._forward = spy
     a = _req(input_ids=np.array([[1, 2, 3]]), attention_mask=np.array([[1, 1, 0]]))
     b = _req(input_ids=np.array([[4, 5], [6, 7]]), attention_mask=np.ones((2, 2), np.int64))
     c = _req(input_ids=np.array([[1, 1, 1], [2, 2, 2]]), attention_mask=np.ones((2, 3), np.int64))

@@ -117,7 +117,8 @@ def _server(dst: Path, python: str) -> list[Path]:
     elves = [root / "bin" / "tritonserver", backend / "libtriton_python.so", stub]
     server = dst / "pytriton" / "tritonserver"
     copies = {elf: server / elf.relative_to(root) for elf in elves}
-    copies[backend / "triton_python_backend_utils.py"] = server / "backends" / "python" / "triton_python_backend_utils.py"
+    utils = backend / "triton_python_backend_utils.py"
+    copies[utils] = server / utils.relative_to(root)
     for lib in loaded_libraries(elves, libs):
         copies[lib] = dst / "nvidia_pytriton.libs" / lib.name
     for src, target in copies.items():

@@ -64,7 +64,8 @@ def render(results: dict, checks: list[Check]) -> str:
         + (f", {gpu.get('name')} (compute {gpu.get('capability')}, {gpu.get('memory_gib')} GiB, "
            f"driver {gpu.get('smi_driver_version', '?')})" if gpu else ""),
         f"- {env.get('cpu_count', '?')} CPU cores, Python {env.get('python', '?')}, torch {env.get('torch', '?')} "
-        f"(CUDA {env.get('torch_cuda')}), numpy {env.get('numpy', '?')}; GPU utilisation: {env.get('gpu_monitor', '?')}",
+        f"(CUDA {env.get('torch_cuda')}), numpy {env.get('numpy', '?')}; "
+        f"GPU utilisation: {env.get('gpu_monitor', '?')}",
         f"- server: {env.get('tritonserver', '?')}",
         f"- weights: random-init CLIP, size {plan['size']}, model_id {(results.get('weights') or {}).get('model_id')}",
         f"- plan: max_batch_size {plan['max_batch_size']}, {plan['instance_count']} encoder instance(s), "

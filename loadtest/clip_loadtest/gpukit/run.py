@@ -67,9 +67,7 @@ class KitRunError(RuntimeError):
 
 # ---- set-up -------------------------------------------------------------------------------------------------------
 def check_machine(device: str) -> dict:
-    """Fail early and clearly: CUDA for --device cuda, a shared libpython and numpy < 2 for the python stubs.
-
-    Returns what the stubs import (their virtual environment, as the stub itself sees it: PYTHONPATH removed)."""
+    """CUDA for --device cuda, a shared libpython and numpy < 2 for the stubs (KitRunError); what the stubs import."""
     import ctypes  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
     import sysconfig  # noqa: PLC0415
@@ -129,7 +127,8 @@ def environment(device: str, monitor: GpuMonitor) -> dict:
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         env["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
-                      "memory_gib": round(props.total_memory / 2**30, 1), "multiprocessors": props.multi_processor_count,
+                      "memory_gib": round(props.total_memory / 2**30, 1),
+                      "multiprocessors": props.multi_processor_count,
                       **{f"smi_{k}": v for k, v in monitor.info.items()}}
     env["gpu_monitor"] = monitor.reason or "nvidia-smi, 200 ms samples"
     return env
@@ -325,7 +324,8 @@ def evaluate(results: dict, device: str) -> list[Check]:
             checks.append(Check(f"{dtype} {kind} embeddings vs fp32 CPU (min cosine)", cos, f">= {PARITY_MIN}",
                                 None if cos is None else cos >= PARITY_MIN))
     bf16 = results["dtypes"].get("bf16") or {}
-    values = [(bf16.get("towers") or {}).get("image_per_s"), ((bf16.get("e2e") or {}).get("image") or {}).get("items_per_s")]
+    values = [(bf16.get("towers") or {}).get("image_per_s"),
+              ((bf16.get("e2e") or {}).get("image") or {}).get("items_per_s")]
     for (name, target), value in zip(TARGETS.items(), values):
         ok = None if device != "cuda" or value is None else value >= target
         checks.append(Check(name, value, f">= {target:,}", ok, "GPU target" if device == "cuda" else "GPU target; n/a"))
