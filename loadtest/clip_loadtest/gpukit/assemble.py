@@ -181,13 +181,12 @@ def _stub_site(dst: Path, python: str) -> list[Path]:
 
 
 def _sources(dst: Path) -> None:
-    """Our packages (Python files), the model_repository template and CLIP's BPE vocabulary."""
+    """Our packages (with their data files, e.g. envoy.yaml), the model_repository template and CLIP's vocabulary."""
     for name in PACKAGES:
         spec = importlib.util.find_spec(name)
         if spec is None or not spec.submodule_search_locations:
             raise KitError(f"package {name} is not importable")
-        _copy_tree(Path(next(iter(spec.submodule_search_locations))), dst / "src" / name,
-                   keep=lambda rel: rel.suffix == ".py")
+        _copy_tree(Path(next(iter(spec.submodule_search_locations))), dst / "src" / name)
     _copy_tree(template_dir(), dst / "model_repository")
     _copy_tree(clip_bpe_files(), dst / "cache" / "clip_bpe")
 
