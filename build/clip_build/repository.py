@@ -229,8 +229,8 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
     cfg[C.PreprocessImage.NAME] = (
         head(C.PreprocessImage.NAME) + batching + _instances("KIND_CPU", 1)
         + params(["image_size", "resize_mode", "crop_size", "do_center_crop", "resample", "rescale_factor",
-                  "image_mean", "image_std", "max_image_bytes", "max_pixels", "allowed_formats", "jpeg_draft_gap",
-                  "decode_threads", "max_items_per_request"], img)
+                  "image_mean", "image_std", "max_image_bytes", "max_pixels", "max_aspect_ratio", "allowed_formats",
+                  "jpeg_draft_gap", "decode_threads", "max_items_per_request"], img)
     )
     cfg[C.Postprocess.NAME] = (
         head(C.Postprocess.NAME) + _instances("KIND_CPU", 1)

@@ -14,12 +14,17 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from .errors import InvalidInputError
+from .resample import FILTERS, resize_region
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # warnings.catch_warnings is not thread-safe (it swaps the global filter list) and items decode in a thread pool.
 _OPEN_LOCK = threading.Lock()
 NPY_MAGIC = b"\x93NUMPY"
+# Pillow resizes the whole image (fast, C) while that costs at most this many pixels (about 32 MB in Pillow's 4 bytes
+# per pixel: every photo up to max_pixels); beyond, only the part the center crop keeps is computed (resize_region:
+# the same pixels, memory and time bounded by the output). A 1 x 10000 PNG would otherwise grow to 224 x 2,240,000.
+FULL_RESIZE_MAX_PIXELS = 8_000_000
 _FORMAT_ALIASES = {"JPG": "JPEG", "TIF": "TIFF"}
 
 
@@ -37,6 +42,7 @@ class ImageConfig:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     max_image_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
+    max_aspect_ratio: int = 10_000  # longest side / shortest side
     allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
     jpeg_draft_gap: float = 0.0  # 0 = exact; >0: JPEG DCT-downscale to >= gap x target first (faster, inexact)
 
@@ -54,6 +60,7 @@ class ImageConfig:
             std=tuple(p["image_std"]),
             max_image_bytes=p["max_image_bytes"],
             max_pixels=p["max_pixels"],
+            max_aspect_ratio=p.get("max_aspect_ratio", cls.max_aspect_ratio),
             allowed_formats=tuple(p["allowed_formats"]),
             jpeg_draft_gap=p.get("jpeg_draft_gap", 0.0),
         )
@@ -84,6 +91,9 @@ class ImagePreprocessor:
         self.formats = tuple(_FORMAT_ALIASES.get(f.upper(), f.upper()) for f in self.cfg.allowed_formats)
         if not self.formats:
             raise ValueError("allowed_formats is empty")
+        if self.cfg.resample not in FILTERS:
+            raise ValueError(f"resample {self.cfg.resample} is not supported: one of {sorted(FILTERS)} (Pillow's "
+                             "convolution filters; 0 = nearest is not)")
         if Image.MAX_IMAGE_PIXELS is not None and self.cfg.max_pixels > Image.MAX_IMAGE_PIXELS:
             # our max_pixels is the authority; Pillow's own bomb check would refuse below it
             Image.MAX_IMAGE_PIXELS = self.cfg.max_pixels
@@ -120,6 +130,7 @@ class ImagePreprocessor:
             raise InvalidInputError(
                 f"image is {width}x{height} = {width * height} pixels, more than the limit of {self.cfg.max_pixels}"
             )
+        self._check_aspect(width, height)
         try:
             if self.cfg.jpeg_draft_gap > 0 and image.format == "JPEG":
                 tw, th = self.target_size(width, height)
@@ -152,6 +163,7 @@ class ImagePreprocessor:
             raise InvalidInputError(f".npy image has an empty size {tuple(shape)}")
         if height * width > self.cfg.max_pixels:
             raise InvalidInputError(f".npy image has {height * width} pixels, more than the limit of {self.cfg.max_pixels}")
+        self._check_aspect(width, height)
         fp.seek(0)
         try:
             array = np.load(fp, allow_pickle=False)
@@ -168,19 +180,31 @@ class ImagePreprocessor:
         new_short, new_long = size, int(size * long / short)
         return (new_short, new_long) if width <= height else (new_long, new_short)
 
+    def _check_aspect(self, width: int, height: int) -> None:
+        """Refuse (from the header, before decoding) an image whose long side exceeds max_aspect_ratio x its short."""
+        if max(width, height) > self.cfg.max_aspect_ratio * min(width, height):
+            raise InvalidInputError(f"image is {width}x{height}: its aspect ratio is more than the limit of "
+                                    f"{self.cfg.max_aspect_ratio}:1")
+
     def resize_crop(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> uint8 [S, S, 3]: PIL resize as transformers does, then center crop."""
         new_w, new_h = self.target_size(*image.size)
+        whole = (0, 0, new_w, new_h)
         if not self.cfg.do_center_crop:
-            return np.asarray(image.resize((new_w, new_h), resample=self.cfg.resample))
+            return self._resize(image, (new_w, new_h), whole)
         crop = self.cfg.crop_size
         top, left = (new_h - crop) // 2, (new_w - crop) // 2
         if top < 0 or left < 0:  # crop larger than the resized image: transformers zero-pads
-            resized = np.asarray(image.resize((new_w, new_h), resample=self.cfg.resample))
-            return _center_crop_padded(resized, crop)
-        # Resize the whole image, then crop: Pillow's resize(box=...) is not bit-identical to this.
-        resized = image.resize((new_w, new_h), resample=self.cfg.resample)
-        return np.asarray(resized)[top : top + crop, left : left + crop]
+            return _center_crop_padded(self._resize(image, (new_w, new_h), whole), crop)
+        return self._resize(image, (new_w, new_h), (left, top, left + crop, top + crop))
+
+    def _resize(self, image: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+        """uint8 (bottom - top, right - left, 3): the box (left, top, right, bottom) of image.resize(size), exactly."""
+        (width, height), (new_w, new_h) = image.size, size
+        if new_w * new_h + new_w * height + width * new_h <= FULL_RESIZE_MAX_PIXELS:  # Pillow's own, whole
+            left, top, right, bottom = box
+            return np.asarray(image.resize(size, resample=self.cfg.resample))[top:bottom, left:right]
+        return resize_region(np.asarray(image), size, box, self.cfg.resample)  # only the box, same pixels
 
     # ---- batches
     def normalise(self, batch: np.ndarray) -> np.ndarray:

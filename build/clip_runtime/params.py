@@ -39,6 +39,7 @@ PARAMETERS: dict[str, Param] = {
     "image_std": Param("floats", [0.26862954, 0.26130258, 0.27577711], "per-channel std (OpenAI CLIP)"),
     "max_image_bytes": Param("int", 20 * 1024 * 1024, "largest accepted encoded image, bytes"),
     "max_pixels": Param("int", 40_000_000, "largest accepted width*height, checked before decoding (bombs)"),
+    "max_aspect_ratio": Param("int", 10_000, "largest accepted long side / short side, checked before decoding"),
     "allowed_formats": Param("strs", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"], "Pillow decoders allowed"),
     "jpeg_draft_gap": Param("float", 0.0, "0 = exact CLIPImageProcessor pixels; e.g. 4: JPEG DCT-downscale to >= 4x the "
                             "target first (2x faster on 12 MP photos, pixels off by up to ~2/255)"),
@@ -57,7 +58,8 @@ PARAMETERS: dict[str, Param] = {
 }
 
 # The parameters that bound what one request may carry (documented defaults table: README, "Security and limits").
-LIMITS = ("max_items_per_request", "max_text_bytes", "max_image_bytes", "max_pixels", "allowed_formats")
+LIMITS = ("max_items_per_request", "max_text_bytes", "max_image_bytes", "max_pixels", "max_aspect_ratio",
+          "allowed_formats")
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "int": lambda s: int(s.strip()),

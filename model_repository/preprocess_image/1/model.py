@@ -12,8 +12,8 @@ from clip_runtime.image import ImageConfig, ImagePreprocessor
 from clip_runtime.params import read_parameters
 
 PARAMS = ("image_size", "resize_mode", "crop_size", "do_center_crop", "resample", "rescale_factor", "image_mean",
-          "image_std", "max_image_bytes", "max_pixels", "allowed_formats", "jpeg_draft_gap", "decode_threads",
-          "max_items_per_request")
+          "image_std", "max_image_bytes", "max_pixels", "max_aspect_ratio", "allowed_formats", "jpeg_draft_gap",
+          "decode_threads", "max_items_per_request")
 
 
 class TritonPythonModel:
