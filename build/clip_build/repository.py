@@ -234,7 +234,7 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
     )
     cfg[C.Postprocess.NAME] = (
         head(C.Postprocess.NAME) + _instances("KIND_CPU", 1)
-        + params(["logit_scale", "default_top_k", "model_id"],
+        + params(["logit_scale", "default_top_k", "model_id", "max_items_per_request"],
                  {"logit_scale": float(manifest["logit_scale"]), "model_id": str(manifest["model_id"])})
     )
     # Identity and limits for clients that may not read model configs (model-config API restricted).

@@ -33,7 +33,8 @@ def execute_batched(
         in place of a result fails that item's request: InvalidInputError -> INVALID_ARG "<label> <j>: <message>",
         anything else -> INTERNAL with a short message (the traceback goes to the log).
     compute(prepared) -> {output name: array} whose leading dim is the total rows of the good items, in order
-        (ONE vectorised call for every live request); a failure fails those requests with INTERNAL.
+        (ONE vectorised call for every live request); when it fails, each request is computed alone and only the
+        ones that still fail get the error (InvalidInputError -> INVALID_ARG, else INTERNAL with a short message).
     rows(item) -> rows an item contributes to the outputs (default 1).
     """
     responses: list[Any] = [None] * len(requests)
@@ -63,32 +64,46 @@ def execute_batched(
         else:
             responses[r] = internal_error(pb_utils, logger, f"{label} {j - first[r]}: internal error", result)
 
-    live = [j for j in range(len(prepared)) if responses[owner[j]] is None]
+    live: dict[int, list[Any]] = {}  # request -> its good items, in order
+    for j, result in enumerate(prepared):
+        if responses[owner[j]] is None:
+            live.setdefault(owner[j], []).append(result)
+    for r, response in _compute(pb_utils, live, compute, rows, logger).items():
+        responses[r] = response
+    return _fill_empty(pb_utils, responses, first)
+
+
+def _compute(pb_utils: Any, live: dict[int, list[Any]], compute: Callable, rows: Callable | None,
+             logger: Any) -> dict[int, Any]:
+    """Responses of the `live` requests (request -> its good items) from ONE compute call, its outputs split back.
+
+    When that call fails and several requests took part, each is computed alone, so one request that makes the
+    computation fail (e.g. a tensor the model cannot take) fails alone and its batch-mates are answered.
+    """
     if not live:
-        return _fill_empty(pb_utils, responses, first)
-    good = [prepared[j] for j in live]
+        return {}
+    good = [x for items in live.values() for x in items]
     try:
         outputs = compute(good)
-    except InvalidInputError as exc:  # the batch as a whole was refused (rare: e.g. a shape only compute can check)
-        for r in {owner[j] for j in live}:
-            responses[r] = error_response(pb_utils, str(exc))
-        return responses
-    except Exception as exc:  # noqa: BLE001
-        failed = internal_error(pb_utils, logger, "internal error while computing the batch", exc)
-        for r in {owner[j] for j in live}:
-            responses[r] = failed
-        return responses
-
+    except Exception as exc:  # noqa: BLE001 - InvalidInputError -> INVALID_ARG; anything else -> INTERNAL, logged
+        if len(live) > 1:
+            answered: dict[int, Any] = {}
+            for r, items in live.items():
+                answered.update(_compute(pb_utils, {r: items}, compute, rows, logger))
+            return answered
+        (r,) = live
+        if isinstance(exc, InvalidInputError):
+            return {r: error_response(pb_utils, str(exc))}
+        return {r: internal_error(pb_utils, logger, "internal error while computing the batch", exc)}
     counts = [rows(x) for x in good] if rows is not None else [1] * len(good)
     offsets = np.cumsum([0] + counts)
-    spans: dict[int, list[int]] = {}  # request -> [row start, row end)
-    for k, j in enumerate(live):
-        span = spans.setdefault(owner[j], [int(offsets[k]), int(offsets[k])])
-        span[1] = int(offsets[k + 1])
-    for r, (lo, hi) in spans.items():
-        responses[r] = pb_utils.InferenceResponse(
+    answered, k = {}, 0
+    for r, items in live.items():  # rows [lo, hi) of the outputs are request r's
+        lo, hi = int(offsets[k]), int(offsets[k + len(items)])
+        k += len(items)
+        answered[r] = pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor(name, array[lo:hi]) for name, array in outputs.items()])
-    return _fill_empty(pb_utils, responses, first)
+    return answered
 
 
 def _fill_empty(pb_utils: Any, responses: list[Any], first: dict[int, int]) -> list[Any]:

@@ -44,8 +44,9 @@ PARAMETERS: dict[str, Param] = {
     "jpeg_draft_gap": Param("float", 0.0, "0 = exact CLIPImageProcessor pixels; e.g. 4: JPEG DCT-downscale to >= 4x the "
                             "target first (2x faster on 12 MP photos, pixels off by up to ~2/255)"),
     "decode_threads": Param("int", 0, "threads decoding one batch's images (0 = min(4, cpu count))"),
-    # preprocess_*
-    "max_items_per_request": Param("int", 64, "texts or images in one request"),
+    # preprocess_*, postprocess
+    "max_items_per_request": Param("int", 64, "texts or images in one request (postprocess: text and image "
+                                   "embeddings each)"),
     # postprocess
     "logit_scale": Param("float", 4.605170249938965, "raw learned logit scale; logits use exp(logit_scale)"),
     "default_top_k": Param("int", 5, "top_k used when a request sends none"),

@@ -74,6 +74,27 @@ def test_compute_failure_answers_a_short_message(pb):
     assert "functional.py" in FakeLogger.errors[-1]
 
 
+def test_a_request_that_fails_the_computation_fails_alone(pb):
+    """One compute for the batch; when it fails, each request alone: only the culprit gets the (short) error."""
+    calls = []
+
+    def compute(good):
+        calls.append(list(good))
+        if 13 in good:
+            raise IndexError('index out of range in self\nFile "/venv/site-packages/torch/nn/functional.py"')
+        if -1 in good:
+            raise InvalidInputError("negative")
+        return {"OUT": np.array(good) * 2}
+
+    requests = [_req(X=np.array([1, 2])), _req(X=np.array([13])), _req(X=np.array([3])), _req(X=np.array([-1]))]
+    out = execute_batched(pb, requests, read=lambda r: list(r["X"].as_numpy()), compute=compute, logger=pb.Logger)
+    assert out[0].outputs["OUT"].tolist() == [2, 4] and out[2].outputs["OUT"].tolist() == [6]
+    assert out[1].error.code == "INTERNAL" and "IndexError" in out[1].error.message
+    assert "site-packages" not in out[1].error.message and "\n" not in out[1].error.message
+    assert out[3].error.code == "INVALID_ARG" and out[3].error.message == "negative"
+    assert calls[0] == [1, 2, 13, 3, -1] and len(calls) == 5  # the batch, then each request alone
+
+
 def test_rows_per_item(pb):
     requests = [_req(X=np.ones((2, 3))), _req(X=np.ones((1, 3)) * 2)]
     out = execute_batched(pb, requests, read=lambda r: [r["X"].as_numpy()], rows=len,

@@ -81,3 +81,18 @@ def test_postprocess_default_top_k_and_bad_k(pb, manifest, tmp_path):
     assert ok.outputs["TOPK_TEXTS"].shape == (2, 5) and ok.outputs["TOPK_IMAGES"].shape == (7, 2)
     assert np.array_equal(ok.outputs["TEXT_EMBEDS_OUT"], t)
     assert err.error.message == "top_k must be >= 1, got 0"
+
+
+def test_postprocess_refuses_too_many_embeddings_before_computing(pb, manifest, tmp_path, monkeypatch):
+    """T x I work: at most max_items_per_request text and image embeddings each (an internal model, reachable)."""
+    model = _load("postprocess", manifest, tmp_path / "1")
+    computed = []
+    monkeypatch.setitem(type(model)._one.__globals__, "zero_shot", lambda *a: computed.append(a) or {})
+    d, n = manifest["projection_dim"], model.max_items
+    rows = np.zeros((n + 1, d), np.float32)
+    too_many = [{"TEXT_EMBEDS": _Tensor("TEXT_EMBEDS", rows), "IMAGE_EMBEDS": _Tensor("IMAGE_EMBEDS", rows[:1])},
+                {"TEXT_EMBEDS": _Tensor("TEXT_EMBEDS", rows[:1]), "IMAGE_EMBEDS": _Tensor("IMAGE_EMBEDS", rows)}]
+    out = model.execute(too_many)
+    assert out[0].error.message == f"{n + 1} text embeddings in one request, more than the limit of {n}"
+    assert out[1].error.message == f"{n + 1} image embeddings in one request, more than the limit of {n}"
+    assert all(o.error.code == "INVALID_ARG" for o in out) and not computed

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .layers import PostLNBlock, additive_mask
+from .layers import PostLNBlock, additive_mask, clean_tokens
 
 POOLINGS = ("cls", "mean")
 
@@ -26,6 +26,8 @@ class BertEncoder(nn.Module):
         self.embed_ln = nn.LayerNorm(hidden, eps=eps)
         self.layers = nn.ModuleList([PostLNBlock(hidden, heads, intermediate, act, eps) for _ in range(layers)])
         self.pooling = pooling
+        self.vocab = vocab
+        self.max_positions = max_positions
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], pooling: str) -> "BertEncoder":
@@ -35,6 +37,7 @@ class BertEncoder(nn.Module):
                    cfg.get("hidden_act", "gelu"), cfg.get("layer_norm_eps", 1e-12), pooling)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        input_ids, attention_mask = clean_tokens(input_ids, attention_mask, self.vocab, self.max_positions)
         B, T = input_ids.shape
         pos = torch.arange(T, device=input_ids.device)  # (T,)
         x = self.word_embedding(input_ids) + self.token_type_embedding.weight[0] + self.position_embedding(pos)

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .layers import PreLNBlock, additive_mask
+from .layers import PreLNBlock, additive_mask, clean_tokens
 
 
 class ClipTextTransformer(nn.Module):
@@ -21,6 +21,8 @@ class ClipTextTransformer(nn.Module):
         self.layers = nn.ModuleList([PreLNBlock(hidden, heads, intermediate, act, eps) for _ in range(layers)])
         self.final_ln = nn.LayerNorm(hidden, eps=eps)
         self.eos_token_id = eos_token_id
+        self.vocab = vocab
+        self.max_positions = max_positions
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ClipTextTransformer":
@@ -30,6 +32,7 @@ class ClipTextTransformer(nn.Module):
                    cfg.get("layer_norm_eps", 1e-5), int(cfg.get("eos_token_id", 2)))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        input_ids, attention_mask = clean_tokens(input_ids, attention_mask, self.vocab, self.max_positions)
         B, T = input_ids.shape
         pos = torch.arange(T, device=input_ids.device)  # (T,)
         x = self.token_embedding(input_ids) + self.position_embedding(pos)  # (B, T, C)

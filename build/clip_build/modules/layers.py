@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,25 @@ def additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
         lowest = -3.3895313892515355e38
     zero = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
     return zero.masked_fill(~keep, lowest)
+
+
+def clean_tokens(input_ids: Tensor, attention_mask: Tensor, vocab: int, max_positions: int) -> Tuple[Tensor, Tensor]:
+    """Whatever int64 (B, L) pair a caller sends -> ids in [0, vocab) and a 0/1 mask, both (B, T), T = L capped to
+    1..max_positions; the mask is cut or zero-padded to T. Valid input passes unchanged.
+
+    The encoders are served to anyone who calls the inference API, and one failing forward fails its whole dynamic
+    batch (libtorch backend included): out-of-vocabulary or negative ids, too long, empty or mismatched sequences
+    must not raise here.
+    """
+    B = input_ids.shape[0]
+    T = max(1, min(input_ids.shape[1], max_positions))
+    n = min(T, input_ids.shape[1])
+    ids = torch.zeros((B, T), dtype=torch.int64, device=input_ids.device)  # (B, T)
+    ids[:, :n] = input_ids[:, :n].to(torch.int64).clamp(0, vocab - 1)
+    rows, cols = min(B, attention_mask.shape[0]), min(T, attention_mask.shape[1])
+    mask = torch.zeros((B, T), dtype=torch.int64, device=input_ids.device)  # (B, T)
+    mask[:rows, :cols] = (attention_mask[:rows, :cols] != 0).to(torch.int64)
+    return ids, mask
 
 
 class MLP(nn.Module):

@@ -13,7 +13,7 @@ from clip_runtime.errors import InvalidInputError
 from clip_runtime.params import read_parameters
 from clip_runtime.postprocess import zero_shot
 
-PARAMS = ("logit_scale", "default_top_k")
+PARAMS = ("logit_scale", "default_top_k", "max_items_per_request")
 OUTPUTS = {  # model output -> key of zero_shot()'s result
     M.LOGITS_PER_IMAGE: "logits_per_image",
     M.LOGITS_PER_TEXT: "logits_per_text",
@@ -31,6 +31,7 @@ class TritonPythonModel:
         p = read_parameters(args["model_config"], PARAMS)
         self.logit_scale = p["logit_scale"]
         self.default_k = p["default_top_k"]
+        self.max_items = p["max_items_per_request"]  # T and I each: the cost is T x I, checked before computing
 
     def execute(self, requests):
         return execute_each(pb_utils, requests, self._one, what="postprocess", logger=self.logger)
@@ -39,6 +40,9 @@ class TritonPythonModel:
         text = pb_utils.get_input_tensor_by_name(request, M.TEXT_EMBEDS).as_numpy()  # (T, D)
         image = pb_utils.get_input_tensor_by_name(request, M.IMAGE_EMBEDS).as_numpy()  # (I, D)
         k_tensor = pb_utils.get_input_tensor_by_name(request, M.TOP_K)
+        for what, n in (("text", len(text)), ("image", len(image))):
+            if n > self.max_items:
+                raise InvalidInputError(f"{n} {what} embeddings in one request, more than the limit of {self.max_items}")
         k = int(k_tensor.as_numpy().reshape(-1)[0]) if k_tensor is not None else self.default_k
         if k < 1:
             raise InvalidInputError(f"top_k must be >= 1, got {k}")
