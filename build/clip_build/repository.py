@@ -56,10 +56,20 @@ def _parameters(values: dict[str, str]) -> str:
     return "".join(f"parameters {{\n  key: {_q(k)}\n  value: {{ string_value: {_q(v)} }}\n}}\n" for k, v in values.items())
 
 
-def _batching(max_batch_size: int, max_queue_delay_us: int) -> str:
+# Queue policy of every batching model: an overloaded server answers UNAVAILABLE ("Exceeds maximum queue size", "Request
+# timeout expired") instead of queueing forever, and work whose caller gave up (its `timeout` request parameter, or a
+# gRPC cancellation) is dropped while still queued. A request's own timeout can only shorten the default.
+MAX_QUEUE_SIZE = 128  # requests waiting per model
+QUEUE_TIMEOUT_US = 10_000_000  # longest wait in one model's queue (a CPU node runs a 64-image ViT-B/32 batch in ~3 s)
+
+
+def _batching(max_batch_size: int, max_queue_delay_us: int, max_queue_size: int, queue_timeout_us: int) -> str:
     preferred = [b for b in (4, 8, 16, 32, 64, 128, 256) if b <= max_batch_size] or [max_batch_size]
     return (f"dynamic_batching {{\n  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
-            f"  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n")
+            f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
+            f"  default_queue_policy {{\n    timeout_action: REJECT\n"
+            f"    default_timeout_microseconds: {queue_timeout_us}\n    allow_timeout_override: true\n"
+            f"    max_queue_size: {max_queue_size}\n  }}\n}}\n")
 
 
 def _instances(kind: str, count: int) -> str:
@@ -198,15 +208,15 @@ def info_payload(manifest: dict, *, dtype: str = "fp32", max_batch_size: int = 6
 
 
 def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_count: int = 1,
-                     max_batch_size: int = 64, max_queue_delay_us: int = 1000,
-                     limits: dict[str, Any] | None = None) -> dict[str, str]:
+                     max_batch_size: int = 64, max_queue_delay_us: int = 1000, max_queue_size: int = MAX_QUEUE_SIZE,
+                     queue_timeout_us: int = QUEUE_TIMEOUT_US, limits: dict[str, Any] | None = None) -> dict[str, str]:
     """model name -> config.pbtxt text, dims from the manifest (see docs/ARCHITECTURE.md)."""
     img = image_parameters(manifest)
     sizes = {C.D: int(manifest["projection_dim"]), C.S: img["crop_size"] if img["do_center_crop"] else img["image_size"]}
     tok = manifest["tokenizer"]
     limits = {"max_items_per_request": max_batch_size, **check_limits(limits)}
     kind = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}[instance_kind]
-    batching = _batching(max_batch_size, max_queue_delay_us)
+    batching = _batching(max_batch_size, max_queue_delay_us, max_queue_size, queue_timeout_us)
 
     def params(names: list[str], values: dict[str, Any]) -> str:
         # limits only hold BUILD_LIMITS names: they override the manifest's value (pad_to_multiple_of) or the default
@@ -253,7 +263,8 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
 # ---------------------------------------------------------------- build
 def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike, *, instance_kind: str = "cpu",
                      instance_count: int = 1, dtype: str = "fp32", max_batch_size: int = 64,
-                     max_queue_delay_us: int = 1000, limits: dict[str, Any] | None = None) -> Path:
+                     max_queue_delay_us: int = 1000, max_queue_size: int = MAX_QUEUE_SIZE,
+                     queue_timeout_us: int = QUEUE_TIMEOUT_US, limits: dict[str, Any] | None = None) -> Path:
     """Verify WEIGHTS_DIR, export both encoders to TorchScript, write the python models and every config.pbtxt."""
     import torch
 
@@ -264,8 +275,9 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
         raise ValueError(f"instance_kind must be cpu or gpu, not {instance_kind!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
-    if max_batch_size < 1 or instance_count < 1 or max_queue_delay_us < 0:
-        raise ValueError("max_batch_size and instance_count must be >= 1, max_queue_delay_us >= 0")
+    if max_batch_size < 1 or instance_count < 1 or max_queue_delay_us < 0 or max_queue_size < 1 or queue_timeout_us < 1:
+        raise ValueError("max_batch_size, instance_count, max_queue_size and queue_timeout_us must be >= 1, "
+                         "max_queue_delay_us >= 0")
     limits = check_limits(limits)
 
     started = time.monotonic()
@@ -292,7 +304,8 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
                                                   repo / "image_encoder" / "1" / "model.pt")
 
     configs = generate_configs(manifest, instance_kind=instance_kind, instance_count=instance_count,
-                               max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us, limits=limits)
+                               max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                               max_queue_size=max_queue_size, queue_timeout_us=queue_timeout_us, limits=limits)
     for name, text in configs.items():
         (repo / name / "config.pbtxt").write_text(text, encoding="utf-8")
     payload = info_payload(manifest, dtype=dtype, max_batch_size=max_batch_size, limits=limits)
@@ -308,6 +321,8 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
         "instance_count": instance_count,
         "max_batch_size": max_batch_size,
         "max_queue_delay_us": max_queue_delay_us,
+        "max_queue_size": max_queue_size,
+        "queue_timeout_us": queue_timeout_us,
         "projection_dim": manifest["projection_dim"],
         "logit_scale": manifest["logit_scale"],
         "image": image_parameters(manifest),
@@ -348,6 +363,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="encoder weights' dtype (I/O stays fp32)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size of the batching models")
     parser.add_argument("--max-queue-delay-us", type=int, default=1000, help="dynamic batcher queue delay")
+    parser.add_argument("--max-queue-size", type=int, default=MAX_QUEUE_SIZE,
+                        help="requests waiting per batching model; more are refused at once (UNAVAILABLE)")
+    parser.add_argument("--queue-timeout-us", type=int, default=QUEUE_TIMEOUT_US,
+                        help="longest wait in a batching model's queue before the request is refused (UNAVAILABLE); "
+                             "a request's own `timeout` parameter can only shorten it")
     parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                         help="set a request limit or tuning knob, e.g. max_pixels=20000000 (repeatable); allowed: "
                         + ", ".join(BUILD_LIMITS))
@@ -366,6 +386,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         repo = build_repository(args.weights, args.repository, instance_kind=args.instance_kind,
                                 instance_count=args.instance_count, dtype=args.dtype,
                                 max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+                                max_queue_size=args.max_queue_size, queue_timeout_us=args.queue_timeout_us,
                                 limits=limits)
     except (WeightsError, ValueError, FileNotFoundError) as exc:
         log.error("build failed: %s", exc)

@@ -204,9 +204,11 @@ def _message(exc: BaseException) -> str:
 
 _ITEM_ERROR = re.compile(r"\b(image|text) \d+: ")
 # Transient server states: a python stub died (Triton 24.x answers INTERNAL "Stub process ... is not healthy" and
-# does not restart it; the supervisor restarts the server), the server is stopping or restarting.
+# does not restart it; the supervisor restarts the server), the server is stopping or restarting (while it stops, its
+# models unload: NOT_FOUND "'encode_text' has no available versions" / UNAVAILABLE "... is not at ready state").
 _TRANSIENT = re.compile(
     r"stub process .*(not healthy|is not alive)|stub process is unhealthy|is not healthy|server is stopping"
+    r"|has no available versions|is not at ready state"
     r"|server is shutting down|not accepting new|failed to connect to all addresses|connection refused"
     r"|connection reset|connection closed|socket closed|broken pipe|remote end closed|connection aborted",
     re.IGNORECASE,
@@ -224,8 +226,9 @@ def map_error(exc: BaseException, what: str) -> CLIPClientError:
         return ServerTimeoutError(f"{what}: timed out" + (f" ({msg})" if msg else ""))
     if "is restricted" in msg:  # Triton's restricted APIs answer gRPC UNAVAILABLE / HTTP 403: not transient
         return ServerError(f"{what}: [{status}] {msg} (an admin API: the server restricts it to an admin key)")
-    if status in ("StatusCode.UNAVAILABLE", "503"):
-        return ServerUnavailableError(f"{what}: server unavailable: {msg}")
+    if status in ("StatusCode.UNAVAILABLE", "503", "StatusCode.CANCELLED"):
+        # CANCELLED: the server cancels the calls in flight when it stops (a supervised restart); we never cancel ours.
+        return ServerUnavailableError(f"{what}: server unavailable: [{status}] {msg}")
     if status in ("StatusCode.INVALID_ARGUMENT", "400", "StatusCode.OUT_OF_RANGE", "413"):
         return InvalidInputError(msg)  # never retried, whatever the message says
     if _TRANSIENT.search(msg) and not _ITEM_ERROR.search(msg):
@@ -416,6 +419,15 @@ class ClientBase:
         return encode_images(inputs, max_download_bytes=self.max_download_bytes, download_timeout=self.timeout)
 
     # ---- requests
+    def _infer_options(self) -> dict[str, Any]:
+        """tritonclient infer() keywords: headers, and our timeout both as the transport deadline (gRPC) and as the
+        request's `timeout` parameter (microseconds), so a request still queued when we give up is dropped by the
+        server's queue policy instead of executed for nobody."""
+        options: dict[str, Any] = {"headers": self.headers, "timeout": int(self.timeout * 1_000_000)}
+        if self.protocol == "grpc":
+            options["client_timeout"] = self.timeout
+        return options
+
     def _make_inputs(self, named: dict[str, np.ndarray]) -> list:
         mod = self._module()
         inputs = []

@@ -198,9 +198,7 @@ class AsyncCLIPClient(ClientBase):
     async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         async def once():
             state = self._loop_state()
-            kwargs: dict[str, Any] = {"headers": self.headers}
-            if self.protocol == "grpc":
-                kwargs["client_timeout"] = self.timeout
+            kwargs = self._infer_options()
             async with state.sem:  # wait_for: the client-side deadline, also for HTTP (aiohttp's is per session)
                 result = await asyncio.wait_for(
                     state.client.infer(model, self._make_inputs(inputs), outputs=self._make_outputs(outputs), **kwargs),

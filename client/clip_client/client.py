@@ -139,9 +139,7 @@ class CLIPClient(ClientBase):
 
     def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         def once():
-            kwargs: dict[str, Any] = {"headers": self.headers}
-            if self.protocol == "grpc":
-                kwargs["client_timeout"] = self.timeout
+            kwargs = self._infer_options()
             result = self._triton().infer(model, self._make_inputs(inputs), outputs=self._make_outputs(outputs), **kwargs)
             return {n: result.as_numpy(n) for n in outputs}
 

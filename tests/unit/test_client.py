@@ -367,6 +367,32 @@ def test_error_mapping():
     assert not _core.retryable(InvalidInputError("x")) and not _core.retryable(ServerTimeoutError("x"))
 
 
+def test_a_restarting_server_is_retryable():
+    """What a supervised restart answers (models unloading, calls cancelled, queues full or timed out): retried; an
+    unknown model and invalid input are not."""
+    from tritonclient.utils import InferenceServerException as E
+
+    transient = [E("Request for unknown model: 'encode_text' has no available versions", "StatusCode.NOT_FOUND"),
+                 E("Request for unknown model: 'encode_text' has no available versions", "404"),
+                 E("'preprocess_text' version 1 is not at ready state", "503"),
+                 E("CANCELLED", "StatusCode.CANCELLED"),
+                 E("Request timeout expired", "StatusCode.UNAVAILABLE"),
+                 E("[request id: <id_unknown>] Exceeds maximum queue size", "503")]
+    for exc in transient:
+        assert _core.retryable(_core.map_error(exc, "infer encode_text")), exc
+    final = [E("Request for unknown model: 'clip_info' is not found", "StatusCode.NOT_FOUND"),
+             E("image 0: has no available versions", "StatusCode.INVALID_ARGUMENT")]
+    for exc in final:
+        assert not _core.retryable(_core.map_error(exc, "infer")), exc
+
+
+def test_every_infer_sends_the_client_timeout_as_the_request_timeout():
+    for protocol in ("grpc", "http"):
+        options = CLIPClient("127.0.0.1:1", protocol=protocol, timeout=2.5)._infer_options()
+        assert options["timeout"] == 2_500_000  # microseconds: the server's queue policy drops it after that
+        assert options.get("client_timeout") == (2.5 if protocol == "grpc" else None)
+
+
 def _closed_port() -> int:
     import socket
 

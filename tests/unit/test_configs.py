@@ -137,3 +137,18 @@ def test_read_parameters_defaults_and_errors():
     assert p == {"max_length": 77, "allowed_formats": ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]}
     with pytest.raises(ValueError, match="max_length"):
         read_parameters({"parameters": {"max_length": {"string_value": "many"}}}, ["max_length"])
+
+
+def test_every_batching_model_has_a_bounded_queue_policy(manifest):
+    """Overload is refused (UNAVAILABLE) instead of queued forever; a request's timeout may only shorten the default."""
+    configs = generate_configs(manifest, max_queue_size=7, queue_timeout_us=1234)
+    batching = [name for name, spec in C.MODELS.items() if spec.batching]
+    assert set(batching) == {C.PreprocessText.NAME, C.PreprocessImage.NAME, C.TextEncoder.NAME, C.ImageEncoder.NAME}
+    for name in batching:
+        policy = parse_config(configs[name]).dynamic_batching.default_queue_policy
+        reject = parse_config("dynamic_batching { default_queue_policy { timeout_action: REJECT } }")
+        assert policy.timeout_action == reject.dynamic_batching.default_queue_policy.timeout_action, name
+        assert (policy.max_queue_size, policy.default_timeout_microseconds) == (7, 1234), name
+        assert policy.allow_timeout_override, name
+    defaults = parse_config(generate_configs(manifest)[C.ImageEncoder.NAME]).dynamic_batching.default_queue_policy
+    assert defaults.max_queue_size > 0 and defaults.default_timeout_microseconds > 0
