@@ -60,7 +60,7 @@ def _parameters(values: dict[str, str]) -> str:
 # timeout expired") instead of queueing forever, and work whose caller gave up (its `timeout` request parameter, or a
 # gRPC cancellation) is dropped while still queued. A request's own timeout can only shorten the default.
 MAX_QUEUE_SIZE = 128  # requests waiting per model
-QUEUE_TIMEOUT_US = 10_000_000  # longest wait in one model's queue (a CPU node runs a 64-image ViT-B/32 batch in ~3 s)
+QUEUE_TIMEOUT_US = 5_000_000  # longest wait in one model's queue (a CPU node runs a 64-image ViT-B/32 batch in ~3 s)
 
 
 def _batching(max_batch_size: int, max_queue_delay_us: int, max_queue_size: int, queue_timeout_us: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +28,14 @@ ADMIN_HEADER = "x-clip-admin-key"
 # Triton 2.51's gRPC frontend reads a restricted-protocol key from the metadata key with this prefix.
 GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+
+# Python backend stubs (our Python models, and here also the `pytorch` runner) exchange tensors with the server through
+# one shared-memory region each (/dev/shm). A region starts at SHM_DEFAULT_BYTES and grows by at least what one batch
+# needs, in SHM_GROWTH_BYTES steps; it never shrinks while the server runs, so its high-water mark is the largest
+# batch that reached the stub (README "Security and limits": the measured bound). docker-compose.yml passes the same.
+SHM_DEFAULT_BYTES = 16 * 1024 * 1024
+SHM_GROWTH_BYTES = 16 * 1024 * 1024
+SHM_DIR = Path("/dev/shm")
 
 
 class StartupCancelled(TritonServerError):
@@ -125,6 +134,8 @@ class TritonServer:
             log_path = Path(self._own_log_dir) / "tritonserver.log"
         self.log_path = Path(log_path)
         self.process: subprocess.Popen | None = None
+        # this start's shared-memory region names begin with it: regions a killed server leaves behind are removed
+        self.shm_prefix = self._new_shm_prefix()
         self._stubs: list = []  # psutil.Process of each python backend stub, found when the server became ready
         self.models = repository_models(self.repository)
         if admin_key is not None and (not admin_key or any(c in admin_key for c in ",:= \t\n")):
@@ -157,6 +168,33 @@ class TritonServer:
         """
         return {ADMIN_HEADER: self.admin_key, GRPC_ADMIN_HEADER: self.admin_key} if self.admin_key else {}
 
+    @staticmethod
+    def _new_shm_prefix() -> str:
+        return f"clip_triton_{secrets.token_hex(6)}_"
+
+    def shm_args(self) -> list[str]:
+        """--backend-config flags of the python backend: region sizes and this start's region name prefix."""
+        return [f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
+                f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
+                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
+
+    def shm_regions(self) -> list[Path]:
+        """This start's python backend shared-memory regions (files in /dev/shm)."""
+        return sorted(SHM_DIR.glob(self.shm_prefix + "*"))
+
+    def remove_shm_regions(self) -> list[str]:
+        """Delete this start's regions; only for a server that is gone (a killed one cannot remove its own)."""
+        removed = []
+        for path in self.shm_regions():
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except FileNotFoundError:
+                pass
+        if removed:
+            log.info("removed %d shared-memory region(s) the server left in %s", len(removed), SHM_DIR)
+        return removed
+
     def restriction_args(self) -> list[str]:
         """--http-restricted-api / --grpc-restricted-protocol flags for the admin key (none without one)."""
         if not self.admin_key or not self.restricted_apis:
@@ -188,6 +226,7 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={self.log_verbose}",
             *self.restriction_args(),
+            *self.shm_args(),
             *self.extra_args,
         ]
 
@@ -197,6 +236,7 @@ class TritonServer:
             raise TritonServerError("server already running")
         if not self.models:
             raise TritonServerError(f"no model (folder with config.pbtxt) in {self.repository}")
+        self.shm_prefix = self._new_shm_prefix()
         cmd = self.command()
         log.debug("starting %s", " ".join(cmd))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +323,7 @@ class TritonServer:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        self.remove_shm_regions()  # a killed or aborted server could not (unlinking a mapped region is safe)
         return proc.returncode
 
     def close(self) -> None:

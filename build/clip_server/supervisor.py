@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 
+from .probe import probe
 from .process import TritonServer, TritonServerError, _error_lines
 
 log = logging.getLogger(__name__)
@@ -17,8 +18,10 @@ class Supervisor:
     Since Triton 24.x a crashed Python stub is not restarted, and in 2.51 neither /v2/health/ready nor the model's
     own readiness notices (its requests fail with INTERNAL "Stub process ... is not healthy"). So every
     `check_interval` seconds the supervisor checks the server process, the stub processes (TritonServer.dead_stubs)
-    and each model's readiness; a failure is confirmed
-    once (`confirm_delay` later) before it acts. A restart is: log the server's error lines, stop it (SIGTERM,
+    and each model's readiness, and every `probe_interval` seconds it runs a real inference with a `probe_timeout`
+    deadline (clip_server.probe: zero_shot and clip_info): a stub that is alive but stopped or hung fails it. A
+    server that aborts (Triton 2.51 does when a stopped stub is continued) is a dead process. A failure is confirmed
+    once (`confirm_delay` later, probing again) before it acts. A restart is: log the server's error lines, stop it (SIGTERM,
     SIGKILL after `stop_timeout`, 5 s by default), start it again, wait until every model is ready. Restart storms are bounded:
     the k-th restart within `window` seconds waits `backoff * 2**(k-1)` seconds (at most `max_backoff`) first, and
     when `max_restarts` restarts happened within `window` the supervisor gives up and `run` returns 1.
@@ -30,7 +33,8 @@ class Supervisor:
 
     def __init__(self, server: TritonServer, *, check_interval: float = 1.0, confirm_delay: float = 0.5,
                  max_restarts: int = 5, window: float = 300.0, backoff: float = 1.0, max_backoff: float = 30.0,
-                 stop_timeout: float | None = None, ready_timeout: float | None = None):
+                 stop_timeout: float | None = None, ready_timeout: float | None = None, probe_interval: float = 5.0,
+                 probe_timeout: float = 30.0):
         self.server = server
         self.check_interval = check_interval
         self.confirm_delay = confirm_delay
@@ -42,12 +46,15 @@ class Supervisor:
         # carry the requests it drops; a long drain would only lengthen the outage.
         self.stop_timeout = 5.0 if stop_timeout is None else stop_timeout
         self.ready_timeout = ready_timeout
+        self.probe_interval = probe_interval  # 0: no inference probe
+        self.probe_timeout = probe_timeout  # > the longest legitimate wait: 2 queue timeouts + execution
+        self._next_probe = 0.0
         self.restarts: list[dict] = []  # {"at": time.time(), "reason": str, "seconds": float, "ok": bool}
         self.gave_up = False
         self.exit_code: int | None = None
 
-    def problem(self) -> str | None:
-        """Why the server needs a restart now, or None when it is serving."""
+    def problem(self, probe_now: bool = False) -> str | None:
+        """Why the server needs a restart now, or None when it is serving; `probe_now`: also run the inference probe."""
         if not self.server.running:
             code = self.server.process.returncode if self.server.process is not None else None
             return f"tritonserver exited (code {code})"
@@ -55,7 +62,15 @@ class Supervisor:
         if dead:  # Triton 2.51 keeps such a model "ready": its requests fail with "Stub process ... is not healthy"
             return f"python backend stub process(es) {dead} died"
         gone = self.server.not_ready_models()
-        return f"models not ready: {', '.join(gone)}" if gone else None
+        if gone:
+            return f"models not ready: {', '.join(gone)}"
+        return probe(self.server.http_url, self.server.models, self.probe_timeout) if probe_now else None
+
+    def _probe_due(self) -> bool:
+        if self.probe_interval <= 0 or time.monotonic() < self._next_probe:
+            return False
+        self._next_probe = time.monotonic() + self.probe_interval
+        return True
 
     def _recent(self) -> int:
         now = time.time()
@@ -83,12 +98,13 @@ class Supervisor:
     def run(self, stop: threading.Event) -> int:
         """Supervise until `stop` is set (returns 0) or restarts exceed the budget (returns 1)."""
         while not stop.wait(self.check_interval):
-            reason = self.problem()
+            probe_now = self._probe_due()
+            reason = self.problem(probe_now)
             if reason is None:
                 continue
             if self.server.running and stop.wait(self.confirm_delay):  # a transient probe failure is not a crash
                 break
-            reason = self.problem()
+            reason = self.problem(probe_now)
             if reason is None or stop.is_set():
                 continue
             recent = self._recent()
@@ -101,6 +117,7 @@ class Supervisor:
             if delay and stop.wait(delay):
                 break
             self.restart(reason)
+            self._next_probe = time.monotonic() + self.probe_interval
         self.exit_code = 0
         return 0
 

@@ -275,6 +275,8 @@ def test_admin_key_resolution_and_flags_match_compose(tmp_path, monkeypatch):
     expected = [f.replace("${CLIP_ADMIN_KEY:?set CLIP_ADMIN_KEY}", "KEY") for f in compose["x-triton-flags"]
                 if "restricted" in f]
     assert flags == expected
+    shm = [a for a in server.command() if "shm-" in a and "prefix" not in a]  # the prefix is per start (local only)
+    assert shm == [f for f in compose["x-triton-flags"] if "shm-" in f] and len(shm) == 2
     assert not any("http-max-input-size" in f for f in compose["x-triton-flags"])  # 2.51 refuses to start with it
     assert not [a for a in TritonServer(tmp_path, backend_dir=tmp_path).command() if "restricted" in a]
     with pytest.raises(TritonServerError):
