@@ -33,8 +33,8 @@ RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statist
 # one shared-memory region each (/dev/shm). A region starts at SHM_DEFAULT_BYTES and grows by at least what one batch
 # needs, in SHM_GROWTH_BYTES steps; it never shrinks while the server runs, so its high-water mark is the largest
 # batch that reached the stub (README "Security and limits": the measured bound). docker-compose.yml passes the same.
-SHM_DEFAULT_BYTES = 16 * 1024 * 1024
-SHM_GROWTH_BYTES = 16 * 1024 * 1024
+SHM_DEFAULT_BYTES = 4 * 1024 * 1024
+SHM_GROWTH_BYTES = 4 * 1024 * 1024
 SHM_DIR = Path("/dev/shm")
 
 

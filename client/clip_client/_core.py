@@ -308,8 +308,8 @@ class ClientBase:
         url: str | None = None,
         protocol: str | None = None,
         timeout: float = 60.0,
-        retries: int = 6,
-        backoff: float = 0.5,  # with retries=6: 13-26 s of retrying, longer than a supervised restart
+        retries: int = 8,
+        backoff: float = 0.5,  # with retries=8: 23-46 s of retrying, longer than a supervised restart (10-25 s)
         max_concurrency: int = 4,
         max_request_bytes: int = 32 * 1024 * 1024,
         max_items: int | None = None,

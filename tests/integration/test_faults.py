@@ -1,9 +1,10 @@
-"""Faults: a python stub killed under load (supervisor restarts the server, client retries carry every request
-through, no wrong answer); restart storms end supervision; SIGTERM under load drains in-flight requests."""
+"""Faults: a python stub killed or stopped under load, Triton aborting on SIGCONT (the supervisor restarts the server,
+clip_client retries carry every request through, no wrong answer, the old server's shared memory is removed); restart
+storms end supervision; SIGTERM under load drains in-flight requests."""
 
 from __future__ import annotations
 
-import io
+import contextlib
 import os
 import shutil
 import signal
@@ -16,22 +17,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from PIL import Image
 
-from tests.integration.triton_helpers import read_until_ready, wait_until
+from tests.integration.triton_helpers import CLIP_WORKERS, GoodTraffic, read_until_ready, wait_until
 
 from clip_server import Supervisor, TritonServer, TritonServerError, free_port
-
-
-def _png(seed: int, h: int = 48, w: int = 64) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-IMAGES = [_png(i) for i in range(4)]
-TEXTS = ["a photo of a cat", "a red car", "two dogs", "an empty street"]
+from clip_server.process import SHM_DIR
 
 
 def stub_pid(server: TritonServer, model: str) -> int:
@@ -44,15 +34,18 @@ def stub_pid(server: TritonServer, model: str) -> int:
     raise AssertionError(f"no stub for {model}: {server.stubs()}")
 
 
-@pytest.fixture()
-def supervised(triton_server, tmp_path):
-    """Its own server on its own copy of the repository, supervised from a thread."""
-    repo = tmp_path / "repo"
+@pytest.fixture(scope="module")
+def supervised(triton_server, tmp_path_factory):
+    """Its own server on its own copy of the repository, supervised from a thread (inference probe every second);
+    shared by the fault tests of this module, each leaving it serving."""
+    tmp = tmp_path_factory.mktemp("supervised")
+    repo = tmp / "repo"
     shutil.copytree(triton_server.repository, repo)
-    server = TritonServer(repo, exit_timeout=2, log_path=tmp_path / "tritonserver.log")
+    server = TritonServer(repo, exit_timeout=2, log_path=tmp / "tritonserver.log")
     server.start()
     server.wait_ready(180)
-    sup = Supervisor(server, check_interval=0.5, confirm_delay=0.2, max_restarts=3, window=120)
+    sup = Supervisor(server, check_interval=0.5, confirm_delay=0.2, max_restarts=5, window=600, probe_interval=1.0,
+                     probe_timeout=20)
     stop = threading.Event()
     thread = sup.start_thread(stop)
     try:
@@ -63,73 +56,86 @@ def supervised(triton_server, tmp_path):
         server.stop()
 
 
+def wait_restored(sup: Supervisor, before: int, timeout: float = 120) -> dict:
+    """The first successful restart after the `before`-th one."""
+    assert wait_until(lambda: any(r["ok"] for r in sup.restarts[before:]), timeout), sup.restarts
+    return next(r for r in sup.restarts[before:] if r["ok"])
+
+
+def assert_flowing(good: GoodTraffic, since: float) -> None:
+    """Image and text requests are answered again after `since` (clients in a backoff sleep send again soon)."""
+    assert wait_until(lambda: good.count(since, "image") >= 4 and good.count(since, "text") >= 4, 60)
+
+
 def test_killed_stub_is_restored_and_no_request_fails_or_lies(supervised):
-    from clip_client import CLIPClient
-
+    """kill -9 of a stub under 8 clip_client callers (gRPC and HTTP, sync and async): the supervisor restarts the
+    server; the callers' retries carry every request through it (models unloading answer NOT_FOUND "no available
+    versions", the gRPC calls in flight CANCELLED: both retried), and no answer is wrong."""
     server, sup = supervised
-    with CLIPClient(server.http_url, protocol="http") as c:
-        ref_images = c.encode_image(IMAGES, normalize=False)  # each alone below would give the same (tested elsewhere)
-        ref_texts = c.encode_text(TEXTS, normalize=False)
-
-    results: list[tuple[str, int, object, float]] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def worker(protocol: str, kind: str, seed: int) -> None:
-        url = server.http_url if protocol == "http" else server.grpc_url
-        with CLIPClient(url, protocol=protocol, retries=15, backoff=0.3, timeout=60) as c:
-            k = seed
-            while not stop.is_set():
-                k += 1
-                try:
-                    if kind == "image":
-                        out = c.encode_image([IMAGES[k % 4]], normalize=False)[0]
-                    else:
-                        out = c.encode_text([TEXTS[k % 4]], normalize=False)[0]
-                except Exception as exc:  # noqa: BLE001 - asserted below
-                    out = exc
-                with lock:
-                    results.append((kind, k % 4, out, time.monotonic()))
-
-    threads = [threading.Thread(target=worker, args=a) for a in
-               [("http", "image", 0), ("http", "image", 1), ("grpc", "image", 2), ("http", "text", 3), ("grpc", "text", 0)]]
-    for t in threads:
-        t.start()
-    try:
-        assert wait_until(lambda: len(results) >= 10, 60), "traffic never started"
+    before = len(sup.restarts)
+    workers = CLIP_WORKERS + (("grpc", "sync"),) * 4  # the tester's 8 gRPC callers, and HTTP, sync and async
+    with GoodTraffic(server.http_url, server.grpc_url, workers) as good:
         victim = stub_pid(server, "preprocess_image")
+        old_prefix = server.shm_prefix
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        deadline = killed_at + 60
-        while not sup.restarts and time.monotonic() < deadline:
-            time.sleep(0.2)
-        while not any(r["ok"] for r in sup.restarts) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert sup.restarts and sup.restarts[-1]["ok"], sup.restarts
+        restart = wait_restored(sup, before)
         restored = time.monotonic() - killed_at
-        until = time.monotonic() + 25  # workers in a retry backoff sleep up to 10 s before they send again
-        while time.monotonic() < until:
-            with lock:
-                if sum(r[0] == "image" and r[3] > killed_at + restored for r in results) >= 6:
-                    break
-            time.sleep(0.2)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(120)
-    print(f"stub {victim} killed; service restored after {restored:.1f}s; restarts {sup.restarts}; "
-          f"{len(results)} requests")
-    assert restored < 30, restored
-    assert len(sup.restarts) == 1 and "stub" in sup.restarts[0]["reason"]
+        assert_flowing(good, killed_at + restored)
+    print(f"stub {victim} killed; service restored after {restored:.1f}s; restart {restart}; "
+          f"{len(good.results)} requests")
+    assert restored < 60, restored
+    assert len(sup.restarts) == before + 1 and "stub" in restart["reason"]
     assert victim not in [p for pids in server.stubs().values() for p in pids]
-    errors = [r for r in results if isinstance(r[2], Exception)]
-    assert not errors, errors[:3]
-    for kind, k, out, _t in results:
-        ref = (ref_images if kind == "image" else ref_texts)[k]
-        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-4)
-    after = [r for r in results if r[3] > killed_at + restored and r[0] == "image"]
-    assert len(after) >= 6, "image requests must flow again after the restart"
+    assert not list(SHM_DIR.glob(old_prefix + "*"))  # the regions of the stopped server are gone
+    good.assert_all_good()
     assert not server.not_ready_models() and not server.dead_stubs()
+
+
+def test_stopped_stub_is_restarted_and_sigcont_abort_is_a_restart(supervised):
+    """SIGSTOP of a stub (alive, unresponsive: Triton answers "not healthy" and keeps it ready): the supervisor's
+    inference probe restarts the server. Then a stub stopped while requests run and continued before anyone acts:
+    Triton 2.51 aborts (boost lock_exception) and the supervisor restarts it. No caller sees either."""
+    server, sup = supervised
+    with GoodTraffic(server.http_url, server.grpc_url, CLIP_WORKERS) as good:
+        before, victim, old_prefix = len(sup.restarts), stub_pid(server, "preprocess_text"), server.shm_prefix
+        stopped_at = time.monotonic()
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            restart = wait_restored(sup, before)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)  # normally gone with the old server
+        assert "probe" in restart["reason"] and "not healthy" in restart["reason"], restart
+        assert not list(SHM_DIR.glob(old_prefix + "*"))
+        assert_flowing(good, stopped_at + restart["seconds"])
+
+        sup.probe_interval = 0  # the probe would restart first; let the stub be continued while requests wait on it
+        before, victim, old_prefix = len(sup.restarts), stub_pid(server, "preprocess_image"), server.shm_prefix
+        failed_before = failures(server, "preprocess_image")
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            assert wait_until(lambda: failures(server, "preprocess_image") > failed_before, 30)  # "not healthy"
+        finally:
+            continued_at = time.monotonic()
+            os.kill(victim, signal.SIGCONT)
+        sup.probe_interval = 1.0
+        if wait_until(lambda: len(sup.restarts) > before, 30):  # measured: the server aborts or the stub exits
+            wait_restored(sup, before)
+            assert not list(SHM_DIR.glob(old_prefix + "*"))
+        assert_flowing(good, continued_at)
+    print(f"restarts: {sup.restarts}; {len(good.results)} requests")
+    good.assert_all_good()
+    assert not server.not_ready_models() and not server.dead_stubs()
+
+
+def failures(server: TritonServer, model: str) -> int:
+    """Failed requests of `model` so far (Triton's metrics endpoint)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("nv_inference_request_failure{") and f'model="{model}"' in line)
 
 
 class _FakeServer:
