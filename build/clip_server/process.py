@@ -30,9 +30,9 @@ GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 
 # Python backend stubs (our Python models, and here also the `pytorch` runner) exchange tensors with the server through
-# one shared-memory region each (/dev/shm). A region starts at SHM_DEFAULT_BYTES and grows by at least what one batch
-# needs, in SHM_GROWTH_BYTES steps; it never shrinks while the server runs, so its high-water mark is the largest
-# batch that reached the stub (README "Security and limits": the measured bound). docker-compose.yml passes the same.
+# one shared-memory region each (/dev/shm). A region starts at SHM_DEFAULT_BYTES and grows in SHM_GROWTH_BYTES steps
+# to hold the batches that reach its stub; it never shrinks while the server runs (measured high-water marks: README
+# "Shared memory"). docker-compose.yml passes the same sizes; its shm_size bounds all regions together.
 SHM_DEFAULT_BYTES = 4 * 1024 * 1024
 SHM_GROWTH_BYTES = 4 * 1024 * 1024
 SHM_DIR = Path("/dev/shm")

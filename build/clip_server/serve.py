@@ -5,9 +5,9 @@ shared-memory, statistics, trace, logging) answer only requests with the header 
 key coming from --admin-key, else $CLIP_TRITON_ADMIN_KEY, else generated at start and printed once. Health,
 metadata and inference stay open. --no-restrict opens everything (development).
 
-Supervision: when the server process dies or any model stops being ready (a crashed Python stub is not
-restarted by Triton 24.x), the server is restarted on the same ports; more than --max-restarts restarts within
---restart-window seconds end `serve` with exit code 1.
+Supervision: when the server process dies, any model stops being ready, a Python stub dies (Triton 24.x does not
+restart it) or a real inference fails (a stub alive but stopped or hung), the server is restarted on the same ports;
+more than --max-restarts restarts within --restart-window seconds end `serve` with exit code 1.
 
 SIGTERM / Ctrl-C: the server is stopped with SIGTERM; it finishes the requests in flight (up to --exit-timeout
 seconds) before it exits; `serve` then exits 0.
