@@ -9,9 +9,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import struct
 import warnings
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -24,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from tests.integration.triton_helpers import infer
 
 from clip_build.repository import generate_configs, info_payload
+from clip_loadtest.hardening import png_header
 from clip_server import TritonServer
 
 PROTOCOLS = ("http", "grpc")
@@ -44,15 +43,6 @@ def encode(image: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A valid PNG signature + IHDR claiming width x height, then a tiny IDAT: a decompression bomb's header."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-
-
 def exif_rotated(array: np.ndarray, orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -70,8 +60,8 @@ BAD = [
     ("not an image", "encode_image", b"%PDF-1.4 hello, this is no image at all", r"image 0: not a decodable image"),
     ("truncated JPEG", "encode_image", _jpeg[: len(_jpeg) // 2], r"image 0: cannot decode JPEG image: .*truncated"),
     ("truncated PNG", "encode_image", _png[: len(_png) // 2], r"image 0: cannot decode PNG image"),
-    ("PNG bomb 50000x50000", "encode_image", png_header_only(50000, 50000), r"image 0: image has too many pixels"),
-    ("PNG 8000x6000 header", "encode_image", png_header_only(8000, 6000),
+    ("PNG bomb 50000x50000", "encode_image", png_header(50000, 50000), r"image 0: image has too many pixels"),
+    ("PNG 8000x6000 header", "encode_image", png_header(8000, 6000),
      r"image 0: image is 8000x6000 = 48000000 pixels, more than the limit of 40000000"),
     ("ICO (decoder not allowed)", "encode_image", encode(Image.fromarray(photo(32, 32)), "ICO"),
      r"image 0: not a decodable image \(allowed formats: JPEG, PNG, WEBP, BMP, GIF, TIFF"),
@@ -416,7 +406,7 @@ LIMIT_CASES = [
     ("encode_image", [_png] * 5, r"5 images in one request, more than the limit of 4"),
     ("encode_text", ["x" * 65], r"text 0: text is 65 bytes, more than the limit of 64"),
     ("encode_image", [encode(Image.fromarray(photo(300, 300)), "BMP")], r"image 0: image is 270054 bytes, more than the limit of 60000"),
-    ("encode_image", [png_header_only(1000, 600)], r"image 0: image is 1000x600 = 600000 pixels, more than the limit of 500000"),
+    ("encode_image", [png_header(1000, 600)], r"image 0: image is 1000x600 = 600000 pixels, more than the limit of 500000"),
     ("encode_image", [encode(Image.fromarray(photo(40, 40)), "WEBP")], r"not a decodable image \(allowed formats: PNG, JPEG,"),
     ("encode_image", [encode(Image.fromarray(photo(40, 40)), "GIF")], r"not a decodable image \(allowed formats: PNG, JPEG,"),
 ]
