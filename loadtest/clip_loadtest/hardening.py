@@ -377,13 +377,20 @@ def markdown(pre: list[dict], shm: list[dict], abandoned: list[dict], seconds: f
 
 
 def replace_section(report: Path, section: str) -> None:
-    """Put `section` between the hardening markers of `report` (appended when absent)."""
+    """Put `section` between the hardening markers of `report`; when absent, at the end of the notes that
+    `clip-triton bench` keeps across its runs (else at the end of the file)."""
+    from .bench import NOTES_END
+
     text = report.read_text() if report.exists() else ""
+    section = section.rstrip("\n")
     if MARK_BEGIN in text and MARK_END in text:
         head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(MARK_END, 1)[1]
+        text = head + section + rest.split(MARK_END, 1)[1]
+    elif NOTES_END in text:
+        head, tail = text.split(NOTES_END, 1)
+        text = head.rstrip("\n") + "\n\n" + section + "\n" + NOTES_END + tail
     else:
-        text = text.rstrip("\n") + "\n\n" + section
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
     report.write_text(text)
 
 
