@@ -15,6 +15,7 @@ from clip_common import contract as C
 from clip_runtime import params as P
 
 from .files import project_root
+from .preprocess_plan import IMAGE_DECODES, PreprocessPlan, plan_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +186,12 @@ def effective_limits(max_batch_size: int = 64, limits: dict[str, Any] | None = N
 
 
 def info_payload(manifest: dict, *, dtype: str = "fp32", max_batch_size: int = 64,
-                 limits: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the clip_info model answers (JSON): identity, sizes and the request limits."""
+                 limits: dict[str, Any] | None = None, preprocess: PreprocessPlan | None = None) -> dict[str, Any]:
+    """What the clip_info model answers (JSON): identity, sizes, the request limits and how preprocessing runs."""
     lim = effective_limits(max_batch_size, limits)
     per_request = min(int(max_batch_size), int(lim["max_items_per_request"]))
     img = image_parameters(manifest)
+    plan = preprocess or plan_preprocessing(decode_threads=(limits or {}).get("decode_threads"))
     return {
         "format_version": 1,
         "model_id": manifest["model_id"],
@@ -204,18 +206,25 @@ def info_payload(manifest: dict, *, dtype: str = "fp32", max_batch_size: int = 6
         "max_length": int(manifest["tokenizer"]["max_length"]),
         "image_size": img["crop_size"] if img["do_center_crop"] else img["image_size"],
         "limits": {**lim, "allowed_formats": list(lim["allowed_formats"])},
+        "preprocess": {k: v for k, v in plan.as_dict().items() if k not in ("rule", "cores")},
     }
 
 
 def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_count: int = 1,
                      max_batch_size: int = 64, max_queue_delay_us: int = 1000, max_queue_size: int = MAX_QUEUE_SIZE,
-                     queue_timeout_us: int = QUEUE_TIMEOUT_US, limits: dict[str, Any] | None = None) -> dict[str, str]:
-    """model name -> config.pbtxt text, dims from the manifest (see docs/ARCHITECTURE.md)."""
+                     queue_timeout_us: int = QUEUE_TIMEOUT_US, limits: dict[str, Any] | None = None,
+                     preprocess: PreprocessPlan | None = None) -> dict[str, str]:
+    """model name -> config.pbtxt text, dims from the manifest (see docs/ARCHITECTURE.md).
+
+    preprocess: the preprocessors' instances and decode threads (default: plan_preprocessing's auto rule).
+    """
     img = image_parameters(manifest)
     sizes = {C.D: int(manifest["projection_dim"]), C.S: img["crop_size"] if img["do_center_crop"] else img["image_size"]}
     tok = manifest["tokenizer"]
     limits = {"max_items_per_request": max_batch_size, **check_limits(limits)}
     kind = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}[instance_kind]
+    plan = preprocess or plan_preprocessing(instance_kind, decode_threads=limits.get("decode_threads"))
+    gpu_decode = plan.image_decode == "gpu"
     batching = _batching(max_batch_size, max_queue_delay_us, max_queue_size, queue_timeout_us)
 
     def params(names: list[str], values: dict[str, Any]) -> str:
@@ -229,7 +238,7 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
 
     cfg: dict[str, str] = {}
     cfg[C.PreprocessText.NAME] = (
-        head(C.PreprocessText.NAME) + batching + _instances("KIND_CPU", 1)
+        head(C.PreprocessText.NAME) + batching + _instances("KIND_CPU", plan.text_instances)
         + params(["tokenizer_file", "max_length", "pad_token_id", "pad_to_multiple_of", "max_text_bytes",
                   "max_items_per_request"],
                  {"tokenizer_file": "tokenizer.json", "max_length": int(tok["max_length"]),
@@ -237,10 +246,12 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
                   "pad_to_multiple_of": int(tok.get("pad_to_multiple_of") or P.PARAMETERS["pad_to_multiple_of"].default)})
     )
     cfg[C.PreprocessImage.NAME] = (
-        head(C.PreprocessImage.NAME) + batching + _instances("KIND_CPU", 1)
+        head(C.PreprocessImage.NAME) + batching
+        + _instances("KIND_GPU" if gpu_decode else "KIND_CPU", plan.image_instances)
         + params(["image_size", "resize_mode", "crop_size", "do_center_crop", "resample", "rescale_factor",
                   "image_mean", "image_std", "max_image_bytes", "max_pixels", "max_aspect_ratio", "allowed_formats",
-                  "jpeg_draft_gap", "decode_threads", "max_items_per_request"], img)
+                  "jpeg_draft_gap", "decode_threads", "image_decode", "max_items_per_request"],
+                 {**img, "decode_threads": plan.decode_threads, "image_decode": plan.image_decode})
     )
     cfg[C.Postprocess.NAME] = (
         head(C.Postprocess.NAME) + _instances("KIND_CPU", 1)
@@ -251,10 +262,13 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
     cfg[C.ClipInfo.NAME] = head(C.ClipInfo.NAME) + _instances("KIND_CPU", 1)
     # The profiling executor re-specialises on every new batch shape (a 2x slower first call per shape measured on
     # ViT-B/32) and gives no steady-state gain on these models: the dynamic batcher makes many shapes, so turn it off.
-    torch_params = _parameters({"INFERENCE_MODE": "true", "DISABLE_OPTIMIZED_EXECUTION": "true"})
+    torch_params = {"INFERENCE_MODE": "true", "DISABLE_OPTIMIZED_EXECUTION": "true"}
     for name in C.ENCODERS:
+        # --image-decode gpu: the pixels arrive on the GPU; the python backend (our runner) must not copy them to the
+        # host first. The libtorch backend takes GPU inputs as they are and ignores the parameter.
+        gpu_input = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if gpu_decode and name == C.ImageEncoder.NAME else {}
         cfg[name] = (head(name) + 'default_model_filename: "model.pt"\n' + batching
-                     + _instances(kind, instance_count) + torch_params)
+                     + _instances(kind, instance_count) + _parameters({**torch_params, **gpu_input}))
     for name in C.ENSEMBLES:
         cfg[name] = head(name) + _ensemble_scheduling(C.MODELS[name])
     return cfg
@@ -264,8 +278,12 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
 def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike, *, instance_kind: str = "cpu",
                      instance_count: int = 1, dtype: str = "fp32", max_batch_size: int = 64,
                      max_queue_delay_us: int = 1000, max_queue_size: int = MAX_QUEUE_SIZE,
-                     queue_timeout_us: int = QUEUE_TIMEOUT_US, limits: dict[str, Any] | None = None) -> Path:
-    """Verify WEIGHTS_DIR, export both encoders to TorchScript, write the python models and every config.pbtxt."""
+                     queue_timeout_us: int = QUEUE_TIMEOUT_US, limits: dict[str, Any] | None = None,
+                     preprocess_instances: str = "auto", image_decode: str = "cpu") -> Path:
+    """Verify WEIGHTS_DIR, export both encoders to TorchScript, write the python models and every config.pbtxt.
+
+    preprocess_instances / image_decode: see clip_build.preprocess_plan (`--preprocess-instances`, `--image-decode`).
+    """
     import torch
 
     from .export import build_image_encoder, build_text_encoder, export_torchscript
@@ -279,6 +297,7 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
         raise ValueError("max_batch_size, instance_count, max_queue_size and queue_timeout_us must be >= 1, "
                          "max_queue_delay_us >= 0")
     limits = check_limits(limits)
+    plan = plan_preprocessing(instance_kind, image_decode, preprocess_instances, limits.get("decode_threads"))
 
     started = time.monotonic()
     weights_dir, repo = Path(weights_dir), Path(repo_dir)
@@ -305,10 +324,11 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
 
     configs = generate_configs(manifest, instance_kind=instance_kind, instance_count=instance_count,
                                max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
-                               max_queue_size=max_queue_size, queue_timeout_us=queue_timeout_us, limits=limits)
+                               max_queue_size=max_queue_size, queue_timeout_us=queue_timeout_us, limits=limits,
+                               preprocess=plan)
     for name, text in configs.items():
         (repo / name / "config.pbtxt").write_text(text, encoding="utf-8")
-    payload = info_payload(manifest, dtype=dtype, max_batch_size=max_batch_size, limits=limits)
+    payload = info_payload(manifest, dtype=dtype, max_batch_size=max_batch_size, limits=limits, preprocess=plan)
     (repo / "clip_info" / "1" / CLIP_INFO_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
     info = {
@@ -323,6 +343,7 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
         "max_queue_delay_us": max_queue_delay_us,
         "max_queue_size": max_queue_size,
         "queue_timeout_us": queue_timeout_us,
+        "preprocess": plan.as_dict(),
         "projection_dim": manifest["projection_dim"],
         "logit_scale": manifest["logit_scale"],
         "image": image_parameters(manifest),
@@ -368,6 +389,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--queue-timeout-us", type=int, default=QUEUE_TIMEOUT_US,
                         help="longest wait in a batching model's queue before the request is refused (UNAVAILABLE); "
                              "a request's own `timeout` parameter can only shorten it")
+    parser.add_argument("--preprocess-instances", default="auto", metavar="auto|N|N,M",
+                        help="preprocess_image (N) and preprocess_text (M; 1 if not given) instances; auto: 1 and 1 "
+                        "on CPU builds, enough to use this machine's cores on GPU builds (clip_build.preprocess_plan) "
+                        "(default: auto)")
+    parser.add_argument("--image-decode", choices=IMAGE_DECODES, default="cpu",
+                        help="cpu: Pillow, CLIPImageProcessor-exact; gpu: nvJPEG decode and resize on the GPU "
+                        "(needs --instance-kind gpu and torch + torchvision with CUDA where the server runs) "
+                        "(default: cpu)")
     parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                         help="set a request limit or tuning knob, e.g. max_pixels=20000000 (repeatable); allowed: "
                         + ", ".join(BUILD_LIMITS))
@@ -387,7 +416,8 @@ def run(args: argparse.Namespace, command: str) -> int:
                                 instance_count=args.instance_count, dtype=args.dtype,
                                 max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                                 max_queue_size=args.max_queue_size, queue_timeout_us=args.queue_timeout_us,
-                                limits=limits)
+                                limits=limits, preprocess_instances=args.preprocess_instances,
+                                image_decode=args.image_decode)
     except (WeightsError, ValueError, FileNotFoundError) as exc:
         log.error("build failed: %s", exc)
         return 1

@@ -25,6 +25,7 @@ def execute_batched(
     rows: Callable[[Any], int] | None = None,
     label: str = "item",
     logger: Any = None,
+    tensor: Callable[[str, Any], Any] | None = None,
 ) -> list[Any]:
     """One response per request, in order.
 
@@ -36,7 +37,10 @@ def execute_batched(
         (ONE vectorised call for every live request); when it fails, each request is computed alone and only the
         ones that still fail get the error (InvalidInputError -> INVALID_ARG, else INTERNAL with a short message).
     rows(item) -> rows an item contributes to the outputs (default 1).
+    tensor(name, rows) -> the output tensor of one request's rows (default pb_utils.Tensor; GPU outputs:
+        pb_utils.Tensor.from_dlpack).
     """
+    tensor = tensor or pb_utils.Tensor
     responses: list[Any] = [None] * len(requests)
     items: list[Any] = []
     owner: list[int] = []  # request index of each item
@@ -68,13 +72,13 @@ def execute_batched(
     for j, result in enumerate(prepared):
         if responses[owner[j]] is None:
             live.setdefault(owner[j], []).append(result)
-    for r, response in _compute(pb_utils, live, compute, rows, logger).items():
+    for r, response in _compute(pb_utils, live, compute, rows, logger, tensor).items():
         responses[r] = response
     return _fill_empty(pb_utils, responses, first)
 
 
 def _compute(pb_utils: Any, live: dict[int, list[Any]], compute: Callable, rows: Callable | None,
-             logger: Any) -> dict[int, Any]:
+             logger: Any, tensor: Callable[[str, Any], Any]) -> dict[int, Any]:
     """Responses of the `live` requests (request -> its good items) from ONE compute call, its outputs split back.
 
     When that call fails and several requests took part, each is computed alone, so one request that makes the
@@ -89,7 +93,7 @@ def _compute(pb_utils: Any, live: dict[int, list[Any]], compute: Callable, rows:
         if len(live) > 1:
             answered: dict[int, Any] = {}
             for r, items in live.items():
-                answered.update(_compute(pb_utils, {r: items}, compute, rows, logger))
+                answered.update(_compute(pb_utils, {r: items}, compute, rows, logger, tensor))
             return answered
         (r,) = live
         if isinstance(exc, InvalidInputError):
@@ -102,7 +106,7 @@ def _compute(pb_utils: Any, live: dict[int, list[Any]], compute: Callable, rows:
         lo, hi = int(offsets[k]), int(offsets[k + len(items)])
         k += len(items)
         answered[r] = pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(name, array[lo:hi]) for name, array in outputs.items()])
+            output_tensors=[tensor(name, array[lo:hi]) for name, array in outputs.items()])
     return answered
 
 

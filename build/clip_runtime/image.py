@@ -71,7 +71,7 @@ class ImageConfig:
         return self.crop_size if self.do_center_crop else self.image_size
 
 
-def _normalise_lut(cfg: ImageConfig) -> np.ndarray:
+def normalise_lut(cfg: ImageConfig) -> np.ndarray:
     """[3, 256] float32: uint8 value -> normalised value, computed with transformers' own float32 arithmetic."""
     v = (np.arange(256, dtype=np.float64) * cfg.rescale_factor).astype(np.float32)[None, :]  # (1, 256), as rescale()
     mean = np.asarray(cfg.mean, dtype=np.float32)[:, None]
@@ -97,20 +97,28 @@ class ImagePreprocessor:
         if Image.MAX_IMAGE_PIXELS is not None and self.cfg.max_pixels > Image.MAX_IMAGE_PIXELS:
             # our max_pixels is the authority; Pillow's own bomb check would refuse below it
             Image.MAX_IMAGE_PIXELS = self.cfg.max_pixels
-        self._lut = _normalise_lut(self.cfg)  # (3, 256)
+        self._lut = normalise_lut(self.cfg)  # (3, 256)
 
     # ---- single items (may raise InvalidInputError)
     def load(self, data: bytes) -> np.ndarray:
         """Bytes (encoded image or .npy uint8 HxWx3) -> uint8 [S, S, 3] resized and cropped."""
+        self.check_bytes(data)
+        image = self._from_npy(data) if data[:6] == NPY_MAGIC else self.decode(data)
+        return self.resize_crop(image)
+
+    def check_bytes(self, data: bytes) -> None:
+        """InvalidInputError for an empty item or one over max_image_bytes."""
         if len(data) == 0:
             raise InvalidInputError("empty image")
         if len(data) > self.cfg.max_image_bytes:
             raise InvalidInputError(f"image is {len(data)} bytes, more than the limit of {self.cfg.max_image_bytes}")
-        image = self._from_npy(data) if data[:6] == NPY_MAGIC else self.decode(data)
-        return self.resize_crop(image)
 
     def decode(self, data: bytes) -> Image.Image:
         """Encoded bytes -> RGB PIL image (EXIF-oriented, alpha on white, 16-bit scaled)."""
+        return self.finish(self.open(data))
+
+    def open(self, data: bytes) -> Image.Image:
+        """Encoded bytes -> a PIL image whose header was read and checked (format, size, pixel cap), not decoded."""
         try:
             with _OPEN_LOCK, warnings.catch_warnings():  # Image.open only parses the header: cheap to serialise
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -131,9 +139,13 @@ class ImagePreprocessor:
                 f"image is {width}x{height} = {width * height} pixels, more than the limit of {self.cfg.max_pixels}"
             )
         self._check_aspect(width, height)
+        return image
+
+    def finish(self, image: Image.Image) -> Image.Image:
+        """A checked, opened image -> decoded RGB (EXIF-oriented, alpha on white, 16-bit scaled)."""
         try:
             if self.cfg.jpeg_draft_gap > 0 and image.format == "JPEG":
-                tw, th = self.target_size(width, height)
+                tw, th = self.target_size(*image.size)
                 image.draft("RGB", (int(tw * self.cfg.jpeg_draft_gap), int(th * self.cfg.jpeg_draft_gap)))
             image.load()
             ImageOps.exif_transpose(image, in_place=True)
@@ -206,6 +218,10 @@ class ImagePreprocessor:
             return np.asarray(image.resize(size, resample=self.cfg.resample))[top:bottom, left:right]
         return resize_region(np.asarray(image), size, box, self.cfg.resample)  # only the box, same pixels
 
+    def pixels(self, array: np.ndarray) -> np.ndarray:
+        """uint8 [S, S, 3] -> float32 [3, S, S], normalised (what load_many(normalised=True) gives per item)."""
+        return self.normalise(array[None])[0]
+
     # ---- batches
     def normalise(self, batch: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] -> float32 [N, 3, S, S]: rescale + normalise as one table lookup per channel."""
@@ -215,12 +231,15 @@ class ImagePreprocessor:
             self._lut[c].take(batch[..., c], out=out[:, c])  # bit-identical to transformers' float32 math
         return out
 
-    def load_many(self, items: list[bytes], pool=None, catch: type[BaseException] = InvalidInputError) -> list:
-        """load() every item, in `pool` (an Executor) when given (Pillow releases the GIL); `catch`es are returned."""
+    def load_many(self, items: list[bytes], pool=None, catch: type[BaseException] = InvalidInputError,
+                  normalised: bool = False) -> list:
+        """load() every item, in `pool` (an Executor) when given (Pillow and numpy's lookups release the GIL);
+        `catch`es are returned in place. normalised: each result is pixels(load(item)), float32 [3, S, S]."""
 
         def one(data: bytes):
             try:
-                return self.load(data)
+                array = self.load(data)
+                return self.pixels(array) if normalised else array
             except catch as exc:
                 return exc
 

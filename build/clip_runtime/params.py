@@ -44,6 +44,8 @@ PARAMETERS: dict[str, Param] = {
     "jpeg_draft_gap": Param("float", 0.0, "0 = exact CLIPImageProcessor pixels; e.g. 4: JPEG DCT-downscale to >= 4x the "
                             "target first (2x faster on 12 MP photos, pixels off by up to ~2/255)"),
     "decode_threads": Param("int", 0, "threads decoding one batch's images (0 = min(4, cpu count))"),
+    "image_decode": Param("str", "cpu", "cpu: Pillow, CLIPImageProcessor-exact; gpu: nvJPEG + resize on the GPU "
+                          "(torch + torchvision with CUDA in the stub; KIND_GPU instances; pixels handed on on the GPU)"),
     # preprocess_*, postprocess
     "max_items_per_request": Param("int", 64, "texts or images in one request (postprocess: text and image "
                                    "embeddings each)"),
@@ -56,6 +58,9 @@ PARAMETERS: dict[str, Param] = {
     "DISABLE_OPTIMIZED_EXECUTION": Param("bool", False, "turn TorchScript's profiling executor off"),
     "INTRA_OP_THREAD_COUNT": Param("int", 0, "torch intra-op threads per instance (0 = torch's default)"),
     "INTER_OP_THREAD_COUNT": Param("int", 0, "torch inter-op threads (process-global; 0 = torch's default)"),
+    # Read by Triton's python backend itself (our runner is one): "no" lets GPU inputs reach execute() on the GPU
+    "FORCE_CPU_ONLY_INPUT_TENSORS": Param("str", "yes", "python backend: 'no' keeps inputs where the producer left "
+                                          "them (set on image_encoder by --image-decode gpu; libtorch ignores it)"),
 }
 
 # The parameters that bound what one request may carry (documented defaults table: README, "Security and limits").

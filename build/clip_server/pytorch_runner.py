@@ -13,6 +13,9 @@ Devices: a KIND_GPU instance runs on `cuda:<model_instance_device_id>` with its 
 stub process); each forward gathers the requests' inputs straight into page-locked host memory, copies them to the
 device asynchronously on that stream, and copies each output back once for the whole batch. KIND_GPU without a CUDA
 device visible to torch fails the model load with a clear message: no silent fallback to CPU.
+Inputs that arrive on the GPU (FORCE_CPU_ONLY_INPUT_TENSORS "no", set by `build --image-decode gpu` on image_encoder:
+the pixels come from preprocess_image on the GPU) are taken through DLPack as they are, without a host round trip,
+as the libtorch backend takes them.
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ class TritonPythonModel:
 
         self.batching = int(config.get("max_batch_size", 0)) > 0
         self.inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"])) for i in config["input"]]
-        # torch dtypes of the pinned staging buffers (cuda only: a BYTES input has none)
-        self.torch_dtypes = {n: torch.from_numpy(np.empty(0, d)).dtype for n, d in self.inputs} if self.stream else {}
+        # torch dtypes of the inputs (a BYTES input has none): pinned staging buffers, inputs arriving on the GPU
+        self.torch_dtypes = {n: torch.from_numpy(np.empty(0, d)).dtype for n, d in self.inputs if d != np.object_}
         self.outputs = []
         for o in config["output"]:
             m = _INDEXED.match(o["name"])
@@ -109,13 +112,17 @@ class TritonPythonModel:
         )
 
     # ---- one request's tensors
-    def _read(self, request) -> dict[str, np.ndarray]:
-        """The request's inputs as contiguous numpy arrays of the config's dtypes (read-only views are fine)."""
+    def _read(self, request) -> dict[str, np.ndarray | torch.Tensor]:
+        """The request's inputs: contiguous numpy arrays of the config's dtypes (read-only views are fine), or torch
+        tensors where an input is on the GPU (taken through DLPack, no copy)."""
         item = {}
         for name, dtype in self.inputs:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
                 raise InvalidInputError(f"missing input {name}")
+            if not tensor.is_cpu():
+                item[name] = torch.from_dlpack(tensor.to_dlpack()).to(self.torch_dtypes[name])
+                continue
             try:
                 array = np.ascontiguousarray(tensor.as_numpy(), dtype=dtype)
             except (ValueError, TypeError) as exc:  # the caller's tensors: uncastable dtype
@@ -123,11 +130,15 @@ class TritonPythonModel:
             item[name] = array
         return item
 
-    def _to_device(self, name: str, parts: list[np.ndarray]) -> torch.Tensor:
+    def _to_device(self, name: str, parts: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
         """Input `name`'s parts (one per request) as ONE tensor on the device (cuda: via pinned memory, async)."""
         # cpu: the numpy memory itself when there is one writable part, else one concatenation. cuda: one concatenation
         # into page-locked memory, then an asynchronous copy on the instance's stream; torch's pinned-memory cache
-        # takes the host buffer back only once that copy is done.
+        # takes the host buffer back only once that copy is done. Parts already on a GPU: concatenated there.
+        if any(isinstance(p, torch.Tensor) for p in parts):
+            on = [p.to(self.device, non_blocking=True) if isinstance(p, torch.Tensor)
+                  else torch.from_numpy(np.array(p)).to(self.device, non_blocking=True) for p in parts]
+            return on[0] if len(on) == 1 else torch.cat(on)
         if self.stream is None:
             whole = parts[0] if len(parts) == 1 else np.concatenate(parts)
             return torch.from_numpy(whole if whole.flags.writeable else whole.copy())  # torch wants writable memory

@@ -17,6 +17,9 @@ class FakeTensor:
     def as_numpy(self):
         return self._array
 
+    def is_cpu(self):
+        return True
+
 
 class FakeResponse:
     """pb_utils.InferenceResponse: outputs by name, or an error."""

@@ -201,3 +201,27 @@ def test_runner_takes_read_only_inputs_without_touching_them(pb, tmp_path):
 def test_runner_gpu_kind_without_cuda_fails_the_load(pb, tmp_path):
     with pytest.raises(pb.TritonModelException, match=r"summer: instance_group kind KIND_GPU .* sees 0 CUDA device"):
         _runner(pb, tmp_path, kind="GPU")
+
+
+class _DeviceTensor(FakeTensor):
+    """An input as the python backend hands it over with FORCE_CPU_ONLY_INPUT_TENSORS "no": not on the CPU, read
+    through DLPack only (here a CPU torch tensor stands in for device memory)."""
+
+    def is_cpu(self):
+        return False
+
+    def as_numpy(self):
+        raise AssertionError("a GPU tensor has no numpy view")
+
+    def to_dlpack(self):
+        return torch.from_numpy(np.array(self._array)).__dlpack__()
+
+
+def test_runner_takes_inputs_through_dlpack_as_the_numpy_path_would(pb, tmp_path):
+    model = _runner(pb, tmp_path)
+    ids, mask = np.array([[1, 2], [3, 4]], np.int64), np.array([[1, 1], [0, 1]], np.int64)
+    host = model.execute([_req(input_ids=ids, attention_mask=mask), _req(input_ids=ids[:1], attention_mask=mask[:1])])
+    device = model.execute([{"input_ids": _DeviceTensor("input_ids", ids), "attention_mask": _DeviceTensor(
+        "attention_mask", mask.astype(np.int32))}, _req(input_ids=ids[:1], attention_mask=mask[:1])])  # mixed, cast
+    assert [r.outputs["sum__0"].tolist() for r in device] == [r.outputs["sum__0"].tolist() for r in host]
+    assert [r.outputs["sum__0"].tolist() for r in host] == [[[3.0], [4.0]], [[3.0]]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from clip_build.preprocess_plan import plan_preprocessing
 from clip_build.repository import generate_configs, image_parameters, info_payload
 from clip_common import contract as C
 from clip_runtime.params import read_parameters
@@ -25,6 +26,8 @@ def model_config_type(code: int) -> str:
 @pytest.mark.parametrize("kind,count,mbs", [("cpu", 1, 64), ("gpu", 2, 16)])
 def test_configs_follow_the_contract(manifest, kind, count, mbs):
     configs = generate_configs(manifest, instance_kind=kind, instance_count=count, max_batch_size=mbs)
+    plan = plan_preprocessing(kind)  # the auto rule: what generate_configs uses when given no plan
+    counts = {C.PreprocessImage.NAME: plan.image_instances, C.PreprocessText.NAME: plan.text_instances}
     assert set(configs) == set(C.MODELS)
     sizes = {C.D: manifest["projection_dim"], C.S: manifest["image"]["crop_size"]}
     for name, spec in C.MODELS.items():
@@ -43,7 +46,7 @@ def test_configs_follow_the_contract(manifest, kind, count, mbs):
         (group,) = cfg.instance_group
         expected_kind = ("KIND_GPU" if kind == "gpu" else "KIND_CPU") if spec.kind == "pytorch" else "KIND_CPU"
         assert group.kind == parse_config(f"instance_group [{{ kind: {expected_kind} }}]").instance_group[0].kind
-        assert group.count == (count if spec.kind == "pytorch" else 1)
+        assert group.count == (count if spec.kind == "pytorch" else counts.get(name, 1))
 
 
 def test_every_ensemble_tensor_is_produced_before_it_is_consumed():

@@ -6,24 +6,28 @@ import importlib.util
 import io
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
+from clip_build.preprocess_plan import plan_preprocessing
 from clip_build.repository import generate_configs, template_dir
 from tests.configs import config_json
 from tests.unit.fake_triton import FakeTensor as _Tensor
 
 
-def _load(model: str, manifest: dict, version_dir: Path):
+def _load(model: str, manifest: dict, version_dir: Path, configs: dict | None = None, **args):
     spec = importlib.util.spec_from_file_location(f"tpl_{model}", template_dir() / model / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     instance = module.TritonPythonModel()
-    config = config_json(generate_configs(manifest)[model])
+    config = config_json((configs or generate_configs(manifest))[model])
     instance.initialize({"model_config": json.dumps(config), "model_repository": str(version_dir.parent),
-                         "model_version": version_dir.name, "model_name": model})
+                         "model_version": version_dir.name, "model_name": model, **args})
     return instance
 
 
@@ -37,23 +41,38 @@ def _bytes_req(name, items):
     return {name: _Tensor(name, np.array([[x] for x in items], dtype=object))}
 
 
-def test_preprocess_image_isolates_bad_request_and_normalises_once(pb, manifest, tmp_path, monkeypatch):
+def test_preprocess_image_isolates_bad_request_and_normalises_in_the_pool(pb, manifest, tmp_path, monkeypatch):
     model = _load("preprocess_image", manifest, tmp_path / "1")
-    calls = []
-    original = model.pre.normalise
-    monkeypatch.setattr(model.pre, "normalise", lambda batch: calls.append(batch.shape) or original(batch))
-    requests = [_bytes_req("IMAGE", [_png(40, 50), _png(60, 30, 1)]),
-                _bytes_req("IMAGE", [_png(40, 40), b"garbage"]),
-                _bytes_req("IMAGE", [_png(33, 70, 2)])]
+    assert model.gpu is None  # image_decode=cpu: the exact path, no torch
+    threads = []
+    original = model.pre.pixels
+    monkeypatch.setattr(model.pre, "pixels", lambda a: threads.append(threading.current_thread().name) or original(a))
+    images = [_png(40, 50), _png(60, 30, 1), _png(40, 40), _png(33, 70, 2)]
+    requests = [_bytes_req("IMAGE", images[:2]), _bytes_req("IMAGE", [images[2], b"garbage"]),
+                _bytes_req("IMAGE", images[3:])]
     out = model.execute(requests)
     s = model.pre.cfg.output_size
     assert out[0].error is None and out[0].outputs["PIXEL_VALUES"].shape == (2, 3, s, s)
     assert out[1].error is not None and out[1].error.message.startswith("image 1: not a decodable image")
     assert out[1].error.code == "INVALID_ARG"
     assert out[2].error is None and out[2].outputs["PIXEL_VALUES"].shape == (1, 3, s, s)
-    assert calls == [(3, s, s, 3)]  # one vectorised normalise for the whole execute
-    solo = model.execute([_bytes_req("IMAGE", [_png(33, 70, 2)])])[0]
+    assert len(threads) == 4 and all(name.startswith("decode") for name in threads)  # each good item, in the pool
+    exact = model.pre.normalise(np.stack([model.pre.load(b) for b in images]))  # (4, 3, S, S): one batched lookup
+    assert np.array_equal(np.concatenate([out[0].outputs["PIXEL_VALUES"], out[2].outputs["PIXEL_VALUES"]]),
+                          exact[[0, 1, 3]])
+    solo = model.execute([_bytes_req("IMAGE", images[3:])])[0]
     assert np.array_equal(solo.outputs["PIXEL_VALUES"], out[2].outputs["PIXEL_VALUES"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the load failure where there is no GPU decoding")
+def test_preprocess_image_gpu_decode_fails_the_load_clearly(pb, manifest, tmp_path):
+    """--image-decode gpu where torchvision (CI) or CUDA is missing: the model load fails saying so, no CPU fallback."""
+    configs = generate_configs(manifest, instance_kind="gpu", preprocess=plan_preprocessing("gpu", "gpu", cores=4))
+    with pytest.raises(pb.TritonModelException, match=r"^preprocess_image: image_decode=gpu cannot run here: "
+                       r"(ModuleNotFoundError: No module named 'torchvision'|GpuDecodeUnavailable: .*sees 0 CUDA).*"
+                       r"torch with CUDA and torchvision .* --image-decode cpu$"):
+        _load("preprocess_image", manifest, tmp_path / "1", configs, model_instance_kind="GPU",
+              model_instance_device_id="0")
 
 
 def test_preprocess_text_one_length_per_execute(pb, manifest, tokenizer_json, tmp_path):
