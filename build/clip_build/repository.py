@@ -371,6 +371,24 @@ def read_info(repo_dir: str | os.PathLike) -> dict:
     return json.loads((Path(repo_dir) / INFO_FILE).read_text(encoding="utf-8"))
 
 
+IN_FLIGHT_BATCHES = 8  # pixel batches the CUDA memory pool should hold at once (--image-decode gpu)
+
+
+def server_args(repo_dir: str | os.PathLike) -> list[str]:
+    """tritonserver flags a repository needs: with --image-decode gpu, a CUDA memory pool on GPU 0 that holds several
+    full pixel batches (Triton's default 64 MiB holds none at batch 256: the pixels would fall back to pinned host
+    memory, a host round trip). Other GPUs keep the default; a repository without clip_triton.json needs nothing."""
+    try:
+        info = read_info(repo_dir)
+    except (OSError, ValueError):
+        return []
+    if (info.get("preprocess") or {}).get("image_decode") != "gpu":
+        return []
+    side = int(info["exports"]["image_encoder"]["inputs"][0]["shape"][-1])
+    pool = max(256 * 2**20, IN_FLIGHT_BATCHES * int(info["max_batch_size"]) * 3 * side * side * 4)
+    return [f"--cuda-memory-pool-byte-size=0:{pool}"]
+
+
 # ---------------------------------------------------------------- CLI
 COMMAND_HELP = {"build": "build a Triton model repository (TorchScript encoders) from Parquet weights"}
 

@@ -25,6 +25,8 @@ import sys
 import threading
 from pathlib import Path
 
+from clip_build.repository import server_args
+
 from .binary import TritonServerError
 from .process import ADMIN_HEADER, RESTRICTED_APIS, StartupCancelled, TritonServer
 from .supervisor import Supervisor
@@ -82,7 +84,8 @@ def serve(repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8
     key, generated = resolve_admin_key(admin_key, restrict)
     server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           log_path=log_file, log_verbose=log_verbose, startup_timeout=startup_timeout,
-                          exit_timeout=exit_timeout, die_with_parent=True, admin_key=key)
+                          exit_timeout=exit_timeout, die_with_parent=True, admin_key=key,
+                          extra_args=server_args(repository))
     stop = stop_event or threading.Event()
     received: list[int] = []
 

@@ -3,10 +3,12 @@ say about them."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from clip_build.preprocess_plan import PreprocessPlan, parse_instances, plan_preprocessing
-from clip_build.repository import generate_configs, info_payload
+from clip_build.repository import generate_configs, info_payload, server_args
 from clip_common import contract as C
 from clip_runtime.params import read_parameters
 from tests.configs import parameters, parse_config
@@ -65,3 +67,15 @@ def test_gpu_decode_configs(manifest):
     encoder = parameters(configs[C.ImageEncoder.NAME])["parameters"]
     assert encoder["FORCE_CPU_ONLY_INPUT_TENSORS"] == {"string_value": "no"}
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in parameters(configs[C.TextEncoder.NAME])["parameters"]
+
+
+def test_server_args_give_gpu_decode_a_cuda_pool(tmp_path):
+    def info(decode):
+        (tmp_path / "clip_triton.json").write_text(json.dumps({
+            "max_batch_size": 256, "preprocess": {"image_decode": decode},
+            "exports": {"image_encoder": {"inputs": [{"shape": [-1, 3, 224, 224]}]}}}))
+        return server_args(tmp_path)
+
+    assert server_args(tmp_path) == []  # no clip_triton.json: nothing to add
+    assert info("cpu") == []
+    assert info("gpu") == [f"--cuda-memory-pool-byte-size=0:{8 * 256 * 3 * 224 * 224 * 4}"]  # 8 full pixel batches

@@ -26,8 +26,25 @@ def _dtype_rows(dtype: str, res: dict) -> list[str]:
         lines += [f"- towers alone, batch {towers['batch']}: images {towers['image_per_s']:,.0f}/s; texts/s {texts}; "
                   f"GPU {_gpu(towers.get('gpu'))}"]
     if "parity" in res:
-        lines.append(f"- parity vs fp32 CPU: min cosine image {res['parity']['image']:.6f}, "
-                     f"text {res['parity']['text']:.6f}")
+        lines.append("- parity vs fp32 CPU: min cosine " + ", ".join(f"{k} {v:.6f}" for k, v in res["parity"].items()))
+    if "preprocess" in res:
+        pre = res["preprocess"]
+        lines.append(f"- preprocessing ({pre['rule']}, {pre['cores']} cores, decode {pre['image_decode']}): "
+                     f"{pre['image_instances']} preprocess_image x {pre['decode_threads']} decode threads, "
+                     f"{pre['text_instances']} preprocess_text")
+    if "vs_exact_path" in res:
+        lines.append(f"- embeddings vs the exact (CPU-decoding) build, min cosine: "
+                     f"image {res['vs_exact_path']['image']:.6f}")
+    check = res.get("decode_check")
+    if check:
+        lines.append(f"- decode check: error {check['error'][:300]}" if "error" in check else
+                     f"- pixels vs the exact path ({check['items']} items, on {check['device']}): max "
+                     f"{check['max_diff_levels']}/255, mean {check['mean_diff_levels']}/255, 99.9th percentile "
+                     f"{check['p999_diff_levels']}/255, normalised max {check['max_diff_normalised']}; routed "
+                     f"{check['routed']}; fallbacks identical {all(check['fallback_identical'].values())}, "
+                     f"errors as the exact path {all(check['errors_match'].values())}")
+    if res.get("server_args"):
+        lines.append(f"- server flags: `{' '.join(res['server_args'])}`")
     for key, label in (("build_s", "build"), ("cold_start_s", "cold start (all models ready)")):
         if key in res:
             lines.append(f"- {label}: {res[key]} s")
@@ -81,6 +98,9 @@ def render(results: dict, checks: list[Check]) -> str:
     ]
     for dtype, res in results["dtypes"].items():
         lines += _dtype_rows(dtype, res)
+    gpu = results.get("gpu_decode") or {}
+    if gpu.get("dtype"):
+        lines += ["## --image-decode gpu", ""] + _dtype_rows(gpu["dtype"], gpu)
     lines += [f"- skipped: {s}" for s in results.get("skipped", [])]
     lines += [f"- **error:** {e}" for e in results.get("errors", [])]
     return "\n".join(lines) + "\n"

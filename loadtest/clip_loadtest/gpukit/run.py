@@ -1,12 +1,16 @@
-"""The GPU kit's one run: for each dtype (bf16, fp16) build a ViT-B/32-size repository with --instance-kind gpu, time
-the towers alone, serve it on the kit's tritonserver, check parity against the fp32 CPU reference (cosine >= 0.999),
-measure end-to-end images/s and texts/s through Triton (the machine's cores decoding), batch-of-8 latency,
-perf_analyzer and GPU utilisation; write gpukit.json, gpukit.md and the server logs into --out.
+"""The GPU kit's one run: for each dtype (bf16 by default) build a ViT-B/32-size repository with --instance-kind gpu
+(the preprocessors spread over the cores by `--preprocess-instances auto`), time the towers alone, serve it on the
+kit's tritonserver, check parity against the fp32 CPU reference (cosine >= 0.999), measure end-to-end images/s and
+texts/s through Triton (the machine's cores decoding), batch-of-8 latency, perf_analyzer and GPU utilisation. Then,
+on a GPU, the same dtype again with `--image-decode gpu`: its pixels against the exact CPU path (decode_check, in a
+subprocess), its embeddings against the exact path's and the fp32 reference, and end-to-end images/s. A failure there
+is recorded and does not touch the rest. gpukit.json and gpukit.md (rewritten after each step) and the server logs go
+into --out.
 
     python3 .artifacts/gpu-kit/run_kit.py --device cuda --out "$OUT"    # through the kit, on the GPU machine
     python -m clip_loadtest.gpukit.run --device cpu --out reports/gpukit  # tiny model, KIND_CPU (what CI runs)
 
-Exit code 0 when every dtype served, passed parity and the run had no error.
+Exit code 0 when every build served, passed parity and the run had no error.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -45,7 +50,7 @@ class Plan:
     tower_batch: int  # batch of the towers-alone timing
     tower_iters: int
     text_lengths: tuple[int, ...]  # token lengths of the text-tower timing (16: short prompts as padded; 77: max)
-    concurrency: int  # callers of the end-to-end runs
+    concurrency: int  # callers of the end-to-end runs (enough requests in flight to keep every preprocessor busy)
     per_request: int  # items per end-to-end request
     duration_s: float  # per end-to-end run
     warmup_s: float
@@ -55,10 +60,13 @@ class Plan:
 
 
 PLANS = {
-    "cuda": Plan("base", 256, 2, 256, 50, (16, 77), 8, 64, 8.0, 4.0, "640x480", 64, 3000),
+    "cuda": Plan("base", 256, 4, 256, 50, (16, 77), 16, 64, 8.0, 4.0, "640x480", 64, 3000),
     "cpu": Plan("tiny", 16, 1, 16, 3, (16, 77), 2, 4, 2.0, 1.0, "64x48,48x64", 8, 1000),
 }
 TARGETS = {"image tower bf16 (img/s, batch 256)": 30_000, "end-to-end images/s through Triton (bf16)": 5_000}
+E2E_TARGET = TARGETS["end-to-end images/s through Triton (bf16)"]
+GPU_DECODE_MIN_S = 60.0  # the --image-decode gpu step starts only with this much of the budget left
+DECODE_CHECK_TIMEOUT_S = 180
 
 
 class KitRunError(RuntimeError):
@@ -244,6 +252,8 @@ class Context:
     reference: dict
     monitor: GpuMonitor
     deadline: float  # monotonic: optional steps are skipped after it
+    budget_end: float  # monotonic: the end of --budget-s
+    served: dict  # dtype -> the probe images' embeddings as the exact (CPU-decoding) build served them
 
     def late(self) -> bool:
         return time.monotonic() > self.deadline
@@ -251,7 +261,7 @@ class Context:
 
 def serve_dtype(ctx: Context, dtype: str) -> dict:
     """Build, time the towers, serve, check parity, measure end to end; the server is always stopped."""
-    from clip_build.repository import build_repository  # noqa: PLC0415
+    from clip_build.repository import build_repository, read_info  # noqa: PLC0415
     from clip_client import CLIPClient  # noqa: PLC0415
     from clip_server import TritonServer  # noqa: PLC0415
 
@@ -260,9 +270,9 @@ def serve_dtype(ctx: Context, dtype: str) -> dict:
     repo = work / f"repo-{dtype}"
     t0 = time.perf_counter()
     build_repository(ctx.weights, repo, instance_kind="gpu" if args.device == "cuda" else "cpu", dtype=dtype,
-                     instance_count=plan.instance_count, max_batch_size=plan.max_batch_size,
-                     limits={"decode_threads": os.cpu_count() or 1})
+                     instance_count=plan.instance_count, max_batch_size=plan.max_batch_size)
     res["build_s"] = round(time.perf_counter() - t0, 1)
+    res["preprocess"] = read_info(repo)["preprocess"]  # the auto rule's instances and decode threads
     phase = f"{dtype} towers"
     with ctx.monitor.phase(phase):
         res["towers"] = measure_towers(repo, args.device, plan, int(ctx.manifest["text"]["config"]["vocab_size"]))
@@ -281,24 +291,15 @@ def serve_dtype(ctx: Context, dtype: str) -> dict:
             return CLIPClient(server.grpc_url, protocol="grpc", retries=0, timeout=120.0)
 
         with client() as c:
-            res["parity"] = {"image": min_cosine(c.encode_image(ctx.probe_images, normalize=False),
-                                                 ctx.reference["image"]),
+            ctx.served[dtype] = c.encode_image(ctx.probe_images, normalize=False)  # (N, D)
+            res["parity"] = {"image": min_cosine(ctx.served[dtype], ctx.reference["image"]),
                              "text": min_cosine(c.encode_text(ctx.probe_texts, normalize=False),
                                                 ctx.reference["text"])}
         log.info("%s parity vs fp32 CPU: min cosine image %.6f, text %.6f", dtype, res["parity"]["image"],
                  res["parity"]["text"])
         res["e2e"], res["latency"], res["perf_analyzer"] = {}, {}, {}
         for kind, items in (("image", ctx.images), ("text", ctx.texts)):
-            closed_loop(client, kind, items, plan.concurrency, plan.warmup_s, plan.per_request)
-            before, phase = model_stats(server.http_url), f"{dtype} e2e {kind}"
-            with ctx.monitor.phase(phase):
-                r = closed_loop(client, kind, items, plan.concurrency, plan.duration_s, plan.per_request)
-            res["e2e"][kind] = {**r.summary(), "gpu": ctx.monitor.summary(phase),
-                                "models": stats_delta(before, model_stats(server.http_url))}
-            log.info("%s end to end %s: %.0f items/s, p50 %.1f ms, p99 %.1f ms, GPU %s", dtype, kind, r.items_per_s,
-                     r.pct(50), r.pct(99), res["e2e"][kind]["gpu"])
-            if r.errors:
-                res["errors"].append(f"{r.errors} failed {kind} requests end to end")
+            res["e2e"][kind] = end_to_end(ctx, server, client, kind, items, dtype, res["errors"])
         for kind, items in (("image", ctx.images), ("text", ctx.texts)):
             if ctx.late():
                 res["skipped"].append(f"latency and perf_analyzer ({kind}): time budget")
@@ -315,6 +316,83 @@ def serve_dtype(ctx: Context, dtype: str) -> dict:
     return res
 
 
+def end_to_end(ctx: Context, server, client, kind: str, items: list, label: str, errors: list) -> dict:
+    """Closed loop (warm-up, then the timed run) at the plan's concurrency: items/s, latencies, GPU, model stats."""
+    plan = ctx.plan
+    closed_loop(client, kind, items, plan.concurrency, plan.warmup_s, plan.per_request)
+    before, phase = model_stats(server.http_url), f"{label} e2e {kind}"
+    with ctx.monitor.phase(phase):
+        r = closed_loop(client, kind, items, plan.concurrency, plan.duration_s, plan.per_request)
+    out = {**r.summary(), "gpu": ctx.monitor.summary(phase), "models": stats_delta(before, model_stats(server.http_url))}
+    log.info("%s end to end %s: %.0f items/s, p50 %.1f ms, p99 %.1f ms, GPU %s", label, kind, r.items_per_s,
+             r.pct(50), r.pct(99), out["gpu"])
+    if r.errors:
+        errors.append(f"{r.errors} failed {kind} requests end to end")
+    return out
+
+
+def decode_check(timeout: float) -> dict:
+    """clip_loadtest.gpukit.decode_check in a subprocess (a crash in nvJPEG cannot take the run down): its JSON."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "clip_loadtest.gpukit.decode_check", "--device", "cuda"],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"decode_check did not finish in {timeout:.0f} s"}
+    try:
+        return json.loads(done.stdout)
+    except ValueError:
+        return {"error": f"decode_check exited {done.returncode}: {(done.stderr or done.stdout).strip()[-1500:]}"}
+
+
+def serve_gpu_decode(ctx: Context, res: dict) -> None:
+    """--image-decode gpu, filling `res` step by step: pixels vs the exact path (decode_check), then build, serve,
+    embeddings vs the exact path's and the fp32 reference, end-to-end images/s; the server is always stopped."""
+    from clip_build.repository import build_repository, read_info, server_args  # noqa: PLC0415
+    from clip_client import CLIPClient  # noqa: PLC0415
+    from clip_server import TritonServer  # noqa: PLC0415
+
+    args, plan, work, dtype = ctx.args, ctx.plan, Path(ctx.args.workdir), res["dtype"]
+    res["decode_check"] = decode_check(min(DECODE_CHECK_TIMEOUT_S, ctx.budget_end - time.monotonic()))
+    if "error" in res["decode_check"]:
+        res["errors"].append(f"decode_check: {res['decode_check']['error']}")
+    elif not res["decode_check"].get("ok"):
+        res["errors"].append("decode_check: a fallback item or an error message differs from the exact path")
+    log.info("GPU decode vs the exact path: %s", {k: v for k, v in res["decode_check"].items()
+                                                   if k in ("max_diff_levels", "mean_diff_levels", "routed", "ok")})
+    repo = work / f"repo-{dtype}-gpu-decode"
+    t0 = time.perf_counter()
+    build_repository(ctx.weights, repo, instance_kind="gpu", dtype=dtype, instance_count=plan.instance_count,
+                     max_batch_size=plan.max_batch_size, image_decode="gpu")
+    res["build_s"] = round(time.perf_counter() - t0, 1)
+    res["preprocess"] = read_info(repo)["preprocess"]
+    res["server_args"] = server_args(repo)
+    server = TritonServer(repo, log_path=Path(args.out) / f"tritonserver-{dtype}-gpu-decode.log", exit_timeout=3,
+                          extra_args=res["server_args"])
+    t0 = time.perf_counter()
+    server.start()
+    try:
+        server.wait_ready(max(30.0, min(180.0, ctx.budget_end - time.monotonic())))
+        res["cold_start_s"] = round(time.perf_counter() - t0, 1)
+
+        def client():
+            return CLIPClient(server.grpc_url, protocol="grpc", retries=0, timeout=60.0)
+
+        with client() as c:
+            embeds = c.encode_image(ctx.probe_images, normalize=False)  # (N, D)
+        res["parity"] = {"image": min_cosine(embeds, ctx.reference["image"])}
+        if dtype in ctx.served:
+            res["vs_exact_path"] = {"image": min_cosine(embeds, ctx.served[dtype])}
+        log.info("%s GPU decode: min cosine vs fp32 CPU %.6f, vs the exact path %s", dtype, res["parity"]["image"],
+                 res.get("vs_exact_path"))
+        res["e2e"] = {"image": end_to_end(ctx, server, client, "image", ctx.images, f"{dtype} gpu-decode",
+                                          res["errors"])}
+        res["rss_mb"] = round(server.rss_bytes() / 2**20)
+        if not server.running or server.not_ready_models() or server.dead_stubs():
+            res["errors"].append("the server, a model or a python stub died during the run (see the server log)")
+    finally:
+        server.stop()
+
+
 def evaluate(results: dict, device: str) -> list[Check]:
     """Parity (enforced) and the issue's GPU targets (reported; n/a on the CPU)."""
     checks = []
@@ -329,6 +407,18 @@ def evaluate(results: dict, device: str) -> list[Check]:
     for (name, target), value in zip(TARGETS.items(), values):
         ok = None if device != "cuda" or value is None else value >= target
         checks.append(Check(name, value, f">= {target:,}", ok, "GPU target" if device == "cuda" else "GPU target; n/a"))
+    gpu = results.get("gpu_decode") or {}
+    if gpu.get("dtype"):
+        d = gpu["dtype"]
+        cos = (gpu.get("parity") or {}).get("image")
+        checks.append(Check(f"{d} GPU-decode image embeddings vs fp32 CPU (min cosine)", cos, f">= {PARITY_MIN}",
+                            None if cos is None else cos >= PARITY_MIN))
+        rate = ((gpu.get("e2e") or {}).get("image") or {}).get("items_per_s")
+        checks.append(Check(f"end-to-end images/s through Triton, --image-decode gpu ({d})", rate, f">= {E2E_TARGET:,}",
+                            None if rate is None else rate >= E2E_TARGET, "GPU target"))
+        levels = (gpu.get("decode_check") or {}).get("max_diff_levels")
+        checks.append(Check("GPU-decode pixels vs the exact path (max, 1/255 levels)", levels, "report", None,
+                            f"mean {(gpu.get('decode_check') or {}).get('mean_diff_levels')}"))
     return checks
 
 
@@ -338,13 +428,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=tuple(PLANS), default="cuda", help="cuda: ViT-B/32 size, KIND_GPU; "
                         "cpu: tiny model, KIND_CPU")
-    parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated encoder dtypes, run in this order")
+    parser.add_argument("--dtypes", default="bf16", help="comma-separated encoder dtypes, run in this order")
     parser.add_argument("--out", default="gpukit-results", help="gpukit.json, gpukit.md, server logs")
     parser.add_argument("--workdir", default=None, help="checkpoints, weights, repositories (default: a folder "
                         "under the system temp dir)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="seconds the run aims at: a dtype starts only "
                         "if the previous one's time is left; latency and perf_analyzer are skipped after 80%%")
     parser.add_argument("--no-perf-analyzer", action="store_true")
+    parser.add_argument("--no-gpu-decode", action="store_true", help="skip the --image-decode gpu build (it runs on "
+                        "--device cuda only, for the first dtype, after the others)")
     args = parser.parse_args(argv)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [d for d in args.dtypes if d not in ("fp32", "fp16", "bf16")]
@@ -355,6 +447,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
         args.workdir = str(Path(tempfile.gettempdir()) / f"clip-gpukit-work-{args.device}")
     return args
+
+
+def write_report(results: dict, out: Path, device: str, started: float) -> list[Check]:
+    """gpukit.json and gpukit.md as they stand (rewritten after each step: a later crash leaves the earlier ones)."""
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    checks = evaluate(results, device)
+    results["checks"] = [c.__dict__ | {"verdict": c.verdict} for c in checks]
+    (out / "gpukit.json").write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+    (out / "gpukit.md").write_text(render(results, checks), encoding="utf-8")
+    return checks
+
+
+def run_gpu_decode(ctx: Context, results: dict) -> None:
+    """The --image-decode gpu step for the first dtype, when on a GPU and in budget; failures recorded, not raised."""
+    args = ctx.args
+    if args.device != "cuda" or args.no_gpu_decode:
+        results["gpu_decode"] = {"skipped": ["--device cpu: no GPU" if args.device != "cuda" else "--no-gpu-decode"]}
+        return
+    res = results["gpu_decode"] = {"dtype": args.dtypes[0], "errors": [], "skipped": []}
+    if ctx.budget_end - time.monotonic() < GPU_DECODE_MIN_S:
+        res["skipped"].append("time budget")
+        return
+    try:
+        serve_gpu_decode(ctx, res)
+    except Exception as exc:  # noqa: BLE001 - recorded; what was measured before stays
+        log.exception("the --image-decode gpu run failed")
+        res["errors"].append(f"{type(exc).__name__}: {exc}"[:2000])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(args, plan, weights, manifest, jpeg_images(plan.n_images, sizes=plan.image_sizes, seed=1),
                       short_prompts(256), probe_images, probe_texts,
                       fp32_reference(weights, manifest, probe_images, probe_texts), monitor,
-                      started + 0.8 * args.budget_s)
+                      started + 0.8 * args.budget_s, started + args.budget_s, {})
         results["prepare_s"] = round(time.monotonic() - started, 1)
         last_s = 0.0  # how long the previous dtype took: the next one starts only if as much time is left
         for dtype in args.dtypes:
@@ -393,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.exception("%s run failed", dtype)
                 results["dtypes"][dtype] = {"errors": [f"{type(exc).__name__}: {exc}"[:2000]]}
             last_s = time.monotonic() - t0
+            write_report(results, out, args.device, started)
+        run_gpu_decode(ctx, results)
     except KitRunError as exc:
         results["errors"].append(str(exc))
     except Exception as exc:  # noqa: BLE001 - the report is still written
@@ -400,15 +521,14 @@ def main(argv: list[str] | None = None) -> int:
         results["errors"].append(f"{type(exc).__name__}: {exc}"[:2000])
     finally:
         monitor.stop()
-    results["elapsed_s"] = round(time.monotonic() - started, 1)
-    checks = evaluate(results, args.device)
-    results["checks"] = [c.__dict__ | {"verdict": c.verdict} for c in checks]
-    (out / "gpukit.json").write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
-    (out / "gpukit.md").write_text(render(results, checks), encoding="utf-8")
-    errors = results["errors"] + [e for r in results["dtypes"].values() for e in r.get("errors", [])]
+    checks = write_report(results, out, args.device, started)
+    gpu_decode = results.get("gpu_decode") or {}
+    errors = (results["errors"] + [e for r in results["dtypes"].values() for e in r.get("errors", [])]
+              + [f"--image-decode gpu: {e}" for e in gpu_decode.get("errors", [])])
     parity_ok = all(c.ok for c in checks if "cosine" in c.name) and bool(results["dtypes"])
-    print(f"{out / 'gpukit.md'}: {len(results['dtypes'])} dtype(s) in {results['elapsed_s']:.0f} s, parity "
-          f"{'ok' if parity_ok else 'FAILED'}, {len(errors)} error(s)")
+    print(f"{out / 'gpukit.md'}: {len(results['dtypes'])} dtype(s) and "
+          f"{'the GPU-decode build' if gpu_decode.get('e2e') else 'no GPU-decode measurement'} in "
+          f"{results['elapsed_s']:.0f} s, parity {'ok' if parity_ok else 'FAILED'}, {len(errors)} error(s)")
     for e in errors:
         print(f"error: {e}")
     return 0 if parity_ok and not errors else 1
