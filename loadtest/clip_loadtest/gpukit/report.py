@@ -30,7 +30,8 @@ def _dtype_rows(dtype: str, res: dict) -> list[str]:
     if "preprocess" in res:
         pre = res["preprocess"]
         lines.append(f"- preprocessing ({pre['rule']}, {pre['cores']} cores, decode {pre['image_decode']}): "
-                     f"{pre['image_instances']} preprocess_image x {pre['decode_threads']} decode threads, "
+                     f"{pre['image_instances']} preprocess_image x {pre['decode_threads'] or 'min(4, cores)'} decode "
+                     f"threads, "
                      f"{pre['text_instances']} preprocess_text")
     if "vs_exact_path" in res:
         lines.append(f"- embeddings vs the exact (CPU-decoding) build, min cosine: "

@@ -386,6 +386,10 @@ def serve_gpu_decode(ctx: Context, res: dict) -> None:
                  res.get("vs_exact_path"))
         res["e2e"] = {"image": end_to_end(ctx, server, client, "image", ctx.images, f"{dtype} gpu-decode",
                                           res["errors"])}
+        if ctx.late():
+            res["skipped"].append("perf_analyzer (image): time budget")
+        elif not args.no_perf_analyzer:
+            res["perf_analyzer"] = {"image": _perf(server, "image", ctx.images, plan, work)}
         res["rss_mb"] = round(server.rss_bytes() / 2**20)
         if not server.running or server.not_ready_models() or server.dead_stubs():
             res["errors"].append("the server, a model or a python stub died during the run (see the server log)")
