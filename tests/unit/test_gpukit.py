@@ -79,6 +79,7 @@ def test_report_shows_the_gpu_decode_build():
     verdicts = {c.name: c.verdict for c in checks}
     assert verdicts["end-to-end images/s through Triton, --image-decode gpu (bf16)"] == "PASS"
     assert verdicts["bf16 GPU-decode image embeddings vs fp32 CPU (min cosine)"] == "PASS"
+    assert verdicts["bf16 GPU-decode image embeddings vs the exact build (min cosine)"] == "PASS"
     assert verdicts["GPU-decode pixels vs the exact path (max, 1/255 levels)"] == "n/a"  # reported, no target
     text = render(results, checks)
     assert "## --image-decode gpu" in text and "4 preprocess_image x 2 decode threads" in text
