@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .modules import BertEncoder, ClipTextTransformer, ImageEncoder, TextEncoder, VisionTransformer
+from .modules.layers import fold_activations
 from .weights import WeightsFormatError, load_manifest, open_tower, sha256_file
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -28,6 +29,7 @@ def _load(module: nn.Module, weights_dir: str | os.PathLike, tower: str, dtype: 
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise WeightsFormatError(f"{weights_dir}/{tower}.parquet does not match its config: {e}") from e
+    fold_activations(module.float())  # in fp32, before the cast: no extra rounding in low precision
     return module.to(_torch_dtype(dtype)).eval().requires_grad_(False)
 
 
