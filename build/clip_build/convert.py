@@ -418,12 +418,14 @@ def convert(checkpoint: str, out: str | Path, vision_checkpoint: str | None = No
     sources = {"text": str(checkpoint), "vision": str(vision_checkpoint or checkpoint),
                "projections": str(projections) if projections else None}
     files: dict[str, str] = {}
+    # The Parquet files carry content only (tensors, configs): their sha256s make model_id, so identical weights
+    # give identical ids however the checkpoint path was typed. Where they came from is in manifest.json alone.
     with tqdm(total=len(text) + len(vision), desc="writing tensors", unit="tensor", disable=None) as bar:
         files["text.parquet"] = write_parquet(out / "text.parquet", text, {
-            "tower": "text", "family": family, "source": sources,
+            "tower": "text", "family": family,
             "config": {"arch": text_arch, "pooling": pooling, "projection_dim": projection_dim, **text_cfg}}, bar)
         files["vision.parquet"] = write_parquet(out / "vision.parquet", vision, {
-            "tower": "vision", "family": family, "source": sources,
+            "tower": "vision", "family": family,
             "config": {"arch": "vit", "projection_dim": projection_dim, **vision_cfg}}, bar)
 
     tok_dir = out / "tokenizer"

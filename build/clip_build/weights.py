@@ -2,7 +2,8 @@
 
 A Parquet file holds columns name (string), dtype (string, e.g. "float32"), shape (list<int64>) and data (binary,
 raw little-endian C-order bytes), one tensor per row group so that a reader can fetch one tensor alone. Its file
-metadata key ``clip_triton`` holds JSON {tower, family, source, config}. Readers never import torch at module level.
+metadata key ``clip_triton`` holds JSON {tower, family, config} (content only: no paths, which would leak
+into model_id). Readers never import torch at module level.
 """
 
 from __future__ import annotations

@@ -76,10 +76,28 @@ def test_towers_are_split(weights):
     assert all(n.startswith(("text.", "text_projection")) for n in text.names())
     assert all(n.startswith(("vision.", "visual_projection")) for n in vision.names())
     assert text.metadata["tower"] == "text" and text.metadata["family"] == "clip"
-    assert vision.metadata["config"]["image_size"] == 32 and "source" in vision.metadata
+    assert vision.metadata["config"]["image_size"] == 32 and "source" not in vision.metadata  # paths would leak into model_id
 
 
 # ------------------------------------------------------------------------------------------------ manifest
+def test_model_id_comes_from_content_not_from_the_typed_path(checkpoints, tmp_path, monkeypatch):
+    """The same checkpoint converted through a relative and an absolute path (and a copy elsewhere) has one id."""
+    src = checkpoints("clip")
+    copy = shutil.copytree(src, tmp_path / "elsewhere" / "ckpt")
+    monkeypatch.chdir(src.parent)
+    rel = convert(src.name, tmp_path / "rel")
+    absolute = convert(str(src.resolve()), tmp_path / "abs")
+    moved = convert(str(copy), tmp_path / "copy")
+    assert rel["source"]["text"] == src.name and absolute["source"]["text"] == str(src.resolve())  # provenance kept
+    assert rel["model_id"] == absolute["model_id"] == moved["model_id"]
+    assert rel["files"] == absolute["files"]
+    # and different weights still get a different id
+    sd = load_file(copy / "model.safetensors")
+    sd["visual_projection.weight"] = sd["visual_projection.weight"] + 1
+    save_file(sd, copy / "model.safetensors")
+    assert convert(str(copy), tmp_path / "changed")["model_id"] != rel["model_id"]
+
+
 @pytest.mark.parametrize("family", ["clip", "chinese_clip", "bert_vit"])
 def test_manifest_contents(weights, family):
     w = weights(family)
