@@ -1,4 +1,4 @@
-"""Python client for CLIP-style dual encoders served on Triton: CLIPClient, AsyncCLIPClient, Parquet galleries."""
+"""Python client for CLIP-style dual encoders served on Triton: CLIPClient, AsyncCLIPClient, galleries (clip_client.gallery)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,25 @@ from .errors import (
     ServerTimeoutError,
     ServerUnavailableError,
 )
+from .providers import (
+    AsyncEmbeddingProvider,
+    AsyncMultimodalEmbeddingProvider,
+    EmbeddingProvider,
+    MultimodalEmbeddingProvider,
+)
 
 __all__ = [
     "DEFAULT_TEMPLATE",
     "AsyncCLIPClient",
+    "AsyncEmbeddingProvider",
+    "AsyncMultimodalEmbeddingProvider",
     "CLIPClient",
     "CLIPClientError",
+    "EmbeddingProvider",
     "InvalidInputError",
     "ModelInfo",
     "ModelMismatchError",
+    "MultimodalEmbeddingProvider",
     "ServerError",
     "ServerTimeoutError",
     "ServerUnavailableError",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,6 +251,23 @@ class AsyncCLIPClient(ClientBase):
                 probe = self._scale_probe(configs)
                 self._info = self._info_from_configs(configs, None if probe is None else await self._infer(*probe))
         return self._info
+
+    # ---------------------------------------------------------------------------------- AsyncEmbeddingProvider
+    async def dimension(self) -> int:
+        """Embedding size (providers.AsyncEmbeddingProvider)."""
+        return (await self.get_model_info()).dim
+
+    async def model_id(self) -> str:
+        """The served weights' identity (providers.AsyncEmbeddingProvider)."""
+        return (await self.get_model_info()).model_id
+
+    async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Normalised text embeddings (n, D) (providers.AsyncEmbeddingProvider)."""
+        return await self.encode_text(list(texts))
+
+    async def embed_images(self, images: Sequence[Any]) -> np.ndarray:
+        """Normalised image embeddings (n, D) (providers.AsyncMultimodalEmbeddingProvider)."""
+        return await self.encode_image(list(images))
 
     # ---------------------------------------------------------------------------------- encoding
     async def _stream(self, batches: Iterator[list[bytes]], send: Callable[[list[bytes]], Awaitable[np.ndarray]],

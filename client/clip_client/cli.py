@@ -16,7 +16,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
 GROUP = "clip_triton.commands"
-BUILTIN = {"index": "clip_client.gallery", "search": "clip_client.gallery", "classify": "clip_client.classify"}
+BUILTIN = {"index": "clip_client.gallery.cli", "search": "clip_client.gallery.cli", "classify": "clip_client.classify"}
 # Order in --help; commands not listed here follow alphabetically.
 ORDER = ("demo", "convert", "build", "serve", "gateway", "bench", "index", "search", "classify")
 DISTRIBUTIONS = ("clip-triton", "clip-triton-client")  # the full install, the client alone

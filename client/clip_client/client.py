@@ -6,7 +6,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -189,6 +189,23 @@ class CLIPClient(ClientBase):
     def logit_scale(self) -> float:
         """The model's raw logit_scale (similarities are multiplied by exp of it)."""
         return self.get_model_info().logit_scale
+
+    # ---------------------------------------------------------------------------------- EmbeddingProvider
+    def dimension(self) -> int:
+        """Embedding size (providers.EmbeddingProvider)."""
+        return self.get_model_info().dim
+
+    def model_id(self) -> str:
+        """The served weights' identity (providers.EmbeddingProvider)."""
+        return self.get_model_info().model_id
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Normalised text embeddings (n, D) (providers.EmbeddingProvider)."""
+        return self.encode_text(list(texts))
+
+    def embed_images(self, images: Sequence[Any]) -> np.ndarray:
+        """Normalised image embeddings (n, D) (providers.MultimodalEmbeddingProvider)."""
+        return self.encode_image(list(images))
 
     # ---------------------------------------------------------------------------------- encoding
     def _stream(self, batches: Iterator[list[bytes]], send: Callable[[list[bytes]], np.ndarray], bar) -> list[np.ndarray]:

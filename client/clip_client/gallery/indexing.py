@@ -1,0 +1,268 @@
+"""Index a folder of images into a gallery: embed what is new or changed, reuse known content, drop what is gone.
+
+One run syncs the gallery with the folder: unchanged files (same path, size and mtime) cost a stat; a file whose
+content (sha256) is already in the gallery, e.g. a duplicate or a moved file, gets its own row with the stored
+embedding (no server call); rows of files that are gone under the folder are deleted; a changed file is re-embedded.
+Files the server cannot decode are skipped, reported and remembered with their sha256, so that the next run does
+not send them again unless their content changed (or retry_failed=True).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidInputError, ServerError
+from .base import Gallery
+
+log = logging.getLogger("clip_client.gallery")
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".npy"})
+FLUSH_ROWS = 4096  # rows buffered before one gallery.add (one segment)
+
+
+def iter_image_files(root: str | os.PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> Iterator[Path]:
+    """Image files under root (recursive, sorted, symlinked folders not followed); root may be a single file."""
+    root = Path(root)
+    if root.is_file():
+        yield root
+        return
+    exts = {e.lower() for e in extensions}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in exts:
+                yield Path(dirpath) / name
+
+
+_ITEM_HINT = re.compile(r"\bimage (\d+): ")  # the preprocessor names the first bad item of a request
+
+
+def encode_tolerant(client: Any, items: list[bytes]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Embed a batch; when the server rejects it, split it until each bad item is alone and confirmed bad.
+
+    The split uses the server's hint ("image J: ...") when present (3 requests per bad item), else bisects.
+    Returns ({index: normalised embedding}, {index: server's message for that item alone}).
+    Unavailable servers and timeouts propagate.
+    """
+    good: dict[int, np.ndarray] = {}
+    bad: dict[int, str] = {}
+
+    def go(lo: int, hi: int) -> None:
+        if lo >= hi:
+            return
+        try:
+            emb = client.encode_image(items[lo:hi])
+        except (InvalidInputError, ServerError) as e:
+            if hi - lo == 1:
+                bad[lo] = str(e)
+                return
+            hint = _ITEM_HINT.search(str(e))
+            j = lo + int(hint.group(1)) if hint else -1
+            cuts = (lo, j, j + 1, hi) if lo <= j < hi else (lo, (lo + hi) // 2, hi)
+            for a, b in zip(cuts, cuts[1:]):
+                go(a, b)
+            return
+        for k, e in enumerate(emb):
+            good[lo + k] = e
+
+    go(0, len(items))
+    return good, bad
+
+
+def image_size(data: bytes) -> tuple[int | None, int | None]:
+    """(width, height) from the image's header (or a .npy's shape); (None, None) when unreadable."""
+    try:
+        if data[:6] == b"\x93NUMPY":
+            buf = io.BytesIO(data)
+            version = np.lib.format.read_magic(buf)
+            shape = np.lib.format._read_array_header(buf, version)[0]  # (H, W, 3)
+            return int(shape[1]), int(shape[0])
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            return int(im.width), int(im.height)
+    except Exception:  # noqa: BLE001 - any undecodable header: size unknown, the server decides
+        return None, None
+
+
+@dataclass
+class IndexReport:
+    """What one index run did."""
+
+    added: int = 0  # rows embedded by the server
+    copied: int = 0  # rows whose content was already in the gallery (duplicates, moved files): embedding reused
+    unchanged: int = 0
+    updated: int = 0  # changed files re-embedded (their old rows deleted)
+    removed: int = 0  # rows of files that are gone (moved or deleted)
+    known_bad: int = 0  # files that failed before and did not change: not sent again
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): could not be embedded now
+    total: int = 0  # rows in the gallery afterwards
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        return (f"{self.added} added, {self.copied} reused (duplicate or moved content), {self.updated} changed, "
+                f"{self.removed} removed, {self.unchanged} unchanged, {len(self.skipped)} skipped, "
+                f"{self.known_bad} skipped earlier and unchanged, {self.total} images in the gallery")
+
+
+@dataclass
+class _File:
+    path: str
+    size: int
+    mtime: float
+    sha256: str = ""
+    data: bytes = b""
+
+
+class _Indexer:
+    """One index run's state: buffers rows, asks the gallery for known content, the server for the rest."""
+
+    def __init__(self, client: Any, gallery: Gallery, workers: int, batch_size: int, tags: list[str], bar: Any):
+        self.client, self.gallery, self.bar = client, gallery, bar
+        self.workers, self.batch_size, self.tags = workers, batch_size, tags
+        self.report = IndexReport()
+        self.pending: list[_File] = []  # read, not yet embedded
+        self.paths: list[str] = []  # rows buffered for gallery.add
+        self.vectors: list[np.ndarray] = []
+        self.meta: list[dict] = []
+        self.failed: list[dict] = []
+        self.succeeded: list[str] = []
+        self.stale: list[str] = []  # changed files: their old rows go before their new rows are added
+
+    def row(self, f: _File, embedding: np.ndarray) -> None:
+        w, h = image_size(f.data)
+        self.paths.append(f.path)
+        self.vectors.append(embedding)
+        self.meta.append({"sha256": f.sha256, "size": f.size, "mtime": f.mtime, "width": w, "height": h,
+                          "tags": list(self.tags)})
+        self.succeeded.append(f.path)
+        if len(self.paths) >= FLUSH_ROWS:
+            self.flush_rows()
+
+    def flush_rows(self) -> None:
+        if self.stale:
+            self.gallery.delete(paths=self.stale)
+            self.stale = []
+        if self.paths:
+            self.gallery.add(self.paths, np.stack(self.vectors), self.meta)
+        self.paths, self.vectors, self.meta = [], [], []
+
+    def embed_pending(self) -> None:
+        """Embed the pending files: known content from the gallery, one request per new content for the rest."""
+        files, self.pending = self.pending, []
+        if not files:
+            return
+        digests = sorted({f.sha256 for f in files})
+        known = {}
+        for lo in range(0, len(digests), 512):
+            chunk = digests[lo:lo + 512]
+            for r in self.gallery.rows(filter=f"sha256 in {json.dumps(chunk)}", fields=("sha256",)):
+                known.setdefault(r["sha256"], int(r["id"]))
+        if known:
+            order = sorted(known)
+            stored = dict(zip(order, self.gallery.embeddings([known[d] for d in order])))
+        new = {}
+        for f in files:
+            if f.sha256 in known:
+                self.row(f, stored[f.sha256])
+                self.report.copied += 1
+            else:
+                new.setdefault(f.sha256, []).append(f)
+        firsts = [group[0] for group in new.values()]
+        chunks = [firsts[lo:lo + self.batch_size] for lo in range(0, len(firsts), self.batch_size)]
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="clip-index") as pool:
+            for chunk, (good, bad) in zip(chunks, pool.map(lambda c: encode_tolerant(self.client, [f.data for f in c]), chunks)):
+                for i, f in enumerate(chunk):
+                    group = new[f.sha256]
+                    if i in good:
+                        for g in group:
+                            self.row(g, good[i])
+                        self.report.added += 1
+                        self.report.copied += len(group) - 1
+                    else:
+                        for g in group:
+                            self.fail(g, bad[i])
+                    self.bar.update(len(group))
+
+    def fail(self, f: _File, reason: str) -> None:
+        self.report.skipped.append((f.path, reason))
+        self.failed.append({"path": f.path, "sha256": f.sha256, "size": f.size, "mtime": f.mtime, "reason": reason})
+        log.warning("skipped %s: %s", f.path, reason)
+
+
+def index_folder(client: Any, gallery: Gallery, root: str | os.PathLike, batch_size: int | None = None,
+                 workers: int | None = None, progress: bool = True, retry_failed: bool = False,
+                 tags: list[str] | None = None) -> IndexReport:
+    """Sync `gallery` with the images under `root` (a folder or one file) using `client` to embed; see the module."""
+    from tqdm import tqdm
+
+    info = client.get_model_info()
+    gallery.check_identity(info)
+    root = Path(root).absolute()
+    if not root.exists():
+        raise InvalidInputError(f"{root} does not exist")
+    prefix = str(root) if root.is_file() else str(root).rstrip(os.sep) + os.sep
+    files = [str(p) for p in iter_image_files(root)]
+    pattern = json.dumps(prefix.replace("%", "_") + ("" if root.is_file() else "%"), ensure_ascii=False)
+    existing: dict[str, list[dict]] = {}
+    for r in gallery.rows(filter=f"path like {pattern}", fields=("path", "sha256", "size", "mtime")):
+        if r["path"] == prefix or r["path"].startswith(prefix):
+            existing.setdefault(r["path"], []).append(r)
+    failures = gallery.failures()
+    bar = tqdm(total=len(files), unit="img", desc="index", disable=not progress, file=sys.stderr)
+    run = _Indexer(client, gallery, workers or client.max_concurrency, batch_size or info.max_image_items, tags or [], bar)
+    try:
+        for path in files:
+            try:
+                st = os.stat(path)
+                f = _File(path, st.st_size, st.st_mtime)
+                rows = existing.get(path, [])
+                if any(r["size"] == f.size and r["mtime"] == f.mtime for r in rows):
+                    run.report.unchanged += 1
+                    bar.update(1)
+                    continue
+                with open(path, "rb") as fh:
+                    f.data = fh.read()
+            except OSError as e:
+                run.fail(_File(path, -1, -1.0), f"cannot read: {e.strerror or e}")
+                bar.update(1)
+                continue
+            f.sha256 = hashlib.sha256(f.data).hexdigest()
+            if rows:
+                run.stale.append(path)
+                run.report.updated += 1
+            before = failures.get(path)
+            if not f.data:
+                run.fail(f, "empty file")
+            elif before and before.get("sha256") == f.sha256 and not retry_failed:
+                run.report.known_bad += 1
+            else:
+                run.pending.append(f)
+                if len(run.pending) >= run.batch_size * run.workers:
+                    run.embed_pending()
+                continue
+            bar.update(1)
+        run.embed_pending()
+    finally:
+        bar.close()
+        run.flush_rows()  # keep whatever was embedded, also when the run is interrupted
+        on_disk = set(files)
+        gone = [p for p in existing if p not in on_disk]
+        run.report.removed = gallery.delete(paths=gone) if gone else 0
+        gallery.record_failures(run.failed)
+        gallery.forget_failures([p for p in failures if p in set(run.succeeded) or (p.startswith(prefix) and p not in on_disk)])
+        run.report.total = len(gallery)
+    return run.report

@@ -1,0 +1,139 @@
+"""One Gallery API, two engines: every behaviour checked on the embedded index and on Milvus (milvus-lite, the
+embedded Milvus that speaks the server's API), against exact numpy search."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from clip_client import InvalidInputError, ModelMismatchError
+from clip_client.gallery import FilterError, Gallery
+
+DIM = 16
+
+
+def _vectors(n: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(params=["local", "milvus-lite"])
+def uri(request, tmp_path):
+    """A fresh gallery URI for each backend."""
+    if request.param == "milvus-lite":
+        pytest.importorskip("milvus_lite")
+        return str(tmp_path / "milvus.db") + "?collection=photos"
+    return str(tmp_path / "gallery")
+
+
+def _meta(i: int) -> dict:
+    return {"sha256": f"{i:064x}", "size": 1000 * i, "width": 64 + i, "height": 48, "mtime": 1.7e9 + i,
+            "tags": ["cat"] if i % 3 == 0 else ["dog", "outdoor"] if i % 3 == 1 else [],
+            "camera": "X100" if i % 2 else "Z5", "rating": i % 5}
+
+
+def test_add_search_filter_delete_reopen(uri):
+    x = _vectors(60)
+    paths = [f"/photos/{'a' if i < 30 else 'b'}/img{i:02d}.jpg" for i in range(60)]
+    g = Gallery.create(uri, dim=DIM, model_id="model-a", logit_scale=4.6)
+    g.add(paths[:40], x[:40], [_meta(i) for i in range(40)])
+    g.add(paths[40:], x[40:] * 3.0, [_meta(i) for i in range(40, 60)])  # stored normalised
+    assert len(g) == 60 and g.dim == DIM and g.model_id == "model-a"
+
+    queries = _vectors(5, seed=1)
+    exact = np.argsort(-(queries @ x.T), axis=1, kind="stable")[:, :7]
+    hits = g.search(queries, k=7)
+    assert len(hits) == 5 and all(len(h) == 7 for h in hits)
+    for q, row in enumerate(hits):
+        assert [h.path for h in row] == [paths[i] for i in exact[q]]
+        assert [h.score for h in row] == pytest.approx([float(queries[q] @ x[i]) for i in exact[q]], abs=1e-5)
+    best = g.search(x[7], k=1)[0][0]  # a (D,) query works too
+    assert best.path == paths[7] and best.score == pytest.approx(1.0, abs=1e-5)
+    assert (best.sha256, best.size, best.width, best.height, best.tags) == (f"{7:064x}", 7000, 71, 48, ["dog", "outdoor"])
+    assert best.mtime == pytest.approx(1.7e9 + 7) and best.metadata == {"camera": "X100", "rating": 2}
+
+    # filters: the same expression language on both engines
+    def filtered(expr: str) -> list[int]:
+        found = g.search(queries[:1], k=60, filter=expr)[0]
+        return sorted(int(h.path[-6:-4]) for h in found)
+
+    assert filtered('array_contains(tags, "cat")') == [i for i in range(60) if i % 3 == 0]
+    assert filtered('array_contains_any(tags, ["cat", "outdoor"]) and size >= 30000') == \
+        [i for i in range(30, 60) if i % 3 != 2]
+    assert filtered('meta["camera"] == "X100" and meta["rating"] >= 3') == [i for i in range(60) if i % 2 and i % 5 >= 3]
+    assert filtered('path like "/photos/b/%" and not (width in [95, 96])') == [i for i in range(30, 60) if i not in (31, 32)]
+    assert filtered("size > 1e9") == []
+    with pytest.raises(FilterError):
+        g.search(queries[:1], k=3, filter="embedding > 1")
+    with pytest.raises(FilterError):
+        g.search(queries[:1], k=3, filter="size >")
+
+    # rows, stored embeddings, similar-to-a-stored-image
+    rows = g.rows(filter='path like "/photos/a/%"', fields=("path", "size"))
+    assert sorted(r["path"] for r in rows) == paths[:30] and all(set(r) == {"id", "path", "size"} for r in rows)
+    stored = g.embeddings([r["id"] for r in rows[:3]])
+    assert np.allclose(stored, x[[int(r["path"][-6:-4]) for r in rows[:3]]], atol=1e-6)
+    assert g.similar(paths[12], k=2)[0].path == paths[12]
+
+    # deletes by path and by filter; duplicate paths are separate rows
+    g.add([paths[5]], x[5:6], [{"tags": ["copy"]}])
+    assert len(g.find([paths[5]])[paths[5]]) == 2
+    assert g.delete(paths=[paths[5], paths[6]]) == 3
+    assert g.delete(filter='array_contains(tags, "cat") and size < 9000') == 2  # 0 and 3 (6 is gone already)
+    gone = {paths[i] for i in (0, 3, 5, 6)}
+    assert len(g) == 56 and not gone & {h.path for h in g.search(queries, k=60)[0]}
+    g.close()
+
+    # reopen: same rows, same answers, identity kept
+    g = Gallery.open(uri)
+    assert len(g) == 56 and g.model_id == "model-a" and g.identity["logit_scale"] == pytest.approx(4.6)
+    again = g.search(queries, k=5)
+    keep = [i for i in range(60) if paths[i] not in gone]
+    exact = np.argsort(-(queries @ x[keep].T), axis=1, kind="stable")[:, :5]
+    assert [[h.path for h in row] for row in again] == [[paths[keep[i]] for i in r] for r in exact]
+    g.close()
+
+
+def test_identity_and_input_errors(uri):
+    g = Gallery.create(uri, dim=DIM, model_id="model-a")
+    with pytest.raises(ModelMismatchError, match="re-index"):
+        g.check_identity({"model_id": "model-b", "dim": DIM})
+    g.check_identity({"model_id": "model-a", "dim": DIM})
+    with pytest.raises(ModelMismatchError):
+        g.add(["/a.jpg"], np.ones((1, DIM + 1), np.float32))
+    with pytest.raises(ModelMismatchError):
+        g.search(np.ones((1, DIM + 1), np.float32))
+    with pytest.raises(InvalidInputError):
+        g.add(["/a.jpg", "/b.jpg"], np.ones((1, DIM), np.float32))
+    with pytest.raises(InvalidInputError):
+        g.add(["/a.jpg"], np.full((1, DIM), np.nan, np.float32))
+    with pytest.raises(InvalidInputError):
+        g.add(["/a.jpg"], np.ones((1, DIM), np.float32), [{"tags": "cat"}])
+    with pytest.raises(InvalidInputError):
+        g.add(["/a.jpg"], np.ones((1, DIM), np.float32), [{"size": -5}])
+    with pytest.raises(InvalidInputError):
+        g.search(np.ones(DIM, np.float32), k=0)
+    assert len(g) == 0 and g.search(np.ones((2, DIM), np.float32), k=3) == [[], []]
+    g.close()
+    with pytest.raises(InvalidInputError):  # create refuses to overwrite
+        Gallery.create(uri, dim=DIM, model_id="model-a")
+    with pytest.raises(ModelMismatchError):  # exist_ok opens it only for the same model
+        Gallery.create(uri, dim=DIM, model_id="model-b", exist_ok=True)
+    Gallery.create(uri, dim=DIM, model_id="model-a", exist_ok=True).close()
+
+
+def test_failures_are_remembered(uri):
+    g = Gallery.create(uri, dim=DIM, model_id="model-a")
+    assert g.failures() == {}
+    g.record_failures([{"path": "/x/bad.jpg", "sha256": "ab" * 32, "size": 3, "mtime": 1.0, "reason": "cannot decode"},
+                       {"path": "/x/worse.jpg", "sha256": "cd" * 32, "size": 4, "mtime": 2.0, "reason": "empty"}])
+    g.record_failures([{"path": "/x/bad.jpg", "sha256": "ef" * 32, "size": 5, "mtime": 3.0, "reason": "truncated"}])
+    g.close()
+    g = Gallery.open(uri)
+    f = g.failures()
+    assert set(f) == {"/x/bad.jpg", "/x/worse.jpg"} and f["/x/bad.jpg"]["reason"] == "truncated"
+    g.forget_failures(["/x/bad.jpg"])
+    assert list(g.failures()) == ["/x/worse.jpg"] and json.dumps(g.failures())
+    g.close()
