@@ -90,7 +90,13 @@ def test_client_commands_from_the_client_install(client_venv, triton_server, tmp
                  "--json"], env=_env(client_venv))
     assert done.returncode == 0, done.stderr[-2000:]
     assert '"label"' in done.stdout
-    # the gallery needs the [gallery] extra: without it, a clear message and no traceback
-    done = _run([cli, "index", str(tmp_path), "--out", str(tmp_path / "g.parquet"), "--url", triton_server.grpc_url],
-                env=_env(client_venv))
+    # a command that needs a missing extra: exit 2, a clear message naming the extra, no traceback
+    for uri, extra in ((tmp_path / "g", "gallery"), (tmp_path / "g.db", "milvus")):
+        done = _run([cli, "index", str(tmp_path), "--uri", str(uri), "--url", triton_server.grpc_url], env=_env(client_venv))
+        assert done.returncode == 2 and f"clip-triton-client[{extra}]" in done.stderr and "Traceback" not in done.stderr
+    done = _run([cli, "search", "a cat", "--uri", str(tmp_path / "g"), "--url", triton_server.grpc_url], env=_env(client_venv))
     assert done.returncode == 2 and "clip-triton-client[gallery]" in done.stderr and "Traceback" not in done.stderr
+    # the protocols come with the plain install; the adapters name their extras
+    probe = "from clip_client import MultimodalEmbeddingProvider; import clip_client.integrations.langchain"
+    done = _run([str(client_venv / "bin" / "python"), "-c", probe], env=_env(client_venv), cwd=tmp_path)
+    assert done.returncode != 0 and "clip-triton-client[langchain]" in done.stderr

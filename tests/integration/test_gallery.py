@@ -1,4 +1,5 @@
-"""`clip-triton index | search | classify` against the real Triton server."""
+"""`clip-triton index | search | classify` and the Gallery's search_text / search_image against the real Triton
+server, on the embedded index and on Milvus (milvus-lite)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import shutil
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -28,7 +28,7 @@ def image_dir(tmp_path):
     for i in range(10):
         sub = d / ("a" if i < 5 else "b/c")
         sub.mkdir(parents=True, exist_ok=True)
-        _pattern(i).save(sub / f"img{i}.{'jpg' if i % 2 else 'png'}", quality=95)
+        _pattern(i, (96 + i, 72)).save(sub / f"img{i}.{'jpg' if i % 2 else 'png'}", quality=95)
     (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" + bytes(range(256)))
     buf = io.BytesIO()
     _pattern(99).save(buf, format="PNG")
@@ -37,92 +37,156 @@ def image_dir(tmp_path):
     return d
 
 
-def _index(server, image_dir, out, protocol="grpc", capsys=None):
+def _cli(server, capsys, *args, protocol="grpc"):
     url = server.grpc_url if protocol == "grpc" else server.http_url
-    rc = main(["index", str(image_dir), "--out", str(out), "--url", url, "--protocol", protocol, "--no-progress"])
-    captured = capsys.readouterr() if capsys else None
-    return rc, captured
+    rc = main([*args, "--url", url, "--protocol", protocol])
+    return rc, capsys.readouterr()
+
+
+def _index(server, capsys, image_dir, uri, *extra, protocol="grpc"):
+    return _cli(server, capsys, "index", str(image_dir), "--uri", str(uri), "--no-progress", *extra, protocol=protocol)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_index_search_roundtrip(triton_server, image_dir, tmp_path, capsys, protocol):
-    out = tmp_path / "gallery.parquet"
-    rc, cap = _index(triton_server, image_dir, out, protocol, capsys)
-    assert rc == 1  # some files failed: reported, not fatal
+    uri = tmp_path / "gallery"
+    rc, cap = _index(triton_server, capsys, image_dir, uri, "--tag", "holiday", protocol=protocol)
+    assert rc == 0  # bad files are skipped and listed, not fatal
     assert "broken.jpg" in cap.err and "truncated.png" in cap.err
-    assert "10 added" in cap.out and "2 failed" in cap.out
+    assert "10 added" in cap.out and "2 skipped," in cap.out and "10 images in the gallery" in cap.out
 
-    # schema and identity
-    schema = pq.read_schema(out)
-    assert str(schema.field("embedding").type).startswith("fixed_size_list<element: float>")
-    g = Gallery.load(out)
-    assert len(g) == 10 and all(p.endswith((".jpg", ".png")) for p in g.paths)
+    g = Gallery.open(uri)
+    rows = sorted(g.rows(), key=lambda r: r["path"])
+    assert len(rows) == 10 and all(r["path"].startswith(str(image_dir)) for r in rows)
     with CLIPClient(triton_server.grpc_url) as c:
         info = c.get_model_info()
-        assert g.identity["model_id"] == info.model_id and g.dim == info.dim
-        # stored embeddings are the client's normalised embeddings of the files
-        ref = c.encode_image(g.paths)
-    assert (np.sum(ref * g.embeddings, axis=1)).min() >= 0.99999
+        assert g.model_id == info.model_id and g.dim == info.dim
+        ref = c.encode_image([r["path"] for r in rows])  # stored embeddings are the client's, normalised
+    assert np.sum(ref * g.embeddings([r["id"] for r in rows]), axis=1).min() >= 0.99999
+    for r in rows:
+        data = open(r["path"], "rb").read()
+        i = int(r["path"].rsplit("img", 1)[1][0])
+        assert (r["width"], r["height"], r["size"], r["tags"]) == (96 + i, 72, len(data), ["holiday"])
+        assert r["sha256"] == __import__("hashlib").sha256(data).hexdigest()
 
     # image -> images: a re-encoded, slightly resized copy of one image finds the original first
-    target = next(p for p in g.paths if p.endswith("img6.png"))
+    target = next(r["path"] for r in rows if r["path"].endswith("img6.png"))
     query = tmp_path / "query.jpg"
     Image.open(target).resize((90, 68), Image.BILINEAR).save(query, quality=80)
-    url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
-    rc = main(["search", "--image", str(query), "--gallery", str(out), "-k", "3", "--json",
-               "--url", url, "--protocol", protocol])
-    hits = json.loads(capsys.readouterr().out)
-    assert rc == 0 and len(hits) == 3
-    assert hits[0]["path"] == target and hits[0]["score"] > 0.99
+    rc, cap = _cli(triton_server, capsys, "search", "--image", str(query), "--uri", str(uri), "-k", "3", "--json",
+                   protocol=protocol)
+    hits = json.loads(cap.out)
+    assert rc == 0 and len(hits) == 3 and hits[0]["path"] == target and hits[0]["score"] > 0.99
     assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    assert hits[0]["width"] == 102 and hits[0]["tags"] == ["holiday"]
 
-    # text -> images: same ranking as the client's own math
-    rc = main(["search", "a red car", "--gallery", str(out), "-k", "10", "--json", "--url", url, "--protocol", protocol])
-    hits = json.loads(capsys.readouterr().out)
+    # text -> images: the same ranking as the client's own math
+    rc, cap = _cli(triton_server, capsys, "search", "a red car", "--uri", str(uri), "-k", "10", "--json", protocol=protocol)
     with CLIPClient(triton_server.grpc_url) as c:
-        scores = g.embeddings @ c.encode_text("a red car")
-    assert rc == 0 and [h["path"] for h in hits] == [g.paths[i] for i in np.argsort(-scores, kind="stable")]
+        scores = g.embeddings([r["id"] for r in rows]) @ c.encode_text("a red car")[0]
+    assert rc == 0 and [h["path"] for h in json.loads(cap.out)] == [rows[i]["path"] for i in np.argsort(-scores, kind="stable")]
 
-    # plain table output
-    assert main(["search", "a red car", "--gallery", str(out), "-k", "2", "--url", url, "--protocol", protocol]) == 0
+    # filters and --like (the stored embedding: no server involved)
+    rc, cap = _cli(triton_server, capsys, "search", "a red car", "--uri", str(uri), "--json", "--filter",
+                   'path like "%/b/%" and width >= 103', protocol=protocol)
+    assert rc == 0 and sorted(h["path"].rsplit("/", 1)[1] for h in json.loads(cap.out)) == ["img7.jpg", "img8.png", "img9.jpg"]
+    rc = main(["search", "--like", target, "--uri", str(uri), "-k", "2"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and lines[0].split()[0] == "1"
+    assert rc == 0 and len(lines) == 2 and lines[0].split()[0] == "1" and lines[0].endswith(target)
 
 
-def test_incremental_index(triton_server, image_dir, tmp_path, capsys):
-    out = tmp_path / "g.parquet"
-    _index(triton_server, image_dir, out, capsys=capsys)
-    before = Gallery.load(out)
+def test_incremental_duplicates_moves_changes_and_failures(triton_server, image_dir, tmp_path, capsys):
+    uri = tmp_path / "g"
+    _index(triton_server, capsys, image_dir, uri)
+    before = {r["path"]: r["id"] for r in Gallery.open(uri).rows()}
 
-    rc, cap = _index(triton_server, image_dir, out, capsys=capsys)
-    assert "0 added, 10 already indexed" in cap.out
-    after = Gallery.load(out)
-    assert after.paths == before.paths and np.array_equal(after.embeddings, before.embeddings)
+    # nothing changed: no file is read again, the bad files are not re-sent
+    rc, cap = _index(triton_server, capsys, image_dir, uri)
+    assert rc == 0 and "0 added" in cap.out and "10 unchanged" in cap.out and "2 skipped earlier and unchanged" in cap.out
+    assert "broken.jpg" not in cap.err
+    assert {r["path"]: r["id"] for r in Gallery.open(uri).rows()} == before
 
-    # a new file is added; a copy of a known file (same content) is skipped
-    _pattern(42).save(image_dir / "a" / "new.png")
+    # a duplicate keeps both paths (no request: its embedding is reused); a moved folder leaves no stale path;
+    # a changed file is re-embedded; a fixed bad file is indexed
     shutil.copy(image_dir / "a" / "img0.png", image_dir / "copy_of_img0.png")
-    (image_dir / "broken.jpg").unlink()
-    (image_dir / "b" / "truncated.png").unlink()
-    rc, cap = _index(triton_server, image_dir, out, capsys=capsys)
-    assert rc == 0 and "1 added, 11 already indexed, 0 failed" in cap.out
-    assert len(Gallery.load(out)) == 11
+    shutil.move(image_dir / "b", image_dir / "moved")
+    _pattern(42).save(image_dir / "a" / "img1.jpg")
+    _pattern(43).save(image_dir / "broken.jpg")
+    rc, cap = _index(triton_server, capsys, image_dir, uri)
+    assert rc == 0, cap.err
+    assert "2 added" in cap.out and "6 reused" in cap.out and "1 changed" in cap.out and "5 removed" in cap.out
+    g = Gallery.open(uri)
+    paths = sorted(r["path"] for r in g.rows())
+    assert len(paths) == 12 and not any("/b/" in p for p in paths) and sum("/moved/" in p for p in paths) == 5
+    assert str(image_dir / "broken.jpg") in paths and "2 skipped earlier and unchanged" not in cap.out
+    assert list(g.failures()) == [str(image_dir / "moved" / "truncated.png")]  # a moved bad file: not sent again
+    assert "1 skipped earlier and unchanged" in cap.out and "truncated" not in cap.err
 
-    # --prune drops rows whose files are gone
-    (image_dir / "a" / "new.png").unlink()
-    rc = main(["index", str(image_dir), "--out", str(out), "--url", triton_server.grpc_url, "--no-progress", "--prune"])
-    assert rc == 0 and "1 pruned" in capsys.readouterr().out
-    assert len(Gallery.load(out)) == 10
+    with CLIPClient(triton_server.grpc_url) as c:
+        hits = g.search_image(c, str(image_dir / "a" / "img0.png"), k=2)[0]
+        assert {h.path for h in hits} == {str(image_dir / "a" / "img0.png"), str(image_dir / "copy_of_img0.png")}
+        assert hits[0].score == pytest.approx(hits[1].score, abs=1e-6)
+        changed = g.search_image(c, str(image_dir / "a" / "img1.jpg"), k=1)[0][0]
+        assert changed.path.endswith("img1.jpg") and changed.score > 0.9999
+        # text queries through the Python API, several at once
+        texts = ["a red car", "a photo of a cat"]
+        got = g.search_text(c, texts, k=3)
+        emb = c.encode_text(texts)
+    assert [[h.path for h in row] for row in got] == [[h.path for h in row] for row in g.search(emb, k=3)]
+
+    # --retry-failed sends a remembered bad file again
+    (image_dir / "moved" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n broken again")
+    _index(triton_server, capsys, image_dir, uri)
+    rc, cap = _index(triton_server, capsys, image_dir, uri, "--retry-failed")
+    assert rc == 0 and "1 skipped," in cap.out and "truncated.png" in cap.err
 
 
-def test_search_refuses_other_model(triton_server, image_dir, tmp_path, capsys):
-    out = tmp_path / "g.parquet"
-    _index(triton_server, image_dir, out, capsys=capsys)
-    g = Gallery.load(out)
-    g.identity["model_id"] = "some-other-model"
-    g.save(out)
-    rc = main(["search", "a cat", "--gallery", str(out), "--url", triton_server.grpc_url])
-    err = capsys.readouterr().err
-    assert rc == 2 and "some-other-model" in err and "re-index" in err
-    rc, cap = _index(triton_server, image_dir, out, capsys=capsys)  # and refuses to extend it
+def test_model_identity_refusal(triton_server, image_dir, tmp_path, capsys):
+    uri = tmp_path / "g"
+    with CLIPClient(triton_server.grpc_url) as c:
+        dim = c.get_model_info().dim
+    Gallery.create(uri, dim=dim, model_id="some-other-model").close()
+    rc, cap = _cli(triton_server, capsys, "search", "a cat", "--uri", str(uri))
+    assert rc == 2 and "some-other-model" in cap.err and "re-index" in cap.err
+    rc, cap = _index(triton_server, capsys, image_dir, uri)  # and refuses to extend it
     assert rc == 2 and "re-index" in cap.err
+    with CLIPClient(triton_server.grpc_url) as c, pytest.raises(Exception, match="re-index"):
+        Gallery.open(uri).search_text(c, "a cat")
+
+
+def test_milvus_backend_through_the_cli(triton_server, image_dir, tmp_path, capsys):
+    """Changing the URI is all it takes: the same commands on milvus-lite give the embedded index's answers."""
+    pytest.importorskip("milvus_lite")
+    local, milvus = tmp_path / "g", str(tmp_path / "m.db") + "?collection=photos"
+    for uri in (local, milvus):
+        rc, cap = _index(triton_server, capsys, image_dir, uri)
+        assert rc == 0 and "10 added" in cap.out
+    answers = []
+    for uri in (local, milvus):
+        rc, cap = _cli(triton_server, capsys, "search", "a red car", "--uri", str(uri), "-k", "5", "--json")
+        answers.append([(h["path"], round(h["score"], 4)) for h in json.loads(cap.out)])
+    assert answers[0] == answers[1] and len(answers[0]) == 5
+    rc, cap = _index(triton_server, capsys, image_dir, milvus)
+    assert rc == 0 and "10 unchanged" in cap.out and "2 skipped earlier and unchanged" in cap.out
+
+
+def test_classify(triton_server, image_dir, capsys):
+    files = sorted(str(p) for p in image_dir.rglob("img*"))[:4] + [str(image_dir / "broken.jpg")]
+    labels = ["cat", "dog", "red car"]
+    rc = main(["classify", *files, "--labels", *labels, "-k", "3", "--json", "--url", triton_server.http_url,
+               "--protocol", "http"])
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 1  # broken.jpg reported
+    assert [f["path"] for f in result["failed"]] == [files[-1]]
+    assert [r["path"] for r in result["results"]] == files[:4]
+    with CLIPClient(triton_server.grpc_url) as c:
+        _, probs = c.zero_shot_classification(files[:4], labels)
+    for row, p in zip(result["results"], probs):
+        got = {x["label"]: x["probability"] for x in row["labels"]}
+        assert got == pytest.approx({lab: float(v) for lab, v in zip(labels, p)}, abs=1e-5)
+        assert row["labels"][0]["label"] == labels[int(np.argmax(p))]
+
+    rc = main(["classify", files[0], "--labels", *labels, "--template", "a photo of a {}.", "--template",
+               "a drawing of a {}.", "--url", triton_server.grpc_url])
+    line = capsys.readouterr().out.strip()
+    assert rc == 0 and line.startswith(files[0] + "\t")

@@ -3,8 +3,8 @@
 One run syncs the gallery with the folder: unchanged files (same path, size and mtime) cost a stat; a file whose
 content (sha256) is already in the gallery, e.g. a duplicate or a moved file, gets its own row with the stored
 embedding (no server call); rows of files that are gone under the folder are deleted; a changed file is re-embedded.
-Files the server cannot decode are skipped, reported and remembered with their sha256, so that the next run does
-not send them again unless their content changed (or retry_failed=True).
+Files the server cannot decode are skipped, reported and remembered with their sha256, so that later runs do not
+send that content again, at that path or another one, unless retry_failed=True.
 """
 
 from __future__ import annotations
@@ -222,6 +222,7 @@ def index_folder(client: Any, gallery: Gallery, root: str | os.PathLike, batch_s
         if r["path"] == prefix or r["path"].startswith(prefix):
             existing.setdefault(r["path"], []).append(r)
     failures = gallery.failures()
+    bad_content = {v["sha256"]: v for v in failures.values() if v.get("sha256")}
     bar = tqdm(total=len(files), unit="img", desc="index", disable=not progress, file=sys.stderr)
     run = _Indexer(client, gallery, workers or client.max_concurrency, batch_size or info.max_image_items, tags or [], bar)
     try:
@@ -244,11 +245,12 @@ def index_folder(client: Any, gallery: Gallery, root: str | os.PathLike, batch_s
             if rows:
                 run.stale.append(path)
                 run.report.updated += 1
-            before = failures.get(path)
+            before = bad_content.get(f.sha256)
             if not f.data:
                 run.fail(f, "empty file")
-            elif before and before.get("sha256") == f.sha256 and not retry_failed:
+            elif before and not retry_failed:  # this content failed before (at this path or another one)
                 run.report.known_bad += 1
+                run.failed.append({**before, "path": path, "size": f.size, "mtime": f.mtime})
             else:
                 run.pending.append(f)
                 if len(run.pending) >= run.batch_size * run.workers:

@@ -133,6 +133,7 @@ class LocalGallery(Gallery):
     @classmethod
     def open(cls, uri: str) -> "LocalGallery":
         """The gallery in folder `uri`."""
+        require("faiss", "gallery", "the embedded gallery")
         root = Path(uri)
         if not cls.exists(uri):
             hint = " (a single-file gallery of an older clip-triton: re-index the images)" if root.is_file() else ""
@@ -476,12 +477,20 @@ class LocalGallery(Gallery):
             bitmap = np.packbits(bits, bitorder="little")
             # a filter keeping a fraction f of the rows: scan 1/f times the lists (all of them for rare matches)
             nprobe = math.ceil(nprobe * len(self) / len(allowed))
+        k = min(k, len(self) if bitmap is None else len(allowed))
         params = self.faiss.SearchParametersIVF() if ivf else self.faiss.SearchParameters()
-        if ivf:
-            params.nprobe = min(self.manifest["index"]["nlist"], nprobe)
         if bitmap is not None:
             params.sel = self.faiss.IDSelectorBitmap(len(bitmap), self.faiss.swig_ptr(bitmap))
-        scores, ids = self._index.search(q, min(k, len(self)), params=params)  # (Q, k)
+        nlist = self.manifest["index"]["nlist"] if ivf else 1
+        if ivf:
+            params.nprobe = min(nlist, nprobe)
+        scores, ids = self._index.search(q, k, params=params)  # (Q, k)
+        short = (ids < 0).any(axis=1)
+        while ivf and short.any() and params.nprobe < nlist:
+            # the probed lists held fewer than k rows (many deletes, or a rare filter): widen the scan
+            params.nprobe = min(nlist, 4 * params.nprobe)
+            scores[short], ids[short] = self._index.search(q[short], k, params=params)
+            short = (ids < 0).any(axis=1)
         return self._hits(scores, ids)
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:

@@ -1,0 +1,195 @@
+"""The embedded gallery's own promises: IVF recall against exact search, O(batch) adds (no file rewritten),
+reopening in a new process, compaction, crash recovery, the write lock, and the filter language."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from clip_client.gallery import FilterError, Gallery, filters, local
+
+DIM = 32
+
+
+def _clustered(n: int, seed: int = 0, clusters: int = 60) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, DIM)).astype(np.float32)
+    x = centers[rng.integers(0, clusters, n)] + 0.3 * rng.standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture()
+def small_ivf(monkeypatch):
+    """Train the IVF index at 3,000 rows instead of TRAIN_AT."""
+    monkeypatch.setattr(local, "TRAIN_AT", 3000)
+
+
+def _recall(g, x: np.ndarray, queries: np.ndarray, k: int = 10, ids=None) -> float:
+    ids = np.arange(len(x)) if ids is None else np.asarray(ids)
+    exact = ids[np.argsort(-(queries @ x[ids].T), axis=1)[:, :k]]
+    found = [{int(h.path.split("/")[-1]) for h in row} for row in g.search(queries, k=k)]
+    return float(np.mean([len(f & set(e.tolist())) / k for f, e in zip(found, exact)]))
+
+
+def test_ivf_recall_reopen_and_incremental_files(tmp_path, small_ivf):
+    x = _clustered(8000)
+    queries = _clustered(50, seed=1)
+    uri = tmp_path / "g"
+    g = Gallery.create(uri, dim=DIM, model_id="m")
+    g.add([f"/p/{i}" for i in range(2000)], x[:2000])
+    assert g.manifest["index"] is None  # exact below TRAIN_AT
+    assert _recall(g, x[:2000], queries) == 1.0
+    g.add([f"/p/{i}" for i in range(2000, 4000)], x[2000:4000])
+    entry = g.manifest["index"]
+    assert entry is not None and entry["nlist"] == local.nlist_for(4000)
+    header, data = (uri / "index" / f"{entry['name']}{ext}" for ext in (".faiss", ".ivfdata"))
+
+    # later adds append: no existing segment or list file is rewritten
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (uri / "segments").iterdir()}
+    lists_inode = data.stat().st_ino
+    for lo in range(4000, 8000, 1000):
+        g.add([f"/p/{i}" for i in range(lo, lo + 1000)], x[lo:lo + 1000])
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (uri / "segments").iterdir()}
+    assert all(after[name] == v for name, v in before.items()) and len(after) == len(before) + 4
+    assert data.stat().st_ino == lists_inode and header.exists()
+    assert len(g) == 8000 and _recall(g, x, queries) >= 0.95
+
+    # a filter keeping few rows still finds the exact top-k among them (scans more lists)
+    keep = np.arange(0, 8000, 97)
+    g.delete(filter=f"path not in {json.dumps([f'/p/{i}' for i in keep])}")
+    assert len(g) == len(keep) and _recall(g, x, queries, ids=keep) >= 0.95
+    g.close()
+
+    # a new process opens it (memory-mapped lists) and gets the same answers
+    code = ("import json, sys, numpy as np; from clip_client.gallery import Gallery; g = Gallery.open(sys.argv[1]); "
+            "q = np.array(json.loads(sys.argv[2]), np.float32); "
+            "print(json.dumps([[h.path for h in row] for row in g.search(q, k=5)]))")
+    out = subprocess.run([sys.executable, "-c", code, str(uri), json.dumps(queries[:3].tolist())], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    g = Gallery.open(uri)
+    assert json.loads(out.stdout) == [[h.path for h in row] for row in g.search(queries[:3], k=5)]
+    assert "resizing" not in out.stdout and "ONDISK" not in out.stdout  # FAISS' printf kept off stdout
+
+    # optimize: one segment without the deleted rows, retrained index in new files
+    g.optimize(retrain=True)
+    assert len(list((uri / "segments").iterdir())) == 1 and not list((uri / "tombstones").iterdir())
+    assert not header.exists() and not data.exists() and len(g) == len(keep)
+    assert _recall(g, x, queries, ids=keep) >= 0.95
+    g.close()
+
+
+def test_small_segments_are_merged_and_ids_stay(tmp_path, monkeypatch):
+    monkeypatch.setattr(local, "MAX_SMALL_SEGMENTS", 4)
+    x = _clustered(60)
+    g = Gallery.create(tmp_path / "g", dim=DIM, model_id="m")
+    for lo in range(0, 60, 10):
+        g.add([f"/p/{i}" for i in range(lo, lo + 10)], x[lo:lo + 10])
+    assert len(g.manifest["segments"]) <= 4 and len(g) == 60
+    ids = {r["path"]: r["id"] for r in g.rows()}
+    g.close()
+    g = Gallery.open(tmp_path / "g")
+    assert {r["path"]: r["id"] for r in g.rows()} == ids and g.search(x[17], k=1)[0][0].path == "/p/17"
+
+
+def test_index_that_disagrees_with_the_segments_is_rebuilt(tmp_path, small_ivf, caplog):
+    x = _clustered(4000)
+    uri = tmp_path / "g"
+    g = Gallery.create(uri, dim=DIM, model_id="m")
+    g.add([f"/p/{i}" for i in range(4000)], x)
+    entry = g.manifest["index"]
+    g.close()
+    (uri / "index" / f"{entry['name']}.faiss").write_bytes(b"torn write")
+    g = Gallery.open(uri)
+    assert "rebuilding" in caplog.text and len(g) == 4000 and g.search(x[123], k=1)[0][0].path == "/p/123"
+    g.close()
+
+
+def test_one_writer_at_a_time(tmp_path):
+    x = _clustered(4)
+    a = Gallery.create(tmp_path / "g", dim=DIM, model_id="m")
+    a.add(["/p/0"], x[:1])
+    b = Gallery.open(tmp_path / "g")
+    with pytest.raises(local.GalleryLockedError):
+        b.add(["/p/1"], x[1:2])
+    a.close()
+    b.add(["/p/1"], x[1:2])
+    assert len(b) == 2
+
+
+def test_old_single_file_gallery_is_refused_with_a_hint(tmp_path):
+    old = tmp_path / "gallery.parquet"
+    old.write_bytes(b"PAR1")
+    with pytest.raises(Exception, match="older clip-triton"):
+        Gallery.open(old)
+    with pytest.raises(Exception, match="not an empty folder"):
+        Gallery.create(old, dim=DIM, model_id="m")
+
+
+# ------------------------------------------------------------------------------------------------ filters
+def _table() -> pa.Table:
+    return pa.table({
+        "path": ["/a/x_1.jpg", "/a/y.jpg", "/b/'q'.png", "/b/z%.jpg"],
+        "sha256": ["", "", "", ""],
+        "size": pa.array([10, 200, 3000, -1], pa.int64()),
+        "width": pa.array([1, 2, 3, 4], pa.int64()),
+        "height": pa.array([1, 2, 3, 4], pa.int64()),
+        "mtime": [1.5, 2.5, 3.5, -1.0],
+        "tags": [["cat", "pet"], ["dog"], [], ["cat"]],
+        "meta": ['{"camera": "X", "n": 1}', '{"camera": "Y", "n": 2.5}', "{}", '{"n": "text"}'],
+    })
+
+
+@pytest.mark.parametrize("expr, rows", [
+    ("size > 100", [1, 2]),
+    ("100 < size", [1, 2]),
+    ("size >= 10 && size <= 200", [0, 1]),
+    ("size == 10 || !(size != 3000)", [0, 2]),
+    ("not size in [10, 200]", [2, 3]),
+    ("size not in [10, 200]", [2, 3]),
+    ('path like "/a/%"', [0, 1]),
+    ('path like "/a/_.jpg"', [1]),  # _ is one character
+    ('path == "/a/y\\u002ejpg"', [1]),
+    ('path like "/a/x_1%"', [0]),
+    ("path == \"/b/'q'.png\"", [2]),
+    ("path == '/b/\\'q\\'.png'", [2]),
+    ("mtime < 3 AND mtime > 0", [0, 1]),
+    ('array_contains(tags, "cat")', [0, 3]),
+    ('array_contains_any(tags, ["dog", "pet"])', [0, 1]),
+    ('array_contains_all(tags, ["cat", "pet"])', [0]),
+    ("array_length(tags) == 0", [2]),
+    ('meta["camera"] == "X"', [0]),
+    ('meta["n"] > 1', [1]),  # a str value is not comparable with a number: false, not an error
+    ('meta["n"] in [1, "text"]', [0, 3]),
+    ('meta["camera"] like "%"', [0, 1]),
+    ('meta["missing"] == 1', []),
+])
+def test_filter_expressions(expr, rows):
+    mask = filters.evaluate(filters.parse(expr), _table())
+    assert np.flatnonzero(mask).tolist() == rows
+
+
+@pytest.mark.parametrize("expr, message", [
+    ("", "non-empty"),
+    ("size >", "expected"),
+    ("size > 1 and", "expected"),
+    ("(size > 1", "expected"),
+    ("colour == 1", "unknown column"),
+    ("id == 1", "unknown column"),
+    ("size == path", "literal"),
+    ('size == "big"', "type"),
+    ('upper(path) == "A"', "unknown function"),
+    ("array_contains(path, 1)", "applies to tags"),
+    ("size ~ 3", "cannot read"),
+    ("size > 1 size", "unexpected"),
+    ('meta[1] == 2', "string key"),
+])
+def test_filter_errors(expr, message):
+    with pytest.raises(FilterError, match=message):
+        filters.evaluate(filters.parse(expr), _table())
