@@ -96,6 +96,14 @@ def test_small_segments_are_merged_and_ids_stay(tmp_path, monkeypatch):
     g.close()
     g = Gallery.open(tmp_path / "g")
     assert {r["path"]: r["id"] for r in g.rows()} == ids and g.search(x[17], k=1)[0][0].path == "/p/17"
+    # optimize() drops deleted rows from the files and from the index: they are never found again
+    assert g.delete(filter="path in [\"/p/17\", \"/p/18\"]") == 2
+    g.optimize()
+    assert not list((tmp_path / "g" / "tombstones").iterdir()) and len(g) == 58
+    found = {h.path for h in g.search(x, k=3)[17] + g.search(x, k=60)[0]}
+    assert "/p/17" not in found and "/p/18" not in found and len(found) == 58
+    g.close()
+    assert len(Gallery.open(tmp_path / "g")) == 58
 
 
 def test_index_that_disagrees_with_the_segments_is_rebuilt(tmp_path, small_ivf, caplog):

@@ -1,19 +1,23 @@
-"""The embedded gallery (no server): Parquet segments hold the rows, a FAISS index answers the searches.
+"""The embedded gallery (no server): Arrow segment files hold the rows, a FAISS index answers the searches.
 
 A gallery is a folder:
     gallery.json          manifest: identity, segment and tombstone files, next row id, the index's files
-    segments/NNNNNNNN.parquet   rows (id, path, sha256, size, width, height, mtime, tags, meta, embedding as
-                          fixed_size_binary(4*D): float32 little-endian, L2-normalised); each
-                          add() writes one new segment (O(batch)); optimize() merges small ones and drops deleted rows
-    tombstones/NNNNNNNN.parquet ids deleted since their segment was written
-    index/ivf-NNNNNNNN.faiss + .ivfdata   FAISS IVF-Flat (inner product) whose inverted lists live in a memory-mapped
-                          file (OnDiskInvertedLists): adds append to it in place, reopening maps it (milliseconds)
+    segments/NNNNNNNN.arrow   rows (id, path, sha256, size, width, height, mtime, tags, meta, embedding as
+                          fixed_size_binary(4*D): float32 little-endian, L2-normalised) in Arrow IPC files, read
+                          memory-mapped (zero copy); each add() writes one new segment (O(batch)); optimize() rewrites
+                          segments with deleted rows and merges runs of small ones (row ids never change)
+    tombstones/NNNNNNNN.arrow ids deleted since their segment was written
+    index/ivfsq8-NNNNNNNN.faiss + .ivfdata   FAISS IVF with 8-bit scalar-quantised codes (inner product) whose
+                          inverted lists live in a memory-mapped file (OnDiskInvertedLists): adds append to it in
+                          place, reopening maps it (milliseconds)
     failures.json         files that could not be embedded (path -> sha256, size, mtime, reason)
 
-Below TRAIN_AT rows the search is exact (an in-memory flat index rebuilt from the segments at open). At TRAIN_AT
-rows an IVF index is trained (nlist ~ sqrt of the expected size); it is retrained when the gallery outgrows its
-training size RETRAIN_FACTOR times, or on optimize(retrain=True). The Parquet segments are the truth: an index
-that disagrees with them at open (e.g. after a crash) is rebuilt from them. One writer at a time (a lock file).
+Search: below TRAIN_AT rows exact (an in-memory flat index built from the segments at open). From TRAIN_AT rows an
+IVF-SQ8 index (nlist ~ sqrt of the expected size, D-byte codes, `nprobe` lists scanned) proposes k * `rerank`
+candidates per query, which are re-scored exactly against the stored float32 vectors (memory-mapped): scores are exact cosines. Deleted rows stay
+in the index, skipped by every search, until it is rebuilt. The index is retrained when the gallery outgrows its training size RETRAIN_FACTOR times, or on optimize(retrain=True). The
+segments are the truth: an index that disagrees with them at open (e.g. after a crash) is rebuilt from them.
+One writer at a time (a lock file); readers open a snapshot.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -35,14 +38,16 @@ from . import filters
 from .base import FIELDS, FORMAT_VERSION, Gallery, Hit, check_embeddings, check_k, make_hit, require, row_columns
 
 log = logging.getLogger("clip_client.gallery")
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs which CPU build it loads at INFO
 
 MANIFEST = "gallery.json"
 META_KEY = b"clip_triton_gallery"
-TRAIN_AT = 32_768  # rows: exact search below, IVF from here on
+TRAIN_AT = 32_768  # rows: exact search below, IVF-SQ8 from here on
 RETRAIN_FACTOR = 16  # retrain when the gallery holds this many times the rows the index was sized for
-DEFAULT_NPROBE = 16
-SMALL_SEGMENT = 65_536  # rows: optimize() merges segments smaller than this
-MAX_SMALL_SEGMENTS = 64  # add() merges the small segments when there are more of them
+DEFAULT_NPROBE = 64  # IVF lists scanned per query
+DEFAULT_RERANK = 2  # candidates re-scored exactly per query, as a multiple of k
+SMALL_SEGMENT = 65_536  # rows: optimize() merges runs of segments smaller than this
+MAX_SMALL_SEGMENTS = 64  # add() compacts when there are more small segments than this
 
 
 class GalleryLockedError(CLIPClientError):
@@ -67,7 +72,7 @@ def _schema(dim: int, identity: dict):
         pa.field("mtime", pa.float64(), nullable=False),
         pa.field("tags", pa.list_(pa.string()), nullable=False),
         pa.field("meta", pa.string(), nullable=False),
-        pa.field("embedding", pa.binary(4 * dim), nullable=False),  # float32 little-endian, L2-normalised
+        pa.field("embedding", pa.binary(4 * dim), nullable=False),
     ], metadata={META_KEY: json.dumps({"format_version": FORMAT_VERSION, **identity}, sort_keys=True).encode()})
 
 
@@ -92,21 +97,35 @@ def _quiet_stdout() -> Iterator[None]:
         os.close(saved)
 
 
+class _Segment:
+    """One memory-mapped segment file: its manifest entry, table, ids (ascending) and vectors (n, D)."""
+
+    def __init__(self, entry: dict, path: Path, dim: int):
+        import pyarrow as pa
+
+        self.entry = entry
+        self.source = pa.memory_map(str(path), "r")  # the table's buffers point into this mapping
+        self.table = pa.ipc.open_file(self.source).read_all().combine_chunks()
+        self.ids = self.table.column("id").to_numpy()
+        emb = self.table.column("embedding").chunk(0) if self.table.num_rows else None
+        self.vectors = (np.frombuffer(emb.buffers()[1], "<f4", count=(emb.offset + len(emb)) * dim)[emb.offset * dim:]
+                        .reshape(len(emb), dim) if emb is not None else np.zeros((0, dim), np.float32))  # (n, D)
+
+
 class LocalGallery(Gallery):
     """A gallery in a local folder (see the module docstring). Use Gallery.create / Gallery.open."""
 
     def __init__(self, root: Path, manifest: dict):
         self.faiss = require("faiss", "gallery", "the embedded gallery")
         self.pa = require("pyarrow", "gallery", "the embedded gallery")
-        self.pq = require("pyarrow.parquet", "gallery", "the embedded gallery")
         self.root = root
         self.manifest = manifest
         self.identity = dict(manifest["identity"])
         self.nprobe = DEFAULT_NPROBE  # IVF lists scanned per query: recall vs latency
+        self.rerank = DEFAULT_RERANK  # k * rerank candidates re-scored exactly per query
         self._lock_fd: int | None = None
         self._schema = _schema(self.dim, self.identity)
-        self._rows = self._read_rows()  # live rows without embeddings, id order
-        self._ids_cache: np.ndarray | None = None
+        self._load_segments()
         self._index = self._load_index()
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -147,11 +166,12 @@ class LocalGallery(Gallery):
         return cls(root, manifest)
 
     def close(self) -> None:
-        """Release the write lock and the index."""
+        """Release the write lock, the index and the mapped files."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
         self._index = None
+        self._segs = []
 
     def _lock(self) -> None:
         """Take the gallery's write lock for this object's lifetime (GalleryLockedError when another holds it)."""
@@ -176,22 +196,40 @@ class LocalGallery(Gallery):
         return seq
 
     # ------------------------------------------------------------------------------------------ storage
-    def _segment_files(self) -> list[Path]:
-        return [self.root / "segments" / s["file"] for s in self.manifest["segments"]]
+    def _write_table(self, folder: str, table) -> str:
+        """A new Arrow IPC file in `folder` (atomic); returns its name."""
+        name = f"{self._next_seq():08d}.arrow"
 
-    def _deleted_ids(self) -> np.ndarray:
-        parts = [self.pq.read_table(self.root / "tombstones" / f).column("id").to_numpy() for f in self.manifest["tombstones"]]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        def write(path: Path) -> None:
+            with self.pa.OSFile(str(path), "wb") as sink, self.pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
 
-    def _read_rows(self):
-        """Live rows of every segment, without embeddings."""
+        _write_atomic(self.root / folder / name, write)
+        return name
+
+    def _load_segments(self) -> None:
+        """Map every segment; live rows (no embeddings) in id order; the deleted ids."""
+        self._segs = [_Segment(e, self.root / "segments" / e["file"], self.dim) for e in self.manifest["segments"]]
+        dead = []
+        for name in self.manifest["tombstones"]:
+            with self.pa.memory_map(str(self.root / "tombstones" / name), "r") as source:
+                dead.append(self.pa.ipc.open_file(source).read_all().column("id").to_numpy())
+        self._dead = np.unique(np.concatenate(dead)) if dead else np.zeros(0, np.int64)
         cols = ["id", *FIELDS]
-        tables = [self.pq.read_table(f, columns=cols, schema=self._schema) for f in self._segment_files()]
-        rows = (self.pa.concat_tables(tables) if tables else self._schema.empty_table().select(cols)).combine_chunks()
-        dead = self._deleted_ids()
-        if len(dead):
-            rows = rows.filter(~np.isin(rows.column("id").to_numpy(), dead))
-        return rows
+        tables = [s.table.select(cols) for s in self._segs]
+        rows = self.pa.concat_tables(tables) if tables else self._schema.empty_table().select(cols)
+        if len(self._dead):
+            rows = rows.filter(~np.isin(rows.column("id").to_numpy(), self._dead))
+        self._rows = rows
+        self._ids_cache: np.ndarray | None = None
+
+    def _live_bitmap(self, allowed: np.ndarray | None = None) -> np.ndarray | None:
+        """Bitmap over row ids of the rows a search may return (`allowed`, else the live rows; None: all rows)."""
+        if allowed is None and not len(self._dead):
+            return None
+        bits = np.zeros(self.manifest["next_id"], bool)
+        bits[self._ids() if allowed is None else allowed] = True
+        return np.packbits(bits, bitorder="little")
 
     def _ids(self) -> np.ndarray:
         """Live row ids, ascending."""
@@ -199,33 +237,33 @@ class LocalGallery(Gallery):
             self._ids_cache = self._rows.column("id").to_numpy()
         return self._ids_cache
 
-    def _iter_embeddings(self, ids: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, embeddings (n, D)) of live rows, one segment at a time; only `ids` when given."""
-        live = self._ids()
-        for seg, f in zip(self.manifest["segments"], self._segment_files()):
-            lo, hi = np.searchsorted(live, [seg["min_id"], seg["max_id"] + 1])
-            want = live[lo:hi] if ids is None else np.intersect1d(live[lo:hi], ids)
-            if not len(want):
-                continue
-            t = self.pq.read_table(f, columns=["id", "embedding"])
-            sid = t.column("id").to_numpy()
-            take = np.searchsorted(sid, want)
-            emb = self._vectors(t.column("embedding"))  # (n, D)
-            yield want, emb[take]
+    def _vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of existing row ids -> (len(ids), D) (gathered from the mapped segments)."""
+        out = np.empty((len(ids), self.dim), np.float32)
+        starts = np.array([s.entry["min_id"] for s in self._segs], np.int64)
+        which = np.searchsorted(starts, ids, side="right") - 1
+        for si in np.unique(which):
+            sel = which == si
+            seg = self._segs[si]
+            out[sel] = seg.vectors[np.searchsorted(seg.ids, ids[sel])]
+        return out
+
+    def _iter_live(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors (n, D)) of the live rows, one segment at a time."""
+        for seg in self._segs:
+            live = ~np.isin(seg.ids, self._dead) if len(self._dead) else np.ones(len(seg.ids), bool)
+            if live.any():
+                yield seg.ids[live], seg.vectors[live]
 
     def embeddings(self, ids: Sequence[int]) -> np.ndarray:
         """Stored embeddings of rows `ids`, in that order -> (len(ids), D)."""
         ids = np.asarray(ids, np.int64).reshape(-1)
-        out = np.zeros((len(ids), self.dim), np.float32)
-        found = np.zeros(len(ids), bool)
-        for got_ids, emb in self._iter_embeddings(np.unique(ids)):
-            pos = {int(i): k for k, i in enumerate(got_ids)}
-            for j, i in enumerate(ids):
-                if int(i) in pos:
-                    out[j], found[j] = emb[pos[int(i)]], True
-        if not found.all():
-            raise InvalidInputError(f"no rows with ids {ids[~found][:5].tolist()}")
-        return out
+        live = self._ids()
+        pos = np.searchsorted(live, ids)
+        ok = (pos < len(live)) & (live[np.minimum(pos, len(live) - 1)] == ids) if len(live) else np.zeros(len(ids), bool)
+        if not ok.all():
+            raise InvalidInputError(f"no rows with ids {ids[~ok][:5].tolist()}")
+        return self._vectors_of(ids)
 
     def __len__(self) -> int:
         return self._rows.num_rows
@@ -243,30 +281,18 @@ class LocalGallery(Gallery):
         vectors = self.pa.FixedSizeBinaryArray.from_buffers(self.pa.binary(4 * self.dim), len(paths),
                                                             [None, self.pa.py_buffer(emb.astype("<f4").tobytes())])
         table = self.pa.Table.from_pydict({"id": ids, **cols, "embedding": vectors}, schema=self._schema)
-        seq = self._next_seq()
-        name = f"{seq:08d}.parquet"
-        _write_atomic(self.root / "segments" / name, lambda p: self._write_segment(table, p))
-        self.manifest["segments"].append({"file": name, "rows": len(paths), "min_id": int(ids[0]), "max_id": int(ids[-1])})
+        name = self._write_table("segments", table)
+        entry = {"file": name, "rows": len(paths), "min_id": int(ids[0]), "max_id": int(ids[-1])}
+        self.manifest["segments"].append(entry)
         self.manifest["next_id"] = int(ids[-1]) + 1
-        self._rows = self.pa.concat_tables([self._rows, table.drop_columns(["embedding"])])
-        if self._rows.column("id").num_chunks > 64:
-            self._rows = self._rows.combine_chunks()
+        seg = _Segment(entry, self.root / "segments" / name, self.dim)
+        self._segs.append(seg)
+        self._rows = self.pa.concat_tables([self._rows, seg.table.select(["id", *FIELDS])])
         self._ids_cache = None
         self._index_add(ids, emb)
         self._save_manifest()
         if sum(s["rows"] < SMALL_SEGMENT for s in self.manifest["segments"]) > MAX_SMALL_SEGMENTS:
             self._compact()
-
-    def _vectors(self, column) -> np.ndarray:
-        """A fixed_size_binary embedding column -> (n, D) float32 (no copy)."""
-        arr = column.combine_chunks()
-        data = np.frombuffer(arr.buffers()[1], dtype="<f4", count=(arr.offset + len(arr)) * self.dim)
-        return data[arr.offset * self.dim:].reshape(len(arr), self.dim)
-
-    def _write_segment(self, table, path: Path) -> None:
-        others = [c for c in table.column_names if c != "embedding"]
-        self.pq.write_table(table, path, compression={c: ("none" if c == "embedding" else "zstd") for c in table.column_names},
-                            use_dictionary=others, write_statistics=["id"])
 
     def delete(self, paths: Sequence[str] | None = None, filter: str | None = None) -> int:
         """Delete rows by path and/or filter: a tombstone file, the ids removed from the index."""
@@ -281,67 +307,71 @@ class LocalGallery(Gallery):
         if not len(ids):
             return 0
         self._lock()
-        name = f"{self._next_seq():08d}.parquet"
-        _write_atomic(self.root / "tombstones" / name,
-                      lambda p: self.pq.write_table(self.pa.table({"id": self.pa.array(ids, self.pa.int64())}), p))
-        self.manifest["tombstones"].append(name)
+        self.manifest["tombstones"].append(self._write_table("tombstones", self.pa.table({"id": self.pa.array(ids)})))
+        self._dead = np.union1d(self._dead, ids)
         self._rows = self._rows.filter(~mask)
         self._ids_cache = None
-        with _quiet_stdout():
-            self._index.remove_ids(ids)
-        self._save_index()
-        self._save_manifest()
+        self._save_manifest()  # the index keeps the rows (searches skip them) until optimize(retrain=True)
         return int(len(ids))
 
     def rows(self, filter: str | None = None, fields: Sequence[str] = FIELDS) -> list[dict]:
         """Live rows (with id) matching the filter."""
-        table = self._rows
-        if filter is not None:
-            table = table.filter(filters.evaluate(filters.parse(filter), table))
         unknown = set(fields) - set(FIELDS)
         if unknown:
             raise InvalidInputError(f"unknown fields {sorted(unknown)}; fields: {', '.join(FIELDS)}")
+        table = self._rows
+        if filter is not None:
+            table = table.filter(filters.evaluate(filters.parse(filter), table))
         return table.select(["id", *fields]).to_pylist()
 
     def optimize(self, retrain: bool = False) -> None:
-        """Merge small segments and drop deleted rows; with retrain=True (or when due) rebuild the index for the
+        """Drop deleted rows and merge small segments; with retrain=True (or when due) rebuild the index for the
         gallery's current size."""
         self._lock()
-        self._compact()
+        dropped = self._compact(drop_deleted=True)
         idx = self.manifest["index"]
-        if retrain or (idx and len(self) > RETRAIN_FACTOR * idx["sized_for"]):
-            self._build_index(ivf=len(self) >= TRAIN_AT)
+        if retrain or dropped or (idx and len(self) > RETRAIN_FACTOR * idx["sized_for"]):
+            self._build_index(ivf=len(self) >= TRAIN_AT)  # the index still held the dropped rows
 
-    def _compact(self) -> None:
-        """Rewrite the small segments (and every segment with deleted rows) as one, without the deleted rows."""
-        dead = self._deleted_ids()
-        segs, files = self.manifest["segments"], self._segment_files()
-        pick = []
-        for s, f in zip(segs, files):
-            has_dead = len(dead) and np.any((dead >= s["min_id"]) & (dead <= s["max_id"]))
-            if s["rows"] < SMALL_SEGMENT or has_dead:
-                pick.append((s, f))
-        if len(pick) < 2 and not len(dead):
-            return
-        parts = []
-        for _, f in pick:
-            t = self.pq.read_table(f, schema=self._schema)
-            parts.append(t.filter(~np.isin(t.column("id").to_numpy(), dead)) if len(dead) else t)
-        merged = self.pa.concat_tables(parts).combine_chunks() if parts else None
-        keep = [s for s in segs if all(s is not p for p, _ in pick)]
-        if merged is not None and merged.num_rows:
-            name = f"{self._next_seq():08d}.parquet"
-            _write_atomic(self.root / "segments" / name, lambda p: self._write_segment(merged, p))
-            ids = merged.column("id").to_numpy()
-            keep.append({"file": name, "rows": merged.num_rows, "min_id": int(ids[0]), "max_id": int(ids[-1])})
-        keep.sort(key=lambda s: s["min_id"])
-        old_tombs = list(self.manifest["tombstones"])
-        self.manifest["segments"], self.manifest["tombstones"] = keep, []
+    def _compact(self, drop_deleted: bool = False) -> bool:
+        """Merge each run of consecutive small segments into one and, with drop_deleted, rewrite segments holding
+        deleted rows without them (segment id ranges stay ordered and disjoint; ids never change). Returns whether
+        deleted rows were dropped (the index must then be rebuilt: it still holds them)."""
+        groups: list[list[_Segment]] = []
+        for seg in self._segs:
+            small = seg.entry["rows"] < SMALL_SEGMENT
+            if small and groups and groups[-1][-1].entry["rows"] < SMALL_SEGMENT:
+                groups[-1].append(seg)
+            else:
+                groups.append([seg])
+        dead = self._dead if drop_deleted else np.zeros(0, np.int64)
+        entries, old = [], []
+        for group in groups:
+            has_dead = any(len(dead) and np.isin(s.ids, dead).any() for s in group)
+            if len(group) == 1 and not has_dead:
+                entries.append(group[0].entry)
+                continue
+            merged = self.pa.concat_tables([s.table for s in group])
+            if has_dead:
+                merged = merged.filter(~np.isin(merged.column("id").to_numpy(), dead))
+            old += [s.entry["file"] for s in group]
+            if merged.num_rows:
+                ids = merged.column("id").to_numpy()
+                entries.append({"file": self._write_table("segments", merged.combine_chunks()), "rows": merged.num_rows,
+                                "min_id": int(ids[0]), "max_id": int(ids[-1])})
+        tombstones = self.manifest["tombstones"] if drop_deleted else []
+        if not old and not tombstones:
+            return False
+        self.manifest["segments"] = entries
+        if drop_deleted:
+            self.manifest["tombstones"] = []
         self._save_manifest()
-        for _, f in pick:
-            f.unlink(missing_ok=True)
-        for t in old_tombs:
-            (self.root / "tombstones" / t).unlink(missing_ok=True)
+        self._load_segments()
+        for name in old:
+            (self.root / "segments" / name).unlink(missing_ok=True)
+        for name in tombstones:
+            (self.root / "tombstones" / name).unlink(missing_ok=True)
+        return bool(tombstones)
 
     # ------------------------------------------------------------------------------------------ failures
     def record_failures(self, failures: Sequence[dict]) -> None:
@@ -374,31 +404,36 @@ class LocalGallery(Gallery):
         return base.with_suffix(".faiss"), base.with_suffix(".ivfdata")
 
     def _load_index(self):
-        """The stored IVF index (memory-mapped lists) or, for small galleries, a flat index built from the segments;
-        rebuilt from the segments when it disagrees with them."""
+        """The stored IVF-SQ8 index (memory-mapped lists) or, for small galleries, a flat index built from the
+        segments; rebuilt from the segments when it disagrees with them."""
         entry = self.manifest["index"]
-        if entry is not None:
-            header, _ = self._index_files(entry)
-            try:
-                with _quiet_stdout():  # it prints the list file's name
-                    index = self.faiss.read_index(str(header), self.faiss.IO_FLAG_ONDISK_SAME_DIR)
-                if index.ntotal == len(self):
-                    index.nprobe = self.nprobe
-                    return index
-                log.warning("%s: the index holds %d rows, the segments %d: rebuilding it", self.root, index.ntotal, len(self))
-            except RuntimeError as e:
-                log.warning("%s: cannot read the index (%s): rebuilding it", self.root, e)
-            return self._build_index(ivf=True)
-        return self._flat_index()
+        if entry is None:
+            return self._flat_index()
+        header, _ = self._index_files(entry)
+        try:
+            with _quiet_stdout():  # it prints the list file's name
+                index = self.faiss.read_index(str(header), self.faiss.IO_FLAG_ONDISK_SAME_DIR)
+            if index.ntotal == entry["ntotal"]:
+                self._no_prefetch(index)
+                return index
+            log.warning("%s: the index holds %d rows, the manifest says %d: rebuilding it", self.root, index.ntotal,
+                        entry["ntotal"])
+        except RuntimeError as e:
+            log.warning("%s: cannot read the index (%s): rebuilding it", self.root, e)
+        return self._build_index(ivf=True)
+
+    def _no_prefetch(self, index) -> None:
+        """OnDiskInvertedLists starts 32 prefetch threads per search by default: 4x slower single queries here."""
+        self.faiss.downcast_InvertedLists(index.invlists).prefetch_nthread = 0
 
     def _flat_index(self):
         index = self.faiss.IndexIDMap2(self.faiss.IndexFlatIP(self.dim))
-        for ids, emb in self._iter_embeddings():
-            index.add_with_ids(emb, ids)
+        for ids, vectors in self._iter_live():
+            index.add_with_ids(vectors, ids)
         return index
 
     def _build_index(self, ivf: bool):
-        """A new index over every live row: IVF-Flat on memory-mapped lists (trained here) or flat."""
+        """A new index over every live row: IVF-SQ8 on memory-mapped lists (trained here) or flat."""
         self._lock()
         old = self.manifest["index"]
         if not ivf:
@@ -407,21 +442,20 @@ class LocalGallery(Gallery):
         else:
             sized_for = max(len(self), self.manifest.get("expected_rows") or 0)
             nlist = nlist_for(sized_for)
-            quantizer = self.faiss.IndexFlatIP(self.dim)
-            index = self.faiss.IndexIVFFlat(quantizer, self.dim, nlist, self.faiss.METRIC_INNER_PRODUCT)
-            index.cp.niter = 10
-            index.cp.min_points_per_centroid = 1  # small first trainings are fine: retrained as the gallery grows
-            index.cp.max_points_per_centroid = 64
+            index = self.faiss.IndexIVFScalarQuantizer(self.faiss.IndexFlatIP(self.dim), self.dim, nlist,
+                                                       self.faiss.ScalarQuantizer.QT_8bit, self.faiss.METRIC_INNER_PRODUCT)
+            # small first trainings are fine: the index is retrained as the gallery grows
+            index.cp.niter, index.cp.min_points_per_centroid, index.cp.max_points_per_centroid = 10, 1, 64
             index.train(self._training_sample(64 * nlist))
-            entry = {"name": f"ivf-{self._next_seq():08d}", "nlist": nlist, "sized_for": sized_for}
+            entry = {"name": f"ivfsq8-{self._next_seq():08d}", "nlist": nlist, "sized_for": sized_for}
             header, data = self._index_files(entry)
             lists = self.faiss.OnDiskInvertedLists(nlist, index.code_size, str(data))
             index.replace_invlists(lists, True)
             lists.this.disown()  # owned by the index now
-            index.nprobe = self.nprobe
+            self._no_prefetch(index)
             with _quiet_stdout():
-                for ids, emb in self._iter_embeddings():
-                    index.add_with_ids(emb, ids)
+                for ids, vectors in self._iter_live():
+                    index.add_with_ids(vectors, ids)
             self._index = index
             self.manifest["index"] = entry
             self._save_index()
@@ -435,69 +469,73 @@ class LocalGallery(Gallery):
         """Up to n live embeddings, drawn evenly from every segment -> (m, D)."""
         frac = min(1.0, n / max(1, len(self)))
         rng = np.random.default_rng(0)
-        parts = [emb[rng.random(len(emb)) < frac] for _, emb in self._iter_embeddings()]
+        parts = [v[rng.random(len(v)) < frac] for _, v in self._iter_live()]
         return np.ascontiguousarray(np.concatenate(parts)[:n])
 
     def _index_add(self, ids: np.ndarray, emb: np.ndarray) -> None:
         entry = self.manifest["index"]
-        if entry is None and len(self) >= TRAIN_AT:
+        if (entry is None and len(self) >= TRAIN_AT) or (entry is not None and len(self) > RETRAIN_FACTOR * entry["sized_for"]):
             self._build_index(ivf=True)  # trains on every row, the new ones included
-            return
-        if entry is not None and len(self) > RETRAIN_FACTOR * entry["sized_for"]:
-            self._build_index(ivf=True)
             return
         with _quiet_stdout():
             self._index.add_with_ids(emb, ids)
         self._save_index()
 
     def _save_index(self) -> None:
-        """Write the IVF header (quantizer + list offsets; the lists themselves are already in their file)."""
+        """Write the IVF header (quantizers + list offsets; the lists themselves are already in their file)."""
         entry = self.manifest["index"]
         if entry is not None:
             header, _ = self._index_files(entry)
             _write_atomic(header, lambda p: self.faiss.write_index(self._index, str(p)))
+            entry["ntotal"] = int(self._index.ntotal)
 
     # ------------------------------------------------------------------------------------------ search
     def search(self, queries: np.ndarray, k: int = 10, filter: str | None = None) -> list[list[Hit]]:
-        """Top-k rows per query (cosine), best first; a filter restricts the rows searched."""
+        """Top-k rows per query by exact cosine, best first; a filter restricts the rows searched."""
         q = check_embeddings(queries, None, self.dim, "queries")  # (Q, D)
         k = check_k(k)
-        if len(self) == 0:
-            return [[] for _ in range(len(q))]
-        ivf = self.manifest["index"] is not None
+        n = len(self)
+        params = self.faiss.SearchParametersIVF() if self.manifest["index"] else self.faiss.SearchParameters()
         nprobe = self.nprobe
-        bitmap = None
+        allowed = None
         if filter is not None:
-            mask = filters.evaluate(filters.parse(filter), self._rows)
-            allowed = self._ids()[mask]
-            if not len(allowed):
-                return [[] for _ in range(len(q))]
-            bits = np.zeros(self.manifest["next_id"], bool)
-            bits[allowed] = True
-            bitmap = np.packbits(bits, bitorder="little")
+            allowed = self._ids()[filters.evaluate(filters.parse(filter), self._rows)]
             # a filter keeping a fraction f of the rows: scan 1/f times the lists (all of them for rare matches)
-            nprobe = math.ceil(nprobe * len(self) / len(allowed))
-        k = min(k, len(self) if bitmap is None else len(allowed))
-        params = self.faiss.SearchParametersIVF() if ivf else self.faiss.SearchParameters()
+            nprobe = math.ceil(nprobe * n / max(1, len(allowed)))
+            n = len(allowed)
+        bitmap = self._live_bitmap(allowed)  # deleted rows stay in the index until it is rebuilt: skipped here
         if bitmap is not None:
             params.sel = self.faiss.IDSelectorBitmap(len(bitmap), self.faiss.swig_ptr(bitmap))
-        nlist = self.manifest["index"]["nlist"] if ivf else 1
-        if ivf:
-            params.nprobe = min(nlist, nprobe)
-        scores, ids = self._index.search(q, k, params=params)  # (Q, k)
+        if n == 0:
+            return [[] for _ in range(len(q))]
+        if self.manifest["index"] is None:
+            scores, ids = self._index.search(q, min(k, n), params=params)  # (Q, k): exact
+            return self._hits(scores, ids)
+        nlist = self.manifest["index"]["nlist"]
+        params.nprobe = min(nlist, nprobe)
+        want = min(n, k * self.rerank)
+        _, ids = self._index.search(q, want, params=params)  # (Q, want) candidates, best first
         short = (ids < 0).any(axis=1)
-        while ivf and short.any() and params.nprobe < nlist:
-            # the probed lists held fewer than k rows (many deletes, or a rare filter): widen the scan
+        while short.any() and params.nprobe < nlist:
+            # the probed lists held fewer rows than asked for (many deletes, a rare filter): widen the scan
             params.nprobe = min(nlist, 4 * params.nprobe)
-            scores[short], ids[short] = self._index.search(q[short], k, params=params)
+            ids[short] = self._index.search(q[short], want, params=params)[1]
             short = (ids < 0).any(axis=1)
-        return self._hits(scores, ids)
+        return self._hits(*self._rescore(q, ids, min(k, n)))
+
+    def _rescore(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cosines of the candidates against the stored vectors; the top k per query -> (Q, k) each."""
+        ok = cand >= 0
+        exact = np.full(cand.shape, -np.inf, np.float32)
+        exact[ok] = np.einsum("nd,nd->n", self._vectors_of(cand[ok]), np.repeat(q, ok.sum(axis=1), axis=0))
+        top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        scores, ids = np.take_along_axis(exact, top, 1), np.take_along_axis(cand, top, 1)
+        ids[~np.isfinite(scores)] = -1
+        return scores, ids
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         valid = ids >= 0
         pos = np.searchsorted(self._ids(), ids[valid])
-        rows = self._rows.take(self.pa.array(pos)).to_pylist()
-        out, it = [], iter(rows)
-        for qi in range(len(ids)):
-            out.append([make_hit(next(it), s) for s, ok in zip(scores[qi], valid[qi]) if ok])
-        return out
+        # one slice per hit: Table.take would first concatenate every segment's chunks (milliseconds per query)
+        rows = iter([self._rows.slice(int(p), 1).to_pylist()[0] for p in pos])
+        return [[make_hit(next(rows), s) for s, ok in zip(scores[qi], valid[qi]) if ok] for qi in range(len(ids))]
