@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from PIL import Image
 from clip_client import CLIPClient
 from clip_client.cli import main
 from clip_client.gallery import Gallery
+from tests.integration.test_client_install import needs_extra, readme_python_blocks
 
 
 def _pattern(seed: int, size=(96, 72)) -> Image.Image:
@@ -170,6 +173,24 @@ def test_milvus_backend_through_the_cli(triton_server, image_dir, tmp_path, caps
     assert rc == 0 and "10 unchanged" in cap.out and "2 skipped earlier and unchanged" in cap.out
 
 
+def test_classify_a_gallery_by_stored_embeddings(triton_server, image_dir, tmp_path, capsys):
+    uri = tmp_path / "g"
+    _index(triton_server, capsys, image_dir, uri)
+    labels = ["cat", "dog", "red car"]
+    rc, cap = _cli(triton_server, capsys, "classify", "--uri", str(uri), "--labels", *labels, "-k", "3", "--json",
+                   "--filter", 'path like "%/a/%"')
+    result = json.loads(cap.out)["results"]
+    files = sorted(str(p) for p in (image_dir / "a").glob("img*"))
+    assert rc == 0 and sorted(r["path"] for r in result) == files
+    with CLIPClient(triton_server.grpc_url) as c:
+        _, probs = c.zero_shot_classification(files, labels)
+    for path, p in zip(files, probs):
+        row = next(r for r in result if r["path"] == path)
+        assert {x["label"]: x["probability"] for x in row["labels"]} == pytest.approx(dict(zip(labels, map(float, p))), abs=1e-5)
+    rc, cap = _cli(triton_server, capsys, "classify", "--labels", "a", "b")
+    assert rc == 2 and "exactly one" in cap.err
+
+
 def test_classify(triton_server, image_dir, capsys):
     files = sorted(str(p) for p in image_dir.rglob("img*"))[:4] + [str(image_dir / "broken.jpg")]
     labels = ["cat", "dog", "red car"]
@@ -190,3 +211,18 @@ def test_classify(triton_server, image_dir, capsys):
                "a drawing of a {}.", "--url", triton_server.grpc_url])
     line = capsys.readouterr().out.strip()
     assert rc == 0 and line.startswith(files[0] + "\t")
+
+
+def test_readme_gallery_and_adapter_examples(triton_server, tmp_path):
+    """The README's gallery and adapter examples run as written (after the example that creates photos/)."""
+    blocks = readme_python_blocks()
+    setup = next(b for b in blocks if 'Path("photos").mkdir' in b)
+    examples = [b for b in blocks if needs_extra(b)]
+    assert len(examples) >= 2, "the README shows the gallery API and the adapters"
+    for i, block in enumerate([setup, *examples]):
+        code = block.replace("127.0.0.1:8001", triton_server.grpc_url).replace("127.0.0.1:8000", triton_server.http_url)
+        script = tmp_path / f"example_{i}.py"
+        script.write_text(code, encoding="utf-8")
+        done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"README example {i} failed:\n{code}\n{done.stderr[-3000:]}"
+    assert (tmp_path / "photos.gallery" / "gallery.json").is_file()

@@ -278,6 +278,20 @@ def check_k(k: int) -> int:
     return int(k)
 
 
+def check_fields(fields: Sequence[str]) -> list[str]:
+    """Row fields asked for, all known (InvalidInputError otherwise)."""
+    unknown = set(fields) - set(FIELDS)
+    if unknown:
+        raise InvalidInputError(f"unknown fields {sorted(unknown)}; fields: {', '.join(FIELDS)}")
+    return list(fields)
+
+
+def check_delete(paths: Sequence[str] | None, filter: str | None) -> None:
+    """delete() needs something to select rows by."""
+    if paths is None and filter is None:
+        raise InvalidInputError("delete needs paths and/or a filter")
+
+
 def is_milvus_uri(uri: str) -> bool:
     """Milvus server URIs (http[s]://, tcp://) and milvus-lite files (*.db)."""
     base = str(uri).split("?", 1)[0]

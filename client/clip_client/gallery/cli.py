@@ -43,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("-k", "--top-k", type=int, default=10, help="results to show (default 10)")
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     elif command == "classify":
-        parser.add_argument("images", nargs="+", help="image files")
+        parser.add_argument("images", nargs="*", help="image files (or --uri: the images of a gallery)")
+        parser.add_argument("--uri", default=None, help="classify a gallery's images by their stored embeddings")
+        parser.add_argument("--filter", help="with --uri: only the rows matching this filter")
         parser.add_argument("--labels", nargs="+", required=True, help="class names")
         parser.add_argument("--template", action="append", dest="templates", default=None,
                             help="prompt template with {} for the label, e.g. 'a photo of a {}.' (repeatable; averaged)")
@@ -61,7 +63,11 @@ def run(args: argparse.Namespace, command: str) -> int:
     try:
         if command == "search" and args.like is not None:
             return _run_like(args)
+        if command == "classify" and (args.uri is None) == (not args.images):
+            raise InvalidInputError("give image files or --uri GALLERY (exactly one)")
         with CLIPClient(args.url, protocol=args.protocol, timeout=args.timeout) as client:
+            if command == "classify" and args.uri is not None:
+                return _run_classify_gallery(client, args)
             return {"index": _run_index, "search": _run_search, "classify": _run_classify}[command](client, args)
     except CLIPClientError as e:
         print(f"clip-triton {command}: error: {e}", file=sys.stderr)
@@ -133,19 +139,44 @@ def _run_classify(client: Any, args: argparse.Namespace) -> int:
         good.update({lo + i: e for i, e in g.items()})
         bad.update({lo + i: m for i, m in b.items()})
     failed += [(names[i], m) for i, m in sorted(bad.items())]
-    rows = []
-    if good:
-        order = sorted(good)
-        probs = ops.softmax(ops.similarity(np.stack([good[i] for i in order]), classes, scale), axis=1)  # (I, C)
-        top = ops.topk_indices(probs, args.top_k)
-        for n, i in enumerate(order):
-            rows.append({"path": names[i], "labels": [{"label": args.labels[c], "probability": float(probs[n, c])}
-                                                      for c in top[n]]})
-    if args.json:
+    order = sorted(good)
+    rows = _label_rows([names[i] for i in order], [good[i] for i in order], classes, scale, args)
+    _print_labels(rows, failed, args.json)
+    return 1 if failed else 0
+
+
+def _label_rows(paths: list[str], embeds: list[np.ndarray], classes: np.ndarray, scale: float,
+                args: argparse.Namespace) -> list[dict]:
+    """{path, labels: top-k {label, probability}} per image."""
+    if not embeds:
+        return []
+    probs = ops.softmax(ops.similarity(np.stack(embeds), classes, scale), axis=1)  # (I, C)
+    top = ops.topk_indices(probs, args.top_k)
+    return [{"path": p, "labels": [{"label": args.labels[c], "probability": float(probs[n, c])} for c in top[n]]}
+            for n, p in enumerate(paths)]
+
+
+def _print_labels(rows: list[dict], failed: list[tuple[str, str]], as_json: bool) -> None:
+    if as_json:
         print(json.dumps({"results": rows, "failed": [{"path": p, "error": m} for p, m in failed]}, indent=2))
     else:
         for row in rows:
             print(row["path"] + "\t" + "\t".join(f"{x['label']} {x['probability']:.4f}" for x in row["labels"]))
         for p, m in failed:
             print(f"skipped {p}: {m}", file=sys.stderr)
-    return 1 if failed else 0
+
+
+def _run_classify_gallery(client: Any, args: argparse.Namespace) -> int:
+    """classify --uri: zero-shot labels for a gallery's images from their stored embeddings (no image is sent)."""
+    classes = client.class_embeddings(args.labels, args.templates)  # (C, D)
+    info = client.get_model_info()
+    with Gallery.open(args.uri) as gallery:
+        gallery.check_identity(info)
+        rows = gallery.rows(filter=args.filter, fields=("path",))
+        out = []
+        for lo in range(0, len(rows), 4096):
+            chunk = rows[lo:lo + 4096]
+            out += _label_rows([r["path"] for r in chunk], list(gallery.embeddings([r["id"] for r in chunk])), classes,
+                               info.scale, args)
+    _print_labels(out, [], args.json)
+    return 0

@@ -14,9 +14,10 @@ A gallery is a folder:
 
 Search: below TRAIN_AT rows exact (an in-memory flat index built from the segments at open). From TRAIN_AT rows an
 IVF-SQ8 index (nlist ~ sqrt of the expected size, D-byte codes, `nprobe` lists scanned) proposes k * `rerank`
-candidates per query, which are re-scored exactly against the stored float32 vectors (memory-mapped): scores are exact cosines. Deleted rows stay
-in the index, skipped by every search, until it is rebuilt. The index is retrained when the gallery outgrows its training size RETRAIN_FACTOR times, or on optimize(retrain=True). The
-segments are the truth: an index that disagrees with them at open (e.g. after a crash) is rebuilt from them.
+candidates per query, which are re-scored exactly against the stored float32 vectors (memory-mapped): scores are
+exact cosines. Deleted rows stay in the index, skipped by every search, until it is rebuilt. The index is retrained
+when the gallery outgrows its training size RETRAIN_FACTOR times, or on optimize(retrain=True). The segments are
+the truth: an index that disagrees with the manifest at open (e.g. after a crash) is rebuilt from them.
 One writer at a time (a lock file); readers open a snapshot.
 """
 
@@ -35,7 +36,19 @@ import numpy as np
 
 from ..errors import CLIPClientError, InvalidInputError
 from . import filters
-from .base import FIELDS, FORMAT_VERSION, Gallery, Hit, check_embeddings, check_k, make_hit, require, row_columns
+from .base import (
+    FIELDS,
+    FORMAT_VERSION,
+    Gallery,
+    Hit,
+    check_delete,
+    check_embeddings,
+    check_fields,
+    check_k,
+    make_hit,
+    require,
+    row_columns,
+)
 
 log = logging.getLogger("clip_client.gallery")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs which CPU build it loads at INFO
@@ -296,8 +309,7 @@ class LocalGallery(Gallery):
 
     def delete(self, paths: Sequence[str] | None = None, filter: str | None = None) -> int:
         """Delete rows by path and/or filter: a tombstone file, the ids removed from the index."""
-        if paths is None and filter is None:
-            raise InvalidInputError("delete needs paths and/or a filter")
+        check_delete(paths, filter)
         mask = np.zeros(len(self), bool)
         if paths is not None:
             mask |= filters.is_in(self._rows.column("path"), list(paths))
@@ -316,9 +328,7 @@ class LocalGallery(Gallery):
 
     def rows(self, filter: str | None = None, fields: Sequence[str] = FIELDS) -> list[dict]:
         """Live rows (with id) matching the filter."""
-        unknown = set(fields) - set(FIELDS)
-        if unknown:
-            raise InvalidInputError(f"unknown fields {sorted(unknown)}; fields: {', '.join(FIELDS)}")
+        fields = check_fields(fields)
         table = self._rows
         if filter is not None:
             table = table.filter(filters.evaluate(filters.parse(filter), table))

@@ -19,7 +19,21 @@ import numpy as np
 
 from ..errors import InvalidInputError, ServerError
 from . import filters
-from .base import FIELDS, MAX_PATH, MAX_TAG, MAX_TAGS, Gallery, Hit, check_embeddings, check_k, make_hit, require, row_columns
+from .base import (
+    FIELDS,
+    MAX_PATH,
+    MAX_TAG,
+    MAX_TAGS,
+    Gallery,
+    Hit,
+    check_delete,
+    check_embeddings,
+    check_fields,
+    check_k,
+    make_hit,
+    require,
+    row_columns,
+)
 
 DEFAULT_COLLECTION = "clip_gallery"
 IDENTITY_PROPERTY = "clip_triton_gallery"
@@ -137,8 +151,7 @@ class MilvusGallery(Gallery):
 
     def delete(self, paths: Sequence[str] | None = None, filter: str | None = None) -> int:
         """Delete rows by path and/or filter."""
-        if paths is None and filter is None:
-            raise InvalidInputError("delete needs paths and/or a filter")
+        check_delete(paths, filter)
         if paths is not None and not len(paths) and filter is None:
             return 0
         where = self._where(paths, filter)
@@ -149,9 +162,7 @@ class MilvusGallery(Gallery):
 
     def rows(self, filter: str | None = None, fields: Sequence[str] = FIELDS) -> list[dict]:
         """Rows (with id) matching the filter, paged through a query iterator."""
-        unknown = set(fields) - set(FIELDS)
-        if unknown:
-            raise InvalidInputError(f"unknown fields {sorted(unknown)}; fields: {', '.join(FIELDS)}")
+        fields = check_fields(fields)
         where = self._where(None, filter) if filter is not None else ""
         it = self.client.query_iterator(self.name, batch_size=BATCH, filter=where, output_fields=list(fields))
         out: list[dict] = []
