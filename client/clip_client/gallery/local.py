@@ -57,7 +57,7 @@ MANIFEST = "gallery.json"
 META_KEY = b"clip_triton_gallery"
 TRAIN_AT = 32_768  # rows: exact search below, IVF-SQ8 from here on
 RETRAIN_FACTOR = 16  # retrain when the gallery holds this many times the rows the index was sized for
-DEFAULT_NPROBE = 64  # IVF lists scanned per query
+DEFAULT_NPROBE = 32  # IVF lists scanned per query
 DEFAULT_RERANK = 2  # candidates re-scored exactly per query, as a multiple of k
 SMALL_SEGMENT = 65_536  # rows: optimize() merges runs of segments smaller than this
 MAX_SMALL_SEGMENTS = 64  # add() compacts when there are more small segments than this
@@ -117,8 +117,10 @@ class _Segment:
         import pyarrow as pa
 
         self.entry = entry
-        self.source = pa.memory_map(str(path), "r")  # the table's buffers point into this mapping
-        self.table = pa.ipc.open_file(self.source).read_all().combine_chunks()
+        self.source = pa.memory_map(str(path), "r")  # the table's buffers point into this mapping (no copy)
+        self.table = pa.ipc.open_file(self.source).read_all()
+        if self.table.column("id").num_chunks > 1:  # written as one record batch; anything else is copied once
+            self.table = self.table.combine_chunks()
         self.ids = self.table.column("id").to_numpy()
         emb = self.table.column("embedding").chunk(0) if self.table.num_rows else None
         self.vectors = (np.frombuffer(emb.buffers()[1], "<f4", count=(emb.offset + len(emb)) * dim)[emb.offset * dim:]
@@ -455,7 +457,7 @@ class LocalGallery(Gallery):
             index = self.faiss.IndexIVFScalarQuantizer(self.faiss.IndexFlatIP(self.dim), self.dim, nlist,
                                                        self.faiss.ScalarQuantizer.QT_8bit, self.faiss.METRIC_INNER_PRODUCT)
             # small first trainings are fine: the index is retrained as the gallery grows
-            index.cp.niter, index.cp.min_points_per_centroid, index.cp.max_points_per_centroid = 10, 1, 64
+            index.cp.niter, index.cp.min_points_per_centroid, index.cp.max_points_per_centroid = 8, 1, 64
             index.train(self._training_sample(64 * nlist))
             entry = {"name": f"ivfsq8-{self._next_seq():08d}", "nlist": nlist, "sized_for": sized_for}
             header, data = self._index_files(entry)
