@@ -278,7 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bench-retriev
     parser.add_argument("--old-add-rows", type=int, default=100_000, help="rows the old add() is timed on")
     parser.add_argument("--batch", type=int, default=10_000, help="rows per add() (default 10,000)")
     parser.add_argument("--workdir", default=None, help="where the galleries are written (default: a temp folder)")
-    parser.add_argument("--sweep", default="16,64,128", help="also time these nprobe values (comma-separated; '' for none)")
+    parser.add_argument("--sweep", default="32,64,128", help="also time these nprobe values (comma-separated; '' for none)")
     parser.add_argument("--json-out", default=None, help="also write the numbers as JSON")
 
 
