@@ -11,14 +11,17 @@ import numpy as np
 
 from ._core import DEFAULT_TEMPLATE
 from .cli import add_connection_arguments, connect
-from .errors import CLIPClientError
+from .errors import CLIPClientError, InvalidInputError
 
 COMMAND_HELP = {"classify": "zero-shot classify images against labels"}
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Arguments of `clip-triton classify`."""
-    parser.add_argument("images", nargs="+", help="image files or http(s) URLs")
+    parser.add_argument("images", nargs="*", help="image files or http(s) URLs (or --uri)")
+    parser.add_argument("--uri", default=None,
+                        help="instead of files: a gallery's images, from their stored embeddings (no image is sent)")
+    parser.add_argument("--filter", default=None, help="with --uri: only the gallery rows matching this filter")
     parser.add_argument("--labels", nargs="+", required=True, help="class names")
     parser.add_argument("--template", action="append", dest="templates", default=None,
                         help=f"prompt with {{}} for the label (repeatable: averaged; '{{}}' = the bare label) "
@@ -31,8 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def run(args: argparse.Namespace, command: str) -> int:
     """Classify; 0 on success, 1 when some images failed (reported, the rest still classified), 2 on errors."""
     try:
+        if (args.uri is None) == (not args.images):
+            raise InvalidInputError("give image files or --uri GALLERY (exactly one)")
         with connect(args) as client:
-            rows, failed = classify_files(client, args.images, args.labels, args.templates, args.top_k)
+            if args.uri is not None:
+                from .gallery.cli import classify_gallery
+
+                rows, failed = classify_gallery(client, args.uri, args.labels, args.templates, args.top_k, args.filter), []
+            else:
+                rows, failed = classify_files(client, args.images, args.labels, args.templates, args.top_k)
     except CLIPClientError as e:
         print(f"clip-triton {command}: error: {e}", file=sys.stderr)
         return 2

@@ -40,6 +40,13 @@ def client_venv(tmp_path_factory) -> Path:
     return venv
 
 
+def _client_version() -> str:
+    """The version in client/pyproject.toml."""
+    import tomllib
+
+    return tomllib.loads((ROOT / "client" / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+
+
 def _env(venv: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
@@ -59,15 +66,21 @@ def test_client_install_has_no_server_side_packages(client_venv):
 
 
 def test_readme_client_examples_run_from_the_client_install(client_venv, triton_server, tmp_path):
-    blocks = [b for b in readme_python_blocks() if "from clip_client import" in b and not needs_extra(b)]
-    assert len(blocks) >= 2, "the README shows the sync and the async client"
+    """Every ```python block of the README (tritonclient, the sync and the async client), as written, from the client
+    install, in a folder holding what `make demo` leaves for them (its photos)."""
+    from clip_server.demo import sample_images
+
+    blocks = [b for b in readme_python_blocks() if not needs_extra(b)]
+    assert sum("from clip_client import" in b for b in blocks) >= 2, "the README shows the sync and the async client"
+    assert any("import tritonclient" in b for b in blocks)
+    sample_images(tmp_path / ".artifacts" / "demo" / "images")
     for i, block in enumerate(blocks):
         code = block.replace("127.0.0.1:8001", triton_server.grpc_url).replace("127.0.0.1:8000", triton_server.http_url)
         script = tmp_path / f"example_{i}.py"
         script.write_text(code, encoding="utf-8")
         done = _run([str(client_venv / "bin" / "python"), str(script)], cwd=tmp_path, env=_env(client_venv))
         assert done.returncode == 0, f"README example {i} failed:\n{code}\n{done.stderr[-3000:]}"
-        assert "Traceback" not in done.stderr
+        assert "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr[-3000:]
 
 
 def test_client_commands_from_the_client_install(client_venv, triton_server, tmp_path):
@@ -77,6 +90,8 @@ def test_client_commands_from_the_client_install(client_venv, triton_server, tmp
     Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
     done = _run([cli, "--help"], env=_env(client_venv))
     assert done.returncode == 0 and "classify" in done.stdout and "convert" not in done.stdout
+    done = _run([cli, "--version"], env=_env(client_venv))
+    assert done.returncode == 0 and done.stdout.strip() == "clip-triton-client " + _client_version()
     done = _run([cli, "classify", str(tmp_path / "red.png"), "--labels", "red", "blue", "--url", triton_server.grpc_url,
                  "--json"], env=_env(client_venv))
     assert done.returncode == 0, done.stderr[-2000:]

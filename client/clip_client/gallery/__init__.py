@@ -11,6 +11,7 @@ Backends (chosen by the URI): a local folder (embedded FAISS index + Parquet, ex
 
 from .base import FIELDS, Gallery, Hit, MissingExtraError
 from .filters import FilterError
-from .indexing import IndexReport, index_folder, iter_image_files
+from .indexing import IndexReport, encode_tolerant, index_folder, iter_image_files
 
-__all__ = ["FIELDS", "FilterError", "Gallery", "Hit", "IndexReport", "MissingExtraError", "index_folder", "iter_image_files"]
+__all__ = ["FIELDS", "FilterError", "Gallery", "Hit", "IndexReport", "MissingExtraError", "encode_tolerant", "index_folder",
+           "iter_image_files"]
