@@ -271,12 +271,12 @@ def render(r: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "bench-retrieval") -> None:
     """Arguments of `clip-triton bench-retrieval`."""
-    parser.add_argument("--rows", type=int, default=1_000_000, help="vectors in the gallery (default 1,000,000)")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="vectors in the gallery")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--queries", type=int, default=1000, help="single queries timed on the gallery (default 1000)")
-    parser.add_argument("--brute-queries", type=int, default=50, help="single queries timed on the old path (default 50)")
+    parser.add_argument("--queries", type=int, default=1000, help="single queries timed on the gallery")
+    parser.add_argument("--brute-queries", type=int, default=50, help="single queries timed on the old path")
     parser.add_argument("--old-add-rows", type=int, default=100_000, help="rows the old add() is timed on")
-    parser.add_argument("--batch", type=int, default=10_000, help="rows per add() (default 10,000)")
+    parser.add_argument("--batch", type=int, default=10_000, help="rows per add()")
     parser.add_argument("--workdir", default=None, help="where the galleries are written (default: a temp folder)")
     parser.add_argument("--sweep", default="32,64,128", help="also time these nprobe values (comma-separated; '' for none)")
     parser.add_argument("--json-out", default=None, help="also write the numbers as JSON")

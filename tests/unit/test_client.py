@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 import time
 
@@ -13,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from clip_client import CLIPClient, InvalidInputError, ModelMismatchError, ServerUnavailableError
+from clip_client import CLIPClient, InvalidInputError, ServerUnavailableError
 from clip_client import _core, ops
 from clip_client.errors import ServerError, ServerTimeoutError
-from clip_client.gallery import Gallery, encode_tolerant, gallery_schema, iter_image_files
+from clip_client.gallery import encode_tolerant, iter_image_files
 from clip_client.inputs import (
     NPY_MAGIC,
     encode_images,
@@ -578,61 +577,7 @@ def test_prompt_cache_shared_by_threads():
 # ------------------------------------------------------------------------------------------- gallery
 
 
-IDENTITY = {"model_id": "m1", "dim": 4, "logit_scale": 4.6, "identity_source": "postprocess.model_id"}
-
-
-def test_gallery_parquet_schema_and_roundtrip(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    g = Gallery(identity=dict(IDENTITY))
-    emb = RNG.normal(size=(3, 4)).astype(np.float32)
-    g.add(["/a.jpg", "/b.jpg", "/c.jpg"], ["s1", "s2", "s3"], [10, 20, 30], emb)
-    path = tmp_path / "g.parquet"
-    g.save(path)
-    schema = pq.read_schema(path)
-    assert schema.field("path").type == pa.string()
-    assert schema.field("sha256").type == pa.string()
-    assert schema.field("size").type == pa.int64()
-    assert schema.field("embedding").type == pa.list_(pa.float32(), 4)  # fixed_size_list<float32>[4]
-    meta = json.loads(schema.metadata[b"clip_triton_gallery"])
-    assert meta == {"format_version": 1, **IDENTITY}
-    assert schema.remove_metadata().equals(gallery_schema(4, IDENTITY).remove_metadata())
-    back = Gallery.load(path)
-    assert back.paths == g.paths and back.sha256 == g.sha256 and back.sizes == [10, 20, 30]
-    np.testing.assert_allclose(np.linalg.norm(back.embeddings, axis=1), 1.0, rtol=1e-6)  # stored normalised
-    np.testing.assert_allclose(back.embeddings, ops.l2_normalize(emb), rtol=1e-6)
-    assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temp file
-
-
-def test_gallery_replace_search_identity(tmp_path):
-    g = Gallery(identity=dict(IDENTITY))
-    e = np.eye(4, dtype=np.float32)
-    g.add(["/a", "/b", "/c"], ["1", "2", "3"], [1, 1, 1], e[:3])
-    g.add(["/b"], ["2b"], [2], e[3:4])  # same path, new content: replaced
-    assert g.paths == ["/a", "/c", "/b"] and g.sha256 == ["1", "3", "2b"]
-    idx, scores = g.search(np.array([0.1, 0, 0.2, 1.0]), k=2)
-    assert [g.paths[i] for i in idx[0]] == ["/b", "/c"]
-    assert scores[0, 0] > scores[0, 1]
-    g.check_identity(dict(IDENTITY))
-    with pytest.raises(ModelMismatchError, match="re-index"):
-        g.check_identity({**IDENTITY, "model_id": "other"})
-    with pytest.raises(ModelMismatchError):
-        g.search(np.ones((1, 8)))
-    empty = Gallery(identity=dict(IDENTITY))
-    assert empty.search(np.ones(4), 3)[0].shape == (1, 0)
-
-
-def test_gallery_load_rejects_other_parquet(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
-    with pytest.raises(InvalidInputError, match="not a clip-triton gallery"):
-        Gallery.load(tmp_path / "other.parquet")
-    (tmp_path / "junk.parquet").write_bytes(b"junk")
-    with pytest.raises(InvalidInputError):
-        Gallery.load(tmp_path / "junk.parquet")
+# The Gallery itself: tests/unit/test_gallery_local.py and tests/integration/test_gallery*.py.
 
 
 def test_iter_image_files(tmp_path):
@@ -680,10 +625,12 @@ def test_cli_arguments():
     from clip_client.cli import _parser
 
     p = _parser()
-    a = p.parse_args(["index", "imgs", "--out", "g.parquet"])
-    assert (a.image_dir, a.out, a.url, a.protocol, a.ca_file) == ("imgs", "g.parquet", None, None, None)
-    a = p.parse_args(["search", "a red car", "--gallery", "g.parquet", "-k", "3"])
-    assert (a.query, a.top_k, a.image) == ("a red car", 3, None)
+    a = p.parse_args(["index", "imgs", "--out", "g.gallery"])  # --out: the old name of --uri
+    assert (a.image_dir, a.uri, a.url, a.protocol, a.ca_file) == ("imgs", "g.gallery", None, None, None)
+    a = p.parse_args(["index", "imgs", "--uri", "http://milvus:19530?collection=photos", "--tag", "x", "--tag", "y"])
+    assert (a.uri, a.tags, a.retry_failed) == ("http://milvus:19530?collection=photos", ["x", "y"], False)
+    a = p.parse_args(["search", "a red car", "--gallery", "g.parquet", "-k", "3", "--filter", "size > 1"])
+    assert (a.query, a.top_k, a.image, a.uri, a.filter) == ("a red car", 3, None, "g.parquet", "size > 1")
     a = p.parse_args(["search", "--image", "q.jpg", "--gallery", "g.parquet", "--protocol", "http"])
     assert (a.query, a.image, a.protocol) == (None, "q.jpg", "http")
     a = p.parse_args(["classify", "x.jpg", "y.jpg", "--labels", "cat", "dog", "--template", "art of a {}",

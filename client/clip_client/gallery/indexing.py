@@ -265,6 +265,7 @@ def index_folder(client: Any, gallery: Gallery, root: str | os.PathLike, batch_s
         gone = [p for p in existing if p not in on_disk]
         run.report.removed = gallery.delete(paths=gone) if gone else 0
         gallery.record_failures(run.failed)
-        gallery.forget_failures([p for p in failures if p in set(run.succeeded) or (p.startswith(prefix) and p not in on_disk)])
+        done = set(run.succeeded)
+        gallery.forget_failures([p for p in failures if p in done or (p.startswith(prefix) and p not in on_disk)])
         run.report.total = len(gallery)
     return run.report
