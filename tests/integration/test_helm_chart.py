@@ -5,6 +5,7 @@ rendered objects (probes, /dev/shm, GPU, HPA metric, selectors, security, the ga
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -271,3 +272,94 @@ def test_kserve_manifests_serve_the_same_repository(rendered):
     kubernetes_validate.validate(  # the runtime's pod-level parts against the core schemas
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
          "spec": {"containers": [container], "volumes": runtime["spec"]["volumes"]}}, KUBERNETES, strict=True)
+
+
+def _tritonserver_containers(obj: dict, triton_image: str) -> list[tuple[dict, list[dict]]]:
+    """(container, the pod's volumes) for each container of a rendered object that runs tritonserver: the server
+    image with its own entrypoint (no command)."""
+    spec = obj.get("spec", {})
+    pod = spec.get("template", {}).get("spec") if obj["kind"] in ("Deployment", "Job") else spec
+    if obj["kind"] not in ("Deployment", "Job", "ServingRuntime"):
+        return []
+    containers = pod.get("containers", []) + pod.get("initContainers", [])
+    return [(c, pod.get("volumes", [])) for c in containers if c["image"] == triton_image and "command" not in c]
+
+
+def test_tritonserver_has_a_writable_tmp_under_a_read_only_root(rendered):
+    """The python backend unpacks its environments into /tmp: a read-only root needs an emptyDir there (KServe too)."""
+    seen = set()
+    for name, objects in rendered.items():
+        values = _values(name)
+        image = f"{values['triton']['image']['repository']}:{values['triton']['image']['tag']}"
+        for obj in objects:
+            for container, volumes in _tritonserver_containers(obj, image):
+                seen.add(obj["kind"])
+                if not container.get("securityContext", {}).get("readOnlyRootFilesystem"):
+                    continue
+                mount = next((m for m in container.get("volumeMounts", []) if m["mountPath"] == "/tmp"), None)
+                assert mount and not mount.get("readOnly"), (name, obj["kind"], container["name"])
+                volume = next(v for v in volumes if v["name"] == mount["name"])
+                assert "emptyDir" in volume, (name, obj["kind"], volume)
+    assert seen == {"Deployment", "ServingRuntime"}
+
+
+RELEASE_53 = "a-release-name-of-fifty-three-characters-helm-maximum"
+
+
+def test_names_stay_dns_labels_with_the_longest_release_name(tools):
+    """Helm's longest release name (53): every object name and label value within 63, Services DNS-1035 labels."""
+    assert len(RELEASE_53) == 53
+    dns_label = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    for name in VALUE_SETS:
+        text = _run([tools["helm"], "template", RELEASE_53, CHART, "--namespace", "serving", "-f", CHART / "ci" / name,
+                     "--set", "locust.enabled=" + str(not _values(name)["kserve"]["enabled"]).lower(),
+                     "--kube-version", KUBERNETES])
+        objects = [d for d in yaml.safe_load_all(text) if d]
+        names = [(o["kind"], o["metadata"]["name"]) for o in objects]
+        assert len(set(names)) == len(names), names
+        for obj in objects:
+            meta = obj["metadata"]
+            assert len(meta["name"]) <= 63 and dns_label.match(meta["name"]), (name, obj["kind"], meta["name"])
+            for value in meta.get("labels", {}).values():
+                assert len(str(value)) <= 63, (name, obj["kind"], value)
+            if (obj["apiVersion"], obj["kind"]) not in CUSTOM_KINDS:
+                kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+        isvc = [o["metadata"]["name"] for o in objects if o["kind"] == "InferenceService"]
+        assert all(len(n) <= 40 for n in isvc)  # KServe appends -predictor-... to it
+
+
+def _template_error(tools, *settings: str) -> str:
+    done = subprocess.run([str(tools["helm"]), "template", "rel", str(CHART), *[a for s in settings for a in ("--set", s)]],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0, settings
+    return done.stderr
+
+
+def test_values_that_would_not_run_fail_at_template_time(tools):
+    cases = {
+        ("modelRepository.source=foo",): 'modelRepository.source must be one of build, pvc, s3, gs, not "foo"',
+        ("locust.enabled=true", "gateway.enabled=false"): "it needs gateway.enabled=true and kserve.enabled=false",
+        ("locust.enabled=true", "kserve.enabled=true"): "it needs gateway.enabled=true and kserve.enabled=false",
+        ("gateway.maxBodyBytes=5000000000",): "gateway.maxBodyBytes must be 0 (derived from limits) or 1..4294967295",
+        ("limits={max_items_per_request=0}",): "max_items_per_request must be a positive integer",
+        ("modelRepository.source=pvc",): "needs modelRepository.pvc.existingClaim",
+        ("modelRepository.source=s3", "modelRepository.uri=gs://b/p"): "needs modelRepository.uri = s3://bucket/path",
+    }
+    for settings, message in cases.items():
+        assert message in _template_error(tools, *settings), settings
+
+
+def test_chart_derives_the_gateways_body_cap_and_limit_names_as_the_code(tools):
+    """The chart checks gateway.maxHeapBytes against the cap the gateway will use and `limits` names against what
+    `clip-triton build --limit` takes: the same numbers and names as clip_server.gateway / clip_build."""
+    from clip_build.repository import BUILD_LIMITS
+    from clip_server.gateway import DEFAULT_MAX_BODY_BYTES, REFUSE_REQUESTS_AT
+
+    for limits in ([], ["max_items_per_request=2"], ["max_items_per_request=3", "max_text_bytes=100",
+                                                     "max_image_bytes=5000"]):
+        cap = min(body_cap(repository_limits(None, limits)), DEFAULT_MAX_BODY_BYTES)
+        err = _template_error(tools, "gateway.maxHeapBytes=1", *([f"limits={{{','.join(limits)}}}"] if limits else []))
+        assert f"no room for two bodies of the cap ({cap} bytes): raise it to at least " \
+               f"{int(2 * cap / REFUSE_REQUESTS_AT) + 1}," in err, (limits, err)
+    err = _template_error(tools, "limits={max_itmes=4}")
+    assert f"with NAME one of {', '.join(BUILD_LIMITS)}" in err

@@ -3,16 +3,19 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* At most 40 characters (a longer name keeps 33 and adds 6 of its sha256), so that every object name, fullname plus
+the longest suffix (-build-repository), and the names KServe derives from the InferenceService stay within the 63 of
+a DNS label, for any release name Helm accepts (53). */}}
 {{- define "clip-triton.fullname" -}}
-{{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
-{{- else }}
+{{- $full := .Values.fullnameOverride }}
+{{- if not $full }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
-{{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 63 | trimSuffix "-" }}
-{{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- $full = ternary .Release.Name (printf "%s-%s" .Release.Name $name) (contains $name .Release.Name) }}
 {{- end }}
+{{- if gt (len $full) 40 }}
+{{- printf "%s-%s" ($full | trunc 33 | trimSuffix "-") (sha256sum $full | trunc 6) }}
+{{- else }}
+{{- $full | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 
@@ -59,4 +62,68 @@ app.kubernetes.io/component: {{ .component }}
 {{/* --model-repository for tritonserver */}}
 {{- define "clip-triton.repositoryPath" -}}
 {{- if include "clip-triton.localRepository" . }}/models{{ else }}{{ required "modelRepository.uri is required for source s3/gs" .Values.modelRepository.uri }}{{ end }}
+{{- end }}
+
+{{/* Build defaults of the request limits the gateway's body cap derives from (clip_runtime.params; a test keeps
+them equal), the gateway's default cap (clip_server.gateway.DEFAULT_MAX_BODY_BYTES) and the names --limit takes
+(clip_build.repository.BUILD_LIMITS). */}}
+{{- define "clip-triton.limitDefaults" -}}
+max_items_per_request: 64
+max_text_bytes: 16384
+max_image_bytes: 20971520
+{{- end }}
+{{- define "clip-triton.defaultMaxBodyBytes" -}}67108864{{- end }}
+{{- define "clip-triton.limitNames" -}}
+max_items_per_request max_text_bytes max_image_bytes max_pixels max_aspect_ratio allowed_formats jpeg_draft_gap decode_threads pad_to_multiple_of default_top_k
+{{- end }}
+
+{{/* The body cap the gateway will use: gateway.maxBodyBytes, else what `limits` allow, at most the default cap. */}}
+{{- define "clip-triton.gatewayBodyCap" -}}
+{{- if .Values.gateway.maxBodyBytes }}
+{{- int64 .Values.gateway.maxBodyBytes }}
+{{- else }}
+{{- $l := include "clip-triton.limitDefaults" . | fromYaml }}
+{{- range .Values.limits }}
+{{- $kv := splitn "=" 2 (toString .) }}
+{{- if hasKey $l $kv._0 }}{{ $_ := set $l $kv._0 (atoi $kv._1) }}{{ end }}
+{{- end }}
+{{- $derived := add (mul (int64 $l.max_items_per_request) (add (int64 $l.max_text_bytes) (int64 $l.max_image_bytes) 8)) 65536 }}
+{{- min $derived (int64 (include "clip-triton.defaultMaxBodyBytes" .)) }}
+{{- end }}
+{{- end }}
+
+{{/* Values that would render but not run fail here, at template time, with what to change. */}}
+{{- define "clip-triton.validate" -}}
+{{- $sources := list "build" "pvc" "s3" "gs" }}
+{{- $source := .Values.modelRepository.source }}
+{{- if not (has $source $sources) }}
+{{- fail (printf "modelRepository.source must be one of %s, not %q" (join ", " $sources) (toString $source)) }}
+{{- end }}
+{{- if and (eq $source "pvc") (not .Values.modelRepository.pvc.existingClaim) }}
+{{- fail "modelRepository.source=pvc needs modelRepository.pvc.existingClaim: the claim that holds the repository" }}
+{{- end }}
+{{- if and (has $source (list "s3" "gs")) (not (hasPrefix (printf "%s://" $source) (toString .Values.modelRepository.uri))) }}
+{{- fail (printf "modelRepository.source=%s needs modelRepository.uri = %s://bucket/path, not %q" $source $source (toString .Values.modelRepository.uri)) }}
+{{- end }}
+{{- if and .Values.locust.enabled (or (not .Values.gateway.enabled) .Values.kserve.enabled) }}
+{{- fail "locust.enabled runs Locust against the gateway Service: it needs gateway.enabled=true and kserve.enabled=false" }}
+{{- end }}
+{{- $names := splitList " " (include "clip-triton.limitNames" .) }}
+{{- range .Values.limits }}
+{{- $kv := splitn "=" 2 (toString .) }}
+{{- if or (not (has $kv._0 $names)) (not $kv._1) }}
+{{- fail (printf "limits: %q is not NAME=VALUE with NAME one of %s" (toString .) (join ", " $names)) }}
+{{- end }}
+{{- if and (has $kv._0 (list "max_items_per_request" "max_text_bytes" "max_image_bytes")) (not (regexMatch "^[1-9][0-9]*$" $kv._1)) }}
+{{- fail (printf "limits: %q: %s must be a positive integer" (toString .) $kv._0) }}
+{{- end }}
+{{- end }}
+{{- $g := .Values.gateway }}
+{{- if or (lt (int64 $g.maxBodyBytes) 0) (gt (int64 $g.maxBodyBytes) 4294967295) }}
+{{- fail (printf "gateway.maxBodyBytes must be 0 (derived from limits) or 1..4294967295 (Envoy's buffer takes a uint32), not %v" $g.maxBodyBytes) }}
+{{- end }}
+{{- $cap := int64 (include "clip-triton.gatewayBodyCap" .) }}
+{{- if lt (mul (int64 $g.maxHeapBytes) 9) (mul $cap 20) }}
+{{- fail (printf "gateway.maxHeapBytes %v leaves no room for two bodies of the cap (%d bytes): raise it to at least %d, or lower the cap" $g.maxHeapBytes $cap (add (div (mul $cap 20) 9) 1)) }}
+{{- end }}
 {{- end }}
