@@ -12,7 +12,7 @@ from pathlib import Path
 @contextlib.contextmanager
 def serve_folder(folder: Path) -> Iterator[str]:
     """http://127.0.0.1:PORT serving folder's files; /big streams 3 MiB without a length, /slow never answers,
-    /to-file redirects to a file:// URL. Yields the base URL."""
+    /drip promises 30 bytes and sends one a second, /to-file redirects to a file:// URL. Yields the base URL."""
     release = threading.Event()
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -30,6 +30,18 @@ def serve_folder(folder: Path) -> Iterator[str]:
                     self.wfile.write(b"x" * (1 << 20))
             elif self.path == "/slow":
                 release.wait(30)
+            elif self.path == "/drip":
+                self.send_response(200)
+                self.send_header("Content-Length", "30")
+                self.end_headers()
+                for _ in range(30):
+                    try:
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                    except OSError:  # the client gave up
+                        return
+                    if release.wait(1):
+                        return
             elif self.path == "/to-file":
                 self.send_response(302)
                 self.send_header("Location", "file:///etc/hostname")

@@ -6,9 +6,11 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import random
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +22,8 @@ from clip_common import contract as C
 from clip_common.endpoint import DEFAULT_PORTS, Endpoint, EndpointError, parse_endpoint
 
 from . import ops
-from .errors import CLIPClientError, InvalidInputError, ServerError, ServerTimeoutError, ServerUnavailableError
+from .errors import (CLIPClientError, InvalidInputError, ModelNotFoundError, RateLimitedError, ServerError,
+                     ServerTimeoutError, ServerUnavailableError)
 from .inputs import DEFAULT_DOWNLOAD_BYTES, encode_images, encode_texts, is_single_image, is_single_text, normalize_texts
 
 log = logging.getLogger("clip_client")
@@ -215,24 +218,41 @@ _TRANSIENT = re.compile(
 )
 
 
+# A gateway's rate limiting: HTTP 429; over gRPC UNAVAILABLE (Envoy's mapping of 429) or RESOURCE_EXHAUSTED, with a
+# message that says so ("rate limited at the gateway ...", Envoy's default "local_rate_limited").
+_RATE_LIMITED = re.compile(r"rate.?limit", re.IGNORECASE)
+_UNKNOWN_MODEL = re.compile(r"unknown model", re.IGNORECASE)
+
+
 def map_error(exc: BaseException, what: str) -> CLIPClientError:
-    """Any exception raised by tritonclient / the transport -> one of our typed errors."""
+    """Any exception raised by tritonclient / the transport -> one of our typed errors (with the answer's status)."""
     if isinstance(exc, CLIPClientError):
         return exc
-    status, msg = _status(exc), _message(exc)
+    err = _typed_error(exc, what, _status(exc), _message(exc))
+    err.status = _status(exc)
+    return err
+
+
+def _typed_error(exc: BaseException, what: str, status: str, msg: str) -> CLIPClientError:
     if isinstance(exc, TimeoutError) or status in ("StatusCode.DEADLINE_EXCEEDED", "408", "504") or (
         not status and "failed to obtain inference response" in msg
     ):
         return ServerTimeoutError(f"{what}: timed out" + (f" ({msg})" if msg else ""))
+    if status == "429" or (status in ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
+                           and _RATE_LIMITED.search(msg)):
+        return RateLimitedError(f"{what}: rate limited: [{status}] {msg}")
     if "is restricted" in msg:  # Triton's restricted APIs answer gRPC UNAVAILABLE / HTTP 403: not transient
         return ServerError(f"{what}: [{status}] {msg} (an admin API: the server restricts it to an admin key)")
     if status in ("StatusCode.UNAVAILABLE", "503", "StatusCode.CANCELLED"):
         # CANCELLED: the server cancels the calls in flight when it stops (a supervised restart); we never cancel ours.
         return ServerUnavailableError(f"{what}: server unavailable: [{status}] {msg}")
-    if status in ("StatusCode.INVALID_ARGUMENT", "400", "StatusCode.OUT_OF_RANGE", "413"):
+    if status in ("StatusCode.INVALID_ARGUMENT", "400", "StatusCode.OUT_OF_RANGE", "413",
+                  "StatusCode.RESOURCE_EXHAUSTED"):  # RESOURCE_EXHAUSTED: a message over a size limit
         return InvalidInputError(msg)  # never retried, whatever the message says
     if _TRANSIENT.search(msg) and not _ITEM_ERROR.search(msg):
         return ServerUnavailableError(f"{what}: server unavailable: [{status or type(exc).__name__}] {msg}")
+    if status in ("404", "StatusCode.NOT_FOUND") or (status and _UNKNOWN_MODEL.search(msg)):
+        return ModelNotFoundError(f"{what}: [{status}] {msg}")
     if status in ("StatusCode.INTERNAL", "500") and _ITEM_ERROR.search(msg) and "internal error" not in msg:
         # The preprocessors reject one item as "image J: <why>" / "text J: <why>"; servers whose Python models
         # do not set TritonError.INVALID_ARG report that as INTERNAL. It is still the caller's input.
@@ -260,8 +280,15 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 
 def retryable(err: CLIPClientError) -> bool:
-    """Only unavailable servers / connection failures are retried; never invalid input or timeouts."""
-    return isinstance(err, ServerUnavailableError)
+    """Only unavailable servers / connection failures and rate limiting are retried; never invalid input or
+    timeouts."""
+    return isinstance(err, (ServerUnavailableError, RateLimitedError))
+
+
+def is_restricted(err: CLIPClientError) -> bool:
+    """True when the server (or a gateway) refused an API for lack of rights: HTTP 403, gRPC PERMISSION_DENIED, or
+    Triton's "... is restricted" answer."""
+    return err.status in ("403", "StatusCode.PERMISSION_DENIED") or "is restricted" in str(err)
 
 
 def backoff_delay(attempt: int, base: float, cap: float = 10.0) -> float:
@@ -283,7 +310,7 @@ def unreachable_message(endpoint: Endpoint, reason: str) -> str:
         hint += " (Triton's defaults: HTTP 8000, gRPC 8001.)"
     if endpoint.tls:
         hint += " Does it serve TLS there, with a certificate this client trusts (ca_file)?"
-    return f"cannot reach a Triton server at {endpoint.url} ({name}): {reason}. {hint}"
+    return f"cannot reach a Triton server at {endpoint.url} ({name}): {reason.rstrip('. ')}. {hint}"
 
 
 # ----------------------------------------------------------------------------------- shared client base
@@ -362,11 +389,13 @@ class ClientBase:
         proto = {"http": "HTTP", "grpc": "gRPC"}[self.protocol]
         if exc is None:
             reason = "something answers there, but not as a live Triton server (its health/live check said no)"
+        elif _status(exc) == "StatusCode.UNIMPLEMENTED":  # Triton's gRPC service has ServerLive: not it (HTTP port?)
+            reason = f"something answers there, but not Triton's gRPC service ({_message(exc).splitlines()[0][:200]})"
         else:
             err = map_error(exc, "connect")
             transport = isinstance(err, (ServerUnavailableError, ServerTimeoutError))
             if isinstance(exc, InferenceServerException) and _status(exc) and not transport:
-                return  # a status a server answered (e.g. a gateway that refuses the health API)
+                return  # a status a server answered (e.g. a gateway that rate-limits or refuses the health API)
             if isinstance(err, ServerTimeoutError):
                 reason = f"no answer within {self.connect_timeout:g} s"
             elif transport:
@@ -377,7 +406,23 @@ class ClientBase:
         raise ServerUnavailableError(unreachable_message(self.endpoint, reason)) from None
 
     def _log_retry(self, what: str, err: CLIPClientError, attempt: int, delay: float) -> None:
-        log.warning("%s: %s; retry %d/%d in %.2f s", what, err, attempt + 1, self.retries, delay)
+        text = str(err) if str(err).startswith(what) else f"{what}: {err}"
+        log.warning("%s; retry %d/%d in %.2f s", text, attempt + 1, self.retries, delay)
+
+    def _first_contact_budget(self, started: float) -> float:
+        """Seconds left of connect_timeout for the first contact that began at `started` (time.monotonic()):
+        creating the tritonclient (its imports) counts too, so the first failure comes within connect_timeout."""
+        return max(0.1, self.connect_timeout - (time.monotonic() - started))
+
+    def _config_refused(self, model: str, err: CLIPClientError) -> CLIPClientError:
+        """The error for a model config the server would not give while it has no clip_info model."""
+        if not is_restricted(err):
+            return err
+        return ServerError(
+            f"the server at {self.url} has no {CLIP_INFO} model and its model configuration API is restricted "
+            f"({err}): the client needs one of them to learn the model's size and limits. Serve a repository "
+            "built with clip_info, or pass the admin key in headers (x-clip-admin-key, over gRPC "
+            "triton-grpc-protocol-x-clip-admin-key)")
 
     def _batch_limit(self, info: "ModelInfo", kind: str, batch_size: int | None) -> int:
         """Items per request: the server's limit, capped by max_items and the call's batch_size."""
@@ -385,9 +430,10 @@ class ClientBase:
         if self.max_items:
             n = min(n, self.max_items)
         if batch_size is not None:
-            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral) \
+                    or batch_size < 1:
                 raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
-            n = min(n, batch_size)
+            n = min(n, int(batch_size))
         return n
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from ._core import (
     progress_bar,
     retryable,
 )
-from .errors import CLIPClientError, ServerError, ServerTimeoutError, ServerUnavailableError
+from .errors import CLIPClientError, ModelNotFoundError, ServerError
 from .inputs import encode_texts, iter_batches, normalize_texts
 
 
@@ -159,12 +160,16 @@ class AsyncCLIPClient(ClientBase):
         """Once per client: is a Triton server there? If not, fail within connect_timeout with one clear message."""
         if self._reached:
             return
+        started = time.monotonic()
+        live = True
         try:
             client = self._triton()
             if self.protocol == "grpc":
-                live = await client.is_server_live(headers=self.headers, client_timeout=self.connect_timeout)
-            else:
-                live = await asyncio.wait_for(client.is_server_live(headers=self.headers), self.connect_timeout)
+                live = await client.is_server_live(headers=self.headers,
+                                                   client_timeout=self._first_contact_budget(started))
+            else:  # server metadata raises on any error status (a gateway's 429 included)
+                await asyncio.wait_for(client.get_server_metadata(headers=self.headers),
+                                       self._first_contact_budget(started))
         except asyncio.CancelledError:
             if _cancel_requested():
                 raise
@@ -219,9 +224,11 @@ class AsyncCLIPClient(ClientBase):
 
         try:
             return await self._call(f"config {model}", once)
-        except ServerError as e:  # e.g. NOT_FOUND: the model is not served; timeouts / unavailable propagate
+        except ModelNotFoundError as e:  # the model is not served; anything else propagates
             log.debug("no config for %s: %s", model, e)
             return None
+        except ServerError as e:
+            raise self._config_refused(model, e) from None
 
     # ---------------------------------------------------------------------------------- model info
     async def _clip_info(self) -> ModelInfo | None:
@@ -229,9 +236,7 @@ class AsyncCLIPClient(ClientBase):
         try:
             out = await self._infer(CLIP_INFO, {}, [CLIP_INFO_OUT])
             return model_info_from_clip_info(out[CLIP_INFO_OUT])
-        except (ServerUnavailableError, ServerTimeoutError):
-            raise
-        except CLIPClientError as e:  # unknown model: fall back to the model configs
+        except ModelNotFoundError as e:  # only an unknown model falls back to the model configs
             log.debug("no clip_info (%s); reading model configs", e)
             return None
 

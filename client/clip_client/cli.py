@@ -42,10 +42,13 @@ def version_text() -> str:
 
 
 def show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Append '(default: X)' to the help of every option that has a default its help does not mention already."""
+    """Append '(default: X)' to the help of every option taking a value that has a default its help does not mention
+    already (0 included: only flags, which take no value, and options without a default are left as they are)."""
     for action in parser._actions:  # argparse has no public iterator over a parser's actions
         default = action.default
-        if default in (None, False, argparse.SUPPRESS, []) or action.help == argparse.SUPPRESS:
+        if action.nargs == 0 or default is None or default is argparse.SUPPRESS or action.help == argparse.SUPPRESS:
+            continue
+        if isinstance(default, (list, tuple)) and not default:
             continue
         if "default" in (action.help or "").lower():
             continue

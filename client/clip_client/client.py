@@ -34,7 +34,7 @@ from ._core import (
     progress_bar,
     retryable,
 )
-from .errors import CLIPClientError, ServerError, ServerTimeoutError, ServerUnavailableError
+from .errors import ModelNotFoundError, ServerError
 from .inputs import encode_texts, iter_batches, normalize_texts
 
 
@@ -84,12 +84,14 @@ class CLIPClient(ClientBase):
         return client
 
     def _new_tritonclient(self, network_timeout: float):
-        """A tritonclient for this endpoint (TLS per its scheme); HTTP reads time out after network_timeout."""
+        """A tritonclient for this endpoint (TLS per its scheme); HTTP connects and reads time out after
+        connect_timeout (or network_timeout when shorter) and network_timeout."""
         tls = tritonclient_tls(self.endpoint, self.ca_file)
         if self.protocol == "http":
             import tritonclient.http as mod
 
-            return mod.InferenceServerClient(self.endpoint.address, connection_timeout=self.connect_timeout,
+            return mod.InferenceServerClient(self.endpoint.address,
+                                             connection_timeout=min(self.connect_timeout, network_timeout),
                                              network_timeout=network_timeout, **tls)
         import tritonclient.grpc as mod
 
@@ -99,13 +101,16 @@ class CLIPClient(ClientBase):
         """Once per client: is a Triton server there? If not, fail within connect_timeout with one clear message."""
         if self._reached:
             return
+        started = time.monotonic()
+        live = True
         try:
             if self.protocol == "grpc":
-                live = self._triton().is_server_live(headers=self.headers, client_timeout=self.connect_timeout)
-            else:  # its own client: every read of the probe times out after connect_timeout
-                probe = self._new_tritonclient(self.connect_timeout)
+                client = self._triton()
+                live = client.is_server_live(headers=self.headers, client_timeout=self._first_contact_budget(started))
+            else:  # its own client, every read timing out with the budget; server metadata raises on any error status
+                probe = self._new_tritonclient(self._first_contact_budget(started))
                 try:
-                    live = probe.is_server_live(headers=self.headers)
+                    probe.get_server_metadata(headers=self.headers)
                 finally:
                     probe.close()
         except Exception as exc:  # noqa: BLE001 - a transport failure raises; an error answer means a server is there
@@ -157,18 +162,18 @@ class CLIPClient(ClientBase):
 
         try:
             return self._call(f"config {model}", once)
-        except ServerError as e:  # e.g. NOT_FOUND: the model is not served; timeouts / unavailable propagate
+        except ModelNotFoundError as e:  # the model is not served; anything else propagates
             log.debug("no config for %s: %s", model, e)
             return None
+        except ServerError as e:
+            raise self._config_refused(model, e) from None
 
     # ---------------------------------------------------------------------------------- model info
     def _clip_info(self) -> ModelInfo | None:
         """ModelInfo from the clip_info model; None when the server has none (older repositories)."""
         try:
             return model_info_from_clip_info(self._infer(CLIP_INFO, {}, [CLIP_INFO_OUT])[CLIP_INFO_OUT])
-        except (ServerUnavailableError, ServerTimeoutError):
-            raise
-        except CLIPClientError as e:  # unknown model: fall back to the model configs
+        except ModelNotFoundError as e:  # only an unknown model falls back to the model configs
             log.debug("no clip_info (%s); reading model configs", e)
             return None
 

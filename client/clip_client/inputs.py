@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import re
+import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -113,42 +115,122 @@ def image_item_bytes(item: Any, where: str = "image", max_download_bytes: int = 
     )
 
 
-def fetch_url(url: str, where: str, max_bytes: int, timeout: float) -> bytes:
-    """GET an http(s) URL: at most max_bytes, within `timeout` seconds in all; failures are InvalidInputErrors."""
+class _Deadline:
+    """A fetch's total deadline: at `seconds`, every connection it opened is shut down, whatever it waits for (a
+    server that drips its headers or body byte by byte never outlasts it)."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.expired = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired.set()
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+    def _watch(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self.expired.is_set()
+        if expired:
+            _shut(sock)
+        return sock
+
+    def connection(self, cls: type) -> Any:
+        """A factory for urllib's do_open: `cls` connections whose operations time out with the deadline and whose
+        socket (the plain one, under any TLS) it shuts down."""
+
+        def make(host: str, **kw: Any) -> Any:
+            kw["timeout"] = max(0.001, self.end - time.monotonic())
+            conn = cls(host, **kw)
+            conn._create_connection = lambda *a, **k: self._watch(socket.create_connection(*a, **k))
+            return conn
+
+        return make
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
+def _opener(deadline: _Deadline) -> Any:
+    """An opener for HTTP(S) only (no file://, ftp:// or data: handlers, so a redirect cannot reach anything else),
+    every connection under `deadline`."""
     import http.client
     import ssl
+    import urllib.request
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(deadline.connection(http.client.HTTPConnection), req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(deadline.connection(http.client.HTTPSConnection), req, context=self._context)
+
+    opener = urllib.request.OpenerDirector()
+    for handler in (HTTP(), HTTPS(context=ssl.create_default_context()), urllib.request.HTTPRedirectHandler(),
+                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
+def quote_url(url: str) -> str:
+    """The URL with what must be percent-encoded encoded (spaces, non-ASCII), what already is left as it is."""
+    from urllib.parse import quote
+
+    return quote(url, safe=":/?#[]@!$&'()*+,;=%~")
+
+
+def fetch_url(url: str, where: str, max_bytes: int, timeout: float) -> bytes:
+    """GET an http(s) URL: at most max_bytes, within `timeout` seconds in all (connecting, redirects, headers and
+    body together); failures are InvalidInputErrors."""
+    import http.client
     import urllib.error
     import urllib.request
 
-    # Only HTTP(S): no file://, ftp:// or data: handlers, so a redirect cannot reach anything else.
-    opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(context=ssl.create_default_context()),
-                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
-                    urllib.request.HTTPErrorProcessor()):
-        opener.add_handler(handler)
-    deadline = time.monotonic() + timeout
-    request = urllib.request.Request(url, headers={"User-Agent": "clip-triton-client"})
+    request = urllib.request.Request(quote_url(url), headers={"User-Agent": "clip-triton-client"})
+    timed_out = InvalidInputError(f"{where}: cannot fetch {url}: timed out after {timeout:g} s")
     chunks, size = [], 0
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise InvalidInputError(f"{where}: {url} is {declared} bytes, more than the limit of {max_bytes}")
-            while chunk := response.read(1 << 16):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise InvalidInputError(f"{where}: {url} is more than the limit of {max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise InvalidInputError(f"{where}: cannot fetch {url}: timed out after {timeout:g} s")
-                chunks.append(chunk)
-    except InvalidInputError:
-        raise
-    except urllib.error.HTTPError as e:
-        raise InvalidInputError(f"{where}: cannot fetch {url}: HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        raise InvalidInputError(f"{where}: cannot fetch {url}: {e.reason}") from None
-    except (OSError, http.client.HTTPException, ValueError) as e:  # timeouts, resets, malformed answers
-        raise InvalidInputError(f"{where}: cannot fetch {url}: {e or type(e).__name__}") from None
+    with _Deadline(timeout) as deadline:
+        try:
+            with _opener(deadline).open(request) as response:
+                declared = response.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise InvalidInputError(f"{where}: {url} is {declared} bytes, more than the limit of {max_bytes}")
+                while chunk := response.read(1 << 16):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise InvalidInputError(f"{where}: {url} is more than the limit of {max_bytes} bytes")
+                    chunks.append(chunk)
+        except InvalidInputError:
+            raise
+        except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, HTTPError, timeouts, resets
+            if deadline.expired.is_set():
+                raise timed_out from None
+            if isinstance(e, urllib.error.HTTPError):
+                raise InvalidInputError(f"{where}: cannot fetch {url}: HTTP {e.code} {e.reason}") from None
+            if isinstance(e, urllib.error.URLError):
+                raise InvalidInputError(f"{where}: cannot fetch {url}: {e.reason}") from None
+            raise InvalidInputError(f"{where}: cannot fetch {url}: {e or type(e).__name__}") from None
+        if deadline.expired.is_set():  # a read cut short by the deadline can end like a complete one
+            raise timed_out
     if not size:
         raise InvalidInputError(f"{where}: {url} answered no bytes")
     return b"".join(chunks)

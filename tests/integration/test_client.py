@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import io
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +290,41 @@ def test_image_urls_are_fetched_by_the_client(client, reference, images, image_u
     np.testing.assert_allclose(both[0], one, atol=1e-6)
     with pytest.raises(InvalidInputError, match=rf"images\[0\]: cannot fetch {image_urls}/nope.png: HTTP 404"):
         client.encode_image([f"{image_urls}/nope.png"])
+
+
+def test_image_url_fetch_has_a_total_deadline_and_urls_are_percent_encoded(triton_server, images, tmp_path):
+    """A server dripping its body (30 bytes, one a second) cannot hold a call past the client's timeout (sync and
+    async, at once); a URL with a space or non-ASCII characters is encoded, not refused; batch_size takes numpy ints."""
+    for name in ("a photo.png", "caf\u00e9.png"):
+        (tmp_path / name).write_bytes((images["dir"] / "a.png").read_bytes())
+    results: dict = {}
+
+    def run(mode: str, base: str) -> None:
+        c = make_client(f"grpc://{triton_server.grpc_url}", mode, timeout=3)
+        try:
+            t0 = time.perf_counter()
+            with pytest.raises(InvalidInputError) as info:
+                c.encode_image(f"{base}/drip")
+            results[mode] = (str(info.value), time.perf_counter() - t0)
+            want = c.encode_image(images["dir"] / "a.png")
+            for name in ("a photo.png", "caf\u00e9.png"):
+                np.testing.assert_allclose(c.encode_image(f"{base}/{name}"), want, atol=1e-6)
+            texts = ["a", "b", "c"]
+            np.testing.assert_allclose(c.encode_text(texts, batch_size=np.int64(1)), c.encode_text(texts), atol=1e-6)
+            results[mode] += ("done",)
+        finally:
+            c.close()
+
+    with serve_folder(tmp_path) as base:
+        threads = [threading.Thread(target=run, args=(mode, base)) for mode in ("sync", "async")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert set(results) == {"sync", "async"}, results
+    for mode, (message, seconds, *done) in results.items():
+        assert message == f"images[0]: cannot fetch {base}/drip: timed out after 3 s" and done, (mode, message)
+        assert seconds < 4.5, (mode, seconds)
 
 
 def test_precomputed_embeddings_are_accepted(client, images):

@@ -640,10 +640,11 @@ def test_cli_arguments():
 
 
 def _options_with_defaults(parser) -> list:
-    """The options of a parser whose default is a value (not None / False / suppressed)."""
+    """The options of a parser that take a value and have a default (0 included; not None / suppressed / [])."""
     import argparse
 
-    return [a for a in parser._actions if a.option_strings and a.default not in (None, False, argparse.SUPPRESS, [])]
+    return [a for a in parser._actions if a.option_strings and a.nargs != 0 and a.default is not None
+            and a.default is not argparse.SUPPRESS and a.default != []]
 
 
 def test_every_help_shows_the_defaults(capsys, monkeypatch):
@@ -672,6 +673,8 @@ def test_every_help_shows_the_defaults(capsys, monkeypatch):
         assert expected in build
     serve = " ".join(sub.choices["serve"].format_help().split())
     assert "--http-port HTTP_PORT default: 8000" in serve and "--grpc-port GRPC_PORT default: 8001" in serve
+    assert "--log-verbose level (default: 0)" in serve  # a default equal to False is a default too
+    assert "(default: 0)" in " ".join(sub.choices["convert"].format_help().split())  # --seed
 
 
 def test_version(capsys):
