@@ -10,8 +10,13 @@ module), the same for local runs, the docker compose `gateway` service and the H
   trace, logging) get 403, everything else 404.
 - gRPC (h2c): only ServerLive/Ready/Metadata and ModelReady/Metadata/Infer (PERMISSION_DENIED otherwise); the
   model-level calls only for public models (a Lua filter reads field 1 of the buffered request message).
-- Request bodies above `body_cap(limits)` get 413 before anything reaches Triton; header/request/idle timeouts and
-  connection limits close slow or half-sent requests; optional per-client-address rate limit (429).
+- Request bodies above the cap (`body_cap(limits)`, at most DEFAULT_MAX_BODY_BYTES unless --max-body-bytes says
+  otherwise) get 413 before anything reaches Triton; compressed bodies (Content-Encoding other than identity) get 415,
+  since Triton would inflate them past the cap; header/request/idle timeouts and connection limits close slow or
+  half-sent requests; optional per-client-address rate limit (429). Envoy's own answers are Triton-shaped JSON
+  errors over HTTP and clear gRPC statuses (413 -> RESOURCE_EXHAUSTED, 429 -> UNAVAILABLE "rate limited").
+- Memory is bounded: Envoy's heap is sampled every 50 ms against --max-heap-bytes; from 90% new requests get 503, from
+  95% uploads in progress are cut (HTTP/1 connections closed, HTTP/2 streams reset) and new connections refused.
 - Least-request L7 balancing per request over every upstream (a hostname resolving to many addresses, such as a
   Kubernetes headless Service, gives one endpoint per address), active health checks on /v2/health/ready, outlier
   ejection, retries on another upstream on connect failure, reset, refused stream and UNAVAILABLE / HTTP 503.
@@ -20,12 +25,14 @@ module), the same for local runs, the docker compose `gateway` service and the H
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -51,12 +58,25 @@ HEALTH_PATH = "/v2/health/ready"
 GRPC_SERVICE = "inference.GRPCInferenceService"
 GRPC_SERVER_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
 GRPC_MODEL_METHODS = ("ModelReady", "ModelMetadata", "ModelInfer")
+# The Lua filter walks at most this many top-level fields of a gRPC model call (a legitimate ModelInferRequest has a
+# few per input, output and parameter); more is refused, so a body of tiny fields cannot keep a worker busy.
+MAX_MESSAGE_FIELDS = 4096
 # Body cap: a legitimate request carries at most max_items_per_request texts and as many images (zero_shot), each
 # a BYTES element with a 4-byte length prefix (binary tensor encoding, what tritonclient sends), plus its framing:
 # the JSON inference header (HTTP) or the protobuf fields and the 5-byte gRPC message prefix, within FRAMING_BYTES.
 BYTES_PREFIX = 4
 FRAMING_BYTES = 64 * 1024
 MAX_BODY_BYTES = 2**32 - 1  # Envoy's buffer filter takes a uint32
+# Envoy buffers each body whole: without --max-body-bytes the cap the limits allow is clamped to this (docs/deploy.md).
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_HEAP_BYTES = 1024**3
+# Overload manager (fractions of --max-heap-bytes, sampled every OVERLOAD_REFRESH): refuse new requests, then cut
+# uploads in progress and refuse new connections. A body of the cap must fit below the first threshold, twice.
+OVERLOAD_REFRESH = "0.05s"
+REFUSE_REQUESTS_AT = 0.90
+CUT_UPLOADS_AT = 0.95
+# --print-config renders, it does not wait for the upstreams to come up: it asks each one for at most this long.
+PRINT_CONFIG_LIMITS_WAIT = 2.0
 RETRY_ON_HTTP = "connect-failure,refused-stream,reset,retriable-status-codes"
 RETRY_ON_GRPC = "connect-failure,refused-stream,reset,unavailable"
 
@@ -77,11 +97,17 @@ class Upstream:
 
     @classmethod
     def parse(cls, text: str) -> "Upstream":
-        """HOST:HTTP_PORT:GRPC_PORT -> Upstream."""
+        """HOST:HTTP_PORT:GRPC_PORT -> Upstream; an IPv6 address goes in brackets: [::1]:8000:8001."""
         parts = text.rsplit(":", 2)
         if len(parts) != 3 or not parts[0] or not all(p.isdigit() for p in parts[1:]):
-            raise GatewayError(f"--upstream {text!r}: expected HOST:HTTP_PORT:GRPC_PORT")
+            raise GatewayError(f"--upstream {text!r}: expected HOST:HTTP_PORT:GRPC_PORT ([ADDRESS] for IPv6)")
         host, http_port, grpc_port = parts[0], int(parts[1]), int(parts[2])
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            if ":" not in host or not cls(host, 1, 1).is_ip:
+                raise GatewayError(f"--upstream {text!r}: brackets hold an IPv6 address")
+        elif ":" in host:
+            raise GatewayError(f"--upstream {text!r}: write an IPv6 address in brackets, e.g. [::1]:8000:8001")
         if not (0 < http_port < 65536 and 0 < grpc_port < 65536):
             raise GatewayError(f"--upstream {text!r}: ports must be 1..65535")
         return cls(host, http_port, grpc_port)
@@ -93,6 +119,11 @@ class Upstream:
         except ValueError:
             return False
         return True
+
+    @property
+    def url_host(self) -> str:
+        """The host as a URL writes it (IPv6 in brackets)."""
+        return f"[{self.host}]" if ":" in self.host else self.host
 
 
 @dataclass(frozen=True)
@@ -114,7 +145,7 @@ class GatewaySettings:
     rate_limit_rps: int = 0  # per client address; 0 = off
     rate_limit_burst: int = 0  # 0 = rate_limit_rps
     health_interval: float = 2.0
-    max_heap_bytes: int = 0  # 0 = no heap bound
+    max_heap_bytes: int = DEFAULT_MAX_HEAP_BYTES  # the overload manager keeps Envoy's heap near this bound
 
 
 def body_cap(limits: Mapping[str, Any]) -> int:
@@ -156,10 +187,10 @@ def upstream_limits(upstreams: Sequence[Upstream], timeout: float,
     deadline = time.monotonic() + timeout
     while True:
         for u in upstreams:
-            request = urllib.request.Request(f"http://{u.host}:{u.http_port}/v2/models/{ClipInfo.NAME}/infer",
+            request = urllib.request.Request(f"http://{u.url_host}:{u.http_port}/v2/models/{ClipInfo.NAME}/infer",
                                              data=body.encode(), headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=5) as resp:
+                with urllib.request.urlopen(request, timeout=min(5.0, max(0.5, deadline - time.monotonic()))) as resp:
                     return _limits_of(json.loads(json.loads(resp.read())["outputs"][0]["data"][0]))
             except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
                 log.debug("clip_info of %s:%s: %s", u.host, u.http_port, exc)
@@ -208,17 +239,31 @@ def _method(name: str) -> list[dict]:
 
 
 def _refusal(status: int, message: str) -> dict:
-    return {"direct_response": {"status": status, "body": {"inline_string": json.dumps({"error": message})}},
-            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}]}
+    """A route action answering `status` at the edge without buffering the body; the listener's local reply config
+    shapes the message (HTTP: Triton's {"error": ...} JSON; gRPC: grpc-message)."""
+    buffer_off = {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
+                  "disabled": True}
+    return {"direct_response": {"status": status, "body": {"inline_string": message}},
+            "typed_per_filter_config": {"envoy.filters.http.buffer": buffer_off}}
+
+
+# Triton inflates gzip / deflate request bodies (Content-Encoding) after the gateway counted their compressed bytes:
+# a 51 KB body became 52 MB. Only identity passes (no header, or "identity").
+COMPRESSED = {"match": {"prefix": "/", "headers": [{"name": "content-encoding", "invert_match": True,
+                                                     "string_match": {"exact": "identity", "ignore_case": True}}]},
+              **_refusal(415, "compressed request bodies (Content-Encoding) are not accepted at the gateway: "
+                              "send the body uncompressed")}
 
 
 def http_routes(settings: GatewaySettings) -> list[dict]:
-    """HTTP routes: the public models' infer/metadata/ready and server health pass; other /v2 paths 403, rest 404."""
+    """HTTP routes: compressed bodies 415; the public models' infer/metadata/ready and server health pass; other /v2
+    paths 403, the rest 404."""
     route = {"cluster": "triton_http", "timeout": _seconds(settings.upstream_timeout),
              "retry_policy": _retry_policy(RETRY_ON_HTTP)}
     model = "^/v2/models/(?:" + "|".join(re.escape(m) for m in PUBLIC_MODELS) + ")(?:/versions/[0-9]+)?"
     refused = f"forbidden at the gateway: only the models {', '.join(PUBLIC_MODELS)} and server health are served"
     return [
+        COMPRESSED,
         {"match": {"path": "/v2/health/live", "headers": _method("GET")}, "route": route},
         {"match": {"path": HEALTH_PATH, "headers": _method("GET")}, "route": route},
         {"match": {"path": "/v2", "headers": _method("GET")}, "route": route},
@@ -236,8 +281,75 @@ def grpc_routes(settings: GatewaySettings) -> list[dict]:
              "retry_policy": _retry_policy(RETRY_ON_GRPC)}
     methods = GRPC_SERVER_METHODS + GRPC_MODEL_METHODS
     return [{"match": {"path": f"/{GRPC_SERVICE}/{m}", "grpc": {}}, "route": route} for m in methods] + [
-        {"match": {"prefix": "/"}, "direct_response": {"status": 403, "body": {"inline_string":
-                                                                                "method not served at the gateway"}}}]
+        {"match": {"prefix": "/"}, **_refusal(403, "method not served at the gateway")}]
+
+
+def _reply(status: int, message: str, *, grpc_status: int | None = None, flag: str | None = None) -> dict:
+    """A local reply mapper: Envoy's own `status` answers (with response flag `flag`) say `message`; over gRPC with
+    `grpc_status` instead of the one Envoy derives from the HTTP status."""
+    match: dict = {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+        "default_value": status, "runtime_key": f"clip_gateway.local_reply.{status}"}}}}
+    if flag:
+        match = {"and_filter": {"filters": [match, {"response_flag_filter": {"flags": [flag]}}]}}
+    mapper = {"filter": match, "body": {"inline_string": message}}
+    if grpc_status is not None:
+        mapper["headers_to_add"] = [{"header": {"key": "grpc-status", "value": str(grpc_status)},
+                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+    return mapper
+
+
+def local_replies(settings: GatewaySettings, grpc: bool) -> dict:
+    """What Envoy's own answers say: HTTP clients get Triton's {"error": "..."} JSON, gRPC clients a clear
+    grpc-message and a status clip_client (and any gRPC client) can act on."""
+    rps, burst = settings.rate_limit_rps, settings.rate_limit_burst or settings.rate_limit_rps
+    what = "request message" if grpc else "request body"
+    mappers = [
+        _reply(413, f"{what} larger than the gateway's cap of {settings.max_body_bytes} bytes",
+               grpc_status=8 if grpc else None),  # RESOURCE_EXHAUSTED, as gRPC's own message size limit
+        _reply(429, f"rate limited at the gateway: more than {rps} requests/s (burst {burst}) from this client "
+                    "address; retry later"),  # gRPC: UNAVAILABLE (Envoy's mapping of 429), which clients retry
+        _reply(408, f"request not received within the gateway's timeout ({settings.request_timeout:g} s)",
+               grpc_status=4 if grpc else None),  # DEADLINE_EXCEEDED
+        _reply(503, "the gateway is overloaded (memory): retry later", flag="OM"),
+    ]
+    if grpc:
+        return {"mappers": mappers}
+    return {"mappers": mappers, "body_format": {"json_format": {"error": "%LOCAL_REPLY_BODY%"}}}
+
+
+def overload_manager(settings: GatewaySettings) -> dict:
+    """Envoy's overload manager: a global connection limit, and the heap kept near --max-heap-bytes (sampled every
+    OVERLOAD_REFRESH): from REFUSE_REQUESTS_AT new requests get 503; from CUT_UPLOADS_AT uploads in progress are cut
+    (HTTP/1: the connection is closed; HTTP/2: the streams holding the most memory are reset, then connections closed)
+    and new connections are refused; free memory goes back to the system."""
+    heap = "envoy.resource_monitors.fixed_heap"
+
+    def at(value: float) -> list[dict]:
+        return [{"name": heap, "threshold": {"value": value}}]
+
+    return {
+        "refresh_interval": OVERLOAD_REFRESH,
+        "buffer_factory_config": {"minimum_account_to_track_power_of_two": 20},  # HTTP/2 streams holding >= 1 MiB
+        "resource_monitors": [
+            {"name": "envoy.resource_monitors.global_downstream_max_connections", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
+                         "DownstreamConnectionsConfig",
+                "max_active_downstream_connections": 2 * settings.max_connections + 64}},
+            {"name": heap, "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                "max_heap_size_bytes": settings.max_heap_bytes}}],
+        "actions": [
+            {"name": "envoy.overload_actions.stop_accepting_requests", "triggers": at(REFUSE_REQUESTS_AT)},
+            {"name": "envoy.overload_actions.shrink_heap", "triggers": at(REFUSE_REQUESTS_AT)},
+            {"name": "envoy.overload_actions.reset_high_memory_stream", "triggers": [{"name": heap, "scaled": {
+                "scaling_threshold": REFUSE_REQUESTS_AT, "saturation_threshold": CUT_UPLOADS_AT}}]}],
+        "loadshed_points": [
+            {"name": "envoy.load_shed_points.http_connection_manager_decode_headers", "triggers": at(REFUSE_REQUESTS_AT)},
+            {"name": "envoy.load_shed_points.http1_server_abort_dispatch", "triggers": at(CUT_UPLOADS_AT)},
+            {"name": "envoy.load_shed_points.tcp_listener_accept", "triggers": at(CUT_UPLOADS_AT)},
+            {"name": "envoy.load_shed_points.http2_server_go_away_and_close_on_dispatch",
+             "triggers": at((1 + CUT_UPLOADS_AT) / 2)}],
+    }
 
 
 def _lua_set(names: Sequence[str]) -> str:
@@ -251,6 +363,10 @@ def render_config(upstreams: Sequence[Upstream], settings: GatewaySettings) -> s
     if not 0 < settings.max_body_bytes <= MAX_BODY_BYTES:
         raise GatewayError(f"body cap {settings.max_body_bytes} is outside 1..{MAX_BODY_BYTES} bytes "
                            "(lower the item limits, or pass --max-body-bytes)")
+    if settings.max_heap_bytes * REFUSE_REQUESTS_AT < 2 * settings.max_body_bytes:
+        raise GatewayError(f"--max-heap-bytes {settings.max_heap_bytes} leaves no room for two bodies of the cap "
+                           f"({settings.max_body_bytes} bytes): raise it to at least "
+                           f"{int(2 * settings.max_body_bytes / REFUSE_REQUESTS_AT) + 1}, or lower the cap")
     if set(PUBLIC_MODELS) & set(INTERNAL_MODELS):
         raise GatewayError("a model cannot be public and internal")
     health = {"timeout": "1s", "interval": _seconds(settings.health_interval),
@@ -260,17 +376,6 @@ def render_config(upstreams: Sequence[Upstream], settings: GatewaySettings) -> s
                "base_ejection_time": "10s", "max_ejection_percent": 50}
     breakers = {"thresholds": [{"max_connections": 8192, "max_pending_requests": 8192, "max_requests": 8192,
                                 "retry_budget": {"budget_percent": {"value": 25.0}, "min_retry_concurrency": 8}}]}
-    monitors = [{"name": "envoy.resource_monitors.global_downstream_max_connections", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
-                 "DownstreamConnectionsConfig",
-        "max_active_downstream_connections": 2 * settings.max_connections + 64}}]
-    actions = []
-    if settings.max_heap_bytes > 0:
-        monitors.append({"name": "envoy.resource_monitors.fixed_heap", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
-            "max_heap_size_bytes": settings.max_heap_bytes}})
-        actions.append({"name": "envoy.overload_actions.stop_accepting_requests",
-                        "triggers": [{"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.95}}]})
     rps = settings.rate_limit_rps
     values = {
         "admin_port": settings.admin_port or free_port(),
@@ -299,8 +404,10 @@ def render_config(upstreams: Sequence[Upstream], settings: GatewaySettings) -> s
         "health_check": json.dumps(health),
         "outlier_detection": json.dumps(outlier),
         "circuit_breakers": json.dumps(breakers),
-        "resource_monitors": json.dumps(monitors),
-        "overload_actions": json.dumps(actions),
+        "overload_manager": json.dumps(overload_manager(settings)),
+        "http_local_replies": json.dumps(local_replies(settings, grpc=False)),
+        "grpc_local_replies": json.dumps(local_replies(settings, grpc=True)),
+        "max_fields": MAX_MESSAGE_FIELDS,
     }
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(values)
 
@@ -342,6 +449,21 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
+def check_ports_free(address: str, ports: Mapping[str, int]) -> None:
+    """GatewayError naming the first option whose port (option -> port) something already listens on at `address`.
+    Envoy's listeners do not share ports either (enable_reuse_port: false): a second gateway never splits traffic."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    for option, port in ports.items():
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers do not count
+            try:
+                sock.bind((address, port))
+            except OSError as exc:
+                reason = "is in use (another gateway or server?)" if exc.errno == errno.EADDRINUSE else \
+                    f"cannot be bound: {exc.strerror}"
+                raise GatewayError(f"{option} {port} on {address} {reason}") from None
+
+
 def run_gateway(config: str, admin_port: int, stop: threading.Event, *, concurrency: int = 0,
                 log_level: str = "warn", startup_timeout: float = 30.0, out=sys.stdout, describe: str = "") -> int:
     """Start Envoy on `config` (admin interface on 127.0.0.1:admin_port), wait until it serves, run until `stop`;
@@ -357,7 +479,7 @@ def run_gateway(config: str, admin_port: int, stop: threading.Event, *, concurre
             deadline = time.monotonic() + startup_timeout
             while not _envoy_ready(admin_port):
                 if proc.poll() is not None:
-                    log.error("envoy exited with code %s before serving", proc.returncode)
+                    log.error("envoy exited with code %s before serving (its log above says why)", proc.returncode)
                     return 1
                 if time.monotonic() > deadline:
                     log.error("envoy not ready after %.0fs", startup_timeout)
@@ -401,7 +523,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--limits-timeout", type=float, default=60.0,
                         help="seconds to wait for an upstream's clip_info to learn the limits (0: build defaults)")
     parser.add_argument("--max-body-bytes", type=int, default=0,
-                        help="request body cap (default: derived from the item limits, see docs/deploy.md)")
+                        help="request body cap (0: what the item limits allow, at most "
+                             f"{DEFAULT_MAX_BODY_BYTES} bytes; docs/deploy.md)")
     parser.add_argument("--headers-timeout", type=float, default=10.0, help="seconds to receive the request headers")
     parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds to receive the whole request")
     parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds before an idle connection closes")
@@ -412,11 +535,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="requests per second per client address (429 beyond; 0 = off)")
     parser.add_argument("--rate-limit-burst", type=int, default=0, help="bucket size (default: --rate-limit)")
     parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between upstream health checks")
-    parser.add_argument("--max-heap-bytes", type=int, default=0,
-                        help="stop accepting requests above 95%% of this heap size (0 = no bound)")
+    parser.add_argument("--max-heap-bytes", type=int, default=DEFAULT_MAX_HEAP_BYTES,
+                        help=f"Envoy's heap bound: new requests get 503 from {REFUSE_REQUESTS_AT:.0%}% of it, uploads "
+                             f"in progress are cut from {CUT_UPLOADS_AT:.0%}% (at least 2.3 x the body cap)")
     parser.add_argument("--concurrency", type=int, default=0, help="Envoy worker threads (0 = one per core)")
     parser.add_argument("--log-level", default="warn", help="Envoy log level")
-    parser.add_argument("--print-config", action="store_true", help="print the rendered Envoy config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the rendered Envoy config and exit (asks the upstreams for their limits for "
+                             f"at most {PRINT_CONFIG_LIMITS_WAIT:g} s)")
 
 
 def settings_from_args(args: argparse.Namespace, upstreams: Sequence[Upstream],
@@ -425,8 +551,11 @@ def settings_from_args(args: argparse.Namespace, upstreams: Sequence[Upstream],
     if args.max_body_bytes:
         cap, source = args.max_body_bytes, "--max-body-bytes"
     else:
-        limits, source = resolve_limits(upstreams, args.repository, args.limit, args.limits_timeout, stop)
+        wait = min(args.limits_timeout, PRINT_CONFIG_LIMITS_WAIT) if args.print_config else args.limits_timeout
+        limits, source = resolve_limits(upstreams, args.repository, args.limit, wait, stop)
         cap = body_cap(limits)
+        if cap > DEFAULT_MAX_BODY_BYTES:
+            cap, source = DEFAULT_MAX_BODY_BYTES, f"{source}: {cap} clamped to the default; raise with --max-body-bytes"
     return GatewaySettings(
         http_port=args.http_port, grpc_port=args.grpc_port, max_body_bytes=cap, listen_address=args.host,
         metrics_address=args.host if args.metrics_port else "127.0.0.1", metrics_port=args.metrics_port,
@@ -448,13 +577,18 @@ def run(args: argparse.Namespace, command: str) -> int:
             if args.print_config:
                 print(config, end="")
                 return 0
+            ports = {"--http-port": settings.http_port, "--grpc-port": settings.grpc_port}
+            check_ports_free(settings.listen_address, ports)
+            if args.metrics_port:
+                check_ports_free(settings.metrics_address, {"--metrics-port": settings.metrics_port})
             describe = "".join([
                 f"\n  HTTP     http://{settings.listen_address}:{settings.http_port}",
                 f"\n  gRPC     {settings.listen_address}:{settings.grpc_port}",
                 f"\n  metrics  http://{settings.metrics_address}:{settings.metrics_port}/stats/prometheus"
                 if settings.metrics_port else "",
                 f"\n  body cap {settings.max_body_bytes} bytes (from {cap_source})",
-                *(f"\n  upstream {u.host} HTTP {u.http_port} gRPC {u.grpc_port}" for u in upstreams)])
+                f"\n  heap     at most {settings.max_heap_bytes} bytes (overload manager)",
+                *(f"\n  upstream {u.url_host} HTTP {u.http_port} gRPC {u.grpc_port}" for u in upstreams)])
             return run_gateway(config, settings.admin_port, stop, concurrency=args.concurrency,
                                log_level=args.log_level, describe=describe)
     except GatewayError as exc:

@@ -30,7 +30,7 @@ from clip_client import CLIPClient
 from clip_common.contract import (ENCODERS, INTERNAL_MODELS, PUBLIC_MODELS, EncodeImage, EncodeText,
                                   PreprocessText, ZeroShot)
 from clip_server import TritonServer
-from clip_server.gateway import GRPC_SERVICE, body_cap, repository_limits
+from clip_server.gateway import GRPC_SERVICE, MAX_MESSAGE_FIELDS, body_cap, repository_limits
 from tests.integration.gateway_helpers import metric, metric_names, promql_metric_names, scrape, start_gateway
 from tests.integration.triton_helpers import infer, wait_until
 
@@ -141,10 +141,10 @@ def test_clip_client_through_the_gateway(gateway, upstreams, protocol):
 
 
 # ------------------------------------------------------------------------------------------------ refusals
-def _http(gateway, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+def _http(gateway, method: str, path: str, body: bytes | None = None, **headers: str) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", gateway.http_port, timeout=30)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **headers})
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -249,7 +249,12 @@ def test_crafted_grpc_messages_cannot_reach_internal_models(gateway, upstreams):
     assert _raw_infer(gateway, wrapped)[0] == "StatusCode.PERMISSION_DENIED"
     for garbage in (b"", b"\xff\xff\xff", good[:-3], b"\x0a\x80", b"\x8a\x80\x80\x80\x80\x00\x01a"):  # unparsable
         assert _raw_infer(gateway, garbage)[0] == "StatusCode.INVALID_ARGUMENT", garbage
+    # many tiny fields (a varint field 15 = 0 each) would make the walk long: refused past MAX_MESSAGE_FIELDS
+    crowded = b"\x78\x00" * (MAX_MESSAGE_FIELDS + 1) + good
+    assert _raw_infer(gateway, crowded) == ("StatusCode.INVALID_ARGUMENT",
+                                            f"more than {MAX_MESSAGE_FIELDS} fields in one request message")
     assert _request_counts(upstreams) == before
+    assert _raw_infer(gateway, b"\x78\x00" * (MAX_MESSAGE_FIELDS - 8) + good)[0] == "OK"  # within the bound: served
 
 
 # ------------------------------------------------------------------------------------------------ body cap
@@ -279,14 +284,39 @@ def test_over_cap_body_refused_before_triton(gateway, upstreams, gateway_reposit
     before = _request_counts(upstreams)
     status, body = _http(gateway, "POST", f"/v2/models/{EncodeImage.NAME}/infer", b"x" * (cap + 1))
     assert status == 413, body
+    assert json.loads(body) == {"error": f"request body larger than the gateway's cap of {cap} bytes"}  # Triton's shape
     # gRPC: one image just over the cap (tritonclient frames it properly)
     image = grpcclient.InferInput(EncodeImage.IMAGE, [1, 1], "BYTES")
     image.set_data_from_numpy(np.array([[b"\x00" * cap]], dtype=object))
     err = _grpc_refused(lambda: grpcclient.InferenceServerClient(gateway.grpc_url).infer(EncodeImage.NAME, [image]))
-    assert "Payload Too Large" in err.message()
+    assert err.status() == "StatusCode.RESOURCE_EXHAUSTED", err
+    assert f"larger than the gateway's cap of {cap} bytes" in err.message()
     assert _request_counts(upstreams) == before
     after = metric(gateway.metrics(), "envoy_cluster_upstream_rq_total", **sent)
     assert after == http_upstream_before
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "GZIP, identity"])
+def test_compressed_bodies_refused(gateway, upstreams, encoding):
+    """Triton inflates Content-Encoding bodies after the gateway counted their compressed size: refused (415)."""
+    import gzip
+
+    before = _request_counts(upstreams)
+    body = gzip.compress(b"{" + b" " * 10_000_000 + b"}")  # ~10 KB on the wire, 10 MB inflated: far over the cap
+    status, reply = _http(gateway, "POST", f"/v2/models/{EncodeText.NAME}/infer", body, **{"Content-Encoding": encoding})
+    assert status == 415, reply
+    assert "Content-Encoding" in json.loads(reply)["error"]
+    assert _request_counts(upstreams) == before
+    status, _ = _http(gateway, "GET", "/v2/health/ready", **{"Content-Encoding": "identity"})
+    assert status == 200  # identity is no compression
+
+
+def test_gateway_refuses_a_port_in_use(upstreams, gateway):
+    """A second gateway on a port another one serves fails at once and says which port (never shares it)."""
+    upstream = f"127.0.0.1:{upstreams[0].http_port}:{upstreams[0].grpc_port}"
+    with pytest.raises(RuntimeError) as info:
+        start_gateway([upstream], "--max-body-bytes", "100000", "--http-port", str(gateway.http_port))
+    assert f"--http-port {gateway.http_port} on 127.0.0.1 is in use" in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------ balancing
@@ -347,6 +377,8 @@ def test_per_client_rate_limit(upstreams):
 
         first = statuses("127.0.0.1", 6)
         assert first[:3] == [200, 200, 200] and 429 in first[3:], first
+        status, body = _http(gw, "GET", "/v2/health/live")
+        assert status == 429 and "rate limited at the gateway" in json.loads(body)["error"], (status, body)
         assert statuses("127.0.0.2", 3) == [200, 200, 200]  # another client address has its own bucket
     finally:
         assert gw.stop() == 0

@@ -90,3 +90,38 @@ def test_bad_settings_are_refused():
         render_config([], GatewaySettings(8080, 8081, 1000))
     with pytest.raises(GatewayError):
         render_config([Upstream.parse("h:1:2")], GatewaySettings(8080, 8081, 2**32))
+
+
+def test_ipv6_upstreams_and_heap_bound():
+    assert Upstream.parse("[::1]:8000:8001") == Upstream("::1", 8000, 8001)
+    for bad in ("::1:8000:8001", "[host]:8000:8001"):
+        with pytest.raises(GatewayError):
+            Upstream.parse(bad)
+    cluster = _config("[::1]:8000:8001")["static_resources"]["clusters"][0]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"]["address"] == "::1"
+    with pytest.raises(GatewayError, match="max-heap-bytes"):  # two bodies of the cap must fit below the threshold
+        _config("h:1:2", max_body_bytes=600_000_000, max_heap_bytes=1024**3)
+
+
+GATEWAY_IMAGE = """
+import runpy, sys
+ours = {"clip_server", "clip_common", "clip_build", "clip_runtime", "clip_client", "clip_loadtest"}
+class OnlyStdlibAndOurs:  # the gateway image installs our packages with --no-deps, and Envoy
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top not in sys.stdlib_module_names and top not in ours and not top.startswith("_"):
+            raise ImportError(f"{name} is not installed in the gateway image")
+sys.meta_path.insert(0, OnlyStdlibAndOurs())
+sys.argv = ["gateway", "--upstream", "triton:8000:8001", "--http-port", "8000", "--grpc-port", "8001", "--limits-timeout", "0", "--print-config"]
+runpy.run_module("clip_server.gateway", run_name="__main__")
+"""
+
+
+def test_gateway_runs_with_only_what_its_image_installs():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", GATEWAY_IMAGE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "static_resources" in done.stdout and "triton_grpc" in done.stdout
