@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -317,6 +318,49 @@ def test_gateway_refuses_a_port_in_use(upstreams, gateway):
     with pytest.raises(RuntimeError) as info:
         start_gateway([upstream], "--max-body-bytes", "100000", "--http-port", str(gateway.http_port))
     assert f"--http-port {gateway.http_port} on 127.0.0.1 is in use" in str(info.value)
+
+
+def _rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS"))
+
+
+def test_memory_stays_bounded_under_concurrent_uploads(upstreams):
+    """24 concurrent uploads of 30 MB (720 MB buffered without a bound) through a gateway bounded to 256 MiB of heap:
+    Envoy's resident memory stays near the bound, refused uploads get 503 or are cut, and it serves again after."""
+    heap, body = 256 * 1024**2, b"x" * (30 * 1024**2)
+    gw = start_gateway([f"127.0.0.1:{s.http_port}:{s.grpc_port}" for s in upstreams],
+                       "--max-body-bytes", str(32 * 1024**2), "--max-heap-bytes", str(heap))
+    try:
+        envoy = int(subprocess.run(["pgrep", "-P", str(gw.proc.pid)], capture_output=True, text=True).stdout.split()[0])
+        peak, done = [0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss_mib(envoy))
+                time.sleep(0.02)
+
+        def upload(_) -> bytes:
+            try:
+                with socket.create_connection(("127.0.0.1", gw.http_port), timeout=60) as sock:
+                    sock.sendall(f"POST /v2/models/{EncodeText.NAME}/infer HTTP/1.1\r\nHost: x\r\n"
+                                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                    return sock.recv(64).split(b"\r\n")[0]
+            except OSError:
+                return b"cut"
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        with ThreadPoolExecutor(24) as pool:
+            outcomes = list(pool.map(upload, range(24)))
+        done.set()
+        sampler.join()
+        assert peak[0] < heap // 1024**2 + 200, (peak[0], outcomes)
+        assert all(o == b"cut" or o.startswith(b"HTTP/1.1 ") for o in outcomes), outcomes  # Triton answers the rest
+        assert sum(o in (b"cut", b"HTTP/1.1 503 Service Unavailable") for o in outcomes) >= 4, outcomes  # the bound acted
+        assert wait_until(lambda: _http(gw, "GET", "/v2/health/ready")[0] == 200, 10)  # serves again
+    finally:
+        assert gw.stop() == 0
 
 
 # ------------------------------------------------------------------------------------------------ balancing
