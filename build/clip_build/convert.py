@@ -264,8 +264,7 @@ def write_tokenizer(src: Path, out: Path, max_positions: int) -> dict[str, Any]:
         limits.append(int(sbert))
     if tok.pad_token_id is None:
         raise ConvertError(f"{src}: the tokenizer has no pad token")
-    return {"dir": "tokenizer", "max_length": min(limits), "pad_token_id": int(tok.pad_token_id),
-            "pad_to_multiple_of": 16}
+    return {"dir": "tokenizer", "max_length": min(limits), "pad_token_id": int(tok.pad_token_id)}
 
 
 def image_settings(src: Path, vision_cfg: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ def _load(module: nn.Module, weights_dir: str | os.PathLike, tower: str, dtype: 
 
 
 def build_text_encoder(weights_dir: str | os.PathLike, dtype: str = "fp32") -> nn.Module:
-    """TextEncoder: forward(input_ids (B, L) int64, attention_mask (B, L) int64) -> (B, D) float32, unnormalised."""
+    """TextEncoder: forward(input_ids int64 rows back to back, lengths (B, 1), widths (B, 1)) -> (B, D) float32."""
     _torch_dtype(dtype)
     manifest = load_manifest(weights_dir, verify=True, files=["text.parquet"])
     text, cfg = manifest["text"], manifest["text"]["config"]
@@ -70,8 +70,9 @@ def export_torchscript(module: nn.Module, path: str | os.PathLike) -> dict[str, 
     torch.jit.save(scripted, str(path))
     if isinstance(module, TextEncoder):
         kind = "text"
-        inputs = [{"name": "input_ids", "dtype": "int64", "shape": [-1, -1]},
-                  {"name": "attention_mask", "dtype": "int64", "shape": [-1, -1]}]
+        inputs = [{"name": "input_ids", "dtype": "int64", "shape": [-1]},  # ragged: every row back to back
+                  {"name": "lengths", "dtype": "int64", "shape": [-1, 1]},
+                  {"name": "widths", "dtype": "int64", "shape": [-1, 1]}]
     elif isinstance(module, ImageEncoder):
         kind = "image"
         s = int(module.vision.image_size)

@@ -16,6 +16,7 @@ from clip_runtime import params as P
 
 from .files import project_root
 from .preprocess_plan import IMAGE_DECODES, PreprocessPlan, plan_preprocessing
+from .tuning import EncoderTuning, encoder_tuning
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,22 @@ def _q(s: str) -> str:
 
 def _tensor(spec: C.TensorSpec, sizes: dict[str, int]) -> str:
     opt = "\n    optional: true" if spec.optional else ""
+    opt += "\n    allow_ragged_batch: true" if spec.ragged else ""
     dims = ", ".join(map(str, spec.resolve(sizes)))
     return f"  {{\n    name: {_q(spec.name)}\n    data_type: {spec.config_type}\n    dims: [ {dims} ]{opt}\n  }}"
 
 
+def _batch_input(spec: C.BatchInputSpec) -> str:
+    return (f"  {{\n    kind: {spec.kind}\n    target_name: {_q(spec.target)}\n    data_type: "
+            f"{C.TensorSpec(spec.target, spec.dtype, ()).config_type}\n    source_input: {_q(spec.source)}\n  }}")
+
+
 def _io(model: C.ModelSpec, sizes: dict[str, int]) -> str:
-    """The input [...] and output [...] blocks of a model, from the contract."""
-    return "".join(f"{kind} [\n" + ",\n".join(_tensor(t, sizes) for t in tensors) + "\n]\n"
-                   for kind, tensors in (("input", model.inputs), ("output", model.outputs)))
+    """The input [...], output [...] and batch_input [...] blocks of a model, from the contract."""
+    blocks = [(kind, [_tensor(t, sizes) for t in tensors]) for kind, tensors in
+              (("input", model.inputs), ("output", model.outputs))]
+    blocks += [("batch_input", [_batch_input(b) for b in model.batch_inputs])] if model.batch_inputs else []
+    return "".join(f"{kind} [\n" + ",\n".join(items) + "\n]\n" for kind, items in blocks)
 
 
 def _parameters(values: dict[str, str]) -> str:
@@ -64,9 +73,13 @@ MAX_QUEUE_SIZE = 128  # requests waiting per model
 QUEUE_TIMEOUT_US = 5_000_000  # longest wait in one model's queue (a CPU node runs a 64-image ViT-B/32 batch in ~3 s)
 
 
-def _batching(max_batch_size: int, max_queue_delay_us: int, max_queue_size: int, queue_timeout_us: int) -> str:
-    preferred = [b for b in (4, 8, 16, 32, 64, 128, 256) if b <= max_batch_size] or [max_batch_size]
-    return (f"dynamic_batching {{\n  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
+def _preprocess_preferred(max_batch_size: int) -> tuple[int, ...]:
+    return tuple(b for b in (4, 8, 16, 32, 64, 128, 256) if b <= max_batch_size) or (max_batch_size,)
+
+
+def _batching(preferred: tuple[int, ...], max_queue_delay_us: int, max_queue_size: int, queue_timeout_us: int) -> str:
+    sizes = f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" if preferred else ""
+    return (f"dynamic_batching {{\n{sizes}"
             f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
             f"  default_queue_policy {{\n    timeout_action: REJECT\n"
             f"    default_timeout_microseconds: {queue_timeout_us}\n    allow_timeout_override: true\n"
@@ -136,7 +149,7 @@ def image_parameters(manifest: dict) -> dict[str, Any]:
 # What `build --limit NAME=VALUE` (and build_repository / generate_configs' limits=) may set: the request limits and
 # the serving tuning knobs. Everything else (logit_scale, model_id, max_length, pad_token_id, tokenizer_file, the image
 # preprocessing constants) comes from the manifest and must not be overridden.
-BUILD_LIMITS = P.LIMITS + ("jpeg_draft_gap", "decode_threads", "pad_to_multiple_of", "default_top_k")
+BUILD_LIMITS = P.LIMITS + ("jpeg_draft_gap", "decode_threads", "default_top_k")
 _MINIMUM = {"decode_threads": 0, "jpeg_draft_gap": 0}  # others: >= 1
 
 
@@ -210,13 +223,19 @@ def info_payload(manifest: dict, *, dtype: str = "fp32", max_batch_size: int = 6
     }
 
 
-def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_count: int = 1,
-                     max_batch_size: int = 64, max_queue_delay_us: int = 1000, max_queue_size: int = MAX_QUEUE_SIZE,
+PREPROCESS_QUEUE_DELAY_US = 1000  # the python preprocessors' batcher wait (--max-queue-delay-us sets every model's)
+
+
+def generate_configs(manifest: dict, *, instance_kind: str = "cpu", max_batch_size: int = 64,
+                     max_queue_delay_us: int | None = None, max_queue_size: int = MAX_QUEUE_SIZE,
                      queue_timeout_us: int = QUEUE_TIMEOUT_US, limits: dict[str, Any] | None = None,
-                     preprocess: PreprocessPlan | None = None) -> dict[str, str]:
+                     preprocess: PreprocessPlan | None = None,
+                     tuning: dict[str, EncoderTuning] | None = None) -> dict[str, str]:
     """model name -> config.pbtxt text, dims from the manifest (see docs/ARCHITECTURE.md).
 
     preprocess: the preprocessors' instances and decode threads (default: plan_preprocessing's auto rule).
+    tuning: each encoder's instances, threads, preferred batch sizes and queue delay (default: clip_build.tuning's
+    for `instance_kind` on this machine's cores); max_queue_delay_us, when given, is every batching model's delay.
     """
     img = image_parameters(manifest)
     sizes = {C.D: int(manifest["projection_dim"]), C.S: img["crop_size"] if img["do_center_crop"] else img["image_size"]}
@@ -225,10 +244,12 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
     kind = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}[instance_kind]
     plan = preprocess or plan_preprocessing(instance_kind, decode_threads=limits.get("decode_threads"))
     gpu_decode = plan.image_decode == "gpu"
-    batching = _batching(max_batch_size, max_queue_delay_us, max_queue_size, queue_timeout_us)
+    tuning = tuning or encoder_tuning(instance_kind, max_batch_size=max_batch_size, queue_delay_us=max_queue_delay_us)
+    preprocess_delay = PREPROCESS_QUEUE_DELAY_US if max_queue_delay_us is None else max_queue_delay_us
+    batching = _batching(_preprocess_preferred(max_batch_size), preprocess_delay, max_queue_size, queue_timeout_us)
 
     def params(names: list[str], values: dict[str, Any]) -> str:
-        # limits only hold BUILD_LIMITS names: they override the manifest's value (pad_to_multiple_of) or the default
+        # limits only hold BUILD_LIMITS names: they override the default
         merged = {n: limits[n] if n in limits else values.get(n, P.PARAMETERS[n].default) for n in names}
         return _parameters({n: P.encode(n, v) for n, v in merged.items()})
 
@@ -239,11 +260,9 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
     cfg: dict[str, str] = {}
     cfg[C.PreprocessText.NAME] = (
         head(C.PreprocessText.NAME) + batching + _instances("KIND_CPU", plan.text_instances)
-        + params(["tokenizer_file", "max_length", "pad_token_id", "pad_to_multiple_of", "max_text_bytes",
-                  "max_items_per_request"],
+        + params(["tokenizer_file", "max_length", "pad_token_id", "max_text_bytes", "max_items_per_request"],
                  {"tokenizer_file": "tokenizer.json", "max_length": int(tok["max_length"]),
-                  "pad_token_id": int(tok["pad_token_id"]),
-                  "pad_to_multiple_of": int(tok.get("pad_to_multiple_of") or P.PARAMETERS["pad_to_multiple_of"].default)})
+                  "pad_token_id": int(tok["pad_token_id"])})
     )
     cfg[C.PreprocessImage.NAME] = (
         head(C.PreprocessImage.NAME) + batching
@@ -267,8 +286,11 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
         # --image-decode gpu: the pixels arrive on the GPU; the python backend (our runner) must not copy them to the
         # host first. The libtorch backend takes GPU inputs as they are and ignores the parameter.
         gpu_input = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if gpu_decode and name == C.ImageEncoder.NAME else {}
-        cfg[name] = (head(name) + 'default_model_filename: "model.pt"\n' + batching
-                     + _instances(kind, instance_count) + _parameters({**torch_params, **gpu_input}))
+        t = tuning[name]
+        threads = {"INTRA_OP_THREAD_COUNT": str(t.threads)} if t.threads else {}
+        cfg[name] = (head(name) + 'default_model_filename: "model.pt"\n'
+                     + _batching(t.preferred, t.queue_delay_us, max_queue_size, queue_timeout_us)
+                     + _instances(kind, t.instances) + _parameters({**torch_params, **threads, **gpu_input}))
     for name in C.ENSEMBLES:
         cfg[name] = head(name) + _ensemble_scheduling(C.MODELS[name])
     return cfg
@@ -276,13 +298,16 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", instance_cou
 
 # ---------------------------------------------------------------- build
 def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike, *, instance_kind: str = "cpu",
-                     instance_count: int = 1, dtype: str = "fp32", max_batch_size: int = 64,
-                     max_queue_delay_us: int = 1000, max_queue_size: int = MAX_QUEUE_SIZE,
+                     instance_count: int | None = None, dtype: str = "fp32", max_batch_size: int = 64,
+                     max_queue_delay_us: int | None = None, max_queue_size: int = MAX_QUEUE_SIZE,
                      queue_timeout_us: int = QUEUE_TIMEOUT_US, limits: dict[str, Any] | None = None,
-                     preprocess_instances: str = "auto", image_decode: str = "cpu") -> Path:
+                     preprocess_instances: str = "auto", image_decode: str = "cpu", cores: int | None = None,
+                     intra_op_threads: int | None = None, preferred_batch_sizes: list[int] | None = None) -> Path:
     """Verify WEIGHTS_DIR, export both encoders to TorchScript, write the python models and every config.pbtxt.
 
     preprocess_instances / image_decode: see clip_build.preprocess_plan (`--preprocess-instances`, `--image-decode`).
+    The encoders' batching comes from clip_build.tuning for `instance_kind` and `cores` (default: this machine's);
+    instance_count, intra_op_threads, preferred_batch_sizes and max_queue_delay_us override it.
     """
     import torch
 
@@ -293,11 +318,12 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
         raise ValueError(f"instance_kind must be cpu or gpu, not {instance_kind!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
-    if max_batch_size < 1 or instance_count < 1 or max_queue_delay_us < 0 or max_queue_size < 1 or queue_timeout_us < 1:
-        raise ValueError("max_batch_size, instance_count, max_queue_size and queue_timeout_us must be >= 1, "
-                         "max_queue_delay_us >= 0")
+    if max_batch_size < 1 or max_queue_size < 1 or queue_timeout_us < 1 or (cores is not None and cores < 1):
+        raise ValueError("max_batch_size, max_queue_size, queue_timeout_us and cores must be >= 1")
+    tuning = encoder_tuning(instance_kind, cores, max_batch_size, instances=instance_count, threads=intra_op_threads,
+                            preferred=preferred_batch_sizes, queue_delay_us=max_queue_delay_us)
     limits = check_limits(limits)
-    plan = plan_preprocessing(instance_kind, image_decode, preprocess_instances, limits.get("decode_threads"))
+    plan = plan_preprocessing(instance_kind, image_decode, preprocess_instances, limits.get("decode_threads"), cores)
 
     started = time.monotonic()
     weights_dir, repo = Path(weights_dir), Path(repo_dir)
@@ -322,10 +348,9 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
     exports["image_encoder"] = export_torchscript(build_image_encoder(weights_dir, dtype),
                                                   repo / "image_encoder" / "1" / "model.pt")
 
-    configs = generate_configs(manifest, instance_kind=instance_kind, instance_count=instance_count,
-                               max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
-                               max_queue_size=max_queue_size, queue_timeout_us=queue_timeout_us, limits=limits,
-                               preprocess=plan)
+    configs = generate_configs(manifest, instance_kind=instance_kind, max_batch_size=max_batch_size,
+                               max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size,
+                               queue_timeout_us=queue_timeout_us, limits=limits, preprocess=plan, tuning=tuning)
     for name, text in configs.items():
         (repo / name / "config.pbtxt").write_text(text, encoding="utf-8")
     payload = info_payload(manifest, dtype=dtype, max_batch_size=max_batch_size, limits=limits, preprocess=plan)
@@ -338,9 +363,9 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
         "family": manifest.get("family"),
         "dtype": dtype,
         "instance_kind": instance_kind,
-        "instance_count": instance_count,
+        "encoders": {name: t.as_dict() for name, t in tuning.items()},  # batching: clip_build.tuning + options
         "max_batch_size": max_batch_size,
-        "max_queue_delay_us": max_queue_delay_us,
+        "max_queue_delay_us": PREPROCESS_QUEUE_DELAY_US if max_queue_delay_us is None else max_queue_delay_us,
         "max_queue_size": max_queue_size,
         "queue_timeout_us": queue_timeout_us,
         "preprocess": plan.as_dict(),
@@ -398,10 +423,20 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--weights", required=True, help="WEIGHTS_DIR written by `clip-triton convert`")
     parser.add_argument("--repository", required=True, help="model repository to write (created if missing)")
     parser.add_argument("--instance-kind", choices=("cpu", "gpu"), default="cpu", help="encoders' instance kind")
-    parser.add_argument("--instance-count", type=int, default=1, help="encoder instances (per GPU for gpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="encoder weights' dtype (I/O stays fp32)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size of the batching models")
-    parser.add_argument("--max-queue-delay-us", type=int, default=1000, help="dynamic batcher queue delay")
+    tune = parser.add_argument_group(
+        "encoder batching", "defaults chosen from --instance-kind and the core count (docs/benchmarks.md, \"Batching "
+        "defaults\"); each option given overrides them for both encoders")
+    tune.add_argument("--cores", type=int, help="cores of the serving machine, for these defaults and the preprocessors' "
+                      "(default: this machine's)")
+    tune.add_argument("--instance-count", type=int, help="encoder instances (per GPU for gpu)")
+    tune.add_argument("--intra-op-threads", type=int, help="torch intra-op threads per encoder instance (0 = all)")
+    tune.add_argument("--preferred-batch-size", type=int, nargs="+", metavar="N",
+                      help="the encoders' preferred batch sizes")
+    tune.add_argument("--max-queue-delay-us", type=int,
+                      help="dynamic batcher queue delay of every batching model (default: the encoders' from the "
+                      f"defaults, {PREPROCESS_QUEUE_DELAY_US} for the preprocessors)")
     parser.add_argument("--max-queue-size", type=int, default=MAX_QUEUE_SIZE,
                         help="requests waiting per batching model; more are refused at once (UNAVAILABLE)")
     parser.add_argument("--queue-timeout-us", type=int, default=QUEUE_TIMEOUT_US,
@@ -435,7 +470,8 @@ def run(args: argparse.Namespace, command: str) -> int:
                                 max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                                 max_queue_size=args.max_queue_size, queue_timeout_us=args.queue_timeout_us,
                                 limits=limits, preprocess_instances=args.preprocess_instances,
-                                image_decode=args.image_decode)
+                                image_decode=args.image_decode, cores=args.cores,
+                                intra_op_threads=args.intra_op_threads, preferred_batch_sizes=args.preferred_batch_size)
     except (WeightsError, ValueError, FileNotFoundError) as exc:
         log.error("build failed: %s", exc)
         return 1

@@ -26,7 +26,6 @@ PARAMETERS: dict[str, Param] = {
     "tokenizer_file": Param("str", "tokenizer.json", "tokenizer.json, relative to the model version folder"),
     "max_length": Param("int", 77, "tokens per text after truncation (the text tower's context length)"),
     "pad_token_id": Param("int", 0, "id written into padded positions"),
-    "pad_to_multiple_of": Param("int", 16, "pad each execute's texts to a multiple of this (capped at max_length)"),
     "max_text_bytes": Param("int", 16384, "largest accepted UTF-8 text, bytes"),
     # preprocess_image
     "image_size": Param("int", 224, "resize target: shortest edge (resize_mode=shortest_edge) or square side"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -42,42 +43,40 @@ def decode_texts(items: Sequence, max_bytes: int | None = None) -> list:
     return out
 
 
-def padded_length(longest: int, multiple: int, max_length: int) -> int:
-    """longest rounded up to a multiple of `multiple`, capped at max_length."""
-    if multiple > 1:
-        longest = -(-longest // multiple) * multiple
-    return max(1, min(longest, max_length))
+class TokenRows(NamedTuple):
+    """Tokenized texts as the text encoder's forward() takes them (contract.TextEncoder): int64 ids (N, L),
+    right-padded to the longest text; lengths (N, 1), the tokens in each row; widths (N, 1), each row's width L
+    (served, Triton makes the widths itself from the ids' shape: preprocess_text sends ids and lengths)."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    widths: np.ndarray
 
 
 class TextTokenizer:
-    """tokenizer.json -> (input_ids, attention_mask) int64 (N, L), L = longest text rounded up, capped at max_length."""
+    """tokenizer.json -> TokenRows: the texts' ids padded to the longest of them (truncated to max_length)."""
 
-    def __init__(self, tokenizer_json: str | os.PathLike, max_length: int, pad_token_id: int, pad_to_multiple_of: int = 16):
+    def __init__(self, tokenizer_json: str | os.PathLike, max_length: int, pad_token_id: int):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         self.max_length = int(max_length)
         self.pad_token_id = int(pad_token_id)
-        self.pad_to_multiple_of = max(1, int(pad_to_multiple_of))
         self._tok = Tokenizer.from_file(os.fspath(tokenizer_json))
         self._tok.no_padding()
         # HF truncation=True, max_length=N: longest_first, right side, special tokens counted in N
         self._tok.enable_truncation(max_length=self.max_length)
 
-    def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Tokenize with special tokens; right-pad with pad_token_id to the batch's bucketed length."""
-        if len(texts) == 0:
-            return np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64)
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=True)
-        longest = max(len(e.ids) for e in encodings)
-        length = padded_length(longest, self.pad_to_multiple_of, self.max_length)
-        ids = np.full((len(encodings), length), self.pad_token_id, dtype=np.int64)  # (N, L)
-        mask = np.zeros((len(encodings), length), dtype=np.int64)  # (N, L)
+    def encode_batch(self, texts: Sequence[str]) -> TokenRows:
+        """Tokenize with special tokens; right-pad with pad_token_id to the longest text (the encoder pads each of
+        its batches to the longest row again: one length per batch, whatever the requests' lengths)."""
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=True) if len(texts) else []
+        lengths = np.array([[len(e.ids)] for e in encodings], dtype=np.int64).reshape(-1, 1)  # (N, 1)
+        width = max(1, int(lengths.max(initial=0)))
+        ids = np.full((len(encodings), width), self.pad_token_id, dtype=np.int64)  # (N, L)
         for i, e in enumerate(encodings):
-            n = len(e.ids)
-            ids[i, :n] = e.ids
-            mask[i, :n] = 1
-        return ids, mask
+            ids[i, :len(e.ids)] = e.ids
+        return TokenRows(ids, lengths, np.full_like(lengths, width))
 
-    def encode_bytes(self, items: Sequence[bytes], max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def encode_bytes(self, items: Sequence[bytes], max_bytes: int | None = None) -> TokenRows:
         """decode_text each item, then encode_batch (raises InvalidInputError on the first bad item)."""
         return self.encode_batch([decode_text(x, max_bytes) for x in items])

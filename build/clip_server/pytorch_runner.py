@@ -7,7 +7,12 @@ real libtorch backend.
 Rules kept from the libtorch backend:
 - inputs are named after forward()'s arguments, or all follow `NAME__<index>` (positional);
 - outputs are `NAME__<index>`: the index-th element of forward()'s output (a lone tensor is index 0);
-- parameters INFERENCE_MODE, DISABLE_OPTIMIZED_EXECUTION, INTRA_OP_THREAD_COUNT, INTER_OP_THREAD_COUNT.
+- parameters INFERENCE_MODE, DISABLE_OPTIMIZED_EXECUTION, INTRA_OP_THREAD_COUNT, INTER_OP_THREAD_COUNT;
+- batching (max_batch_size > 0): an input with `allow_ragged_batch` reaches forward() as ONE 1-D tensor, every
+  request's buffer flattened and concatenated in request order; any other input as [total batch size, ...]; a
+  `batch_input` of kind BATCH_ITEM_SHAPE as [total batch size, ndims - 1], each batch row's shape past the batch dim
+  (the only kind this runner makes: another fails the load); each output is split back along dim 0 by the
+  requests' batch sizes (libtorch.cc SetInputTensors / ReadOutputTensors, backend_input_collector.cc).
 
 Devices: a KIND_GPU instance runs on `cuda:<model_instance_device_id>` with its own CUDA stream (one instance = one
 stub process); each forward gathers the requests' inputs straight into page-locked host memory, copies them to the
@@ -66,8 +71,17 @@ class TritonPythonModel:
 
         self.batching = int(config.get("max_batch_size", 0)) > 0
         self.inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"])) for i in config["input"]]
+        self.ragged = {i["name"] for i in config["input"] if i.get("allow_ragged_batch")}
+        self.batch_inputs = []  # (target name, source input, numpy dtype)
+        for b in config.get("batch_input") or []:
+            if b.get("kind") != "BATCH_ITEM_SHAPE":
+                raise pb_utils.TritonModelException(f"batch_input kind {b.get('kind')} is not supported by this runner "
+                                                    "(BATCH_ITEM_SHAPE is)")
+            dtype = pb_utils.triton_string_to_numpy(b["data_type"])
+            self.batch_inputs += [(t, b["source_input"][0], dtype) for t in b["target_name"]]
         # torch dtypes of the inputs (a BYTES input has none): pinned staging buffers, inputs arriving on the GPU
-        self.torch_dtypes = {n: torch.from_numpy(np.empty(0, d)).dtype for n, d in self.inputs if d != np.object_}
+        self.torch_dtypes = {n: torch.from_numpy(np.empty(0, d)).dtype for n, d in
+                             self.inputs + [(t, d) for t, _, d in self.batch_inputs] if d != np.object_}
         self.outputs = []
         for o in config["output"]:
             m = _INDEXED.match(o["name"])
@@ -76,7 +90,7 @@ class TritonPythonModel:
                     f"output {o['name']!r} must be named <name>__<index> (libtorch backend rule)"
                 )
             self.outputs.append((o["name"], int(m.group(2)), pb_utils.triton_string_to_numpy(o["data_type"])))
-        self.arg_index = self._map_inputs([n for n, _ in self.inputs])
+        self.arg_index = self._map_inputs([n for n, _ in self.inputs] + [t for t, _, _ in self.batch_inputs])
         self.logger.log_info(
             f"{args['model_name']}: loaded {filename} on {self.device}, inputs {self.arg_index}, "
             f"outputs {[n for n, _, _ in self.outputs]}, torch {torch.__version__}, "
@@ -131,10 +145,13 @@ class TritonPythonModel:
         return item
 
     def _to_device(self, name: str, parts: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
-        """Input `name`'s parts (one per request) as ONE tensor on the device (cuda: via pinned memory, async)."""
+        """Input `name`'s parts (one per request) as ONE tensor on the device (cuda: via pinned memory, async):
+        concatenated along the batch dim, or flattened and concatenated for a ragged input (as libtorch does)."""
         # cpu: the numpy memory itself when there is one writable part, else one concatenation. cuda: one concatenation
         # into page-locked memory, then an asynchronous copy on the instance's stream; torch's pinned-memory cache
         # takes the host buffer back only once that copy is done. Parts already on a GPU: concatenated there.
+        if name in self.ragged:
+            parts = [p.reshape(-1) for p in parts]
         if any(isinstance(p, torch.Tensor) for p in parts):
             on = [p.to(self.device, non_blocking=True) if isinstance(p, torch.Tensor)
                   else torch.from_numpy(np.array(p)).to(self.device, non_blocking=True) for p in parts]
@@ -161,6 +178,8 @@ class TritonPythonModel:
 
     def _forward(self, inputs: dict[str, list[np.ndarray]]) -> list[np.ndarray]:
         """One forward over each input's parts (concatenated along the batch dim) -> numpy outputs in config order."""
+        for target, source, dtype in self.batch_inputs:  # BATCH_ITEM_SHAPE: each row's shape past the batch dim
+            inputs = {**inputs, target: [np.tile(np.array(p.shape[1:], dtype), (len(p), 1)) for p in inputs[source]]}
         args = [None] * (max(self.arg_index.values()) + 1)
         stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         with stream:
@@ -179,23 +198,36 @@ class TritonPythonModel:
             host = self._to_host([result[index] for _, index, _ in self.outputs])
         return [t.numpy().astype(dtype, copy=False) for t, (_, _, dtype) in zip(host, self.outputs)]
 
+    def _rows(self, item: dict[str, np.ndarray]) -> int:
+        """A request's batch size: the first dim of its inputs (Triton makes them agree)."""
+        return len(next(iter(item.values())))
+
     def _forward_batch(self, items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Items (one per request, each [n_r, ...]) -> outputs [sum n_r, ...] in item order; one forward per group
-        of items whose shapes past the batch dim agree."""
+        of items whose non-ragged inputs agree past the batch dim (Triton's batcher only merges such requests)."""
         groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(items):
-            groups.setdefault(tuple((n, a.shape[1:]) for n, a in item.items()), []).append(i)
+            groups.setdefault(tuple((n, a.shape[1:]) for n, a in item.items() if n not in self.ragged), []).append(i)
         names = [n for n, _, _ in self.outputs]
         if len(groups) == 1:
-            return dict(zip(names, self._forward({n: [x[n] for x in items] for n, _ in self.inputs})))
+            return dict(zip(names, self._forward_rows({n: [x[n] for x in items] for n, _ in self.inputs},
+                                                      sum(map(self._rows, items)))))
         parts: list[list[np.ndarray] | None] = [None] * len(items)
         for members in groups.values():
-            sizes = [len(next(iter(items[i].values()))) for i in members]
-            outs = self._forward({n: [items[i][n] for i in members] for n, _ in self.inputs})
+            sizes = [self._rows(items[i]) for i in members]
+            outs = self._forward_rows({n: [items[i][n] for i in members] for n, _ in self.inputs}, sum(sizes))
             offsets = np.cumsum([0] + sizes)
             for k, i in enumerate(members):
                 parts[i] = [o[offsets[k]:offsets[k + 1]] for o in outs]
         return {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(names)}
+
+    def _forward_rows(self, inputs: dict[str, list[np.ndarray]], rows: int) -> list[np.ndarray]:
+        """_forward, checking that every output has one row per batch row (else the split would misattribute)."""
+        outs = self._forward(inputs)
+        for (name, _, _), out in zip(self.outputs, outs):
+            if out.ndim == 0 or len(out) != rows:
+                raise RuntimeError(f"output {name}: forward() returned shape {list(out.shape)} for a batch of {rows}")
+        return outs
 
     def execute(self, requests):
         if not self.batching:  # max_batch_size 0: each request is its own forward, outputs as forward() shapes them
@@ -207,7 +239,7 @@ class TritonPythonModel:
         return execute_batched(
             pb_utils, requests,
             read=lambda request: [self._read(request)],
-            rows=lambda item: len(next(iter(item.values()))),
+            rows=self._rows,
             compute=self._forward_batch,
             label="request", logger=self.logger)
 

@@ -37,6 +37,9 @@ class TensorSpec:
     dtype: str  # BYTES | FP32 | INT32 | INT64
     dims: tuple[int | str, ...]  # -1 = variable; D / S = filled in from the manifest
     optional: bool = False
+    # allow_ragged_batch: requests whose shapes differ are batched together; the libtorch backend (and our runner)
+    # hand forward() ONE 1-D tensor, every request's buffer flattened, in request order
+    ragged: bool = False
 
     @property
     def config_type(self) -> str:
@@ -55,6 +58,16 @@ class TensorSpec:
             return tuple(d if isinstance(d, int) else int(sizes[d]) for d in self.dims)
         except KeyError as exc:
             raise ValueError(f"{self.name}: no size given for dim {exc.args[0]}") from None
+
+
+@dataclass(frozen=True)
+class BatchInputSpec:
+    """A tensor Triton itself makes for each batch (config.pbtxt `batch_input`), passed to the model as an input."""
+
+    kind: str  # BATCH_ITEM_SHAPE: each batch row's shape past the batch dim, [rows, ndims - 1]
+    target: str  # the model's input (forward() argument) it becomes
+    dtype: str  # INT32 | FP32 (the only types Triton allows)
+    source: str  # the input it describes
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,7 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     steps: tuple[StepSpec, ...] = field(default=())
+    batch_inputs: tuple[BatchInputSpec, ...] = field(default=())
 
     def input(self, name: str) -> TensorSpec:
         """The input called `name`."""
@@ -149,12 +163,12 @@ class ClipInfo:
 
 
 class PreprocessText:
-    """Internal Python model: UTF-8 texts -> token ids and attention mask."""
+    """Internal Python model: UTF-8 texts -> token ids and each row's token count."""
 
     NAME = "preprocess_text"
     TEXT = "TEXT"
-    INPUT_IDS = "INPUT_IDS"
-    ATTENTION_MASK = "ATTENTION_MASK"
+    INPUT_IDS = "INPUT_IDS"  # INT64 [N, L]: the rows padded to the longest text of the execute
+    LENGTHS = "LENGTHS"  # INT64 [N, 1]: tokens in each row (the rest of the row is padding)
 
 
 class PreprocessImage:
@@ -166,11 +180,18 @@ class PreprocessImage:
 
 
 class TextEncoder:
-    """Internal TorchScript model (libtorch naming)."""
+    """Internal TorchScript model (libtorch naming): a ragged batch of token rows -> text embeddings.
+
+    input_ids is ragged (allow_ragged_batch): requests of different lengths share one batch and forward() gets every
+    request's [n, L] ids flattened into one 1-D tensor. widths is made by Triton (batch_input BATCH_ITEM_SHAPE of
+    input_ids: each row's L, [rows, 1] INT32), so where a row starts never depends on what another request sent;
+    lengths ([n, 1] per request) says how many of a row's ids are tokens. forward() pads the batch to its longest row.
+    """
 
     NAME = "text_encoder"
     INPUT_IDS = "input_ids"
-    ATTENTION_MASK = "attention_mask"
+    LENGTHS = "lengths"
+    WIDTHS = "widths"  # batch input, not sent by callers
     TEXT_EMBEDS = "text_embeds__0"
 
 
@@ -199,21 +220,20 @@ class Postprocess:
 
 
 # Tensors that flow only inside an ensemble.
-_INPUT_IDS, _ATTENTION_MASK, _PIXEL_VALUES = "_input_ids", "_attention_mask", "_pixel_values"
+_INPUT_IDS, _LENGTHS, _PIXEL_VALUES = "_input_ids", "_lengths", "_pixel_values"
 _TEXT_EMBEDS, _IMAGE_EMBEDS = "_text_embeds", "_image_embeds"
 
 
 # --------------------------------------------------------------------------------------------- models
-def _t(name: str, dtype: str, *dims: int | str, optional: bool = False) -> TensorSpec:
-    return TensorSpec(name, dtype, tuple(dims), optional)
+def _t(name: str, dtype: str, *dims: int | str, optional: bool = False, ragged: bool = False) -> TensorSpec:
+    return TensorSpec(name, dtype, tuple(dims), optional, ragged)
 
 
 _PREPROCESS_TEXT_STEP = StepSpec(PreprocessText.NAME, _map(**{PreprocessText.TEXT: EncodeText.TEXT}),
-                                 _map(**{PreprocessText.INPUT_IDS: _INPUT_IDS,
-                                         PreprocessText.ATTENTION_MASK: _ATTENTION_MASK}))
+                                 _map(**{PreprocessText.INPUT_IDS: _INPUT_IDS, PreprocessText.LENGTHS: _LENGTHS}))
 _PREPROCESS_IMAGE_STEP = StepSpec(PreprocessImage.NAME, _map(**{PreprocessImage.IMAGE: EncodeImage.IMAGE}),
                                   _map(**{PreprocessImage.PIXEL_VALUES: _PIXEL_VALUES}))
-_TEXT_ENCODER_INPUTS = _map(**{TextEncoder.INPUT_IDS: _INPUT_IDS, TextEncoder.ATTENTION_MASK: _ATTENTION_MASK})
+_TEXT_ENCODER_INPUTS = _map(**{TextEncoder.INPUT_IDS: _INPUT_IDS, TextEncoder.LENGTHS: _LENGTHS})
 _IMAGE_ENCODER_INPUTS = _map(**{ImageEncoder.PIXEL_VALUES: _PIXEL_VALUES})
 
 _TEXT_EMBEDS_OUT = _t(EncodeText.TEXT_EMBEDS, FP32, -1, D)
@@ -222,13 +242,14 @@ _IMAGE_EMBEDS_OUT = _t(EncodeImage.IMAGE_EMBEDS, FP32, -1, D)
 MODELS: Mapping[str, ModelSpec] = MappingProxyType({m.name: m for m in (
     ModelSpec(PreprocessText.NAME, "python", public=False, batching=True,
               inputs=(_t(PreprocessText.TEXT, BYTES, 1),),
-              outputs=(_t(PreprocessText.INPUT_IDS, INT64, -1), _t(PreprocessText.ATTENTION_MASK, INT64, -1))),
+              outputs=(_t(PreprocessText.INPUT_IDS, INT64, -1), _t(PreprocessText.LENGTHS, INT64, 1))),
     ModelSpec(PreprocessImage.NAME, "python", public=False, batching=True,
               inputs=(_t(PreprocessImage.IMAGE, BYTES, 1),),
               outputs=(_t(PreprocessImage.PIXEL_VALUES, FP32, 3, S, S),)),
     ModelSpec(TextEncoder.NAME, "pytorch", public=False, batching=True,
-              inputs=(_t(TextEncoder.INPUT_IDS, INT64, -1), _t(TextEncoder.ATTENTION_MASK, INT64, -1)),
-              outputs=(_t(TextEncoder.TEXT_EMBEDS, FP32, D),)),
+              inputs=(_t(TextEncoder.INPUT_IDS, INT64, -1, ragged=True), _t(TextEncoder.LENGTHS, INT64, 1)),
+              outputs=(_t(TextEncoder.TEXT_EMBEDS, FP32, D),),
+              batch_inputs=(BatchInputSpec("BATCH_ITEM_SHAPE", TextEncoder.WIDTHS, INT32, TextEncoder.INPUT_IDS),)),
     ModelSpec(ImageEncoder.NAME, "pytorch", public=False, batching=True,
               inputs=(_t(ImageEncoder.PIXEL_VALUES, FP32, 3, S, S),),
               outputs=(_t(ImageEncoder.IMAGE_EMBEDS, FP32, D),)),

@@ -15,7 +15,7 @@ from PIL import Image
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
-from tests.integration.triton_helpers import infer
+from tests.integration.triton_helpers import infer, wait_until
 
 PROTOCOLS = ("http", "grpc")
 TEXTS = ["a photo of a cat", "a photo of a dog", "a diagram", "ein Foto 🐱 mit Umlauten äöü", "x",
@@ -172,6 +172,64 @@ def test_concurrent_single_requests_are_batched(triton_server):
         assert inf >= n, model  # (statistics of an earlier test's last requests may land late)
         assert exe < n, f"{model}: {exe} executions for {inf} inferences, no batching"
         print(f"{model}: {inf} inferences in {exe} executions")
+    stats_client.close()
+
+
+# 3 to 42 tokens, every length different: an execution that serves two of them batched two lengths together
+RAGGED_TEXTS = [" ".join(["cat"] * k) for k in (1, 2, 3, 5, 8, 13, 21, 40)]
+
+
+def test_texts_of_different_lengths_share_batches_and_match_alone_and_transformers(triton_server, hf):
+    """Ragged batching (text_encoder's input_ids): requests of different lengths are batched together, and each
+    row's embedding is the one it gets alone and the one transformers gives, whether the rows share one request
+    (padded to its longest), ride in one batch of single-text requests, or come straight to text_encoder."""
+    model, tok, _ = hf
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t_in = tok(RAGGED_TEXTS, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        feats = model.get_text_features(**t_in)
+    reference = getattr(feats, "pooler_output", feats).numpy()
+    lengths = t_in["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == len(RAGGED_TEXTS)
+    stats_client = httpclient.InferenceServerClient(triton_server.http_url)
+
+    def text(items, protocol="http"):
+        c = client_for(triton_server, protocol)
+        try:
+            return infer(c, protocol, "encode_text", {"text": as_bytes_column(items)}, ["text_embeds"])["text_embeds"]
+        finally:
+            c.close()
+
+    def direct(i: int, protocol: str):  # one row of its own length, straight to the internal encoder
+        c = client_for(triton_server, protocol)
+        try:
+            ids = t_in["input_ids"][i:i + 1, :lengths[i]].numpy()  # (1, L_i)
+            return infer(c, protocol, "text_encoder", {"input_ids": ids, "lengths": np.array([[lengths[i]]])},
+                         ["text_embeds__0"])["text_embeds__0"][0]
+        finally:
+            c.close()
+
+    alone = np.concatenate([text([t]) for t in RAGGED_TEXTS])
+    together = text(RAGGED_TEXTS)  # one request: one execute, rows padded to the longest
+    n, merged = len(RAGGED_TEXTS), 0
+    with ThreadPoolExecutor(n) as pool:
+        singles = list(pool.map(lambda i: text([RAGGED_TEXTS[i]], PROTOCOLS[i % 2])[0], range(n)))
+        np.testing.assert_allclose(np.stack(singles), alone, atol=1e-5, rtol=1e-4)
+        for _round in range(6):  # until the batcher merged different lengths (at once unless the CPU is idle)
+            before = _stats(stats_client, "text_encoder")
+            rows = list(pool.map(lambda i: direct(i, PROTOCOLS[i % 2]), range(n)))  # n shapes [1, L_i]
+            np.testing.assert_allclose(np.stack(rows), alone, atol=1e-5, rtol=1e-4)
+            assert wait_until(lambda: _stats(stats_client, "text_encoder")[0] - before[0] >= n, 10)
+            inferences, executions = (a - b for a, b in zip(_stats(stats_client, "text_encoder"), before))
+            merged = inferences - executions  # every request has its own shape: each merge joined two lengths
+            if merged > 0:
+                break
+    print(f"text_encoder: {inferences} requests of {n} shapes in {executions} executions")
+    assert merged > 0, "the batcher never merged requests of different lengths"
+    for got in (alone, together):
+        assert cosine(got, reference).min() >= 0.99999
+        np.testing.assert_allclose(got, reference, atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(together, alone, atol=1e-5, rtol=1e-4)
     stats_client.close()
 
 

@@ -80,8 +80,18 @@ def test_cli_build_limits_are_checked(weights, tmp_path, caplog):
     assert any("max_pixels" in r.getMessage() for r in caplog.records)
     assert main(["build", "--weights", str(weights("clip")), "--repository", str(out), "--limit", "nonsense=1"]) == 2
     assert main(["build", "--weights", str(weights("clip")), "--repository", str(out), "--limit", "max_pixels=1000",
-                 "--limit", "allowed_formats=PNG", "--limit", "max_items_per_request=8"]) == 0
+                 "--preferred-batch-size", "2", "0"]) == 1  # a preferred size out of 1..max_batch_size
+    assert main(["build", "--weights", str(weights("clip")), "--repository", str(out), "--limit", "max_pixels=1000",
+                 "--limit", "allowed_formats=PNG", "--limit", "max_items_per_request=8", "--cores", "6",
+                 "--instance-count", "3", "--preferred-batch-size", "16", "2"]) == 0
     assert '"1000"' in (out / "preprocess_image" / "config.pbtxt").read_text()
+    tuning = read_info(out)["encoders"]  # the defaults for 6 cores, the options given over them
+    assert tuning["text_encoder"] == {"instances": 3, "threads": 6, "preferred": [2, 16], "queue_delay_us": 30000}
+    assert tuning["image_encoder"] == {"instances": 3, "threads": 3, "preferred": [2, 16], "queue_delay_us": 30000}
+    image = parse_config((out / "image_encoder" / "config.pbtxt").read_text())
+    assert image.instance_group[0].count == 3 and list(image.dynamic_batching.preferred_batch_size) == [2, 16]
+    assert read_parameters(parameters((out / "image_encoder" / "config.pbtxt").read_text()),
+                           ["INTRA_OP_THREAD_COUNT"]) == {"INTRA_OP_THREAD_COUNT": 3}
     info = json.loads((out / "clip_info" / "1" / "info.json").read_text())
     assert info["limits"]["max_pixels"] == 1000 and info["limits"]["allowed_formats"] == ["PNG"]
     assert info["max_items_per_request"] == 8 and info["model_id"] in (out / "postprocess" / "config.pbtxt").read_text()
@@ -100,12 +110,13 @@ def test_limits_cannot_override_the_manifest(weights, tmp_path, caplog, name):
     assert not (tmp_path / "repo").exists()  # refused before anything is written
     assert main(["build", "--weights", str(weights("clip")), "--repository", str(tmp_path / "repo2"),
                  "--limit", f"{name}=1"]) == 2
-    assert any(f"bad --limit '{name}=1'" in r.getMessage() and "pad_to_multiple_of" in r.getMessage()
+    assert any(f"bad --limit '{name}=1'" in r.getMessage() and "default_top_k" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 @pytest.mark.parametrize("item", ["max_pixels=0", "max_items_per_request=-1", "allowed_formats=", "allowed_formats=EXE",
-                                  "jpeg_draft_gap=0.5", "default_top_k=0", "pad_to_multiple_of=x"])
+                                  "jpeg_draft_gap=0.5", "default_top_k=0", "default_top_k=x",
+                                  "pad_to_multiple_of=16"])  # gone: ragged batching pads each batch to its longest
 def test_limit_values_are_checked(weights, tmp_path, item):
     from clip_client.cli import main
 

@@ -18,7 +18,8 @@ def infer(client, protocol: str, model: str, inputs: dict[str, np.ndarray], outp
     mod = httpclient if protocol == "http" else grpcclient
     tensors = []
     for name, array in inputs.items():
-        dtype = "BYTES" if array.dtype == object else {"int32": "INT32", "float32": "FP32"}[array.dtype.name]
+        dtype = "BYTES" if array.dtype == object else {"int32": "INT32", "int64": "INT64", "float32": "FP32"}[
+            array.dtype.name]
         t = mod.InferInput(name, list(array.shape), dtype)
         t.set_data_from_numpy(array)
         tensors.append(t)

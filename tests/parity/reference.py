@@ -25,6 +25,20 @@ CORPUS = [
 ]
 
 
+def token_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A right-padded (N, L) batch as the text encoder takes it: ids, lengths (N, 1), widths (N, 1)."""
+    lengths = attention_mask.sum(dim=1, keepdim=True)  # (N, 1)
+    return input_ids, lengths, torch.full_like(lengths, input_ids.shape[1])
+
+
+def ragged_rows_of(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same texts as a ragged batch, as Triton hands it over: each row cut to its own length, all back to back
+    in one 1-D tensor; lengths = widths (N, 1)."""
+    lengths = attention_mask.sum(dim=1, keepdim=True)  # (N, 1)
+    flat = torch.cat([row[:n] for row, n in zip(input_ids, lengths.view(-1).tolist())])  # (sum n,)
+    return flat, lengths, lengths.clone()
+
+
 def cosine_min(a: torch.Tensor, b: torch.Tensor) -> float:
     """Smallest row-wise cosine similarity between two (N, D) tensors."""
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).min())

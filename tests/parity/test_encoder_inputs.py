@@ -1,6 +1,7 @@
 """The exported TorchScript text encoders (model.pt, loaded alone as the NGC libtorch backend loads it) never raise on
-what a caller may send to the internal text_encoder model: out-of-vocabulary or negative ids, sequences longer than the
-position table, empty sequences, a mask of another length. Batch-mates of such rows get their own embedding."""
+what a caller may send to the internal text_encoder model: out-of-vocabulary or negative ids, rows longer than the
+position table, empty rows or batches, lengths and widths that contradict each other or the ids. Batch-mates of such
+rows get their own embedding."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from clip_build.export import build_text_encoder, export_torchscript
+from tests.parity.reference import ragged_rows_of, token_rows
 from tests.parity.test_parity import _tokenize
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.* deprecation notices
@@ -15,47 +17,53 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.j
 
 @pytest.fixture(scope="module", params=["clip", "chinese_clip", "bert_vit"])
 def encoder(request, weights, tmp_path_factory):
-    """(TorchScript text encoder, good input_ids, good attention_mask, max positions, vocab) per family."""
+    """(TorchScript text encoder, good ids (2, L), their lengths (2, 1), max positions, vocab) per family."""
     w = weights(request.param)
     path = tmp_path_factory.mktemp(f"ts-{request.param}") / "model.pt"
     eager = build_text_encoder(w)
     export_torchscript(eager, path)
     ids, mask = _tokenize(w, ["a photo of a cat", "two dogs playing in the snow"])
-    return torch.jit.load(str(path)).eval(), ids, mask, eager.text.max_positions, eager.text.vocab
+    _, lengths, _ = token_rows(ids, mask)
+    return torch.jit.load(str(path)).eval(), ids, lengths, eager.text.max_positions, eager.text.vocab
 
 
-def test_bad_rows_do_not_fail_or_change_their_batch_mates(encoder):
-    ts, ids, mask, _positions, vocab = encoder
+def _width(ids: torch.Tensor) -> torch.Tensor:
+    return torch.full((ids.shape[0], 1), ids.shape[1])
+
+
+def test_bad_ids_do_not_fail_or_change_their_batch_mates(encoder):
+    ts, ids, lengths, _positions, vocab = encoder
     with torch.no_grad():
-        alone = ts(ids, mask)  # (2, D)
+        alone = ts(ids, lengths, _width(ids))  # (2, D)
         bad = ids.clone()
         bad[0, 1], bad[1, 2] = 10**9, -7  # out of vocabulary, negative
-        mixed = ts(torch.cat([ids[:1], bad, ids[1:]]), torch.cat([mask[:1], mask, mask[1:]]))  # (4, D)
-        odd_mask = ts(ids, mask * -(10**9))  # any non-zero value means "attend"
+        rows = torch.cat([ids[:1], bad, ids[1:]])
+        mixed = ts(rows, torch.cat([lengths[:1], lengths, lengths[1:]]), _width(rows))  # (4, D)
     assert torch.isfinite(mixed).all()
     torch.testing.assert_close(mixed[0], alone[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(mixed[3], alone[1], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(odd_mask, alone, atol=1e-5, rtol=1e-4)
     clamped = ids.clone()
     clamped[0, 1], clamped[1, 2] = vocab - 1, 0
     with torch.no_grad():
-        torch.testing.assert_close(mixed[1:3], ts(clamped, mask), atol=1e-5, rtol=1e-4)  # ids clamped into range
+        torch.testing.assert_close(mixed[1:3], ts(clamped, lengths, _width(ids)), atol=1e-5, rtol=1e-4)
 
 
-def test_long_empty_and_mismatched_sequences(encoder):
-    ts, ids, mask, positions, _vocab = encoder
+def test_long_empty_and_contradictory_rows(encoder):
+    ts, ids, lengths, positions, _vocab = encoder
     with torch.no_grad():
+        good = ts(*ragged_rows_of(ids, (torch.arange(ids.shape[1]) < lengths).long()))  # (2, D)
         long_ids = torch.cat([ids, torch.full((2, 5000), 5)], dim=1)
-        long_mask = torch.cat([mask, torch.ones(2, 5000, dtype=torch.int64)], dim=1)
-        long_out = ts(long_ids, long_mask)  # capped to the position table: its first `positions` tokens
-        torch.testing.assert_close(long_out, ts(long_ids[:, :positions], long_mask[:, :positions]))
-        for empty_ids, empty_mask in [(torch.zeros(3, 0, dtype=torch.int64), torch.zeros(3, 0, dtype=torch.int64)),
-                                      (torch.zeros(0, 5, dtype=torch.int64), torch.zeros(0, 5, dtype=torch.int64))]:
-            assert ts(empty_ids, empty_mask).shape[0] == empty_ids.shape[0]
-        short_mask = ts(ids, mask[:, :2])  # a mask shorter than the ids: the rest counts as padding
-        padded = torch.zeros_like(mask)
-        padded[:, :2] = mask[:, :2]
-        torch.testing.assert_close(short_mask, ts(ids, padded))
-        assert ts(ids, torch.cat([mask, mask], dim=1)).shape == long_out.shape  # a longer mask is cut
-        assert ts(ids, mask[:1]).shape == long_out.shape  # fewer mask rows: the others attend to nothing
-    assert torch.isfinite(long_out).all()
+        long_out = ts(long_ids, torch.full((2, 1), long_ids.shape[1]), _width(long_ids))  # capped to the table
+        cut = long_ids[:, :positions]
+        torch.testing.assert_close(long_out, ts(cut, torch.full((2, 1), positions), _width(cut)))
+        for flat, n in ((torch.zeros(0, dtype=torch.int64), 3), (torch.zeros(5, dtype=torch.int64), 0)):
+            rows = torch.full((n, 1), 2)
+            assert ts(flat, rows, rows).shape[0] == n  # no ids / no rows
+        wide = ts(ids, lengths, torch.full((2, 1), 10**15))  # widths past the ids: row 2 starts past the end
+        over = ts(ids, lengths + 10**6, _width(ids))  # lengths over the widths: the whole row counts
+        negative = ts(ids, -lengths, -_width(ids))
+        few = ts(ids.reshape(-1), torch.cat([lengths, lengths]), _width(ids))  # 4 rows, 2 widths given
+    torch.testing.assert_close(wide[0], good[0], atol=1e-5, rtol=1e-4)
+    assert wide.shape == over.shape == negative.shape == (2, good.shape[1]) and few.shape == (4, good.shape[1])
+    for out in (long_out, wide, over, negative, few):
+        assert torch.isfinite(out).all()

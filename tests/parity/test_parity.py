@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tests.parity.parity_results import PARITY
@@ -14,7 +15,8 @@ from safetensors.torch import save_file
 
 from clip_build.convert import convert
 from clip_build.export import build_image_encoder, build_text_encoder, export_torchscript
-from tests.parity.reference import CORPUS, cosine_min, hf_image_features, hf_text_features, top1
+from tests.parity.reference import (CORPUS, cosine_min, hf_image_features, hf_text_features, ragged_rows_of,
+                                    token_rows, top1)
 from clip_runtime.text import TextTokenizer
 from clip_build.synthetic import minilm_dir
 
@@ -61,12 +63,14 @@ def _check_family(family, weights_dir, text_src, vision_src, projection, tmp_pat
     info_t = export_torchscript(te, tmp_path / "text" / "model.pt")
     info_i = export_torchscript(ie, tmp_path / "image" / "model.pt")
     assert info_t["embed_dim"] == info_i["embed_dim"] == ref_t.shape[1]
-    assert [i["name"] for i in info_t["inputs"]] == ["input_ids", "attention_mask"]
+    assert [i["name"] for i in info_t["inputs"]] == ["input_ids", "lengths", "widths"]
     assert [i["name"] for i in info_i["inputs"]] == ["pixel_values"]
     ts_t = torch.jit.load(str(tmp_path / "text" / "model.pt"))
     ts_i = torch.jit.load(str(tmp_path / "image" / "model.pt"))
     with torch.no_grad():
-        outs = {"text (eager)": (ref_t, te(ids, mask)), "text (torchscript)": (ref_t, ts_t(ids, mask)),
+        outs = {"text (eager)": (ref_t, te(*token_rows(ids, mask))),
+                "text (torchscript)": (ref_t, ts_t(*token_rows(ids, mask))),
+                "text (ts, ragged)": (ref_t, ts_t(*ragged_rows_of(ids, mask))),
                 "image (eager)": (ref_i, ie(px)), "image (torchscript)": (ref_i, ts_i(px))}
     label = label or family
     for tower, (ref, ours) in outs.items():
@@ -158,23 +162,28 @@ def test_parity_clip_vit_b32(weights, checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["clip", "chinese_clip", "bert_vit"])
-def test_padding_to_longest_equals_padding_to_max_length(weights, family):
-    """Bucketed padding (longest, rounded to 16) gives the same embeddings as padding every text to max_length."""
+def test_padding_to_the_batch_longest_equals_padding_to_max_length(weights, family):
+    """Rows of different lengths in one ragged batch (each request padded to its own longest, the encoder padding
+    the batch to its longest row) give the same embeddings as every text padded to max_length, and as each alone."""
     w = weights(family)
     manifest = json.loads((w / "manifest.json").read_text())
     t = manifest["tokenizer"]
     texts = ["a photo of a cat", "short", "", "a somewhat longer sentence with more words in it"]
-    tok = TextTokenizer(w / "tokenizer" / "tokenizer.json", t["max_length"], t["pad_token_id"], 16)
-    ids, mask = tok.encode_batch(texts)
-    assert ids.shape[1] == 16 < t["max_length"]
+    tok = TextTokenizer(w / "tokenizer" / "tokenizer.json", t["max_length"], t["pad_token_id"])
+    requests = [tok.encode_batch(texts[:2]), tok.encode_batch(texts[2:3]), tok.encode_batch(texts[3:])]
+    assert len({r.ids.shape[1] for r in requests}) == 3  # three widths in one batch
+    flat = torch.cat([torch.from_numpy(r.ids).reshape(-1) for r in requests])  # as Triton hands a ragged input over
+    lengths, widths = (torch.from_numpy(np.concatenate([getattr(r, n) for r in requests])) for n in ("lengths", "widths"))
     full_ids, full_mask = _tokenize(w, texts, padding="max_length")
     assert full_ids.shape[1] == t["max_length"]
     enc = build_text_encoder(w)
     with torch.no_grad():
-        short = enc(torch.from_numpy(ids), torch.from_numpy(mask))
-        full = enc(full_ids, full_mask)
-    assert torch.allclose(short, full, atol=1e-5, rtol=1e-4)
-    assert cosine_min(short, full) >= 0.999999
+        batch = enc(flat, lengths, widths)
+        full = enc(*token_rows(full_ids, full_mask))
+        alone = torch.cat([enc(*map(torch.from_numpy, tok.encode_batch([text]))) for text in texts])
+    for other in (full, alone):
+        assert torch.allclose(batch, other, atol=1e-5, rtol=1e-4)
+        assert cosine_min(batch, other) >= 0.999999
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -188,8 +197,8 @@ def test_reduced_precision_casts_inside(weights, dtype, tmp_path):
     export_torchscript(ie, tmp_path / "image.pt")
     ts = torch.jit.load(str(tmp_path / "image.pt"))
     with torch.no_grad():
-        ref_i, ref_t = build_image_encoder(w)(px), build_text_encoder(w)(ids, mask)
-        got_i, got_t, got_ts = ie(px), te(ids, mask), ts(px)
+        ref_i, ref_t = build_image_encoder(w)(px), build_text_encoder(w)(*token_rows(ids, mask))
+        got_i, got_t, got_ts = ie(px), te(*token_rows(ids, mask)), ts(px)
     for got, ref in ((got_i, ref_i), (got_t, ref_t), (got_ts, ref_i)):
         assert got.dtype == torch.float32
         assert cosine_min(ref, got) >= 0.999
@@ -204,12 +213,12 @@ def test_torchscript_loads_without_project(weights, tmp_path):
         "import sys, torch\n"
         f"t = torch.jit.load({str(tmp_path / 'text.pt')!r}); i = torch.jit.load({str(tmp_path / 'image.pt')!r})\n"
         "for b, l in ((1, 5), (3, 16), (2, 77)):\n"
-        "    ids = torch.randint(0, 49406, (b, l)); ids[:, -1] = 49407\n"
-        "    assert t(ids, torch.ones(b, l, dtype=torch.long)).shape == (b, 24)\n"
+        "    ids = torch.randint(0, 49406, (b * l,)); rows = torch.full((b, 1), l)\n"
+        "    assert t(ids, rows, rows).shape == (b, 24)\n"
         "for b in (1, 4):\n"
         "    assert i(torch.randn(b, 3, 32, 32)).shape == (b, 24)\n"
         "assert t.forward.schema.arguments[1].name == 'input_ids', t.forward.schema\n"
-        "assert t.forward.schema.arguments[2].name == 'attention_mask'\n"
+        "assert [a.name for a in t.forward.schema.arguments[2:]] == ['lengths', 'widths']\n"
         "assert i.forward.schema.arguments[1].name == 'pixel_values'\n"
         "assert not any(m.startswith(('clip_build', 'transformers')) for m in sys.modules)\n"
         "print('ok')\n"

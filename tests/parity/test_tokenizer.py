@@ -1,4 +1,4 @@
-"""clip_runtime.text.TextTokenizer: token ids identical to the HF tokenizer, bucketed padding, UTF-8 errors."""
+"""clip_runtime.text.TextTokenizer: token ids identical to the HF tokenizer, padding to the longest, UTF-8 errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tests.parity.reference import CORPUS
 from clip_runtime.errors import InvalidInputError
-from clip_runtime.text import TextTokenizer, decode_text, padded_length
+from clip_runtime.text import TextTokenizer, decode_text
 
 EXTRA = [
     "a", "A", "don't you'll we've it's", "e-mail: someone@example.com, url https://x.org/a?b=c#d",
@@ -30,22 +30,23 @@ def _pair(weights_dir):
     from transformers import AutoTokenizer
 
     t = json.loads((weights_dir / "manifest.json").read_text())["tokenizer"]
-    ours = TextTokenizer(weights_dir / t["dir"] / "tokenizer.json", t["max_length"], t["pad_token_id"], 16)
+    ours = TextTokenizer(weights_dir / t["dir"] / "tokenizer.json", t["max_length"], t["pad_token_id"])
     hf = AutoTokenizer.from_pretrained(str(weights_dir / t["dir"]))
     return ours, hf, t["max_length"]
 
 
 def _assert_same(ours, hf, max_length, texts):
-    ids, mask = ours.encode_batch(texts)
+    ids, lengths, widths = ours.encode_batch(texts)
     ref = hf(texts, truncation=True, max_length=max_length)
     longest = max(len(r) for r in ref["input_ids"])
-    assert ids.dtype == mask.dtype == np.int64
-    assert ids.shape == mask.shape == (len(texts), padded_length(longest, 16, max_length))
+    assert ids.dtype == lengths.dtype == widths.dtype == np.int64
+    assert ids.shape == (len(texts), longest) and widths.tolist() == [[longest]] * len(texts)
+    assert lengths.tolist() == [[len(r)] for r in ref["input_ids"]]
     for i, (r_ids, r_mask) in enumerate(zip(ref["input_ids"], ref["attention_mask"])):
         n = len(r_ids)
         assert ids[i, :n].tolist() == r_ids, texts[i]
-        assert mask[i, :n].tolist() == r_mask
-        assert (mask[i, n:] == 0).all() and (ids[i, n:] == ours.pad_token_id).all()
+        assert r_mask == [1] * n
+        assert (ids[i, n:] == ours.pad_token_id).all()
 
 
 @pytest.mark.parametrize("family", ["clip", "chinese_clip", "bert_vit"])
@@ -58,18 +59,18 @@ def test_ids_match_hf_on_varied_corpus(weights, family):
 
 def test_clip_uses_real_vocabulary(weights):
     ours, _, _ = _pair(weights("clip"))
-    ids, mask = ours.encode_batch(["a photo of a cat"])
-    assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]  # OpenAI CLIP's ids
-    assert ids.shape == (1, 16) and mask.sum() == 7
+    ids, lengths, _ = ours.encode_batch(["a photo of a cat"])
+    assert ids.tolist() == [[49406, 320, 1125, 539, 320, 2368, 49407]]  # OpenAI CLIP's ids
+    assert lengths.tolist() == [[7]]
 
 
 def test_truncation_keeps_special_tokens(weights):
     ours, hf, max_length = _pair(weights("clip"))
-    ids, mask = ours.encode_batch(["word " * 200])
+    ids, lengths, _ = ours.encode_batch(["word " * 200])
     assert ids.shape == (1, max_length) == (1, 77)
-    assert ids[0, 0] == 49406 and ids[0, -1] == 49407 and mask.all()
+    assert ids[0, 0] == 49406 and ids[0, -1] == 49407 and lengths.tolist() == [[77]]
     ours_b, _, max_b = _pair(weights("bert_vit"))
-    ids, _ = ours_b.encode_batch(["word " * 200])
+    ids, _, _ = ours_b.encode_batch(["word " * 200])
     assert ids.shape == (1, max_b) and ids[0, 0] == 101 and ids[0, -1] == 102  # [CLS] ... [SEP]
 
 
@@ -90,14 +91,6 @@ def _pair_cached(weights_dir):
     return _CACHE[weights_dir]
 
 
-@pytest.mark.parametrize("longest,multiple,cap,expected", [
-    (1, 16, 77, 16), (16, 16, 77, 16), (17, 16, 77, 32), (70, 16, 77, 77), (77, 16, 77, 77), (5, 1, 77, 5),
-    (0, 16, 77, 1),
-])
-def test_padded_length(longest, multiple, cap, expected):
-    assert padded_length(longest, multiple, cap) == expected
-
-
 def test_decode_text():
     assert decode_text("héllo".encode()) == "héllo"
     assert decode_text(np.array([b"abc"], dtype=object)[0]) == "abc"
@@ -110,12 +103,12 @@ def test_decode_text():
 
 def test_encode_bytes_and_empty_batch(weights):
     ours, _, _ = _pair(weights("clip"))
-    ids, mask = ours.encode_bytes([b"a photo", "日本".encode()])
-    assert ids.shape == (2, 16)
+    ids, lengths, widths = ours.encode_bytes([b"a photo", "日本".encode()])
+    assert ids.shape == (2, int(lengths.max())) and widths.tolist() == [[ids.shape[1]]] * 2
     with pytest.raises(InvalidInputError):
         ours.encode_bytes([b"ok", b"\xc3\x28"])
-    ids, mask = ours.encode_batch([])
-    assert ids.shape == (0, 0)
+    ids, lengths, widths = ours.encode_batch([])
+    assert ids.shape == (0, 1) and lengths.shape == widths.shape == (0, 1)
 
 
 def test_runtime_never_imports_torch():

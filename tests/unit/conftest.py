@@ -45,7 +45,7 @@ def manifest() -> dict:
         "logit_scale": 2.692267656326294,
         "text": {"arch": "clip_text", "pooling": "eot"},
         "vision": {"arch": "vit"},
-        "tokenizer": {"dir": "tokenizer", "max_length": 77, "pad_token_id": 0, "pad_to_multiple_of": 16},
+        "tokenizer": {"dir": "tokenizer", "max_length": 77, "pad_token_id": 0},
         "image": {"size": 32, "crop_size": 32, "shortest_edge": 32, "resize_mode": "shortest_edge", "resize_size": 32,
                   "do_center_crop": True, "resample": 3, "mean": [0.48145466, 0.4578275, 0.40821073],
                   "std": [0.26862954, 0.26130258, 0.27577711], "rescale_factor": 1 / 255, "do_resize": True,

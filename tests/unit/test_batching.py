@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from clip_build.modules.layers import ragged_rows
 from clip_runtime.batching import execute_batched, execute_each, request_items
 from clip_runtime.errors import InvalidInputError
 from clip_server.backend_dir import RUNNER_SOURCE
@@ -126,15 +127,27 @@ class _Sum(torch.nn.Module):
         return (input_ids * attention_mask).sum(dim=1, keepdim=True).float()  # (B, 1)
 
 
-def _runner(pb, tmp_path, max_batch_size=8, kind="CPU"):
+class _RowSums(torch.nn.Module):
+    """The text encoder's input contract (a ragged batch of token rows) -> each row's sum of tokens."""
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+        ids, mask = ragged_rows(input_ids, lengths, widths, 8)  # (B, T) each
+        return (ids * mask).sum(dim=1, keepdim=True).float()  # (B, 1)
+
+
+def _runner(pb, tmp_path, max_batch_size=8, kind="CPU", ragged=False):
     version = tmp_path / "1"
     version.mkdir(exist_ok=True)
-    torch.jit.script(_Sum()).save(str(version / "model.pt"))
+    torch.jit.script(_RowSums() if ragged else _Sum()).save(str(version / "model.pt"))
+    names = ["input_ids", "lengths"] if ragged else ["input_ids", "attention_mask"]
     config = {"max_batch_size": max_batch_size, "default_model_filename": "model.pt",
-              "input": [{"name": "input_ids", "data_type": "TYPE_INT64"},
-                        {"name": "attention_mask", "data_type": "TYPE_INT64"}],
+              "input": [{"name": n, "data_type": "TYPE_INT64", "allow_ragged_batch": ragged and n == "input_ids"}
+                        for n in names],
               "output": [{"name": "sum__0", "data_type": "TYPE_FP32"}],
               "parameters": {"INFERENCE_MODE": {"string_value": "true"}}}
+    if ragged:  # as Triton's JSON of clip_build's text_encoder config
+        config["batch_input"] = [{"kind": "BATCH_ITEM_SHAPE", "target_name": ["widths"], "data_type": "TYPE_INT32",
+                                  "source_input": ["input_ids"]}]
     spec = importlib.util.spec_from_file_location("runner_under_test", RUNNER_SOURCE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -225,3 +238,79 @@ def test_runner_takes_inputs_through_dlpack_as_the_numpy_path_would(pb, tmp_path
         "attention_mask", mask.astype(np.int32))}, _req(input_ids=ids[:1], attention_mask=mask[:1])])  # mixed, cast
     assert [r.outputs["sum__0"].tolist() for r in device] == [r.outputs["sum__0"].tolist() for r in host]
     assert [r.outputs["sum__0"].tolist() for r in host] == [[[3.0], [4.0]], [[3.0]]]
+
+
+# ---------------------------------------------------------------------------------------------- ragged batches
+def _rows(ids, lengths):
+    return _req(input_ids=np.array(ids, np.int64), lengths=np.array(lengths, np.int64).reshape(-1, 1))
+
+
+def test_runner_passes_ragged_inputs_as_libtorch_does(pb, tmp_path):
+    """libtorch.cc (r24.10, SetInputTensors): a ragged input is ONE 1-D tensor, the requests' buffers flattened and
+    concatenated in request order; other inputs [total batch, ...]; the BATCH_ITEM_SHAPE batch input [total batch,
+    ndims - 1] in its config dtype (backend_input_collector.cc, SetBatchItemShape); outputs split back by each
+    request's batch size. Requests of different lengths share one forward."""
+    model = _runner(pb, tmp_path, ragged=True)
+    seen = []
+    scripted = model.model
+    model.model = lambda *args: seen.append([a.clone() for a in args]) or scripted(*args)
+    a = _rows([[1, 2, 3]], [2])
+    b = _rows([[4, 5], [6, 0]], [2, 1])
+    c = _rows([[7, 8, 9, 10], [1, 1, 0, 0]], [4, 2])
+    out = model.execute([a, b, c])
+    assert len(seen) == 1  # one forward for three lengths
+    ids, lengths, widths = seen[0]
+    assert ids.tolist() == [1, 2, 3, 4, 5, 6, 0, 7, 8, 9, 10, 1, 1, 0, 0]  # 1-D, request order, row-major
+    assert lengths.tolist() == [[2], [2], [1], [4], [2]] and widths.tolist() == [[3], [2], [2], [4], [4]]
+    assert widths.dtype == torch.int32 and lengths.dtype == torch.int64
+    assert [o.outputs["sum__0"].tolist() for o in out] == [[[3.0]], [[9.0], [6.0]], [[34.0], [2.0]]]
+    alone = [model.execute([r])[0].outputs["sum__0"].tolist() for r in (a, b, c)]
+    assert alone == [o.outputs["sum__0"].tolist() for o in out]
+
+
+def test_runner_checks_the_rows_forward_returns(pb, tmp_path):
+    """An output without one row per batch row cannot be split back: that batch fails, each request is retried
+    alone (clip_runtime.batching), nothing is misattributed."""
+    model = _runner(pb, tmp_path, ragged=True)
+    model.model = lambda ids, lengths, widths: torch.zeros(1, 1)  # always one row
+    one, two = model.execute([_rows([[1]], [1]), _rows([[1], [2]], [1, 1])])
+    assert one.outputs["sum__0"].tolist() == [[0.0]]
+    assert two.error.code == "INTERNAL" and "returned shape [1, 1] for a batch of 2" in FakeLogger.errors[-1]
+
+
+def test_ragged_rows_repads_to_the_longest_row():
+    flat = torch.tensor([5, 6, 0, 7, 0, 0, 8, 9, 4])  # rows [5 6 .] [7 . .] (width 3) then [8 9 4] (width 3)
+    ids, mask = ragged_rows(flat, torch.tensor([[2], [1], [3]]), torch.tensor([[3], [3], [3]]), 77)
+    assert ids.tolist() == [[5, 6, 0], [7, 0, 0], [8, 9, 4]] and mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
+    ids, mask = ragged_rows(torch.tensor([1, 2, 0, 0, 3, 0, 0, 0]), torch.tensor([2, 1]), torch.tensor([4, 4]), 77)
+    assert ids.tolist() == [[1, 2], [3, 0]] and mask.tolist() == [[1, 1], [1, 0]]  # T = 2, not the widths' 4
+    ids, _ = ragged_rows(torch.arange(1, 11), torch.tensor([10]), torch.tensor([10]), 4)
+    assert ids.tolist() == [[1, 2, 3, 4]]  # cut to the position table
+
+
+@pytest.mark.parametrize("flat,lengths,widths", [
+    ([1, 2, 3], [5, 5], [2, 2]),  # lengths over widths
+    ([1, 2, 3], [2, 2], [10**15, 10**15]),  # widths whose sum is far past the ids
+    ([1, 2, 3], [-4, 2], [-1, -9]),  # negative counts
+    ([], [3, 1], [3, 1]),  # no ids at all
+    ([1, 2, 3], [], []),  # no rows
+    ([1, 2, 3], [2, 2, 2], [1]),  # fewer widths than rows
+    ([1, 2, 3], [10**18], [10**18]),
+])
+def test_ragged_rows_takes_any_values(flat, lengths, widths):
+    """No value Triton accepts for input_ids, lengths, widths makes the re-padding raise or read out of range."""
+    ids, mask = ragged_rows(torch.tensor(flat, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64),
+                            torch.tensor(widths, dtype=torch.int64), 77)
+    assert ids.shape == mask.shape and ids.shape[0] == len(lengths) and 1 <= ids.shape[1] <= 77
+    assert set(ids[mask == 1].tolist()) <= set(flat) and (ids[mask == 0] == 0).all()
+
+
+def test_runner_refuses_batch_inputs_it_cannot_make(pb, tmp_path):
+    model = _runner(pb, tmp_path, ragged=True)
+    config = {"max_batch_size": 8, "input": [{"name": "input_ids", "data_type": "TYPE_INT64"}],
+              "output": [{"name": "sum__0", "data_type": "TYPE_FP32"}],
+              "batch_input": [{"kind": "BATCH_ELEMENT_COUNT", "target_name": ["n"], "data_type": "TYPE_INT32",
+                               "source_input": ["input_ids"]}]}
+    with pytest.raises(pb.TritonModelException, match="batch_input kind BATCH_ELEMENT_COUNT is not supported"):
+        type(model)().initialize({"model_config": json.dumps(config), "model_repository": str(tmp_path),
+                                  "model_version": "1", "model_name": "summer"})

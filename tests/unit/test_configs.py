@@ -6,6 +6,7 @@ import pytest
 
 from clip_build.preprocess_plan import plan_preprocessing
 from clip_build.repository import generate_configs, image_parameters, info_payload
+from clip_build.tuning import encoder_tuning
 from clip_common import contract as C
 from clip_runtime.params import read_parameters
 from tests.configs import parameters, parse_config
@@ -17,15 +18,20 @@ def _tensors(protos) -> list[tuple]:
     return [(t.name, model_config_type(t.data_type), tuple(t.dims), getattr(t, "optional", False)) for t in protos]
 
 
-def model_config_type(code: int) -> str:
-    from tritonclient.grpc import model_config_pb2
+def model_config_pb2():
+    from tritonclient.grpc import model_config_pb2 as pb2
 
-    return model_config_pb2.DataType.Name(code)
+    return pb2
+
+
+def model_config_type(code: int) -> str:
+    return model_config_pb2().DataType.Name(code)
 
 
 @pytest.mark.parametrize("kind,count,mbs", [("cpu", 1, 64), ("gpu", 2, 16)])
 def test_configs_follow_the_contract(manifest, kind, count, mbs):
-    configs = generate_configs(manifest, instance_kind=kind, instance_count=count, max_batch_size=mbs)
+    configs = generate_configs(manifest, instance_kind=kind, max_batch_size=mbs,
+                               tuning=encoder_tuning(kind, 2, mbs, instances=count))
     plan = plan_preprocessing(kind)  # the auto rule: what generate_configs uses when given no plan
     counts = {C.PreprocessImage.NAME: plan.image_instances, C.PreprocessText.NAME: plan.text_instances}
     assert set(configs) == set(C.MODELS)
@@ -35,6 +41,10 @@ def test_configs_follow_the_contract(manifest, kind, count, mbs):
         assert cfg.name == name
         assert cfg.max_batch_size == (mbs if spec.batching else 0), name
         assert _tensors(cfg.input) == [(t.name, TYPE_OF[t.dtype], t.resolve(sizes), t.optional) for t in spec.inputs]
+        assert [t.allow_ragged_batch for t in cfg.input] == [t.ragged for t in spec.inputs], name
+        assert [(model_config_pb2().BatchInput.Kind.Name(b.kind), tuple(b.target_name), model_config_type(b.data_type),
+                 tuple(b.source_input)) for b in cfg.batch_input] == [
+            (b.kind, (b.target,), TYPE_OF[b.dtype], (b.source,)) for b in spec.batch_inputs], name
         assert _tensors(cfg.output) == [(t.name, TYPE_OF[t.dtype], t.resolve(sizes), False) for t in spec.outputs]
         if spec.kind == "ensemble":
             assert cfg.platform == "ensemble"
@@ -80,8 +90,7 @@ def test_naming_levels():
 
 
 def test_parameters_parse_back(manifest):
-    configs = generate_configs(manifest, instance_kind="gpu", instance_count=2, max_batch_size=16,
-                               limits={"max_pixels": 1234})
+    configs = generate_configs(manifest, instance_kind="gpu", max_batch_size=16, limits={"max_pixels": 1234})
     image = read_parameters(parameters(configs["preprocess_image"]), ["max_pixels", "max_items_per_request",
                                                                      "image_size", "crop_size", "image_mean"])
     assert image == {"max_pixels": 1234, "max_items_per_request": 16, "image_size": 32, "crop_size": 32,
@@ -95,10 +104,8 @@ def test_parameters_parse_back(manifest):
 
 
 def test_tuning_knobs_reach_the_configs(manifest):
-    configs = generate_configs(manifest, limits={"pad_to_multiple_of": "8", "default_top_k": 3, "decode_threads": 0,
-                                                 "jpeg_draft_gap": 4, "allowed_formats": ["png", "JPG"]})
-    text = read_parameters(parameters(configs["preprocess_text"]), ["pad_to_multiple_of"])
-    assert text == {"pad_to_multiple_of": 8}  # the --limit wins over the manifest's 16
+    configs = generate_configs(manifest, limits={"default_top_k": 3, "decode_threads": 0, "jpeg_draft_gap": 4,
+                                                 "allowed_formats": ["png", "JPG"]})
     image = read_parameters(parameters(configs["preprocess_image"]), ["decode_threads", "jpeg_draft_gap", "allowed_formats"])
     assert image == {"decode_threads": 0, "jpeg_draft_gap": 4.0, "allowed_formats": ["png", "JPG"]}
     post = read_parameters(parameters(configs["postprocess"]), ["default_top_k", "logit_scale"])
@@ -155,3 +162,40 @@ def test_every_batching_model_has_a_bounded_queue_policy(manifest):
         assert policy.allow_timeout_override, name
     defaults = parse_config(generate_configs(manifest)[C.ImageEncoder.NAME]).dynamic_batching.default_queue_policy
     assert defaults.max_queue_size > 0 and defaults.default_timeout_microseconds > 0
+
+
+def _batching(config: str) -> tuple:
+    cfg = parse_config(config)
+    (group,) = cfg.instance_group
+    threads = read_parameters(parameters(config), ["INTRA_OP_THREAD_COUNT"])["INTRA_OP_THREAD_COUNT"]
+    return (group.count, threads, tuple(cfg.dynamic_batching.preferred_batch_size),
+            cfg.dynamic_batching.max_queue_delay_microseconds)
+
+
+@pytest.mark.parametrize("cores,text,image", [
+    (2, (1, 2, (8,), 30000), (2, 1, (4,), 30000)),  # measured: docs/benchmarks.md, "Batching defaults"
+    (1, (1, 1, (8,), 30000), (1, 1, (4,), 30000)),
+    (16, (1, 16, (8,), 30000), (2, 8, (4,), 30000)),
+])
+def test_cpu_batching_defaults_follow_the_core_count(manifest, cores, text, image):
+    configs = generate_configs(manifest, tuning=encoder_tuning("cpu", cores))
+    assert _batching(configs[C.TextEncoder.NAME]) == text
+    assert _batching(configs[C.ImageEncoder.NAME]) == image
+    assert _batching(configs[C.PreprocessText.NAME])[2:] == ((4, 8, 16, 32, 64), 1000)  # the preprocessors keep theirs
+
+
+def test_gpu_defaults_and_overrides(manifest):
+    gpu = generate_configs(manifest, instance_kind="gpu", tuning=encoder_tuning("gpu", 16))
+    for name in C.ENCODERS:
+        assert _batching(gpu[name]) == (2, 1, (), 2000)
+    tuned = encoder_tuning("cpu", 2, 16, instances=3, threads=0, preferred=[16, 2, 2], queue_delay_us=500)
+    configs = generate_configs(manifest, max_batch_size=16, tuning=tuned)
+    for name in C.ENCODERS:
+        assert _batching(configs[name]) == (3, 0, (2, 16), 500)
+    assert _batching(generate_configs(manifest, max_batch_size=4, tuning=encoder_tuning("cpu", 2, 4))[
+        C.TextEncoder.NAME])[2] == ()  # preferred sizes over max_batch_size are dropped
+    every = generate_configs(manifest, max_queue_delay_us=2000)
+    assert {_batching(every[n])[3] for n in C.MODELS if C.MODELS[n].batching} == {2000}
+    for bad in ({"instances": 0}, {"threads": -1}, {"preferred": [65]}, {"queue_delay_us": -1}):
+        with pytest.raises(ValueError):
+            encoder_tuning("cpu", 2, 64, **bad)

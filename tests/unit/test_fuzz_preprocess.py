@@ -89,17 +89,17 @@ def test_mutated_images(data):
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_json):
-    return TextTokenizer(tokenizer_json, max_length=128, pad_token_id=0, pad_to_multiple_of=16)
+    return TextTokenizer(tokenizer_json, max_length=128, pad_token_id=0)
 
 
 def _check_text_bytes(tok: TextTokenizer, data: bytes, max_bytes: int = 1024) -> None:
     try:
-        ids, mask = tok.encode_bytes([data], max_bytes=max_bytes)
+        ids, lengths, widths = tok.encode_bytes([data], max_bytes=max_bytes)
     except InvalidInputError as exc:
         assert str(exc)
         return
-    assert ids.shape == mask.shape and ids.shape[0] == 1 and 2 <= ids.shape[1] <= tok.max_length
-    assert mask[0, :2].all()  # at least BOS + EOS
+    assert ids.shape[0] == 1 and 2 <= ids.shape[1] <= tok.max_length
+    assert lengths.tolist() == widths.tolist() == [[ids.shape[1]]]  # one text: no padding; at least BOS + EOS
 
 
 @FUZZ
@@ -112,8 +112,9 @@ def test_random_bytes_text(tokenizer, data):
 @given(st.text(max_size=400))
 def test_random_strings_text(tokenizer, text):
     _check_text_bytes(tokenizer, text.encode("utf-8"))
-    ids, _ = tokenizer.encode_batch([text, "x"])
-    assert ids.shape[1] <= tokenizer.max_length
+    ids, lengths, widths = tokenizer.encode_batch([text, "x"])
+    assert ids.shape[1] <= tokenizer.max_length and widths.tolist() == [[ids.shape[1]]] * 2
+    assert lengths.max() == ids.shape[1] and (ids[1, lengths[1, 0]:] == tokenizer.pad_token_id).all()
 
 
 @FUZZ
@@ -126,8 +127,8 @@ def test_strings_with_surrogates_are_typed_errors(text):
 
 
 def test_text_limits_and_empty(tokenizer):
-    ids, mask = tokenizer.encode_bytes([b""])  # empty text is valid: BOS, EOS (as the HF tokenizer)
-    assert mask.sum() == 2
+    rows = tokenizer.encode_bytes([b""])  # empty text is valid: BOS, EOS (as the HF tokenizer)
+    assert rows.lengths.tolist() == [[2]]
     with pytest.raises(InvalidInputError, match="more than the limit of 10"):
         decode_text(b"x" * 11, 10)
     with pytest.raises(InvalidInputError, match="lone surrogate"):

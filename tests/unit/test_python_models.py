@@ -16,6 +16,7 @@ from PIL import Image
 
 from clip_build.preprocess_plan import plan_preprocessing
 from clip_build.repository import generate_configs, template_dir
+from clip_common.contract import PreprocessText as PT
 from tests.configs import config_json
 from tests.unit.fake_triton import FakeTensor as _Tensor
 
@@ -75,18 +76,26 @@ def test_preprocess_image_gpu_decode_fails_the_load_clearly(pb, manifest, tmp_pa
               model_instance_device_id="0")
 
 
-def test_preprocess_text_one_length_per_execute(pb, manifest, tokenizer_json, tmp_path):
+def test_preprocess_text_rows_lengths_and_widths(pb, manifest, tokenizer_json, tmp_path):
+    """One tokenisation per execute, padded to its longest text (no bucket rounding); each row says its token count,
+    so the encoder can batch rows of any length."""
     version = tmp_path / "1"
     version.mkdir()
     shutil.copy(tokenizer_json, version / "tokenizer.json")
     model = _load("preprocess_text", manifest, version)
+    long = "a much longer sentence with quite a few more words in it"
     requests = [_bytes_req("TEXT", [b"a cat"]), _bytes_req("TEXT", [b"ok", b"\xc3\x28 bad"]),
-                _bytes_req("TEXT", ["a much longer sentence with quite a few more words in it".encode()] * 2)]
+                _bytes_req("TEXT", [long.encode()] * 2)]
     out = model.execute(requests)
     assert out[1].error.message.startswith("text 1: ")
-    ids0, ids2 = out[0].outputs["INPUT_IDS"], out[2].outputs["INPUT_IDS"]
-    assert ids0.shape[1] == ids2.shape[1] and ids0.shape[1] % 16 == 0
-    assert ids0.dtype == np.int64 and out[0].outputs["ATTENTION_MASK"][0].sum() < out[2].outputs["ATTENTION_MASK"][0].sum()
+    assert set(out[0].outputs) == {PT.INPUT_IDS, PT.LENGTHS}  # the widths come from Triton (BATCH_ITEM_SHAPE)
+    (ids0, len0), (ids2, len2) = ([out[r].outputs[n] for n in (PT.INPUT_IDS, PT.LENGTHS)] for r in (0, 2))
+    assert ids0.dtype == len0.dtype == np.int64
+    assert len0.tolist() == [[4]] and len2.tolist() == [[14], [14]]  # [CLS] a cat [SEP]; the long one
+    assert ids0.shape == (1, 14) and ids2.shape == (2, 14)
+    assert (ids0[0, 4:] == manifest["tokenizer"]["pad_token_id"]).all()
+    alone = model.execute([_bytes_req("TEXT", [b"a cat"])])[0].outputs
+    assert alone[PT.INPUT_IDS].tolist() == ids0[:, :4].tolist()
 
 
 def test_postprocess_default_top_k_and_bad_k(pb, manifest, tmp_path):

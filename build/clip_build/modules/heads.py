@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .layers import ragged_rows
+
 
 class TextEncoder(nn.Module):
-    """(input_ids, attention_mask) int64 (B, L) -> unnormalised text embeddings float32 (B, D)."""
+    """A ragged batch of token rows (layers.ragged_rows) -> unnormalised text embeddings float32 (B, D).
+
+    input_ids: the rows' ids back to back (any shape: an (N, L) padded batch, or the 1-D ragged batch Triton makes);
+    lengths, widths: int64 (B,) or (B, 1), tokens per row and each row's width in input_ids. The batch is padded to
+    its longest row: masked positions change neither CLIP's EOT pooling nor BERT's masked pooling.
+    """
 
     def __init__(self, text: nn.Module, hidden: int, projection_dim: int, dtype_name: str = "fp32"):
         super().__init__()
@@ -14,9 +21,11 @@ class TextEncoder(nn.Module):
         self.text_projection = nn.Linear(hidden, projection_dim, bias=False)
         self.embed_dim = projection_dim
         self.dtype_name = dtype_name
+        self.max_positions: int = text.max_positions
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        pooled = self.text(input_ids, attention_mask)  # (B, H)
+    def forward(self, input_ids: Tensor, lengths: Tensor, widths: Tensor) -> Tensor:
+        ids, mask = ragged_rows(input_ids, lengths, widths, self.max_positions)  # (B, T) each
+        pooled = self.text(ids, mask)  # (B, H)
         return self.text_projection(pooled).float()  # (B, D)
 
 

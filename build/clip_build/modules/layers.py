@@ -49,6 +49,42 @@ def clean_tokens(input_ids: Tensor, attention_mask: Tensor, vocab: int, max_posi
     return ids, mask
 
 
+def _per_row(values: Tensor, rows: int, high: int) -> Tensor:
+    """The first `rows` values of any-shaped int tensor, clamped to [0, high]; missing ones are 0. (rows,) int64."""
+    flat = values.reshape(-1)[:rows].to(torch.int64).clamp(0, high)
+    out = torch.zeros(rows, dtype=torch.int64, device=values.device)  # (rows,)
+    out[:flat.shape[0]] = flat
+    return out
+
+
+def ragged_rows(input_ids: Tensor, lengths: Tensor, widths: Tensor, max_positions: int) -> Tuple[Tensor, Tensor]:
+    """A ragged batch of token rows -> ids and a 0/1 mask, both int64 (B, T), T = the longest row, 1..max_positions.
+
+    input_ids holds the rows back to back in any shape (the libtorch backend hands a ragged input over as ONE 1-D
+    tensor: every request's [n, L] buffer flattened, in request order); row r takes widths[r] entries, of which the
+    first lengths[r] are tokens. B = rows of `lengths` (B or B x 1). Positions past a row's length are 0 with mask 0.
+
+    Whatever a caller sends (negative or huge counts, lengths over widths, widths whose sum is not input_ids' size,
+    fewer widths than lengths, no rows): nothing is read out of range and nothing raises.
+    """
+    flat = input_ids.reshape(-1)
+    total = flat.shape[0]
+    B = lengths.shape[0]
+    width = _per_row(widths, B, total)  # (B,)
+    length = torch.minimum(_per_row(lengths, B, max_positions), width)  # (B,)
+    T = 1
+    if B > 0:
+        T = max(1, int(length.max()))
+    start = torch.cumsum(width, 0) - width  # (B,) where each row begins in flat
+    pos = torch.arange(T, device=flat.device)  # (T,)
+    index = start.view(B, 1) + pos.view(1, T)  # (B, T)
+    keep = (pos.view(1, T) < length.view(B, 1)) & (index < total)  # (B, T)
+    ids = torch.zeros((B, T), dtype=torch.int64, device=flat.device)  # (B, T)
+    if total > 0:
+        ids = torch.where(keep, flat.to(torch.int64)[index.clamp(0, total - 1)], ids)
+    return ids, keep.to(torch.int64)
+
+
 class MLP(nn.Module):
     """fc1 -> activation -> fc2."""
 

@@ -166,12 +166,12 @@ def fp32_reference(weights: Path, manifest: dict, images: list[bytes], texts: li
 
     tok = manifest["tokenizer"]
     tokenizer = TextTokenizer(weights / (tok.get("dir") or "tokenizer") / "tokenizer.json", int(tok["max_length"]),
-                              int(tok["pad_token_id"]), int(tok.get("pad_to_multiple_of") or 16))
-    ids, mask = tokenizer.encode_batch(texts)  # (N, L) int64 each
+                              int(tok["pad_token_id"]))
+    rows = tokenizer.encode_batch(texts)  # (N, L), (N, 1), (N, 1) int64
     pixels = ImagePreprocessor(image_config_for(manifest))(images)  # (N, 3, S, S) float32
     with torch.inference_mode():
         image = build_image_encoder(weights, "fp32")(torch.from_numpy(pixels))  # (N, D)
-        text = build_text_encoder(weights, "fp32")(torch.from_numpy(ids), torch.from_numpy(mask))  # (N, D)
+        text = build_text_encoder(weights, "fp32")(*map(torch.from_numpy, rows))  # (N, D)
     return {"image": image.numpy(), "text": text.numpy()}
 
 
@@ -211,8 +211,8 @@ def measure_towers(repo: Path, device: str, plan: Plan, vocab_size: int) -> dict
     out["text_per_s"] = {}
     for length in plan.text_lengths:
         ids = torch.randint(1, vocab_size, (plan.tower_batch, length), device=dev)  # (B, L)
-        mask = torch.ones_like(ids)  # (B, L)
-        out["text_per_s"][length] = _rate(model, (ids, mask), plan.tower_batch, plan.tower_iters, dev)
+        rows = torch.full((plan.tower_batch, 1), length, device=dev)  # (B, 1): lengths = widths = L
+        out["text_per_s"][length] = _rate(model, (ids, rows, rows), plan.tower_batch, plan.tower_iters, dev)
     del model, pixels
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -1,4 +1,5 @@
-"""preprocess_text: TEXT bytes [N, 1] -> INPUT_IDS, ATTENTION_MASK int64 [N, L] (one padded length per execute)."""
+"""preprocess_text: TEXT bytes [N, 1] -> INPUT_IDS int64 [N, L] (padded to the execute's longest text) and LENGTHS
+int64 [N, 1] (tokens per row): text_encoder batches rows of any length together (ragged input_ids)."""
 
 import os
 
@@ -9,19 +10,18 @@ from clip_runtime.batching import execute_batched, request_items
 from clip_runtime.params import read_parameters
 from clip_runtime.text import TextTokenizer, decode_texts
 
-PARAMS = ("tokenizer_file", "max_length", "pad_token_id", "pad_to_multiple_of", "max_text_bytes",
-          "max_items_per_request")
+PARAMS = ("tokenizer_file", "max_length", "pad_token_id", "max_text_bytes", "max_items_per_request")
 
 
 class TritonPythonModel:
-    """Tokenise the texts of all requests together, then split the [N, L] arrays back per request."""
+    """Tokenise the texts of all requests together, then split the rows back per request."""
 
     def initialize(self, args):
         self.logger = pb_utils.Logger
         p = read_parameters(args["model_config"], PARAMS)
         here = os.path.join(args["model_repository"], args["model_version"])
         self.tokenizer = TextTokenizer(os.path.join(here, p["tokenizer_file"]), max_length=p["max_length"],
-                                       pad_token_id=p["pad_token_id"], pad_to_multiple_of=p["pad_to_multiple_of"])
+                                       pad_token_id=p["pad_token_id"])
         self.max_bytes = p["max_text_bytes"]
         self.max_items = p["max_items_per_request"]
 
@@ -34,5 +34,5 @@ class TritonPythonModel:
             label="text", logger=self.logger)
 
     def _tokenize(self, texts):
-        ids, mask = self.tokenizer.encode_batch(texts)  # int64 (M, L) each, one call for the whole execute
-        return {M.INPUT_IDS: ids, M.ATTENTION_MASK: mask}
+        rows = self.tokenizer.encode_batch(texts)  # one call for the whole execute: (M, L), (M, 1)
+        return {M.INPUT_IDS: rows.ids, M.LENGTHS: rows.lengths}
