@@ -87,11 +87,11 @@ def test_cli_build_limits_are_checked(weights, tmp_path, caplog):
     assert '"1000"' in (out / "preprocess_image" / "config.pbtxt").read_text()
     tuning = read_info(out)["encoders"]  # the defaults for 6 cores, the options given over them
     assert tuning["text_encoder"] == {"instances": 3, "threads": 6, "preferred": [2, 16], "queue_delay_us": 30000}
-    assert tuning["image_encoder"] == {"instances": 3, "threads": 3, "preferred": [2, 16], "queue_delay_us": 30000}
+    assert tuning["image_encoder"] == {"instances": 3, "threads": 6, "preferred": [2, 16], "queue_delay_us": 30000}
     image = parse_config((out / "image_encoder" / "config.pbtxt").read_text())
     assert image.instance_group[0].count == 3 and list(image.dynamic_batching.preferred_batch_size) == [2, 16]
     assert read_parameters(parameters((out / "image_encoder" / "config.pbtxt").read_text()),
-                           ["INTRA_OP_THREAD_COUNT"]) == {"INTRA_OP_THREAD_COUNT": 3}
+                           ["INTRA_OP_THREAD_COUNT"]) == {"INTRA_OP_THREAD_COUNT": 6}
     info = json.loads((out / "clip_info" / "1" / "info.json").read_text())
     assert info["limits"]["max_pixels"] == 1000 and info["limits"]["allowed_formats"] == ["PNG"]
     assert info["max_items_per_request"] == 8 and info["model_id"] in (out / "postprocess" / "config.pbtxt").read_text()
