@@ -23,6 +23,7 @@ class EncoderTuning:
     queue_delay_us: int  # dynamic_batching max_queue_delay_microseconds
 
     def as_dict(self) -> dict:
+        """JSON-ready fields."""
         return {**asdict(self), "preferred": list(self.preferred)}
 
 
@@ -30,8 +31,9 @@ def default_tuning(instance_kind: str, cores: int, max_batch_size: int) -> dict[
     """Encoder name -> its defaults for `instance_kind` ("cpu" | "gpu") on a machine with `cores` cores."""
     cores = max(1, int(cores))
     if instance_kind == "gpu":
-        # Two instances (two processes, two CUDA streams) so one uploads and batches while the other computes; the
-        # batcher takes whatever is queued after a short wait (a GPU runs 64 items about as fast as 8).
+        # Not measured against alternatives (docs/benchmarks.md): two instances (two processes, two CUDA streams, as
+        # the GPU kit runs) so one uploads while the other computes; one intra-op thread (the host side only launches
+        # kernels); no preferred size and a short wait: the batcher takes whatever is queued, up to max_batch_size.
         gpu = EncoderTuning(instances=2, threads=1, preferred=(), queue_delay_us=2000)
         return {name: gpu for name in C.ENCODERS}
     # CPU: one instance on every core (a second instance gained ~5% for images but holds another copy of torch and
