@@ -3,7 +3,7 @@ all be answered correctly, with the server's memory bounded and no internals (tr
 answer. Rows 6 and 7 (a stub killed / stopped under load) are in test_faults.py.
 
 | row | attack |
-| 1, 2 | direct requests to the internal text_encoder: id 10**9, negative ids, 5000 tokens, odd lengths, no tokens |
+| 1, 2 | direct requests to the internal text_encoder: huge or negative ids, 5000 tokens, odd lengths, no tokens, zero rows |
 | 3 | thin PNGs (1 x 10000, 10000 x 1, 1 x 40000) |
 | 4 | a direct postprocess request with 10000 x 10000 embeddings |
 | 5 | repeated items far over max_image_bytes (shared memory) |
@@ -72,45 +72,57 @@ def attack(jobs: list, threads: int = 4) -> list:
 
 
 # ------------------------------------------------------------------------------------------------ rows 1 and 2
-def _token_attacks() -> list[tuple[str, dict[str, np.ndarray]]]:
+def _token_attacks() -> list[tuple[str, dict[str, np.ndarray], bool]]:
+    """(name, inputs, refused): refused ones are shapes Triton itself turns down (INVALID_ARG) before any batch."""
     ids = np.array([[49406, 320, 1125, 539, 49407]], np.int64)
     huge, negative = ids.copy(), ids.copy()
     huge[0, 2], negative[0, 1] = 10**9, -5
     long_ids = np.full((1, 5000), 320, np.int64)
 
-    def rows(input_ids, lengths):  # the widths are Triton's own (batch input BATCH_ITEM_SHAPE of input_ids)
+    def rows(input_ids, lengths, **more):  # the widths are Triton's own (batch input BATCH_ITEM_SHAPE of input_ids)
         return {C.TextEncoder.INPUT_IDS: input_ids,
-                C.TextEncoder.LENGTHS: np.array(lengths, np.int64).reshape(-1, 1)}
+                C.TextEncoder.LENGTHS: np.array(lengths, np.int64).reshape(-1, 1), **more}
 
-    return [("id 10**9", rows(huge, [5])),
-            ("negative id", rows(negative, [5])),
-            ("5000 tokens", rows(long_ids, [5000])),
-            ("length over the row", rows(ids, [10**12])),
-            ("negative length", rows(ids, [-3])),
-            ("zero length", rows(np.repeat(ids, 2, axis=0), [0, 5])),
-            ("no tokens", rows(np.zeros((1, 0), np.int64), [3])),
-            ("rows disagree", rows(ids, [5, 5]))]
+    answered = [("id 10**9", rows(huge, [5])),
+                ("negative id", rows(negative, [5])),
+                ("5000 tokens", rows(long_ids, [5000])),
+                ("length over the row", rows(ids, [10**12])),
+                ("negative length", rows(ids, [-3])),
+                ("zero length", rows(np.repeat(ids, 2, axis=0), [0, 5])),
+                ("no tokens", rows(np.zeros((1, 0), np.int64), [3])),
+                ("200000 ids of 10**15, length 2**62", rows(np.full((1, 200_000), 10**15, np.int64), [2**62]))]
+    refused = [("rows disagree", rows(ids, [5, 5])),
+               ("fewer lengths than rows", rows(np.repeat(ids, 3, axis=0), [5])),
+               ("zero rows", rows(np.zeros((0, 5), np.int64), [])),
+               ("ids without a batch dim", rows(ids[0], [5])),
+               ("65 rows", rows(np.repeat(ids, 65, axis=0), [5] * 65)),
+               ("widths sent by the caller", rows(ids, [5], widths=np.array([[10**6]], np.int32)))]
+    return [(name, inputs, False) for name, inputs in answered] + [(name, inputs, True) for name, inputs in refused]
 
 
 def test_internal_text_encoder_cannot_fail_its_batch_mates(triton_server):
     """Rows 1-2: direct text_encoder requests with ids the vocabulary lacks, 5000 tokens, lengths that contradict the
     ids, no tokens, batched by Triton with the encode_text traffic (ragged input_ids: every length shares the batch):
-    every good request succeeds, each attack is answered (the TorchScript clamps and caps) or refused by Triton
-    with a clean message."""
+    every good request succeeds, each attack is answered (the TorchScript clamps and caps) or, for shapes the config
+    rules out (rows that disagree, zero rows, a widths input of its own), refused by Triton with a clean
+    INVALID_ARG."""
     server = triton_server.server
     out = C.TextEncoder.TEXT_EMBEDS
-    cases = [(name, p, inputs) for _round in range(6) for p in PROTOCOLS for name, inputs in _token_attacks()]
+    cases = [(name, p, inputs, refused) for _round in range(6) for p in PROTOCOLS
+             for name, inputs, refused in _token_attacks()]
     rss = server.rss_bytes()
     with GoodTraffic(triton_server.http_url, triton_server.grpc_url) as good:
         results = attack([lambda p=p, inputs=inputs: direct(url_of(triton_server, p), p, C.TextEncoder.NAME, inputs,
-                                                            [out]) for _name, p, inputs in cases])
+                                                            [out]) for _name, p, inputs, _refused in cases])
     good.assert_all_good(minimum=40)
     dim = good.reference["text"].shape[1]
-    for (name, _p, inputs), result in zip(cases, results):
-        if isinstance(result, InferenceServerException):
-            assert name in ("no tokens", "rows disagree"), (name, result)  # Triton may refuse these shapes itself
+    for (name, _p, inputs, refused), result in zip(cases, results):
+        if refused:
+            assert isinstance(result, InferenceServerException), name
+            assert str(result.status()) in ("400", "StatusCode.INVALID_ARGUMENT"), (name, result)
             assert_no_internals(result)
         else:
+            assert not isinstance(result, InferenceServerException), (name, result)
             rows = len(inputs[C.TextEncoder.LENGTHS])
             assert result[out].shape == (rows, dim) and np.isfinite(result[out]).all(), name
     assert server.rss_bytes() - rss < 150 * 2**20
