@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -27,11 +28,16 @@ FIELDS = ("path", "sha256", "size", "width", "height", "mtime", "tags", "meta")
 RESERVED = frozenset(FIELDS) - {"meta"}  # metadata keys stored in their own columns
 MAX_PATH = 4096  # bytes; Milvus VARCHAR needs a bound
 MAX_TAGS, MAX_TAG = 64, 256
-_UNKNOWN_INT = -1  # stored for an unknown size / width / height / mtime; read back as None
+_UNKNOWN_INT = -1  # stored for an unknown size / width / height / mtime; read back as None (`size >= 0`: known)
+_INT64_MAX = 2**63 - 1
 
 
 class MissingExtraError(CLIPClientError):
     """An optional dependency of the client is not installed."""
+
+
+class GalleryError(CLIPClientError):
+    """The gallery's storage failed: a folder that cannot be created or written, a Milvus error."""
 
 
 def require(module: str, extra: str, what: str) -> Any:
@@ -66,12 +72,32 @@ class Hit:
                 "height": self.height, "mtime": self.mtime, "tags": list(self.tags), "metadata": dict(self.metadata)}
 
 
-def row_values(path: str, metadata: dict | None) -> dict:
-    """One row's stored columns from a path and its metadata dict (reserved keys -> columns, the rest -> meta)."""
+def check_path(path: Any) -> None:
+    """A stored path: a non-empty str of at most MAX_PATH bytes in UTF-8 (InvalidInputError otherwise)."""
     if not isinstance(path, str) or not path:
         raise InvalidInputError(f"a path must be a non-empty str, got {path!r}")
-    if len(path.encode("utf-8")) > MAX_PATH:
+    try:
+        size = len(path.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"path is not valid Unicode (a lone surrogate): {path!r}") from None
+    if size > MAX_PATH:
         raise InvalidInputError(f"path is longer than {MAX_PATH} bytes: {path[:80]}...")
+
+
+def as_paths(paths: str | os.PathLike | Sequence[str] | None) -> list[str] | None:
+    """A single path (str / os.PathLike) as [path]; a sequence of them as a list; None stays None."""
+    if paths is None:
+        return None
+    if isinstance(paths, (str, os.PathLike)):
+        return [os.fspath(paths)]
+    if isinstance(paths, (bytes, bytearray)):
+        raise InvalidInputError("paths must be str, not bytes")
+    return [os.fspath(p) if isinstance(p, os.PathLike) else p for p in paths]
+
+
+def row_values(path: str, metadata: dict | None) -> dict:
+    """One row's stored columns from a path and its metadata dict (reserved keys -> columns, the rest -> meta)."""
+    check_path(path)
     meta = dict(metadata or {})
     if not isinstance(metadata or {}, dict):
         raise InvalidInputError(f"metadata must be a dict per row, got {type(metadata).__name__}")
@@ -85,8 +111,11 @@ def row_values(path: str, metadata: dict | None) -> dict:
     row = {"path": path, "sha256": sha, "tags": list(tags)}
     for key, kind in (("size", int), ("width", int), ("height", int), ("mtime", float)):
         v = meta.pop(key, None)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v)):
-            raise InvalidInputError(f"{key} must be a non-negative number, got {v!r}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+                              or not math.isfinite(v) or not 0 <= v <= _INT64_MAX):
+            raise InvalidInputError(f"{key} must be a non-negative number below 2**63, got {v!r}")
+        if v is not None and kind is int and v != int(v):
+            raise InvalidInputError(f"{key} must be a whole number, got {v!r}")
         row[key] = kind(_UNKNOWN_INT if v is None else v)
     try:
         row["meta"] = json.dumps(meta, sort_keys=True, allow_nan=False)
@@ -101,8 +130,7 @@ def row_columns(paths: Sequence[str], metadata: Sequence[dict | None] | None) ->
         raise InvalidInputError("metadata must be a list with one dict (or None) per path")
     if metadata is None or all(m is None for m in metadata):  # fast path: no per-row work beyond the path check
         for p in paths:
-            if not isinstance(p, str) or not p or (len(p) > MAX_PATH // 4 and len(p.encode("utf-8")) > MAX_PATH):
-                row_values(p, None)  # raises the right error
+            check_path(p)
         n = len(paths)
         return {"path": list(paths), "sha256": [""] * n, "size": [_UNKNOWN_INT] * n, "width": [_UNKNOWN_INT] * n,
                 "height": [_UNKNOWN_INT] * n, "mtime": [float(_UNKNOWN_INT)] * n, "tags": [[]] * n, "meta": ["{}"] * n}
@@ -123,15 +151,21 @@ def make_hit(row: dict, score: float) -> Hit:
 
 
 def check_embeddings(embeddings: Any, n: int | None, dim: int, name: str = "embeddings") -> np.ndarray:
-    """(n, dim) finite float32, L2-normalised; n=None accepts any count."""
+    """(n, dim) float32, L2-normalised (in float64: tiny rows too); n=None accepts any count. Rows that are not
+    finite or all zero have no direction: InvalidInputError."""
     x = ops.as_matrix(embeddings, name)
     if x.shape[1] != dim:
         raise ModelMismatchError(f"{name} have {x.shape[1]} dims, the gallery {dim}")
     if n is not None and len(x) != n:
         raise InvalidInputError(f"{len(x)} {name} for {n} paths")
+    x = x.astype(np.float64)  # (n, D)
     if not np.isfinite(x).all():
         raise InvalidInputError(f"{name} contain NaN or infinite values")
-    return ops.l2_normalize(x)
+    scale = np.abs(x).max(axis=1, keepdims=True) if len(x) else np.ones((0, 1))  # (n, 1): no underflow below
+    if (scale == 0).any():
+        raise InvalidInputError(f"{name} row {int(np.flatnonzero(scale[:, 0] == 0)[0])} is all zeros (no direction)")
+    x = x / scale
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def make_identity(dim: int, model_id: str, **extra: Any) -> dict:
@@ -163,17 +197,23 @@ class Gallery(ABC):
         expected_rows sizes the embedded index for a gallery that will grow that large (fewer retrainings).
         """
         ident = make_identity(dim, model_id, **identity)
+        uri = as_uri(uri)
         backend = _backend(uri)
         if exist_ok and backend.exists(uri):
             g = backend.open(uri)
-            g.check_identity(ident)
+            if (g.model_id, g.dim) != (ident["model_id"], ident["dim"]):
+                g.close()
+                raise ModelMismatchError(
+                    f"{uri} holds a gallery of model {g.model_id} (dim {g.dim}), not of model {ident['model_id']} "
+                    f"(dim {ident['dim']}): embeddings of different models are not comparable - pick another uri")
             return g
-        return backend.create(str(uri), ident, expected_rows)
+        return backend.create(uri, ident, expected_rows)
 
     @staticmethod
     def open(uri: str) -> "Gallery":
         """An existing gallery (InvalidInputError when there is none at `uri`)."""
-        return _backend(uri).open(str(uri))
+        uri = as_uri(uri)
+        return _backend(uri).open(uri)
 
     @property
     def dim(self) -> int:
@@ -216,8 +256,9 @@ class Gallery(ABC):
         sha256, size, width, height, mtime, tags fill those columns; every other key goes to the JSON `meta`."""
 
     @abstractmethod
-    def delete(self, paths: Sequence[str] | None = None, filter: str | None = None) -> int:
-        """Delete the rows with these paths and/or matching the filter; returns how many were deleted."""
+    def delete(self, paths: str | Sequence[str] | None = None, filter: str | None = None) -> int:
+        """Delete the rows with these paths (one str: that path) and/or matching the filter; returns how many were
+        deleted."""
 
     @abstractmethod
     def rows(self, filter: str | None = None, fields: Sequence[str] = FIELDS) -> list[dict]:
@@ -245,11 +286,14 @@ class Gallery(ABC):
         """Drop the failures recorded for these paths."""
 
     # ------------------------------------------------------------------------------------------ conveniences
-    def find(self, paths: Sequence[str]) -> dict[str, list[int]]:
-        """path -> ids of its rows, for the paths that are in the gallery."""
+    def find(self, paths: str | Sequence[str]) -> dict[str, list[int]]:
+        """path -> ids of its rows, for the paths that are in the gallery (one str: that path)."""
+        from .filters import in_list
+
+        paths = as_paths(paths)
         found: dict[str, list[int]] = {}
-        for lo in range(0, len(paths), 512):
-            for r in self.rows(filter=f"path in {json.dumps(list(paths[lo:lo + 512]))}", fields=("path",)):
+        for lo in range(0, len(paths), 256):
+            for r in self.rows(filter=in_list("path", paths[lo:lo + 256]), fields=("path",)):
                 found.setdefault(r["path"], []).append(int(r["id"]))
         return found
 
@@ -286,10 +330,11 @@ def check_fields(fields: Sequence[str]) -> list[str]:
     return list(fields)
 
 
-def check_delete(paths: Sequence[str] | None, filter: str | None) -> None:
-    """delete() needs something to select rows by."""
+def check_delete(paths: str | Sequence[str] | None, filter: str | None) -> list[str] | None:
+    """delete() needs something to select rows by; returns the paths as a list (one str: that path)."""
     if paths is None and filter is None:
         raise InvalidInputError("delete needs paths and/or a filter")
+    return as_paths(paths)
 
 
 def is_milvus_uri(uri: str) -> bool:
@@ -298,11 +343,18 @@ def is_milvus_uri(uri: str) -> bool:
     return str(uri).startswith(("http://", "https://", "tcp://", "grpc://")) or base.endswith(".db")
 
 
+def as_uri(uri: Any) -> str:
+    """A gallery URI as str: a str or os.PathLike (bytes are refused: TypeError)."""
+    if isinstance(uri, (bytes, bytearray)) or (hasattr(uri, "__fspath__") and isinstance(os.fspath(uri), bytes)):
+        raise TypeError("a gallery URI must be a str or os.PathLike of str, not bytes")
+    if not isinstance(uri, (str, os.PathLike)):
+        raise InvalidInputError(f"a gallery URI must be a str or path, got {type(uri).__name__}")
+    return os.fspath(uri)
+
+
 def _backend(uri: str):
     """The backend class for a URI (imported lazily: each needs its client extra)."""
-    if not isinstance(uri, (str, bytes)) and not hasattr(uri, "__fspath__"):
-        raise InvalidInputError(f"a gallery URI must be a str or path, got {type(uri).__name__}")
-    if is_milvus_uri(str(uri)):
+    if is_milvus_uri(uri):
         from .milvus import MilvusGallery
 
         return MilvusGallery

@@ -5,7 +5,11 @@
 Comparisons == != < <= > >= between a column and a literal; `in [..]` / `not in [..]`; `like "pat%"` (% any run,
 _ one char); and / or / not (also && || !); array_contains(tags, x), array_contains_any(tags, [..]),
 array_contains_all(tags, [..]), array_length(tags); meta["key"] reads a key of the user metadata. Columns: see
-base.FIELDS. Milvus evaluates the string itself; the embedded backend evaluates the parsed tree with pyarrow.
+base.FIELDS. Literals are checked against the column's type (path / sha256: str; size / width / height /
+array_length(tags): int; mtime: number; tags only through the array_ functions). String literals are in double or
+single quotes, with \\ \" \' \n \t \r escapes (quote() writes them). Milvus evaluates the string itself (after the
+same checks); the embedded backend evaluates the parsed tree with pyarrow. A filter has at most MAX_FILTER_CHARS
+characters and MAX_DEPTH nested parentheses / nots.
 """
 
 from __future__ import annotations
@@ -28,10 +32,24 @@ _TOKEN = re.compile(r"""\s*(?:
 _CMP = {"==", "!=", "<", "<=", ">", ">="}
 _FUNCS = {"array_contains", "array_contains_any", "array_contains_all", "array_length"}
 _FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
+_TYPES = {"path": str, "sha256": str, "size": int, "width": int, "height": int, "mtime": float}  # tags, meta: apart
+MAX_FILTER_CHARS = 2**21  # find() sends 256 paths of up to MAX_PATH bytes at once
+MAX_DEPTH = 64  # nested parentheses and nots
+_INT64 = 2**63
 
 
 class FilterError(InvalidInputError):
     """The filter expression is not valid."""
+
+
+def quote(value: str) -> str:
+    """A str as a filter literal that both engines read back as `value` (Milvus takes other characters as they are)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r") + '"'
+
+
+def in_list(column: str, values: list[str]) -> str:
+    """`column in ["a", "b"]` for str values."""
+    return f"{column} in [{', '.join(quote(v) for v in values)}]"
 
 
 def _tokens(text: str) -> list[tuple[str, Any]]:
@@ -45,7 +63,10 @@ def _tokens(text: str) -> list[tuple[str, Any]]:
         kind = m.lastgroup
         value = m.group(kind)
         if kind == "num":
-            out.append(("lit", float(value) if any(c in value for c in ".eE") else int(value)))
+            num = float(value) if any(c in value for c in ".eE") else int(value)
+            if not -_INT64 <= num < _INT64:
+                raise FilterError(f"filter: {value} is out of range (64-bit)")
+            out.append(("lit", num))
         elif kind == "str":
             out.append(("lit", _unquote(value)))
         elif kind == "name" and value.lower() in ("and", "or", "not", "in", "like", "true", "false"):
@@ -65,13 +86,18 @@ def _unquote(s: str) -> str:
         e = m.group(1)
         return chr(int(e[1:], 16)) if len(e) == 5 else {"n": "\n", "t": "\t", "r": "\r"}.get(e, e)
 
-    return _ESCAPE.sub(one, s[1:-1])
+    text = _ESCAPE.sub(one, s[1:-1])
+    try:  # \uD83D\uDE00 pairs -> one character; a lone surrogate is not text
+        return text.encode("utf-16", "surrogatepass").decode("utf-16")
+    except UnicodeDecodeError:
+        raise FilterError(f"filter: {s[:40]!r} holds a lone surrogate (not valid Unicode)") from None
 
 
 class _Parser:
     def __init__(self, text: str):
         self.toks = _tokens(text)
         self.i = 0
+        self.depth = 0
 
     def peek(self) -> tuple[str, Any] | None:
         return self.toks[self.i] if self.i < len(self.toks) else None
@@ -98,26 +124,36 @@ class _Parser:
         return node
 
     def or_(self):
-        node = self.and_()
+        nodes = [self.and_()]
         while self.accept("or"):
-            node = ("or", node, self.and_())
-        return node
+            nodes.append(self.and_())
+        return nodes[0] if len(nodes) == 1 else ("or", nodes)
 
     def and_(self):
-        node = self.not_()
+        nodes = [self.not_()]
         while self.accept("and"):
-            node = ("and", node, self.not_())
-        return node
+            nodes.append(self.not_())
+        return nodes[0] if len(nodes) == 1 else ("and", nodes)
+
+    def nest(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise FilterError(f"filter: more than {MAX_DEPTH} nested parentheses / nots")
 
     def not_(self):
         if self.accept("not"):
-            return ("not", self.not_())
+            self.nest()
+            node = ("not", self.not_())
+            self.depth -= 1
+            return node
         return self.predicate()
 
     def predicate(self):
         if self.accept("("):
+            self.nest()
             node = self.or_()
             self.take("op", ")")
+            self.depth -= 1
             return node
         left = self.operand()
         if left[0] == "call" and left[1] != "array_length":
@@ -126,10 +162,11 @@ class _Parser:
             pattern = self.take("lit")[1]
             if not isinstance(pattern, str):
                 raise FilterError("filter: like needs a string pattern")
-            return ("like", self._column(left), pattern)
+            return ("like", self._column(left, pattern), pattern)
         negate = self.accept("not")
         if self.accept("in"):
-            return ("in", self._column(left), self.literal_list(), negate)
+            values = self.literal_list()
+            return ("in", self._column(left, *values), values, negate)
         if negate:
             raise FilterError("filter: expected 'in' after 'not'")
         tok = self.peek()
@@ -141,11 +178,24 @@ class _Parser:
             left, right, op = right, left, _FLIP[op]
         if right[0] != "lit" or left[0] == "lit":
             raise FilterError("filter: compare a column with a literal")
-        return ("cmp", op, left, right[1])
+        return ("cmp", op, self._column(left, right[1]), right[1])
 
-    def _column(self, node):
+    def _column(self, node, *values):
+        """The column node, checked against the literals it is compared with (their type must match its)."""
         if node[0] == "lit":
             raise FilterError("filter: like / in apply to a column")
+        if node == ("col", "tags"):
+            raise FilterError("filter: tags is a list: use array_contains(tags, x), array_contains_any, "
+                              "array_contains_all or array_length(tags)")
+        if node[0] == "meta":
+            return node
+        name = "array_length(tags)" if node[0] == "call" else node[1]
+        kind = int if node[0] == "call" else _TYPES[name]
+        for v in values:
+            ok = isinstance(v, str) if kind is str else (
+                not isinstance(v, bool) and isinstance(v, int if kind is int else (int, float)))
+            if not ok:
+                raise FilterError(f"filter: {v!r} does not match the type of {name} ({kind.__name__})")
         return node
 
     def operand(self):
@@ -165,6 +215,8 @@ class _Parser:
             if name != "array_length":
                 self.take("op", ",")
                 arg = self.literal_list() if name != "array_contains" else self.take("lit")[1]
+                if not all(isinstance(t, str) for t in ([arg] if name == "array_contains" else arg)):
+                    raise FilterError(f"filter: {name} needs string tags")
             self.take("op", ")")
             return ("call", name, arg)
         if name not in FIELDS:
@@ -192,6 +244,8 @@ def parse(text: str):
     """The filter's syntax tree (FilterError when it is not valid)."""
     if not isinstance(text, str) or not text.strip():
         raise FilterError("filter must be a non-empty str")
+    if len(text) > MAX_FILTER_CHARS:
+        raise FilterError(f"filter: longer than {MAX_FILTER_CHARS} characters")
     return _Parser(text).parse()
 
 
@@ -204,10 +258,9 @@ def evaluate(tree, table) -> np.ndarray:
 
     n = table.num_rows
     kind = tree[0]
-    if kind == "and":
-        return evaluate(tree[1], table) & evaluate(tree[2], table)
-    if kind == "or":
-        return evaluate(tree[1], table) | evaluate(tree[2], table)
+    if kind in ("and", "or"):
+        masks = [evaluate(node, table) for node in tree[1]]
+        return np.logical_and.reduce(masks) if kind == "and" else np.logical_or.reduce(masks)
     if kind == "not":
         return ~evaluate(tree[1], table)
     if kind == "call":

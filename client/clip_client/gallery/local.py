@@ -18,12 +18,15 @@ candidates per query, which are re-scored exactly against the stored float32 vec
 exact cosines. Deleted rows stay in the index, skipped by every search, until it is rebuilt. The index is retrained
 when the gallery outgrows its training size RETRAIN_FACTOR times, or on optimize(retrain=True). The segments are
 the truth: an index that disagrees with the manifest at open (e.g. after a crash) is rebuilt from them.
-One writer at a time (a lock file); readers open a snapshot.
+One writer at a time (a lock file, taken by the first write and held until close(); another writer meanwhile gets
+GalleryLockedError); readers open a snapshot. A writer reloads the manifest (and what it lists) when it takes the
+lock, so that it writes on top of what writers before it committed: nothing is lost, no file name is reused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -34,13 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CLIPClientError, InvalidInputError
+from ..errors import InvalidInputError
 from . import filters
 from .base import (
     FIELDS,
     FORMAT_VERSION,
     Gallery,
+    GalleryError,
     Hit,
+    as_paths,
     check_delete,
     check_embeddings,
     check_fields,
@@ -63,8 +68,21 @@ SMALL_SEGMENT = 65_536  # rows: optimize() merges runs of segments smaller than 
 MAX_SMALL_SEGMENTS = 64  # add() compacts when there are more small segments than this
 
 
-class GalleryLockedError(CLIPClientError):
-    """Another process is writing the gallery."""
+class GalleryLockedError(GalleryError):
+    """Another process (or Gallery object) is writing the gallery."""
+
+
+def _storage(fn):
+    """Report the file system's errors (no such folder, permission denied, disk full) as GalleryError."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            raise GalleryError(f"gallery storage: {e.strerror or e}{where}") from None
+
+    return wrapped
 
 
 def nlist_for(rows: int) -> int:
@@ -87,6 +105,17 @@ def _schema(dim: int, identity: dict):
         pa.field("meta", pa.string(), nullable=False),
         pa.field("embedding", pa.binary(4 * dim), nullable=False),
     ], metadata={META_KEY: json.dumps({"format_version": FORMAT_VERSION, **identity}, sort_keys=True).encode()})
+
+
+def _read_manifest(root: Path) -> dict:
+    """The manifest of the gallery in `root` (InvalidInputError when unreadable or of another format)."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(f"cannot read {root / MANIFEST}: {e}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise InvalidInputError(f"{str(root)!r}: unsupported gallery format {manifest.get('format_version')}")
+    return manifest
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -150,6 +179,7 @@ class LocalGallery(Gallery):
         return (Path(uri) / MANIFEST).is_file()
 
     @classmethod
+    @_storage
     def create(cls, uri: str, identity: dict, expected_rows: int | None = None) -> "LocalGallery":
         """A new empty gallery in folder `uri` (which must not hold one already)."""
         require("faiss", "gallery", "the embedded gallery")
@@ -165,6 +195,7 @@ class LocalGallery(Gallery):
         return cls(root, manifest)
 
     @classmethod
+    @_storage
     def open(cls, uri: str) -> "LocalGallery":
         """The gallery in folder `uri`."""
         require("faiss", "gallery", "the embedded gallery")
@@ -172,13 +203,7 @@ class LocalGallery(Gallery):
         if not cls.exists(uri):
             hint = " (a single-file gallery of an older clip-triton: re-index the images)" if root.is_file() else ""
             raise InvalidInputError(f"{str(root)!r} is not a clip-triton gallery{hint}")
-        try:
-            manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise InvalidInputError(f"cannot read {root / MANIFEST}: {e}") from None
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise InvalidInputError(f"{str(root)!r}: unsupported gallery format {manifest.get('format_version')}")
-        return cls(root, manifest)
+        return cls(root, _read_manifest(root))
 
     def close(self) -> None:
         """Release the write lock, the index and the mapped files."""
@@ -189,7 +214,8 @@ class LocalGallery(Gallery):
         self._segs = []
 
     def _lock(self) -> None:
-        """Take the gallery's write lock for this object's lifetime (GalleryLockedError when another holds it)."""
+        """Take the gallery's write lock for this object's lifetime (GalleryLockedError when another holds it) and
+        catch up with what other writers committed since this object read the manifest."""
         if self._lock_fd is not None:
             return
         import fcntl
@@ -201,6 +227,12 @@ class LocalGallery(Gallery):
             os.close(fd)
             raise GalleryLockedError(f"{self.root} is being written by another process") from None
         self._lock_fd = fd
+        fresh = _read_manifest(self.root)
+        if fresh != self.manifest:  # segment names and row ids continue from the other writer's
+            log.debug("%s: changed since it was opened: reloading it before writing", self.root)
+            self.manifest = fresh
+            self._load_segments()
+            self._index = self._load_index()
 
     def _save_manifest(self) -> None:
         _write_atomic(self.root / MANIFEST, lambda p: p.write_text(json.dumps(self.manifest, indent=1)))
@@ -283,6 +315,7 @@ class LocalGallery(Gallery):
     def __len__(self) -> int:
         return self._rows.num_rows
 
+    @_storage
     def add(self, paths: Sequence[str], embeddings: np.ndarray, metadata: Sequence[dict | None] | None = None) -> None:
         """Append rows: one new segment file, the index extended in place."""
         paths = list(paths)
@@ -309,18 +342,22 @@ class LocalGallery(Gallery):
         if sum(s["rows"] < SMALL_SEGMENT for s in self.manifest["segments"]) > MAX_SMALL_SEGMENTS:
             self._compact()
 
-    def delete(self, paths: Sequence[str] | None = None, filter: str | None = None) -> int:
-        """Delete rows by path and/or filter: a tombstone file, the ids removed from the index."""
-        check_delete(paths, filter)
+    @_storage
+    def delete(self, paths: str | Sequence[str] | None = None, filter: str | None = None) -> int:
+        """Delete rows by path (one str: that path) and/or filter: a tombstone file, the ids removed from the index."""
+        paths = check_delete(paths, filter)
+        tree = filters.parse(filter) if filter is not None else None
+        if paths == [] and tree is None:
+            return 0
+        self._lock()  # first: the rows to match are the ones on disk now
         mask = np.zeros(len(self), bool)
-        if paths is not None:
-            mask |= filters.is_in(self._rows.column("path"), list(paths))
-        if filter is not None:
-            mask |= filters.evaluate(filters.parse(filter), self._rows)
+        if paths:
+            mask |= filters.is_in(self._rows.column("path"), paths)
+        if tree is not None:
+            mask |= filters.evaluate(tree, self._rows)
         ids = self._ids()[mask]
         if not len(ids):
             return 0
-        self._lock()
         self.manifest["tombstones"].append(self._write_table("tombstones", self.pa.table({"id": self.pa.array(ids)})))
         self._dead = np.union1d(self._dead, ids)
         self._rows = self._rows.filter(~mask)
@@ -336,6 +373,7 @@ class LocalGallery(Gallery):
             table = table.filter(filters.evaluate(filters.parse(filter), table))
         return table.select(["id", *fields]).to_pylist()
 
+    @_storage
     def optimize(self, retrain: bool = False) -> None:
         """Drop deleted rows and merge small segments; with retrain=True (or when due) rebuild the index for the
         gallery's current size."""
@@ -386,6 +424,7 @@ class LocalGallery(Gallery):
         return bool(tombstones)
 
     # ------------------------------------------------------------------------------------------ failures
+    @_storage
     def record_failures(self, failures: Sequence[dict]) -> None:
         """Remember files that could not be embedded (failures.json, replaced atomically)."""
         if not failures:
@@ -395,17 +434,19 @@ class LocalGallery(Gallery):
         known.update({f["path"]: {k: f.get(k) for k in ("sha256", "size", "mtime", "reason")} for f in failures})
         self._save_failures(known)
 
+    @_storage
     def failures(self) -> dict[str, dict]:
         """path -> {sha256, size, mtime, reason}."""
         path = self.root / "failures.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
+    @_storage
     def forget_failures(self, paths: Sequence[str]) -> None:
         """Drop recorded failures."""
-        known = self.failures()
-        if any(p in known for p in paths):
+        paths = set(as_paths(paths))
+        if any(p in self.failures() for p in paths):
             self._lock()
-            self._save_failures({p: v for p, v in known.items() if p not in set(paths)})
+            self._save_failures({p: v for p, v in self.failures().items() if p not in paths})
 
     def _save_failures(self, known: dict) -> None:
         _write_atomic(self.root / "failures.json", lambda p: p.write_text(json.dumps(known, indent=1, sort_keys=True)))

@@ -4,12 +4,15 @@ URI: `http://host:19530` (token from $MILVUS_TOKEN when set) or `path/to/gallery
 `clip_gallery` unless the URI ends with `?collection=NAME`. One collection per gallery: the row columns of base.py,
 an auto-generated INT64 id, the embedding as FLOAT_VECTOR (inner product on normalised vectors = cosine) and the
 model identity in the collection's properties. Failed files live in the side collection `<name>_failures`.
-Filters are passed to Milvus as written (after the same validation as the embedded backend).
+Filters are passed to Milvus as written (after the same validation as the embedded backend). Milvus' own errors
+come out as GalleryError (pymilvus' traceback-carrying error log is silenced: the message is in the exception).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +28,9 @@ from .base import (
     MAX_TAG,
     MAX_TAGS,
     Gallery,
+    GalleryError,
     Hit,
+    as_paths,
     check_delete,
     check_embeddings,
     check_fields,
@@ -38,6 +43,22 @@ from .base import (
 DEFAULT_COLLECTION = "clip_gallery"
 IDENTITY_PROPERTY = "clip_triton_gallery"
 BATCH = 1000  # rows per insert / query page
+
+
+def _milvus_errors(fn):
+    """Report Milvus' errors (MilvusException, e.g. DataNotMatchException) as GalleryError."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            from pymilvus.exceptions import MilvusException
+
+            if not isinstance(e, MilvusException):
+                raise
+            raise GalleryError(f"Milvus: {getattr(e, 'message', None) or e}") from None
+
+    return wrapped
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -54,6 +75,7 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 def _connect(uri: str):
     pymilvus = require("pymilvus", "milvus", "a Milvus gallery")
+    logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)  # logs each failed call with a traceback
     token = os.environ.get("MILVUS_TOKEN", "")
     try:
         return pymilvus.MilvusClient(uri=uri, token=token) if token else pymilvus.MilvusClient(uri=uri)
@@ -71,6 +93,7 @@ class MilvusGallery(Gallery):
         self.identity = identity
 
     @classmethod
+    @_milvus_errors
     def exists(cls, uri: str) -> bool:
         """Whether the collection exists."""
         base, name = split_uri(uri)
@@ -81,6 +104,7 @@ class MilvusGallery(Gallery):
             client.close()
 
     @classmethod
+    @_milvus_errors
     def create(cls, uri: str, identity: dict, expected_rows: int | None = None) -> "MilvusGallery":
         """A new collection (InvalidInputError when it exists); expected_rows is not needed by Milvus' AUTOINDEX."""
         from pymilvus import DataType
@@ -107,6 +131,7 @@ class MilvusGallery(Gallery):
         return cls(client, name, identity)
 
     @classmethod
+    @_milvus_errors
     def open(cls, uri: str) -> "MilvusGallery":
         """The gallery in an existing collection."""
         base, name = split_uri(uri)
@@ -119,6 +144,8 @@ class MilvusGallery(Gallery):
             client.close()
             raise InvalidInputError(f"Milvus collection {name!r} is not a clip-triton gallery (no {IDENTITY_PROPERTY})")
         client.load_collection(name)
+        if client.has_collection(f"{name}_failures"):  # a new process finds it released, like the main one
+            client.load_collection(f"{name}_failures")
         return cls(client, name, json.loads(raw))
 
     def close(self) -> None:
@@ -126,9 +153,11 @@ class MilvusGallery(Gallery):
         self.client.close()
 
     # ------------------------------------------------------------------------------------------ rows
+    @_milvus_errors
     def __len__(self) -> int:
         return int(self.client.query(self.name, filter="", output_fields=["count(*)"])[0]["count(*)"])
 
+    @_milvus_errors
     def add(self, paths: Sequence[str], embeddings: np.ndarray, metadata: Sequence[dict | None] | None = None) -> None:
         """Insert rows (in pages of BATCH)."""
         paths = list(paths)
@@ -140,19 +169,20 @@ class MilvusGallery(Gallery):
         for lo in range(0, len(rows), BATCH):
             self.client.insert(self.name, rows[lo:lo + BATCH])
 
-    def _where(self, paths: Sequence[str] | None, filter: str | None) -> str:
+    def _where(self, paths: list[str] | None, filter: str | None) -> str:
         parts = []
         if paths is not None:
-            parts.append(f"path in {json.dumps(list(paths), ensure_ascii=False)}")
+            parts.append(filters.in_list("path", paths))
         if filter is not None:
             filters.parse(filter)
             parts.append(f"({filter})")
         return " or ".join(parts)
 
-    def delete(self, paths: Sequence[str] | None = None, filter: str | None = None) -> int:
-        """Delete rows by path and/or filter."""
-        check_delete(paths, filter)
-        if paths is not None and not len(paths) and filter is None:
+    @_milvus_errors
+    def delete(self, paths: str | Sequence[str] | None = None, filter: str | None = None) -> int:
+        """Delete rows by path (one str: that path) and/or filter."""
+        paths = check_delete(paths, filter)
+        if paths == [] and filter is None:
             return 0
         where = self._where(paths, filter)
         n = int(self.client.query(self.name, filter=where, output_fields=["count(*)"])[0]["count(*)"])
@@ -160,6 +190,7 @@ class MilvusGallery(Gallery):
             self.client.delete(self.name, filter=where)
         return n
 
+    @_milvus_errors
     def rows(self, filter: str | None = None, fields: Sequence[str] = FIELDS) -> list[dict]:
         """Rows (with id) matching the filter, paged through a query iterator."""
         fields = check_fields(fields)
@@ -178,6 +209,7 @@ class MilvusGallery(Gallery):
                 r["tags"] = list(r["tags"] or [])
         return out
 
+    @_milvus_errors
     def embeddings(self, ids: Sequence[int]) -> np.ndarray:
         """Stored embeddings of rows `ids`, in that order."""
         ids = [int(i) for i in ids]
@@ -187,16 +219,20 @@ class MilvusGallery(Gallery):
             raise InvalidInputError(f"no rows with ids {missing[:5]}")
         return np.asarray([got[i] for i in ids], np.float32).reshape(len(ids), self.dim)
 
+    @_milvus_errors
     def search(self, queries: np.ndarray, k: int = 10, filter: str | None = None) -> list[list[Hit]]:
         """Top-k rows per query (Milvus ANN search, inner product on normalised vectors)."""
         q = check_embeddings(queries, None, self.dim, "queries")  # (Q, D)
         k = check_k(k)
         where = self._where(None, filter) if filter is not None else ""
+        if not len(q):
+            return []
         answers = self.client.search(self.name, data=q.tolist(), limit=k, filter=where, output_fields=list(FIELDS),
                                      search_params={"metric_type": "IP"})
         return [[make_hit({**h["entity"], "id": h["id"]}, h["distance"]) for h in hits] for hits in answers]
 
     # ------------------------------------------------------------------------------------------ failures
+    @_milvus_errors
     def _failures_collection(self) -> None:
         from pymilvus import DataType
 
@@ -210,6 +246,7 @@ class MilvusGallery(Gallery):
         index.add_index("v", index_type="AUTOINDEX", metric_type="L2")
         self.client.create_collection(self.failures_name, schema=schema, index_params=index, consistency_level="Strong")
 
+    @_milvus_errors
     def record_failures(self, failures: Sequence[dict]) -> None:
         """Upsert failure records by path."""
         if not failures:
@@ -219,6 +256,7 @@ class MilvusGallery(Gallery):
                  "v": [0.0, 0.0]} for f in failures]
         self.client.upsert(self.failures_name, rows)
 
+    @_milvus_errors
     def failures(self) -> dict[str, dict]:
         """path -> {sha256, size, mtime, reason}."""
         if not self.client.has_collection(self.failures_name):
@@ -232,7 +270,9 @@ class MilvusGallery(Gallery):
             it.close()
         return out
 
+    @_milvus_errors
     def forget_failures(self, paths: Sequence[str]) -> None:
         """Drop failure records."""
+        paths = as_paths(paths)
         if paths and self.client.has_collection(self.failures_name):
-            self.client.delete(self.failures_name, ids=list(paths))
+            self.client.delete(self.failures_name, ids=paths)
