@@ -266,13 +266,13 @@ class AsyncCLIPClient(ClientBase):
         """The served weights' identity (providers.AsyncEmbeddingProvider)."""
         return (await self.get_model_info()).model_id
 
-    async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Normalised text embeddings (n, D) (providers.AsyncEmbeddingProvider)."""
-        return await self.encode_text(list(texts))
+    async def embed_texts(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Normalised text embeddings (n, D); one str is one text (providers.AsyncEmbeddingProvider)."""
+        return np.atleast_2d(await self.encode_text(texts))  # one item ((D,)) -> (1, D)
 
-    async def embed_images(self, images: Sequence[Any]) -> np.ndarray:
-        """Normalised image embeddings (n, D) (providers.AsyncMultimodalEmbeddingProvider)."""
-        return await self.encode_image(list(images))
+    async def embed_images(self, images: Any) -> np.ndarray:
+        """Normalised image embeddings (n, D); one path / bytes / image is one image (providers.AsyncMultimodalEmbeddingProvider)."""
+        return np.atleast_2d(await self.encode_image(images))  # one item ((D,)) -> (1, D)
 
     # ---------------------------------------------------------------------------------- encoding
     async def _stream(self, batches: Iterator[list[bytes]], send: Callable[[list[bytes]], Awaitable[np.ndarray]],

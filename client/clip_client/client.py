@@ -204,13 +204,13 @@ class CLIPClient(ClientBase):
         """The served weights' identity (providers.EmbeddingProvider)."""
         return self.get_model_info().model_id
 
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Normalised text embeddings (n, D) (providers.EmbeddingProvider)."""
-        return self.encode_text(list(texts))
+    def embed_texts(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Normalised text embeddings (n, D); one str is one text (providers.EmbeddingProvider)."""
+        return np.atleast_2d(self.encode_text(texts))  # one item ((D,)) -> (1, D)
 
-    def embed_images(self, images: Sequence[Any]) -> np.ndarray:
-        """Normalised image embeddings (n, D) (providers.MultimodalEmbeddingProvider)."""
-        return self.encode_image(list(images))
+    def embed_images(self, images: Any) -> np.ndarray:
+        """Normalised image embeddings (n, D); one path / bytes / image is one image (providers.MultimodalEmbeddingProvider)."""
+        return np.atleast_2d(self.encode_image(images))  # one item ((D,)) -> (1, D)
 
     # ---------------------------------------------------------------------------------- encoding
     def _stream(self, batches: Iterator[list[bytes]], send: Callable[[list[bytes]], np.ndarray], bar) -> list[np.ndarray]:

@@ -1,6 +1,7 @@
 """The EmbeddingProvider protocols: what CLIPClient / AsyncCLIPClient offer to code that only needs embeddings.
 
-Anything with these methods plugs into the gallery and the LangChain / LlamaIndex adapters
+A single str (or one image: a path, bytes, a PIL image) is one item, as in encode_text / encode_image, and gives
+(1, dimension()). Anything with these methods plugs into the gallery and the LangChain / LlamaIndex adapters
 (clip_client.integrations). Embeddings are float32 arrays (n, dimension()), L2-normalised; model_id() names the
 model (the same weights give the same id), so that vectors of different models are never mixed.
 """

@@ -26,9 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     if command == "index":
         parser.add_argument("image_dir", help="folder of images (searched recursively) or one image file")
         parser.add_argument("--uri", "--out", dest="uri", default=DEFAULT_URI, help=URI_HELP)
-        parser.add_argument("--batch-size", type=int, default=None, help="images per request (default: the server's limit)")
+        parser.add_argument("--batch-size", type=_non_negative_int, default=None,
+                            help="images per request (default, or 0: the server's limit)")
         parser.add_argument("--tag", action="append", dest="tags", default=None, help="tag every indexed image (repeatable)")
         parser.add_argument("--retry-failed", action="store_true", help="send again the files that failed before")
+        parser.add_argument("--prune", action="store_true",
+                            help="also delete the rows of every path in the gallery that is no longer an existing file")
         parser.add_argument("--optimize", action="store_true",
                             help="afterwards merge small segments and retrain the embedded index for its size")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -41,6 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("-k", "--top-k", type=int, default=10, help="results to show (default 10)")
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_connection_arguments(parser)
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace, command: str) -> int:
@@ -62,9 +76,12 @@ def _run_index(client: Any, args: argparse.Namespace) -> int:
     with Gallery.create(args.uri, info.dim, info.model_id, exist_ok=True, logit_scale=info.logit_scale,
                         identity_source=info.identity_source) as gallery:
         report = index_folder(client, gallery, args.image_dir, batch_size=args.batch_size, tags=args.tags,
-                              retry_failed=args.retry_failed, progress=not args.no_progress)
+                              retry_failed=args.retry_failed, progress=not args.no_progress, prune=args.prune)
         if args.optimize and hasattr(gallery, "optimize"):
             gallery.optimize(retrain=True)
+        elif args.optimize:
+            print(f"clip-triton index: --optimize ignored: {args.uri} is a Milvus gallery (Milvus compacts and indexes "
+                  "by itself)", file=sys.stderr)
     for path, reason in report.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{args.uri}: {report.summary()}")

@@ -2,7 +2,9 @@
 
 One run syncs the gallery with the folder: unchanged files (same path, size and mtime) cost a stat; a file whose
 content (sha256) is already in the gallery, e.g. a duplicate or a moved file, gets its own row with the stored
-embedding (no server call); rows of files that are gone under the folder are deleted; a changed file is re-embedded.
+embedding (no server call); rows of files that are gone under the folder are deleted, and so are the rows of the
+same content at paths that no longer exist (a file or a whole folder moved elsewhere); a changed file is re-embedded.
+With prune=True every row whose path is no longer an existing file (anywhere) is deleted too.
 Files the server cannot decode are skipped, reported and remembered with their sha256, so that later runs do not
 send that content again, at that path or another one, unless retry_failed=True.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import re
@@ -25,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError, ServerError
-from .base import Gallery
+from .base import Gallery, check_path
+from .filters import in_list, quote
 
 log = logging.getLogger("clip_client.gallery")
 
@@ -141,6 +143,8 @@ class _Indexer:
         self.failed: list[dict] = []
         self.succeeded: list[str] = []
         self.stale: list[str] = []  # changed files: their old rows go before their new rows are added
+        self.seen: set[str] = set()  # sha256 of every file read in this run
+        self.elsewhere: set[str] = set()  # paths of stored rows holding content read in this run
 
     def row(self, f: _File, embedding: np.ndarray) -> None:
         w, h = image_size(f.data)
@@ -168,9 +172,9 @@ class _Indexer:
         digests = sorted({f.sha256 for f in files})
         known = {}
         for lo in range(0, len(digests), 512):
-            chunk = digests[lo:lo + 512]
-            for r in self.gallery.rows(filter=f"sha256 in {json.dumps(chunk)}", fields=("sha256",)):
+            for r in self.gallery.rows(filter=in_list("sha256", digests[lo:lo + 512]), fields=("sha256", "path")):
                 known.setdefault(r["sha256"], int(r["id"]))
+                self.elsewhere.add(r["path"])
         if known:
             order = sorted(known)
             stored = dict(zip(order, self.gallery.embeddings([known[d] for d in order])))
@@ -203,12 +207,29 @@ class _Indexer:
         log.warning("skipped %s: %s", f.path, reason)
 
 
+def _exists(path: str) -> bool:
+    """Whether a stored path is an existing file here."""
+    return os.path.isfile(path)
+
+
+def prune_missing(gallery: Gallery) -> int:
+    """Delete the rows (and forget the failures) of paths that are not existing files on this machine; returns how
+    many rows were deleted."""
+    missing = sorted(p for p in {r["path"] for r in gallery.rows(fields=("path",))} if not _exists(p))
+    removed = sum(gallery.delete(paths=missing[lo:lo + 256]) for lo in range(0, len(missing), 256))
+    gallery.forget_failures([p for p in gallery.failures() if not _exists(p)])
+    return removed
+
+
 def index_folder(client: Any, gallery: Gallery, root: str | os.PathLike, batch_size: int | None = None,
                  workers: int | None = None, progress: bool = True, retry_failed: bool = False,
-                 tags: list[str] | None = None) -> IndexReport:
-    """Sync `gallery` with the images under `root` (a folder or one file) using `client` to embed; see the module."""
+                 tags: list[str] | None = None, prune: bool = False) -> IndexReport:
+    """Sync `gallery` with the images under `root` (a folder or one file) using `client` to embed; see the module.
+    batch_size: images per request (None or 0: the server's limit)."""
     from tqdm import tqdm
 
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0):
+        raise InvalidInputError(f"batch_size must be an int >= 0 (0: the server's limit), got {batch_size!r}")
     info = client.get_model_info()
     gallery.check_identity(info)
     root = Path(root).absolute()
@@ -216,7 +237,7 @@ def index_folder(client: Any, gallery: Gallery, root: str | os.PathLike, batch_s
         raise InvalidInputError(f"{root} does not exist")
     prefix = str(root) if root.is_file() else str(root).rstrip(os.sep) + os.sep
     files = [str(p) for p in iter_image_files(root)]
-    pattern = json.dumps(prefix.replace("%", "_") + ("" if root.is_file() else "%"), ensure_ascii=False)
+    pattern = quote(prefix.replace("%", "_") + ("" if root.is_file() else "%"))
     existing: dict[str, list[dict]] = {}
     for r in gallery.rows(filter=f"path like {pattern}", fields=("path", "sha256", "size", "mtime")):
         if r["path"] == prefix or r["path"].startswith(prefix):
@@ -227,6 +248,12 @@ def index_folder(client: Any, gallery: Gallery, root: str | os.PathLike, batch_s
     run = _Indexer(client, gallery, workers or client.max_concurrency, batch_size or info.max_image_items, tags or [], bar)
     try:
         for path in files:
+            try:
+                check_path(path)
+            except InvalidInputError as e:  # a file name that is not UTF-8: it cannot be stored (nor recorded)
+                run.report.skipped.append((path.encode("utf-8", "backslashreplace").decode(), str(e)))
+                bar.update(1)
+                continue
             try:
                 st = os.stat(path)
                 f = _File(path, st.st_size, st.st_mtime)
@@ -242,6 +269,7 @@ def index_folder(client: Any, gallery: Gallery, root: str | os.PathLike, batch_s
                 bar.update(1)
                 continue
             f.sha256 = hashlib.sha256(f.data).hexdigest()
+            run.seen.add(f.sha256)
             if rows:
                 run.stale.append(path)
                 run.report.updated += 1
@@ -262,10 +290,16 @@ def index_folder(client: Any, gallery: Gallery, root: str | os.PathLike, batch_s
         bar.close()
         run.flush_rows()  # keep whatever was embedded, also when the run is interrupted
         on_disk = set(files)
-        gone = [p for p in existing if p not in on_disk]
-        run.report.removed = gallery.delete(paths=gone) if gone else 0
+        # under the folder: rows of files that are gone; elsewhere: rows of content found here whose file is gone
+        gone = sorted({p for p in existing if p not in on_disk}
+                      | {p for p in run.elsewhere if p not in on_disk and not p.startswith(prefix) and not _exists(p)})
+        run.report.removed = sum(gallery.delete(paths=gone[lo:lo + 256]) for lo in range(0, len(gone), 256))
         gallery.record_failures(run.failed)
         done = set(run.succeeded)
-        gallery.forget_failures([p for p in failures if p in done or (p.startswith(prefix) and p not in on_disk)])
+        gallery.forget_failures([p for p, v in failures.items() if p in done or (p not in on_disk and (
+            p.startswith(prefix) or (v.get("sha256") in run.seen and not _exists(p))))])
+        run.report.total = len(gallery)
+    if prune:
+        run.report.removed += prune_missing(gallery)
         run.report.total = len(gallery)
     return run.report
