@@ -209,7 +209,7 @@ class CLIPClient(ClientBase):
         return np.atleast_2d(self.encode_text(texts))  # one item ((D,)) -> (1, D)
 
     def embed_images(self, images: Any) -> np.ndarray:
-        """Normalised image embeddings (n, D); one path / bytes / image is one image (providers.MultimodalEmbeddingProvider)."""
+        """Normalised image embeddings (n, D); one image is one item (providers.MultimodalEmbeddingProvider)."""
         return np.atleast_2d(self.encode_image(images))  # one item ((D,)) -> (1, D)
 
     # ---------------------------------------------------------------------------------- encoding

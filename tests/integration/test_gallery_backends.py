@@ -4,6 +4,8 @@ embedded Milvus that speaks the server's API), against exact numpy search."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -137,3 +139,66 @@ def test_failures_are_remembered(uri):
     g.forget_failures(["/x/bad.jpg"])
     assert list(g.failures()) == ["/x/worse.jpg"] and json.dumps(g.failures())
     g.close()
+
+
+ODD_PATHS = ["/p/café.png", "/p/😀 smile.png", '/p/say "cheese".png', "/p/back\\slash.png", "/p/it's.png",
+             "/p/new\nline.png", "/p/tab\tcr\r.png", "/p/ctl\x01.png", "/p/100%_done.png"]
+
+
+def test_unicode_quote_and_backslash_paths(uri):
+    g = Gallery.create(uri, dim=DIM, model_id="model-a")
+    x = _vectors(len(ODD_PATHS) + 1, seed=3)
+    g.add([*ODD_PATHS, "/p/other.png"], x)
+    assert {p: len(ids) for p, ids in g.find(ODD_PATHS).items()} == {p: 1 for p in ODD_PATHS}
+    for i, p in enumerate(ODD_PATHS):
+        hits = g.similar(p, k=1)
+        assert hits[0].path == p and hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert np.allclose(g.embeddings(g.find(p)[p]), x[i : i + 1], atol=1e-6)
+    assert g.delete(paths="/p/café.png") == 1 and g.delete(paths=ODD_PATHS[1:4]) == 3 and len(g) == 6
+    assert g.find(ODD_PATHS[:4]) == {}
+    g.close()
+
+
+def test_typed_errors_and_edge_inputs(uri):
+    g = Gallery.create(uri, dim=DIM, model_id="model-a")
+    x = _vectors(3, seed=4)
+    g.add(["abc", "/a.jpg"], x[:2])
+    assert g.delete(paths="abc") == 1 and [r["path"] for r in g.rows()] == ["/a.jpg"]  # one str is one path
+    for bad, message in (({"size": 10**30}, "below 2"), ({"width": 3.7}, "whole number"), ({"height": -1}, "non-neg")):
+        with pytest.raises(InvalidInputError, match=message):
+            g.add(["/b.jpg"], x[2:], [bad])
+    with pytest.raises(InvalidInputError, match="all zeros"):
+        g.add(["/z.jpg"], np.zeros((1, DIM), np.float32))
+    with pytest.raises(InvalidInputError, match="all zeros"):
+        g.search(np.zeros((1, DIM), np.float32))
+    g.add(["/tiny.jpg"], x[2:] * 1e-30)  # normalised, not left tiny
+    assert g.search(x[2], k=1)[0][0].path == "/tiny.jpg" and g.search(x[2], k=1)[0][0].score == pytest.approx(1, abs=1e-5)
+    assert g.search(np.zeros((0, DIM), np.float32)) == []
+    for expr in ('tags in ["x"]', "tags in [1]", 'array_length(tags) like "x"', 'path like "\\ud800"'):
+        with pytest.raises(FilterError):
+            g.rows(filter=expr)
+    g.close()
+    with pytest.raises(ModelMismatchError, match="holds a gallery of model model-a") as e:
+        Gallery.create(uri, dim=DIM, model_id="other", exist_ok=True)
+    assert "server" not in str(e.value)
+
+
+_FAILURES = """
+import sys
+from clip_client.gallery import Gallery
+if sys.argv[2] == "write":
+    g = Gallery.create(sys.argv[1], dim=16, model_id="model-a")
+    g.record_failures([{"path": "/x/bad.jpg", "sha256": "ab" * 32, "size": 3, "mtime": 1.0, "reason": "cannot decode"}])
+    g.close()
+else:
+    print(sorted(Gallery.open(sys.argv[1]).failures()))
+"""
+
+
+def test_failures_read_back_in_a_new_process(uri):
+    """A new process finds the side collection of failures released (milvus-lite, Milvus): open loads it. (milvus-lite
+    keeps its file locked while the process that opened it lives: both sides run in their own process.)"""
+    for step in ("write", "read"):
+        out = subprocess.run([sys.executable, "-c", _FAILURES, uri, step], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "['/x/bad.jpg']"

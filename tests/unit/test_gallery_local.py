@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clip_client.gallery import FilterError, Gallery, filters, local
+from clip_client.gallery import FilterError, Gallery, GalleryError, filters, local
 
 DIM = 32
 
@@ -131,6 +131,85 @@ def test_one_writer_at_a_time(tmp_path):
     assert len(b) == 2
 
 
+def test_writers_opened_before_each_other_lose_nothing(tmp_path, small_ivf):
+    """Each writer reloads what the others committed when it takes the lock: rows, deletes and compaction survive,
+    no segment file name is reused; on the flat index and on the IVF index alike."""
+    x = _clustered(3300)
+    uri = tmp_path / "g"
+    Gallery.create(uri, dim=DIM, model_id="m").close()
+    a, b, c = Gallery.open(uri), Gallery.open(uri), Gallery.open(uri)
+    a.add(["/p/0", "/p/1"], x[:2])
+    a.close()
+    b.add(["/p/2"], x[2:3])
+    b.close()
+    assert c.delete(paths="/p/0") == 1  # a row c never saw
+    c.close()
+    d, e = Gallery.open(uri), Gallery.open(uri)
+    d.add([f"/p/{i}" for i in range(3, 3300)], x[3:3300])  # trains the IVF index
+    d.close()
+    e.optimize(retrain=True)
+    e.add(["/p/3300"], _clustered(1, seed=9))
+    e.close()
+    g = Gallery.open(uri)
+    assert sorted(int(r["path"][3:]) for r in g.rows()) == list(range(1, 3301))
+    assert g.manifest["index"] is not None and g.search(x[1234], k=1)[0][0].path == "/p/1234"
+    assert len({s["file"] for s in g.manifest["segments"]}) == len(g.manifest["segments"])
+    assert sorted(os.listdir(uri / "segments")) == sorted(s["file"] for s in g.manifest["segments"])
+    g.close()
+
+
+_WRITER = """
+import sys, time
+import numpy as np
+from clip_client.gallery import Gallery, local
+uri, me = sys.argv[1], int(sys.argv[2])
+for i in range(20):
+    g = Gallery.open(uri)  # opened before the others' writes: its add must not overwrite them
+    while True:
+        try:
+            g.add([f"/w{me}/{i}"], np.random.default_rng(i).random((1, 32)))
+            break
+        except local.GalleryLockedError:
+            time.sleep(0.001)
+    g.close()
+"""
+
+
+def test_concurrent_writer_processes_lose_nothing(tmp_path):
+    uri = tmp_path / "g"
+    Gallery.create(uri, dim=DIM, model_id="m").close()
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(uri), str(w)]) for w in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    with Gallery.open(uri) as g:
+        assert sorted(r["path"] for r in g.rows()) == sorted(f"/w{w}/{i}" for w in range(3) for i in range(20))
+
+
+def test_storage_errors_are_gallery_errors(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(GalleryError, match="Not a directory"):
+        Gallery.create(tmp_path / "file.txt" / "g", dim=DIM, model_id="m")
+    g = Gallery.create(tmp_path / "g", dim=DIM, model_id="m")
+    os.rmdir(tmp_path / "g" / "segments")
+    (tmp_path / "g" / "segments").write_text("not a folder")  # a write that fails like a read-only folder would
+    with pytest.raises(GalleryError, match="gallery storage"):
+        g.add(["/p/0"], _clustered(1))
+    g.close()
+    with pytest.raises(TypeError, match="bytes"):
+        Gallery.create(os.fsencode(tmp_path / "b"), dim=DIM, model_id="m")
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob("b'*"))
+
+
+def test_cli_refuses_negative_batch_size(capsys):
+    from clip_client.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["index", "photos", "--batch-size", "-3"])
+    assert e.value.code == 2 and "must be an int >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["index", "--help"])
+    assert "0: the server's limit" in capsys.readouterr().out
+
+
 def test_old_single_file_gallery_is_refused_with_a_hint(tmp_path):
     old = tmp_path / "gallery.parquet"
     old.write_bytes(b"PAR1")
@@ -197,7 +276,30 @@ def test_filter_expressions(expr, rows):
     ("size ~ 3", "cannot read"),
     ("size > 1 size", "unexpected"),
     ('meta[1] == 2', "string key"),
+    ("tags in [1]", "tags is a list"),
+    ('tags in ["x"]', "tags is a list"),
+    ('array_length(tags) like "x"', "type"),
+    ('size like "1%"', "type"),
+    ('path in ["a", 1]', "type"),
+    ("mtime == true", "type"),
+    ("array_contains(tags, 1)", "string tags"),
+    ("not " * 3000 + "size > 1", "nested"),
+    ("(" * 3000 + "size > 1" + ")" * 3000, "nested"),
+    ('path like "\\ud800"', "surrogate"),
+    ("size > 100000000000000000000000", "out of range"),
+    ("size > 1 or " * 1_000_000 + "size > 1", "longer than"),
 ])
 def test_filter_errors(expr, message):
     with pytest.raises(FilterError, match=message):
         filters.evaluate(filters.parse(expr), _table())
+
+
+def test_long_filters_and_quoted_literals():
+    table = _table()
+    many = " or ".join(["size == 10"] * 5000)  # n-ary and/or: no recursion per term
+    assert np.flatnonzero(filters.evaluate(filters.parse(many), table)).tolist() == [0]
+    assert np.flatnonzero(filters.evaluate(filters.parse('path == "\\ud83d\\ude00"'), pa.table(
+        {"path": ["\U0001F600", "x"]}))).tolist() == [0]  # an escaped surrogate pair is one character
+    odd = ['caf\u00e9 "q" \\ \n\r\t \x01 \U0001F600', "/b/'q'.png"]
+    tree = filters.parse(filters.in_list("path", odd))
+    assert tree == ("in", ("col", "path"), odd, False)

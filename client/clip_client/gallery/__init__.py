@@ -9,9 +9,9 @@ Backends (chosen by the URI): a local folder (embedded FAISS index + Parquet, ex
 (`http://host:19530`, or a milvus-lite `*.db` file; extra `milvus`). Heavy imports happen inside the backends.
 """
 
-from .base import FIELDS, Gallery, Hit, MissingExtraError
+from .base import FIELDS, Gallery, GalleryError, Hit, MissingExtraError
 from .filters import FilterError
 from .indexing import IndexReport, encode_tolerant, index_folder, iter_image_files
 
-__all__ = ["FIELDS", "FilterError", "Gallery", "Hit", "IndexReport", "MissingExtraError", "encode_tolerant", "index_folder",
+__all__ = ["FIELDS", "FilterError", "Gallery", "GalleryError", "Hit", "IndexReport", "MissingExtraError", "encode_tolerant", "index_folder",
            "iter_image_files"]

@@ -6,7 +6,7 @@ Comparisons == != < <= > >= between a column and a literal; `in [..]` / `not in 
 _ one char); and / or / not (also && || !); array_contains(tags, x), array_contains_any(tags, [..]),
 array_contains_all(tags, [..]), array_length(tags); meta["key"] reads a key of the user metadata. Columns: see
 base.FIELDS. Literals are checked against the column's type (path / sha256: str; size / width / height /
-array_length(tags): int; mtime: number; tags only through the array_ functions). String literals are in double or
+array_length(tags), mtime: numbers; tags only through the array_ functions). String literals are in double or
 single quotes, with \\ \" \' \n \t \r escapes (quote() writes them). Milvus evaluates the string itself (after the
 same checks); the embedded backend evaluates the parsed tree with pyarrow. A filter has at most MAX_FILTER_CHARS
 characters and MAX_DEPTH nested parentheses / nots.
@@ -192,8 +192,7 @@ class _Parser:
         name = "array_length(tags)" if node[0] == "call" else node[1]
         kind = int if node[0] == "call" else _TYPES[name]
         for v in values:
-            ok = isinstance(v, str) if kind is str else (
-                not isinstance(v, bool) and isinstance(v, int if kind is int else (int, float)))
+            ok = isinstance(v, str) if kind is str else not isinstance(v, (bool, str))
             if not ok:
                 raise FilterError(f"filter: {v!r} does not match the type of {name} ({kind.__name__})")
         return node
@@ -311,7 +310,10 @@ def _value_set(values: list, table, col):
     arr = _array(table, col)
     for v in values:
         _scalar(v, arr)
-    return pa.array(values, type=arr.type)
+    try:
+        return pa.array(values, type=arr.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+        raise FilterError(f"filter: {values!r} do not fit the type of {col[-1]} ({arr.type}): {e}") from None
 
 
 def is_in(column, values: list) -> np.ndarray:
