@@ -30,14 +30,20 @@ def test_clients_are_providers(triton_server, image):
         assert (c.dimension(), c.model_id()) == (info.dim, info.model_id)
         assert np.allclose(c.embed_texts(TEXTS), c.encode_text(TEXTS)) and c.embed_texts(TEXTS).shape == (3, info.dim)
         ref = c.encode_image([str(image)])
+        # one str / one path is one item, as in encode_text / encode_image (not split into characters)
+        one_text, one_image = c.embed_texts(TEXTS[0]), c.embed_images(str(image))
+        assert one_text.shape == (1, info.dim) and np.allclose(one_text[0], c.encode_text(TEXTS[0]), atol=1e-6)
+        assert one_image.shape == (1, info.dim) and np.allclose(one_image, ref, atol=1e-6)
 
     async def run():
         async with AsyncCLIPClient(triton_server.http_url, protocol="http") as a:
             assert isinstance(a, AsyncMultimodalEmbeddingProvider)
-            return await a.dimension(), await a.model_id(), await a.embed_images([str(image)])
+            return (await a.dimension(), await a.model_id(), await a.embed_images([str(image)]),
+                    await a.embed_images(image), await a.embed_texts(TEXTS[0]))
 
-    dim, model_id, emb = asyncio.run(run())
+    dim, model_id, emb, one_image, one_text = asyncio.run(run())
     assert (dim, model_id) == (info.dim, info.model_id) and np.allclose(emb, ref, atol=1e-6)
+    assert np.allclose(one_image, ref, atol=1e-6) and one_text.shape == (1, info.dim)
 
 
 def test_langchain_embeddings(triton_server, image):
