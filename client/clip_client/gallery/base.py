@@ -205,7 +205,8 @@ class Gallery(ABC):
                 g.close()
                 raise ModelMismatchError(
                     f"{uri} holds a gallery of model {g.model_id} (dim {g.dim}), not of model {ident['model_id']} "
-                    f"(dim {ident['dim']}): embeddings of different models are not comparable - pick another uri")
+                    f"(dim {ident['dim']}): embeddings of different models are not comparable - re-index the images "
+                    "into another uri with this model")
             return g
         return backend.create(uri, ident, expected_rows)
 

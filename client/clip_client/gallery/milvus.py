@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -52,9 +53,8 @@ def _milvus_errors(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            from pymilvus.exceptions import MilvusException
-
-            if not isinstance(e, MilvusException):
+            errors = sys.modules.get("pymilvus.exceptions")  # not imported: the error cannot be one of Milvus'
+            if errors is None or not isinstance(e, errors.MilvusException):
                 raise
             raise GalleryError(f"Milvus: {getattr(e, 'message', None) or e}") from None
 
