@@ -74,7 +74,7 @@ max_image_bytes: 20971520
 {{- end }}
 {{- define "clip-triton.defaultMaxBodyBytes" -}}67108864{{- end }}
 {{- define "clip-triton.limitNames" -}}
-max_items_per_request max_text_bytes max_image_bytes max_pixels max_aspect_ratio allowed_formats jpeg_draft_gap decode_threads pad_to_multiple_of default_top_k
+max_items_per_request max_text_bytes max_image_bytes max_pixels max_aspect_ratio allowed_formats jpeg_draft_gap decode_threads default_top_k
 {{- end }}
 
 {{/* The body cap the gateway will use: gateway.maxBodyBytes, else what `limits` allow, at most the default cap. */}}
