@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from clip_server import TritonServer
+from tests.integration.triton_helpers import serving
 
 
 @dataclass
@@ -44,10 +45,5 @@ def triton_repository(tmp_path_factory, weights) -> Path:
 def triton_server(triton_repository, weights, checkpoints, tmp_path_factory):
     """A running tritonserver on free ports; stopped at the end of the session."""
     log_path = tmp_path_factory.mktemp("tritonserver") / "tritonserver.log"
-    server = TritonServer(triton_repository, log_path=log_path, exit_timeout=3)
-    server.start()
-    try:
-        server.wait_ready(180)
+    with serving(triton_repository, log_path=log_path, exit_timeout=3) as server:
         yield ServingHandle(server, Path(triton_repository), Path(weights("clip")), Path(checkpoints("clip")))
-    finally:
-        server.stop()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -26,11 +25,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from clip_build.repository import generate_configs
 from clip_common import contract as C
 from clip_loadtest.hardening import ShmSampler, abandon, executed, heavy_request, png, png_header, send_items, thin
-from clip_server import TritonServer
-from tests.integration.triton_helpers import CLIP_WORKERS, GoodTraffic
+from tests.integration.triton_helpers import CLIP_WORKERS, GoodTraffic, repository_copy, serving
 
 PROTOCOLS = ("http", "grpc")
 LEAK = re.compile(r'Traceback|File "|\.py\b|site-packages|/usr/|/home/|/root/|/tmp/|/work/|TorchScript|torch\.')
@@ -237,19 +234,10 @@ QUEUE_TIMEOUT_S = 2.0
 def queued(triton_server, tmp_path_factory):
     """A copy of the shared repository with a 2 s queue timeout (default queue size), served alone: the heavy
     attacks do not slow the other tests, and the queue policy acts within the test's time."""
-    repo = tmp_path_factory.mktemp("queued") / "repo"
-    shutil.copytree(triton_server.repository, repo)
-    manifest = json.loads((triton_server.weights_dir / "manifest.json").read_text())
-    for name, text in generate_configs(manifest, max_queue_delay_us=2000,
-                                       queue_timeout_us=int(QUEUE_TIMEOUT_S * 1e6)).items():
-        (repo / name / "config.pbtxt").write_text(text)
-    server = TritonServer(repo, exit_timeout=2, admin_key="attacks-admin-key")
-    server.start()
-    try:
-        server.wait_ready(180)
+    repo = repository_copy(triton_server, tmp_path_factory.mktemp("queued") / "repo", max_queue_delay_us=2000,
+                           queue_timeout_us=int(QUEUE_TIMEOUT_S * 1e6))
+    with serving(repo, exit_timeout=2, admin_key="attacks-admin-key") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_repeated_oversized_items_keep_shared_memory_bounded(queued):

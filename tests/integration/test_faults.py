@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,8 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.integration.triton_helpers import CLIP_WORKERS, GoodTraffic, read_until_ready, wait_until
+from tests.integration.triton_helpers import (CLIP_WORKERS, GoodTraffic, read_until_ready, repository_copy, serving,
+                                             wait_until)
 
 from clip_server import Supervisor, TritonServer, TritonServerError, free_port
 from clip_server.process import SHM_DIR
@@ -39,21 +39,17 @@ def supervised(triton_server, tmp_path_factory):
     """Its own server on its own copy of the repository, supervised from a thread (inference probe every second);
     shared by the fault tests of this module, each leaving it serving."""
     tmp = tmp_path_factory.mktemp("supervised")
-    repo = tmp / "repo"
-    shutil.copytree(triton_server.repository, repo)
-    server = TritonServer(repo, exit_timeout=2, log_path=tmp / "tritonserver.log")
-    server.start()
-    server.wait_ready(180)
-    sup = Supervisor(server, check_interval=0.5, confirm_delay=0.2, max_restarts=5, window=600, probe_interval=1.0,
-                     probe_timeout=20)
-    stop = threading.Event()
-    thread = sup.start_thread(stop)
-    try:
-        yield server, sup
-    finally:
-        stop.set()
-        thread.join(60)
-        server.stop()
+    with serving(repository_copy(triton_server, tmp / "repo"), exit_timeout=2,
+                 log_path=tmp / "tritonserver.log") as server:
+        sup = Supervisor(server, check_interval=0.5, confirm_delay=0.2, max_restarts=5, window=600,
+                         probe_interval=1.0, probe_timeout=20)
+        stop = threading.Event()
+        thread = sup.start_thread(stop)
+        try:
+            yield server, sup
+        finally:
+            stop.set()
+            thread.join(60)
 
 
 def wait_restored(sup: Supervisor, before: int, timeout: float = 120) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,9 +18,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image, ImageOps
 from tritonclient.utils import InferenceServerException
-from tests.integration.triton_helpers import infer
+from tests.integration.triton_helpers import infer, repository_copy, serving
 
-from clip_build.repository import generate_configs, info_payload
 from clip_loadtest.hardening import png_header
 from clip_server import TritonServer
 
@@ -386,19 +384,10 @@ ADMIN_KEY = "test-admin-key-123"
 def hardened(triton_server, tmp_path_factory):
     """A copy of the shared repository with tight limits (configs regenerated as `build --limit` writes them), served
     with the admin APIs restricted behind ADMIN_KEY."""
-    repo = tmp_path_factory.mktemp("hardened") / "repo"
-    shutil.copytree(triton_server.repository, repo)
-    manifest = json.loads((triton_server.weights_dir / "manifest.json").read_text())
-    for name, text in generate_configs(manifest, max_queue_delay_us=2000, limits=LIMITS).items():
-        (repo / name / "config.pbtxt").write_text(text)
-    (repo / "clip_info" / "1" / "info.json").write_text(json.dumps(info_payload(manifest, limits=LIMITS)))
-    server = TritonServer(repo, admin_key=ADMIN_KEY, exit_timeout=2)
-    server.start()
-    try:
-        server.wait_ready(180)
+    repo = repository_copy(triton_server, tmp_path_factory.mktemp("hardened") / "repo", max_queue_delay_us=2000,
+                           limits=LIMITS)
+    with serving(repo, admin_key=ADMIN_KEY, exit_timeout=2) as server:
         yield server
-    finally:
-        server.stop()
 
 
 LIMIT_CASES = [

@@ -3,9 +3,14 @@ good traffic checked while an attack or a fault runs."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -25,6 +30,36 @@ def infer(client, protocol: str, model: str, inputs: dict[str, np.ndarray], outp
         tensors.append(t)
     result = client.infer(model, tensors, outputs=[mod.InferRequestedOutput(n) for n in outputs], headers=headers)
     return {n: result.as_numpy(n) for n in outputs}
+
+
+def repository_copy(triton_server, dest: Path, **config_options) -> Path:
+    """A copy of the session's repository at `dest`; with `config_options`, its configs regenerated as `build` writes
+    them with those options (and clip_info's limits too when `limits` is one of them)."""
+    from clip_build.repository import generate_configs, info_payload
+
+    shutil.copytree(triton_server.repository, dest)
+    if config_options:
+        manifest = json.loads((triton_server.weights_dir / "manifest.json").read_text())
+        for name, text in generate_configs(manifest, **config_options).items():
+            (dest / name / "config.pbtxt").write_text(text)
+        if "limits" in config_options:
+            info = info_payload(manifest, limits=config_options["limits"])
+            (dest / "clip_info" / "1" / "info.json").write_text(json.dumps(info))
+    return dest
+
+
+@contextmanager
+def serving(repository: Path, **server_options) -> Iterator:
+    """A TritonServer on `repository`, ready within 180 s; stopped on exit."""
+    from clip_server import TritonServer
+
+    server = TritonServer(repository, **server_options)
+    server.start()
+    try:
+        server.wait_ready(180)
+        yield server
+    finally:
+        server.stop()
 
 
 def wait_until(condition, timeout: float, interval: float = 0.05) -> bool:
