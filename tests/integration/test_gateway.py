@@ -12,7 +12,6 @@ import http.client
 import io
 import json
 import socket
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -30,6 +30,7 @@ from tritonclient.utils import InferenceServerException
 from clip_client import CLIPClient
 from clip_common.contract import (ENCODERS, INTERNAL_MODELS, PUBLIC_MODELS, EncodeImage, EncodeText,
                                   PreprocessText, ZeroShot)
+from clip_loadtest.soak import RssSampler
 from clip_server import TritonServer
 from clip_server.gateway import GRPC_SERVICE, MAX_MESSAGE_FIELDS, body_cap, repository_limits
 from tests.integration.gateway_helpers import metric, metric_names, promql_metric_names, scrape, start_gateway
@@ -320,11 +321,6 @@ def test_gateway_refuses_a_port_in_use(upstreams, gateway):
     assert f"--http-port {gateway.http_port} on 127.0.0.1 is in use" in str(info.value)
 
 
-def _rss_mib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS"))
-
-
 def test_memory_stays_bounded_under_concurrent_uploads(upstreams):
     """24 concurrent uploads of 30 MB (720 MB buffered without a bound) through a gateway bounded to 256 MiB of heap:
     Envoy's resident memory stays near the bound, refused uploads get 503 or are cut, and it serves again after."""
@@ -332,14 +328,9 @@ def test_memory_stays_bounded_under_concurrent_uploads(upstreams):
     gw = start_gateway([f"127.0.0.1:{s.http_port}:{s.grpc_port}" for s in upstreams],
                        "--max-body-bytes", str(32 * 1024**2), "--max-heap-bytes", str(heap))
     try:
-        envoy = int(subprocess.run(["pgrep", "-P", str(gw.proc.pid)], capture_output=True, text=True).stdout.split()[0])
-        peak, done = [0], threading.Event()
-
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], _rss_mib(envoy))
-                time.sleep(0.02)
-
+        envoy = psutil.Process(gw.proc.pid).children()[0]  # `clip-triton gateway` runs Envoy as its one child
+        done = threading.Event()
+        sampler = RssSampler(lambda: envoy.memory_info().rss, 0.02, done)
         def upload(_) -> bytes:
             try:
                 with socket.create_connection(("127.0.0.1", gw.http_port), timeout=60) as sock:
@@ -349,13 +340,13 @@ def test_memory_stays_bounded_under_concurrent_uploads(upstreams):
             except OSError:
                 return b"cut"
 
-        sampler = threading.Thread(target=sample)
         sampler.start()
         with ThreadPoolExecutor(24) as pool:
             outcomes = list(pool.map(upload, range(24)))
         done.set()
         sampler.join()
-        assert peak[0] < heap // 1024**2 + 200, (peak[0], outcomes)
+        peak_mib = max(rss for _, rss in sampler.samples) // 1024**2
+        assert peak_mib < heap // 1024**2 + 200, (peak_mib, outcomes)
         assert all(o == b"cut" or o.startswith(b"HTTP/1.1 ") for o in outcomes), outcomes  # Triton answers the rest
         assert sum(o in (b"cut", b"HTTP/1.1 503 Service Unavailable") for o in outcomes) >= 4, outcomes  # the bound acted
         assert wait_until(lambda: _http(gw, "GET", "/v2/health/ready")[0] == 200, 10)  # serves again
