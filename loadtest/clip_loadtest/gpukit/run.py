@@ -308,12 +308,17 @@ def serve_dtype(ctx: Context, dtype: str) -> dict:
             res["latency"][kind] = r.summary()
             if not args.no_perf_analyzer:
                 res["perf_analyzer"][kind] = _perf(server, kind, items, plan, work)
-        res["rss_mb"] = round(server.rss_bytes() / 2**20)
-        if not server.running or server.not_ready_models() or server.dead_stubs():
-            res["errors"].append("the server, a model or a python stub died during the run (see the server log)")
+        record_server_state(server, res)
     finally:
         server.stop()
     return res
+
+
+def record_server_state(server, res: dict) -> None:
+    """The server's resident memory after a run into res["rss_mb"]; an error in res["errors"] if anything died."""
+    res["rss_mb"] = round(server.rss_bytes() / 2**20)
+    if not server.running or server.not_ready_models() or server.dead_stubs():
+        res["errors"].append("the server, a model or a python stub died during the run (see the server log)")
 
 
 def end_to_end(ctx: Context, server, client, kind: str, items: list, label: str, errors: list) -> dict:
@@ -390,9 +395,7 @@ def serve_gpu_decode(ctx: Context, res: dict) -> None:
             res["skipped"].append("perf_analyzer (image): time budget")
         elif not args.no_perf_analyzer:
             res["perf_analyzer"] = {"image": _perf(server, "image", ctx.images, plan, work)}
-        res["rss_mb"] = round(server.rss_bytes() / 2**20)
-        if not server.running or server.not_ready_models() or server.dead_stubs():
-            res["errors"].append("the server, a model or a python stub died during the run (see the server log)")
+        record_server_state(server, res)
     finally:
         server.stop()
 
