@@ -271,10 +271,13 @@ def test_abandoned_heavy_requests_are_shed_and_a_good_one_is_fast(queued):
                        ["image_embeds"])
         good_s = time.monotonic() - t0
     heavy_ran = executed(queued) - before - good.count(kind="image") - 1  # preprocess_image executions
-    print(f"40 abandoned heavy requests: {outcomes}; {heavy_ran} of them executed; a good request right after: "
-          f"{good_s:.1f}s")
+    for_nobody = heavy_ran - outcomes.get("answered", 0)  # executed although their client had given up
+    print(f"40 abandoned heavy requests: {outcomes}; {heavy_ran} of them executed, {for_nobody} for nobody; "
+          f"a good request right after: {good_s:.1f}s")
     good.assert_all_good(minimum=10)
     assert not isinstance(after, Exception), after
-    assert heavy_ran < 20, heavy_ran  # refused from the queue once they waited too long, not run for nobody
+    # refused from the queue once they waited too long: without the policy every abandoned request runs
+    # (docs/benchmarks.md, 100 of 100); with it about half of them here (17 of 32 on a quiet machine)
+    assert for_nobody <= 0.75 * outcomes.get("gave up", 0), (heavy_ran, outcomes)
     assert good_s < 3 * QUEUE_TIMEOUT_S + 5, good_s
     assert not queued.not_ready_models() and not queued.dead_stubs()
