@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint snapshot tools kube-tools bench gpu-kit clean
 
-$(STAMP): pyproject.toml
+# The test extra pulls in every tool extra (loadtest, gateway, gallery, milvus) and the client distribution from
+# ./client; the last line makes that client editable too, so tests and commands run this tree's code.
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps -e ./client
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -124,7 +124,6 @@ def measure_in_process(checkpoint: Path, images: list[bytes], texts: list[str], 
         for _ in range(reps):
             model.get_image_features(pixel_values=px)
         out["model_only_image"][b] = reps * b / (time.perf_counter() - t0)
-    del model
     return out
 
 
@@ -706,7 +705,7 @@ def plot(results: dict, path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
-        log.warning("matplotlib is not installed: no plot")
+        log.warning("matplotlib is not installed (pip install 'clip-triton[loadtest]'): no plot")
         return False
     inproc = results.get("in_process") or {}
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))

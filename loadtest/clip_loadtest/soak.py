@@ -114,7 +114,7 @@ class RssSampler(threading.Thread):
         while True:
             try:
                 self.samples.append((time.monotonic() - self.t0, int(self.rss_fn())))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - a failed sample is logged; sampling goes on
                 log.warning("rss sample failed: %s", exc)
             if self.stop.wait(self.every):
                 return
