@@ -204,7 +204,8 @@ class TritonPythonModel:
         for r in requests:
             open(f"{self.marks}-{time.monotonic_ns()}", "w").close()  # the test waits for these, not a sleep
             time.sleep(2.0)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())]))
+            x = pb_utils.get_input_tensor_by_name(r, "X").as_numpy()
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", x)]))
         return out
 """
 
@@ -235,7 +236,7 @@ def test_sigterm_under_load_drains_in_flight_requests(tmp_path):
         lines = read_until_ready(proc)
         out = "".join(lines)
         assert "Ctrl-C to stop" in out, out + proc.stderr.read()
-        assert sum(l.startswith("admin key: ") for l in lines) == 1  # generated key, printed once
+        assert sum(line.startswith("admin key: ") for line in lines) == 1  # generated key, printed once
 
         results: dict[int, object] = {}
 

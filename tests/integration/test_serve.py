@@ -76,7 +76,7 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path):
     proc = subprocess.Popen(_serve_cmd(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = read_until_ready(proc)
-        assert any("HTTP" in l for l in lines), "".join(lines) + proc.stderr.read()
+        assert any("HTTP" in line for line in lines), "".join(lines) + proc.stderr.read()
         children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert children, "tritonserver and its stub should be running"
         os.kill(proc.pid, signal.SIGTERM)

@@ -60,6 +60,6 @@ def test_client_and_runtime_stay_light():
 
 
 def test_no_sys_path_edits():
-    for name, folder in PACKAGES.items():
+    for folder in PACKAGES.values():
         for path in folder.rglob("*.py"):
             assert "sys.path.insert" not in path.read_text() and "sys.path.append" not in path.read_text(), path
