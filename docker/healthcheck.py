@@ -48,6 +48,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except Exception as exc:  # any failure is "unhealthy"; say why in `docker inspect`
+    except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy"; say why in `docker inspect`
         print(f"unhealthy: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -37,7 +37,7 @@ def healthy() -> bool:
     """One health check; its reason on stderr when it fails."""
     try:
         return check() == 0
-    except Exception as exc:  # any failure is "unhealthy"
+    except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy"
         print(f"inference check failed: {exc}", file=sys.stderr, flush=True)
         return False
 

@@ -139,7 +139,7 @@ def execute_each(
             responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
         except InvalidInputError as exc:
             responses.append(error_response(pb_utils, str(exc)))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a fault of ours: logged, short message
             responses.append(internal_error(pb_utils, logger, f"{what} failed", exc))
     return responses
 

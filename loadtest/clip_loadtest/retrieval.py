@@ -137,7 +137,7 @@ def probe_new(uri: str, queries: np.ndarray, k: int, sweep: tuple[int, ...] = ()
     """In a fresh process: Gallery.open, one query, the last `warmup` queries (untimed, as a running service has seen
     some), then every other query alone (at the default nprobe, then at each nprobe of `sweep`); memory growth."""
     import faiss  # noqa: F401 - libraries loaded before the baseline, as pyarrow is for the old path
-    import pyarrow  # noqa: F401
+    import pyarrow  # noqa: F401 - loaded before the baseline, see faiss above
 
     from clip_client.gallery import Gallery
 
