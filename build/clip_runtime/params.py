@@ -26,6 +26,10 @@ PARAMETERS: dict[str, Param] = {
     "tokenizer_file": Param("str", "tokenizer.json", "tokenizer.json, relative to the model version folder"),
     "max_length": Param("int", 77, "tokens per text after truncation (the text tower's context length)"),
     "pad_token_id": Param("int", 0, "id written into padded positions"),
+    "tokenizer_kind": Param("str", "tokenizers", "tokenizers (pad to the longest text) | tokenizers_fixed (pad to "
+                            "max_length, every position fed) | siglip_spm (SigLIP's SentencePiece, tokenizer_file = "
+                            "spiece.model)"),
+    "tokenizer_settings": Param("str", "", "JSON file beside tokenizer_file with siglip_spm's special tokens"),
     "max_text_bytes": Param("int", 16384, "largest accepted UTF-8 text, bytes"),
     # preprocess_image
     "image_size": Param("int", 224, "resize target: shortest edge (resize_mode=shortest_edge) or square side"),
@@ -50,6 +54,8 @@ PARAMETERS: dict[str, Param] = {
                                    "embeddings each)"),
     # postprocess
     "logit_scale": Param("float", 4.605170249938965, "raw learned logit scale; logits use exp(logit_scale)"),
+    "logit_bias": Param("float", 0.0, "added to every logit (SigLIP's learned bias; 0 for CLIP)"),
+    "scoring": Param("str", "softmax", "probs: softmax over the texts (CLIP) | sigmoid of each logit (SigLIP)"),
     "default_top_k": Param("int", 5, "top_k used when a request sends none"),
     "model_id": Param("str", "", "identity of the weights (manifest model_id); clients tag galleries with it"),
     # TorchScript encoders: the libtorch backend's own parameter names (our Python-based runner reads the same)

@@ -82,3 +82,108 @@ class TextTokenizer:
     def encode_bytes(self, items: Sequence[bytes], max_bytes: int | None = None) -> TokenRows:
         """decode_text each item, then encode_batch (raises InvalidInputError on the first bad item)."""
         return self.encode_batch([decode_text(x, max_bytes) for x in items])
+
+
+def _pad_rows(encoded: Sequence[Sequence[int]], pad_token_id: int, width: int | None = None) -> TokenRows:
+    """Token id lists -> TokenRows right-padded to `width` (None: the longest row); padded rows count as tokens."""
+    counts = np.array([len(e) for e in encoded], dtype=np.int32)  # (N,)
+    width = max(1, int(counts.max(initial=0))) if width is None else int(width)
+    ids = np.full((len(encoded), width), pad_token_id, dtype=np.int64)  # (N, L)
+    for i, e in enumerate(encoded):
+        ids[i, :len(e)] = e
+    lengths = np.full((len(encoded), 1), width, dtype=np.int64)  # (N, 1): every position is fed
+    return TokenRows(ids, lengths, np.full_like(lengths, width), counts)
+
+
+class FixedLengthTokenizer:
+    """tokenizer.json -> TokenRows padded to max_length, every position fed to the encoder (no attention mask), as
+    the bidirectional towers that pool the last position (SigLIP with a fast / Gemma tokenizer) are run."""
+
+    def __init__(self, tokenizer_json: str | os.PathLike, max_length: int, pad_token_id: int):
+        self.inner = TextTokenizer(tokenizer_json, max_length, pad_token_id)
+        self.max_length, self.pad_token_id = self.inner.max_length, self.inner.pad_token_id
+
+    def encode_batch(self, texts: Sequence[str]) -> TokenRows:
+        """Tokenize (truncated to max_length) and right-pad every row to max_length."""
+        rows = self.inner.encode_batch(texts)
+        return _pad_rows([r[:n] for r, n in zip(rows.ids.tolist(), rows.lengths.reshape(-1).tolist())],
+                         self.pad_token_id, self.max_length)
+
+
+class SiglipSentencePiece:
+    """SigLIP's SentencePiece tokenizer exactly as transformers' SiglipTokenizer runs it (sentencepiece only).
+
+    Special tokens in the text are split off first; every other piece is lower-cased, stripped of ASCII punctuation
+    and whitespace-collapsed (SigLIP's canonicalisation), encoded behind an "<unk>" prefix that is cut off again (the
+    slow tokenizer's way to drop SentencePiece's dummy prefix), then "</s>" is appended after truncation and the row
+    padded to max_length: SigLIP's text tower pools the last position of a max_length row.
+    settings: {"eos_token", "unk_token", "do_lower_case", "special": [{"content", "id", "lstrip", "rstrip"}]}.
+    """
+
+    def __init__(self, spm_file: str | os.PathLike, settings: dict, max_length: int, pad_token_id: int):
+        import re
+        import string
+
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=os.fspath(spm_file))
+        self.max_length, self.pad_token_id = int(max_length), int(pad_token_id)
+        self.lower = bool(settings.get("do_lower_case", True))
+        self.unk = str(settings.get("unk_token", "<unk>"))
+        self.unk_length = len(self.sp.encode(self.unk, out_type=str))
+        special = sorted(settings.get("special") or [], key=lambda t: -len(t["content"]))
+        self.special = {t["content"]: t for t in special}
+        self.eos_id = int(self.special[settings.get("eos_token", "</s>")]["id"])
+        self._split = re.compile("(" + "|".join(re.escape(t["content"]) for t in special) + ")") if special else None
+        self._punct = str.maketrans("", "", string.punctuation)
+        self._spaces = re.compile(r"\s+")
+
+    def _canonical(self, text: str) -> str:
+        text = text.lower() if self.lower else text
+        return self._spaces.sub(" ", text.translate(self._punct)).strip()
+
+    def _pieces(self, text: str) -> list[str]:
+        pieces = self.sp.encode(self.unk + self._canonical(text), out_type=str)
+        return pieces[self.unk_length:] if len(pieces) >= self.unk_length else pieces
+
+    def tokens(self, text: str) -> list[str]:
+        """The token strings of one text, special tokens included, no EOS added (SiglipTokenizer.tokenize)."""
+        text = "\u2581" + text.replace("\u2581", " ")
+        parts = [p for p in self._split.split(text)] if self._split else [text]
+        for i, part in enumerate(parts):
+            if part in self.special:
+                t = self.special[part]
+                if t.get("rstrip") and i + 1 < len(parts) and parts[i + 1]:
+                    parts[i + 1] = parts[i + 1].lstrip()
+                if t.get("lstrip") and i > 0 and parts[i - 1]:
+                    parts[i - 1] = parts[i - 1].rstrip()
+        out: list[str] = []
+        for part in parts:
+            if part:
+                out.extend([part] if part in self.special else self._pieces(part))
+        if len(out) > 1 and out[0] == "\u2581" and out[1] in self.special:
+            out = out[1:]
+        return out
+
+    def ids(self, text: str) -> list[int]:
+        """Token ids of one text as SiglipTokenizer(text, truncation=True, max_length=max_length) gives them."""
+        ids = [int(self.special[t]["id"]) if t in self.special else self.sp.piece_to_id(t) for t in self.tokens(text)]
+        ids = ids[:self.max_length - 1]
+        return ids if ids and ids[-1] == self.eos_id else ids + [self.eos_id]
+
+    def encode_batch(self, texts: Sequence[str]) -> TokenRows:
+        """Every text's ids, right-padded with pad_token_id to max_length."""
+        return _pad_rows([self.ids(t) for t in texts], self.pad_token_id, self.max_length)
+
+
+def load_tokenizer(kind: str, path: str | os.PathLike, max_length: int, pad_token_id: int,
+                   settings: dict | None = None):
+    """The preprocess_text tokenizer of a `tokenizer_kind` parameter: tokenizers (pad to the longest text),
+    tokenizers_fixed (pad to max_length) or siglip_spm (SiglipSentencePiece)."""
+    if kind == "tokenizers":
+        return TextTokenizer(path, max_length, pad_token_id)
+    if kind == "tokenizers_fixed":
+        return FixedLengthTokenizer(path, max_length, pad_token_id)
+    if kind == "siglip_spm":
+        return SiglipSentencePiece(path, settings or {}, max_length, pad_token_id)
+    raise ValueError(f"unknown tokenizer_kind {kind!r} (tokenizers, tokenizers_fixed or siglip_spm)")
