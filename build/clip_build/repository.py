@@ -141,6 +141,7 @@ def image_parameters(manifest: dict) -> dict[str, Any]:
         "resize_mode": mode,
         "crop_size": crop,
         "do_center_crop": do_crop,
+        "crop_rounding": str(img.get("crop_rounding") or "floor"),
         "resample": int(img.get("resample", 3)),
         "rescale_factor": float(img.get("rescale_factor", 1 / 255)) if do_rescale else 1.0,
         "image_mean": list(img.get("mean") or P.PARAMETERS["image_mean"].default) if do_normalize else [0.0] * 3,
@@ -332,7 +333,8 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", max_batch_si
     cfg[C.PreprocessImage.NAME] = (
         head(C.PreprocessImage.NAME) + batching
         + _instances("KIND_GPU" if gpu_decode else "KIND_CPU", plan.image_instances)
-        + params(["image_size", "resize_mode", "crop_size", "do_center_crop", "resample", "rescale_factor",
+        + params(["image_size", "resize_mode", "crop_size", "do_center_crop", "crop_rounding", "resample",
+                  "rescale_factor",
                   "image_mean", "image_std", "max_image_bytes", "max_pixels", "max_aspect_ratio", "allowed_formats",
                   "jpeg_draft_gap", "decode_threads", "image_decode", "max_items_per_request", "model_id"],
                  {**img, "decode_threads": plan.decode_threads, "image_decode": plan.image_decode,

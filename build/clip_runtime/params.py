@@ -36,6 +36,8 @@ PARAMETERS: dict[str, Param] = {
     "resize_mode": Param("str", "shortest_edge", "shortest_edge (keep aspect) | exact (height=width=image_size)"),
     "crop_size": Param("int", 224, "center crop side; the encoder input is [3, crop_size, crop_size]"),
     "do_center_crop": Param("bool", True, "center-crop after resizing"),
+    "crop_rounding": Param("str", "floor", "center-crop offset: floor((d) / 2) as transformers | round as torchvision "
+                           "(open_clip)"),
     "resample": Param("int", 3, "PIL resampling filter (3 = bicubic, as CLIPImageProcessor)"),
     "rescale_factor": Param("float", 1 / 255, "uint8 -> [0, 1] factor"),
     "image_mean": Param("floats", [0.48145466, 0.4578275, 0.40821073], "per-channel mean (OpenAI CLIP)"),

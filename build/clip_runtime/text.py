@@ -176,6 +176,101 @@ class SiglipSentencePiece:
         return _pad_rows([self.ids(t) for t in texts], self.pad_token_id, self.max_length)
 
 
+class OpenClipBPE:
+    """open_clip's default tokenizer (SimpleTokenizer) exactly: OpenAI's BPE over ftfy-fixed, twice HTML-unescaped,
+    whitespace-cleaned text (lower-cased for clean=lower, punctuation stripped too for canonicalize), as
+    [<start_of_text>] tokens [<end_of_text>], cut to max_length with the last kept token replaced by the end token.
+    Rows are padded with pad_token_id to the longest text (causal towers) or to max_length (`fixed`)."""
+
+    def __init__(self, bpe_gz: str | os.PathLike, settings: dict, max_length: int, pad_token_id: int,
+                 fixed: bool = False):
+        import gzip
+
+        import regex
+
+        merges = gzip.open(os.fspath(bpe_gz)).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        merges = [tuple(m.split()) for m in merges]
+        self.byte_encoder = _bytes_to_unicode()
+        vocab = list(self.byte_encoder.values())
+        vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+        special = ["<start_of_text>", "<end_of_text>"]
+        self.encoder = {t: i for i, t in enumerate(vocab + special)}
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.cache = {t: t for t in special}
+        self.sot, self.eot = self.encoder[special[0]], self.encoder[special[1]]
+        self.pat = regex.compile("|".join(special) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+                                 regex.IGNORECASE)
+        self.clean = str(settings.get("clean", "lower"))
+        self.max_length, self.pad_token_id, self.fixed = int(max_length), int(pad_token_id), fixed
+
+    def _clean(self, text: str) -> str:
+        import html
+        import string
+
+        import ftfy
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        if self.clean == "canonicalize":
+            text = text.replace("_", " ").translate(str.maketrans("", "", string.punctuation)).lower()
+        text = " ".join(text.split()).strip()
+        return text.lower() if self.clean == "lower" else text
+
+    def _bpe(self, token: str) -> str:
+        if token in self.cache:
+            return self.cache[token]
+        word = tuple(token[:-1]) + (token[-1] + "</w>",)
+        while len(word) > 1:
+            pairs = {(a, b) for a, b in zip(word, word[1:])}
+            first, second = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if (first, second) not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = tuple(merged)
+        out = " ".join(word)
+        if len(self.cache) < 100_000:  # bounded: texts come from clients
+            self.cache[token] = out
+        return out
+
+    def ids(self, text: str) -> list[int]:
+        """[SOT] + BPE ids + [EOT], cut to max_length (the last kept id becomes EOT), as open_clip's tokenizer."""
+        ids = [self.sot]
+        for token in self.pat.findall(self._clean(text)):
+            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self._bpe(token).split(" "))
+        ids.append(self.eot)
+        if len(ids) > self.max_length:
+            ids = ids[:self.max_length]
+            ids[-1] = self.eot
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> TokenRows:
+        """Every text's ids, right-padded to the longest text (or to max_length when `fixed`)."""
+        rows = _pad_rows([self.ids(t) for t in texts], self.pad_token_id, self.max_length if self.fixed else None)
+        if not self.fixed:  # causal towers: only the tokens count, the encoder masks the padding
+            rows = TokenRows(rows.ids, rows.counts.reshape(-1, 1).astype(np.int64), rows.widths, rows.counts)
+        return rows
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP reversible byte -> printable unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
 def load_tokenizer(kind: str, path: str | os.PathLike, max_length: int, pad_token_id: int,
                    settings: dict | None = None):
     """The preprocess_text tokenizer of a `tokenizer_kind` parameter: tokenizers (pad to the longest text),
@@ -186,4 +281,6 @@ def load_tokenizer(kind: str, path: str | os.PathLike, max_length: int, pad_toke
         return FixedLengthTokenizer(path, max_length, pad_token_id)
     if kind == "siglip_spm":
         return SiglipSentencePiece(path, settings or {}, max_length, pad_token_id)
-    raise ValueError(f"unknown tokenizer_kind {kind!r} (tokenizers, tokenizers_fixed or siglip_spm)")
+    if kind in ("open_clip_bpe", "open_clip_bpe_fixed"):
+        return OpenClipBPE(path, settings or {}, max_length, pad_token_id, fixed=kind.endswith("_fixed"))
+    raise ValueError(f"unknown tokenizer_kind {kind!r} (tokenizers, tokenizers_fixed, siglip_spm, open_clip_bpe[_fixed])")

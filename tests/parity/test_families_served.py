@@ -43,18 +43,55 @@ IMAGES = [_encoded(_photo(h, w, s), fmt) for s, (h, w, fmt) in enumerate(
     [(64, 64, "PNG"), (120, 80, "JPEG"), (45, 200, "PNG"), (301, 300, "PNG"), (33, 40, "JPEG")])]
 
 
+# Tiny open_clip configs in open_clip's own format: GELU vs QuickGELU, class-token vs average pooling, ln_pre or not,
+# image sizes 48 and 64, shortest-edge + center crop vs squash, bicubic vs bilinear.
+OC_GELU = {"embed_dim": 24, "vision_cfg": {"image_size": 48, "layers": 2, "width": 64, "patch_size": 16,
+                                           "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+OC_GELU_PRE = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic", "resize_mode": "shortest"}
+OC_QUICK = {"embed_dim": 16, "quick_gelu": True,
+            "vision_cfg": {"image_size": 64, "layers": 2, "width": 48, "patch_size": 16, "head_width": 12,
+                           "pool_type": "avg", "no_ln_pre": True},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                         "proj_bias": True}}
+OC_QUICK_PRE = {"interpolation": "bilinear", "resize_mode": "squash"}
+
+
+def _training_checkpoint(tmp: Path, hub: Path) -> tuple[Path, Path]:
+    """open_clip's training output for the OC_GELU model: epoch_3.pt {"epoch", "state_dict" with `module.` keys}
+    and the model config as a JSON file (what --model-config takes)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(hub / "open_clip_model.safetensors"))
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in sd.items()}},
+               str(tmp / "epoch_3.pt"))
+    (tmp / "model.json").write_text(json.dumps(OC_GELU))
+    return tmp / "epoch_3.pt", tmp / "model.json"
+
+
 @pytest.fixture(scope="module")
 def family_server(tmp_path_factory, checkpoints):
     """One repository with every family model of this file, served once: (server, {name: (checkpoint, weights)})."""
     from clip_build.convert import convert
     from clip_build.repository import BuildOptions, build_repositories
+    from tests.parity.open_clip_reference import save_hub_folder
 
     tmp = tmp_path_factory.mktemp("families")
-    models = {"siglip": checkpoints("siglip")}
+    models = {"siglip": checkpoints("siglip"),
+              "oc-gelu": save_hub_folder(tmp / "oc-gelu", OC_GELU, OC_GELU_PRE, seed=1),
+              "oc-quick": save_hub_folder(tmp / "oc-quick", OC_QUICK, OC_QUICK_PRE, seed=2, safetensors=False)}
+    epoch, model_json = _training_checkpoint(tmp, models["oc-gelu"])
+    # open_clip's reference for the training checkpoint: the same weights with open_clip's default preprocessing
+    reference_dir = tmp / "oc-epoch-reference"
+    reference_dir.mkdir()
+    (reference_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": OC_GELU, "preprocess_cfg": {}}))
+    (reference_dir / "open_clip_model.safetensors").symlink_to(models["oc-gelu"] / "open_clip_model.safetensors")
     weights = {}
     for name, ckpt in models.items():
-        convert(str(ckpt), tmp / f"w-{name}")
+        convert(str(ckpt), tmp / f"w-{name}", allow_pickle=name == "oc-quick")
         weights[name] = tmp / f"w-{name}"
+    convert(str(epoch), tmp / "w-oc-epoch", allow_pickle=True, model_config=str(model_json))
+    weights["oc-epoch"], models["oc-epoch"] = tmp / "w-oc-epoch", reference_dir
     repo = build_repositories([(n, w) for n, w in weights.items()], tmp / "repo", BuildOptions(max_queue_delay_us=500))
     with serving(repo, log_path=tmp / "tritonserver.log", exit_timeout=3) as server:
         yield server, {n: (models[n], weights[n]) for n in models}
@@ -120,6 +157,45 @@ def test_siglip_image_embeddings_match_transformers(siglip_result):
 def test_siglip_zero_shot_is_per_label_sigmoid(siglip_result):
     served, ref = siglip_result
     assert np.abs(served[ZeroShot.PROBS] - ref["probs"].numpy()).max() <= PROB_TOL
+
+
+@pytest.fixture(scope="module")
+def open_clip_results(family_server):
+    from tests.parity.open_clip_reference import reference
+
+    server, models = family_server
+    return {name: (_served(server, name), reference(models[name][0], TEXTS, IMAGES))
+            for name in ("oc-gelu", "oc-quick", "oc-epoch")}
+
+
+@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick", "oc-epoch"])
+def test_open_clip_text_embeddings_match_open_clip(open_clip_results, name):
+    served, ref = open_clip_results[name]
+    cos = _cos_min(served[EncodeText.TEXT_EMBEDS], ref["text"])
+    PARITY[f"{name} (served)", "text"] = cos
+    assert cos >= MIN_COS
+
+
+@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick", "oc-epoch"])
+def test_open_clip_image_embeddings_match_open_clip(open_clip_results, name):
+    served, ref = open_clip_results[name]
+    cos = _cos_min(served[EncodeImage.IMAGE_EMBEDS], ref["image"])
+    PARITY[f"{name} (served)", "image"] = cos
+    assert cos >= MIN_COS
+
+
+@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick"])
+def test_open_clip_zero_shot_probabilities_match(open_clip_results, name):
+    served, ref = open_clip_results[name]
+    assert np.abs(served[ZeroShot.PROBS] - ref["probs"].numpy()).max() <= PROB_TOL
+
+
+def test_training_checkpoint_serves_the_same_model_as_its_hub_folder(family_server):
+    server, models = family_server
+    client = httpclient.InferenceServerClient(server.http_url)
+    infos = {n: json.loads(infer(client, "http", f"{n}__clip_info", {}, ["info"])["info"].reshape(-1)[0])
+             for n in ("oc-gelu", "oc-epoch")}
+    assert (infos["oc-gelu"]["model_id"], infos["oc-epoch"]["source"]) == (infos["oc-epoch"]["model_id"], "epoch_3.pt")
 
 
 def test_siglip_clip_info_says_sigmoid(family_server):
