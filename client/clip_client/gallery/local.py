@@ -358,6 +358,10 @@ class LocalGallery(Gallery):
         bits[self._ids() if allowed is None else allowed] = True
         return np.packbits(bits, bitorder="little")
 
+    def _rows_at(self, pos: np.ndarray) -> list[dict]:
+        """Live rows (no embeddings) at positions `pos` of the id-ordered rows."""
+        return _take_rows(self._rows, np.asarray(pos, np.int64))
+
     def _ids(self) -> np.ndarray:
         """Live row ids, ascending."""
         if self._ids_cache is None:
@@ -839,9 +843,7 @@ class LocalGallery(Gallery):
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         valid = ids >= 0
-        pos = np.searchsorted(self._ids(), ids[valid])
-        # one slice per hit: Table.take would first concatenate every segment's chunks (milliseconds per query)
-        rows = iter([self._rows.slice(int(p), 1).to_pylist()[0] for p in pos])
+        rows = iter(self._rows_at(np.searchsorted(self._ids(), ids[valid])))
         return [[make_hit(next(rows), s) for s, ok in zip(scores[qi], valid[qi]) if ok] for qi in range(len(ids))]
 
 
@@ -922,3 +924,19 @@ def check_gallery(uri: str, repair: bool = False) -> tuple[list[str], list[str]]
     finally:
         g.close()
     return problems, repairs
+
+
+def _take_rows(table, pos: np.ndarray) -> list[dict]:
+    """Rows at positions `pos` of a chunked table, in that order, taken chunk by chunk (Table.take would first
+    concatenate every segment's chunks: milliseconds per call on a large gallery; one slice per row is slow for
+    batches)."""
+    batches = table.to_batches()
+    ends = np.cumsum([b.num_rows for b in batches])
+    which = np.searchsorted(ends, pos, side="right")
+    out: list = [None] * len(pos)
+    for b in np.unique(which):
+        sel = np.flatnonzero(which == b)
+        local_pos = pos[sel] - (ends[b - 1] if b else 0)
+        for i, row in zip(sel, batches[b].take(local_pos).to_pylist()):
+            out[i] = row
+    return out
