@@ -105,27 +105,27 @@ def _models_called(runner: Runner, note=None):
     """The models the wrapped client sends inference requests to while the block runs, in order (and note(),
     when given, called at each request)."""
     inner, calls = runner.client, []
-    original = inner._infer
+    original = inner._request
 
-    def record(model):
-        calls.append(model)
+    def record(request):
+        calls.append(request.model)
         if note is not None:
             note()
 
     if inspect.iscoroutinefunction(original):
-        async def spy(model, *a, **k):
-            record(model)
-            return await original(model, *a, **k)
+        async def spy(request):
+            record(request)
+            return await original(request)
     else:
-        def spy(model, *a, **k):
-            record(model)
-            return original(model, *a, **k)
+        def spy(request):
+            record(request)
+            return original(request)
 
-    inner._infer = spy
+    inner._request = spy
     try:
         yield calls
     finally:
-        del inner._infer
+        del inner._request
 
 
 def _cos(a, b) -> np.ndarray:
