@@ -41,10 +41,16 @@ DENIED = {"StatusCode.PERMISSION_DENIED", "StatusCode.UNAUTHENTICATED", "401", "
 
 
 def status_of(exc: BaseException) -> str:
-    """The status a server answered with ("404", "StatusCode.NOT_FOUND"), "" when none (a transport failure)."""
+    """The status a server answered with ("404", "StatusCode.NOT_FOUND"), "" when none (a transport failure).
+
+    Only tritonclient's exceptions (and _http's) carry one, as a status() method; other libraries' `status`
+    attributes (aiohttp's parser errors say 400 for a reply it could not parse) are not an answer's status.
+    """
     status = getattr(exc, "status", None)
+    if not callable(status):
+        return ""
     try:
-        return str(status() if callable(status) else status or "")
+        return str(status() or "")
     except Exception:  # noqa: BLE001 - a foreign exception type with an odd status attribute
         return ""
 
