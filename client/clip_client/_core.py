@@ -22,6 +22,7 @@ import numpy as np
 from clip_common.endpoint import Endpoint, EndpointError, parse_endpoint
 
 from . import ops
+from ._api import documented
 from ._cache import PromptCache, PromptJob, check_classes  # noqa: F401 - re-exported for callers of _core
 from ._info import (CLIP_INFO, ENCODE_IMAGE, ENCODE_TEXT, INFO_CONFIG_MODELS, POSTPROCESS, ModelInfo,
                     build_model_info, check_model_name, clip_info_json, fallback_identity_probe,
@@ -88,6 +89,7 @@ Plan = Generator[Any, Any, Any]
 
 
 # ------------------------------------------------------------------------------------------------ the core
+@documented
 class ClientBase:
     """Options, model discovery, answer checks, the retry policy, the prompt cache and every public method's plan,
     shared by CLIPClient and AsyncCLIPClient."""

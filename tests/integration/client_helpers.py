@@ -58,6 +58,9 @@ class CorruptingProxy:
 
         self.target, self.mode, self.seen = target, "pass", 0
         self._refused = 0
+        # hold: requests to this model wait for `release` before they are forwarded (`held` is set when one waits)
+        self.hold: str | None = None
+        self.held, self.release = threading.Event(), threading.Event()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -86,6 +89,9 @@ class CorruptingProxy:
     def _forward(self, handler, body: bytes | None) -> None:
         import http.client
 
+        if self.hold is not None and handler.path.startswith(f"/v2/models/{self.hold}/"):
+            self.held.set()
+            self.release.wait(30)
         host, port = self.target.rsplit(":", 1)
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection", "accept-encoding")}
