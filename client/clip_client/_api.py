@@ -164,6 +164,7 @@ def documented(cls: type) -> type:
         if attr is None:
             continue
         if isinstance(attr, property):
+            attr.fget.__doc__ = doc
             setattr(cls, name, property(attr.fget, attr.fset, attr.fdel, doc))
         else:
             attr.__doc__ = doc
