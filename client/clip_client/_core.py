@@ -175,7 +175,7 @@ class ClientBase:
         if isinstance(err, ModelChangedError):
             self.clear_cache()
             return None
-        if not retryable(err, attempt) or attempt >= self.retries:
+        if not retryable(err) or attempt >= self.retries:
             return None
         delay = backoff_delay(attempt, self.backoff)
         if time.monotonic() + delay >= deadline:

@@ -6,7 +6,7 @@ the words of a message: Triton rewording a message cannot change what is retried
 | UNAVAILABLE / 503, CANCELLED / 499           | ServerUnavailableError   | yes (queue full, stopping, restarting)    |
 | no status: connection refused / reset        | ServerUnavailableError   | yes (once a server answered this client)  |
 | - / 429                                      | RateLimitedError         | yes                                       |
-| INTERNAL, UNKNOWN / 500                      | ServerError              | at most INTERNAL_RETRIES times            |
+| INTERNAL, UNKNOWN / 500                      | ServerError              | yes (a crashed stub, see below)           |
 | NOT_FOUND / 404, a model never answered      | ModelNotFoundError       | no                                        |
 | NOT_FOUND / 404, a model that answered       | ServerUnavailableError   | yes (it is unloading: a restart)          |
 | INVALID_ARGUMENT, OUT_OF_RANGE, RESOURCE_EXHAUSTED / 400, 413 | InvalidInputError | no                     |
@@ -14,9 +14,10 @@ the words of a message: Triton rewording a message cannot change what is retried
 | PERMISSION_DENIED, UNAUTHENTICATED / 401, 403| ServerError              | no                                        |
 | anything else                                | ServerError              | no                                        |
 
-A crashed Python stub answers INTERNAL until a supervisor restarts the server (Triton 24.x neither restarts it nor
-reports it in readiness), so INTERNAL is retried a few times; a server bug that answers INTERNAL every time costs
-at most INTERNAL_RETRIES backoff delays before the ServerError.
+A crashed or stopped Python stub answers INTERNAL ("not healthy") until a supervisor restarts the server, which can
+take its inference probe's interval and more (Triton 24.x neither restarts the stub nor reports it in readiness), so
+INTERNAL is retried like UNAVAILABLE: inference requests are idempotent. A server bug that answers INTERNAL every
+time therefore costs the retry window (bounded by the request's deadline) before the ServerError.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from clip_common.endpoint import DEFAULT_PORTS, Endpoint
 
 from .errors import (CLIPClientError, InvalidInputError, ModelNotFoundError, RateLimitedError, ServerError,
                      ServerTimeoutError, ServerUnavailableError)
-
-INTERNAL_RETRIES = 3  # INTERNAL / 500 answers retried at most this many times per request
 
 UNAVAILABLE = {"StatusCode.UNAVAILABLE", "503", "StatusCode.CANCELLED", "499"}
 RATE_LIMITED = {"429"}
@@ -112,11 +111,11 @@ def is_connection_error(exc: BaseException) -> bool:
         return False
 
 
-def retryable(err: CLIPClientError, attempt: int = 0) -> bool:
-    """Whether retry number `attempt` (0-based) of a request that failed with `err` may be sent."""
+def retryable(err: CLIPClientError) -> bool:
+    """Whether a request that failed with `err` may be sent again (the caller bounds the number and the time)."""
     if isinstance(err, (ServerUnavailableError, RateLimitedError)):
         return True
-    return type(err) is ServerError and err.status in INTERNAL and attempt < INTERNAL_RETRIES
+    return type(err) is ServerError and err.status in INTERNAL
 
 
 def is_restricted(err: CLIPClientError) -> bool:
