@@ -16,44 +16,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import threading
-from pathlib import Path
 from typing import Sequence
 
+from ..api_keys import API_KEYS_ENV, APIKeyError, add_key_arguments, load_api_keys
 from .app import FrontEndSettings, create_app
 from .upstream import parse_upstream
 
 log = logging.getLogger(__name__)
 
-API_KEYS_ENV = "CLIP_TRITON_API_KEYS"
 COMMAND_HELP = {"openai": "run the OpenAI-compatible /v1/embeddings front end in front of Triton servers"}
 
 
 class FrontEndError(RuntimeError):
     """Bad front end options (keys file unreadable, bad upstream, ...)."""
-
-
-def load_api_keys(keys: Sequence[str] = (), key_file: str | None = None, env: bool = True) -> list[str]:
-    """Every API key: the flags', the file's (one per line, '#' comments) and $CLIP_TRITON_API_KEYS' (commas)."""
-    found = [k.strip() for k in keys if k and k.strip()]
-    if key_file:
-        try:
-            lines = Path(key_file).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise FrontEndError(f"cannot read --api-key-file {key_file}: {exc.__class__.__name__}") from None
-        found += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    if env:
-        found += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
-    return list(dict.fromkeys(found))
-
-
-def add_key_arguments(parser: argparse.ArgumentParser) -> None:
-    """--api-key / --api-key-file (shared with `clip-triton serve --openai-port`)."""
-    parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                        help=f"accepted bearer API key (repeatable; also ${API_KEYS_ENV}, comma-separated)")
-    parser.add_argument("--api-key-file", default=None, metavar="FILE", help="file of API keys, one per line")
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -159,7 +136,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         settings = settings_from_args(args, upstreams)
         server = uvicorn_server(settings, args.host, args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
                                 log_level=args.log_level)
-    except (FrontEndError, ValueError) as exc:
+    except (FrontEndError, APIKeyError, ValueError) as exc:
         log.error("%s", exc)
         return 1
     scheme = "https" if args.tls_cert else "http"
