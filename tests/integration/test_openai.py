@@ -145,10 +145,13 @@ def test_health_is_open_and_models_need_a_key(front):
     assert (http_get(f"{root}/health")[0], http_get(f"{root}/v1/models")[0]) == (200, 401)
 
 
-def test_unknown_model_is_404(sdk):
+def test_unknown_model_is_404(sdk, model_name):
     with pytest.raises(openai.NotFoundError) as info:
         sdk.embeddings.create(model="text-embedding-3-small", input="x")
-    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as retrieve:
+        sdk.models.retrieve("text-embedding-3-small")
+    assert (info.value.body["code"], retrieve.value.body["code"], sdk.models.retrieve(model_name).id) == \
+        ("model_not_found", "model_not_found", model_name)
 
 
 @pytest.mark.parametrize("body, param, code", [
@@ -275,3 +278,29 @@ def test_readme_python_examples_run(front, model_name, client):
         assert out.returncode == 0, out.stderr
         vectors = np.array(json.loads(out.stdout), dtype=np.float32)
         assert _same(vectors, client.encode_text(["a photo of a cat", "a diagram of a dog"])), marker
+
+
+# ------------------------------------------------------------------------------------------------ serve --openai-port
+def test_serve_starts_the_front_end_beside_the_server(triton_repository, client):
+    import os
+    import signal
+    import time
+
+    from clip_server import free_port
+
+    ports = [free_port() for _ in range(4)]
+    cmd = [sys.executable, "-m", "clip_client.cli", "serve", "--repository", str(triton_repository),
+           "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+           "--openai-port", str(ports[3]), "--no-supervise"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "CLIP_TRITON_API_KEYS": KEY})
+    try:
+        deadline = time.monotonic() + 180
+        while http_get(f"http://127.0.0.1:{ports[3]}/health")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{ports[3]}/v1", api_key=KEY, max_retries=0)
+        got = _embeds(sdk.embeddings.create(model=sdk.models.list().data[0].id, input=TEXTS))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert (_same(got, client.encode_text(TEXTS)), code) == (True, 0)

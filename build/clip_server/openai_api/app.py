@@ -172,16 +172,33 @@ def _catalog(state: _State) -> dict[str, ServedModel]:
     return models
 
 
+def _model_object(state: _State, model: ServedModel) -> dict:
+    return {"id": model.name, "object": "model", "created": state.started, "owned_by": "clip-triton"}
+
+
 async def list_models(request: Request) -> Response:
     state: _State = request.app.state.front
     rid = _request_id(request)
     try:
         _auth(request, state)
-        data = [{"id": m.name, "object": "model", "created": state.started, "owned_by": "clip-triton"}
-                for m in _catalog(state).values()]
+        data = [_model_object(state, m) for m in _catalog(state).values()]
     except APIError as err:
         return error_response(err, rid)
     return json_response({"object": "list", "data": data}, 200, rid)
+
+
+async def get_model(request: Request) -> Response:
+    state: _State = request.app.state.front
+    rid = _request_id(request)
+    try:
+        _auth(request, state)
+        name = request.path_params["model"]
+        model = _catalog(state).get(name)
+        if model is None:
+            raise APIError(404, f"The model {name!r} does not exist", param="model", code="model_not_found")
+    except APIError as err:
+        return error_response(err, rid)
+    return json_response(_model_object(state, model), 200, rid)
 
 
 async def embeddings(request: Request) -> Response:
@@ -363,6 +380,7 @@ def create_app(settings: FrontEndSettings) -> Starlette:
         return json_response(APIError(status, message, param=None).body(), status, _request_id(request))
 
     routes = [Route("/v1/embeddings", embeddings, methods=["POST"]), Route("/v1/models", list_models, methods=["GET"]),
+              Route("/v1/models/{model:path}", get_model, methods=["GET"]),
               Route("/health", health, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.add_middleware(RequestIdMiddleware)
