@@ -198,8 +198,41 @@ def effective_limits(max_batch_size: int = 64, limits: dict[str, Any] | None = N
     return {n: merged.get(n, P.PARAMETERS[n].default) for n in P.LIMITS}
 
 
+SCORINGS = ("softmax", "sigmoid")
+
+
+def scoring(manifest: dict) -> str:
+    """How zero_shot turns logits into probabilities: softmax over labels (CLIP) or each label's sigmoid (SigLIP)."""
+    value = manifest.get("scoring") or "softmax"
+    if value not in SCORINGS:
+        raise ValueError(f"the manifest's scoring {value!r} is not supported ({' or '.join(SCORINGS)})")
+    return value
+
+
+def source_name(manifest: dict) -> str:
+    """Where the weights came from, for clients: a hub id as given, or a local folder's base name (never a path)."""
+    if manifest.get("source_name"):
+        return str(manifest["source_name"])
+    src = manifest.get("source")
+    src = str((src.get("text") if isinstance(src, dict) else src) or "")
+    if not src:
+        return ""
+    if os.path.isabs(src) or src.startswith((".", "~")) or os.path.exists(src) or "\\" in src:
+        return Path(src.replace("\\", "/")).name
+    return src
+
+
+def model_name(text: str) -> str:
+    """`text` (a folder or hub id) made into a model name that matches contract.MODEL_NAME_PATTERN."""
+    import re
+
+    name = re.sub(r"[^a-z0-9-]+", "-", Path(str(text).rstrip("/\\")).name.lower()).strip("-")[:40].strip("-")
+    return name or "model"
+
+
 def info_payload(manifest: dict, *, dtype: str = "fp32", max_batch_size: int = 64,
-                 limits: dict[str, Any] | None = None, preprocess: PreprocessPlan | None = None) -> dict[str, Any]:
+                 limits: dict[str, Any] | None = None, preprocess: PreprocessPlan | None = None,
+                 name: str | None = None) -> dict[str, Any]:
     """What the clip_info model answers (JSON): identity, sizes, the request limits and how preprocessing runs."""
     lim = effective_limits(max_batch_size, limits)
     per_request = min(int(max_batch_size), int(lim["max_items_per_request"]))
@@ -208,9 +241,13 @@ def info_payload(manifest: dict, *, dtype: str = "fp32", max_batch_size: int = 6
     return {
         "format_version": 1,
         "model_id": manifest["model_id"],
+        "name": name or model_name(source_name(manifest)),
         "family": manifest.get("family"),
+        "source": source_name(manifest),
         "projection_dim": int(manifest["projection_dim"]),
         "logit_scale": float(manifest["logit_scale"]),
+        "scoring": scoring(manifest),
+        "logit_bias": None if manifest.get("logit_bias") is None else float(manifest["logit_bias"]),
         "dtype": dtype,
         "max_batch_size": int(max_batch_size),
         "max_items_per_request": per_request,
@@ -221,6 +258,12 @@ def info_payload(manifest: dict, *, dtype: str = "fp32", max_batch_size: int = 6
         "limits": {**lim, "allowed_formats": list(lim["allowed_formats"])},
         "preprocess": {k: v for k, v in plan.as_dict().items() if k not in ("rule", "cores")},
     }
+
+
+def model_entry(payload: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """One model's row in the unprefixed clip_info's "models" list."""
+    return {"name": payload["name"], "prefix": prefix, "model_id": payload["model_id"], "family": payload["family"],
+            "scoring": payload["scoring"], "source": payload["source"], "dim": payload["projection_dim"]}
 
 
 PREPROCESS_QUEUE_DELAY_US = 1000  # the python preprocessors' batcher wait (--max-queue-delay-us sets every model's)
@@ -260,17 +303,19 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", max_batch_si
     cfg: dict[str, str] = {}
     cfg[C.PreprocessText.NAME] = (
         head(C.PreprocessText.NAME) + batching + _instances("KIND_CPU", plan.text_instances)
-        + params(["tokenizer_file", "max_length", "pad_token_id", "max_text_bytes", "max_items_per_request"],
+        + params(["tokenizer_file", "max_length", "pad_token_id", "max_text_bytes", "max_items_per_request",
+                  "model_id"],
                  {"tokenizer_file": "tokenizer.json", "max_length": int(tok["max_length"]),
-                  "pad_token_id": int(tok["pad_token_id"])})
+                  "pad_token_id": int(tok["pad_token_id"]), "model_id": str(manifest["model_id"])})
     )
     cfg[C.PreprocessImage.NAME] = (
         head(C.PreprocessImage.NAME) + batching
         + _instances("KIND_GPU" if gpu_decode else "KIND_CPU", plan.image_instances)
         + params(["image_size", "resize_mode", "crop_size", "do_center_crop", "resample", "rescale_factor",
                   "image_mean", "image_std", "max_image_bytes", "max_pixels", "max_aspect_ratio", "allowed_formats",
-                  "jpeg_draft_gap", "decode_threads", "image_decode", "max_items_per_request"],
-                 {**img, "decode_threads": plan.decode_threads, "image_decode": plan.image_decode})
+                  "jpeg_draft_gap", "decode_threads", "image_decode", "max_items_per_request", "model_id"],
+                 {**img, "decode_threads": plan.decode_threads, "image_decode": plan.image_decode,
+                  "model_id": str(manifest["model_id"])})
     )
     cfg[C.Postprocess.NAME] = (
         head(C.Postprocess.NAME) + _instances("KIND_CPU", 1)
@@ -302,7 +347,8 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
                      max_queue_delay_us: int | None = None, max_queue_size: int = MAX_QUEUE_SIZE,
                      queue_timeout_us: int = QUEUE_TIMEOUT_US, limits: dict[str, Any] | None = None,
                      preprocess_instances: str = "auto", image_decode: str = "cpu", cores: int | None = None,
-                     intra_op_threads: int | None = None, preferred_batch_sizes: list[int] | None = None) -> Path:
+                     intra_op_threads: int | None = None, preferred_batch_sizes: list[int] | None = None,
+                     name: str | None = None) -> Path:
     """Verify WEIGHTS_DIR, export both encoders to TorchScript, write the python models and every config.pbtxt.
 
     preprocess_instances / image_decode: see clip_build.preprocess_plan (`--preprocess-instances`, `--image-decode`).
@@ -327,6 +373,8 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
 
     started = time.monotonic()
     weights_dir, repo = Path(weights_dir), Path(repo_dir)
+    label = name or model_name(weights_dir.resolve().name)
+    C.model_prefix(label)  # ValueError for a name clients could not use
     manifest = load_manifest(weights_dir, verify=True)  # a sha256 mismatch stops the build here
     template = template_dir()
     in_place = repo.resolve() == template.resolve()
@@ -353,7 +401,9 @@ def build_repository(weights_dir: str | os.PathLike, repo_dir: str | os.PathLike
                                queue_timeout_us=queue_timeout_us, limits=limits, preprocess=plan, tuning=tuning)
     for name, text in configs.items():
         (repo / name / "config.pbtxt").write_text(text, encoding="utf-8")
-    payload = info_payload(manifest, dtype=dtype, max_batch_size=max_batch_size, limits=limits, preprocess=plan)
+    payload = info_payload(manifest, dtype=dtype, max_batch_size=max_batch_size, limits=limits, preprocess=plan,
+                           name=label)
+    payload["models"] = [model_entry(payload, "")]
     (repo / "clip_info" / "1" / CLIP_INFO_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
     info = {

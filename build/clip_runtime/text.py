@@ -46,11 +46,13 @@ def decode_texts(items: Sequence, max_bytes: int | None = None) -> list:
 class TokenRows(NamedTuple):
     """Tokenized texts as the text encoder's forward() takes them (contract.TextEncoder): int64 ids (N, L),
     right-padded to the longest text; lengths (N, 1), the tokens in each row; widths (N, 1), each row's width L
-    (served, Triton makes the widths itself from the ids' shape: preprocess_text sends ids and lengths)."""
+    (served, Triton makes the widths itself from the ids' shape: preprocess_text sends ids and lengths); counts (N,)
+    int32, the non-padding tokens of each text (encode_text's token_counts)."""
 
     ids: np.ndarray
     lengths: np.ndarray
     widths: np.ndarray
+    counts: np.ndarray | None = None
 
 
 class TextTokenizer:
@@ -75,7 +77,7 @@ class TextTokenizer:
         ids = np.full((len(encodings), width), self.pad_token_id, dtype=np.int64)  # (N, L)
         for i, e in enumerate(encodings):
             ids[i, :len(e.ids)] = e.ids
-        return TokenRows(ids, lengths, np.full_like(lengths, width))
+        return TokenRows(ids, lengths, np.full_like(lengths, width), lengths.reshape(-1).astype(np.int32))
 
     def encode_bytes(self, items: Sequence[bytes], max_bytes: int | None = None) -> TokenRows:
         """decode_text each item, then encode_batch (raises InvalidInputError on the first bad item)."""
