@@ -19,7 +19,7 @@ from clip_common.contract import ClipInfo, EncodeImage, EncodeText
 
 log = logging.getLogger(__name__)
 
-TOKEN_COUNTS = "token_counts"  # encode_text's per-text token counts (INT32 [N]; servers built before it lack it)
+TOKEN_COUNTS = EncodeText.TOKEN_COUNTS  # INT32 [N] per text; servers built before it lack it (usage 0 then)
 
 
 class UpstreamError(RuntimeError):
