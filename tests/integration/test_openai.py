@@ -23,6 +23,7 @@ import pytest
 from clip_client import CLIPClient
 from tests.integration.openai_helpers import (ImageServer, cosine, data_uri, http_get, http_post, png,
                                               start_front_end)
+from tests.integration.triton_helpers import wait_until
 
 KEY = "sk-test-0123456789abcdef"
 OTHER_KEY = "sk-second-key-fedcba9876543210"
@@ -187,7 +188,8 @@ def test_request_id_is_honoured_and_logged(front, model_name):
     fresh = http_post(f"{front.base_url}/embeddings", {"model": model_name, "input": "x"})[2]["x-request-id"]
     assert (status, headers["x-request-id"], bool(re.fullmatch(r"[0-9a-f]{32}", fresh))) == \
         (200, "trace-abc-123", True)
-    assert "request_id=trace-abc-123" in front.log() and f"request_id={fresh}" in front.log()
+    # the log line is written after the answer: read the front end's output until both ids are there (or 10 s)
+    assert wait_until(lambda: "request_id=trace-abc-123" in front.log() and f"request_id={fresh}" in front.log(), 10)
 
 
 def _env_keys() -> dict:
