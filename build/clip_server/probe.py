@@ -102,12 +102,13 @@ class HealthCheck:
     models: list[str]
     timeout: float = 20.0
     stall_seconds: float = 60.0
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request (e.g. a gateway's API key)
     _progress_at: float = field(default_factory=time.monotonic, init=False)
     _counters: dict[str, tuple[float, float]] | None = field(default=None, init=False)
 
     def _status(self, path: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         """(HTTP status, body) of one request; raises OSError/TimeoutError when nothing answers in time."""
-        request = urllib.request.Request(self.url.rstrip("/") + path, data=data, headers=headers or {})
+        request = urllib.request.Request(self.url.rstrip("/") + path, data=data, headers={**self.headers, **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as resp:
                 return resp.status, resp.read()
@@ -190,10 +191,21 @@ def repository_models(repository: str) -> list[str]:
     return sorted(m for m in os.listdir(repository) if os.path.isfile(os.path.join(repository, m, "config.pbtxt")))
 
 
+def _api_key_headers() -> dict[str, str]:
+    """Authorization for a gateway with API keys: the first key of the file CLIP_API_KEY_FILE, if set."""
+    path = os.environ.get("CLIP_API_KEY_FILE")
+    if not path:
+        return {}
+    with open(path, encoding="utf-8") as keys:
+        key = next((line.strip() for line in keys if line.strip()), "")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def from_env() -> HealthCheck:
-    """The check the container scripts run, configured by CLIP_HEALTH_URL, CLIP_METRICS_URL, CLIP_REPOSITORY,
-    CLIP_HEALTH_TIMEOUT and CLIP_HEALTH_STALL (seconds)."""
-    return HealthCheck(url=os.environ.get("CLIP_HEALTH_URL", "http://127.0.0.1:8000"),
+    """The check the container scripts run, configured by CLIP_HEALTH_URL (http:// or https://; SSL_CERT_FILE for a
+    private CA), CLIP_METRICS_URL, CLIP_REPOSITORY, CLIP_HEALTH_TIMEOUT, CLIP_HEALTH_STALL (seconds) and
+    CLIP_API_KEY_FILE."""
+    return HealthCheck(headers=_api_key_headers(), url=os.environ.get("CLIP_HEALTH_URL", "http://127.0.0.1:8000"),
                        metrics_url=os.environ.get("CLIP_METRICS_URL", "http://127.0.0.1:8002/metrics"),
                        models=repository_models(os.environ.get("CLIP_REPOSITORY", "/models")),
                        timeout=float(os.environ.get("CLIP_HEALTH_TIMEOUT", "20")),
@@ -207,16 +219,21 @@ def probe(http_url: str, models: list[str], timeout: float, metrics_url: str = "
     return verdict.reason if verdict.broken else None
 
 
-def main() -> int:
-    """The compose healthcheck: one check; exit 0 when ok or busy, 1 when broken (why on stderr)."""
+def main(argv: list[str] | None = None) -> int:
+    """The compose healthcheck: one check; exit 0 when ok or busy, 1 when broken (why on stderr).
+
+    --once-ok (`helm test`): exit 0 only for a correct answer now, busy included in failures.
+    """
+    strict = "--once-ok" in (sys.argv[1:] if argv is None else argv)
     check = from_env()
     check.stall_seconds = 0.0  # one shot: no progress during its own deadline is a stall
     try:
         verdict = check.check()
     except Exception as exc:  # noqa: BLE001 - any failure of the check itself is "unhealthy", said in docker inspect
         verdict = Verdict(BROKEN, f"{type(exc).__name__}: {exc}")
-    print(f"{'unhealthy' if verdict.broken else verdict.state}: {verdict.reason}"[:500], file=sys.stderr)
-    return 1 if verdict.broken else 0
+    failed = verdict.broken or (strict and verdict.state != OK)
+    print(f"{'unhealthy' if failed else verdict.state}: {verdict.reason}"[:500], file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
