@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from clip_common import contract as C
 from clip_runtime import params as P
 
 from .files import project_root
+from .precision import DtypeChoice, resolve_dtype
 from .preprocess_plan import IMAGE_DECODES, PreprocessPlan, plan_preprocessing
 from .tuning import EncoderTuning, encoder_tuning
 
@@ -377,7 +378,7 @@ class BuildOptions:
 
     instance_kind: str = "cpu"  # cpu | gpu: the encoders' instance kind
     instance_count: int | None = None  # encoder instances (per GPU for gpu)
-    dtype: str = "fp32"  # encoder weights' dtype (I/O stays fp32)
+    dtype: str = "fp32"  # encoder weights' dtype (I/O stays fp32); "auto": clip_build.precision picks one
     max_batch_size: int = 64  # of every batching model; also the default items-per-request limit
     max_queue_delay_us: int | None = None  # every batching model's queue delay (default: tuning's / the preprocessors')
     max_queue_size: int = MAX_QUEUE_SIZE
@@ -388,12 +389,13 @@ class BuildOptions:
     cores: int | None = None
     intra_op_threads: int | None = None
     preferred_batch_sizes: list[int] | None = None
+    dtype_choice: DtypeChoice | None = None  # set by the build when dtype was "auto"
 
     def check(self) -> dict[str, Any]:
         """ValueError for a bad option; the validated limits."""
         if self.instance_kind not in ("cpu", "gpu"):
             raise ValueError(f"instance_kind must be cpu or gpu, not {self.instance_kind!r}")
-        if self.dtype not in DTYPES:
+        if self.dtype not in DTYPES and self.dtype != "auto":
             raise ValueError(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.queue_timeout_us < 1 or (
                 self.cores is not None and self.cores < 1):
@@ -448,6 +450,7 @@ def build_repositories(models: list[ModelBuild] | list[tuple[str, Any]], repo_di
         raise ValueError(f"model names must differ: {names}")
     for b in builds:  # refused before anything is written
         b.options.check()
+    builds = _resolved_dtypes(builds)
     started = time.monotonic()
     repo = Path(repo_dir)
     repo.mkdir(parents=True, exist_ok=True)
@@ -464,6 +467,20 @@ def build_repositories(models: list[ModelBuild] | list[tuple[str, Any]], repo_di
     log.info("built %s in %.1fs (%s, torch %s)", repo, time.monotonic() - started,
              ", ".join(f"{e['name']}: {e['model_id']}" for e in entries), torch.__version__)
     return repo
+
+
+def _resolved_dtypes(builds: list[ModelBuild]) -> list[ModelBuild]:
+    """Each "auto" dtype replaced by clip_build.precision's choice (decided once per instance kind, logged)."""
+    choices: dict[str, DtypeChoice] = {}
+    out = []
+    for b in builds:
+        if b.options.dtype == "auto":
+            kind = b.options.instance_kind
+            if kind not in choices:
+                choices[kind] = resolve_dtype("auto", kind)[1]
+            b = replace(b, options=replace(b.options, dtype=choices[kind].dtype, dtype_choice=choices[kind]))
+        out.append(b)
+    return out
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -514,6 +531,7 @@ def _build_model(build: ModelBuild, repo: Path, prefix: str) -> tuple[str, dict[
         "name": build.name,
         "family": manifest.get("family"),
         "dtype": opts.dtype,
+        "dtype_choice": opts.dtype_choice.as_dict() if opts.dtype_choice else {"requested": opts.dtype},
         "instance_kind": opts.instance_kind,
         "encoders": {name: t.as_dict() for name, t in tuning.items()},  # batching: clip_build.tuning + options
         "max_batch_size": opts.max_batch_size,
@@ -593,7 +611,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="the models' names, in --weights order (lowercase letters, digits, '-')")
     parser.add_argument("--repository", required=True, help="model repository to write (created if missing)")
     parser.add_argument("--instance-kind", choices=("cpu", "gpu"), default="cpu", help="encoders' instance kind")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="encoder weights' dtype (I/O stays fp32)")
+    parser.add_argument("--dtype", choices=(*DTYPES, "auto"), default="fp32",
+                        help="encoder weights' dtype (I/O stays fp32); auto: bf16 on GPUs (fp16 before Ampere), on CPUs "
+                        "bf16 only where AVX512-BF16/AMX is present and a short calibration measured it faster, else "
+                        "fp32; the choice and its reason are logged and kept in clip_triton.json")
     parser.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size of the batching models")
     tune = parser.add_argument_group(
         "encoder batching", "defaults chosen from --instance-kind and the core count (docs/benchmarks.md, \"Batching "
