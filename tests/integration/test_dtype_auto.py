@@ -27,7 +27,7 @@ def test_dtype_auto_builds_and_serves_the_chosen_dtype(weights, tmp_path):
         rows = tok.encode_batch(texts)
         expected = build_text_encoder(w, info["dtype"])(
             *(torch.from_numpy(getattr(rows, n)) for n in ("ids", "lengths", "widths"))).numpy()
-    with serving(repo, log_path=tmp_path / "tritonserver.log", exit_timeout=3) as server:
-        with CLIPClient(server.grpc_url) as client:
-            served = client.encode_text(texts, normalize=False)
+    with serving(repo, log_path=tmp_path / "tritonserver.log", exit_timeout=3) as server, \
+            CLIPClient(server.grpc_url) as client:
+        served = client.encode_text(texts, normalize=False)
     np.testing.assert_allclose(served, expected, rtol=1e-3, atol=1e-4)
