@@ -613,8 +613,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--instance-kind", choices=("cpu", "gpu"), default="cpu", help="encoders' instance kind")
     parser.add_argument("--dtype", choices=(*DTYPES, "auto"), default="fp32",
                         help="encoder weights' dtype (I/O stays fp32); auto: bf16 on GPUs (fp16 before Ampere), on "
-                        "CPUs bf16 only where AVX512-BF16/AMX is present and a short calibration measured it faster, else "
-                        "fp32; the choice and its reason are logged and kept in clip_triton.json")
+                        "CPUs bf16 only where AVX512-BF16/AMX is present and a short calibration measured it faster, "
+                        "else fp32; the choice and its reason are logged and kept in clip_triton.json")
     parser.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size of the batching models")
     tune = parser.add_argument_group(
         "encoder batching", "defaults chosen from --instance-kind and the core count (docs/benchmarks.md, \"Batching "
