@@ -70,3 +70,31 @@ def test_soak_passes_only_without_failures_dead_stubs_or_rss_growth():
     for bad in ({"failures": 1}, {"requests": 0}, {"bad_inputs_unexpected_count": 1}, {"dead_stubs": ["x"]},
                 {"models_not_ready": ["encode_text"]}, {"rss": {"growth_pct": 5.0}}):
         assert not soak._passed(_soak(**bad), max_growth_pct=5.0), bad
+
+
+def _served_run(online: float, bulk: float, busy: float) -> dict:
+    stats = {"text_encoder": {"mean_batch": 7.5, "compute_ms_per_item": 20.0, "queue_ms": 3.0, "busy": busy,
+                              "compute_ms_per_exec": 150.0},
+             "preprocess_text": {"compute_ms_per_exec": 1.2}}
+    rows = [{**ROWS[0], "kind": kind, "items_per_s": online} for kind in ("image", "text")]
+    return {"client": rows, "bulk": {k: {"items_per_s": bulk} for k in ("image", "text")},
+            "stats": {"text@8": stats, "text@bulk": stats}, "rss_after_bulk_mb": 1400.0, "cold_start_s": 3.0}
+
+
+def test_online_and_bulk_targets_are_ratios_and_a_miss_says_what_limits_it():
+    results = _results(in_process={"image": {8: 10.0, 32: 20.0}, "text": {8: 30.0, 32: 60.0}},
+                       triton={"fp32": _served_run(online=31.0, bulk=45.0, busy=0.6)},
+                       reduced_precision={"reason": "no native bf16"})
+    checks = {c.name: c for c in bench.evaluate(results)}
+    online = checks["fp32 online texts: 8 callers x 1 vs in-process fp32 batch 8"]
+    bulk = checks["fp32 bulk texts: one call vs in-process fp32 best"]
+    assert (online.verdict, round(online.value, 3)) == ("PASS", round(31 / 30, 3))
+    assert (bulk.verdict, bulk.value) == ("MISS", 0.75)
+    assert "limit: the encoder idles 40% of the run" in bulk.detail
+    assert checks["reduced precision (bulk >= 3x in-process fp32 best)"].detail == "not measured: no native bf16"
+    assert checks["whole-server RSS after the bulk calls (fp32)"].verdict == "PASS"
+
+
+def test_a_busy_encoder_is_named_as_the_limit():
+    stats = _served_run(online=1.0, bulk=1.0, busy=0.97)["stats"]["text@8"]
+    assert bench.limiter(stats, "text", 50.0).endswith("limit: encoder compute (busy 97% of the run)")
