@@ -33,7 +33,7 @@ from ._status import (TIMEOUT, UNAVAILABLE, backoff_delay, is_connection_error, 
                       message_of, retryable, status_of, unreachable_message)
 from .errors import (CLIPClientError, InvalidInputError, ModelChangedError, ModelNotFoundError, ServerError,
                      ServerTimeoutError, ServerUnavailableError)
-from .inputs import DEFAULT_DOWNLOAD_BYTES, encode_images, encode_texts, iter_batches, normalize_texts
+from .inputs import DEFAULT_DOWNLOAD_BYTES, by_length, encode_images, encode_texts, iter_batches, normalize_texts
 
 __all__ = ["DEFAULT_TEMPLATE", "ClientBase", "ModelInfo", "backoff_delay", "map_error", "retryable",
            "unreachable_message"]
@@ -324,10 +324,17 @@ class ClientBase:
                   show_progress: bool = False) -> Plan:
         info = yield from self._p_info()
         limit = self._batch_limit(info, kind, batch_size)
-        batches = iter_batches(self._item_bytes(inputs, kind), limit, self.max_request_bytes)
+        items, order = self._item_bytes(inputs, kind), []
+        if kind == "text":  # similar lengths per request (each batch is padded to its longest); answers put back.
+            # The window is what the requests in flight hold anyway: an iterable is still read only that far ahead.
+            items = by_length(items, self.max_concurrency * limit, order)
+        batches = iter_batches(items, limit, self.max_request_bytes)
         with progress_bar(inputs, show_progress, kind) as bar:
             parts = yield Stream(batches, lambda b: embed_request(info.prefix, kind, b, info.dim), bar)
-        return embeddings(parts, info.dim, normalize, is_single(inputs, kind))
+        result = embeddings(parts, info.dim, normalize, is_single(inputs, kind))
+        if len(order) > 1:
+            result[np.asarray(order)] = result.copy()  # row k answered input order[k]
+        return result
 
     def _p_matrix(self, x: Any, kind: str) -> Plan:
         e = as_embeddings(x)

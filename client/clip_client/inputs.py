@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 import socket
@@ -271,6 +272,21 @@ def encode_images(images: Any, **download: Any) -> Iterator[bytes]:
     """Images -> their bytes (see image_item_bytes), lazily; download: max_download_bytes, download_timeout."""
     for i, x in enumerate(iter_images(images)):
         yield image_item_bytes(x, f"images[{i}]", **download)
+
+
+def by_length(items: Iterable[bytes], window: int, order: list[int]) -> Iterator[bytes]:
+    """`items` re-ordered shortest first within consecutive windows of `window` items, read lazily; the input index
+    of each item yielded is appended to `order`. Texts of similar length in one request: the encoder pads each batch
+    to its longest text, so mixed lengths cost the padding."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    it = iter(items)
+    start = 0
+    while chunk := list(itertools.islice(it, window)):
+        idx = sorted(range(len(chunk)), key=lambda i: len(chunk[i]))  # stable: equal lengths keep their order
+        order.extend(start + i for i in idx)
+        yield from (chunk[i] for i in idx)
+        start += len(chunk)
 
 
 def iter_batches(items: Iterable[bytes], max_items: int, max_bytes: int | None = None) -> Iterator[list[bytes]]:

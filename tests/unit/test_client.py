@@ -18,6 +18,7 @@ from clip_client.errors import ServerError, ServerTimeoutError
 from clip_client.gallery import encode_tolerant, iter_image_files
 from clip_client.inputs import (
     NPY_MAGIC,
+    by_length,
     encode_images,
     image_item_bytes,
     iter_batches,
@@ -218,6 +219,18 @@ def test_iter_batches_cover_in_order(sizes, max_items, max_bytes):
         assert 1 <= len(b) <= max_items
         if max_bytes is not None and len(b) > 1:
             assert sum(map(len, b)) <= max_bytes
+
+
+@given(st.lists(st.integers(0, 50), max_size=200), st.integers(1, 40))
+def test_by_length_sorts_within_windows_and_records_the_order(sizes, window):
+    items = [bytes([i % 256]) * n for i, n in enumerate(sizes)]
+    order: list[int] = []
+    out = list(by_length(iter(items), window, order))
+    assert [items[i] for i in order] == out and sorted(order) == list(range(len(items)))  # a permutation, recorded
+    for start in range(0, len(out), window):
+        chunk = out[start:start + window]
+        assert [len(x) for x in chunk] == sorted(len(x) for x in chunk)  # shortest first within each window
+        assert sorted(order[start:start + window]) == list(range(start, start + len(chunk)))  # never across windows
 
 
 # ------------------------------------------------------------------------------------------- math
