@@ -26,6 +26,8 @@ as the libtorch backend takes them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import re
@@ -39,6 +41,17 @@ from clip_runtime.errors import InvalidInputError
 from clip_runtime.params import read_parameters
 
 _INDEXED = re.compile(r"^(.*)__(\d+)$")
+# After a forward of more rows than this (a bulk batch), the freed activations are handed back to the OS: glibc keeps
+# freed heap memory for reuse, so one batch of 64 images kept the encoder's process hundreds of MB larger for good.
+TRIM_ROWS = 16
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 PARAMS = ("INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION", "INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT")
 
 
@@ -59,6 +72,8 @@ class TritonPythonModel:
             except RuntimeError:  # only settable before any parallel work
                 pass
 
+        self.trim = _malloc_trim()
+        self.trim_due = False
         self.device = self._device(args)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
@@ -224,6 +239,7 @@ class TritonPythonModel:
     def _forward_rows(self, inputs: dict[str, list[np.ndarray]], rows: int) -> list[np.ndarray]:
         """_forward, checking that every output has one row per batch row (else the split would misattribute)."""
         outs = self._forward(inputs)
+        self.trim_due = self.trim_due or rows > TRIM_ROWS
         for (name, _, _), out in zip(self.outputs, outs):
             if out.ndim == 0 or len(out) != rows:
                 raise RuntimeError(f"output {name}: forward() returned shape {list(out.shape)} for a batch of {rows}")
@@ -236,12 +252,16 @@ class TritonPythonModel:
                 lambda r: [pb_utils.Tensor(n, o) for (n, _, _), o in
                            zip(self.outputs, self._forward({k: [a] for k, a in self._read(r).items()}))],
                 what="model execution", logger=self.logger)
-        return execute_batched(
+        responses = execute_batched(
             pb_utils, requests,
             read=lambda request: [self._read(request)],
             rows=self._rows,
             compute=self._forward_batch,
             label="request", logger=self.logger)
+        if self.trim_due and self.trim is not None and self.device.type == "cpu":
+            self.trim(0)  # tens of ms; no CPU cost measured on the next batch (ViT-B/32, batch 32: 5.5 s either way)
+        self.trim_due = False
+        return responses
 
     def finalize(self):
         self.model = self.stream = None
