@@ -309,6 +309,51 @@ def _stub_breakdown(server) -> dict[str, float]:
     return out
 
 
+MATRIX_BATCHES = (1, 8, 64)
+MATRIX_MODELS = ("ViT-B/32", "ViT-L/14")
+MATRIX_PRECISIONS = ("fp32", "bf16", "fp8")
+MATRIX_DEVICES = ("H100", "H200")
+
+
+def measure_towers(repo: Path, batches: Sequence[int] = MATRIX_BATCHES, cell_budget_s: float = 20.0) -> dict:
+    """The repository's TorchScript encoders alone, as the runner calls them: images/s and texts/s (short prompts) per
+    batch; a batch whose first call shows it would take longer than cell_budget_s is not timed (None)."""
+    import torch  # noqa: PLC0415
+
+    from clip_build.repository import read_info  # noqa: PLC0415
+    from clip_runtime.text import TextTokenizer  # noqa: PLC0415
+
+    info = read_info(repo)
+    side = int(info["exports"]["image_encoder"]["inputs"][0]["shape"][-1])
+    tok = info["tokenizer"]
+    tokenizer = TextTokenizer(repo / "preprocess_text" / "1" / "tokenizer.json", int(tok["max_length"]),
+                              int(tok["pad_token_id"]))
+    out: dict = {"image": {}, "text": {}}
+    gen = torch.Generator().manual_seed(0)
+    for kind in ("image", "text"):
+        model = torch.jit.load(str(repo / f"{kind}_encoder" / "1" / "model.pt")).eval()
+        for b in batches:
+            if kind == "image":
+                args = (torch.randn(b, 3, side, side, generator=gen),)  # (B, 3, S, S)
+            else:
+                rows = tokenizer.encode_batch(short_prompts(b))
+                args = tuple(torch.from_numpy(getattr(rows, n)) for n in ("ids", "lengths", "widths"))
+            with torch.jit.optimized_execution(False), torch.inference_mode():
+                t0 = time.perf_counter()
+                model(*args)  # warm-up, and the estimate
+                first = time.perf_counter() - t0
+                reps = max(1, min(5, int(cell_budget_s / max(first, 1e-6)) - 1))
+                if first > cell_budget_s:
+                    out[kind][b] = None
+                    continue
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    model(*args)
+                out[kind][b] = b * reps / (time.perf_counter() - t0)
+            log.info("tower %s %s batch %d: %s/s", info["dtype"], kind, b, out[kind][b])
+    return out
+
+
 # ---- preparation --------------------------------------------------------------------------------------------------
 def prepare_weights(args) -> tuple[Path | None, Path, dict]:
     """(HF checkpoint or None, WEIGHTS_DIR, manifest): --weights, --checkpoint, or a random ViT-B/32-size CLIP."""
@@ -786,9 +831,38 @@ def _preprocessing_lines(results: dict) -> list[str]:
             f"- over {pre['images']} JPEGs of sizes {results['image_sizes']}"]
 
 
+def _matrix_lines(results: dict) -> list[str]:
+    """Model x precision x device x batch: the encoders alone (images/s | texts/s), this run's CPU rows filled."""
+    if not any(res.get("towers") for res in results["triton"].values()):
+        return []
+    m = results["machine"]
+    cpu = f"CPU ({m['cores']} cores, {', '.join(m['isa']) or 'no AVX-512'})"
+    why_low = (results.get("reduced_precision") or {}).get("reason", "not built in this run")
+    lines = ["", "## Matrix: the encoders alone (TorchScript, as served), images/s / texts/s", "",
+             "| model | precision | device | " + " | ".join(f"batch {b}" for b in MATRIX_BATCHES) + " |",
+             "|---|---|---|" + "---|" * len(MATRIX_BATCHES)]
+    for model in MATRIX_MODELS:
+        for precision in MATRIX_PRECISIONS:
+            towers = (results["triton"].get(precision) or {}).get("towers") if model == "ViT-B/32" else None
+            if towers:
+                cells = [" / ".join("-" if v is None else f"{v:.1f}" for v in
+                                    (towers["image"].get(b), towers["text"].get(b))) for b in MATRIX_BATCHES]
+                lines.append(f"| {model} | {precision} | {cpu} | " + " | ".join(cells) + " |")
+            else:
+                why = ("random ViT-L/14 not built this round (2-core CPU time)" if model != "ViT-B/32" else
+                       "FP8 matmuls need a GPU (Hopper/Ada)" if precision == "fp8" else why_low)
+                lines.append(f"| {model} | {precision} | {cpu} | not measured: {why} |"
+                             + " |" * (len(MATRIX_BATCHES) - 1))
+            for device in MATRIX_DEVICES:
+                lines.append(f"| {model} | {precision} | {device} | not measured this round: no device lent |"
+                             + " |" * (len(MATRIX_BATCHES) - 1))
+    lines.append("\n\"-\": that batch would have taken over 20 s on this machine, not timed.")
+    return lines
+
+
 def render_markdown(results: dict, checks: list[Check], notes: str) -> str:
     """docs/benchmarks.md from a run's results, its checks and the hand-written notes kept across runs."""
-    lines = _head_lines(results, checks) + _in_process_lines(results) + _triton_lines(results)
+    lines = _head_lines(results, checks) + _in_process_lines(results) + _triton_lines(results) + _matrix_lines(results)
     lines += _preprocessing_lines(results)
     if results.get("plot"):
         lines += ["", f"![throughput and latency]({Path(results['plot']).name})"]
@@ -869,6 +943,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         "calibration), bf16; bf16: fp32 and bf16 whatever the CPU; fp32: fp32 only. The reduced "
                         "precision is built, served and measured in-process too, and compared with fp32 "
                         "(default: best)")
+    parser.add_argument("--matrix", action="store_true",
+                        help="also time the encoders alone per batch for the model x precision x device x batch matrix")
     parser.add_argument("--bulk-texts", type=int, default=512, help="texts in each bulk call (default: 512)")
     parser.add_argument("--bulk-images", type=int, default=64, help="images in each bulk call (default: 64)")
     parser.add_argument("--bulk-calls", type=int, default=2, help="bulk calls per kind, after a warm-up (default: 2)")
@@ -1010,6 +1086,8 @@ def run(args: argparse.Namespace, command: str) -> int:
         res = serve_and_measure(args, repo, images, texts, probe_images, probe_texts, full and main,
                                 args.concurrency if full and main else [8])
         res["build_s"] = build_s
+        if args.matrix:
+            res["towers"] = measure_towers(repo)
         results["triton"][dtype] = res
     checks = evaluate(results)
     results["elapsed_s"] = time.perf_counter() - started

@@ -89,3 +89,48 @@ def test_report_shows_the_gpu_decode_build():
                                         "decode_check": {"error": "decode_check exited 1: boom"}}}
     text = render(failed, evaluate(failed, "cuda"))
     assert "decode check: error decode_check exited 1: boom" in text and "**error:** RuntimeError: nvJPEG" in text
+
+
+def _tiny_image_encoder():
+    import torch
+
+    from clip_build.modules import ImageEncoder, VisionTransformer
+
+    torch.manual_seed(0)
+    return ImageEncoder(VisionTransformer(32, 8, 3, 64, 2, 4, 128, "quick_gelu", 1e-5), 64, 32).eval()
+
+
+def test_graphed_tower_buckets_pad_and_cut_back_to_the_same_embeddings():
+    import pytest
+    import torch
+
+    from clip_loadtest.gpukit.fast import GraphedTower
+
+    enc = _tiny_image_encoder()
+    tower = GraphedTower(enc, (1, 4, 8))
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        got = [tower(x[:n]) for n in (1, 3, 5)]  # buckets 1, 4, 8 (padded with zero images)
+        want = [enc(x[:n]) for n in (1, 3, 5)]
+    assert all(torch.allclose(g, w, atol=1e-5) and g.shape == w.shape for g, w in zip(got, want))
+    with pytest.raises(ValueError, match="largest bucket 8"):
+        tower(torch.randn(9, 3, 32, 32))
+
+
+def test_fp8_linear_layers_pass_the_parity_gate_and_a_wrong_tower_does_not():
+    import copy
+
+    import torch
+
+    from clip_loadtest.gpukit.fast import Fp8Linear, fp8_parity, to_fp8
+
+    enc = _tiny_image_encoder()
+    fp8 = copy.deepcopy(enc).to(torch.bfloat16)
+    assert to_fp8(fp8, "vision.layers") == 2 * 6  # q, k, v, out, fc1, fc2 per layer; projection untouched
+    assert isinstance(fp8.vision.layers[0].mlp.fc1, Fp8Linear) and not isinstance(fp8.visual_projection, Fp8Linear)
+    x, labels = torch.randn(6, 3, 32, 32), torch.randn(10, 32)
+    with torch.no_grad():
+        ref = enc(x)
+        good = fp8_parity(fp8(x), ref, labels)
+        bad = fp8_parity(ref.flip(0), ref, labels)  # other images' embeddings
+    assert (good["passed"], bad["passed"]) == (True, False)

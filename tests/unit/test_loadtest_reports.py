@@ -98,3 +98,13 @@ def test_online_and_bulk_targets_are_ratios_and_a_miss_says_what_limits_it():
 def test_a_busy_encoder_is_named_as_the_limit():
     stats = _served_run(online=1.0, bulk=1.0, busy=0.97)["stats"]["text@8"]
     assert bench.limiter(stats, "text", 50.0).endswith("limit: encoder compute (busy 97% of the run)")
+
+
+def test_the_matrix_fills_measured_cpu_rows_and_marks_the_rest():
+    towers = {"image": {1: 5.0, 8: 10.0, 64: None}, "text": {1: 20.0, 8: 60.0, 64: 90.0}}
+    lines = bench._matrix_lines(_results(triton={"fp32": {"towers": towers}}, reduced_precision={"reason": "no bf16"}))
+    rows = [line for line in lines if line.startswith("| ViT")]
+    assert len(rows) == len(bench.MATRIX_MODELS) * len(bench.MATRIX_PRECISIONS) * (1 + len(bench.MATRIX_DEVICES))
+    assert "| ViT-B/32 | fp32 | CPU (2 cores, no AVX-512) | 5.0 / 20.0 | 10.0 / 60.0 | - / 90.0 |" in rows
+    assert "| ViT-B/32 | bf16 | CPU (2 cores, no AVX-512) | not measured: no bf16 | | |" in rows
+    assert all("no device lent" in r for r in rows if "| H100 |" in r or "| H200 |" in r)

@@ -25,6 +25,14 @@ def _dtype_rows(dtype: str, res: dict) -> list[str]:
         texts = ", ".join(f"L={k}: {v:,.0f}" for k, v in towers["text_per_s"].items())
         lines += [f"- towers alone, batch {towers['batch']}: images {towers['image_per_s']:,.0f}/s; texts/s {texts}; "
                   f"GPU {_gpu(towers.get('gpu'))}"]
+    for key, label in (("graphs", "image tower, CUDA graphs"), ("fp8", "image tower, FP8 linear layers")):
+        got = (res.get("fast") or {}).get(key)
+        if got:
+            what = got.get("error") or got.get("skipped") or (
+                f"{got['image_per_s']:,.0f} images/s, min cosine vs fp32 {got['min_cosine']:.5f}"
+                + (f", top-1 agreement {got['top1_agreement']:.0%}" if "top1_agreement" in got else "")
+                + (" (emulated on the CPU: numerics only)" if got.get("emulated") else ""))
+            lines.append(f"- {label}: {what}")
     if "parity" in res:
         lines.append("- parity vs fp32 CPU: min cosine " + ", ".join(f"{k} {v:.6f}" for k, v in res["parity"].items()))
     if "preprocess" in res:
