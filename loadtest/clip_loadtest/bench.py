@@ -318,10 +318,10 @@ MATRIX_DEVICES = ("H100", "H200")
 def measure_towers(repo: Path, batches: Sequence[int] = MATRIX_BATCHES, cell_budget_s: float = 20.0) -> dict:
     """The repository's TorchScript encoders alone, as the runner calls them: images/s and texts/s (short prompts) per
     batch; a batch whose first call shows it would take longer than cell_budget_s is not timed (None)."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from clip_build.repository import read_info  # noqa: PLC0415
-    from clip_runtime.text import TextTokenizer  # noqa: PLC0415
+    from clip_build.repository import read_info
+    from clip_runtime.text import TextTokenizer
 
     info = read_info(repo)
     side = int(info["exports"]["image_encoder"]["inputs"][0]["shape"][-1])
@@ -1006,7 +1006,7 @@ def choose_dtypes(dtype: str) -> tuple[tuple[str, ...], dict | None]:
     """The dtypes a run serves (fp32 first) and, for "best", clip_build.precision's decision for this CPU."""
     if dtype != "best":
         return ("fp32",) if dtype == "fp32" else ("fp32", dtype), None
-    from clip_build.precision import choose_dtype  # noqa: PLC0415
+    from clip_build.precision import choose_dtype
 
     choice = choose_dtype("cpu")
     log.info("best reduced precision on this CPU: %s (%s)", choice.dtype, choice.reason)

@@ -225,12 +225,12 @@ def measure_fast(ctx: Context, repo: Path, dtype: str) -> dict:
     """The image tower with CUDA graphs (fixed batch buckets) and with FP8 linear layers (fast.py), each checked
     against the fp32 CPU reference on the probe images; FP8's zero-shot top-1 over the probe texts too. On the CPU the
     graphs are skipped (they need CUDA) and FP8 is emulated: the bucketing and the parity gate still run."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from clip_build.export import build_image_encoder  # noqa: PLC0415
-    from clip_runtime.image import ImagePreprocessor  # noqa: PLC0415
+    from clip_build.export import build_image_encoder
+    from clip_runtime.image import ImagePreprocessor
 
-    from .fast import GraphedTower, fp8_parity, to_fp8  # noqa: PLC0415
+    from .fast import GraphedTower, fp8_parity, to_fp8
 
     plan, dev = ctx.plan, torch.device(ctx.args.device)
     probe = torch.from_numpy(ImagePreprocessor(image_config_for(ctx.manifest))(ctx.probe_images)).to(dev)  # (N,3,S,S)
