@@ -288,6 +288,28 @@ def stats_delta(before: dict, after: dict, seconds: float | None = None) -> dict
     return out
 
 
+def _cpu_seconds(server) -> dict[str, float]:
+    """CPU seconds (user + system) so far per process of the server, named as in _stub_breakdown; "client": ours."""
+    import psutil  # noqa: PLC0415 - loadtest extra
+
+    out: dict[str, float] = {"client": sum(psutil.Process().cpu_times()[:2])}
+    for pid in server.pids():
+        try:
+            proc = psutil.Process(pid)
+            cmd, used = proc.cmdline(), sum(proc.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            continue
+        name = Path(cmd[1]).parents[1].name if cmd and "stub" in cmd[0] and len(cmd) > 1 else "tritonserver"
+        out[name] = out.get(name, 0.0) + used
+    return out
+
+
+def cores_used(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores each process kept busy on average over `seconds` (1.0 = one core all the time)."""
+    used = {k: round((v - before.get(k, 0.0)) / seconds, 2) for k, v in after.items() if seconds > 0}
+    return {k: v for k, v in used.items() if v >= 0.01}
+
+
 def _stub_breakdown(server) -> dict[str, float]:
     """RSS (MB) per process of the server: tritonserver itself and each python stub (by model name)."""
     import psutil  # noqa: PLC0415
@@ -497,9 +519,11 @@ def serve_and_measure(args, repo: Path, images: list[bytes], texts: list[str], p
         res["rss_by_process_mb"] = _stub_breakdown(server)
         for kind, items in (("image", images), ("text", texts)):
             for c in levels:
-                before = model_stats(server.http_url)
+                before, cpu_before = model_stats(server.http_url), _cpu_seconds(server)
                 r = closed_loop(factory, kind, items, c, args.duration)
                 res["stats"][f"{kind}@{c}"] = stats_delta(before, model_stats(server.http_url), r.seconds)
+                res.setdefault("cores_used", {})[f"{kind}@{c}"] = cores_used(cpu_before, _cpu_seconds(server),
+                                                                             r.seconds)
                 res["client"].append(r.summary())
                 log.info("triton %s c=%d: %.1f items/s p50 %.0f ms p95 %.0f ms (%d errors)", kind, c, r.items_per_s,
                          r.pct(50), r.pct(95), r.errors)
@@ -511,8 +535,9 @@ def serve_and_measure(args, repo: Path, images: list[bytes], texts: list[str], p
         res["bulk"] = {}
         for kind, items in (("image", bulk_images), ("text", bulk_texts)):
             bulk_call(factory, kind, items[:64], 1)  # warm-up: the batch sizes a bulk call sends
-            before = model_stats(server.http_url)
+            before, cpu_before = model_stats(server.http_url), _cpu_seconds(server)
             b = bulk_call(factory, kind, items, args.bulk_calls)
+            b["cores_used"] = cores_used(cpu_before, _cpu_seconds(server), b["seconds"])
             res["stats"][f"{kind}@bulk"] = stats_delta(before, model_stats(server.http_url), b["seconds"])
             res["bulk"][kind] = b
             log.info("triton %s bulk (%d items per call): %.1f items/s", kind, b["items"], b["items_per_s"])
@@ -799,7 +824,12 @@ def _triton_lines(results: dict) -> list[str]:
                      + ", ".join(f"{k} {v:.0f}" for k, v in sorted((res.get('rss_by_process_mb') or {}).items())))
         for kind, b in (res.get("bulk") or {}).items():
             lines.append(f"{dtype} bulk {kind}s: {b['items_per_s']:.1f}/s over {b['calls']} call(s) of {b['items']} "
-                         f"(per call: {', '.join(f'{v:.1f}' for v in b['per_call_items_per_s'])}/s).")
+                         f"(per call: {', '.join(f'{v:.1f}' for v in b['per_call_items_per_s'])}/s); cores busy: "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in sorted((b.get("cores_used") or {}).items(),
+                                                                        key=lambda kv: -kv[1])) + ".")
+        for run_name, cores in (res.get("cores_used") or {}).items():
+            lines.append(f"{dtype} {run_name} cores busy: "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cores.items(), key=lambda kv: -kv[1])) + ".")
         if res.get("rss_after_bulk_mb"):
             lines.append(f"{dtype}: RSS after the bulk calls {res['rss_after_bulk_mb']:.0f} MB; by process (MB): "
                          + ", ".join(f"{k} {v:.0f}" for k, v in sorted(res["rss_by_process_after_bulk_mb"].items())))

@@ -134,3 +134,14 @@ def test_fp8_linear_layers_pass_the_parity_gate_and_a_wrong_tower_does_not():
         good = fp8_parity(fp8(x), ref, labels)
         bad = fp8_parity(ref.flip(0), ref, labels)  # other images' embeddings
     assert (good["passed"], bad["passed"]) == (True, False)
+
+
+def test_fp8_gate_judges_only_decided_top1s():
+    import torch
+
+    from clip_loadtest.gpukit.fast import fp8_parity
+
+    ref = torch.eye(4, 8)  # image i points at label i
+    tied = torch.cat([torch.eye(4, 8), torch.eye(4, 8)])  # every label twice: each top-1 is a tie
+    clear, ties = fp8_parity(ref, ref, torch.eye(4, 8)), fp8_parity(ref, ref, tied)
+    assert [(g["decided"], g["ties"], g["passed"]) for g in (clear, ties)] == [(4, 0, True), (0, 4, False)]

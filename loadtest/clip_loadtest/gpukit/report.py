@@ -30,7 +30,8 @@ def _dtype_rows(dtype: str, res: dict) -> list[str]:
         if got:
             what = got.get("error") or got.get("skipped") or (
                 f"{got['image_per_s']:,.0f} images/s, min cosine vs fp32 {got['min_cosine']:.5f}"
-                + (f", top-1 agreement {got['top1_agreement']:.0%}" if "top1_agreement" in got else "")
+                + (f", top-1 agreement {got['top1_agreement'] or 0:.0%} ({got['decided']} decided, {got['ties']} ties)"
+                   if "top1_agreement" in got else "")
                 + (" (emulated on the CPU: numerics only)" if got.get("emulated") else ""))
             lines.append(f"- {label}: {what}")
     if "parity" in res:

@@ -475,7 +475,8 @@ def evaluate(results: dict, device: str) -> list[Check]:
     if "min_cosine" in fp8:  # the gate: the FP8 tower only counts when it keeps the embeddings and the zero-shot top-1
         checks.append(Check("FP8 image tower vs fp32 CPU (min cosine; zero-shot top-1 agreement)", fp8["min_cosine"],
                             ">= 0.999; >= 99%", bool(fp8["passed"]),
-                            f"top-1 agreement {fp8['top1_agreement']:.0%} over {fp8['images']} images x "
+                            f"top-1 agreement {fp8['top1_agreement'] or 0:.0%} over the {fp8['decided']} of "
+                            f"{fp8['images']} images decided at the gate's tolerance ({fp8['ties']} ties), "
                             f"{fp8['labels']} labels{' (emulated on the CPU)' if fp8.get('emulated') else ''}"))
     gpu = results.get("gpu_decode") or {}
     if gpu.get("dtype"):
