@@ -124,3 +124,21 @@ def test_sigterm_while_models_load_stops_at_once(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_second_serve_on_ports_in_use_fails_at_once_naming_the_port(tmp_path):
+    """A second `serve` on the first one's ports exits non-zero within seconds, names the port, never says ready."""
+    repo = _repo(tmp_path / "repo", {"identity": IDENTITY})
+    cmd = _serve_cmd(repo)
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        read_until_ready(first)
+        t0 = time.monotonic()
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        seconds = time.monotonic() - t0
+        http_port = cmd[cmd.index("--http-port") + 1]
+        assert (second.returncode, "ready" in second.stdout, f"HTTP {http_port}" in second.stderr, seconds < 15) == (
+            1, False, True, True), (second.returncode, second.stdout, second.stderr[-2000:], seconds)
+    finally:
+        first.terminate()
+        first.wait(60)
