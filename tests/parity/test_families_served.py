@@ -190,6 +190,7 @@ def test_open_clip_zero_shot_probabilities_match(open_clip_results, name):
     assert np.abs(served[ZeroShot.PROBS] - ref["probs"].numpy()).max() <= PROB_TOL
 
 
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
 def test_training_checkpoint_serves_the_same_model_as_its_hub_folder(family_server):
     server, models = family_server
     client = httpclient.InferenceServerClient(server.http_url)
@@ -198,6 +199,7 @@ def test_training_checkpoint_serves_the_same_model_as_its_hub_folder(family_serv
     assert (infos["oc-gelu"]["model_id"], infos["oc-epoch"]["source"]) == (infos["oc-epoch"]["model_id"], "epoch_3.pt")
 
 
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
 def test_siglip_clip_info_says_sigmoid(family_server):
     server, models = family_server
     client = httpclient.InferenceServerClient(server.http_url)
