@@ -348,6 +348,9 @@ class ClientBase:
         return np.atleast_2d((yield from self._p_encode(inputs, kind)))  # one item ((D,)) -> (1, D)
 
     def _p_similarity(self, texts: Any, images: Any, apply_temperature: bool = True) -> Plan:
+        for given, name in ((as_embeddings(texts), "texts"), (as_embeddings(images), "images")):
+            if given is not None:
+                ops.check_embeddings(given, name)  # refused before any request
         if apply_temperature or as_embeddings(texts) is None or as_embeddings(images) is None:
             yield from self._p_info()  # once, before the two encodings run side by side
         t, i = yield Both(self._p_matrix(texts, "text"), self._p_matrix(images, "image"))
