@@ -23,7 +23,7 @@ from clip_common.endpoint import Endpoint, EndpointError, parse_endpoint
 
 from . import ops
 from ._api import documented
-from ._cache import PromptCache, PromptJob, check_classes  # noqa: F401 - re-exported for callers of _core
+from ._cache import PromptCache
 from ._info import (CLIP_INFO, ENCODE_IMAGE, ENCODE_TEXT, INFO_CONFIG_MODELS, POSTPROCESS, ModelInfo,
                     build_model_info, check_model_name, clip_info_json, fallback_identity_probe,
                     logit_scale_from_zero_shot, model_info_from_clip_info, model_prefix)

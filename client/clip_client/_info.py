@@ -9,7 +9,6 @@ import logging
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 

@@ -57,9 +57,9 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 # One exit-status rule for the client's commands (index, search, classify); also in their --help and the README.
-EXIT_STATUS = ("exit status: 0 when everything was done (a search with no match included: it says \"no match\"); 1 when "
-               "some files were skipped or failed (each listed on stderr, the rest done); 2 when an error stopped the "
-               "command")
+EXIT_STATUS = ("exit status: 0 when everything was done (a search with no match included: it says \"no match\"); "
+               "1 when some files were skipped or failed (each listed on stderr, the rest done); "
+               "2 when an error stopped the command")
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 
 

@@ -1,4 +1,4 @@
-"""Embedding math done on the client: CLIP logits, top-k, prompt-template averaging (the shared core is clip_common.ops).
+"""Embedding math done on the client: CLIP logits, top-k, prompt-template averaging (core: clip_common.ops).
 
 Every helper refuses what would give a confident wrong answer: embeddings that are not finite or have zero norm
 (cosine undefined), and a k that is not a positive integer (bools and floats included).
@@ -15,8 +15,8 @@ from clip_common.ops import l2_normalize, logits, softmax, top_k
 
 from .errors import InvalidInputError
 
-__all__ = ["as_matrix", "check_embeddings", "check_k", "class_embeddings", "expand_templates", "l2_normalize", "ranked", "similarity",
-           "softmax", "topk_indices"]
+__all__ = ["as_matrix", "check_embeddings", "check_k", "class_embeddings", "expand_templates", "l2_normalize",
+           "ranked", "similarity", "softmax", "topk_indices"]
 
 
 def as_matrix(x: np.ndarray, name: str) -> np.ndarray:
