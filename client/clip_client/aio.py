@@ -72,7 +72,7 @@ class AsyncCLIPClient(ClientBase):
         self._state: _LoopState | None = None
         self._closing: set[asyncio.Future] = set()  # closes of clients left behind by a loop change
 
-    async def __aenter__(self) -> "AsyncCLIPClient":
+    async def __aenter__(self) -> AsyncCLIPClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:

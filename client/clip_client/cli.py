@@ -91,7 +91,8 @@ def connect(args: argparse.Namespace):
 
 def _parser(table: dict[str, str] | None = None) -> argparse.ArgumentParser:
     table = commands() if table is None else table
-    parser = argparse.ArgumentParser(prog="clip-triton", description="Serve and use CLIP-style dual encoders on Triton.")
+    parser = argparse.ArgumentParser(prog="clip-triton",
+                                     description="Serve and use CLIP-style dual encoders on Triton.")
     parser.add_argument("-V", "--version", action="version", version=version_text())
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -107,7 +108,8 @@ def _parser(table: dict[str, str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     table = commands()
     args = _parser(table).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(table[args.command])
     return int(module.run(args, args.command) or 0)
 

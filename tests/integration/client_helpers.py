@@ -94,7 +94,8 @@ class CorruptingProxy:
             self.release.wait(30)
         host, port = self.target.rsplit(":", 1)
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection", "accept-encoding")}
+        dropped = ("host", "connection", "accept-encoding")  # plain bodies, to rewrite them
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in dropped}
         conn.request(handler.command, handler.path, body=body, headers=headers)
         response = conn.getresponse()
         data = response.read()

@@ -9,8 +9,16 @@ import time
 import numpy as np
 import pytest
 
-from clip_client import (CLIPClient, InvalidInputError, InvalidResponseError, ModelChangedError, ModelNotFoundError,
-                         RateLimitedError, ServerTimeoutError, ServerUnavailableError)
+from clip_client import (
+    CLIPClient,
+    InvalidInputError,
+    InvalidResponseError,
+    ModelChangedError,
+    ModelNotFoundError,
+    RateLimitedError,
+    ServerTimeoutError,
+    ServerUnavailableError,
+)
 from clip_client._core import Infer
 from clip_client._protocol import embed_request
 from tests.integration.client_helpers import CorruptingProxy, make_client

@@ -12,8 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from clip_client import CLIPClient, InvalidInputError, ModelNotFoundError, ServerUnavailableError
-from clip_client import _core, ops
+from clip_client import CLIPClient, InvalidInputError, ModelNotFoundError, ServerUnavailableError, _core, ops
 from clip_client.errors import ServerError, ServerTimeoutError
 from clip_client.gallery import encode_tolerant, iter_image_files
 from clip_client.inputs import (
@@ -348,8 +347,7 @@ def test_error_mapping_is_by_status_alone():
     """The same words under different statuses map differently; different words under one status map the same."""
     from tritonclient.utils import InferenceServerException as E
 
-    from clip_client import ModelNotFoundError, RateLimitedError
-    from clip_client import _status
+    from clip_client import ModelNotFoundError, RateLimitedError, _status
 
     table = {"StatusCode.UNAVAILABLE": ServerUnavailableError, "503": ServerUnavailableError,
              "StatusCode.CANCELLED": ServerUnavailableError, "429": RateLimitedError,
@@ -370,8 +368,7 @@ def test_error_mapping_is_by_status_alone():
 
 
 def test_retry_policy_by_type_and_attempt():
-    from clip_client import RateLimitedError
-    from clip_client import _status
+    from clip_client import RateLimitedError, _status
 
     assert _status.retryable(ServerUnavailableError("x")) and _status.retryable(RateLimitedError("x"))
     assert not _status.retryable(InvalidInputError("x")) and not _status.retryable(ServerTimeoutError("x"))
