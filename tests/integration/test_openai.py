@@ -306,3 +306,35 @@ def test_serve_starts_the_front_end_beside_the_server(triton_repository, client)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     assert (_same(got, client.encode_text(TEXTS)), code) == (True, 0)
+
+
+# ------------------------------------------------------------------------------------------------ upstreams
+def test_a_dead_upstream_beside_a_live_one_costs_no_error(triton_server, model_name, client):
+    from clip_server import free_port
+
+    fe = start_front_end([f"127.0.0.1:{free_port()}", triton_server.grpc_url], env=_env_keys())
+    try:
+        sdk = openai.OpenAI(base_url=fe.base_url, api_key=KEY, max_retries=0)
+        got = np.concatenate([_embeds(sdk.embeddings.create(model=model_name, input=t)) for t in TEXTS * 3])
+    finally:
+        fe.stop()
+    assert _same(got, client.encode_text(TEXTS * 3))
+
+
+def test_no_live_upstream_is_503_in_openai_schema(model_name):
+    import os
+
+    from clip_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "clip_client.cli", "openai", "--upstream",
+                             f"grpc://127.0.0.1:{free_port()}", "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "CLIP_TRITON_API_KEYS": KEY})
+    try:
+        assert wait_until(lambda: http_get(f"http://127.0.0.1:{port}/health")[0] == 503, 30)
+        status, body, _ = http_post(f"http://127.0.0.1:{port}/v1/embeddings", {"model": model_name, "input": "x"},
+                                    {"Authorization": f"Bearer {KEY}"})
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert (status, body["error"]["type"]) == (503, "server_error")

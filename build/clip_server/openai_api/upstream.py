@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 from urllib.parse import urlsplit
@@ -20,6 +21,9 @@ from clip_common.contract import ClipInfo, EncodeImage, EncodeText
 log = logging.getLogger(__name__)
 
 TOKEN_COUNTS = EncodeText.TOKEN_COUNTS  # INT32 [N] per text; servers built before it lack it (usage 0 then)
+
+
+DOWN_SECONDS = 5.0
 
 
 class UpstreamError(RuntimeError):
@@ -92,6 +96,7 @@ class Upstreams:
         self.timeout = timeout
         self.clients: list[InferenceServerClient] = []
         self.in_flight: list[int] = []
+        self.down_until: list[float] = []  # an upstream that answered UNAVAILABLE is tried last for DOWN_SECONDS
         self._turn = itertools.count()
         self.catalog = Catalog()
 
@@ -99,6 +104,7 @@ class Upstreams:
         """Open the channels (inside the serving event loop)."""
         self.clients = [InferenceServerClient(url) for url in self.urls]
         self.in_flight = [0] * len(self.clients)
+        self.down_until = [0.0] * len(self.clients)
 
     async def close(self) -> None:
         for client in self.clients:
@@ -108,7 +114,8 @@ class Upstreams:
         start = next(self._turn)
         n = len(self.clients)
         rotated = [(start + i) % n for i in range(n)]
-        return sorted(rotated, key=lambda i: self.in_flight[i])
+        now = time.monotonic()
+        return sorted(rotated, key=lambda i: (self.down_until[i] > now, self.in_flight[i]))
 
     async def infer(self, model: str, inputs: list, outputs: list, request_id: str = "") -> Any:
         """One inference on the least busy upstream; UNAVAILABLE or a broken connection moves on to the next."""
@@ -122,6 +129,7 @@ class Upstreams:
                 last = UpstreamError(_status(exc), str(exc.message() or exc))
                 if last.status != "UNAVAILABLE":
                     raise last from None
+                self.down_until[i] = time.monotonic() + DOWN_SECONDS
                 log.warning("upstream %s unavailable: %s", self.urls[i], last.message)
             finally:
                 self.in_flight[i] -= 1
