@@ -39,6 +39,7 @@ def test_the_three_image_dialects_and_texts():
     ({"model": "m", "input": ["x", "\ud800"]}, 400, "input[1]"),
     ({"model": "m", "input": [{"text": "a", "image": "b"}]}, 400, "input[0]"),
     ({"model": "m", "modality": "image", "input": ["just text"]}, 400, "input[0]"),
+    ({"model": "m", "input": ["data:image/svg+xml,<svg/>"]}, 400, "input[0]"),  # an image, but not base64
 ])
 def test_refusals_name_the_parameter(body, status, param):
     with pytest.raises(APIError) as info:

@@ -34,7 +34,8 @@ _UPSTREAM_STATUS = {"INVALID_ARGUMENT": (400, None), "OUT_OF_RANGE": (400, None)
                     "UNAVAILABLE": (503, "the model server is overloaded or unavailable: retry later"),
                     "RESOURCE_EXHAUSTED": (429, "the model server's queue is full: retry later"),
                     "DEADLINE_EXCEEDED": (503, "the model server did not answer in time: retry later"),
-                    "NOT_FOUND": (503, "the model is not loaded on the model server")}
+                    "NOT_FOUND": (503, "the model is not loaded on the model server"),
+                    "MODEL_CHANGED": (503, "the served model changed on the model server: retry")}
 
 
 @dataclass

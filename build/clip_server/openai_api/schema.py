@@ -101,7 +101,7 @@ def _item(value: Any, index: int, modality: str, max_image_bytes: int) -> Item:
         raise invalid(f"{param}: expected a string, got {type(value).__name__}", param=param)
     if modality == "image":  # Infinity: every input is a URL or a data URI
         return _image(value, param, max_image_bytes, bare_base64=False)
-    if DATA_URI.match(value):  # NV-CLIP: data URIs mixed with texts
+    if value.startswith("data:image/"):  # NV-CLIP: data URIs mixed with texts
         return _image(value, param, max_image_bytes, bare_base64=False)
     return Item("text", _utf8(value, param))
 

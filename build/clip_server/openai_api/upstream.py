@@ -48,7 +48,7 @@ class ServedModel:
     max_text_bytes: int
     max_image_bytes: int
     family: str | None = None
-    has_token_counts: bool | None = None  # learnt from encode_text's metadata on first use
+    outputs: dict[str, set[str]] = field(default_factory=dict)  # ensemble -> its outputs (metadata, first use)
     created: int = 0
 
 
@@ -99,6 +99,7 @@ class Upstreams:
         self.down_until: list[float] = []  # an upstream that answered UNAVAILABLE is tried last for DOWN_SECONDS
         self._turn = itertools.count()
         self.catalog = Catalog()
+        self.changed = asyncio.Event()  # set when an answer's model_id differs: discovery runs again at once
 
     async def start(self) -> None:
         """Open the channels (inside the serving event loop)."""
@@ -148,7 +149,7 @@ class Upstreams:
             old = self.catalog.models.get(name)
             model = model_from_info(info, name, prefix)
             if old is not None and old.model_id == model.model_id:
-                model.has_token_counts, model.created = old.has_token_counts, old.created
+                model.outputs, model.created = old.outputs, old.created
             models[name] = model
         self.catalog = Catalog(models)
         return self.catalog
@@ -159,12 +160,25 @@ class Upstreams:
         raw = result.as_numpy(ClipInfo.INFO).reshape(-1)[0]
         return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
 
-    async def _token_counts_served(self, model: ServedModel) -> bool:
-        if model.has_token_counts is None:
-            name = model.prefix + EncodeText.NAME
-            meta = await self._metadata(name)
-            model.has_token_counts = any(o.get("name") == TOKEN_COUNTS for o in meta.get("outputs", []))
-        return model.has_token_counts
+    async def _outputs(self, model: ServedModel, ensemble: str) -> set[str]:
+        """The outputs an ensemble of this model declares (servers built before token_counts/model_id lack them)."""
+        if ensemble not in model.outputs:
+            meta = await self._metadata(model.prefix + ensemble)
+            model.outputs[ensemble] = {str(o.get("name")) for o in meta.get("outputs", [])}
+        return model.outputs[ensemble]
+
+    def _check_identity(self, model: ServedModel, result: Any, served: set[str]) -> None:
+        """UpstreamError MODEL_CHANGED (and an immediate re-discovery) when the answer's model_id is not the one
+        clip_info named: the server was rebuilt or a rolling update mixes versions; the caller retries."""
+        if EncodeText.MODEL_ID not in served:
+            return
+        raw = result.as_numpy(EncodeText.MODEL_ID)
+        answered = raw.reshape(-1)[0] if raw is not None and raw.size else b""
+        answered = answered.decode("utf-8", "replace") if isinstance(answered, bytes) else str(answered)
+        if answered != model.model_id:
+            self.changed.set()
+            raise UpstreamError("MODEL_CHANGED", f"model {model.name} answered as {answered!r}, expected "
+                                                 f"{model.model_id!r}")
 
     async def _metadata(self, name: str) -> dict:
         for i in self._order():
@@ -183,11 +197,12 @@ class Upstreams:
         arr[:, 0] = texts
         inp = InferInput(EncodeText.TEXT, [len(texts), 1], "BYTES")
         inp.set_data_from_numpy(arr)
-        counts = await self._token_counts_served(model)
-        outputs = [InferRequestedOutput(EncodeText.TEXT_EMBEDS)]
-        if counts:
-            outputs.append(InferRequestedOutput(TOKEN_COUNTS))
+        served = await self._outputs(model, EncodeText.NAME)
+        counts = TOKEN_COUNTS in served
+        wanted = [EncodeText.TEXT_EMBEDS, TOKEN_COUNTS, EncodeText.MODEL_ID]
+        outputs = [InferRequestedOutput(name) for name in wanted if name in served or name == EncodeText.TEXT_EMBEDS]
         result = await self.infer(model.prefix + EncodeText.NAME, [inp], outputs, request_id)
+        self._check_identity(model, result, served)
         embeds = _checked(result.as_numpy(EncodeText.TEXT_EMBEDS), len(texts), model.dim)
         tokens = result.as_numpy(TOKEN_COUNTS) if counts else None
         return embeds, (None if tokens is None else tokens.reshape(-1))
@@ -197,8 +212,12 @@ class Upstreams:
         arr[:, 0] = images
         inp = InferInput(EncodeImage.IMAGE, [len(images), 1], "BYTES")
         inp.set_data_from_numpy(arr)
-        result = await self.infer(model.prefix + EncodeImage.NAME, [inp],
-                                  [InferRequestedOutput(EncodeImage.IMAGE_EMBEDS)], request_id)
+        served = await self._outputs(model, EncodeImage.NAME)
+        outputs = [InferRequestedOutput(EncodeImage.IMAGE_EMBEDS)]
+        if EncodeImage.MODEL_ID in served:
+            outputs.append(InferRequestedOutput(EncodeImage.MODEL_ID))
+        result = await self.infer(model.prefix + EncodeImage.NAME, [inp], outputs, request_id)
+        self._check_identity(model, result, served)
         return _checked(result.as_numpy(EncodeImage.IMAGE_EMBEDS), len(images), model.dim)
 
 
@@ -222,7 +241,8 @@ async def discover_until_ready(upstreams: Upstreams, stop: asyncio.Event, interv
         except (UpstreamError, InferenceServerException, OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("cannot read clip_info from the upstreams yet: %s", exc)
             wait = interval
-        try:
-            await asyncio.wait_for(stop.wait(), wait)
-        except TimeoutError:
-            pass
+        upstreams.changed.clear()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(upstreams.changed.wait())]
+        await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
