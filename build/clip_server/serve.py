@@ -121,67 +121,22 @@ def serve(repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8
                           extra_args=server_args(repository))
     stop = stop_event or threading.Event()
     received: list[int] = []
-
-    def on_signal(signum, _frame):
-        received.append(signum)
-        stop.set()
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
-    code = None
+    previous = _catch_signals(stop, received)
     try:
-        server.start()
-        try:
-            seconds = server.wait_ready(stop=stop)
-        except StartupCancelled:
-            log.info("signal %s while starting: stopping tritonserver", received[0] if received else "stop")
-            return 0
-        except TritonServerError as exc:
-            log.error("%s", exc)
-            if not log_file:
-                log.error("full server log: %s", server.log_path)
-            return 1
-        try:
-            model_id = json.loads((Path(repository) / "clip_triton.json").read_text())["model_id"]
-        except (OSError, ValueError, KeyError, TypeError):  # a repository not built by us, or a damaged info file
-            model_id = "?"
-        print(f"tritonserver ready in {seconds:.1f}s: {len(server.models)} models ({', '.join(server.models)}), "
-              f"model_id {model_id}", file=out)
-        print(f"  HTTP     http://{server.http_url}", file=out)
-        print(f"  gRPC     {server.grpc_url}", file=out)
-        print(f"  metrics  {server.metrics_url}", file=out)
-        print(f"  log      {server.log_path}", file=out)
-        if key is None:
-            print("  admin APIs are NOT restricted (--no-restrict)", file=out)
-        else:
-            print(f"  restricted ({', '.join(RESTRICTED_APIS)}): send header {ADMIN_HEADER}", file=out)
-            if generated:
-                print(f"admin key: {key}", file=out)
-        print("Ctrl-C to stop.", file=out, flush=True)
+        started = _start(server, stop, received, log_file)
+        if started is not None:
+            return started
+        _announce(server, Path(repository), key, generated, out)
         supervisor = None
         if supervise:
             supervisor = Supervisor(server, check_interval=check_interval, max_restarts=max_restarts,
                                     window=restart_window, ready_timeout=startup_timeout)
         if on_ready is not None:
             on_ready(server, supervisor)
-        if supervisor is not None:
-            if supervisor.run(stop) != 0:
-                return 1
-        else:
-            ticks = 0
-            while not stop.wait(check_interval):
-                ticks += 1
-                if not server.running:
-                    log.error("tritonserver exited unexpectedly (code %s):\n%s", server.process.returncode,
-                              server.log_text()[-4000:])
-                    return 1
-                gone = server.not_ready_models() if ticks % 5 == 0 else []
-                dead = server.dead_stubs()
-                if gone or dead:  # a crashed python stub is not restarted and its model stays "ready" (2.51)
-                    log.error("models no longer ready: %s; dead python stubs: %s; stopping", gone, dead)
-                    return 1
+        failed = supervisor.run(stop) != 0 if supervisor is not None else _watch_unsupervised(server, stop,
+                                                                                               check_interval)
+        if failed:
+            return 1
         log.info("signal %s: stopping tritonserver (in-flight requests finish first)", received[0] if received else "stop")
         return 0
     finally:
@@ -191,6 +146,77 @@ def serve(repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8
             server.close()  # drop our temporary log; on failure it stays for the user to read
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _catch_signals(stop: threading.Event, received: list[int]) -> dict:
+    """SIGINT/SIGTERM set `stop` (main thread only); returns the previous handlers to restore."""
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    return previous
+
+
+def _start(server: TritonServer, stop: threading.Event, received: list[int], log_file: str | None) -> int | None:
+    """Start the server and wait until every model is ready: None when it serves, else serve's exit code.
+
+    Ports in use are refused at once (TritonServer.start names them): never "ready" on another server's port.
+    """
+    try:
+        server.start()
+        server.wait_ready(stop=stop)
+    except StartupCancelled:
+        log.info("signal %s while starting: stopping tritonserver", received[0] if received else "stop")
+        return 0
+    except TritonServerError as exc:
+        log.error("%s", exc)
+        if not log_file and server.process is not None:
+            log.error("full server log: %s", server.log_path)
+        return 1
+    return None
+
+
+def _announce(server: TritonServer, repository: Path, key: str | None, generated: bool, out) -> None:
+    """Print the ready line, the endpoints and how the admin APIs are guarded."""
+    try:
+        model_id = json.loads((repository / "clip_triton.json").read_text())["model_id"]
+    except (OSError, ValueError, KeyError, TypeError):  # a repository not built by us, or a damaged info file
+        model_id = "?"
+    print(f"tritonserver ready in {server.ready_seconds:.1f}s: {len(server.models)} models "
+          f"({', '.join(server.models)}), model_id {model_id}", file=out)
+    print(f"  HTTP     http://{server.http_url}", file=out)
+    print(f"  gRPC     {server.grpc_url}", file=out)
+    print(f"  metrics  {server.metrics_url}", file=out)
+    print(f"  log      {server.log_path}", file=out)
+    if key is None:
+        print("  admin APIs are NOT restricted (--no-restrict)", file=out)
+    else:
+        print(f"  restricted ({', '.join(RESTRICTED_APIS)}): send header {ADMIN_HEADER}", file=out)
+        if generated:
+            print(f"admin key: {key}", file=out)
+    print("Ctrl-C to stop.", file=out, flush=True)
+
+
+def _watch_unsupervised(server: TritonServer, stop: threading.Event, check_interval: float) -> bool:
+    """--no-supervise: wait for `stop`; True (failed) as soon as the server exits or a model or stub is gone."""
+    ticks = 0
+    while not stop.wait(check_interval):
+        ticks += 1
+        if not server.running:
+            log.error("tritonserver exited unexpectedly (code %s):\n%s", server.process.returncode,
+                      server.log_text()[-4000:])
+            return True
+        gone = server.not_ready_models() if ticks % 5 == 0 else []
+        dead = server.dead_stubs()
+        if gone or dead:  # a crashed python stub is not restarted and its model stays "ready" (2.51)
+            log.error("models no longer ready: %s; dead python stubs: %s; stopping", gone, dead)
+            return True
+    return False
 
 
 def run(args: argparse.Namespace, command: str) -> int:

@@ -47,7 +47,7 @@ def test_ivf_recall_reopen_and_incremental_files(tmp_path, small_ivf):
     assert _recall(g, x[:2000], queries) == 1.0
     g.add([f"/p/{i}" for i in range(2000, 4000)], x[2000:4000])
     entry = g.manifest["index"]
-    assert entry is not None and entry["nlist"] == local.nlist_for(4000)
+    assert entry is not None and entry["nlist"] == local.nlist_for(entry["sized_for"]) and entry["trained_on"] == 4000
     header, data = (uri / "index" / f"{entry['name']}{ext}" for ext in (".faiss", ".ivfdata"))
 
     # later adds append: no existing segment or list file is rewritten

@@ -12,8 +12,8 @@ from clip_runtime.batching import execute_batched, request_items
 from clip_runtime.image import ImageConfig, ImagePreprocessor
 from clip_runtime.params import read_parameters
 
-PARAMS = ("image_size", "resize_mode", "crop_size", "do_center_crop", "resample", "rescale_factor", "image_mean",
-          "image_std", "max_image_bytes", "max_pixels", "max_aspect_ratio", "allowed_formats", "jpeg_draft_gap",
+PARAMS = ("image_size", "resize_mode", "crop_size", "do_center_crop", "crop_rounding", "resample", "rescale_factor",
+          "image_mean", "image_std", "max_image_bytes", "max_pixels", "max_aspect_ratio", "allowed_formats", "jpeg_draft_gap",
           "decode_threads", "image_decode", "max_items_per_request", "model_id")
 
 
@@ -43,7 +43,7 @@ class TritonPythonModel:
                 per_request=lambda items: self.model_id)
         return execute_batched(
             pb_utils, requests, read=read,
-            # float32 (3, S, S) normalised, or the error: decoding and the lookups run in the pool (they release the GIL)
+            # float32 (3, S, S) normalised, or the error: decoding and lookups run in the pool (they release the GIL)
             prepare=lambda items: self.pre.load_many(items, self.pool, catch=Exception, normalised=True),
             compute=lambda good: {M.PIXEL_VALUES: np.stack(good)},  # (M, 3, S, S)
             label="image", logger=self.logger, per_request=lambda items: self.model_id)
