@@ -7,8 +7,9 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -78,12 +79,17 @@ def model_from_info(info: dict, name: str, prefix: str) -> ServedModel:
     """A ServedModel from one model's clip_info JSON."""
     limits = info.get("limits", {})
     per_request = int(info.get("max_items_per_request", 64))
-    return ServedModel(name=name, prefix=prefix, model_id=str(info["model_id"]), dim=int(info["projection_dim"]),
-                       max_text_items=int(info.get("max_text_items", per_request)),
-                       max_image_items=int(info.get("max_image_items", per_request)),
-                       max_text_bytes=int(limits.get("max_text_bytes", 16384)),
-                       max_image_bytes=int(limits.get("max_image_bytes", 20 * 1024 * 1024)),
-                       family=info.get("family"))
+    return ServedModel(
+        name=name,
+        prefix=prefix,
+        model_id=str(info["model_id"]),
+        dim=int(info["projection_dim"]),
+        max_text_items=int(info.get("max_text_items", per_request)),
+        max_image_items=int(info.get("max_image_items", per_request)),
+        max_text_bytes=int(limits.get("max_text_bytes", 16384)),
+        max_image_bytes=int(limits.get("max_image_bytes", 20 * 1024 * 1024)),
+        family=info.get("family"),
+    )
 
 
 class Upstreams:
@@ -124,8 +130,9 @@ class Upstreams:
         for i in self._order():
             self.in_flight[i] += 1
             try:
-                return await self.clients[i].infer(model, inputs, outputs=outputs, request_id=request_id,
-                                                   client_timeout=self.timeout)
+                return await self.clients[i].infer(
+                    model, inputs, outputs=outputs, request_id=request_id, client_timeout=self.timeout
+                )
             except InferenceServerException as exc:
                 last = UpstreamError(_status(exc), str(exc.message() or exc))
                 if last.status != "UNAVAILABLE":
@@ -177,8 +184,9 @@ class Upstreams:
         answered = answered.decode("utf-8", "replace") if isinstance(answered, bytes) else str(answered)
         if answered != model.model_id:
             self.changed.set()
-            raise UpstreamError("MODEL_CHANGED", f"model {model.name} answered as {answered!r}, expected "
-                                                 f"{model.model_id!r}")
+            raise UpstreamError(
+                "MODEL_CHANGED", f"model {model.name} answered as {answered!r}, expected {model.model_id!r}"
+            )
 
     async def _metadata(self, name: str) -> dict:
         for i in self._order():
@@ -190,8 +198,9 @@ class Upstreams:
         raise UpstreamError("UNAVAILABLE", "no upstream answered")
 
     # ---------------------------------------------------------------------------------------- encoders
-    async def encode_texts(self, model: ServedModel, texts: list[bytes],
-                           request_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+    async def encode_texts(
+        self, model: ServedModel, texts: list[bytes], request_id: str
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """(embeddings [N, D], token counts [N] or None when the server does not report them)."""
         arr = np.empty((len(texts), 1), dtype=object)
         arr[:, 0] = texts
