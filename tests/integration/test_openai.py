@@ -375,7 +375,9 @@ def test_serve_starts_the_front_end_beside_the_server(triton_repository, client)
 def test_a_dead_upstream_beside_a_live_one_costs_no_error(triton_server, model_name, client):
     from clip_server import free_port
 
-    fe = start_front_end([f"127.0.0.1:{free_port()}", triton_server.grpc_url], env=_env_keys())
+    # the live one by name: it is resolved, and every address it resolves to gets its own channel
+    live = "localhost:" + triton_server.grpc_url.rsplit(":", 1)[1]
+    fe = start_front_end([f"127.0.0.1:{free_port()}", live], env=_env_keys())
     try:
         sdk = openai.OpenAI(base_url=fe.base_url, api_key=KEY, max_retries=0)
         got = np.concatenate([_embeds(sdk.embeddings.create(model=model_name, input=t)) for t in TEXTS * 3])

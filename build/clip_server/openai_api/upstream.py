@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import json
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -92,56 +94,94 @@ def model_from_info(info: dict, name: str, prefix: str) -> ServedModel:
     )
 
 
+@dataclass
+class Endpoint:
+    """One Triton address (a name resolving to N addresses gives N endpoints): its channel and its load."""
+
+    address: str  # "IP:PORT" as tritonclient takes it ([IPv6]:PORT)
+    client: InferenceServerClient
+    origin: str = ""  # the --upstream it came from
+    in_flight: int = 0
+    down_until: float = 0.0  # after UNAVAILABLE it is tried last until then
+
+
 class Upstreams:
-    """A client (one gRPC channel) per Triton server, created once; calls go to the least busy one."""
+    """A client (one gRPC channel) per Triton address, created once and kept; each call goes to the least busy one.
+
+    Every --upstream HOST:PORT is resolved at start and again at each refresh (resolve()), one endpoint per address,
+    like the gateway's STRICT_DNS clusters: a Kubernetes headless Service gives one channel per Triton pod, and pods
+    that come and go are picked up (a single channel to such a name would stick to one pod)."""
 
     def __init__(self, urls: Sequence[str], timeout: float = 60.0):
         if not urls:
             raise ValueError("at least one --upstream is needed")
         self.urls = list(urls)
         self.timeout = timeout
-        self.clients: list[InferenceServerClient] = []
-        self.in_flight: list[int] = []
-        self.down_until: list[float] = []  # an upstream that answered UNAVAILABLE is tried last for DOWN_SECONDS
+        self.endpoints: dict[str, Endpoint] = {}
         self._turn = itertools.count()
+        self._retired: list[asyncio.Task] = []
         self.catalog = Catalog()
         self.changed = asyncio.Event()  # set when an answer's model_id differs: discovery runs again at once
 
     async def start(self) -> None:
-        """Open the channels (inside the serving event loop)."""
-        self.clients = [InferenceServerClient(url) for url in self.urls]
-        self.in_flight = [0] * len(self.clients)
-        self.down_until = [0.0] * len(self.clients)
+        """Resolve the upstreams and open their channels (inside the serving event loop)."""
+        await self.resolve()
+
+    async def resolve(self) -> None:
+        """(Re-)resolve every upstream; open channels to new addresses, retire the ones gone (a name that does not
+        resolve now keeps its old endpoints)."""
+        found: dict[str, str] = {}  # address -> the upstream it came from
+        for url in self.urls:
+            addresses = await _addresses(url)
+            if addresses is None:
+                addresses = [a for a, e in self.endpoints.items() if e.origin == url]
+            for address in addresses:
+                found.setdefault(address, url)
+        for address, url in found.items():
+            if address not in self.endpoints:
+                self.endpoints[address] = Endpoint(address, InferenceServerClient(address), origin=url)
+                log.info("upstream %s: channel to %s", url, address)
+        for address in [a for a in self.endpoints if a not in found]:
+            gone = self.endpoints.pop(address)
+            self._retired.append(asyncio.create_task(self._close_later(gone)))
+
+    async def _close_later(self, endpoint: Endpoint) -> None:
+        await asyncio.sleep(self.timeout)  # calls in flight on it finish first
+        await endpoint.client.close()
 
     async def close(self) -> None:
-        for client in self.clients:
-            await client.close()
+        for task in self._retired:
+            task.cancel()
+        for endpoint in self.endpoints.values():
+            await endpoint.client.close()
 
-    def _order(self) -> list[int]:
-        start = next(self._turn)
-        n = len(self.clients)
-        rotated = [(start + i) % n for i in range(n)]
+    def _order(self) -> list[Endpoint]:
+        endpoints = list(self.endpoints.values())
+        if not endpoints:
+            return []
+        start = next(self._turn) % len(endpoints)
+        rotated = endpoints[start:] + endpoints[:start]
         now = time.monotonic()
-        return sorted(rotated, key=lambda i: (self.down_until[i] > now, self.in_flight[i]))
+        return sorted(rotated, key=lambda e: (e.down_until > now, e.in_flight))
 
     async def infer(self, model: str, inputs: list, outputs: list, request_id: str = "") -> Any:
         """One inference on the least busy upstream; UNAVAILABLE or a broken connection moves on to the next."""
         last: UpstreamError | None = None
-        for i in self._order():
-            self.in_flight[i] += 1
+        for endpoint in self._order():
+            endpoint.in_flight += 1
             try:
-                return await self.clients[i].infer(
+                return await endpoint.client.infer(
                     model, inputs, outputs=outputs, request_id=request_id, client_timeout=self.timeout
                 )
             except InferenceServerException as exc:
                 last = UpstreamError(_status(exc), str(exc.message() or exc))
                 if last.status != "UNAVAILABLE":
                     raise last from None
-                self.down_until[i] = time.monotonic() + DOWN_SECONDS
-                log.warning("upstream %s unavailable: %s", self.urls[i], last.message)
+                endpoint.down_until = time.monotonic() + DOWN_SECONDS
+                log.warning("upstream %s unavailable: %s", endpoint.address, last.message)
             finally:
-                self.in_flight[i] -= 1
-        raise last or UpstreamError("UNAVAILABLE", "no upstream")
+                endpoint.in_flight -= 1
+        raise last or UpstreamError("UNAVAILABLE", "no upstream address")
 
     # ---------------------------------------------------------------------------------------- discovery
     async def discover(self) -> Catalog:
@@ -189,9 +229,9 @@ class Upstreams:
             )
 
     async def _metadata(self, name: str) -> dict:
-        for i in self._order():
+        for endpoint in self._order():
             try:
-                return await self.clients[i].get_model_metadata(name, as_json=True, client_timeout=self.timeout)
+                return await endpoint.client.get_model_metadata(name, as_json=True, client_timeout=self.timeout)
             except InferenceServerException as exc:
                 if _status(exc) != "UNAVAILABLE":
                     raise UpstreamError(_status(exc), str(exc.message() or exc)) from None
@@ -230,6 +270,23 @@ class Upstreams:
         return _checked(result.as_numpy(EncodeImage.IMAGE_EMBEDS), len(images), model.dim)
 
 
+async def _addresses(url: str) -> list[str] | None:
+    """ "HOST:PORT" -> every "IP:PORT" it resolves to (an IP stays itself); None when it does not resolve now."""
+    host, _, port = url.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        return [url]
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        log.warning("cannot resolve upstream %s: %s", url, exc)
+        return None
+    return [f"[{i[4][0]}]:{port}" if ":" in i[4][0] else f"{i[4][0]}:{port}" for i in infos]
+
+
 def _checked(embeds: np.ndarray | None, rows: int, dim: int) -> np.ndarray:
     """The server's answer, or UpstreamError when it has the wrong shape or non-finite values."""
     if embeds is None or embeds.shape != (rows, dim):
@@ -245,6 +302,7 @@ async def discover_until_ready(upstreams: Upstreams, stop: asyncio.Event, interv
     wait = interval
     while not stop.is_set():
         try:
+            await upstreams.resolve()
             await upstreams.discover()
             wait = 30.0
         except (UpstreamError, InferenceServerException, OSError, ValueError, KeyError, TypeError) as exc:
