@@ -409,6 +409,7 @@ def test_no_live_upstream_is_503_in_openai_schema(model_name):
     )
     try:
         assert wait_until(lambda: http_get(f"http://127.0.0.1:{port}/health")[0] == 503, 30)
+        live = http_get(f"http://127.0.0.1:{port}/health/live")[0]
         status, body, _ = http_post(
             f"http://127.0.0.1:{port}/v1/embeddings",
             {"model": model_name, "input": "x"},
@@ -417,4 +418,4 @@ def test_no_live_upstream_is_503_in_openai_schema(model_name):
     finally:
         proc.terminate()
         proc.wait(20)
-    assert (status, body["error"]["type"]) == (503, "server_error")
+    assert (status, body["error"]["type"], live) == (503, "server_error", 200)

@@ -174,6 +174,11 @@ async def health(request: Request) -> Response:
     return json_response({"status": "ok", "models": list(state.upstreams.catalog.models)}, 200, _request_id(request))
 
 
+async def live(request: Request) -> Response:
+    """Liveness: the process answers (whether or not a Triton server does; /health says that)."""
+    return json_response({"status": "alive"}, 200, _request_id(request))
+
+
 def _auth(request: Request, state: _State) -> None:
     if not key_ok(request.headers.get("authorization"), state.key_digests):
         raise APIError(
@@ -416,6 +421,7 @@ def create_app(settings: FrontEndSettings) -> Starlette:
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/health/live", live, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.add_middleware(RequestIdMiddleware)
