@@ -419,3 +419,32 @@ def test_no_live_upstream_is_503_in_openai_schema(model_name):
         proc.terminate()
         proc.wait(20)
     assert (status, body["error"]["type"], live) == (503, "server_error", 200)
+
+
+# ------------------------------------------------------------------------------------------------ several models
+@pytest.fixture(scope="module")
+def two_models(weights, tmp_path_factory):
+    """A repository serving two models (the second one's Triton names prefixed "minilm__") and a front end on it."""
+    from clip_build.repository import build_repositories
+    from tests.integration.triton_helpers import serving
+
+    repo = build_repositories([("clip", weights("clip")), ("minilm", weights("bert_vit"))],
+                              tmp_path_factory.mktemp("two_models"))
+    with serving(repo, exit_timeout=3) as server:
+        fe = start_front_end([server.grpc_url], env=_env_keys())
+        try:
+            yield server, fe
+        finally:
+            fe.stop()
+
+
+def test_every_served_model_has_an_id_and_its_own_embeddings(two_models):
+    server, fe = two_models
+    sdk = openai.OpenAI(base_url=fe.base_url, api_key=KEY, max_retries=0)
+    ids = [m.id for m in sdk.models.list().data]
+    got = {name: _embeds(sdk.embeddings.create(model=name, input=TEXTS)) for name in ids}
+    same = {}
+    for name in ids:
+        with CLIPClient(f"grpc://{server.grpc_url}", model=name) as own:
+            same[name] = _same(got[name], own.encode_text(TEXTS))
+    assert (ids, same) == (["clip", "minilm"], {"clip": True, "minilm": True})
