@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -428,8 +429,9 @@ def two_models(weights, tmp_path_factory):
     from clip_build.repository import build_repositories
     from tests.integration.triton_helpers import serving
 
-    repo = build_repositories([("clip", weights("clip")), ("minilm", weights("bert_vit"))],
-                              tmp_path_factory.mktemp("two_models"))
+    repo = build_repositories(
+        [("clip", weights("clip")), ("minilm", weights("bert_vit"))], tmp_path_factory.mktemp("two_models")
+    )
     with serving(repo, exit_timeout=3) as server:
         fe = start_front_end([server.grpc_url], env=_env_keys())
         try:
@@ -448,3 +450,31 @@ def test_every_served_model_has_an_id_and_its_own_embeddings(two_models):
         with CLIPClient(f"grpc://{server.grpc_url}", model=name) as own:
             same[name] = _same(got[name], own.encode_text(TEXTS))
     assert (ids, same) == (["clip", "minilm"], {"clip": True, "minilm": True})
+
+
+def test_bytes_in_flight_are_bounded(triton_server, model_name):
+    """A body still arriving holds its bytes: a second request that would pass the budget gets 429, not memory."""
+    import socket
+
+    fe = start_front_end(
+        [triton_server.grpc_url], "--max-body-bytes", "10000", "--max-inflight-bytes", "10000", env=_env_keys()
+    )
+    held = socket.create_connection(("127.0.0.1", fe.port))
+    try:
+        head = (
+            f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 9000\r\n\r\n"
+        )
+        held.sendall(head.encode() + b"{" + b" " * 6000)  # 6001 of 9000 bytes, the rest never comes
+        body = {"model": model_name, "input": "x" * 5000}
+        statuses = []
+        for _ in range(20):  # until the held body's bytes are counted (they are read as they arrive)
+            status, answer, _ = http_post(f"{fe.base_url}/embeddings", body, {"Authorization": f"Bearer {KEY}"})
+            statuses.append((status, answer.get("error", {}).get("code")))
+            if status == 429:
+                break
+            time.sleep(0.2)
+    finally:
+        held.close()
+        fe.stop()
+    assert statuses[-1] == (429, "server_busy")
