@@ -155,7 +155,7 @@ class RequestIdMiddleware:
             log.info(
                 "%s %s %s %.1fms request_id=%s",
                 scope.get("method"),
-                scope.get("path"),
+                str(scope.get("path", "")).encode("unicode_escape").decode("ascii")[:200],  # no line breaks in logs
                 status[0],
                 (time.perf_counter() - started) * 1000,
                 request_id,
@@ -171,7 +171,7 @@ async def health(request: Request) -> Response:
     state: _State = request.app.state.front
     if not state.upstreams.catalog.models:
         return json_response(APIError(503, "not ready: no model server answered yet").body(), 503, _request_id(request))
-    return json_response({"status": "ok", "models": list(state.upstreams.catalog.models)}, 200, _request_id(request))
+    return json_response({"status": "ok"}, 200, _request_id(request))  # model names only with a key (/v1/models)
 
 
 async def live(request: Request) -> Response:
@@ -216,7 +216,7 @@ async def get_model(request: Request) -> Response:
         name = request.path_params["model"]
         model = _catalog(state).get(name)
         if model is None:
-            raise APIError(404, f"The model {name!r} does not exist", param="model", code="model_not_found")
+            raise APIError(404, f"The model {name[:100]!r} does not exist", param="model", code="model_not_found")
     except APIError as err:
         return error_response(err, rid)
     return json_response(_model_object(state, model), 200, rid)
@@ -237,7 +237,7 @@ async def embeddings(request: Request) -> Response:
         if model is None:
             raise APIError(
                 404,
-                f"The model {req.model!r} does not exist: served are {', '.join(models)}",
+                f"The model {req.model[:100]!r} does not exist: served are {', '.join(models)}",
                 param="model",
                 code="model_not_found",
             )
