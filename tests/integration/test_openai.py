@@ -478,3 +478,33 @@ def test_bytes_in_flight_are_bounded(triton_server, model_name):
         held.close()
         fe.stop()
     assert statuses[-1] == (429, "server_busy")
+
+
+def test_a_trickled_body_gets_408_and_frees_its_bytes(triton_server, model_name):
+    import socket
+
+    fe = start_front_end(
+        [triton_server.grpc_url],
+        "--max-body-bytes",
+        "10000",
+        "--max-inflight-bytes",
+        "10000",
+        "--body-timeout",
+        "1",
+        env=_env_keys(),
+    )
+    held = socket.create_connection(("127.0.0.1", fe.port), timeout=10)
+    try:
+        head = (
+            f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 9000\r\n\r\n"
+        )
+        held.sendall(head.encode() + b"{" + b" " * 6000)
+        answer = held.recv(4096).split(b"\r\n", 1)[0]  # the front end answers the half-sent request itself
+        status = http_post(
+            f"{fe.base_url}/embeddings", {"model": model_name, "input": "x" * 5000}, {"Authorization": f"Bearer {KEY}"}
+        )[0]
+    finally:
+        held.close()
+        fe.stop()
+    assert (answer, status) == (b"HTTP/1.1 408 Request Timeout", 200)

@@ -72,6 +72,7 @@ def add_front_end_options(parser: argparse.ArgumentParser, prefix: str = "") -> 
         help="let image URLs reach this non-public network (repeatable), e.g. an internal image store",
     )
     parser.add_argument(f"{p}fetch-timeout", type=float, default=10.0, help="total seconds to fetch one image URL")
+    parser.add_argument(f"{p}body-timeout", type=float, default=30.0, help="seconds to receive a request body (408)")
     parser.add_argument(f"{p}upstream-timeout", type=float, default=60.0, help="seconds Triton has to answer a call")
     parser.add_argument(f"{p}tls-cert", default=None, help="serve HTTPS with this certificate (PEM) ...")
     parser.add_argument(f"{p}tls-key", default=None, help="... and this private key (PEM)")
@@ -85,6 +86,7 @@ OPTIONS = (
     "allow_private_urls",
     "allow_url_network",
     "fetch_timeout",
+    "body_timeout",
     "upstream_timeout",
     "tls_cert",
     "tls_key",
@@ -112,6 +114,7 @@ def settings_from_args(args: argparse.Namespace, upstreams: Sequence[str], prefi
         url_networks=tuple(_networks(opt["allow_url_network"])),
         fetch_timeout=opt["fetch_timeout"],
         upstream_timeout=opt["upstream_timeout"],
+        body_timeout=opt["body_timeout"],
     )
 
 

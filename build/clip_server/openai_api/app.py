@@ -55,6 +55,7 @@ class FrontEndSettings:
     url_networks: tuple[str, ...] = ()
     fetch_timeout: float = 10.0
     upstream_timeout: float = 60.0
+    body_timeout: float = 30.0
     normalize: bool = True
 
 
@@ -276,13 +277,19 @@ async def _read_body(request: Request, state: _State) -> tuple[bytes, int]:
         raise APIError(413, f"request body of {length} bytes is larger than the limit of {cap} bytes")
     parts, held = [], 0
     try:
-        async for chunk in request.stream():
-            if held + len(chunk) > cap:
-                raise APIError(413, f"request body larger than the limit of {cap} bytes")
-            if not state.budget.take(len(chunk)):
-                raise APIError(429, "too many request bytes in flight on this server: retry later", code="server_busy")
-            held += len(chunk)
-            parts.append(chunk)
+        async with asyncio.timeout(state.settings.body_timeout):  # a trickled body cannot hold the budget for long
+            async for chunk in request.stream():
+                if held + len(chunk) > cap:
+                    raise APIError(413, f"request body larger than the limit of {cap} bytes")
+                if not state.budget.take(len(chunk)):
+                    raise APIError(
+                        429, "too many request bytes in flight on this server: retry later", code="server_busy"
+                    )
+                held += len(chunk)
+                parts.append(chunk)
+    except TimeoutError:
+        state.budget.used -= held
+        raise APIError(408, f"request body not received within {state.settings.body_timeout:g} s") from None
     except APIError:
         state.budget.used -= held
         raise

@@ -23,6 +23,7 @@ class APIError(Exception):
         401: "invalid_request_error",
         404: "invalid_request_error",
         413: "invalid_request_error",
+        408: "invalid_request_error",
         429: "rate_limit_error",
         503: "server_error",
         500: "server_error",
