@@ -223,6 +223,7 @@ class LocalGallery(Gallery):
         self.nprobe = DEFAULT_NPROBE  # IVF lists scanned per query: recall vs latency (tune() sets it)
         self.rerank = DEFAULT_RERANK  # k * rerank candidates re-scored exactly per query
         self._recent: collections.deque = collections.deque(maxlen=RECENT_QUERIES)  # real queries, for tune()
+        self._fallback = False  # True: the index was being rewritten at open; this snapshot is searched exactly
         self._lock_fd: int | None = None
         self._schema = _schema(self.dim, self.identity)
         self._load_segments()
@@ -568,10 +569,18 @@ class LocalGallery(Gallery):
             if index.ntotal == entry["ntotal"]:
                 self._no_prefetch(index)
                 return index
-            log.warning("%s: the index holds %d rows, the manifest says %d: rebuilding it", self.root, index.ntotal,
-                        entry["ntotal"])
+            problem = f"the index holds {index.ntotal} rows, the manifest says {entry['ntotal']}"
         except RuntimeError as e:
-            log.warning("%s: cannot read the index (%s): rebuilding it", self.root, e)
+            problem = f"cannot read the index ({e})"
+        try:
+            self._lock()  # a writer that is not done yet (its manifest not saved), or one that died mid-write
+        except GalleryLockedError:
+            log.info("%s: %s while another process writes: this snapshot is searched exactly", self.root, problem)
+            self._fallback = True
+            return self._flat_index()
+        if self.manifest["index"] != entry:  # the lock reloaded a newer manifest, and its index
+            return self._index
+        log.warning("%s: %s: rebuilding it", self.root, problem)
         return self._build_index(ivf=True)
 
     def _no_prefetch(self, index) -> None:
@@ -723,7 +732,7 @@ class LocalGallery(Gallery):
         if not 0 < target_recall <= 1:
             raise InvalidInputError(f"target_recall must be in (0, 1], got {target_recall!r}")
         entry = self.manifest["index"]
-        if entry is None:
+        if entry is None or self._fallback:
             return {"exact": True, "recall": 1.0}
         if queries is not None:
             q, source = check_embeddings(queries, None, self.dim, "queries"), "given"
@@ -780,7 +789,7 @@ class LocalGallery(Gallery):
             return [[] for _ in range(len(q))]
         if not exact:
             self._recent.extend(q[-RECENT_QUERIES:])
-        if exact or self.manifest["index"] is None:
+        if exact or self.manifest["index"] is None or self._fallback:
             return self._hits(*self._exact(q, min(k, n), allowed))
         nprobe = self.nprobe
         if allowed is not None:  # a filter keeping a fraction f of the rows: scan 1/f times the lists
@@ -833,7 +842,7 @@ class LocalGallery(Gallery):
 
     def _rescore(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact cosines of the candidates against the stored vectors; the top k per query -> (Q, k) each."""
-        ok = cand >= 0
+        ok = (cand >= 0) & (cand < self.manifest["next_id"])  # a reader ignores rows added after its snapshot
         exact = np.full(cand.shape, -np.inf, np.float32)
         exact[ok] = np.einsum("nd,nd->n", self._vectors_of(cand[ok]), np.repeat(q, ok.sum(axis=1), axis=0))
         top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
