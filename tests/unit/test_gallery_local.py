@@ -380,3 +380,17 @@ def test_hand_edited_manifest_is_refused(tmp_path):
     (tmp_path / "g" / "gallery.json").write_text(json.dumps(manifest))
     with pytest.raises(GalleryError, match="next_id 3 but the segments hold ids up to 9"):
         Gallery.open(tmp_path / "g")
+
+
+def test_gallery_info_tune_and_exact_through_the_cli(tmp_path, small_ivf, capsys):
+    from clip_client.cli import main
+
+    x, _, _ = _clip_like(4000)
+    with Gallery.create(tmp_path / "g", dim=x.shape[1], model_id="m") as g:
+        g.add([f"/p/{i}" for i in range(4000)], x)
+    assert main(["gallery-info", "--uri", str(tmp_path / "g"), "--tune", "--target-recall", "0.99", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert main(["search", "--like", "/p/7", "--uri", str(tmp_path / "g"), "--exact", "-k", "1"]) == 0
+    first = capsys.readouterr().out.split()
+    assert (info["rows"], info["operating_point"]["target"], info["operating_point"]["recall"] >= 0.99,
+            info["nprobe"] == info["operating_point"]["nprobe"], first[-1]) == (4000, 0.99, True, True, "/p/7")

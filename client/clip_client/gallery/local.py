@@ -9,15 +9,22 @@ A gallery is a folder:
     tombstones/NNNNNNNN.arrow ids deleted since their segment was written
     index/ivfsq8-NNNNNNNN.faiss + .ivfdata   FAISS IVF with 8-bit scalar-quantised codes (inner product) whose
                           inverted lists live in a memory-mapped file (OnDiskInvertedLists): adds append to it in
-                          place, reopening maps it (milliseconds)
+                          place (the disk blocks reserved first), reopening maps it (milliseconds)
     failures.json         files that could not be embedded (path -> sha256, size, mtime, reason)
 
 Search: below TRAIN_AT rows exact (an in-memory flat index built from the segments at open). From TRAIN_AT rows an
-IVF-SQ8 index (nlist ~ sqrt of the expected size, D-byte codes, `nprobe` lists scanned) proposes k * `rerank`
-candidates per query, which are re-scored exactly against the stored float32 vectors (memory-mapped): scores are
-exact cosines. Deleted rows stay in the index, skipped by every search, until it is rebuilt. The index is retrained
-when the gallery outgrows its training size RETRAIN_FACTOR times, or on optimize(retrain=True). The segments are
-the truth: an index that disagrees with the manifest at open (e.g. after a crash) is rebuilt from them.
+IVF-SQ8 index (spherical k-means, nlist ~ 2 sqrt(rows), `nprobe` lists scanned) proposes k * `rerank` candidates per
+query, re-scored exactly against the stored float32 vectors (memory-mapped): scores are exact cosines. The index is
+retrained (nlist re-sized) when the gallery outgrows the rows it was trained on RETRAIN_FACTOR times, or on
+optimize(retrain=True); after each training tune() calibrates `nprobe`: recall@10 against exact search on OOD-like
+probes (stored vectors minus the gallery's mean: text queries share the concept, not the image modality's offset)
+reaching TUNE_TARGET; tune(queries) re-measures on real queries. search(exact=True) scores every row. Deleted rows
+stay in the index, skipped by every search, until it is rebuilt.
+Integrity: the manifest records each segment's size and CRC-32, the index header's CRC-32 and the list file's size;
+opening checks sizes, Arrow footers, row counts and id ranges, and the manifest against them (next_id, next_seq);
+check_gallery() (`clip-triton gallery-check`) also verifies the checksums and repairs what derives from the
+segments. The segments are the truth: an index header that disagrees with the manifest at open (a crash between
+the two) is rebuilt from them; a list file shorter than its header is a GalleryError (it would be read past its end).
 One writer at a time (a lock file, taken by the first write and held until close(); another writer meanwhile gets
 GalleryLockedError); readers open a snapshot. A writer reloads the manifest (and what it lists) when it takes the
 lock, so that it writes on top of what writers before it committed: nothing is lost, no file name is reused.
