@@ -144,8 +144,12 @@ def _crc32(path: Path) -> int:
 def _write_atomic(path: Path, write) -> None:
     """write(tmp_path), then rename over `path` (readers never see half a file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
 @contextlib.contextmanager
