@@ -90,7 +90,8 @@ def test_file_size_limit_while_lists_grow_is_a_gallery_error(tmp_path):
 
 
 def _rows(lo: int, n: int):
-    return [f"/p/{i}" for i in range(lo, lo + n)], np.random.default_rng(lo).standard_normal((n, DIM)).astype(np.float32)
+    x = np.random.default_rng(lo).standard_normal((n, DIM)).astype(np.float32)
+    return [f"/p/{i}" for i in range(lo, lo + n)], x
 
 
 def test_full_disk_while_lists_grow_is_a_gallery_error(tmp_path):
@@ -161,7 +162,8 @@ def test_hand_edited_manifest_is_refused_and_repaired(tmp_path):
     with Gallery.open(uri) as g:
         g.add(*_rows(5000, 1))
         ids = [r["id"] for r in g.rows()]
-    assert (refused.returncode, "next_id 10" in refused.stderr, repaired.returncode, len(set(ids))) == (2, True, 0, 1001)
+    assert (refused.returncode, "next_id 10" in refused.stderr, repaired.returncode, len(set(ids))) == (
+        2, True, 0, 1001)
 
 
 _KILLED_WRITER = """

@@ -206,9 +206,10 @@ def _check_manifest(root: Path, manifest: dict) -> None:
     last = -1
     seqs = [0]
     for e in manifest["segments"]:
-        if not (isinstance(e.get("min_id"), int) and isinstance(e.get("max_id"), int) and last < e["min_id"] <= e["max_id"]):
-            raise GalleryError(f"{root / MANIFEST}: segment {e.get('file')} has ids {e.get('min_id')}..{e.get('max_id')} "
-                               f"after ids up to {last}: the manifest is damaged (run `clip-triton gallery-check`)")
+        lo, hi = e.get("min_id"), e.get("max_id")
+        if not (isinstance(lo, int) and isinstance(hi, int) and last < lo <= hi):
+            raise GalleryError(f"{root / MANIFEST}: segment {e.get('file')} has ids {lo}..{hi} after ids up to "
+                               f"{last}: the manifest is damaged (run `clip-triton gallery-check`)")
         last = e["max_id"]
         seqs.append(int(str(e["file"]).split(".")[0]))
     if not isinstance(manifest.get("next_id"), int) or manifest["next_id"] <= last:
@@ -218,8 +219,8 @@ def _check_manifest(root: Path, manifest: dict) -> None:
     if manifest["index"]:
         seqs.append(int(manifest["index"]["name"].rsplit("-", 1)[1]))
     if not isinstance(manifest.get("next_seq"), int) or manifest["next_seq"] <= max(seqs):
-        raise GalleryError(f"{root / MANIFEST}: next_seq {manifest.get('next_seq')} but file number {max(seqs)} exists: "
-                           "new files would overwrite it (run `clip-triton gallery-check --repair`)")
+        raise GalleryError(f"{root / MANIFEST}: next_seq {manifest.get('next_seq')} but file number {max(seqs)} "
+                           "exists: new files would overwrite it (run `clip-triton gallery-check --repair`)")
 
 
 class LocalGallery(Gallery):
@@ -352,7 +353,8 @@ class LocalGallery(Gallery):
                 with self.pa.memory_map(str(path), "r") as source:
                     dead.append(self.pa.ipc.open_file(source).read_all().column("id").to_numpy())
             except (self.pa.ArrowException, OSError) as e:
-                raise GalleryError(f"tombstone file {path} is not readable ({e}) (run `clip-triton gallery-check`)") from None
+                raise GalleryError(f"tombstone file {path} is not readable ({e}) "
+                                   "(run `clip-triton gallery-check`)") from None
         self._dead = np.unique(np.concatenate(dead)) if dead else np.zeros(0, np.int64)
         cols = ["id", *FIELDS]
         tables = [s.table.select(cols) for s in self._segs]
