@@ -2,8 +2,8 @@
 checkpoints made with transformers and converted WEIGHTS_DIRs (cached).
 
     pytest -m unit          # tests/unit: pure functions, Python models with Triton faked (seconds)
-    pytest -m parity        # tests/parity: golden results against transformers
-    pytest -m integration   # tests/integration: the real Triton server
+    pytest -m parity        # tests/parity: golden results against transformers (and nothing else)
+    pytest -m integration   # tests/integration: the real Triton server, and the build pipeline on random checkpoints
 """
 
 from __future__ import annotations

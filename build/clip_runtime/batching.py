@@ -3,6 +3,11 @@ make ONE vectorised call for all good items, split the outputs back, one error r
 
 Used by preprocess_text, preprocess_image and the Python-based `pytorch` runner; `execute_each` is the loop of the
 models that take one problem per request (postprocess, clip_info).
+
+Cancellation: a request whose client went away (gRPC cancel or deadline, an HTTP client that closed its connection,
+where Triton's frontend reports it) or whose queue timeout expired is answered CANCELLED without its work: it is
+checked when `execute` starts, again before the one compute call (after the expensive `prepare`, e.g. decoding), and
+by execute_each before each request.
 """
 
 from __future__ import annotations
@@ -13,6 +18,35 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidInputError, error_response, internal_error
+
+
+def is_cancelled(request: Any) -> bool:
+    """True when Triton marked the request cancelled (InferenceRequest.is_cancelled, python backend 23.10+)."""
+    check = getattr(request, "is_cancelled", None)
+    try:
+        return bool(check()) if check is not None else False
+    except Exception:  # noqa: BLE001 - a stub that cannot tell: the work goes on
+        return False
+
+
+def cancelled_response(pb_utils: Any) -> Any:
+    """The response of a cancelled request: CANCELLED, no work done."""
+    code = getattr(pb_utils.TritonError, "CANCELLED", None)
+    message = "request cancelled: its client gave up or its queue timeout expired"
+    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    response = pb_utils.InferenceResponse(error=error)
+    try:
+        response._clip_cancelled = True  # counted in the log line of this execute
+    except AttributeError:  # a response type without __dict__
+        pass
+    return response
+
+
+def _log_cancelled(logger: Any, responses: list[Any], when: str) -> None:
+    """Say how many requests of this execute were cancelled (their work skipped)."""
+    count = sum(1 for r in responses if getattr(r, "_clip_cancelled", False))
+    if count and logger is not None:
+        logger.log_info(f"{count} request(s) cancelled {when}: skipped")
 
 
 def execute_batched(
@@ -26,6 +60,7 @@ def execute_batched(
     label: str = "item",
     logger: Any = None,
     tensor: Callable[[str, Any], Any] | None = None,
+    per_request: Callable[[list[Any]], dict[str, np.ndarray]] | None = None,
 ) -> list[Any]:
     """One response per request, in order.
 
@@ -39,6 +74,8 @@ def execute_batched(
     rows(item) -> rows an item contributes to the outputs (default 1).
     tensor(name, rows) -> the output tensor of one request's rows (default pb_utils.Tensor; GPU outputs:
         pb_utils.Tensor.from_dlpack).
+    per_request(items) -> {output name: array} added to each answered request's response as they are (host tensors
+        not split by rows: e.g. MODEL_ID [1], or TOKEN_COUNTS [n] of the request's n items).
     """
     tensor = tensor or pb_utils.Tensor
     responses: list[Any] = [None] * len(requests)
@@ -46,6 +83,9 @@ def execute_batched(
     owner: list[int] = []  # request index of each item
     first: dict[int, int] = {}  # request index -> index of its first item
     for r, request in enumerate(requests):
+        if is_cancelled(request):
+            responses[r] = cancelled_response(pb_utils)
+            continue
         try:
             mine = read(request)
         except InvalidInputError as exc:
@@ -58,6 +98,7 @@ def execute_batched(
         items.extend(mine)
         owner.extend([r] * len(mine))
 
+    _log_cancelled(logger, responses, "before reading")
     prepared = prepare(items) if prepare is not None else items
     for j, result in enumerate(prepared):
         r = owner[j]
@@ -68,17 +109,22 @@ def execute_batched(
         else:
             responses[r] = internal_error(pb_utils, logger, f"{label} {j - first[r]}: internal error", result)
 
+    late = [r for r in first if responses[r] is None and is_cancelled(requests[r])]
+    for r in late:  # given up while the batch was being prepared: not computed
+        responses[r] = cancelled_response(pb_utils)
+    if late and logger is not None:
+        logger.log_info(f"{len(late)} request(s) cancelled while being prepared: not computed")
     live: dict[int, list[Any]] = {}  # request -> its good items, in order
     for j, result in enumerate(prepared):
         if responses[owner[j]] is None:
             live.setdefault(owner[j], []).append(result)
-    for r, response in _compute(pb_utils, live, compute, rows, logger, tensor).items():
+    for r, response in _compute(pb_utils, live, compute, rows, logger, tensor, per_request).items():
         responses[r] = response
     return _fill_empty(pb_utils, responses, first)
 
 
 def _compute(pb_utils: Any, live: dict[int, list[Any]], compute: Callable, rows: Callable | None,
-             logger: Any, tensor: Callable[[str, Any], Any]) -> dict[int, Any]:
+             logger: Any, tensor: Callable[[str, Any], Any], per_request: Callable | None = None) -> dict[int, Any]:
     """Responses of the `live` requests (request -> its good items) from ONE compute call, its outputs split back.
 
     When that call fails and several requests took part, each is computed alone, so one request that makes the
@@ -93,7 +139,7 @@ def _compute(pb_utils: Any, live: dict[int, list[Any]], compute: Callable, rows:
         if len(live) > 1:
             answered: dict[int, Any] = {}
             for r, items in live.items():
-                answered.update(_compute(pb_utils, {r: items}, compute, rows, logger, tensor))
+                answered.update(_compute(pb_utils, {r: items}, compute, rows, logger, tensor, per_request))
             return answered
         (r,) = live
         if isinstance(exc, InvalidInputError):
@@ -105,8 +151,10 @@ def _compute(pb_utils: Any, live: dict[int, list[Any]], compute: Callable, rows:
     for r, items in live.items():  # rows [lo, hi) of the outputs are request r's
         lo, hi = int(offsets[k]), int(offsets[k + len(items)])
         k += len(items)
+        extra = per_request(items) if per_request is not None else {}
         answered[r] = pb_utils.InferenceResponse(
-            output_tensors=[tensor(name, array[lo:hi]) for name, array in outputs.items()])
+            output_tensors=[tensor(name, array[lo:hi]) for name, array in outputs.items()]
+            + [pb_utils.Tensor(name, array) for name, array in extra.items()])
     return answered
 
 
@@ -130,11 +178,14 @@ def execute_each(
     anything else -> INTERNAL with a short message (traceback logged)."""
     responses = []
     for request in requests:
+        if is_cancelled(request):
+            responses.append(cancelled_response(pb_utils))
+            continue
         try:
             responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
         except InvalidInputError as exc:
             responses.append(error_response(pb_utils, str(exc)))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a fault of ours: logged, short message
             responses.append(internal_error(pb_utils, logger, f"{what} failed", exc))
     return responses
 

@@ -8,6 +8,8 @@ from .client import CLIPClient
 from .errors import (
     CLIPClientError,
     InvalidInputError,
+    InvalidResponseError,
+    ModelChangedError,
     ModelMismatchError,
     ModelNotFoundError,
     RateLimitedError,
@@ -31,6 +33,8 @@ __all__ = [
     "CLIPClientError",
     "EmbeddingProvider",
     "InvalidInputError",
+    "InvalidResponseError",
+    "ModelChangedError",
     "ModelInfo",
     "ModelMismatchError",
     "ModelNotFoundError",

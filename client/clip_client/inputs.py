@@ -32,14 +32,25 @@ def is_single_text(texts: Any) -> bool:
 def iter_texts(texts: str | Iterable[str]) -> Iterator[str]:
     """A str or any iterable of str -> the texts one by one (lazily); anything else is an InvalidInputError."""
     if isinstance(texts, str):
-        yield texts
+        yield _utf8_safe(texts, "text")
         return
     if isinstance(texts, (bytes, bytearray)) or texts is None or not isinstance(texts, Iterable):
         raise InvalidInputError(f"texts must be a str or an iterable of str, got {type(texts).__name__}")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise InvalidInputError(f"texts[{i}] must be a str, got {type(t).__name__}")
-        yield t
+        yield _utf8_safe(t, f"texts[{i}]")
+
+
+def _utf8_safe(text: str, where: str) -> str:
+    """text itself when it can be sent as UTF-8; a lone surrogate (or any unencodable code point) is an
+    InvalidInputError naming where it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(f"{where}: not valid Unicode text: {e.reason} at position {e.start} "
+                                f"({text[e.start:e.end]!a})") from None
+    return text
 
 
 def normalize_texts(texts: str | Iterable[str]) -> list[str]:

@@ -161,7 +161,7 @@ def probe_new(uri: str, queries: dict, k: int, sweep: tuple[int, ...] = (), warm
     alone (p50/p90, ids found), batches of `batch` (time per query), brute force on the same batches (exact=True);
     resident memory growth before the brute force; then the nprobe sweep."""
     import faiss  # noqa: F401 - libraries loaded before the baseline, as pyarrow is for the old path
-    import pyarrow  # noqa: F401
+    import pyarrow  # noqa: F401 - loaded before the baseline, see faiss above
 
     from clip_client.gallery import Gallery
 

@@ -46,9 +46,9 @@ def require(module: str, extra: str, what: str) -> Any:
 
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except ImportError as e:  # the real reason too: a package that is there but fails to import says why
         raise MissingExtraError(f"{what} needs {module.split('.')[0]}: pip install 'clip-triton-client[{extra}]' "
-                                "(the full clip-triton install has it)") from None
+                                f"(the full clip-triton install has it) ({type(e).__name__}: {e})") from None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli import add_connection_arguments, connect
+from ..cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, add_connection_arguments, connect
 from ..errors import CLIPClientError, InvalidInputError
 from .base import Gallery
 from .indexing import index_folder
@@ -59,7 +59,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def run(args: argparse.Namespace, command: str) -> int:
-    """Run one command; 0 on success (also when some files were skipped: they are listed), 2 on errors."""
+    """Run one command; the exit status follows cli.EXIT_STATUS (index: 1 when some files were skipped)."""
     try:
         if command == "search" and args.like is not None:
             return _run_like(args)
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace, command: str) -> int:
             return {"index": _run_index, "search": _run_search}[command](client, args)
     except CLIPClientError as e:
         print(f"clip-triton {command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 def _run_index(client: Any, args: argparse.Namespace) -> int:
@@ -86,12 +86,14 @@ def _run_index(client: Any, args: argparse.Namespace) -> int:
     for path, reason in report.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{args.uri}: {report.summary()}")
-    return 0
+    return EXIT_SOME_FAILED if report.skipped else EXIT_OK
 
 
 def _print_hits(hits: list, as_json: bool) -> None:
     if as_json:
         print(json.dumps([{"rank": r + 1, **h.to_dict()} for r, h in enumerate(hits)], indent=2))
+    elif not hits:
+        print("no match")
     else:
         for r, h in enumerate(hits):
             print(f"{r + 1:>3}  {h.score:.4f}  {h.path}")
@@ -115,7 +117,8 @@ def _run_like(args: argparse.Namespace) -> int:
         raise InvalidInputError("give a text query, --image PATH or --like PATH (exactly one)")
     with Gallery.open(args.uri) as gallery:
         path = args.like if gallery.find([args.like]) else str(Path(args.like).absolute())
-        _print_hits(gallery.similar(path, k=args.top_k, filter=args.filter, exact=args.exact), args.json)
+        hits = gallery.similar(path, k=args.top_k + 1, filter=args.filter, exact=args.exact)  # the query image
+        _print_hits([h for h in hits if h.path != path][:args.top_k], args.json)  # itself is left out
     return 0
 
 
