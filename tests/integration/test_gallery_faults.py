@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clip_client.gallery import Gallery, local
+from clip_client.gallery import Gallery
 
 DIM = 64
 CLI = [sys.executable, "-m", "clip_client.cli"]
@@ -44,7 +44,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def _ivf_gallery(uri: Path, n: int = 2500) -> None:
     """A gallery with an IVF index (trained at 2,000 rows) in folder uri."""
     done = _python("g = Gallery.create(uri, dim=64, model_id='m')\n"
-                   "for lo in range(0, %d, 500):\n    g.add(*rows(lo, 500))\ng.close()" % n, str(uri))
+                   f"for lo in range(0, {n}, 500):\n    g.add(*rows(lo, 500))\ng.close()", str(uri))
     assert done.returncode == 0, done.stderr
 
 
