@@ -16,7 +16,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
 GROUP = "clip_triton.commands"
-BUILTIN = {"index": "clip_client.gallery.cli", "search": "clip_client.gallery.cli", "classify": "clip_client.classify"}
+BUILTIN = {"index": "clip_client.gallery.cli", "search": "clip_client.gallery.cli", "classify": "clip_client.classify",
+           "gallery-info": "clip_client.gallery.admin", "gallery-check": "clip_client.gallery.admin"}
 # Order in --help; commands not listed here follow alphabetically.
 ORDER = ("demo", "convert", "build", "serve", "gateway", "bench", "index", "search", "classify")
 DISTRIBUTIONS = ("clip-triton", "clip-triton-client")  # the full install, the client alone
