@@ -478,7 +478,8 @@ def openai_routes(settings: GatewaySettings) -> list[dict]:
         return []
     buffer_off = {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
                   "disabled": True}
-    return [{"match": {"prefix": "/v1/"}, "route": {"cluster": "openai", "timeout": _seconds(settings.upstream_timeout)},
+    route = {"cluster": "openai", "timeout": _seconds(settings.upstream_timeout)}
+    return [{"match": {"prefix": "/v1/"}, "route": route,
              "typed_per_filter_config": {"envoy.filters.http.buffer": buffer_off}}]
 
 

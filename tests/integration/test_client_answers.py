@@ -9,8 +9,16 @@ import time
 import numpy as np
 import pytest
 
-from clip_client import (CLIPClient, InvalidInputError, InvalidResponseError, ModelChangedError, ModelNotFoundError,
-                         RateLimitedError, ServerTimeoutError, ServerUnavailableError)
+from clip_client import (
+    CLIPClient,
+    InvalidInputError,
+    InvalidResponseError,
+    ModelChangedError,
+    ModelNotFoundError,
+    RateLimitedError,
+    ServerTimeoutError,
+    ServerUnavailableError,
+)
 from clip_client._core import Infer
 from clip_client._protocol import embed_request
 from tests.integration.client_helpers import CorruptingProxy, make_client
@@ -186,3 +194,24 @@ def test_model_selection_by_name(triton_server, protocol):
         pytest.skip("this server's clip_info names no model (built before issue 20)")
     with CLIPClient(f"{protocol}://{url}", model=info.name) as named:
         assert named.get_model_info().model_id == info.model_id and named.get_model_info().prefix == ""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_dripping_grpc_answer_ends_at_the_total_deadline(triton_server, mode):
+    """gRPC: the server's bytes trickle through a relay one per 50 ms; timeout=2 ends the call within ~2 s."""
+    from tests.integration.client_helpers import drip_relay
+
+    relay = drip_relay(int(triton_server.grpc_url.rsplit(":", 1)[1]))
+    c = make_client(f"grpc://127.0.0.1:{relay.port}", mode, timeout=2.0, retries=3)
+    try:
+        c.get_model_info()
+        relay.drip = True
+        t0 = time.monotonic()
+        with pytest.raises(ServerTimeoutError):
+            c.encode_text(TEXTS)
+        elapsed = time.monotonic() - t0
+        assert 1.9 <= elapsed < 2.0 + 0.75, elapsed
+    finally:
+        relay.drip = False
+        c.close()
+        relay.close()
