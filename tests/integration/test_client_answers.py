@@ -106,6 +106,16 @@ def test_an_answer_from_another_model_raises_model_changed_and_refreshes(fresh, 
     assert c.encode_text(TEXTS).shape == (3, c.get_model_info().dim)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_answers_without_model_id_are_taken_as_from_an_old_server(fresh, proxy, triton_server, mode):
+    """A server built before the model_id output: no identity to check, the answers are used as they are."""
+    c = fresh(mode)
+    proxy.mode = "no_model_id"
+    with CLIPClient(triton_server.grpc_url) as direct:
+        want = direct.encode_text(TEXTS)
+    np.testing.assert_allclose(c.encode_text(TEXTS), want, atol=1e-6)
+
+
 def _outputs_of_encode_text(runner) -> set[str]:
     import http.client
     import json
