@@ -550,7 +550,7 @@ def named_weights(weights: list[str], names: list[str]) -> list[tuple[str, Path]
             name, path = label, Path(rest)
         else:
             path = Path(item)
-            name = names[i] if i < len(names) else model_name(path.resolve().name)
+            name = names[i] if i < len(names) and names[i] else model_name(path.resolve().name)
         out.append((name, path))
     return out
 

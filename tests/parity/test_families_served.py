@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,36 @@ def test_siglip_clip_info_says_sigmoid(family_server):
     info = json.loads(infer(client, "http", "clip_info", {}, ["info"])["info"].reshape(-1)[0])
     manifest = json.loads((models["siglip"][1] / "manifest.json").read_text())
     assert (info["scoring"], info["logit_bias"], info["family"]) == ("sigmoid", manifest["logit_bias"], "siglip")
+
+
+def test_unprefixed_clip_info_lists_every_model(family_server):
+    server, models = family_server
+    client = httpclient.InferenceServerClient(server.http_url)
+    info = json.loads(infer(client, "http", "clip_info", {}, ["info"])["info"].reshape(-1)[0])
+    ids = {n: json.loads((w / "manifest.json").read_text())["model_id"] for n, (_, w) in models.items()}
+    assert [(m["name"], m["prefix"], m["model_id"]) for m in info["models"]] == [
+        (n, _prefix(n), ids[n]) for n in ("siglip", "oc-gelu", "oc-quick", "oc-epoch")]
+
+
+@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick"])
+def test_prefixed_ensembles_answer_their_own_model_id(family_server, name):
+    server, models = family_server
+    client = httpclient.InferenceServerClient(server.http_url)
+    texts = np.array([[b"a cat"]], dtype=object)
+    got = infer(client, "http", f"{name}__encode_text", {EncodeText.TEXT: texts}, [EncodeText.MODEL_ID])
+    manifest = json.loads((models[name][1] / "manifest.json").read_text())
+    assert got[EncodeText.MODEL_ID].tolist() == [manifest["model_id"].encode()]
+
+
+def test_siglip_token_counts_exclude_the_padding(family_server):
+    from transformers import AutoTokenizer
+
+    server, models = family_server
+    tok = AutoTokenizer.from_pretrained(str(models["siglip"][0]))
+    with warnings.catch_warnings():  # one text already ends in </s>: transformers warns
+        warnings.simplefilter("ignore")
+        want = [len(ids) for ids in tok(TEXTS, truncation=True, max_length=16)["input_ids"]]
+    client = httpclient.InferenceServerClient(server.http_url)
+    texts = np.array([[t.encode()] for t in TEXTS], dtype=object)
+    got = infer(client, "http", EncodeText.NAME, {EncodeText.TEXT: texts}, [EncodeText.TOKEN_COUNTS])
+    assert got[EncodeText.TOKEN_COUNTS].tolist() == want
