@@ -98,3 +98,15 @@ def test_build_cli_names_each_weights_folder(tmp_path):
     got = named_weights(["siglip=/w/a", str(tmp_path / "My_Weights"), "/w/c"], ["", "", "third"])
     assert got == [("siglip", tmp_path.joinpath("/w/a")), ("my-weights", tmp_path / "My_Weights"),
                    ("third", tmp_path.joinpath("/w/c"))]
+
+
+def test_cli_converts_siglip_and_builds_two_models_into_one_repository(checkpoints, weights, tmp_path):
+    from clip_client.cli import main
+
+    assert main(["convert", "--checkpoint", str(checkpoints("siglip")), "--out", str(tmp_path / "siglip")]) == 0
+    assert main(["build", "--weights", f"clip={weights('clip')}", "--weights", f"sig-lip={tmp_path / 'siglip'}",
+                 "--repository", str(tmp_path / "repo")]) == 0
+    info = json.loads((tmp_path / "repo" / "clip_info" / "1" / "info.json").read_text())
+    steps = (tmp_path / "repo" / "sig-lip__zero_shot" / "config.pbtxt").read_text()
+    assert ([(m["name"], m["prefix"], m["scoring"]) for m in info["models"]], steps.count('"sig-lip__')) == (
+        [("clip", "", "softmax"), ("sig-lip", "sig-lip__", "sigmoid")], 6)  # its name + 5 steps
