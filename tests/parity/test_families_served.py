@@ -45,11 +45,12 @@ IMAGES = [_encoded(_photo(h, w, s), fmt) for s, (h, w, fmt) in enumerate(
 
 
 # Tiny open_clip configs in open_clip's own format: GELU vs QuickGELU, class-token vs average pooling, ln_pre or not,
-# image sizes 48 and 64, shortest-edge + center crop vs squash, bicubic vs bilinear.
+# image sizes 48 and 64, longest (padded) vs squash vs shortest-edge + center crop, bicubic vs bilinear.
 OC_GELU = {"embed_dim": 24, "vision_cfg": {"image_size": 48, "layers": 2, "width": 64, "patch_size": 16,
                                            "head_width": 16},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
-OC_GELU_PRE = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic", "resize_mode": "shortest"}
+OC_GELU_PRE = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic", "resize_mode": "longest",
+               "fill_color": 0}  # the training checkpoint (oc-epoch) is served with open_clip's defaults: shortest
 OC_QUICK = {"embed_dim": 16, "quick_gelu": True,
             "vision_cfg": {"image_size": 64, "layers": 2, "width": 48, "patch_size": 16, "head_width": 12,
                            "pool_type": "avg", "no_ln_pre": True},

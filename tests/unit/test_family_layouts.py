@@ -58,9 +58,9 @@ def test_open_clip_hub_folder_without_weights_names_the_files(tmp_path):
         convert(str(_hub(tmp_path, weights=False)), tmp_path / "out")
 
 
-def test_open_clip_hub_longest_resize_is_refused(tmp_path):
-    with pytest.raises(ConvertError, match="resize_mode 'longest' not supported"):
-        convert(str(_hub(tmp_path, preprocess_cfg={"resize_mode": "longest"})), tmp_path / "out")
+def test_open_clip_hub_unknown_resize_mode_is_refused(tmp_path):
+    with pytest.raises(ConvertError, match="resize_mode 'random' not supported"):
+        convert(str(_hub(tmp_path, preprocess_cfg={"resize_mode": "random"})), tmp_path / "out")
 
 
 def test_open_clip_pickle_needs_allow_pickle(tmp_path):
