@@ -1,10 +1,12 @@
-"""Kubernetes sidecar: stop a tritonserver whose models look ready but cannot infer, so the kubelet restarts it.
+"""Kubernetes sidecar: stop a tritonserver that is broken, not one that is busy, so the kubelet restarts it.
 
-A dead Python stub keeps its model "ready" in Triton 24.10, so the HTTP probes never see it. Every
-CLIP_WATCH_INTERVAL seconds this runs the compose health check (healthcheck.py: every model ready AND one real
-zero_shot inference); once it has passed at least once, CLIP_WATCH_FAILURES failures in a row SIGTERM the
-tritonserver process (the pod shares one process namespace; both containers run as the same user), or the process
-CLIP_WATCH_PID when set.
+A dead or frozen Python stub keeps its model "ready" in Triton 2.51, so the HTTP probes never see it. Every
+CLIP_WATCH_INTERVAL seconds this runs the one health check of clip_server.probe (the local supervisor's and compose's
+too): every model ready AND one real zero_shot inference. A refusal by the queue policy (503) or a late answer is
+busy, and healthy, while Triton's counters show executions; no execution for CLIP_HEALTH_STALL seconds while requests
+wait is broken, like an error or a wrong answer. Once a check has passed, CLIP_WATCH_FAILURES broken checks in a row
+SIGTERM the tritonserver process (the pod shares one process namespace; both containers run as the same user), or
+the process CLIP_WATCH_PID when set.
 """
 
 import os
@@ -12,7 +14,7 @@ import signal
 import sys
 import time
 
-from healthcheck import main as check  # next to this file in the server image
+from clip_server.probe import BROKEN, OK, Verdict, from_env  # installed in the server image next to clip_runtime
 
 INTERVAL = float(os.environ.get("CLIP_WATCH_INTERVAL", "15"))
 FAILURES = int(os.environ.get("CLIP_WATCH_FAILURES", "3"))
@@ -33,31 +35,37 @@ def tritonserver_pids() -> list[int]:
     return pids
 
 
-def healthy() -> bool:
-    """One health check; its reason on stderr when it fails."""
-    try:
-        return check() == 0
-    except Exception as exc:  # any failure is "unhealthy"
-        print(f"inference check failed: {exc}", file=sys.stderr, flush=True)
-        return False
+def say(text: str) -> None:
+    """One line on stderr (the container log)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def main() -> None:
-    """Check forever; stop tritonserver after FAILURES consecutive failures (armed by the first success)."""
+    """Check forever; stop tritonserver after FAILURES consecutive broken checks (armed by the first success)."""
+    check = from_env()
     armed, failed = False, 0
     while True:
-        if healthy():
+        try:
+            verdict = check.check()
+        except Exception as exc:  # noqa: BLE001 - a failure of the check itself counts as broken
+            verdict = Verdict(BROKEN, f"{type(exc).__name__}: {exc}")
+        if verdict.state == OK:
             if not armed:
-                print("inference check passed: watching", file=sys.stderr, flush=True)
+                say("inference check passed: watching")
             armed, failed = True, 0
+        elif verdict.state != BROKEN:
+            say(f"busy, not broken: {verdict.reason}")
+            failed = 0
         elif armed:
             failed += 1
+            say(f"inference check failed ({failed}/{FAILURES}): {verdict.reason}")
             if failed >= FAILURES:
                 pids = tritonserver_pids()
-                print(f"{failed} inference checks failed: stopping tritonserver {pids}", file=sys.stderr, flush=True)
+                say(f"{failed} inference checks failed: stopping tritonserver {pids}")
                 for pid in pids:
                     os.kill(pid, signal.SIGTERM)
                 armed, failed = False, 0
+                check = from_env()
         time.sleep(INTERVAL)
 
 

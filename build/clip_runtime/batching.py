@@ -3,6 +3,11 @@ make ONE vectorised call for all good items, split the outputs back, one error r
 
 Used by preprocess_text, preprocess_image and the Python-based `pytorch` runner; `execute_each` is the loop of the
 models that take one problem per request (postprocess, clip_info).
+
+Cancellation: a request whose client went away (gRPC cancel or deadline, an HTTP client that closed its connection,
+where Triton's frontend reports it) or whose queue timeout expired is answered CANCELLED without its work: it is
+checked when `execute` starts, again before the one compute call (after the expensive `prepare`, e.g. decoding), and
+by execute_each before each request.
 """
 
 from __future__ import annotations
@@ -13,6 +18,35 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidInputError, error_response, internal_error
+
+
+def is_cancelled(request: Any) -> bool:
+    """True when Triton marked the request cancelled (InferenceRequest.is_cancelled, python backend 23.10+)."""
+    check = getattr(request, "is_cancelled", None)
+    try:
+        return bool(check()) if check is not None else False
+    except Exception:  # noqa: BLE001 - a stub that cannot tell: the work goes on
+        return False
+
+
+def cancelled_response(pb_utils: Any) -> Any:
+    """The response of a cancelled request: CANCELLED, no work done."""
+    code = getattr(pb_utils.TritonError, "CANCELLED", None)
+    message = "request cancelled: its client gave up or its queue timeout expired"
+    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    response = pb_utils.InferenceResponse(error=error)
+    try:
+        response._clip_cancelled = True  # counted in the log line of this execute
+    except AttributeError:  # a response type without __dict__
+        pass
+    return response
+
+
+def _log_cancelled(logger: Any, responses: list[Any], when: str) -> None:
+    """Say how many requests of this execute were cancelled (their work skipped)."""
+    count = sum(1 for r in responses if getattr(r, "_clip_cancelled", False))
+    if count and logger is not None:
+        logger.log_info(f"{count} request(s) cancelled {when}: skipped")
 
 
 def execute_batched(
@@ -49,6 +83,9 @@ def execute_batched(
     owner: list[int] = []  # request index of each item
     first: dict[int, int] = {}  # request index -> index of its first item
     for r, request in enumerate(requests):
+        if is_cancelled(request):
+            responses[r] = cancelled_response(pb_utils)
+            continue
         try:
             mine = read(request)
         except InvalidInputError as exc:
@@ -61,6 +98,7 @@ def execute_batched(
         items.extend(mine)
         owner.extend([r] * len(mine))
 
+    _log_cancelled(logger, responses, "before reading")
     prepared = prepare(items) if prepare is not None else items
     for j, result in enumerate(prepared):
         r = owner[j]
@@ -71,6 +109,11 @@ def execute_batched(
         else:
             responses[r] = internal_error(pb_utils, logger, f"{label} {j - first[r]}: internal error", result)
 
+    late = [r for r in first if responses[r] is None and is_cancelled(requests[r])]
+    for r in late:  # given up while the batch was being prepared: not computed
+        responses[r] = cancelled_response(pb_utils)
+    if late and logger is not None:
+        logger.log_info(f"{len(late)} request(s) cancelled while being prepared: not computed")
     live: dict[int, list[Any]] = {}  # request -> its good items, in order
     for j, result in enumerate(prepared):
         if responses[owner[j]] is None:
@@ -135,11 +178,14 @@ def execute_each(
     anything else -> INTERNAL with a short message (traceback logged)."""
     responses = []
     for request in requests:
+        if is_cancelled(request):
+            responses.append(cancelled_response(pb_utils))
+            continue
         try:
             responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
         except InvalidInputError as exc:
             responses.append(error_response(pb_utils, str(exc)))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a fault of ours: logged, short message
             responses.append(internal_error(pb_utils, logger, f"{what} failed", exc))
     return responses
 

@@ -135,7 +135,7 @@ class ImagePreprocessor:
             ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise InvalidInputError(f"image has too many pixels (limit {self.cfg.max_pixels})") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a bad header: one clear error
             raise InvalidInputError(f"cannot read image header: {exc}") from None
         width, height = image.size
         if width <= 0 or height <= 0:
@@ -158,7 +158,7 @@ class ImagePreprocessor:
             return to_rgb(image)
         except InvalidInputError:
             raise
-        except Exception as exc:  # truncated or corrupt data
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt data: Pillow raises many types
             raise InvalidInputError(f"cannot decode {image.format} image: {exc}") from None
 
     def _from_npy(self, data: bytes) -> Image.Image:
@@ -172,7 +172,7 @@ class ImagePreprocessor:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
             else:
                 raise ValueError(f"unsupported .npy version {version}")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - numpy's header parser raises many types
             raise InvalidInputError(f"bad .npy header: {exc}") from None
         if dtype != np.uint8 or len(shape) != 3 or shape[2] != 3:
             raise InvalidInputError(f".npy image must be uint8 with shape (H, W, 3), got {dtype} {tuple(shape)}")
@@ -185,7 +185,7 @@ class ImagePreprocessor:
         fp.seek(0)
         try:
             array = np.load(fp, allow_pickle=False)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any unreadable .npy body is the caller's bad input
             raise InvalidInputError(f"cannot read .npy image: {exc}") from None
         return Image.fromarray(np.ascontiguousarray(array), "RGB")
 

@@ -136,6 +136,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         # this start's shared-memory region names begin with it: regions a killed server leaves behind are removed
         self.shm_prefix = self._new_shm_prefix()
+        self.ready_seconds = 0.0  # how long the last start took to serve every model
         self._stubs: list = []  # psutil.Process of each python backend stub, found when the server became ready
         self.models = repository_models(self.repository)
         if admin_key is not None and (not admin_key or any(c in admin_key for c in ",:= \t\n")):
@@ -222,6 +223,7 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
+            "--metrics-config=summary_latencies=true",  # p50/p90/p99 per model: the dashboard's latency panels
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={self.log_verbose}",
@@ -236,6 +238,10 @@ class TritonServer:
             raise TritonServerError("server already running")
         if not self.models:
             raise TritonServerError(f"no model (folder with config.pbtxt) in {self.repository}")
+        busy = self.ports_in_use()
+        if busy:
+            raise TritonServerError(f"port(s) {', '.join(busy)} on {self.host} already in use: another server is "
+                                    "listening there; stop it or choose other ports")
         self.shm_prefix = self._new_shm_prefix()
         cmd = self.command()
         log.debug("starting %s", " ".join(cmd))
@@ -252,6 +258,29 @@ class TritonServer:
             )
         self._started_at = time.monotonic()
         return self
+
+    def ports_in_use(self) -> list[str]:
+        """'NAME PORT' of each of our ports that something else listens on now (bound as tritonserver binds)."""
+        host = "" if self.host in ("0.0.0.0", "") else self.host
+        busy = []
+        for name, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port), ("metrics", self.metrics_port)):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is no owner
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    busy.append(f"{name} {port}")
+        return busy
+
+    def _listening_ports(self) -> set[int]:
+        """TCP ports the server process itself listens on."""
+        import psutil
+
+        try:
+            conns = psutil.Process(self.process.pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return set()
+        return {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
 
     def _get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         url = f"http://{self._probe_host}:{self.http_port}{path}"
@@ -288,8 +317,12 @@ class TritonServer:
             if code is not None:
                 raise TritonServerError(f"tritonserver exited with code {code}:\n{_error_lines(self.log_text())}")
             if self._get("/v2/health/live")[0] == 200 and not self.not_ready_models():
+                if self.http_port not in self._listening_ports():  # someone else answers on our port
+                    raise TritonServerError(f"HTTP port {self.http_port} answers, but not from this tritonserver "
+                                            f"(pid {self.process.pid}): the port is in use by another server")
                 self._stubs = self._find_stubs()
-                return time.monotonic() - self._started_at
+                self.ready_seconds = time.monotonic() - self._started_at
+                return self.ready_seconds
             if time.monotonic() > deadline:
                 pending = self.not_ready_models()
                 raise TritonServerError(

@@ -59,6 +59,39 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--no-supervise", action="store_true", help="exit 1 instead of restarting a failed server")
     parser.add_argument("--max-restarts", type=int, default=5, help="restarts allowed within --restart-window")
     parser.add_argument("--restart-window", type=float, default=300.0, help="seconds")
+    add_openai_arguments(parser)
+
+
+# ------------------------------------------------------------------ the OpenAI front end beside the server
+def add_openai_arguments(parser: argparse.ArgumentParser) -> None:
+    """--openai-port P starts `clip-triton openai` on --host:P beside the server (its options prefixed openai-)."""
+    from .openai_api import add_front_end_options, add_key_arguments
+
+    group = parser.add_argument_group("OpenAI-compatible API (clip-triton openai) beside the server")
+    group.add_argument("--openai-port", type=int, default=0, help="serve /v1/embeddings on --host:PORT (0: off)")
+    add_key_arguments(group)
+    add_front_end_options(group, prefix="openai-")
+
+
+def start_openai(args: argparse.Namespace, host: str):
+    """on_ready hook: the front end in a thread, its upstream the local server's gRPC port; None without the flag."""
+    if not getattr(args, "openai_port", 0):
+        return None
+    from .openai_api import FrontEndThread, options_from_args, settings_from_args, uvicorn_server
+
+    def on_ready(server, _supervisor):
+        opt = options_from_args(args, "openai-")
+        settings = settings_from_args(args, [server.grpc_url], "openai-")
+        thread = FrontEndThread(uvicorn_server(settings, host, args.openai_port, tls_cert=opt["tls_cert"],
+                                               tls_key=opt["tls_key"], log_level=opt["log_level"]))
+        thread.start()
+        started.append(thread)
+        scheme = "https" if opt["tls_cert"] else "http"
+        print(f"  OpenAI   {scheme}://{host}:{args.openai_port}/v1", flush=True)
+
+    started: list = []
+    on_ready.started = started
+    return on_ready
 
 
 def resolve_admin_key(admin_key: str | None, restrict: bool) -> tuple[str | None, bool]:
@@ -88,67 +121,22 @@ def serve(repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8
                           extra_args=server_args(repository))
     stop = stop_event or threading.Event()
     received: list[int] = []
-
-    def on_signal(signum, _frame):
-        received.append(signum)
-        stop.set()
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
-    code = None
+    previous = _catch_signals(stop, received)
     try:
-        server.start()
-        try:
-            seconds = server.wait_ready(stop=stop)
-        except StartupCancelled:
-            log.info("signal %s while starting: stopping tritonserver", received[0] if received else "stop")
-            return 0
-        except TritonServerError as exc:
-            log.error("%s", exc)
-            if not log_file:
-                log.error("full server log: %s", server.log_path)
-            return 1
-        try:
-            model_id = json.loads((Path(repository) / "clip_triton.json").read_text())["model_id"]
-        except (OSError, ValueError, KeyError, TypeError):  # a repository not built by us, or a damaged info file
-            model_id = "?"
-        print(f"tritonserver ready in {seconds:.1f}s: {len(server.models)} models ({', '.join(server.models)}), "
-              f"model_id {model_id}", file=out)
-        print(f"  HTTP     http://{server.http_url}", file=out)
-        print(f"  gRPC     {server.grpc_url}", file=out)
-        print(f"  metrics  {server.metrics_url}", file=out)
-        print(f"  log      {server.log_path}", file=out)
-        if key is None:
-            print("  admin APIs are NOT restricted (--no-restrict)", file=out)
-        else:
-            print(f"  restricted ({', '.join(RESTRICTED_APIS)}): send header {ADMIN_HEADER}", file=out)
-            if generated:
-                print(f"admin key: {key}", file=out)
-        print("Ctrl-C to stop.", file=out, flush=True)
+        started = _start(server, stop, received, log_file)
+        if started is not None:
+            return started
+        _announce(server, Path(repository), key, generated, out)
         supervisor = None
         if supervise:
             supervisor = Supervisor(server, check_interval=check_interval, max_restarts=max_restarts,
                                     window=restart_window, ready_timeout=startup_timeout)
         if on_ready is not None:
             on_ready(server, supervisor)
-        if supervisor is not None:
-            if supervisor.run(stop) != 0:
-                return 1
-        else:
-            ticks = 0
-            while not stop.wait(check_interval):
-                ticks += 1
-                if not server.running:
-                    log.error("tritonserver exited unexpectedly (code %s):\n%s", server.process.returncode,
-                              server.log_text()[-4000:])
-                    return 1
-                gone = server.not_ready_models() if ticks % 5 == 0 else []
-                dead = server.dead_stubs()
-                if gone or dead:  # a crashed python stub is not restarted and its model stays "ready" (2.51)
-                    log.error("models no longer ready: %s; dead python stubs: %s; stopping", gone, dead)
-                    return 1
+        failed = supervisor.run(stop) != 0 if supervisor is not None else _watch_unsupervised(server, stop,
+                                                                                               check_interval)
+        if failed:
+            return 1
         log.info("signal %s: stopping tritonserver (in-flight requests finish first)", received[0] if received else "stop")
         return 0
     finally:
@@ -160,14 +148,92 @@ def serve(repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8
             signal.signal(sig, handler)
 
 
+def _catch_signals(stop: threading.Event, received: list[int]) -> dict:
+    """SIGINT/SIGTERM set `stop` (main thread only); returns the previous handlers to restore."""
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    return previous
+
+
+def _start(server: TritonServer, stop: threading.Event, received: list[int], log_file: str | None) -> int | None:
+    """Start the server and wait until every model is ready: None when it serves, else serve's exit code.
+
+    Ports in use are refused at once (TritonServer.start names them): never "ready" on another server's port.
+    """
+    try:
+        server.start()
+        server.wait_ready(stop=stop)
+    except StartupCancelled:
+        log.info("signal %s while starting: stopping tritonserver", received[0] if received else "stop")
+        return 0
+    except TritonServerError as exc:
+        log.error("%s", exc)
+        if not log_file and server.process is not None:
+            log.error("full server log: %s", server.log_path)
+        return 1
+    return None
+
+
+def _announce(server: TritonServer, repository: Path, key: str | None, generated: bool, out) -> None:
+    """Print the ready line, the endpoints and how the admin APIs are guarded."""
+    try:
+        model_id = json.loads((repository / "clip_triton.json").read_text())["model_id"]
+    except (OSError, ValueError, KeyError, TypeError):  # a repository not built by us, or a damaged info file
+        model_id = "?"
+    print(f"tritonserver ready in {server.ready_seconds:.1f}s: {len(server.models)} models "
+          f"({', '.join(server.models)}), model_id {model_id}", file=out)
+    print(f"  HTTP     http://{server.http_url}", file=out)
+    print(f"  gRPC     {server.grpc_url}", file=out)
+    print(f"  metrics  {server.metrics_url}", file=out)
+    print(f"  log      {server.log_path}", file=out)
+    if key is None:
+        print("  admin APIs are NOT restricted (--no-restrict)", file=out)
+    else:
+        print(f"  restricted ({', '.join(RESTRICTED_APIS)}): send header {ADMIN_HEADER}", file=out)
+        if generated:
+            print(f"admin key: {key}", file=out)
+    print("Ctrl-C to stop.", file=out, flush=True)
+
+
+def _watch_unsupervised(server: TritonServer, stop: threading.Event, check_interval: float) -> bool:
+    """--no-supervise: wait for `stop`; True (failed) as soon as the server exits or a model or stub is gone."""
+    ticks = 0
+    while not stop.wait(check_interval):
+        ticks += 1
+        if not server.running:
+            log.error("tritonserver exited unexpectedly (code %s):\n%s", server.process.returncode,
+                      server.log_text()[-4000:])
+            return True
+        gone = server.not_ready_models() if ticks % 5 == 0 else []
+        dead = server.dead_stubs()
+        if gone or dead:  # a crashed python stub is not restarted and its model stays "ready" (2.51)
+            log.error("models no longer ready: %s; dead python stubs: %s; stopping", gone, dead)
+            return True
+    return False
+
+
 def run(args: argparse.Namespace, command: str) -> int:
     """Entry point of `clip-triton serve`."""
+    on_ready = start_openai(args, args.host)
     try:
         return serve(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                      metrics_port=args.metrics_port, startup_timeout=args.startup_timeout,
                      exit_timeout=args.exit_timeout, log_file=args.log_file, log_verbose=args.log_verbose,
                      restrict=not args.no_restrict, admin_key=args.admin_key, supervise=not args.no_supervise,
-                     max_restarts=args.max_restarts, restart_window=args.restart_window)
+                     max_restarts=args.max_restarts, restart_window=args.restart_window, on_ready=on_ready)
     except TritonServerError as exc:
         log.error("%s", exc)
         return 1
+    except RuntimeError as exc:  # FrontEndError: bad OpenAI front end options, or its port in use
+        log.error("%s", exc)
+        return 1
+    finally:
+        for thread in getattr(on_ready, "started", []):
+            thread.stop()

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 
-from .probe import probe
+from .probe import HealthCheck
 from .process import TritonServer, TritonServerError, _error_lines
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,9 @@ class Supervisor:
     own readiness notices (its requests fail with INTERNAL "Stub process ... is not healthy"). So every
     `check_interval` seconds the supervisor checks the server process, the stub processes (TritonServer.dead_stubs)
     and each model's readiness, and every `probe_interval` seconds it runs a real inference with a `probe_timeout`
-    deadline (clip_server.probe: zero_shot and clip_info): a stub that is alive but stopped or hung fails it. A
+    deadline (clip_server.probe, the same check as the Kubernetes watchdog's: zero_shot and clip_info): a stub that is
+    alive but stopped or hung fails it, while an overloaded server that refuses or delays it is busy, not broken, as long
+    as Triton's counters show it executing (no execution for `stall_seconds` while requests wait is broken). A
     server that aborts (Triton 2.51 does when a stopped stub is continued) is a dead process. A failure is confirmed
     once (`confirm_delay` later, probing again) before it acts. A restart is: log the server's error lines, stop it (SIGTERM,
     SIGKILL after `stop_timeout`, 5 s by default), start it again, wait until every model is ready. Restart storms are bounded:
@@ -34,7 +36,7 @@ class Supervisor:
     def __init__(self, server: TritonServer, *, check_interval: float = 1.0, confirm_delay: float = 0.5,
                  max_restarts: int = 5, window: float = 300.0, backoff: float = 1.0, max_backoff: float = 30.0,
                  stop_timeout: float | None = None, ready_timeout: float | None = None, probe_interval: float = 5.0,
-                 probe_timeout: float = 30.0):
+                 probe_timeout: float = 30.0, stall_seconds: float = 60.0):
         self.server = server
         self.check_interval = check_interval
         self.confirm_delay = confirm_delay
@@ -48,7 +50,9 @@ class Supervisor:
         self.ready_timeout = ready_timeout
         self.probe_interval = probe_interval  # 0: no inference probe
         self.probe_timeout = probe_timeout  # > the longest legitimate wait: 2 queue timeouts + execution
+        self.stall_seconds = stall_seconds
         self._next_probe = 0.0
+        self.health = self._new_check()
         self.restarts: list[dict] = []  # {"at": time.time(), "reason": str, "seconds": float, "ok": bool}
         self.gave_up = False
         self.exit_code: int | None = None
@@ -64,7 +68,16 @@ class Supervisor:
         gone = self.server.not_ready_models()
         if gone:
             return f"models not ready: {', '.join(gone)}"
-        return probe(self.server.http_url, self.server.models, self.probe_timeout) if probe_now else None
+        if not probe_now:
+            return None
+        verdict = self.health.check()
+        if verdict.state == "busy":
+            log.info("supervisor: %s", verdict.reason)
+        return verdict.reason if verdict.broken else None
+
+    def _new_check(self) -> HealthCheck:
+        return HealthCheck(f"http://{self.server.http_url}", self.server.metrics_url, self.server.models,
+                           timeout=self.probe_timeout, stall_seconds=self.stall_seconds)
 
     def _probe_due(self) -> bool:
         if self.probe_interval <= 0 or time.monotonic() < self._next_probe:
@@ -117,6 +130,7 @@ class Supervisor:
             if delay and stop.wait(delay):
                 break
             self.restart(reason)
+            self.health = self._new_check()
             self._next_probe = time.monotonic() + self.probe_interval
         self.exit_code = 0
         return 0

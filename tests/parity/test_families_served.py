@@ -192,6 +192,7 @@ def test_open_clip_zero_shot_probabilities_match(open_clip_results, name):
     assert np.abs(served[ZeroShot.PROBS] - ref["probs"].numpy()).max() <= PROB_TOL
 
 
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
 def test_training_checkpoint_serves_the_same_model_as_its_hub_folder(family_server):
     server, models = family_server
     client = httpclient.InferenceServerClient(server.http_url)
@@ -200,6 +201,7 @@ def test_training_checkpoint_serves_the_same_model_as_its_hub_folder(family_serv
     assert (infos["oc-gelu"]["model_id"], infos["oc-epoch"]["source"]) == (infos["oc-epoch"]["model_id"], "epoch_3.pt")
 
 
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
 def test_siglip_clip_info_says_sigmoid(family_server):
     server, models = family_server
     client = httpclient.InferenceServerClient(server.http_url)
@@ -208,6 +210,7 @@ def test_siglip_clip_info_says_sigmoid(family_server):
     assert (info["scoring"], info["logit_bias"], info["family"]) == ("sigmoid", manifest["logit_bias"], "siglip")
 
 
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
 def test_unprefixed_clip_info_lists_every_model(family_server):
     server, models = family_server
     client = httpclient.InferenceServerClient(server.http_url)
@@ -217,6 +220,7 @@ def test_unprefixed_clip_info_lists_every_model(family_server):
         (n, _prefix(n), ids[n]) for n in ("siglip", "oc-gelu", "oc-quick", "oc-epoch")]
 
 
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
 @pytest.mark.parametrize("name", ["oc-gelu", "oc-quick"])
 def test_prefixed_ensembles_answer_their_own_model_id(family_server, name):
     server, models = family_server
@@ -227,6 +231,7 @@ def test_prefixed_ensembles_answer_their_own_model_id(family_server, name):
     assert got[EncodeText.MODEL_ID].tolist() == [manifest["model_id"].encode()]
 
 
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
 def test_siglip_token_counts_exclude_the_padding(family_server):
     from transformers import AutoTokenizer
 

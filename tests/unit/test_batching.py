@@ -314,3 +314,34 @@ def test_runner_refuses_batch_inputs_it_cannot_make(pb, tmp_path):
     with pytest.raises(pb.TritonModelException, match="batch_input kind BATCH_ELEMENT_COUNT is not supported"):
         type(model)().initialize({"model_config": json.dumps(config), "model_repository": str(tmp_path),
                                   "model_version": "1", "model_name": "summer"})
+
+
+class _CancelledAfter(dict):
+    """A request that reports cancelled from its `after`-th is_cancelled() call on (0: from the start)."""
+
+    def __init__(self, after: int, **arrays):
+        super().__init__(_req(**arrays))
+        self.after, self.calls = after, 0
+
+    def is_cancelled(self) -> bool:
+        self.calls += 1
+        return self.calls > self.after
+
+
+def test_cancelled_requests_are_skipped_before_reading_and_before_computing(pb):
+    """Cancelled when execute starts: not read; cancelled while the batch was prepared: not computed."""
+    computed, read = [], []
+
+    def compute(items):
+        computed.extend(items)
+        return {"OUT": np.array(items, dtype=np.int64)}
+
+    def read_x(r):
+        read.append(int(r["X"].as_numpy()[0, 0]))
+        return list(r["X"].as_numpy().reshape(-1))
+
+    requests = [_CancelledAfter(0, X=np.array([[1]])), _CancelledAfter(1, X=np.array([[2]])),
+                _CancelledAfter(9, X=np.array([[3]]))]
+    out = execute_batched(pb, requests, read=read_x, compute=compute)
+    assert (read, computed, [o.outputs["OUT"].tolist() if o.error is None else "cancelled" in o.error.message
+                             for o in out]) == ([2, 3], [3], [True, True, [3]])

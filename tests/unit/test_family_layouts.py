@@ -100,6 +100,7 @@ def test_build_cli_names_each_weights_folder(tmp_path):
                    ("third", tmp_path.joinpath("/w/c"))]
 
 
+@pytest.mark.integration  # exports TorchScript for two models (no server)
 def test_cli_converts_siglip_and_builds_two_models_into_one_repository(checkpoints, weights, tmp_path):
     from clip_client.cli import main
 

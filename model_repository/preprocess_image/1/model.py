@@ -43,7 +43,7 @@ class TritonPythonModel:
                 per_request=lambda items: self.model_id)
         return execute_batched(
             pb_utils, requests, read=read,
-            # float32 (3, S, S) normalised, or the error: decoding and the lookups run in the pool (they release the GIL)
+            # float32 (3, S, S) normalised, or the error: decoding and lookups run in the pool (they release the GIL)
             prepare=lambda items: self.pre.load_many(items, self.pool, catch=Exception, normalised=True),
             compute=lambda good: {M.PIXEL_VALUES: np.stack(good)},  # (M, 3, S, S)
             label="image", logger=self.logger, per_request=lambda items: self.model_id)
