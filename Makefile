@@ -4,12 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test tools kube-tools bench gpu-kit clean
+.PHONY: setup demo test lint snapshot tools kube-tools bench gpu-kit clean
 
-$(STAMP): pyproject.toml
+# The test extra pulls in every tool extra (loadtest, gateway, gallery, milvus) and the client distribution from
+# ./client; the last line makes that client editable too, so tests and commands run this tree's code.
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps -e ./client
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -17,8 +20,17 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/clip-triton demo
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest
+
+# ruff (pinned in the test extra; configured in pyproject.toml): lint, import order, format
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# regenerate docs/model_repository_example/ (the rendered configs tests/integration/test_repository_snapshot.py checks)
+snapshot: setup
+	$(BIN)/python -m tests.snapshot --update
 
 # perf_analyzer from the tritonclient 2.51.0 wheel (hash-pinned) into .artifacts/tools
 tools: setup

@@ -2,8 +2,8 @@
 checkpoints made with transformers and converted WEIGHTS_DIRs (cached).
 
     pytest -m unit          # tests/unit: pure functions, Python models with Triton faked (seconds)
-    pytest -m parity        # tests/parity: golden results against transformers
-    pytest -m integration   # tests/integration: the real Triton server
+    pytest -m parity        # tests/parity: golden results against transformers (and nothing else)
+    pytest -m integration   # tests/integration: the real Triton server, and the build pipeline on random checkpoints
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ LEVELS = ("unit", "parity", "integration")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark every test with its level, from the folder it lives in."""
+    """Mark every test with its level, from the folder it lives in, unless it names its level itself (a served
+    parity module's checks that are not parity share its server: @pytest.mark.integration)."""
     for item in items:
+        if any(item.get_closest_marker(level) for level in LEVELS):
+            continue
         parts = Path(str(item.fspath)).parts
         for level in LEVELS:
             if level in parts:

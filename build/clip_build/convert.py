@@ -19,7 +19,8 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -290,8 +291,10 @@ def image_settings(src: Path, vision_cfg: Mapping[str, Any], warnings: list[str]
     crop = p.get("crop_size", {"height": s, "width": s})
     if isinstance(crop, int):
         crop = {"height": crop, "width": crop}
-    do_crop = bool(p.get("do_center_crop", True))
-    flags = {k: bool(p.get(k, True)) for k in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb")}
+    # SiglipImageProcessor squashes to {"height", "width"} and has no crop: none unless the config names one
+    do_crop = bool(p.get("do_center_crop", "crop_size" in p or set(size) != {"height", "width"}))
+    flags = {k: bool(p.get(k, True)) for k in ("do_resize", "do_rescale", "do_normalize")}
+    flags["do_convert_rgb"] = p.get("do_convert_rgb") is not False  # null: the processor's default (RGB)
     if not flags["do_resize"]:
         raise ConvertError(f"{path}: do_resize=false is not supported: the image encoder takes a fixed "
                            f"{s}x{s} input, so every image must be resized")
@@ -348,20 +351,44 @@ def _load_projection(path: Path, out_f: int, in_f: int) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------- convert
-def convert(checkpoint: str, out: str | Path, vision_checkpoint: str | None = None, projections: str | None = None,
-            allow_pickle: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Convert a checkpoint into WEIGHTS_DIR `out`; return the manifest written there."""
-    from tqdm import tqdm
+@dataclass
+class Converted:
+    """One checkpoint read and mapped onto our towers: what write_weights_dir puts into a WEIGHTS_DIR."""
 
-    src = resolve_checkpoint(checkpoint, allow_pickle)
-    raw = read_config(src)
+    family: str
+    text: list[tuple[str, Any]]  # (our key, tensor)
+    vision: list[tuple[str, Any]]
+    text_arch: str
+    pooling: str
+    text_cfg: dict[str, Any]
+    vision_cfg: dict[str, Any]
+    projection_dim: int
+    logit_scale: float
+    write_tokenizer: Callable[[Path], dict[str, Any]]  # tokenizer dir -> manifest["tokenizer"]
+    image: dict[str, Any]  # manifest["image"]
+    sources: dict[str, Any]
+    source_name: str  # hub id or the folder's base name (clip_info's "source")
+    logit_bias: float | None = None
+    scoring: str = "softmax"
+    side_files: list[Path] = field(default_factory=list)  # copied into WEIGHTS_DIR (preprocessor_config.json...)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _source_name(checkpoint: str) -> str:
+    path = Path(checkpoint).expanduser()
+    return path.resolve().name if path.exists() else str(checkpoint)
+
+
+def _hf_clip(checkpoint: str, src: Path, raw: dict[str, Any], vision_checkpoint: str | None, projections: str | None,
+             allow_pickle: bool, seed: int) -> Converted:
+    """transformers CLIPModel, ChineseCLIPModel, or a BERT + a CLIP checkpoint's ViT (bert_vit)."""
     model_type = raw.get("model_type")
     warnings: list[str] = []
     if model_type in ("clip", "chinese_clip"):
         if vision_checkpoint or projections:
             raise ConvertError(f"--vision-checkpoint/--projections apply only to a BERT --checkpoint, not {model_type}")
-        family, vsrc, vraw = model_type, src, raw
-    elif model_type == "bert":
+        family, vsrc = model_type, src
+    else:
         if not vision_checkpoint:
             raise ConvertError(f"{checkpoint} is a BERT checkpoint: give --vision-checkpoint (a CLIP checkpoint) for "
                                "the composite bert_vit family")
@@ -370,8 +397,6 @@ def convert(checkpoint: str, out: str | Path, vision_checkpoint: str | None = No
         vraw = read_config(vsrc)
         if vraw.get("model_type") not in ("clip", "chinese_clip"):
             raise ConvertError(f"{vision_checkpoint}: model_type {vraw.get('model_type')!r}, expected clip")
-    else:
-        raise ConvertError(f"{checkpoint}: unsupported model_type {model_type!r} (clip, chinese_clip or bert)")
 
     vconf = _full_configs(vsrc)
     vision_cfg = _clean_config(vconf.vision_config.to_dict())
@@ -380,29 +405,22 @@ def convert(checkpoint: str, out: str | Path, vision_checkpoint: str | None = No
     vsd = sd if vsrc is src else load_state_dict(vsrc, allow_pickle)
 
     if family == "clip":
-        tconf = vconf.text_config
-        text_cfg = _clean_config(tconf.to_dict())
+        text_cfg = _clean_config(vconf.text_config.to_dict())
         text_arch, pooling = "clip_text", "eot"
         text = take(sd, clip_text_mapping(text_cfg, projection_dim), str(src))
     elif family == "chinese_clip":
         text_cfg = _clean_config(vconf.text_config.to_dict())
         text_arch, pooling = "bert", "cls"
         text = take(sd, bert_mapping(text_cfg, "text_model."), str(src))
-        text.append(take(sd, {"text_projection.weight": ("text_projection.weight", (projection_dim, text_cfg["hidden_size"]))},
-                         str(src))[0])
+        text += take(sd, {"text_projection.weight": ("text_projection.weight",
+                                                     (projection_dim, text_cfg["hidden_size"]))}, str(src))
     else:
         text_cfg = _clean_config(_full_configs(src).to_dict())
         text_arch, pooling = "bert", _bert_pooling(src)
         prefix = "bert." if any(k.startswith("bert.") for k in sd) else ""
         text = take(sd, bert_mapping(text_cfg, prefix), str(src))
-        h = text_cfg["hidden_size"]
-        if projections:
-            proj = _load_projection(Path(projections), projection_dim, h)
-        else:
-            proj = _fresh_projection(projection_dim, h, seed)
-            _warn(warnings, f"no --projections given: the text projection {h}->{projection_dim} is RANDOMLY "
-                            f"initialised (seed {seed}); text and image embeddings are NOT aligned until it is trained")
-        text.append(("text_projection.weight", proj))
+        text.append(("text_projection.weight", _bert_projection(projections, projection_dim, text_cfg["hidden_size"],
+                                                                seed, warnings)))
         check_leftovers(sd, str(src))
 
     vision = take(vsd, vit_mapping(vision_cfg, projection_dim), str(vsrc))
@@ -410,63 +428,129 @@ def convert(checkpoint: str, out: str | Path, vision_checkpoint: str | None = No
         raise KeyMappingError(f"{vsrc}: missing: logit_scale")
     logit_scale = float(vsd.pop("logit_scale"))
     check_leftovers(vsd, str(vsrc), IGNORED + (VISION_ONLY_IGNORED if family == "bert_vit" else ()))
+    max_positions = int(text_cfg["max_position_embeddings"])
+    return Converted(
+        family=family, text=text, vision=vision, text_arch=text_arch, pooling=pooling, text_cfg=text_cfg,
+        vision_cfg=vision_cfg, projection_dim=projection_dim, logit_scale=logit_scale,
+        write_tokenizer=lambda out: write_tokenizer(src, out, max_positions),
+        image=image_settings(vsrc, vision_cfg, warnings),
+        sources={"text": str(checkpoint), "vision": str(vision_checkpoint or checkpoint),
+                 "projections": str(projections) if projections else None},
+        source_name=_source_name(checkpoint),
+        side_files=[p for p in [vsrc / "preprocessor_config.json"] if p.is_file()], warnings=warnings)
+
+
+def _bert_projection(projections: str | None, projection_dim: int, hidden: int, seed: int, warnings: list[str]) -> Any:
+    if projections:
+        return _load_projection(Path(projections), projection_dim, hidden)
+    _warn(warnings, f"no --projections given: the text projection {hidden}->{projection_dim} is RANDOMLY "
+                    f"initialised (seed {seed}); text and image embeddings are NOT aligned until it is trained")
+    return _fresh_projection(projection_dim, hidden, seed)
+
+
+def write_weights_dir(out: str | Path, c: Converted) -> dict[str, Any]:
+    """Parquet towers, tokenizer/, side files and manifest.json (last: a half-written WEIGHTS_DIR never looks valid)."""
+    from tqdm import tqdm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # a half-written WEIGHTS_DIR must not look valid
-    sources = {"text": str(checkpoint), "vision": str(vision_checkpoint or checkpoint),
-               "projections": str(projections) if projections else None}
+    (out / "manifest.json").unlink(missing_ok=True)
     files: dict[str, str] = {}
+    text_meta = {"arch": c.text_arch, "pooling": c.pooling, "projection_dim": c.projection_dim, **c.text_cfg}
     # The Parquet files carry content only (tensors, configs): their sha256s make model_id, so identical weights
     # give identical ids however the checkpoint path was typed. Where they came from is in manifest.json alone.
-    with tqdm(total=len(text) + len(vision), desc="writing tensors", unit="tensor", disable=None) as bar:
-        files["text.parquet"] = write_parquet(out / "text.parquet", text, {
-            "tower": "text", "family": family,
-            "config": {"arch": text_arch, "pooling": pooling, "projection_dim": projection_dim, **text_cfg}}, bar)
-        files["vision.parquet"] = write_parquet(out / "vision.parquet", vision, {
-            "tower": "vision", "family": family,
-            "config": {"arch": "vit", "projection_dim": projection_dim, **vision_cfg}}, bar)
-
+    with tqdm(total=len(c.text) + len(c.vision), desc="writing tensors", unit="tensor", disable=None) as bar:
+        files["text.parquet"] = write_parquet(out / "text.parquet", c.text, {
+            "tower": "text", "family": c.family, "config": text_meta}, bar)
+        files["vision.parquet"] = write_parquet(out / "vision.parquet", c.vision, {
+            "tower": "vision", "family": c.family,
+            "config": {"arch": "vit", "projection_dim": c.projection_dim, **c.vision_cfg}}, bar)
     tok_dir = out / "tokenizer"
     if tok_dir.exists():
         shutil.rmtree(tok_dir)
-    tokenizer = write_tokenizer(src, tok_dir, int(text_cfg["max_position_embeddings"]))
-    image = image_settings(vsrc, vision_cfg, warnings)
-    if (vsrc / "preprocessor_config.json").is_file():
-        shutil.copy2(vsrc / "preprocessor_config.json", out / "preprocessor_config.json")
+    tokenizer = c.write_tokenizer(tok_dir)
+    for path in c.side_files:
+        shutil.copy2(path, out / path.name)
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         rel = path.relative_to(out).as_posix()
         if rel != "manifest.json" and not rel.endswith(".tmp") and rel not in files:
             files[rel] = sha256_file(path)
-
     manifest = {
         "format_version": FORMAT_VERSION,
-        "family": family,
-        "source": sources,
+        "family": c.family,
+        "source": c.sources,
+        "source_name": c.source_name,
         "model_id": compute_model_id(files),
-        "projection_dim": projection_dim,
-        "logit_scale": logit_scale,
-        "text": {"arch": text_arch, "pooling": pooling, "config": text_cfg},
-        "vision": {"arch": "vit", "config": vision_cfg},
+        "projection_dim": c.projection_dim,
+        "logit_scale": c.logit_scale,
+        "logit_bias": c.logit_bias,
+        "scoring": c.scoring,
+        "text": {"arch": c.text_arch, "pooling": c.pooling, "config": c.text_cfg},
+        "vision": {"arch": "vit", "config": c.vision_cfg},
         "tokenizer": tokenizer,
-        "image": image,
+        "image": c.image,
         "files": files,
-        "warnings": warnings,
+        "warnings": c.warnings,
     }
     write_manifest(out, manifest)
-    log.info("wrote %s: family %s, model_id %s, %d text + %d vision tensors", out, family, manifest["model_id"],
-             len(text), len(vision))
+    log.info("wrote %s: family %s, model_id %s, %d text + %d vision tensors", out, c.family, manifest["model_id"],
+             len(c.text), len(c.vision))
     return manifest
 
 
+LAYOUTS = ("transformers CLIPModel / ChineseCLIPModel / SiglipModel (config.json), a BERT with --vision-checkpoint, "
+           "open_clip hub folders (open_clip_config.json) and open_clip training checkpoints (epoch_N.pt with "
+           "--model-config)")
+
+
+def convert(checkpoint: str, out: str | Path, vision_checkpoint: str | None = None, projections: str | None = None,
+            allow_pickle: bool = False, seed: int = 0, model_config: str | None = None,
+            tokenizer: str | None = None) -> dict[str, Any]:
+    """Convert a checkpoint (layout detected from its files) into WEIGHTS_DIR `out`; return the manifest written."""
+    from . import families
+
+    if (vision_checkpoint or projections) and not _is_bert(checkpoint):
+        raise ConvertError("--vision-checkpoint/--projections apply only to a BERT --checkpoint (the bert_vit family)")
+    if model_config or families.is_training_checkpoint(checkpoint):
+        converted = families.open_clip_training(checkpoint, model_config, allow_pickle, tokenizer)
+    else:
+        src = resolve_checkpoint(checkpoint, allow_pickle)
+        if (src / families.OPEN_CLIP_CONFIG).is_file() and not (src / "config.json").is_file():
+            converted = families.open_clip_hub(checkpoint, src, allow_pickle, tokenizer)
+        else:
+            if not (src / "config.json").is_file():
+                raise ConvertError(f"{checkpoint}: no config.json and no {families.OPEN_CLIP_CONFIG}: not a layout "
+                                   f"convert knows ({LAYOUTS})")
+            raw = read_config(src)
+            model_type = raw.get("model_type")
+            if model_type in ("siglip", "siglip2"):
+                converted = families.siglip(checkpoint, src, raw, allow_pickle)
+            elif model_type in ("clip", "chinese_clip", "bert"):
+                converted = _hf_clip(checkpoint, src, raw, vision_checkpoint, projections, allow_pickle, seed)
+            else:
+                raise ConvertError(f"{checkpoint}: unsupported model_type {model_type!r} (clip, chinese_clip, bert, "
+                                   "siglip); convert reads " + LAYOUTS)
+    return write_weights_dir(out, converted)
+
+
+def _is_bert(checkpoint: str) -> bool:
+    """Whether `checkpoint` is a local folder whose config.json says model_type bert (hub ids: checked later)."""
+    path = Path(checkpoint).expanduser() / "config.json"
+    if not path.is_file():
+        return not Path(checkpoint).expanduser().exists()
+    model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    return model_type in ("bert", "clip", "chinese_clip")  # clip: _hf_clip names the misuse itself
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
-COMMAND_HELP = {"convert": "convert a Hugging Face checkpoint into Parquet weights"}
+COMMAND_HELP = {"convert": "convert a CLIP / SigLIP / open_clip checkpoint into Parquet weights"}
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Arguments of `clip-triton convert`."""
     parser.add_argument("--checkpoint", required=True, metavar="SRC",
-                        help="HF-layout folder or hub id: CLIP, Chinese-CLIP or BERT (with --vision-checkpoint)")
+                        help="folder or hub id: transformers CLIP / Chinese-CLIP / SigLIP / BERT (with "
+                        "--vision-checkpoint), an open_clip hub folder, or an open_clip epoch_N.pt (with --model-config)")
     parser.add_argument("--out", required=True, metavar="WEIGHTS_DIR", help="output folder")
     parser.add_argument("--vision-checkpoint", metavar="SRC", help="CLIP checkpoint whose ViT tower pairs with a BERT")
     parser.add_argument("--projections", metavar="FILE.safetensors",
@@ -474,13 +558,19 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept pytorch_model.bin / .pt checkpoints (pickle: only from sources you trust)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised bert_vit text projection")
+    parser.add_argument("--model-config", metavar="NAME|FILE.json",
+                        help="open_clip training checkpoints (epoch_N.pt): the model config they were trained with, "
+                        "an open_clip model name (e.g. ViT-B-32) or a JSON file with embed_dim/vision_cfg/text_cfg")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="folder with the tokenizer an open_clip config names in hf_tokenizer_name (default: the "
+                        "checkpoint folder, else the hub)")
 
 
 def run(args: argparse.Namespace, command: str) -> int:
     """Entry point of `clip-triton convert`."""
     try:
         manifest = convert(args.checkpoint, args.out, args.vision_checkpoint, args.projections, args.allow_pickle,
-                           args.seed)
+                           args.seed, model_config=args.model_config, tokenizer=args.tokenizer)
     except WeightsError as e:
         log.error("%s", e)
         return 2

@@ -45,7 +45,8 @@ def build_text_encoder(weights_dir: str | os.PathLike, dtype: str = "fp32") -> n
             tower = BertEncoder.from_config(cfg, text["pooling"])
         else:
             raise WeightsFormatError(f"{weights_dir}: unknown text arch {text['arch']!r}")
-        module = TextEncoder(tower, cfg["hidden_size"], manifest["projection_dim"], dtype)
+        module = TextEncoder(tower, cfg["hidden_size"], manifest["projection_dim"], dtype,
+                             bool(cfg.get("proj_bias", False)))
     return _load(module, weights_dir, "text", dtype)
 
 
@@ -57,7 +58,8 @@ def build_image_encoder(weights_dir: str | os.PathLike, dtype: str = "fp32") -> 
     if vision["arch"] != "vit":
         raise WeightsFormatError(f"{weights_dir}: unknown vision arch {vision['arch']!r}")
     with torch.device("meta"):
-        module = ImageEncoder(VisionTransformer.from_config(cfg), cfg["hidden_size"], manifest["projection_dim"], dtype)
+        module = ImageEncoder(VisionTransformer.from_config(cfg), cfg["hidden_size"], manifest["projection_dim"], dtype,
+                              bool(cfg.get("proj_bias", False)))
     return _load(module, weights_dir, "vision", dtype)
 
 

@@ -29,7 +29,17 @@ CLIP_BPE_SHA256 = {
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP normalisation, as in CLIPImageProcessor
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-FAMILIES = ("clip", "chinese_clip", "bert")
+FAMILIES = ("clip", "chinese_clip", "bert", "siglip")
+# A few hundred words to train the small SentencePiece model SigLIP's tokenizer needs: no registry package ships
+# SigLIP's own spiece.model, so tests and demos train one (unigram, like the real one) on this text.
+SPM_CORPUS = (
+    "a photo of a cat sitting on the red sofa in the living room . two dogs are playing in the park with a ball . "
+    "the astronaut floats above the earth , smiling at the camera . an empty street at night , wet with rain . "
+    "a bowl of fresh fruit : apples , oranges and bananas on a wooden table . the quick brown fox jumps over the lazy "
+    "dog ! children laughing at a birthday party with cake and candles . a rocket launching into the blue sky . "
+    "mountains covered with snow under a clear sky ; a lake reflecting the trees . ein foto einer katze mit umlauten "
+    "äöü und ß . une photo d'un chien . a diagram of a neural network with many layers and arrows . "
+)
 SIZES = ("tiny", "base")
 
 
@@ -127,6 +137,57 @@ def _write_chinese_clip_preprocessor(out: Path, size: int) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
+def siglip_tokenizer(out: Path, model_max_length: int):
+    """A transformers SiglipTokenizer over a small SentencePiece unigram model trained here (pad = eos = "</s>")."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import SiglipTokenizer
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SPM_CORPUS.split(" . ") * 4), model_writer=model,
+                                   vocab_size=120, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0,
+                                   num_threads=1, minloglevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spiece.model").write_bytes(model.getvalue())
+    return SiglipTokenizer(vocab_file=str(out / "spiece.model"), model_max_length=model_max_length)
+
+
+def _write_siglip_preprocessor(out: Path, size: int) -> None:
+    """preprocessor_config.json as SiglipImageProcessor writes it: squash to size x size, mean/std 0.5."""
+    cfg = {"do_convert_rgb": None, "do_normalize": True, "do_rescale": True, "do_resize": True,
+           "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "SiglipImageProcessor", "image_std": [0.5, 0.5, 0.5],
+           "processor_class": "SiglipProcessor", "resample": 3, "rescale_factor": 1 / 255,
+           "size": {"height": size, "width": size}}
+    (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def _siglip_model(out: Path, base: bool):
+    """A random SiglipModel and its tokenizer (tiny: text 32 wide projected to the vision tower's 48)."""
+    import torch
+    from transformers import SiglipConfig, SiglipModel
+
+    context = 64 if base else 16
+    tok = siglip_tokenizer(out, context)
+    if base:  # google/siglip-base-patch16-224's shapes
+        text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      image_size=224, patch_size=16)
+    else:
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    projection_size=48)
+        vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=40, patch_size=8)
+    text.update(vocab_size=len(tok), max_position_embeddings=context, hidden_act="gelu_pytorch_tanh",
+                layer_norm_eps=1e-6, pad_token_id=1, eos_token_id=1, bos_token_id=None)
+    vision.update(hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    with torch.no_grad():  # init gives bias -10: every sigmoid ~0; a bias near 0 makes the probabilities tell
+        model.logit_bias.fill_(-0.5)
+    return model, tok
+
+
 def _vision_cfg(size: str) -> dict:
     if size == "base":  # ViT-B/32
         return dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -170,6 +231,8 @@ def make_random_checkpoint(out_dir: str | os.PathLike, family: str, size: str = 
                         max_position_embeddings=64)
         cfg = ChineseCLIPConfig(text_config=text, vision_config=_vision_cfg(size), projection_dim=512 if base else 24)
         model = ChineseCLIPModel(cfg)
+    elif family == "siglip":
+        model, tok = _siglip_model(out, base)
     else:  # bert: a plain BertModel (the text half of the composite bert_vit family)
         tok = bert_tokenizer(model_max_length=64 if not base else 512)
         kw = dict(vocab_size=len(tok), type_vocab_size=2, pad_token_id=0, hidden_act="gelu", layer_norm_eps=1e-12)
@@ -192,6 +255,8 @@ def make_random_checkpoint(out_dir: str | os.PathLike, family: str, size: str = 
         _write_preprocessor(out, cfg.vision_config.image_size)
     elif family == "chinese_clip":
         _write_chinese_clip_preprocessor(out, cfg.vision_config.image_size)
+    elif family == "siglip":
+        _write_siglip_preprocessor(out, model.config.vision_config.image_size)
     return out
 
 

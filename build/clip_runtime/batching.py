@@ -60,6 +60,7 @@ def execute_batched(
     label: str = "item",
     logger: Any = None,
     tensor: Callable[[str, Any], Any] | None = None,
+    per_request: Callable[[list[Any]], dict[str, np.ndarray]] | None = None,
 ) -> list[Any]:
     """One response per request, in order.
 
@@ -73,6 +74,8 @@ def execute_batched(
     rows(item) -> rows an item contributes to the outputs (default 1).
     tensor(name, rows) -> the output tensor of one request's rows (default pb_utils.Tensor; GPU outputs:
         pb_utils.Tensor.from_dlpack).
+    per_request(items) -> {output name: array} added to each answered request's response as they are (host tensors
+        not split by rows: e.g. MODEL_ID [1], or TOKEN_COUNTS [n] of the request's n items).
     """
     tensor = tensor or pb_utils.Tensor
     responses: list[Any] = [None] * len(requests)
@@ -115,13 +118,13 @@ def execute_batched(
     for j, result in enumerate(prepared):
         if responses[owner[j]] is None:
             live.setdefault(owner[j], []).append(result)
-    for r, response in _compute(pb_utils, live, compute, rows, logger, tensor).items():
+    for r, response in _compute(pb_utils, live, compute, rows, logger, tensor, per_request).items():
         responses[r] = response
     return _fill_empty(pb_utils, responses, first)
 
 
 def _compute(pb_utils: Any, live: dict[int, list[Any]], compute: Callable, rows: Callable | None,
-             logger: Any, tensor: Callable[[str, Any], Any]) -> dict[int, Any]:
+             logger: Any, tensor: Callable[[str, Any], Any], per_request: Callable | None = None) -> dict[int, Any]:
     """Responses of the `live` requests (request -> its good items) from ONE compute call, its outputs split back.
 
     When that call fails and several requests took part, each is computed alone, so one request that makes the
@@ -136,7 +139,7 @@ def _compute(pb_utils: Any, live: dict[int, list[Any]], compute: Callable, rows:
         if len(live) > 1:
             answered: dict[int, Any] = {}
             for r, items in live.items():
-                answered.update(_compute(pb_utils, {r: items}, compute, rows, logger, tensor))
+                answered.update(_compute(pb_utils, {r: items}, compute, rows, logger, tensor, per_request))
             return answered
         (r,) = live
         if isinstance(exc, InvalidInputError):
@@ -148,8 +151,10 @@ def _compute(pb_utils: Any, live: dict[int, list[Any]], compute: Callable, rows:
     for r, items in live.items():  # rows [lo, hi) of the outputs are request r's
         lo, hi = int(offsets[k]), int(offsets[k + len(items)])
         k += len(items)
+        extra = per_request(items) if per_request is not None else {}
         answered[r] = pb_utils.InferenceResponse(
-            output_tensors=[tensor(name, array[lo:hi]) for name, array in outputs.items()])
+            output_tensors=[tensor(name, array[lo:hi]) for name, array in outputs.items()]
+            + [pb_utils.Tensor(name, array) for name, array in extra.items()])
     return answered
 
 
@@ -180,7 +185,7 @@ def execute_each(
             responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
         except InvalidInputError as exc:
             responses.append(error_response(pb_utils, str(exc)))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a fault of ours: logged, short message
             responses.append(internal_error(pb_utils, logger, f"{what} failed", exc))
     return responses
 

@@ -45,6 +45,7 @@ class ImageConfig:
     max_aspect_ratio: int = 10_000  # longest side / shortest side
     allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
     jpeg_draft_gap: float = 0.0  # 0 = exact; >0: JPEG DCT-downscale to >= gap x target first (faster, inexact)
+    crop_rounding: str = "floor"  # center-crop offset: floor(d / 2) (transformers) | round (torchvision: open_clip)
 
     @classmethod
     def from_parameters(cls, p: dict) -> "ImageConfig":
@@ -63,6 +64,7 @@ class ImageConfig:
             max_aspect_ratio=p.get("max_aspect_ratio", cls.max_aspect_ratio),
             allowed_formats=tuple(p["allowed_formats"]),
             jpeg_draft_gap=p.get("jpeg_draft_gap", 0.0),
+            crop_rounding=p.get("crop_rounding", "floor"),
         )
 
     @property
@@ -86,6 +88,8 @@ class ImagePreprocessor:
         self.cfg = cfg or ImageConfig()
         if self.cfg.resize_mode not in ("shortest_edge", "exact"):
             raise ValueError(f"resize_mode must be shortest_edge or exact, not {self.cfg.resize_mode!r}")
+        if self.cfg.crop_rounding not in ("floor", "round"):
+            raise ValueError(f"crop_rounding must be floor or round, not {self.cfg.crop_rounding!r}")
         if not self.cfg.do_center_crop and self.cfg.resize_mode != "exact":
             raise ValueError("without a center crop, resize_mode must be exact: the encoder takes a fixed square")
         self.formats = tuple(_FORMAT_ALIASES.get(f.upper(), f.upper()) for f in self.cfg.allowed_formats)
@@ -129,7 +133,7 @@ class ImagePreprocessor:
             ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise InvalidInputError(f"image has too many pixels (limit {self.cfg.max_pixels})") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a bad header: one clear error
             raise InvalidInputError(f"cannot read image header: {exc}") from None
         width, height = image.size
         if width <= 0 or height <= 0:
@@ -152,7 +156,7 @@ class ImagePreprocessor:
             return to_rgb(image)
         except InvalidInputError:
             raise
-        except Exception as exc:  # truncated or corrupt data
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt data: Pillow raises many types
             raise InvalidInputError(f"cannot decode {image.format} image: {exc}") from None
 
     def _from_npy(self, data: bytes) -> Image.Image:
@@ -166,7 +170,7 @@ class ImagePreprocessor:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
             else:
                 raise ValueError(f"unsupported .npy version {version}")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - numpy's header parser raises many types
             raise InvalidInputError(f"bad .npy header: {exc}") from None
         if dtype != np.uint8 or len(shape) != 3 or shape[2] != 3:
             raise InvalidInputError(f".npy image must be uint8 with shape (H, W, 3), got {dtype} {tuple(shape)}")
@@ -179,7 +183,7 @@ class ImagePreprocessor:
         fp.seek(0)
         try:
             array = np.load(fp, allow_pickle=False)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any unreadable .npy body is the caller's bad input
             raise InvalidInputError(f"cannot read .npy image: {exc}") from None
         return Image.fromarray(np.ascontiguousarray(array), "RGB")
 
@@ -205,7 +209,10 @@ class ImagePreprocessor:
         if not self.cfg.do_center_crop:
             return self._resize(image, (new_w, new_h), whole)
         crop = self.cfg.crop_size
-        top, left = (new_h - crop) // 2, (new_w - crop) // 2
+        if self.cfg.crop_rounding == "round" and new_h >= crop and new_w >= crop:  # torchvision's CenterCrop
+            top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
+        else:
+            top, left = (new_h - crop) // 2, (new_w - crop) // 2
         if top < 0 or left < 0:  # crop larger than the resized image: transformers zero-pads
             return _center_crop_padded(self._resize(image, (new_w, new_h), whole), crop)
         return self._resize(image, (new_w, new_h), (left, top, left + crop, top + crop))

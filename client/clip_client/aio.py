@@ -1,4 +1,5 @@
-"""AsyncCLIPClient: the asyncio twin of CLIPClient (tritonclient.http.aio / tritonclient.grpc.aio)."""
+"""AsyncCLIPClient: the asyncio transport of the client core (_core.py), over tritonclient.http.aio /
+tritonclient.grpc.aio. Every public method is a one-line run of the core's plan, the same plans CLIPClient runs."""
 
 from __future__ import annotations
 
@@ -7,34 +8,16 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
-from clip_common.contract import ZeroShot
 from clip_common.endpoint import tritonclient_tls
 
-from . import ops
-from ._core import (
-    DEFAULT_TEMPLATE,
-    INFO_CONFIG_MODELS,
-    ZERO_SHOT,
-    CLIP_INFO,
-    CLIP_INFO_OUT,
-    ClientBase,
-    ModelInfo,
-    as_embeddings,
-    backoff_delay,
-    bytes_tensor,
-    classify_result,
-    log,
-    map_error,
-    model_info_from_clip_info,
-    progress_bar,
-    retryable,
-)
-from .errors import CLIPClientError, ModelNotFoundError, ServerError
-from .inputs import encode_texts, iter_batches, normalize_texts
+from ._api import documented
+from ._core import Blocking, Both, ClientBase, Configs, Infer, ModelInfo, Plan, Stream, log
+from ._protocol import Request
+from .errors import CLIPClientError, InvalidResponseError, ModelChangedError, ModelNotFoundError
 
 
 def _cancel_requested() -> bool:
@@ -67,16 +50,18 @@ async def _gather_or_cancel(*aws: Awaitable) -> list:
 
 @dataclass
 class _LoopState:
-    """What belongs to one event loop: the aio tritonclient, the concurrency semaphore, the model-info lock."""
+    """What belongs to one event loop: the aio tritonclient and the concurrency semaphore."""
 
     loop: asyncio.AbstractEventLoop
     client: Any
     sem: asyncio.Semaphore
-    info_lock: asyncio.Lock
 
 
+@documented
 class AsyncCLIPClient(ClientBase):
-    """Asyncio client with the same methods as CLIPClient (as coroutines). Use it from one event loop.
+    """Asyncio client with the same methods as CLIPClient (as coroutines). Use it from one event loop at a time.
+
+    `timeout` is a total deadline per request to the server, retries included (see CLIPClient).
 
     >>> async with AsyncCLIPClient("http://127.0.0.1:8000") as c:
     ...     emb = await c.encode_text(["a cat", "a dog"])  # (2, D)
@@ -87,14 +72,13 @@ class AsyncCLIPClient(ClientBase):
         self._state: _LoopState | None = None
         self._closing: set[asyncio.Future] = set()  # closes of clients left behind by a loop change
 
-    async def __aenter__(self) -> "AsyncCLIPClient":
+    async def __aenter__(self) -> AsyncCLIPClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
     async def close(self) -> None:
-        """Close the underlying tritonclient (calls in flight keep their references and fail)."""
         state, self._state = self._state, None
         loop = asyncio.get_running_loop()
         pending = [f for f in self._closing if not f.done() and f.get_loop() is loop]
@@ -103,9 +87,9 @@ class AsyncCLIPClient(ClientBase):
         if state is not None:
             await state.client.close()
 
-    def _loop_state(self) -> "_LoopState":
-        """The aio tritonclient, semaphore and lock of the running event loop (created on first use; a new loop
-        gets new ones, and the old client is closed in the background)."""
+    def _loop_state(self) -> _LoopState:
+        """The aio tritonclient and semaphore of the running event loop (created on first use; a new loop gets new
+        ones, and the old client is closed in the background)."""
         loop = asyncio.get_running_loop()
         state = self._state
         if state is not None and state.loop is not loop:
@@ -121,20 +105,19 @@ class AsyncCLIPClient(ClientBase):
                 tls = {}
                 if self.endpoint.tls:  # the system's CA bundle unless ca_file
                     tls = {"ssl": True, "ssl_context": ssl.create_default_context(cafile=self.ca_file)}
-                client = mod.InferenceServerClient(self.endpoint.address, conn_timeout=self.timeout,
+                # conn_timeout is aiohttp's total per request: past our own deadlines (wait_for) so that they decide
+                session_timeout = max(self.timeout, self.connect_timeout) + 1.0
+                client = mod.InferenceServerClient(self.endpoint.address, conn_timeout=session_timeout,
                                                    conn_limit=self.max_concurrency * 2, **tls)
             else:
                 import tritonclient.grpc.aio as mod
 
-                client = mod.InferenceServerClient(self.endpoint.address, **tritonclient_tls(self.endpoint, self.ca_file))
-            self._state = _LoopState(loop, client, asyncio.Semaphore(self.max_concurrency), asyncio.Lock())
+                tls = tritonclient_tls(self.endpoint, self.ca_file)
+                client = mod.InferenceServerClient(self.endpoint.address, **tls)
+            self._state = _LoopState(loop, client, asyncio.Semaphore(self.max_concurrency))
         return self._state
 
-    def _triton(self):
-        """The aio tritonclient of the running event loop."""
-        return self._loop_state().client
-
-    def _close_left_behind(self, state: "_LoopState", loop: asyncio.AbstractEventLoop) -> None:
+    def _close_left_behind(self, state: _LoopState, loop: asyncio.AbstractEventLoop) -> None:
         """Best-effort close of a previous loop's client: on that loop while it still runs (another thread),
         else on this one (aiohttp and grpc.aio close cleanly there once their loop is gone)."""
 
@@ -155,7 +138,36 @@ class AsyncCLIPClient(ClientBase):
         self._closing.add(fut)
         fut.add_done_callback(self._closing.discard)
 
-    # ---------------------------------------------------------------------------------- transport
+    # ---------------------------------------------------------------------------------- performing effects
+    async def _run(self, plan: Plan) -> Any:
+        """Drive a plan of the core: perform each effect it yields, send back the result (or throw the error)."""
+        value: Any = None
+        error: CLIPClientError | None = None
+        while True:
+            try:
+                effect = plan.throw(error) if error is not None else plan.send(value)
+            except StopIteration as stop:
+                return stop.value
+            value, error = None, None
+            try:
+                value = await self._perform(effect)
+            except CLIPClientError as e:
+                error = e
+
+    async def _perform(self, effect: Any) -> Any:
+        if isinstance(effect, Infer):
+            return await self._request(effect.request)
+        if isinstance(effect, Stream):
+            return await self._stream(effect.batches, effect.make, effect.bar)
+        if isinstance(effect, Configs):
+            found = await _gather_or_cancel(*(self._model_config(m) for m in effect.models))
+            return dict(zip(effect.models, found))
+        if isinstance(effect, Both):
+            return tuple(await _gather_or_cancel(self._run(effect.first), self._run(effect.second)))
+        if isinstance(effect, Blocking):
+            return await asyncio.to_thread(effect.fn)
+        raise TypeError(f"unknown effect {effect!r}")
+
     async def _first_contact(self) -> None:
         """Once per client: is a Triton server there? If not, fail within connect_timeout with one clear message."""
         if self._reached:
@@ -163,7 +175,7 @@ class AsyncCLIPClient(ClientBase):
         started = time.monotonic()
         live = True
         try:
-            client = self._triton()
+            client = self._loop_state().client
             if self.protocol == "grpc":
                 live = await client.is_server_live(headers=self.headers,
                                                    client_timeout=self._first_contact_budget(started))
@@ -181,105 +193,75 @@ class AsyncCLIPClient(ClientBase):
                 self._first_contact_failed(None)
         self._reached = True
 
-    async def _call(self, what: str, make_coro) -> Any:
-        """make_coro() with retries on unavailable servers (once one was reached); errors mapped to our types."""
+    async def _call(self, what: str, model: str, send: Callable[[float], Awaitable[Any]]) -> Any:
+        """await send(seconds left) with retries, all inside one deadline of `timeout` seconds; errors typed."""
         await self._first_contact()
-        for attempt in range(self.retries + 1):
+        deadline = time.monotonic() + self.timeout
+        for attempt in itertools.count():
             try:
-                return await make_coro()
+                left = self._deadline_left(deadline, what)
+                return await asyncio.wait_for(send(left), left)
             except asyncio.CancelledError:
                 if _cancel_requested():
                     raise
                 raise _closed_under(what) from None
-            except Exception as exc:  # noqa: BLE001 - mapped below
-                err = map_error(exc, what)
-                if not retryable(err) or attempt == self.retries:
+            except Exception as exc:  # noqa: BLE001 - typed below
+                err = self._mapped(exc, what, model)
+                delay = self._retry_delay(err, attempt, deadline, what)
+                if delay is None:
+                    if isinstance(err, ModelChangedError):
+                        await self._reread_info()
                     raise err from None
-                delay = backoff_delay(attempt, self.backoff)
-                self._log_retry(what, err, attempt, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        async def once():
-            state = self._loop_state()
-            kwargs = self._infer_options()
-            async with state.sem:  # wait_for: the client-side deadline, also for HTTP (aiohttp's is per session)
-                result = await asyncio.wait_for(
-                    state.client.infer(model, self._make_inputs(inputs), outputs=self._make_outputs(outputs), **kwargs),
-                    self.timeout,
-                )
-            return {n: result.as_numpy(n) for n in outputs}
+    async def _reread_info(self) -> None:
+        """After a ModelChangedError: read the new model's info now (best effort; the next call retries)."""
+        try:
+            await self.get_model_info()
+        except CLIPClientError as e:
+            log.warning("re-reading the model info after a model change failed: %s", e)
 
-        return await self._call(f"infer {model}", once)
+    async def _request(self, request: Request) -> Any:
+        """One inference request, sent and checked (Request.check); the checked value."""
+
+        async def send(left: float) -> Any:
+            state = self._loop_state()
+            kwargs: dict[str, Any] = {"headers": self.headers, "timeout": int(left * 1_000_000)}
+            if self.protocol == "grpc":
+                kwargs["client_timeout"] = left
+            async with state.sem:
+                result = await state.client.infer(request.model, self._make_inputs(request.inputs), **kwargs)
+            try:
+                outputs = self._outputs(result)
+            except Exception as e:  # noqa: BLE001 - a body tritonclient cannot parse
+                raise InvalidResponseError(f"invalid answer from {self.url}: {request.model}: {e}") from None
+            return self._answer(request, outputs)
+
+        return await self._call(request.what, request.model, send)
 
     async def _model_config(self, model: str) -> dict | None:
-        async def once():
-            client = self._triton()
+        async def send(left: float) -> dict:
+            client = self._loop_state().client
             if self.protocol == "grpc":
-                raw = await client.get_model_config(model, as_json=True, client_timeout=self.timeout, headers=self.headers)
+                raw = await client.get_model_config(model, as_json=True, client_timeout=left, headers=self.headers)
             else:
-                raw = await asyncio.wait_for(client.get_model_config(model, headers=self.headers), self.timeout)
+                raw = await client.get_model_config(model, headers=self.headers)
             return self._config_json(raw)
 
         try:
-            return await self._call(f"config {model}", once)
+            return await self._call(f"config {model}", model, send)
         except ModelNotFoundError as e:  # the model is not served; anything else propagates
             log.debug("no config for %s: %s", model, e)
             return None
-        except ServerError as e:
+        except CLIPClientError as e:
             raise self._config_refused(model, e) from None
 
-    # ---------------------------------------------------------------------------------- model info
-    async def _clip_info(self) -> ModelInfo | None:
-        """ModelInfo from the clip_info model; None when the server has none (older repositories)."""
-        try:
-            out = await self._infer(CLIP_INFO, {}, [CLIP_INFO_OUT])
-            return model_info_from_clip_info(out[CLIP_INFO_OUT])
-        except ModelNotFoundError as e:  # only an unknown model falls back to the model configs
-            log.debug("no clip_info (%s); reading model configs", e)
-            return None
-
-    async def get_model_info(self) -> ModelInfo:
-        """Embedding size, logit_scale, model identity and per-request limits, read from the server once.
-
-        From the clip_info model (needs only the inference API); from the model configs when it is missing.
-        """
-        if self._info is not None:
-            return self._info
-        async with self._loop_state().info_lock:  # a local reference: close() may drop the state meanwhile
-            if self._info is None:
-                self._info = await self._clip_info()
-            if self._info is None:
-                found = await _gather_or_cancel(*(self._model_config(n) for n in INFO_CONFIG_MODELS))
-                configs = dict(zip(INFO_CONFIG_MODELS, found))
-                probe = self._scale_probe(configs)
-                self._info = self._info_from_configs(configs, None if probe is None else await self._infer(*probe))
-        return self._info
-
-    # ---------------------------------------------------------------------------------- AsyncEmbeddingProvider
-    async def dimension(self) -> int:
-        """Embedding size (providers.AsyncEmbeddingProvider)."""
-        return (await self.get_model_info()).dim
-
-    async def model_id(self) -> str:
-        """The served weights' identity (providers.AsyncEmbeddingProvider)."""
-        return (await self.get_model_info()).model_id
-
-    async def embed_texts(self, texts: str | Sequence[str]) -> np.ndarray:
-        """Normalised text embeddings (n, D); one str is one text (providers.AsyncEmbeddingProvider)."""
-        return np.atleast_2d(await self.encode_text(texts))  # one item ((D,)) -> (1, D)
-
-    async def embed_images(self, images: Any) -> np.ndarray:
-        """Normalised image embeddings (n, D); one path / bytes / image is one image (providers.AsyncMultimodalEmbeddingProvider)."""
-        return np.atleast_2d(await self.encode_image(images))  # one item ((D,)) -> (1, D)
-
-    # ---------------------------------------------------------------------------------- encoding
-    async def _stream(self, batches: Iterator[list[bytes]], send: Callable[[list[bytes]], Awaitable[np.ndarray]],
-                      bar) -> list[np.ndarray]:
-        """send(batch) for each batch, up to max_concurrency at once, reading batches (files, URLs) off the event
-        loop only as slots free up; the answers in input order."""
-        parts: dict[int, np.ndarray] = {}
+    async def _stream(self, batches: Iterator[list[bytes]], make: Callable[[list[bytes]], Request],
+                      bar) -> list[Any]:
+        """Each batch's request, up to max_concurrency at once, reading batches (files, URLs) off the event loop
+        only as slots free up; the answers in input order."""
+        parts: dict[int, Any] = {}
         pending: dict[asyncio.Task, int] = {}
 
         async def collect(when: str) -> None:
@@ -293,7 +275,7 @@ class AsyncCLIPClient(ClientBase):
                 batch = await asyncio.to_thread(next, batches, None)
                 if batch is None:
                     break
-                pending[asyncio.ensure_future(send(batch))] = n
+                pending[asyncio.ensure_future(self._request(make(batch)))] = n
                 if len(pending) >= self.max_concurrency:
                     await collect(asyncio.FIRST_COMPLETED)
             while pending:
@@ -302,81 +284,71 @@ class AsyncCLIPClient(ClientBase):
             await _cancel_all(pending)
         return [parts[n] for n in sorted(parts)]
 
-    async def _encode(self, inputs: Any, kind: str, normalize: bool, batch_size: int | None,
-                      show_progress: bool) -> np.ndarray:
-        info = await self.get_model_info()
-        model, name, out = self._route(kind)
-        batches = iter_batches(self._item_bytes(inputs, kind), self._batch_limit(info, kind, batch_size),
-                               self.max_request_bytes)
+    # ---------------------------------------------------------------------------------- public methods
+    async def get_model_info(self) -> ModelInfo:
+        return await self._run(self._p_info())
 
-        async def send(batch: list[bytes]) -> np.ndarray:
-            return (await self._infer(model, {name: bytes_tensor(batch)}, [out]))[out]
+    @property
+    def logit_scale(self) -> Awaitable[float]:
+        return self._run(self._p_logit_scale())
 
-        with progress_bar(inputs, show_progress, kind) as bar:
-            parts = await self._stream(batches, send, bar)
-        return self._embeddings(parts, info.dim, normalize, inputs, kind)
+    async def dimension(self) -> int:
+        return await self._run(self._p_dimension())
+
+    async def model_id(self) -> str:
+        return await self._run(self._p_model_id())
+
+    async def embed_texts(self, texts: str | Sequence[str]) -> np.ndarray:
+        return await self._run(self._p_embed(texts, "text"))
+
+    async def embed_images(self, images: Any) -> np.ndarray:
+        return await self._run(self._p_embed(images, "image"))
+
+    @overload
+    async def encode_text(self, texts: str, normalize: bool = True, *, batch_size: int | None = None,
+                          show_progress: bool = False) -> np.ndarray: ...  # (D,)
+
+    @overload
+    async def encode_text(self, texts: Iterable[str], normalize: bool = True, *, batch_size: int | None = None,
+                          show_progress: bool = False) -> np.ndarray: ...  # (N, D)
 
     async def encode_text(self, texts: str | Iterable[str], normalize: bool = True, *, batch_size: int | None = None,
                           show_progress: bool = False) -> np.ndarray:
-        """Text embeddings: (D,) for one str, (N, D) for an iterable (see CLIPClient.encode_text)."""
-        return await self._encode(texts, "text", normalize, batch_size, show_progress)
+        return await self._run(self._p_encode(texts, "text", normalize, batch_size, show_progress))
+
+    @overload
+    async def encode_image(self, images: str | bytes | np.ndarray | Any, normalize: bool = True, *,
+                           batch_size: int | None = None, show_progress: bool = False) -> np.ndarray: ...  # (D,)
+
+    @overload
+    async def encode_image(self, images: Iterable[Any], normalize: bool = True, *, batch_size: int | None = None,
+                           show_progress: bool = False) -> np.ndarray: ...  # (N, D)
 
     async def encode_image(self, images: Any, normalize: bool = True, *, batch_size: int | None = None,
                            show_progress: bool = False) -> np.ndarray:
-        """Image embeddings: (D,) for one image, (N, D) for an iterable (see CLIPClient.encode_image)."""
-        return await self._encode(images, "image", normalize, batch_size, show_progress)
+        return await self._run(self._p_encode(images, "image", normalize, batch_size, show_progress))
 
-    async def _text_matrix(self, texts: Any) -> np.ndarray:
-        e = as_embeddings(texts)
-        return await self.encode_text(texts) if e is None else e
-
-    async def _image_matrix(self, images: Any) -> np.ndarray:
-        e = as_embeddings(images)
-        return await self.encode_image(images) if e is None else e
-
-    # ---------------------------------------------------------------------------------- similarity
     async def compute_similarity(self, texts: Any, images: Any, apply_temperature: bool = True) -> np.ndarray:
-        """(n_texts, n_images) cosine similarity, times exp(logit_scale) when apply_temperature; texts / images:
-        embeddings or inputs to encode (see CLIPClient.compute_similarity)."""
-        t, i = await _gather_or_cancel(self._text_matrix(texts), self._image_matrix(images))
-        scale = (await self.get_model_info()).scale if apply_temperature else 1.0
-        return ops.similarity(t, i, scale)
+        return await self._run(self._p_similarity(texts, images, apply_temperature))
 
-    async def find_best_matches(self, texts: Any, images: Any, top_k: int = 5, return_scores: bool = False):
-        """Top-k image indices per text (n_texts, min(k, n_images)), best first; with return_scores, (indices, logits)."""
-        return ops.ranked(await self.compute_similarity(texts, images), top_k, return_scores)
+    async def find_best_matches(self, texts: Any, images: Any, top_k: int = 5,
+                                return_scores: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        return await self._run(self._p_best(texts, images, top_k, return_scores, transpose=False))
 
-    async def find_best_text_matches(self, images: Any, texts: Any, top_k: int = 5, return_scores: bool = False):
-        """Top-k text indices per image (n_images, min(k, n_texts)), best first; with return_scores, (indices, logits)."""
-        return ops.ranked((await self.compute_similarity(texts, images)).T, top_k, return_scores)
+    async def find_best_text_matches(self, images: Any, texts: Any, top_k: int = 5,
+                                     return_scores: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        return await self._run(self._p_best(texts, images, top_k, return_scores, transpose=True))
 
     async def class_embeddings(self, class_texts: Any, templates: str | list[str] | None = None) -> np.ndarray:
-        """Normalised class embeddings (C, D), prompt embeddings cached (see CLIPClient.class_embeddings)."""
-        job = self._prompt_job(class_texts, templates)
-        encoded = (await self.encode_text(job.missing, normalize=False)) if job.missing else None
-        return self._class_matrix(job, encoded)
+        return await self._run(self._p_class_embeddings(class_texts, templates))
 
     async def classify(self, images: Any, labels: Any, templates: str | list[str] | None = None,
-                       top_k: int | None = None):
-        """Per image, [{"label", "score"}] sorted by score, default template "a photo of a {}." (see CLIPClient.classify)."""
-        names = normalize_texts(labels)
-        cls, img = await _gather_or_cancel(self.class_embeddings(names, templates or [DEFAULT_TEMPLATE]),
-                                           self._image_matrix(images))
-        return self._classified(images, img, cls, names, (await self.get_model_info()).scale, top_k)
+                       top_k: int | None = None) -> list[dict] | list[list[dict]]:
+        return await self._run(self._p_classify(images, labels, templates, top_k))
 
-    async def zero_shot_classification(
-        self, images: Any, class_texts: Any, return_probabilities: bool = True, templates: list[str] | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """(predictions: class indices (n_images,) int64, probabilities (n_images, n_classes) or None)."""
-        cls, img = await _gather_or_cancel(self.class_embeddings(class_texts, templates), self.encode_image(images))
-        return classify_result(img, cls, (await self.get_model_info()).scale, return_probabilities)
+    async def zero_shot_classification(self, images: Any, class_texts: Any, return_probabilities: bool = True,
+                                       templates: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        return await self._run(self._p_zero_shot_classification(images, class_texts, return_probabilities, templates))
 
     async def zero_shot(self, images: Any, texts: Any, top_k: int = 5) -> dict[str, np.ndarray]:
-        """One raw call of the zero_shot ensemble (all its outputs); inputs must fit in one request."""
-        t, i = list(encode_texts(texts)), await asyncio.to_thread(lambda: list(self._item_bytes(images, "image")))
-        return await self._infer(
-            ZERO_SHOT,
-            {ZeroShot.TEXT: bytes_tensor(t), ZeroShot.IMAGE: bytes_tensor(i),
-             ZeroShot.TOP_K: np.array([top_k], dtype=np.int32)},
-            list(ZeroShot.OUTPUTS),
-        )
+        return await self._run(self._p_zero_shot(images, texts, top_k))

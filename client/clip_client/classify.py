@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ._core import DEFAULT_TEMPLATE
-from .cli import add_connection_arguments, connect
+from .cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, add_connection_arguments, connect
 from .errors import CLIPClientError, InvalidInputError
 
 COMMAND_HELP = {"classify": "zero-shot classify images against labels"}
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace, command: str) -> int:
-    """Classify; 0 on success, 1 when some images failed (reported, the rest still classified), 2 on errors."""
+    """Classify; the exit status follows cli.EXIT_STATUS (1 when some images failed: listed, the rest classified)."""
     try:
         if (args.uri is None) == (not args.images):
             raise InvalidInputError("give image files or --uri GALLERY (exactly one)")
@@ -40,12 +40,13 @@ def run(args: argparse.Namespace, command: str) -> int:
             if args.uri is not None:
                 from .gallery.cli import classify_gallery
 
-                rows, failed = classify_gallery(client, args.uri, args.labels, args.templates, args.top_k, args.filter), []
+                rows = classify_gallery(client, args.uri, args.labels, args.templates, args.top_k, args.filter)
+                failed = []
             else:
                 rows, failed = classify_files(client, args.images, args.labels, args.templates, args.top_k)
     except CLIPClientError as e:
         print(f"clip-triton {command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     if args.json:
         print(json.dumps({"results": rows, "failed": [{"path": p, "error": m} for p, m in failed]}, indent=2))
     else:
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace, command: str) -> int:
             print(row["path"] + "\t" + "\t".join(f"{x['label']} {x['score']:.4f}" for x in row["labels"]))
         for path, msg in failed:
             print(f"skipped {path}: {msg}", file=sys.stderr)
-    return 1 if failed else 0
+    return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 def classify_files(client: Any, images: list[str], labels: list[str], templates: list[str] | None,

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 class CLIPClientError(Exception):
     """Base class of every error clip_client raises; `status` is the server's answer (e.g. "404",
-    "StatusCode.NOT_FOUND") when there was one, else ""."""
+    "StatusCode.NOT_FOUND") when there was one, else ""; `url` the server it came from, when known."""
 
     status: str = ""
+    url: str = ""
 
 
 class InvalidInputError(CLIPClientError, ValueError):
@@ -19,12 +20,12 @@ class ServerUnavailableError(CLIPClientError, ConnectionError):
 
 
 class RateLimitedError(CLIPClientError):
-    """A gateway in front of the server (or the server) refused the request for rate limiting (HTTP 429, or a gRPC
-    status saying so), still after the retries with backoff."""
+    """A gateway in front of the server (or the server) refused the request for rate limiting (HTTP 429), still
+    after the retries with backoff."""
 
 
 class ServerTimeoutError(CLIPClientError, TimeoutError):
-    """The server did not answer within the client's timeout."""
+    """The server did not answer within the client's timeout (a total deadline per request, retries included)."""
 
 
 class ServerError(CLIPClientError):
@@ -32,7 +33,18 @@ class ServerError(CLIPClientError):
 
 
 class ModelNotFoundError(ServerError):
-    """The server does not serve the model that was called (HTTP 404 / gRPC NOT_FOUND, "unknown model")."""
+    """The server does not serve the model that was called (HTTP 404 / gRPC NOT_FOUND), or `model=` names none of
+    the repository's models."""
+
+
+class InvalidResponseError(ServerError):
+    """The server (or something between it and the client) answered something that breaks the contract: an output
+    missing, a wrong number of rows, a wrong embedding size, values that are not finite."""
+
+
+class ModelChangedError(CLIPClientError):
+    """The server answered with another model than the one this client had read (its model_id changed, e.g. a
+    restart with other weights); the client dropped its cached prompts and model info: call again."""
 
 
 class ModelMismatchError(CLIPClientError):

@@ -1,4 +1,5 @@
-"""Turn user inputs (texts, image paths and URLs, bytes, PIL images, uint8 arrays) into the BYTES items the ensembles take."""
+"""Turn user inputs (texts, image paths and URLs, bytes, PIL images, uint8 arrays) into the BYTES items the ensembles
+take."""
 
 from __future__ import annotations
 
@@ -32,14 +33,25 @@ def is_single_text(texts: Any) -> bool:
 def iter_texts(texts: str | Iterable[str]) -> Iterator[str]:
     """A str or any iterable of str -> the texts one by one (lazily); anything else is an InvalidInputError."""
     if isinstance(texts, str):
-        yield texts
+        yield _utf8_safe(texts, "text")
         return
     if isinstance(texts, (bytes, bytearray)) or texts is None or not isinstance(texts, Iterable):
         raise InvalidInputError(f"texts must be a str or an iterable of str, got {type(texts).__name__}")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise InvalidInputError(f"texts[{i}] must be a str, got {type(t).__name__}")
-        yield t
+        yield _utf8_safe(t, f"texts[{i}]")
+
+
+def _utf8_safe(text: str, where: str) -> str:
+    """text itself when it can be sent as UTF-8; a lone surrogate (or any unencodable code point) is an
+    InvalidInputError naming where it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(f"{where}: not valid Unicode text: {e.reason} at position {e.start} "
+                                f"({text[e.start:e.end]!a})") from None
+    return text
 
 
 def normalize_texts(texts: str | Iterable[str]) -> list[str]:
@@ -85,7 +97,7 @@ def pil_bytes(image: Any) -> bytes:
 
 def image_item_bytes(item: Any, where: str = "image", max_download_bytes: int = DEFAULT_DOWNLOAD_BYTES,
                      download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT) -> bytes:
-    """One image (path, http(s) URL, encoded bytes, PIL image or uint8 (H, W, 3) array) -> the bytes sent to the server."""
+    """One image (path, http(s) URL, encoded bytes, PIL image or uint8 (H, W, 3) array) -> the bytes to send."""
     if isinstance(item, (bytes, bytearray, memoryview)):
         data = bytes(item)
         if not data:
@@ -127,7 +139,7 @@ class _Deadline:
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
 
-    def __enter__(self) -> "_Deadline":
+    def __enter__(self) -> _Deadline:
         self._timer.start()
         return self
 

@@ -1,7 +1,12 @@
-"""Embedding math done on the client: CLIP logits, top-k, prompt-template averaging (the shared core is clip_common.ops)."""
+"""Embedding math done on the client: CLIP logits, top-k, prompt-template averaging (core: clip_common.ops).
+
+Every helper refuses what would give a confident wrong answer: embeddings that are not finite or have zero norm
+(cosine undefined), and a k that is not a positive integer (bools and floats included).
+"""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,33 +15,68 @@ from clip_common.ops import l2_normalize, logits, softmax, top_k
 
 from .errors import InvalidInputError
 
-__all__ = ["as_matrix", "class_embeddings", "expand_templates", "l2_normalize", "ranked", "similarity", "softmax",
-           "topk_indices"]
+__all__ = ["as_matrix", "check_embeddings", "check_k", "class_embeddings", "expand_templates", "l2_normalize",
+           "ranked", "similarity", "softmax", "topk_indices"]
 
 
 def as_matrix(x: np.ndarray, name: str) -> np.ndarray:
-    """A (d,) or (n, d) float array -> (n, d) float32."""
-    x = np.asarray(x, dtype=np.float32)
+    """A (d,) or (n, d) array of finite numbers -> (n, d) float32."""
+    try:
+        x = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"{name} must be a float array shaped (n, d) or (d,): {e}") from None
     if x.ndim == 1:
         x = x[None, :]
-    if x.ndim != 2:
+    if x.ndim != 2 or x.shape[1] == 0:
         raise InvalidInputError(f"{name} must be shaped (n, d) or (d,), got {x.shape}")
+    if not np.isfinite(x).all():
+        rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        raise InvalidInputError(f"{name} has values that are not finite (NaN or inf) in row(s) {rows[:5].tolist()}")
+    return x
+
+
+def _check_norms(x: np.ndarray, name: str) -> None:
+    zero = np.flatnonzero(np.einsum("nd,nd->n", x, x, dtype=np.float64) == 0)
+    if zero.size:
+        raise InvalidInputError(f"{name} has zero-norm row(s) {zero[:5].tolist()}: their cosine is undefined")
+
+
+def check_embeddings(x: np.ndarray, name: str) -> np.ndarray:
+    """x as (n, d) float32 when every row is finite and of non-zero norm, else an InvalidInputError."""
+    x = as_matrix(x, name)
+    _check_norms(x, name)
     return x
 
 
 def similarity(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """scale * normalize(a) @ normalize(b).T -> (len(a), len(b)) float32 (CLIP's logits when scale=exp(logit_scale))."""
+    """scale * normalize(a) @ normalize(b).T -> (len(a), len(b)) float32 (CLIP's logits when scale=exp(logit_scale)).
+
+    Raises InvalidInputError for embeddings of different sizes, non-finite values or zero-norm rows.
+    """
     a, b = as_matrix(a, "a"), as_matrix(b, "b")
     if a.shape[1] != b.shape[1]:
         raise InvalidInputError(f"embedding sizes differ: {a.shape[1]} vs {b.shape[1]}")
+    _check_norms(a, "a")
+    _check_norms(b, "b")
     return logits(a, b, scale)
+
+
+def check_k(k: object, name: str = "top_k") -> int:
+    """k as an int >= 1; a bool, a float (1.5 or 2.0), a str or a k < 1 is an InvalidInputError."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
+        raise InvalidInputError(f"{name} must be an int >= 1, got {k!r}")
+    if k < 1:
+        raise InvalidInputError(f"{name} must be >= 1, got {k}")
+    return int(k)
 
 
 def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest scores per row, best first; ties keep the lower index first -> (n, min(k, m)) int64."""
-    if k < 1:
-        raise InvalidInputError(f"top_k must be >= 1, got {k}")
-    return top_k(np.atleast_2d(np.asarray(scores)), k)
+    k = check_k(k)
+    scores = np.atleast_2d(np.asarray(scores))
+    if scores.size and not np.isfinite(scores).all():
+        raise InvalidInputError("scores have values that are not finite (NaN or inf)")
+    return top_k(scores, k)
 
 
 def ranked(scores: np.ndarray, k: int, return_scores: bool = False):

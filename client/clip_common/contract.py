@@ -127,6 +127,8 @@ class EncodeText:
     NAME = "encode_text"
     TEXT = "text"  # BYTES [N, 1], UTF-8
     TEXT_EMBEDS = "text_embeds"  # FP32 [N, D], not normalised
+    TOKEN_COUNTS = "token_counts"  # INT32 [N]: tokens fed to the encoder per text (special included, padding not)
+    MODEL_ID = "model_id"  # BYTES [1]: the answering model's model_id (clip_info's)
 
 
 class EncodeImage:
@@ -135,10 +137,14 @@ class EncodeImage:
     NAME = "encode_image"
     IMAGE = "image"  # BYTES [N, 1], encoded image or .npy uint8 (H, W, 3)
     IMAGE_EMBEDS = "image_embeds"  # FP32 [N, D]
+    MODEL_ID = "model_id"  # BYTES [1]
 
 
 class ZeroShot:
-    """Public ensemble: T texts and I images -> embeddings, logits, softmax over texts, top-k both ways."""
+    """Public ensemble: T texts and I images -> embeddings, logits, probabilities, top-k both ways.
+
+    probs: softmax over the texts ("scoring": "softmax"), or each label's own sigmoid ("scoring": "sigmoid", SigLIP).
+    """
 
     NAME = "zero_shot"
     TEXT = "text"
@@ -152,6 +158,7 @@ class ZeroShot:
     TOPK_TEXTS = "topk_texts"  # INT64 [I, min(k, T)]
     TOPK_IMAGES = "topk_images"  # INT64 [T, min(k, I)]
     OUTPUTS = (TEXT_EMBEDS, IMAGE_EMBEDS, LOGITS_PER_IMAGE, LOGITS_PER_TEXT, PROBS, TOPK_TEXTS, TOPK_IMAGES)
+    MODEL_ID = "model_id"  # BYTES [1]
 
 
 class ClipInfo:
@@ -169,6 +176,8 @@ class PreprocessText:
     TEXT = "TEXT"
     INPUT_IDS = "INPUT_IDS"  # INT64 [N, L]: the rows padded to the longest text of the execute
     LENGTHS = "LENGTHS"  # INT64 [N, 1]: tokens in each row (the rest of the row is padding)
+    TOKEN_COUNTS = "TOKEN_COUNTS"  # INT32 [N] per request: non-padding tokens of each text (encode_text's token_counts)
+    MODEL_ID = "MODEL_ID"  # BYTES [1] per request: the model_id parameter
 
 
 class PreprocessImage:
@@ -177,6 +186,7 @@ class PreprocessImage:
     NAME = "preprocess_image"
     IMAGE = "IMAGE"
     PIXEL_VALUES = "PIXEL_VALUES"
+    MODEL_ID = "MODEL_ID"  # BYTES [1] per request
 
 
 class TextEncoder:
@@ -229,23 +239,33 @@ def _t(name: str, dtype: str, *dims: int | str, optional: bool = False, ragged: 
     return TensorSpec(name, dtype, tuple(dims), optional, ragged)
 
 
-_PREPROCESS_TEXT_STEP = StepSpec(PreprocessText.NAME, _map(**{PreprocessText.TEXT: EncodeText.TEXT}),
-                                 _map(**{PreprocessText.INPUT_IDS: _INPUT_IDS, PreprocessText.LENGTHS: _LENGTHS}))
+_TEXT_IN = _map(**{PreprocessText.TEXT: EncodeText.TEXT})
+_PREPROCESS_TEXT_STEP = StepSpec(PreprocessText.NAME, _TEXT_IN, _map(**{
+    PreprocessText.INPUT_IDS: _INPUT_IDS, PreprocessText.LENGTHS: _LENGTHS, PreprocessText.MODEL_ID: ZeroShot.MODEL_ID}))
+_ENCODE_TEXT_STEP = StepSpec(PreprocessText.NAME, _TEXT_IN, _map(**{
+    PreprocessText.INPUT_IDS: _INPUT_IDS, PreprocessText.LENGTHS: _LENGTHS,
+    PreprocessText.TOKEN_COUNTS: EncodeText.TOKEN_COUNTS, PreprocessText.MODEL_ID: EncodeText.MODEL_ID}))
 _PREPROCESS_IMAGE_STEP = StepSpec(PreprocessImage.NAME, _map(**{PreprocessImage.IMAGE: EncodeImage.IMAGE}),
                                   _map(**{PreprocessImage.PIXEL_VALUES: _PIXEL_VALUES}))
+_ENCODE_IMAGE_STEP = StepSpec(PreprocessImage.NAME, _map(**{PreprocessImage.IMAGE: EncodeImage.IMAGE}),
+                              _map(**{PreprocessImage.PIXEL_VALUES: _PIXEL_VALUES,
+                                      PreprocessImage.MODEL_ID: EncodeImage.MODEL_ID}))
 _TEXT_ENCODER_INPUTS = _map(**{TextEncoder.INPUT_IDS: _INPUT_IDS, TextEncoder.LENGTHS: _LENGTHS})
 _IMAGE_ENCODER_INPUTS = _map(**{ImageEncoder.PIXEL_VALUES: _PIXEL_VALUES})
 
 _TEXT_EMBEDS_OUT = _t(EncodeText.TEXT_EMBEDS, FP32, -1, D)
 _IMAGE_EMBEDS_OUT = _t(EncodeImage.IMAGE_EMBEDS, FP32, -1, D)
+_MODEL_ID_OUT = _t(EncodeText.MODEL_ID, BYTES, 1)
 
 MODELS: Mapping[str, ModelSpec] = MappingProxyType({m.name: m for m in (
     ModelSpec(PreprocessText.NAME, "python", public=False, batching=True,
               inputs=(_t(PreprocessText.TEXT, BYTES, 1),),
-              outputs=(_t(PreprocessText.INPUT_IDS, INT64, -1), _t(PreprocessText.LENGTHS, INT64, 1))),
+              # TOKEN_COUNTS and MODEL_ID are answered per request ([n] and [1], not [n, 1]): the ensembles pass them on
+              outputs=(_t(PreprocessText.INPUT_IDS, INT64, -1), _t(PreprocessText.LENGTHS, INT64, 1),
+                       _t(PreprocessText.TOKEN_COUNTS, INT32, 1), _t(PreprocessText.MODEL_ID, BYTES, 1))),
     ModelSpec(PreprocessImage.NAME, "python", public=False, batching=True,
               inputs=(_t(PreprocessImage.IMAGE, BYTES, 1),),
-              outputs=(_t(PreprocessImage.PIXEL_VALUES, FP32, 3, S, S),)),
+              outputs=(_t(PreprocessImage.PIXEL_VALUES, FP32, 3, S, S), _t(PreprocessImage.MODEL_ID, BYTES, 1))),
     ModelSpec(TextEncoder.NAME, "pytorch", public=False, batching=True,
               inputs=(_t(TextEncoder.INPUT_IDS, INT64, -1, ragged=True), _t(TextEncoder.LENGTHS, INT64, 1)),
               outputs=(_t(TextEncoder.TEXT_EMBEDS, FP32, D),),
@@ -264,13 +284,14 @@ MODELS: Mapping[str, ModelSpec] = MappingProxyType({m.name: m for m in (
               inputs=(_t(ClipInfo.REQUEST, BYTES, 1, optional=True),),
               outputs=(_t(ClipInfo.INFO, BYTES, 1),)),
     ModelSpec(EncodeText.NAME, "ensemble", public=True, batching=False,
-              inputs=(_t(EncodeText.TEXT, BYTES, -1, 1),), outputs=(_TEXT_EMBEDS_OUT,),
-              steps=(_PREPROCESS_TEXT_STEP,
+              inputs=(_t(EncodeText.TEXT, BYTES, -1, 1),),
+              outputs=(_TEXT_EMBEDS_OUT, _t(EncodeText.TOKEN_COUNTS, INT32, -1), _MODEL_ID_OUT),
+              steps=(_ENCODE_TEXT_STEP,
                      StepSpec(TextEncoder.NAME, _TEXT_ENCODER_INPUTS,
                               _map(**{TextEncoder.TEXT_EMBEDS: EncodeText.TEXT_EMBEDS})))),
     ModelSpec(EncodeImage.NAME, "ensemble", public=True, batching=False,
-              inputs=(_t(EncodeImage.IMAGE, BYTES, -1, 1),), outputs=(_IMAGE_EMBEDS_OUT,),
-              steps=(_PREPROCESS_IMAGE_STEP,
+              inputs=(_t(EncodeImage.IMAGE, BYTES, -1, 1),), outputs=(_IMAGE_EMBEDS_OUT, _MODEL_ID_OUT),
+              steps=(_ENCODE_IMAGE_STEP,
                      StepSpec(ImageEncoder.NAME, _IMAGE_ENCODER_INPUTS,
                               _map(**{ImageEncoder.IMAGE_EMBEDS: EncodeImage.IMAGE_EMBEDS})))),
     # Triton 2.51 fails ("unexpected deadlock") when a client asks for a subset of outputs and an ensemble output is
@@ -281,7 +302,7 @@ MODELS: Mapping[str, ModelSpec] = MappingProxyType({m.name: m for m in (
               outputs=(_TEXT_EMBEDS_OUT, _IMAGE_EMBEDS_OUT,
                        _t(ZeroShot.LOGITS_PER_IMAGE, FP32, -1, -1), _t(ZeroShot.LOGITS_PER_TEXT, FP32, -1, -1),
                        _t(ZeroShot.PROBS, FP32, -1, -1), _t(ZeroShot.TOPK_TEXTS, INT64, -1, -1),
-                       _t(ZeroShot.TOPK_IMAGES, INT64, -1, -1)),
+                       _t(ZeroShot.TOPK_IMAGES, INT64, -1, -1), _MODEL_ID_OUT),
               steps=(_PREPROCESS_TEXT_STEP,
                      StepSpec(TextEncoder.NAME, _TEXT_ENCODER_INPUTS, _map(**{TextEncoder.TEXT_EMBEDS: _TEXT_EMBEDS})),
                      _PREPROCESS_IMAGE_STEP,
@@ -305,3 +326,24 @@ ENCODERS = tuple(n for n, m in MODELS.items() if m.kind == "pytorch")
 ENSEMBLES = tuple(n for n, m in MODELS.items() if m.kind == "ensemble")
 PUBLIC_MODELS = tuple(n for n, m in MODELS.items() if m.public)
 INTERNAL_MODELS = tuple(n for n, m in MODELS.items() if not m.public)
+
+# --------------------------------------------------------------------------------------------- several models
+# One repository may serve several models: the first keeps the names above; every further model, named N (the
+# pattern below, no underscore), has each of its Triton models prefixed "N__" (`siglip__encode_text`). The unprefixed
+# clip_info lists them all ("models": [{"name", "prefix", "model_id", ...}], the first with prefix "").
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
+PREFIX_SEPARATOR = "__"
+
+
+def model_prefix(name: str) -> str:
+    """The prefix of a further model called `name` ("siglip" -> "siglip__"); ValueError for a bad name."""
+    import re
+
+    if not re.fullmatch(MODEL_NAME_PATTERN, name):
+        raise ValueError(f"model name {name!r} must match {MODEL_NAME_PATTERN} (lowercase letters, digits, '-')")
+    return name + PREFIX_SEPARATOR
+
+
+def prefixed(model: str, prefix: str = "") -> str:
+    """A Triton model's name in a repository's model with that prefix (`prefixed("encode_text", "siglip__")`)."""
+    return prefix + model

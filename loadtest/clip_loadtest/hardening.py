@@ -264,7 +264,7 @@ def abandon(url: str, protocol: str, n: int, items: np.ndarray, give_up_s: float
         finally:
             try:
                 c.close()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - closing is best effort
                 pass
         with lock:
             outcomes[outcome] = outcomes.get(outcome, 0) + 1

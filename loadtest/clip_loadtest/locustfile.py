@@ -149,6 +149,13 @@ class RequestFailed(Exception):
     """A failed inference as locust's error report shows it (the client exception's type and message)."""
 
 
+def auth_headers() -> dict[str, str] | None:
+    """`authorization: Bearer KEY` for a gateway with API keys: $CLIP_LT_API_KEY, else the first of
+    $CLIP_TRITON_API_KEYS (what the compose file gives the gateway); None without either."""
+    key = os.environ.get("CLIP_LT_API_KEY") or os.environ.get("CLIP_TRITON_API_KEYS", "").split(",")[0].strip()
+    return {"authorization": f"Bearer {key}"} if key else None
+
+
 def _bytes_array(items: list[bytes]) -> np.ndarray:
     return np.array(items, dtype=np.object_).reshape(-1, 1)  # BYTES [N, 1]
 
@@ -205,7 +212,7 @@ class CLIPUser(User):
         try:
             kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
             requested = None if outputs is None else [self._output(o) for o in outputs]
-            result = self.client.infer(model, inputs, outputs=requested, **kwargs)
+            result = self.client.infer(model, inputs, outputs=requested, headers=auth_headers(), **kwargs)
             for out_name, lead in expect.items():
                 arr = result.as_numpy(out_name)
                 if arr is None or tuple(arr.shape[: len(lead)]) != lead:

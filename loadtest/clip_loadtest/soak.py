@@ -114,7 +114,7 @@ class RssSampler(threading.Thread):
         while True:
             try:
                 self.samples.append((time.monotonic() - self.t0, int(self.rss_fn())))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - a failed sample is logged; sampling goes on
                 log.warning("rss sample failed: %s", exc)
             if self.stop.wait(self.every):
                 return
@@ -176,7 +176,7 @@ def run_locust(host: str, minutes: float, users: int, out: Path, extra: list[str
     return done.returncode, stats, (done.stdout + done.stderr)[-4000:]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m clip_loadtest.soak", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=3.0)
@@ -193,27 +193,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=30.0, help="seconds excluded from the RSS growth")
     ap.add_argument("--sample-every", type=float, default=5.0, help="RSS sampling period, seconds")
     ap.add_argument("--max-growth-pct", type=float, default=5.0)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return ap
 
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="clip-soak-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    server = None
+
+def _start_target(args: argparse.Namespace, workdir: Path):
+    """(server started here or None, HTTP host:port, gRPC host:port or None, RSS function or None)."""
     if args.url:
-        http_url, grpc_url = args.url, None
         rss_fn = (lambda: tree_rss(args.server_pid)) if args.server_pid else None
-    else:
-        from clip_server import TritonServer
+        return None, args.url, None, rss_fn
+    from clip_server import TritonServer
 
-        repo = args.repository or build_synthetic(workdir, args.weights)
-        server = TritonServer(repo, log_path=workdir / "tritonserver.log", exit_timeout=10)
-        server.start()
-        log.info("server ready in %.1fs", server.wait_ready())
-        http_url, grpc_url, rss_fn = server.http_url, server.grpc_url, server.rss_bytes
-    if args.protocol == "grpc" and grpc_url is None:
-        ap.error("--protocol grpc needs the server started here (or pass an HTTP --url and --protocol http)")
-    host = f"http://{http_url}" if args.protocol == "http" else f"grpc://{grpc_url}"
+    repo = args.repository or build_synthetic(workdir, args.weights)
+    server = TritonServer(repo, log_path=workdir / "tritonserver.log", exit_timeout=10)
+    server.start()
+    log.info("server ready in %.1fs", server.wait_ready())
+    return server, server.http_url, server.grpc_url, server.rss_bytes
 
+
+def _run_load(args: argparse.Namespace, host: str, http_url: str, rss_fn, workdir: Path):
+    """Locust for --minutes with the RSS sampler and the bad-input trickle beside it: (exit code, stats, output tail,
+    sampler or None, bad traffic or None, elapsed seconds)."""
     stop = threading.Event()
     sampler = RssSampler(rss_fn, args.sample_every, stop) if rss_fn else None
     bad = BadTraffic(http_url, args.bad_rps, stop) if args.bad_rps > 0 else None
@@ -229,9 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         for t in (sampler, bad):
             if t:
                 t.join(30)
-    elapsed = time.monotonic() - started
+    return code, stats, tail, sampler, bad, time.monotonic() - started
+
+
+def _summary(args: argparse.Namespace, code: int, stats: dict, bad: BadTraffic | None, elapsed: float) -> dict:
+    """The soak's result from Locust's aggregated and per-ensemble stats and the bad-input counts."""
     agg = stats.get("Aggregated", {})
-    result = {
+    return {
         "minutes": args.minutes, "protocol": args.protocol, "users": args.users, "mix": args.mix,
         "locust_exit_code": code,
         "requests": int(agg.get("Request Count", 0) or 0), "failures": int(agg.get("Failure Count", 0) or 0),
@@ -244,6 +247,41 @@ def main(argv: list[str] | None = None) -> int:
         "bad_inputs_unexpected_count": len(bad.unexpected) if bad else 0,
         "elapsed_s": round(elapsed, 1),
     }
+
+
+def _passed(result: dict, max_growth_pct: float) -> bool:
+    """No failure, some requests, every bad input refused cleanly, the server healthy, RSS growth under the limit."""
+    return (result["failures"] == 0 and result["requests"] > 0 and result["bad_inputs_unexpected_count"] == 0
+            and not result.get("models_not_ready") and not result.get("dead_stubs")
+            and ("rss" not in result or result["rss"].get("growth_pct", 0.0) < max_growth_pct))
+
+
+def _report(result: dict, code: int, tail: str, workdir: Path) -> None:
+    """soak.json in workdir; the summary (without the RSS samples) and one verdict line on stdout."""
+    (workdir / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
+    summary = {k: v for k, v in result.items() if k != "rss_samples_mib"}
+    print(json.dumps(summary, indent=2))
+    if code != 0 and result["failures"] == 0:
+        print(tail, file=sys.stderr)
+    print(f"soak {'PASS' if result['pass'] else 'FAIL'}: {result['requests']} requests, {result['failures']} failures, "
+          f"{result['bad_inputs_refused']} bad inputs refused ({result['bad_inputs_unexpected_count']} unexpected), "
+          f"RSS growth {result.get('rss', {}).get('growth_pct', 'n/a')}%  -> {workdir / 'soak.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="clip-soak-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    server, http_url, grpc_url, rss_fn = _start_target(args, workdir)
+    if args.protocol == "grpc" and grpc_url is None:
+        ap.error("--protocol grpc needs the server started here (or pass an HTTP --url and --protocol http)")
+    host = f"http://{http_url}" if args.protocol == "http" else f"grpc://{grpc_url}"
+
+    code, stats, tail, sampler, bad, elapsed = _run_load(args, host, http_url, rss_fn, workdir)
+    result = _summary(args, code, stats, bad, elapsed)
     if sampler:
         result["rss"] = rss_growth(sampler.samples, args.warmup)
         result["rss_samples_mib"] = [(round(t), round(r / 2**20, 1)) for t, r in sampler.samples]
@@ -251,19 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         result["models_not_ready"] = server.not_ready_models()
         result["dead_stubs"] = server.dead_stubs()
         server.stop()
-    ok = (result["failures"] == 0 and result["requests"] > 0 and result["bad_inputs_unexpected_count"] == 0
-          and not result.get("models_not_ready") and not result.get("dead_stubs")
-          and ("rss" not in result or result["rss"].get("growth_pct", 0.0) < args.max_growth_pct))
-    result["pass"] = ok
-    (workdir / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
-    summary = {k: v for k, v in result.items() if k != "rss_samples_mib"}
-    print(json.dumps(summary, indent=2))
-    if code != 0 and result["failures"] == 0:
-        print(tail, file=sys.stderr)
-    print(f"soak {'PASS' if ok else 'FAIL'}: {result['requests']} requests, {result['failures']} failures, "
-          f"{result['bad_inputs_refused']} bad inputs refused ({result['bad_inputs_unexpected_count']} unexpected), "
-          f"RSS growth {result.get('rss', {}).get('growth_pct', 'n/a')}%  -> {workdir / 'soak.json'}")
-    return 0 if ok else 1
+    result["pass"] = _passed(result, args.max_growth_pct)
+    _report(result, code, tail, workdir)
+    return 0 if result["pass"] else 1
 
 
 if __name__ == "__main__":

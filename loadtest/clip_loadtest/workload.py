@@ -45,7 +45,7 @@ def parse_sizes(spec: str | Sequence) -> list[tuple[int, int]]:
 
 
 def synthetic_image(width: int, height: int, seed: int):
-    """A photo-like RGB PIL image: smooth colour gradients, a few shapes and mild noise (JPEG-compresses like a photo)."""
+    """A photo-like RGB PIL image: smooth colour gradients, a few shapes and mild noise (compresses like a photo)."""
     import numpy as np  # noqa: PLC0415
     from PIL import Image, ImageDraw  # noqa: PLC0415
 

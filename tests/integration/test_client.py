@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 from clip_client import AsyncCLIPClient, CLIPClient, CLIPClientError, InvalidInputError, ServerTimeoutError
-
 from tests.integration.client_helpers import COMBOS, Runner, make_client
 from tests.webserver import serve_folder
 
@@ -105,27 +104,27 @@ def _models_called(runner: Runner, note=None):
     """The models the wrapped client sends inference requests to while the block runs, in order (and note(),
     when given, called at each request)."""
     inner, calls = runner.client, []
-    original = inner._infer
+    original = inner._request
 
-    def record(model):
-        calls.append(model)
+    def record(request):
+        calls.append(request.model)
         if note is not None:
             note()
 
     if inspect.iscoroutinefunction(original):
-        async def spy(model, *a, **k):
-            record(model)
-            return await original(model, *a, **k)
+        async def spy(request):
+            record(request)
+            return await original(request)
     else:
-        def spy(model, *a, **k):
-            record(model)
-            return original(model, *a, **k)
+        def spy(request):
+            record(request)
+            return original(request)
 
-    inner._infer = spy
+    inner._request = spy
     try:
         yield calls
     finally:
-        del inner._infer
+        del inner._request
 
 
 def _cos(a, b) -> np.ndarray:
@@ -515,17 +514,33 @@ def test_async_client_survives_a_new_event_loop(triton_server, protocol):
 
 
 def test_async_close_while_reading_model_info(triton_server):
-    """close() while get_model_info holds its lock: the call finishes or fails typed, never on a dropped lock."""
-    from clip_client import ModelInfo
+    """close() while get_model_info's request is in flight (held by a proxy until after the close): that call fails
+    with a typed ServerUnavailableError (its connection was closed under it), and the client works again after."""
+    from clip_client import ModelInfo, ServerUnavailableError
+    from tests.integration.client_helpers import CorruptingProxy
+
+    proxy = CorruptingProxy(triton_server.http_url)
+    proxy.hold = "clip_info"
 
     async def go():
-        c = AsyncCLIPClient(triton_server.grpc_url, retries=1, backoff=0.01)
+        c = AsyncCLIPClient(proxy.url, retries=0)
         task = asyncio.create_task(c.get_model_info())
-        await asyncio.sleep(0)  # the task is inside the lock, its request in flight
+        for _ in range(500):  # until the proxy holds the request (bounded: 10 s)
+            if proxy.held.is_set():
+                break
+            await asyncio.sleep(0.02)
+        assert proxy.held.is_set() and not task.done()
         await c.close()
         result = (await asyncio.gather(task, return_exceptions=True))[0]
-        assert isinstance(result, (ModelInfo, CLIPClientError)), repr(result)
-        assert (await c.get_model_info()).dim > 0  # usable again: reopens
+        proxy.hold = None
+        proxy.release.set()
+        assert isinstance(result, ServerUnavailableError), repr(result)
+        info = await c.get_model_info()  # usable again: reopens
+        assert isinstance(info, ModelInfo) and info.dim > 0
         await c.close()
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    finally:
+        proxy.release.set()
+        proxy.close()

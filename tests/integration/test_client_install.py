@@ -100,9 +100,35 @@ def test_client_commands_from_the_client_install(client_venv, triton_server, tmp
     for uri, extra in ((tmp_path / "g", "gallery"), (tmp_path / "g.db", "milvus")):
         done = _run([cli, "index", str(tmp_path), "--uri", str(uri), "--url", triton_server.grpc_url], env=_env(client_venv))
         assert done.returncode == 2 and f"clip-triton-client[{extra}]" in done.stderr and "Traceback" not in done.stderr
+        assert "ModuleNotFoundError: No module named" in done.stderr  # the real import error is shown too
     done = _run([cli, "search", "a cat", "--uri", str(tmp_path / "g"), "--url", triton_server.grpc_url], env=_env(client_venv))
     assert done.returncode == 2 and "clip-triton-client[gallery]" in done.stderr and "Traceback" not in done.stderr
     # the protocols come with the plain install; the adapters name their extras
     probe = "from clip_client import MultimodalEmbeddingProvider; import clip_client.integrations.langchain"
     done = _run([str(client_venv / "bin" / "python"), "-c", probe], env=_env(client_venv), cwd=tmp_path)
     assert done.returncode != 0 and "clip-triton-client[langchain]" in done.stderr
+
+
+def test_gallery_extra_resolves_a_working_set_in_a_fresh_venv(triton_server, tmp_path):
+    """`pip install "./client[gallery]"` in a fresh venv: the numpy, pyarrow and faiss it resolves import together,
+    and index + search work from that install against the real server."""
+    venv = tmp_path / "venv"
+    assert _run([sys.executable, "-m", "venv", str(venv)]).returncode == 0
+    done = _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(ROOT / "client") + "[gallery]"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = "import numpy, pyarrow, faiss; print(numpy.__version__, pyarrow.__version__)"
+    done = _run([str(venv / "bin" / "python"), "-c", probe], env=_env(venv), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        Image.new("RGB", (64, 48), colour).save(photos / f"p{i}.png")
+    cli = str(venv / "bin" / "clip-triton")
+    done = _run([cli, "index", str(photos), "--uri", str(tmp_path / "g"), "--url", triton_server.grpc_url,
+                 "--no-progress"], env=_env(venv))
+    assert done.returncode == 0 and "3 added" in done.stdout, done.stderr[-3000:]
+    done = _run([cli, "search", "a red square", "--uri", str(tmp_path / "g"), "-k", "2", "--url",
+                 triton_server.grpc_url], env=_env(venv))
+    assert done.returncode == 0 and len(done.stdout.strip().splitlines()) == 2, done.stderr[-3000:]

@@ -168,14 +168,27 @@ class _FakeServer:
         return ["x"]
 
 
+class _RecordedWaits(threading.Event):
+    """A stop event whose waits return at once (never set) and are recorded: the supervisor's timing, without time."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        return self.is_set()
+
+
 def test_supervisor_gives_up_after_a_restart_storm():
     fake = _FakeServer()
-    sup = Supervisor(fake, check_interval=0.01, confirm_delay=0.01, max_restarts=3, window=60, backoff=0.01)
-    started = time.monotonic()
-    assert sup.run(threading.Event()) == 1
+    sup = Supervisor(fake, check_interval=0.001, confirm_delay=0.002, max_restarts=3, window=60, backoff=0.01)
+    stop = _RecordedWaits()
+    assert sup.run(stop) == 1
     assert sup.gave_up and fake.starts == 3 and len(sup.restarts) == 3
     assert not any(r["ok"] for r in sup.restarts)
-    assert time.monotonic() - started < 5  # backoff 0.01, 0.02: bounded
+    backoffs = [w for w in stop.waits if w not in (sup.check_interval, sup.confirm_delay)]
+    assert backoffs == [0.01, 0.02]  # none before the first restart, then doubling; the fourth failure gives up
 
 
 # ------------------------------------------------------------------------------------------------ SIGTERM drain
@@ -193,7 +206,8 @@ class TritonPythonModel:
         for r in requests:
             open(f"{self.marks}-{time.monotonic_ns()}", "w").close()  # the test waits for these, not a sleep
             time.sleep(2.0)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())]))
+            x = pb_utils.get_input_tensor_by_name(r, "X").as_numpy()
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", x)]))
         return out
 """
 
@@ -224,7 +238,7 @@ def test_sigterm_under_load_drains_in_flight_requests(tmp_path):
         lines = read_until_ready(proc)
         out = "".join(lines)
         assert "Ctrl-C to stop" in out, out + proc.stderr.read()
-        assert sum(l.startswith("admin key: ") for l in lines) == 1  # generated key, printed once
+        assert sum(line.startswith("admin key: ") for line in lines) == 1  # generated key, printed once
 
         results: dict[int, object] = {}
 

@@ -55,7 +55,7 @@ def _index(server, capsys, image_dir, uri, *extra, protocol="grpc"):
 def test_index_search_roundtrip(triton_server, image_dir, tmp_path, capsys, protocol):
     uri = tmp_path / "gallery"
     rc, cap = _index(triton_server, capsys, image_dir, uri, "--tag", "holiday", protocol=protocol)
-    assert rc == 0  # bad files are skipped and listed, not fatal
+    assert rc == 1  # bad files are skipped and listed, not fatal: exit status 1 (the client commands' one rule)
     assert "broken.jpg" in cap.err and "truncated.png" in cap.err
     assert "10 added" in cap.out and "2 skipped," in cap.out and "10 images in the gallery" in cap.out
 
@@ -96,7 +96,11 @@ def test_index_search_roundtrip(triton_server, image_dir, tmp_path, capsys, prot
     assert rc == 0 and sorted(h["path"].rsplit("/", 1)[1] for h in json.loads(cap.out)) == ["img7.jpg", "img8.png", "img9.jpg"]
     rc = main(["search", "--like", target, "--uri", str(uri), "-k", "2"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert rc == 0 and len(lines) == 2 and lines[0].split()[0] == "1" and lines[0].endswith(target)
+    assert rc == 0 and len(lines) == 2 and lines[0].split()[0] == "1" and not any(l.endswith(target) for l in lines)
+    # a search that finds nothing says so
+    rc, cap = _cli(triton_server, capsys, "search", "a red car", "--uri", str(uri), "--filter", "width > 100000",
+                   protocol=protocol)
+    assert rc == 0 and cap.out.strip() == "no match"
 
 
 def test_incremental_duplicates_moves_changes_and_failures(triton_server, image_dir, tmp_path, capsys):
@@ -142,7 +146,7 @@ def test_incremental_duplicates_moves_changes_and_failures(triton_server, image_
     (image_dir / "moved" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n broken again")
     _index(triton_server, capsys, image_dir, uri)
     rc, cap = _index(triton_server, capsys, image_dir, uri, "--retry-failed")
-    assert rc == 0 and "1 skipped," in cap.out and "truncated.png" in cap.err
+    assert rc == 1 and "1 skipped," in cap.out and "truncated.png" in cap.err
 
 
 def test_moved_folder_and_prune(triton_server, image_dir, tmp_path, capsys):
@@ -192,7 +196,7 @@ def test_milvus_backend_through_the_cli(triton_server, image_dir, tmp_path, caps
     local, milvus = tmp_path / "g", str(tmp_path / "m.db") + "?collection=photos"
     for uri in (local, milvus):
         rc, cap = _index(triton_server, capsys, image_dir, uri)
-        assert rc == 0 and "10 added" in cap.out
+        assert rc == 1 and "10 added" in cap.out  # 1: two files skipped
     answers = []
     for uri in (local, milvus):
         rc, cap = _cli(triton_server, capsys, "search", "a red car", "--uri", str(uri), "-k", "5", "--json")
@@ -203,7 +207,7 @@ def test_milvus_backend_through_the_cli(triton_server, image_dir, tmp_path, caps
     cmd = [sys.executable, "-m", "clip_client.cli", "index", str(image_dir), "--uri", str(tmp_path / "cli.db"),
            "--no-progress", "--url", triton_server.grpc_url, "--optimize"]
     runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=300) for _ in range(2)]
-    assert [r.returncode for r in runs] == [0, 0], runs[-1].stderr[-2000:]
+    assert [r.returncode for r in runs] == [1, 0], runs[-1].stderr[-2000:]  # skipped in the first run only
     assert "10 added" in runs[0].stdout and "2 skipped," in runs[0].stdout
     out = runs[1]
     assert "10 unchanged" in out.stdout and "2 skipped earlier and unchanged" in out.stdout

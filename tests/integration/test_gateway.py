@@ -153,13 +153,20 @@ def _http(gateway, method: str, path: str, body: bytes | None = None, **headers:
         conn.close()
 
 
-def _refused_paths() -> list[tuple[str, str]]:
+FORBIDDEN = 403  # a /v2 path the edge does not serve: the gateway's own "forbidden at the gateway" answer
+NOT_FOUND = 404  # anything outside /v2: the gateway's own "not found"
+
+
+def _refused_paths() -> list[tuple[str, str, int]]:
+    """(method, path, the status the edge itself answers)."""
     paths = []
     for model in INTERNAL_MODELS:
-        paths += [("POST", f"/v2/models/{model}/infer"), ("GET", f"/v2/models/{model}"),
-                  ("GET", f"/v2/models/{model}/ready"), ("POST", f"/v2/models/{model}/versions/1/infer")]
+        for name in (model, f"siglip__{model}"):  # a further model's internal models (prefix N__) too
+            paths += [("POST", f"/v2/models/{name}/infer", FORBIDDEN), ("GET", f"/v2/models/{name}", FORBIDDEN),
+                      ("GET", f"/v2/models/{name}/ready", FORBIDDEN),
+                      ("POST", f"/v2/models/{name}/versions/1/infer", FORBIDDEN)]
     public = EncodeText.NAME
-    return paths + [
+    v2 = [
         ("GET", f"/v2/models/{public}/config"), ("GET", f"/v2/models/{public}/stats"), ("GET", "/v2/models/stats"),
         ("POST", "/v2/repository/index"), ("POST", f"/v2/repository/models/{public}/load"),
         ("POST", f"/v2/repository/models/{public}/unload"), ("GET", "/v2/systemsharedmemory/status"),
@@ -167,19 +174,26 @@ def _refused_paths() -> list[tuple[str, str]]:
         ("GET", "/v2/trace/setting"), ("GET", f"/v2/models/{public}/trace/setting"), ("GET", "/v2/logging"),
         ("POST", "/v2/logging"), ("POST", f"/v2/models/{public}/generate"),
         ("GET", f"/v2/models/{public}/../{INTERNAL_MODELS[0]}/ready"),  # normalised before routing
-        ("GET", f"/v2/models/{public.upper()}/ready"), ("GET", "/metrics"), ("GET", "/"),
+        ("GET", f"/v2/models/{public.upper()}/ready"), ("GET", f"/v2/models/Siglip__{public}/ready"),
+        ("GET", f"/v2/models/_x__{public}/ready"),  # not a valid prefix
     ]
+    return paths + [(m, p, FORBIDDEN) for m, p in v2] + [("GET", "/metrics", NOT_FOUND), ("GET", "/", NOT_FOUND)]
+
+
+EDGE_BODIES = {FORBIDDEN: {"error": f"forbidden at the gateway: only the models {', '.join(PUBLIC_MODELS)} "
+                                    "(optionally N__-prefixed) and server health are served"},
+               NOT_FOUND: {"error": "not found"}}
 
 
 def test_internal_models_and_admin_apis_refused_over_http(gateway, upstreams):
     before = _request_counts(upstreams)
-    for method, path in _refused_paths():
-        status, body = _http(gateway, method, path, b"{}" if method == "POST" else None)
-        assert status in (403, 404), (method, path, status, body)
-        assert b"gateway" in body or status == 404, (path, body)  # refused by the edge, not by Triton
-    # an escaped slash never becomes a path separator behind the edge
+    answers = [(m, p, *_http(gateway, m, p, b"{}" if m == "POST" else None)) for m, p, _ in _refused_paths()]
+    # each one answered by the edge itself (its exact status and body), none reached Triton
+    assert [(m, p, status, json.loads(body)) for m, p, status, body in answers] == \
+        [(m, p, status, EDGE_BODIES[status]) for m, p, status in _refused_paths()]
+    # an escaped slash never becomes a path separator behind the edge: Envoy rejects the request
     escaped = f"/v2/models/{EncodeText.NAME}%2F..%2F{INTERNAL_MODELS[0]}/ready"
-    assert _http(gateway, "GET", escaped)[0] in (400, 403, 404)
+    assert _http(gateway, "GET", escaped)[0] == 400
     assert _request_counts(upstreams) == before
 
 

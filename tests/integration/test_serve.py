@@ -77,7 +77,7 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path):
     proc = subprocess.Popen(_serve_cmd(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = read_until_ready(proc)
-        assert any("HTTP" in l for l in lines), "".join(lines) + proc.stderr.read()
+        assert any("HTTP" in line for line in lines), "".join(lines) + proc.stderr.read()
         children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert children, "tritonserver and its stub should be running"
         os.kill(proc.pid, signal.SIGTERM)
@@ -119,9 +119,8 @@ def test_sigterm_while_models_load_stops_at_once(tmp_path):
                 " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)):
             time.sleep(0.2)  # the slow model's stub is running its initialize()
         os.kill(proc.pid, signal.SIGTERM)
-        started = time.monotonic()
+        # the load alone takes 120 s: an exit within 60 s means serve did not wait for it (no timing threshold)
         assert proc.wait(60) == 0, log.read_text()
-        assert time.monotonic() - started < 45, "serve waited for the model to finish loading"
         assert "while starting" in log.read_text()
     finally:
         if proc.poll() is None:

@@ -4,6 +4,7 @@ text corpus, and the comparison helpers. Test code only (transformers is the ref
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -82,3 +83,20 @@ def top1(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     t = torch.nn.functional.normalize(text.double(), dim=-1)
     i = torch.nn.functional.normalize(image.double(), dim=-1)
     return (t @ i.T).argmax(dim=-1)
+
+
+def hf_tokenize(weights_dir: Path, texts=CORPUS, padding="longest"):
+    """HF tokenizer of the WEIGHTS_DIR -> (input_ids, attention_mask)."""
+    from transformers import AutoTokenizer
+
+    manifest = json.loads((weights_dir / "manifest.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(weights_dir / "tokenizer"))
+    enc = tok(texts, padding=padding, truncation=True, max_length=manifest["tokenizer"]["max_length"],
+              return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def random_pixels(weights_dir: Path, n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 3, S, S) standard-normal pixel values for a WEIGHTS_DIR's image size."""
+    s = json.loads((weights_dir / "manifest.json").read_text())["image"]["size"]
+    return torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(seed))

@@ -1,4 +1,5 @@
-"""Image preprocessing: pixel parity with transformers' CLIPImageProcessor, modes, EXIF, limits, .npy inputs."""
+"""Image preprocessing: pixel parity with transformers' CLIPImageProcessor, sizes, modes, EXIF (the rest of
+clip_runtime.image: tests/unit/test_image_load.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from clip_runtime.errors import InvalidInputError
 from clip_runtime.image import ImageConfig, ImagePreprocessor
-from clip_runtime.params import PARAMETERS, read_parameters
+from clip_runtime.params import PARAMETERS
+from tests.images import encode, photo
 
 TOL = 1 / 255  # the contract; in practice the values are bit-identical (same PIL resize, same float32 math)
 
@@ -29,22 +30,6 @@ def hf():
         return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop})
 
     return make
-
-
-def encode(image: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """Smooth gradients, an edge and noise: (h, w, 3) uint8."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w] / max(h, w)
-    img = np.stack([128 + 100 * np.sin(7 * x + 3 * y), 128 + 90 * np.cos(15 * x * y), 128 + 80 * np.sin(11 * x * y + 2)], -1)
-    img += rng.normal(0, 12, (h, w, 3))
-    img[h // 3 : h // 2, w // 4 : w // 2] = (250, 20, 20)
-    return img.clip(0, 255).astype(np.uint8)
 
 
 def reference(hf_proc, data: bytes) -> np.ndarray:
@@ -128,15 +113,6 @@ def test_rescale_and_normalize_flags_follow_the_manifest(do_rescale, do_normaliz
         assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
-def test_batch_normalise_equals_single_items():
-    pre = ImagePreprocessor()
-    items = [encode(Image.fromarray(photo(h, w, s)), "PNG") for s, (h, w) in enumerate([(300, 200), (224, 500), (64, 64)])]
-    batch = pre(items)
-    assert batch.shape == (3, 3, 224, 224)
-    for i, data in enumerate(items):
-        assert np.array_equal(batch[i], pre([data])[0])
-
-
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P_transparent", "P", "L", "1", "CMYK"])
 def test_modes_match_transformers_convert_to_rgb(hf, mode):
     rgb = photo(120, 160)
@@ -185,81 +161,19 @@ def test_exif_orientation_applied(hf, orientation):
     assert upright.size == ((90, 160) if orientation in (6, 8) else (160, 90))
 
 
-def test_npy_input_matches_png(hf):
-    rgb = photo(150, 260)
-    buf = io.BytesIO()
-    np.save(buf, rgb)
-    pre = ImagePreprocessor()
-    assert np.array_equal(pre([buf.getvalue()])[0], pre([encode(Image.fromarray(rgb), "PNG")])[0])
 
 
-@pytest.mark.parametrize("array,match", [
-    (np.zeros((10, 10, 3), np.float32), "uint8"),
-    (np.zeros((10, 10), np.uint8), r"\(H, W, 3\)"),
-    (np.zeros((10, 10, 4), np.uint8), r"\(H, W, 3\)"),
-    (np.zeros((0, 10, 3), np.uint8), "empty"),
-    (np.array([{"a": 1}], dtype=object), "uint8"),
-])
-def test_npy_rejected(array, match):
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=True)
-    with pytest.raises(InvalidInputError, match=match):
-        ImagePreprocessor().load(buf.getvalue())
 
 
-def test_npy_pixel_limit_checked_from_header():
-    buf = io.BytesIO()
-    np.save(buf, np.zeros((100, 100, 3), np.uint8))
-    with pytest.raises(InvalidInputError, match="pixels"):
-        ImagePreprocessor(ImageConfig(max_pixels=5000)).load(buf.getvalue())
 
 
-def test_decompression_bomb_refused_before_decode():
-    data = encode(Image.new("L", (6000, 6000)), "PNG")  # tiny file, 36 Mpx
-    pre = ImagePreprocessor(ImageConfig(max_pixels=10_000_000))
-    with pytest.raises(InvalidInputError, match="pixels"):
-        pre.load(data)
 
 
-@pytest.mark.parametrize("data,match", [
-    (b"", "empty"),
-    (b"definitely not an image", "not a decodable image"),
-    (encode(Image.new("RGB", (50, 50)), "PNG")[:60], "decode|header|truncated|not a decodable"),
-    (encode(Image.new("RGB", (64, 64)), "JPEG")[:300], "decode|truncated|Truncated"),
-])
-def test_bad_bytes_raise_invalid_input(data, match):
-    with pytest.raises(InvalidInputError, match=match):
-        ImagePreprocessor().load(data)
 
 
-def test_allowed_formats_restrict_decoders():
-    pre = ImagePreprocessor(ImageConfig(allowed_formats=("PNG",)))
-    pre.load(encode(Image.new("RGB", (40, 40)), "PNG"))
-    with pytest.raises(InvalidInputError, match="allowed formats: PNG"):
-        pre.load(encode(Image.new("RGB", (40, 40)), "JPEG"))
 
 
-def test_max_image_bytes():
-    with pytest.raises(InvalidInputError, match="bytes"):
-        ImagePreprocessor(ImageConfig(max_image_bytes=100)).load(encode(Image.fromarray(photo(64, 64)), "PNG"))
 
 
-def test_load_many_returns_errors_in_place():
-    from concurrent.futures import ThreadPoolExecutor
-
-    good = encode(Image.fromarray(photo(50, 70)), "PNG")
-    with ThreadPoolExecutor(2) as pool:
-        out = ImagePreprocessor().load_many([good, b"junk", good], pool)
-    assert isinstance(out[1], InvalidInputError)
-    assert np.array_equal(out[0], out[2]) and out[0].shape == (224, 224, 3)
 
 
-def test_parameters_roundtrip_into_config():
-    config = {"parameters": {"image_size": {"string_value": "336"}, "image_mean": {"string_value": "0.5,0.5,0.5"},
-                             "do_center_crop": {"string_value": "false"}, "allowed_formats": {"string_value": "PNG, JPEG"}}}
-    p = read_parameters(config, ["image_size", "crop_size", "image_mean", "do_center_crop", "allowed_formats",
-                                 "image_std", "resize_mode", "resample", "rescale_factor", "max_image_bytes",
-                                 "max_pixels", "jpeg_draft_gap"])
-    cfg = ImageConfig.from_parameters(p)
-    assert cfg.image_size == 336 and cfg.crop_size == 224 and cfg.mean == (0.5, 0.5, 0.5)
-    assert cfg.do_center_crop is False and cfg.allowed_formats == ("PNG", "JPEG") and cfg.output_size == 336

@@ -1,43 +1,33 @@
-"""Golden parity of our encoders (eager and TorchScript model.pt) against transformers, for every family."""
+"""Golden parity of our encoders (eager and TorchScript model.pt) against transformers, for every family (our
+encoders against themselves: tests/integration/test_encoders.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tests.parity.parity_results import PARITY
 from safetensors.torch import save_file
 
 from clip_build.convert import convert
 from clip_build.export import build_image_encoder, build_text_encoder, export_torchscript
-from tests.parity.reference import (CORPUS, cosine_min, hf_image_features, hf_text_features, ragged_rows_of,
-                                    token_rows, top1)
-from clip_runtime.text import TextTokenizer
 from clip_build.synthetic import minilm_dir
+from tests.parity.parity_results import PARITY
+from tests.parity.reference import (
+    CORPUS,
+    cosine_min,
+    hf_image_features,
+    hf_text_features,
+    hf_tokenize,
+    ragged_rows_of,
+    random_pixels,
+    token_rows,
+    top1,
+)
 
 MIN_COS = 0.99999
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.* deprecation notices
-
-
-def _tokenize(weights_dir: Path, texts=CORPUS, padding="longest"):
-    """HF tokenizer of the WEIGHTS_DIR -> (input_ids, attention_mask)."""
-    from transformers import AutoTokenizer
-
-    manifest = json.loads((weights_dir / "manifest.json").read_text())
-    tok = AutoTokenizer.from_pretrained(str(weights_dir / "tokenizer"))
-    enc = tok(texts, padding=padding, truncation=True, max_length=manifest["tokenizer"]["max_length"],
-              return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
-
-
-def _pixels(weights_dir: Path, n: int, seed: int = 0) -> torch.Tensor:
-    s = json.loads((weights_dir / "manifest.json").read_text())["image"]["size"]
-    return torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +45,8 @@ def bert_vit_with_projection(tmp_path_factory, checkpoints):
 
 def _check_family(family, weights_dir, text_src, vision_src, projection, tmp_path, n_images=6, texts=CORPUS, label=None):
     """Compare eager + TorchScript text and image embeddings with transformers; record min cosines."""
-    ids, mask = _tokenize(weights_dir, texts)
-    px = _pixels(weights_dir, n_images)
+    ids, mask = hf_tokenize(weights_dir, texts)
+    px = random_pixels(weights_dir, n_images)
     ref_t = hf_text_features(family, text_src, ids, mask, projection)
     ref_i = hf_image_features(vision_src, px, "chinese_clip" if family == "chinese_clip" else "clip")
     te, ie = build_text_encoder(weights_dir), build_image_encoder(weights_dir)
@@ -100,7 +90,6 @@ def test_chinese_clip_images_end_to_end(weights, checkpoints):
     -> ChineseCLIPModel.get_image_features, on non-square images."""
     import io
 
-    import numpy as np
     import transformers
     from PIL import Image
 
@@ -161,68 +150,7 @@ def test_parity_clip_vit_b32(weights, checkpoints, tmp_path):
                   n_images=2, texts=["a photo of a cat", "a diagram", "", "word " * 100], label="clip ViT-B/32")
 
 
-@pytest.mark.parametrize("family", ["clip", "chinese_clip", "bert_vit"])
-def test_padding_to_the_batch_longest_equals_padding_to_max_length(weights, family):
-    """Rows of different lengths in one ragged batch (each request padded to its own longest, the encoder padding
-    the batch to its longest row) give the same embeddings as every text padded to max_length, and as each alone."""
-    w = weights(family)
-    manifest = json.loads((w / "manifest.json").read_text())
-    t = manifest["tokenizer"]
-    texts = ["a photo of a cat", "short", "", "a somewhat longer sentence with more words in it"]
-    tok = TextTokenizer(w / "tokenizer" / "tokenizer.json", t["max_length"], t["pad_token_id"])
-    requests = [tok.encode_batch(texts[:2]), tok.encode_batch(texts[2:3]), tok.encode_batch(texts[3:])]
-    assert len({r.ids.shape[1] for r in requests}) == 3  # three widths in one batch
-    flat = torch.cat([torch.from_numpy(r.ids).reshape(-1) for r in requests])  # as Triton hands a ragged input over
-    lengths, widths = (torch.from_numpy(np.concatenate([getattr(r, n) for r in requests])) for n in ("lengths", "widths"))
-    full_ids, full_mask = _tokenize(w, texts, padding="max_length")
-    assert full_ids.shape[1] == t["max_length"]
-    enc = build_text_encoder(w)
-    with torch.no_grad():
-        batch = enc(flat, lengths, widths)
-        full = enc(*token_rows(full_ids, full_mask))
-        alone = torch.cat([enc(*map(torch.from_numpy, tok.encode_batch([text]))) for text in texts])
-    for other in (full, alone):
-        assert torch.allclose(batch, other, atol=1e-5, rtol=1e-4)
-        assert cosine_min(batch, other) >= 0.999999
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_reduced_precision_casts_inside(weights, dtype, tmp_path):
-    """fp16/bf16 builds take fp32 pixels / int64 ids and return fp32, close to the fp32 build."""
-    w = weights("clip")
-    px = _pixels(w, 3)
-    ids, mask = _tokenize(w, CORPUS[:4])
-    ie, te = build_image_encoder(w, dtype), build_text_encoder(w, dtype)
-    assert ie.visual_projection.weight.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    export_torchscript(ie, tmp_path / "image.pt")
-    ts = torch.jit.load(str(tmp_path / "image.pt"))
-    with torch.no_grad():
-        ref_i, ref_t = build_image_encoder(w)(px), build_text_encoder(w)(*token_rows(ids, mask))
-        got_i, got_t, got_ts = ie(px), te(*token_rows(ids, mask)), ts(px)
-    for got, ref in ((got_i, ref_i), (got_t, ref_t), (got_ts, ref_i)):
-        assert got.dtype == torch.float32
-        assert cosine_min(ref, got) >= 0.999
 
 
-def test_torchscript_loads_without_project(weights, tmp_path):
-    """model.pt runs in a fresh interpreter that imports only torch, with dynamic batch and sequence length."""
-    w = weights("clip")
-    export_torchscript(build_text_encoder(w), tmp_path / "text.pt")
-    export_torchscript(build_image_encoder(w), tmp_path / "image.pt")
-    code = (
-        "import sys, torch\n"
-        f"t = torch.jit.load({str(tmp_path / 'text.pt')!r}); i = torch.jit.load({str(tmp_path / 'image.pt')!r})\n"
-        "for b, l in ((1, 5), (3, 16), (2, 77)):\n"
-        "    ids = torch.randint(0, 49406, (b * l,)); rows = torch.full((b, 1), l)\n"
-        "    assert t(ids, rows, rows).shape == (b, 24)\n"
-        "for b in (1, 4):\n"
-        "    assert i(torch.randn(b, 3, 32, 32)).shape == (b, 24)\n"
-        "assert t.forward.schema.arguments[1].name == 'input_ids', t.forward.schema\n"
-        "assert [a.name for a in t.forward.schema.arguments[2:]] == ['lengths', 'widths']\n"
-        "assert i.forward.schema.arguments[1].name == 'pixel_values'\n"
-        "assert not any(m.startswith(('clip_build', 'transformers')) for m in sys.modules)\n"
-        "print('ok')\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "ok"

@@ -12,8 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from clip_client import CLIPClient, InvalidInputError, ServerUnavailableError
-from clip_client import _core, ops
+from clip_client import CLIPClient, InvalidInputError, ModelNotFoundError, ServerUnavailableError, _core, ops
 from clip_client.errors import ServerError, ServerTimeoutError
 from clip_client.gallery import encode_tolerant, iter_image_files
 from clip_client.inputs import (
@@ -309,23 +308,22 @@ def _fallback_clients(configs: dict, probe_scale: float = 2.5):
     answer = {"text_embeds": t, "image_embeds": i, "logits_per_text": np.array([[np.exp(probe_scale) / np.sqrt(2)]])}
     calls: list = []
 
-    def infer(model, inputs, outputs):
-        calls.append(model)
-        assert model == "zero_shot" and set(inputs) == {"text", "image"}
-        return answer
+    def request(req):
+        if req.model == "clip_info":
+            raise ModelNotFoundError("infer clip_info: not found")
+        calls.append(req.model)
+        assert req.model == "zero_shot" and set(req.inputs) == {"text", "image"}
+        return req.check(answer, "grpc://127.0.0.1:1")
 
-    async def ainfer(model, inputs, outputs):
-        return infer(model, inputs, outputs)
+    async def arequest(req):
+        return request(req)
 
     async def aconfig(name):
         return configs.get(name)
 
-    async def anone():
-        return None
-
     sync, aio = CLIPClient("127.0.0.1:1"), AsyncCLIPClient("127.0.0.1:1")
-    sync._clip_info, sync._model_config, sync._infer = (lambda: None), configs.get, infer
-    aio._clip_info, aio._model_config, aio._infer = anone, aconfig, ainfer
+    sync._request, sync._model_config = request, configs.get
+    aio._request, aio._model_config = arequest, aconfig
     return sync, aio, calls
 
 
@@ -345,51 +343,51 @@ def test_model_info_config_fallback_same_in_both_clients(params):
         asyncio.run(aio.get_model_info())
 
 
-def test_error_mapping():
+def test_error_mapping_is_by_status_alone():
+    """The same words under different statuses map differently; different words under one status map the same."""
     from tritonclient.utils import InferenceServerException as E
 
-    assert isinstance(_core.map_error(E("bad image", "StatusCode.INVALID_ARGUMENT"), "x"), InvalidInputError)
-    assert str(_core.map_error(E("bad image: not a JPEG", "400"), "x")) == "bad image: not a JPEG"
-    assert isinstance(_core.map_error(E("down", "StatusCode.UNAVAILABLE"), "x"), ServerUnavailableError)
-    assert isinstance(_core.map_error(ConnectionRefusedError(111, "refused"), "x"), ServerUnavailableError)
-    assert isinstance(_core.map_error(E("slow", "StatusCode.DEADLINE_EXCEEDED"), "x"), ServerTimeoutError)
-    assert isinstance(_core.map_error(TimeoutError(), "x"), ServerTimeoutError)
-    # per-item rejections reported as INTERNAL by the Python models are still input errors, message verbatim
-    msg = "in ensemble 'encode_image', image 1: not a decodable image"
-    for status in ("StatusCode.INTERNAL", "500"):
-        err = _core.map_error(E(msg, status), "x")
-        assert isinstance(err, InvalidInputError) and str(err) == msg
-    assert type(_core.map_error(E("image 0: internal error while preprocessing (KeyError)", "500"), "x")) is ServerError
-    internal = _core.map_error(E("boom", "StatusCode.INTERNAL"), "x")
-    assert type(internal) is ServerError and "boom" in str(internal)
-    assert _core.retryable(ServerUnavailableError("x"))
-    assert not _core.retryable(InvalidInputError("x")) and not _core.retryable(ServerTimeoutError("x"))
+    from clip_client import ModelNotFoundError, RateLimitedError, _status
+
+    table = {"StatusCode.UNAVAILABLE": ServerUnavailableError, "503": ServerUnavailableError,
+             "StatusCode.CANCELLED": ServerUnavailableError, "429": RateLimitedError,
+             "StatusCode.INVALID_ARGUMENT": InvalidInputError, "400": InvalidInputError, "413": InvalidInputError,
+             "StatusCode.RESOURCE_EXHAUSTED": InvalidInputError, "StatusCode.NOT_FOUND": ModelNotFoundError,
+             "404": ModelNotFoundError, "StatusCode.DEADLINE_EXCEEDED": ServerTimeoutError,
+             "504": ServerTimeoutError, "StatusCode.INTERNAL": ServerError, "500": ServerError, "403": ServerError}
+    for words in ("rate limited", "has no available versions", "stub process is not healthy", "image 1: bad", "x"):
+        for status, kind in table.items():
+            err = _status.map_error(E(words, status), "infer m", "grpc://h:1")
+            assert type(err) is kind, (words, status, err)
+            assert err.status == status and err.url == "grpc://h:1"
+    assert str(_status.map_error(E("bad image: not a JPEG", "400"), "x")) == "bad image: not a JPEG"  # verbatim
+    assert isinstance(_status.map_error(ConnectionRefusedError(111, "refused"), "x"), ServerUnavailableError)
+    assert isinstance(_status.map_error(TimeoutError(), "x"), ServerTimeoutError)
+    # a model that answered before and now is NOT_FOUND is unloading (a restart): retried
+    assert isinstance(_status.map_error(E("gone", "404"), "x", known_model=True), ServerUnavailableError)
 
 
-def test_a_restarting_server_is_retryable():
-    """What a supervised restart answers (models unloading, calls cancelled, queues full or timed out): retried; an
-    unknown model and invalid input are not."""
-    from tritonclient.utils import InferenceServerException as E
+def test_retry_policy_by_type_and_attempt():
+    from clip_client import RateLimitedError, _status
 
-    transient = [E("Request for unknown model: 'encode_text' has no available versions", "StatusCode.NOT_FOUND"),
-                 E("Request for unknown model: 'encode_text' has no available versions", "404"),
-                 E("'preprocess_text' version 1 is not at ready state", "503"),
-                 E("CANCELLED", "StatusCode.CANCELLED"),
-                 E("Request timeout expired", "StatusCode.UNAVAILABLE"),
-                 E("[request id: <id_unknown>] Exceeds maximum queue size", "503")]
-    for exc in transient:
-        assert _core.retryable(_core.map_error(exc, "infer encode_text")), exc
-    final = [E("Request for unknown model: 'clip_info' is not found", "StatusCode.NOT_FOUND"),
-             E("image 0: has no available versions", "StatusCode.INVALID_ARGUMENT")]
-    for exc in final:
-        assert not _core.retryable(_core.map_error(exc, "infer")), exc
+    assert _status.retryable(ServerUnavailableError("x")) and _status.retryable(RateLimitedError("x"))
+    assert not _status.retryable(InvalidInputError("x")) and not _status.retryable(ServerTimeoutError("x"))
+    internal = ServerError("x")
+    internal.status = "StatusCode.INTERNAL"  # a crashed stub answers INTERNAL until the server is restarted
+    assert _status.retryable(internal)
+    other = ServerError("x")
+    other.status = "StatusCode.UNIMPLEMENTED"
+    assert not _status.retryable(other)
 
 
-def test_every_infer_sends_the_client_timeout_as_the_request_timeout():
-    for protocol in ("grpc", "http"):
-        options = CLIPClient("127.0.0.1:1", protocol=protocol, timeout=2.5)._infer_options()
-        assert options["timeout"] == 2_500_000  # microseconds: the server's queue policy drops it after that
-        assert options.get("client_timeout") == (2.5 if protocol == "grpc" else None)
+def test_backoff_draws_half_jitter(monkeypatch):
+    """backoff_delay is uniform(0.5, 1) x min(cap, base * 2**attempt), as its docstring says."""
+    from clip_client import _status
+
+    draws = []
+    monkeypatch.setattr("random.uniform", lambda a, b: draws.append((a, b)) or b)
+    assert [_status.backoff_delay(k, 0.5) for k in range(6)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0]
+    assert set(draws) == {(0.5, 1.0)} and "uniform(0.5, 1)" in _status.backoff_delay.__doc__
 
 
 def _closed_port() -> int:
@@ -537,10 +535,13 @@ class _StubTextClient(CLIPClient):
         super().__init__("127.0.0.1:1", **options)
         self.encoded: list[str] = []
 
-    def encode_text(self, texts, normalize=True, **_kw):
+        self._info = _core.ModelInfo("m", 8, 1.0, 64, 64)
+
+    def _request(self, request):  # encode_text only: each text's embedding a deterministic function of it
+        texts = [t.decode() for t in request.inputs["text"].reshape(-1)]
         self.encoded.extend(texts)
         out = np.stack([np.random.default_rng(list(t.encode())).normal(size=8) for t in texts]).astype(np.float32)
-        return ops.l2_normalize(out) if normalize else out
+        return request.check({"text_embeds": out}, self.url)
 
 
 def test_prompt_cache_smaller_than_the_prompts():
@@ -693,3 +694,71 @@ def test_cli_search_without_server_fails_cleanly(tmp_path, capsys):
 
     rc = main(["search", "--gallery", str(tmp_path / "g.parquet")])
     assert rc == 2 and "exactly one" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("k", [1.5, 2.0, True, np.bool_(True), "2", 0, -1, None])
+def test_top_k_must_be_a_positive_int(k):
+    scores = RNG.normal(size=(2, 5)).astype(np.float32)
+    with pytest.raises(InvalidInputError, match="top_k"):
+        ops.topk_indices(scores, k)
+    client = CLIPClient("127.0.0.1:1")  # refused before any request
+    emb = ops.l2_normalize(RNG.normal(size=(3, 8)).astype(np.float32))
+    with pytest.raises(InvalidInputError, match="top_k"):
+        client.find_best_matches(emb, emb, top_k=k)
+
+
+def test_top_k_takes_any_integer_type():
+    scores = np.array([[0.1, 0.9, 0.5]], np.float32)
+    assert ops.topk_indices(scores, np.int64(2)).tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_embeddings_are_refused(bad):
+    a = RNG.normal(size=(3, 8)).astype(np.float32)
+    b = a.copy()
+    b[1, 2] = bad
+    with pytest.raises(InvalidInputError, match="not finite"):
+        ops.similarity(a, b)
+    client = CLIPClient("127.0.0.1:1")
+    with pytest.raises(InvalidInputError, match="not finite"):
+        client.find_best_matches(b, a, top_k=1)
+
+
+def test_zero_norm_embeddings_are_refused():
+    a = RNG.normal(size=(3, 8)).astype(np.float32)
+    b = a.copy()
+    b[0] = 0.0
+    with pytest.raises(InvalidInputError, match="zero-norm"):
+        ops.similarity(a, b)
+
+
+@pytest.mark.parametrize("text", ["a \ud800 lone surrogate", "\udfff"])
+def test_texts_that_are_not_valid_unicode_are_invalid_input(text):
+    from clip_client.inputs import encode_texts
+
+    with pytest.raises(InvalidInputError, match="not valid Unicode"):
+        list(encode_texts([text]))
+    with pytest.raises(InvalidInputError, match="not valid Unicode"):
+        list(encode_texts(text))
+    client = CLIPClient("127.0.0.1:1")
+    with pytest.raises(InvalidInputError):
+        client.class_embeddings(["cat"], [text + " {}"])
+
+
+def test_sigmoid_scoring_uses_logit_bias():
+    from clip_client._results import classify_result, ranked_labels
+
+    img = ops.l2_normalize(RNG.normal(size=(2, 8)).astype(np.float32))
+    cls = ops.l2_normalize(RNG.normal(size=(3, 8)).astype(np.float32))
+    info = _core.ModelInfo("m", 8, np.log(10.0), 8, 8, scoring="sigmoid", logit_bias=-2.0)
+    _, probs = classify_result(img, cls, info, True)
+    want = 1 / (1 + np.exp(-(10.0 * (img @ cls.T) - 2.0)))
+    np.testing.assert_allclose(probs, want, rtol=1e-5)
+    rows = ranked_labels(img, cls, ["a", "b", "c"], info, None)
+    assert [x["score"] for x in rows[0]] == pytest.approx(sorted(want[0], reverse=True), rel=1e-5)
+    softmax = _core.ModelInfo("m", 8, np.log(10.0), 8, 8)
+    _, p = classify_result(img, cls, softmax, True)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)

@@ -88,7 +88,8 @@ def test_preprocess_text_rows_lengths_and_widths(pb, manifest, tokenizer_json, t
                 _bytes_req("TEXT", [long.encode()] * 2)]
     out = model.execute(requests)
     assert out[1].error.message.startswith("text 1: ")
-    assert set(out[0].outputs) == {PT.INPUT_IDS, PT.LENGTHS}  # the widths come from Triton (BATCH_ITEM_SHAPE)
+    # the widths come from Triton (BATCH_ITEM_SHAPE); TOKEN_COUNTS and MODEL_ID go to encode_text's answer
+    assert set(out[0].outputs) == {PT.INPUT_IDS, PT.LENGTHS, PT.TOKEN_COUNTS, PT.MODEL_ID}
     (ids0, len0), (ids2, len2) = ([out[r].outputs[n] for n in (PT.INPUT_IDS, PT.LENGTHS)] for r in (0, 2))
     assert ids0.dtype == len0.dtype == np.int64
     assert len0.tolist() == [[4]] and len2.tolist() == [[14], [14]]  # [CLS] a cat [SEP]; the long one

@@ -1,4 +1,8 @@
-"""CLIP text transformer: token + position embeddings, causal pre-LN blocks, final LN, EOT pooling."""
+"""CLIP-style text transformer: token + position embeddings, pre-LN blocks (causal or not), final LN, pooling.
+
+Pooling: "argmax" (the highest id: OpenAI's EOT), "eos" (first eos_token_id), "last" (last position: SigLIP, whose
+rows are padded to the context length) or "first". HF CLIP configs pool as transformers does (eos_token_id == 2: argmax).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,20 @@ from torch import Tensor, nn
 from .layers import PreLNBlock, additive_mask, clean_tokens
 
 
+POOLS = ("argmax", "eos", "last", "first")
+
+
 class ClipTextTransformer(nn.Module):
-    """Returns the pooled (B, C) hidden state at the EOT token, as HF CLIPTextTransformer's pooler_output."""
+    """Returns the pooled (B, C) hidden state (CLIP: at the EOT token, as HF CLIPTextTransformer's pooler_output)."""
 
     def __init__(self, vocab: int, max_positions: int, hidden: int, layers: int, heads: int, intermediate: int,
-                 act: str, eps: float, eos_token_id: int):
+                 act: str, eps: float, eos_token_id: int, causal: bool = True, pool: str = ""):
         super().__init__()
+        pool = pool or ("argmax" if eos_token_id == 2 else "eos")
+        if pool not in POOLS:
+            raise ValueError(f"unsupported text pooling {pool!r}; supported: {POOLS}")
+        self.causal = causal
+        self.pool = pool
         self.token_embedding = nn.Embedding(vocab, hidden)
         self.position_embedding = nn.Embedding(max_positions, hidden)
         self.layers = nn.ModuleList([PreLNBlock(hidden, heads, intermediate, act, eps) for _ in range(layers)])
@@ -29,20 +41,27 @@ class ClipTextTransformer(nn.Module):
         """Build from an HF CLIPTextConfig dict."""
         return cls(cfg["vocab_size"], cfg["max_position_embeddings"], cfg["hidden_size"], cfg["num_hidden_layers"],
                    cfg["num_attention_heads"], cfg["intermediate_size"], cfg.get("hidden_act", "quick_gelu"),
-                   cfg.get("layer_norm_eps", 1e-5), int(cfg.get("eos_token_id", 2)))
+                   cfg.get("layer_norm_eps", 1e-5), int(cfg.get("eos_token_id", 2)), bool(cfg.get("causal", True)),
+                   str(cfg.get("pool", "")))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         input_ids, attention_mask = clean_tokens(input_ids, attention_mask, self.vocab, self.max_positions)
         B, T = input_ids.shape
         pos = torch.arange(T, device=input_ids.device)  # (T,)
         x = self.token_embedding(input_ids) + self.position_embedding(pos)  # (B, T, C)
-        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device)  # (T, T)
+        if self.causal:
+            causal = causal.tril()
         keep = causal.view(1, 1, T, T) & (attention_mask != 0).view(B, 1, 1, T)  # (B, 1, T, T)
         mask = additive_mask(keep, x.dtype)  # (B, 1, T, T)
         for layer in self.layers:
             x = layer(x, mask)
         x = self.final_ln(x)  # (B, T, C)
-        if self.eos_token_id == 2:  # legacy configs: the EOT token has the largest id
+        if self.pool == "last":  # the row's last position (rows padded to the context length: SigLIP)
+            return x[:, -1]  # (B, C)
+        if self.pool == "first":
+            return x[:, 0]  # (B, C)
+        if self.pool == "argmax":  # legacy configs / OpenAI BPE: the EOT token has the largest id
             eot = input_ids.to(torch.int32).argmax(dim=-1)  # (B,)
         else:  # first occurrence of eos_token_id
             eot = (input_ids == self.eos_token_id).to(torch.int32).argmax(dim=-1)  # (B,)

@@ -46,9 +46,9 @@ def require(module: str, extra: str, what: str) -> Any:
 
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except ImportError as e:  # the real reason too: a package that is there but fails to import says why
         raise MissingExtraError(f"{what} needs {module.split('.')[0]}: pip install 'clip-triton-client[{extra}]' "
-                                "(the full clip-triton install has it)") from None
+                                f"(the full clip-triton install has it) ({type(e).__name__}: {e})") from None
 
 
 @dataclass(frozen=True)
@@ -270,8 +270,19 @@ class Gallery(ABC):
         """The stored (normalised) embeddings of rows `ids`, in that order -> (len(ids), dim)."""
 
     @abstractmethod
-    def search(self, queries: np.ndarray, k: int = 10, filter: str | None = None) -> list[list[Hit]]:
-        """The k rows most similar to each query row (cosine), best first: one list of hits per query."""
+    def search(self, queries: np.ndarray, k: int = 10, filter: str | None = None,
+               exact: bool = False) -> list[list[Hit]]:
+        """The k rows most similar to each query row (cosine), best first: one list of hits per query. exact=True
+        scores every row (no approximate index): slower, for checking recall or when it must be exact."""
+
+    def info(self) -> dict:
+        """What the gallery holds and how it searches (index, its parameters, the measured recall when known)."""
+        return {"rows": len(self), "dim": self.dim, "model_id": self.model_id}
+
+    def tune(self, queries: np.ndarray | None = None, target_recall: float = 0.95, k: int = 10) -> dict:
+        """Measure recall@k against exact search on a sample of queries and store the cheapest search parameters
+        that reach target_recall (the operating point); returns it."""
+        raise InvalidInputError(f"{type(self).__name__} has no tunable operating point")
 
     # ------------------------------------------------------------------------------------------ failures
     @abstractmethod
@@ -298,22 +309,24 @@ class Gallery(ABC):
                 found.setdefault(r["path"], []).append(int(r["id"]))
         return found
 
-    def similar(self, path: str, k: int = 10, filter: str | None = None) -> list[Hit]:
+    def similar(self, path: str, k: int = 10, filter: str | None = None, exact: bool = False) -> list[Hit]:
         """Rows most similar to the stored embedding of `path` (an indexed image), best first (itself included)."""
         ids = self.find([path]).get(path)
         if not ids:
             raise InvalidInputError(f"{path!r} is not in the gallery")
-        return self.search(self.embeddings(ids[:1]), k, filter)[0]
+        return self.search(self.embeddings(ids[:1]), k, filter, exact=exact)[0]
 
-    def search_text(self, client: Any, texts: str | Sequence[str], k: int = 10, filter: str | None = None) -> list[list[Hit]]:
+    def search_text(self, client: Any, texts: str | Sequence[str], k: int = 10, filter: str | None = None,
+                    exact: bool = False) -> list[list[Hit]]:
         """Embed texts with a CLIPClient (same model as the gallery, checked) and search: one list per text."""
         self.check_identity(client.get_model_info())
-        return self.search(client.encode_text(texts), k, filter)
+        return self.search(client.encode_text(texts), k, filter, exact=exact)
 
-    def search_image(self, client: Any, images: Any, k: int = 10, filter: str | None = None) -> list[list[Hit]]:
+    def search_image(self, client: Any, images: Any, k: int = 10, filter: str | None = None,
+                     exact: bool = False) -> list[list[Hit]]:
         """Embed images (paths, bytes, PIL images, arrays) with a CLIPClient and search: one list per image."""
         self.check_identity(client.get_model_info())
-        return self.search(client.encode_image(images), k, filter)
+        return self.search(client.encode_image(images), k, filter, exact=exact)
 
 
 def check_k(k: int) -> int:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli import add_connection_arguments, connect
+from ..cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, add_connection_arguments, connect
 from ..errors import CLIPClientError, InvalidInputError
 from .base import Gallery
 from .indexing import index_folder
@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--filter", help='e.g. \'size > 100000 and array_contains(tags, "cat")\' (README: filters)')
         parser.add_argument("-k", "--top-k", type=int, default=10, help="results to show (default 10)")
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        parser.add_argument("--exact", action="store_true", help="score every image (no approximate index)")
     add_connection_arguments(parser)
 
 
@@ -58,7 +59,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def run(args: argparse.Namespace, command: str) -> int:
-    """Run one command; 0 on success (also when some files were skipped: they are listed), 2 on errors."""
+    """Run one command; the exit status follows cli.EXIT_STATUS (index: 1 when some files were skipped)."""
     try:
         if command == "search" and args.like is not None:
             return _run_like(args)
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace, command: str) -> int:
             return {"index": _run_index, "search": _run_search}[command](client, args)
     except CLIPClientError as e:
         print(f"clip-triton {command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 def _run_index(client: Any, args: argparse.Namespace) -> int:
@@ -85,12 +86,14 @@ def _run_index(client: Any, args: argparse.Namespace) -> int:
     for path, reason in report.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{args.uri}: {report.summary()}")
-    return 0
+    return EXIT_SOME_FAILED if report.skipped else EXIT_OK
 
 
 def _print_hits(hits: list, as_json: bool) -> None:
     if as_json:
         print(json.dumps([{"rank": r + 1, **h.to_dict()} for r, h in enumerate(hits)], indent=2))
+    elif not hits:
+        print("no match")
     else:
         for r, h in enumerate(hits):
             print(f"{r + 1:>3}  {h.score:.4f}  {h.path}")
@@ -101,9 +104,9 @@ def _run_search(client: Any, args: argparse.Namespace) -> int:
         raise InvalidInputError("give a text query, --image PATH or --like PATH (exactly one)")
     with Gallery.open(args.uri) as gallery:
         if args.query is not None:
-            hits = gallery.search_text(client, args.query, k=args.top_k, filter=args.filter)[0]
+            hits = gallery.search_text(client, args.query, k=args.top_k, filter=args.filter, exact=args.exact)[0]
         else:
-            hits = gallery.search_image(client, args.image, k=args.top_k, filter=args.filter)[0]
+            hits = gallery.search_image(client, args.image, k=args.top_k, filter=args.filter, exact=args.exact)[0]
     _print_hits(hits, args.json)
     return 0
 
@@ -114,7 +117,8 @@ def _run_like(args: argparse.Namespace) -> int:
         raise InvalidInputError("give a text query, --image PATH or --like PATH (exactly one)")
     with Gallery.open(args.uri) as gallery:
         path = args.like if gallery.find([args.like]) else str(Path(args.like).absolute())
-        _print_hits(gallery.similar(path, k=args.top_k, filter=args.filter), args.json)
+        hits = gallery.similar(path, k=args.top_k + 1, filter=args.filter, exact=args.exact)  # the query image
+        _print_hits([h for h in hits if h.path != path][:args.top_k], args.json)  # itself is left out
     return 0
 
 

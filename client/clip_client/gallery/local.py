@@ -9,15 +9,22 @@ A gallery is a folder:
     tombstones/NNNNNNNN.arrow ids deleted since their segment was written
     index/ivfsq8-NNNNNNNN.faiss + .ivfdata   FAISS IVF with 8-bit scalar-quantised codes (inner product) whose
                           inverted lists live in a memory-mapped file (OnDiskInvertedLists): adds append to it in
-                          place, reopening maps it (milliseconds)
+                          place (the disk blocks reserved first), reopening maps it (milliseconds)
     failures.json         files that could not be embedded (path -> sha256, size, mtime, reason)
 
 Search: below TRAIN_AT rows exact (an in-memory flat index built from the segments at open). From TRAIN_AT rows an
-IVF-SQ8 index (nlist ~ sqrt of the expected size, D-byte codes, `nprobe` lists scanned) proposes k * `rerank`
-candidates per query, which are re-scored exactly against the stored float32 vectors (memory-mapped): scores are
-exact cosines. Deleted rows stay in the index, skipped by every search, until it is rebuilt. The index is retrained
-when the gallery outgrows its training size RETRAIN_FACTOR times, or on optimize(retrain=True). The segments are
-the truth: an index that disagrees with the manifest at open (e.g. after a crash) is rebuilt from them.
+IVF-SQ8 index (spherical k-means, nlist ~ 2 sqrt(rows), `nprobe` lists scanned) proposes k * `rerank` candidates per
+query, re-scored exactly against the stored float32 vectors (memory-mapped): scores are exact cosines. The index is
+retrained (nlist re-sized) when the gallery outgrows the rows it was trained on RETRAIN_FACTOR times, or on
+optimize(retrain=True); after each training tune() calibrates `nprobe`: recall@10 against exact search on OOD-like
+probes (stored vectors minus the gallery's mean: text queries share the concept, not the image modality's offset)
+reaching TUNE_TARGET; tune(queries) re-measures on real queries. search(exact=True) scores every row. Deleted rows
+stay in the index, skipped by every search, until it is rebuilt.
+Integrity: the manifest records each segment's size and CRC-32, the index header's CRC-32 and the list file's size;
+opening checks sizes, Arrow footers, row counts and id ranges, and the manifest against them (next_id, next_seq);
+check_gallery() (`clip-triton gallery-check`) also verifies the checksums and repairs what derives from the
+segments. The segments are the truth: an index header that disagrees with the manifest at open (a crash between
+the two) is rebuilt from them; a list file shorter than its header is a GalleryError (it would be read past its end).
 One writer at a time (a lock file, taken by the first write and held until close(); another writer meanwhile gets
 GalleryLockedError); readers open a snapshot. A writer reloads the manifest (and what it lists) when it takes the
 lock, so that it writes on top of what writers before it committed: nothing is lost, no file name is reused.
@@ -25,6 +32,7 @@ lock, so that it writes on top of what writers before it committed: nothing is l
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -32,6 +40,7 @@ import logging
 import math
 import os
 import sys
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -61,9 +70,13 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs which CPU
 MANIFEST = "gallery.json"
 META_KEY = b"clip_triton_gallery"
 TRAIN_AT = 32_768  # rows: exact search below, IVF-SQ8 from here on
-RETRAIN_FACTOR = 16  # retrain when the gallery holds this many times the rows the index was sized for
-DEFAULT_NPROBE = 16  # IVF lists scanned per query (docs/benchmarks.md: Retrieval, the nprobe sweep)
-DEFAULT_RERANK = 2  # candidates re-scored exactly per query, as a multiple of k
+RETRAIN_FACTOR = 4  # retrain (nlist x2) when the gallery holds this many times the rows the index was trained on
+DEFAULT_NPROBE = 16  # IVF lists scanned per query until tune() has measured an operating point
+MIN_NPROBE = 8  # tune() never goes below this
+DEFAULT_RERANK = 4  # candidates re-scored exactly per query, as a multiple of k
+TUNE_TARGET = 0.97  # recall@10 the automatic calibration after each (re)training aims for (on OOD-like probes)
+TUNE_QUERIES = 200  # probe queries per calibration
+RECENT_QUERIES = 1024  # real queries kept (in memory) for tune()
 SMALL_SEGMENT = 65_536  # rows: optimize() merges runs of segments smaller than this
 MAX_SMALL_SEGMENTS = 64  # add() compacts when there are more small segments than this
 
@@ -86,8 +99,9 @@ def _storage(fn):
 
 
 def nlist_for(rows: int) -> int:
-    """IVF list count for a gallery of `rows`: the power of two nearest sqrt(rows), within [256, 4096]."""
-    return int(min(4096, max(256, 2 ** round(math.log2(max(1.0, math.sqrt(rows)))))))
+    """IVF list count for a gallery of `rows`: the power of two nearest 2 * sqrt(rows), within [64, 4096]
+    (docs/benchmarks.md, Retrieval: smaller lists hold fewer concepts each, so text queries find theirs)."""
+    return int(min(4096, max(64, 2 ** round(math.log2(max(1.0, 2 * math.sqrt(rows)))))))
 
 
 def _schema(dim: int, identity: dict):
@@ -118,11 +132,24 @@ def _read_manifest(root: Path) -> dict:
     return manifest
 
 
+def _crc32(path: Path) -> int:
+    """CRC-32 of a file's bytes (read in 4 MiB blocks)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(4 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
 def _write_atomic(path: Path, write) -> None:
     """write(tmp_path), then rename over `path` (readers never see half a file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
 @contextlib.contextmanager
@@ -140,20 +167,60 @@ def _quiet_stdout() -> Iterator[None]:
 
 
 class _Segment:
-    """One memory-mapped segment file: its manifest entry, table, ids (ascending) and vectors (n, D)."""
+    """One memory-mapped segment file: its manifest entry, table, ids (ascending) and vectors (n, D). Checked
+    cheaply against its manifest entry (size, Arrow footer, row count, id range): GalleryError naming the file."""
 
     def __init__(self, entry: dict, path: Path, dim: int):
         import pyarrow as pa
 
         self.entry = entry
-        self.source = pa.memory_map(str(path), "r")  # the table's buffers point into this mapping (no copy)
-        self.table = pa.ipc.open_file(self.source).read_all()
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise GalleryError(f"segment {path}: {e.strerror or e} (run `clip-triton gallery-check`)") from None
+        if "bytes" in entry and size != entry["bytes"]:
+            raise GalleryError(f"segment {path} is {size} bytes, the manifest says {entry['bytes']}: truncated or "
+                               "replaced (run `clip-triton gallery-check`)")
+        try:
+            self.source = pa.memory_map(str(path), "r")  # the table's buffers point into this mapping (no copy)
+            self.table = pa.ipc.open_file(self.source).read_all()
+        except (pa.ArrowException, OSError) as e:
+            raise GalleryError(f"segment {path} is not a readable Arrow file ({e}): truncated or damaged "
+                               "(run `clip-triton gallery-check`)") from None
         if self.table.column("id").num_chunks > 1:  # written as one record batch; anything else is copied once
             self.table = self.table.combine_chunks()
         self.ids = self.table.column("id").to_numpy()
+        if (len(self.ids) != entry["rows"] or (len(self.ids) and (self.ids[0], self.ids[-1]) != (entry["min_id"],
+                                                                                                  entry["max_id"]))):
+            raise GalleryError(f"segment {path} holds {len(self.ids)} rows with ids "
+                               f"{self.ids[:1].tolist()}..{self.ids[-1:].tolist()}, the manifest says {entry['rows']} "
+                               f"rows with ids {entry['min_id']}..{entry['max_id']} (run `clip-triton gallery-check`)")
         emb = self.table.column("embedding").chunk(0) if self.table.num_rows else None
         self.vectors = (np.frombuffer(emb.buffers()[1], "<f4", count=(emb.offset + len(emb)) * dim)[emb.offset * dim:]
                         .reshape(len(emb), dim) if emb is not None else np.zeros((0, dim), np.float32))  # (n, D)
+
+
+def _check_manifest(root: Path, manifest: dict) -> None:
+    """The manifest's own consistency: segment id ranges ordered and disjoint, next_id past every stored id,
+    next_seq past every file name (a hand-edited or stale manifest would reuse ids or overwrite files)."""
+    last = -1
+    seqs = [0]
+    for e in manifest["segments"]:
+        lo, hi = e.get("min_id"), e.get("max_id")
+        if not (isinstance(lo, int) and isinstance(hi, int) and last < lo <= hi):
+            raise GalleryError(f"{root / MANIFEST}: segment {e.get('file')} has ids {lo}..{hi} after ids up to "
+                               f"{last}: the manifest is damaged (run `clip-triton gallery-check`)")
+        last = e["max_id"]
+        seqs.append(int(str(e["file"]).split(".")[0]))
+    if not isinstance(manifest.get("next_id"), int) or manifest["next_id"] <= last:
+        raise GalleryError(f"{root / MANIFEST}: next_id {manifest.get('next_id')} but the segments hold ids up to "
+                           f"{last}: new rows would reuse ids (run `clip-triton gallery-check --repair`)")
+    seqs += [int(str(n).split(".")[0]) for n in manifest["tombstones"]]
+    if manifest["index"]:
+        seqs.append(int(manifest["index"]["name"].rsplit("-", 1)[1]))
+    if not isinstance(manifest.get("next_seq"), int) or manifest["next_seq"] <= max(seqs):
+        raise GalleryError(f"{root / MANIFEST}: next_seq {manifest.get('next_seq')} but file number {max(seqs)} "
+                           "exists: new files would overwrite it (run `clip-triton gallery-check --repair`)")
 
 
 class LocalGallery(Gallery):
@@ -165,8 +232,10 @@ class LocalGallery(Gallery):
         self.root = root
         self.manifest = manifest
         self.identity = dict(manifest["identity"])
-        self.nprobe = DEFAULT_NPROBE  # IVF lists scanned per query: recall vs latency
+        self.nprobe = DEFAULT_NPROBE  # IVF lists scanned per query: recall vs latency (tune() sets it)
         self.rerank = DEFAULT_RERANK  # k * rerank candidates re-scored exactly per query
+        self._recent: collections.deque = collections.deque(maxlen=RECENT_QUERIES)  # real queries, for tune()
+        self._fallback = False  # True: the index was being rewritten at open; this snapshot is searched exactly
         self._lock_fd: int | None = None
         self._schema = _schema(self.dim, self.identity)
         self._load_segments()
@@ -233,6 +302,7 @@ class LocalGallery(Gallery):
             self.manifest = fresh
             self._load_segments()
             self._index = self._load_index()
+        self._remove_orphans()
 
     def _save_manifest(self) -> None:
         _write_atomic(self.root / MANIFEST, lambda p: p.write_text(json.dumps(self.manifest, indent=1)))
@@ -254,13 +324,37 @@ class LocalGallery(Gallery):
         _write_atomic(self.root / folder / name, write)
         return name
 
+    def _file_sums(self, folder: str, name: str) -> dict:
+        """Size and CRC-32 of a file just written (the segment's entry in the manifest: checked by gallery-check)."""
+        path = self.root / folder / name
+        return {"bytes": path.stat().st_size, "crc32": _crc32(path)}
+
+    def _remove_orphans(self) -> None:
+        """Delete files no manifest entry names (a writer killed before its manifest was saved, a failed index
+        build): run by a writer that just took the lock, so no other writer is creating files."""
+        keep = {("segments", e["file"]) for e in self.manifest["segments"]}
+        keep |= {("tombstones", n) for n in self.manifest["tombstones"]}
+        if self.manifest["index"]:
+            keep |= {("index", f.name) for f in self._index_files(self.manifest["index"])}
+        for folder in ("segments", "tombstones", "index"):
+            for f in (self.root / folder).iterdir():
+                if (folder, f.name) not in keep and f.is_file():
+                    log.info("%s: removing %s (no manifest entry names it)", self.root, f)
+                    f.unlink(missing_ok=True)
+
     def _load_segments(self) -> None:
         """Map every segment; live rows (no embeddings) in id order; the deleted ids."""
+        _check_manifest(self.root, self.manifest)
         self._segs = [_Segment(e, self.root / "segments" / e["file"], self.dim) for e in self.manifest["segments"]]
         dead = []
         for name in self.manifest["tombstones"]:
-            with self.pa.memory_map(str(self.root / "tombstones" / name), "r") as source:
-                dead.append(self.pa.ipc.open_file(source).read_all().column("id").to_numpy())
+            path = self.root / "tombstones" / name
+            try:
+                with self.pa.memory_map(str(path), "r") as source:
+                    dead.append(self.pa.ipc.open_file(source).read_all().column("id").to_numpy())
+            except (self.pa.ArrowException, OSError) as e:
+                raise GalleryError(f"tombstone file {path} is not readable ({e}) "
+                                   "(run `clip-triton gallery-check`)") from None
         self._dead = np.unique(np.concatenate(dead)) if dead else np.zeros(0, np.int64)
         cols = ["id", *FIELDS]
         tables = [s.table.select(cols) for s in self._segs]
@@ -277,6 +371,10 @@ class LocalGallery(Gallery):
         bits = np.zeros(self.manifest["next_id"], bool)
         bits[self._ids() if allowed is None else allowed] = True
         return np.packbits(bits, bitorder="little")
+
+    def _rows_at(self, pos: np.ndarray) -> list[dict]:
+        """Live rows (no embeddings) at positions `pos` of the id-ordered rows."""
+        return _take_rows(self._rows, np.asarray(pos, np.int64))
 
     def _ids(self) -> np.ndarray:
         """Live row ids, ascending."""
@@ -330,7 +428,8 @@ class LocalGallery(Gallery):
                                                             [None, self.pa.py_buffer(emb.astype("<f4").tobytes())])
         table = self.pa.Table.from_pydict({"id": ids, **cols, "embedding": vectors}, schema=self._schema)
         name = self._write_table("segments", table)
-        entry = {"file": name, "rows": len(paths), "min_id": int(ids[0]), "max_id": int(ids[-1])}
+        entry = {"file": name, "rows": len(paths), "min_id": int(ids[0]), "max_id": int(ids[-1]),
+                 **self._file_sums("segments", name)}
         self.manifest["segments"].append(entry)
         self.manifest["next_id"] = int(ids[-1]) + 1
         seg = _Segment(entry, self.root / "segments" / name, self.dim)
@@ -380,7 +479,7 @@ class LocalGallery(Gallery):
         self._lock()
         dropped = self._compact(drop_deleted=True)
         idx = self.manifest["index"]
-        if retrain or dropped or (idx and len(self) > RETRAIN_FACTOR * idx["sized_for"]):
+        if retrain or dropped or (idx and len(self) > RETRAIN_FACTOR * idx.get("trained_on", idx["sized_for"])):
             self._build_index(ivf=len(self) >= TRAIN_AT)  # the index still held the dropped rows
 
     def _compact(self, drop_deleted: bool = False) -> bool:
@@ -407,8 +506,9 @@ class LocalGallery(Gallery):
             old += [s.entry["file"] for s in group]
             if merged.num_rows:
                 ids = merged.column("id").to_numpy()
-                entries.append({"file": self._write_table("segments", merged.combine_chunks()), "rows": merged.num_rows,
-                                "min_id": int(ids[0]), "max_id": int(ids[-1])})
+                name = self._write_table("segments", merged.combine_chunks())
+                entries.append({"file": name, "rows": merged.num_rows, "min_id": int(ids[0]), "max_id": int(ids[-1]),
+                                **self._file_sums("segments", name)})
         tombstones = self.manifest["tombstones"] if drop_deleted else []
         if not old and not tombstones:
             return False
@@ -458,21 +558,42 @@ class LocalGallery(Gallery):
 
     def _load_index(self):
         """The stored IVF-SQ8 index (memory-mapped lists) or, for small galleries, a flat index built from the
-        segments; rebuilt from the segments when it disagrees with them."""
+        segments; rebuilt from the segments when its header disagrees with them (a crash between the header and the
+        manifest); GalleryError when its list file is shorter than the header says (it would be read past its end)."""
         entry = self.manifest["index"]
         if entry is None:
             return self._flat_index()
-        header, _ = self._index_files(entry)
+        op = entry.get("operating_point") or {}
+        self.nprobe, self.rerank = int(op.get("nprobe", DEFAULT_NPROBE)), int(op.get("rerank", DEFAULT_RERANK))
+        header, data = self._index_files(entry)
+        if not data.is_file() or ("ivfdata_bytes" in entry and data.stat().st_size < entry["ivfdata_bytes"]):
+            raise GalleryError(f"index list file {data} is missing or truncated "
+                               f"({data.stat().st_size if data.is_file() else 0} bytes, the manifest says "
+                               f"{entry.get('ivfdata_bytes')}): run `clip-triton gallery-check --repair`")
         try:
+            if "header_crc" in entry and _crc32(header) != entry["header_crc"]:
+                raise RuntimeError("checksum mismatch")
             with _quiet_stdout():  # it prints the list file's name
                 index = self.faiss.read_index(str(header), self.faiss.IO_FLAG_ONDISK_SAME_DIR)
+            lists = self.faiss.downcast_InvertedLists(index.invlists)
+            if lists.totsize > data.stat().st_size:  # checked before any page of the mapping is touched
+                raise GalleryError(f"index list file {data} is truncated ({data.stat().st_size} bytes, its header "
+                                   f"needs {lists.totsize}): run `clip-triton gallery-check --repair`")
             if index.ntotal == entry["ntotal"]:
                 self._no_prefetch(index)
                 return index
-            log.warning("%s: the index holds %d rows, the manifest says %d: rebuilding it", self.root, index.ntotal,
-                        entry["ntotal"])
+            problem = f"the index holds {index.ntotal} rows, the manifest says {entry['ntotal']}"
         except RuntimeError as e:
-            log.warning("%s: cannot read the index (%s): rebuilding it", self.root, e)
+            problem = f"cannot read the index ({e})"
+        try:
+            self._lock()  # a writer that is not done yet (its manifest not saved), or one that died mid-write
+        except GalleryLockedError:
+            log.info("%s: %s while another process writes: this snapshot is searched exactly", self.root, problem)
+            self._fallback = True
+            return self._flat_index()
+        if self.manifest["index"] != entry:  # the lock reloaded a newer manifest, and its index
+            return self._index
+        log.warning("%s: %s: rebuilding it", self.root, problem)
         return self._build_index(ivf=True)
 
     def _no_prefetch(self, index) -> None:
@@ -486,37 +607,89 @@ class LocalGallery(Gallery):
         return index
 
     def _build_index(self, ivf: bool):
-        """A new index over every live row: IVF-SQ8 on memory-mapped lists (trained here) or flat."""
+        """A new index over every live row: IVF-SQ8 on memory-mapped lists (trained here) or flat; then calibrated."""
         self._lock()
         old = self.manifest["index"]
         if not ivf:
             self._index = self._flat_index()
             self.manifest["index"] = None
         else:
-            sized_for = max(len(self), self.manifest.get("expected_rows") or 0)
-            nlist = nlist_for(sized_for)
-            index = self.faiss.IndexIVFScalarQuantizer(self.faiss.IndexFlatIP(self.dim), self.dim, nlist,
-                                                       self.faiss.ScalarQuantizer.QT_8bit, self.faiss.METRIC_INNER_PRODUCT)
-            # small first trainings are fine: the index is retrained as the gallery grows
-            index.cp.niter, index.cp.min_points_per_centroid, index.cp.max_points_per_centroid = 8, 1, 64
-            index.train(self._training_sample(64 * nlist))
-            entry = {"name": f"ivfsq8-{self._next_seq():08d}", "nlist": nlist, "sized_for": sized_for}
-            header, data = self._index_files(entry)
-            lists = self.faiss.OnDiskInvertedLists(nlist, index.code_size, str(data))
-            index.replace_invlists(lists, True)
-            lists.this.disown()  # owned by the index now
-            self._no_prefetch(index)
-            with _quiet_stdout():
-                for ids, vectors in self._iter_live():
-                    index.add_with_ids(vectors, ids)
-            self._index = index
-            self.manifest["index"] = entry
-            self._save_index()
+            self._index = self._new_ivf()
         self._save_manifest()
         if old is not None:
             for f in self._index_files(old):
                 f.unlink(missing_ok=True)
+        if ivf:
+            self.tune(target_recall=TUNE_TARGET, queries=None, _auto=True)
         return self._index
+
+    def _new_ivf(self):
+        """Train an IVF-SQ8 index for the live rows (2-level spherical k-means), fill its lists in a new file whose
+        space is reserved first, save it; the manifest entry is set (not yet saved)."""
+        rows = len(self)
+        sized_for = min(max(2 * rows, self.manifest.get("expected_rows") or 0), RETRAIN_FACTOR * rows)
+        nlist = nlist_for(sized_for)
+        index = self.faiss.IndexIVFScalarQuantizer(self.faiss.IndexFlatIP(self.dim), self.dim, nlist,
+                                                   self.faiss.ScalarQuantizer.QT_8bit, self.faiss.METRIC_INNER_PRODUCT)
+        # spherical k-means (cosine); retrained as the gallery grows, so a modest sample per list is enough
+        index.cp.niter, index.cp.spherical, index.cp.min_points_per_centroid = 10, True, 1
+        index.cp.max_points_per_centroid = 32
+        index.train(self._training_sample(32 * nlist))
+        entry = {"name": f"ivfsq8-{self._next_seq():08d}", "nlist": nlist, "sized_for": sized_for, "trained_on": rows}
+        header, data = self._index_files(entry)
+        lists = self.faiss.OnDiskInvertedLists(nlist, index.code_size, str(data))
+        index.replace_invlists(lists, True)
+        lists.this.disown()  # owned by the index now
+        self._no_prefetch(index)
+        self.manifest["index"], self._index = entry, index
+        parts = [(ids, vectors, self._assign(vectors)) for ids, vectors in self._iter_live()]
+        try:
+            self._reserve(np.concatenate([a for _, _, a in parts]))
+        except BaseException:
+            self.manifest["index"] = None
+            data.unlink(missing_ok=True)  # no orphan left behind
+            raise
+        with _quiet_stdout():
+            for ids, vectors, assign in parts:
+                self._add_preassigned(vectors, ids, assign)
+        self._save_index()
+        return index
+
+    def _assign(self, x: np.ndarray) -> np.ndarray:
+        """Each vector's list (its nearest centroid) -> (n,) int64."""
+        if not len(x):
+            return np.zeros(0, np.int64)
+        return self._index.quantizer.search(np.ascontiguousarray(x), 1)[1][:, 0]
+
+    def _add_preassigned(self, x: np.ndarray, ids: np.ndarray, assign: np.ndarray) -> None:
+        x, ids, assign = (np.ascontiguousarray(a) for a in (x, ids.astype(np.int64), assign.astype(np.int64)))
+        self._index.add_core(len(x), self.faiss.swig_ptr(x), self.faiss.swig_ptr(ids), self.faiss.swig_ptr(assign))
+
+    def _reserve(self, assign: np.ndarray) -> None:
+        """Allocate, before anything is written through the mapping, the disk blocks the lists will grow into:
+        a full disk then fails here (GalleryError, nothing written) instead of killing the process with SIGBUS."""
+        lists = self.faiss.downcast_InvertedLists(self._index.invlists)
+        entry_bytes = lists.code_size + 8
+        need = 0
+        for lst, m in zip(*np.unique(assign, return_counts=True)):
+            size, cap = lists.list_size(int(lst)), lists.lists.at(int(lst)).capacity
+            if size + m > cap:  # FAISS adds one entry at a time, moving a full list to a slot twice its size:
+                need += 2 * ((1 << int(size + m - 1).bit_length()) - cap) * entry_bytes  # <= cap*2 + cap*4 + ...
+        if not need:
+            return
+        old = int(lists.totsize)
+        _, data = self._index_files(self.manifest["index"])
+        fd = os.open(data, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.posix_fallocate(fd, old, need)
+        except OSError as e:
+            os.ftruncate(fd, old)
+            raise GalleryError(f"gallery storage: no space for the index lists ({need} bytes more): "
+                               f"{e.strerror or e}: {data}") from None
+        finally:
+            os.close(fd)
+        with _quiet_stdout():
+            lists.update_totsize(old + need)  # one free slot over the reserved blocks; the file size is unchanged
 
     def _training_sample(self, n: int) -> np.ndarray:
         """Up to n live embeddings, drawn evenly from every segment -> (m, D)."""
@@ -527,46 +700,126 @@ class LocalGallery(Gallery):
 
     def _index_add(self, ids: np.ndarray, emb: np.ndarray) -> None:
         entry = self.manifest["index"]
-        if (entry is None and len(self) >= TRAIN_AT) or (entry is not None and len(self) > RETRAIN_FACTOR * entry["sized_for"]):
+        if (entry is None and len(self) >= TRAIN_AT) or (
+                entry is not None and len(self) > RETRAIN_FACTOR * entry.get("trained_on", entry["sized_for"])):
             self._build_index(ivf=True)  # trains on every row, the new ones included
             return
-        with _quiet_stdout():
+        if entry is None:
             self._index.add_with_ids(emb, ids)
+            return
+        assign = self._assign(emb)
+        self._reserve(assign)
+        with _quiet_stdout():
+            self._add_preassigned(emb, ids, assign)
         self._save_index()
 
     def _save_index(self) -> None:
         """Write the IVF header (quantizers + list offsets; the lists themselves are already in their file)."""
         entry = self.manifest["index"]
         if entry is not None:
-            header, _ = self._index_files(entry)
+            header, data = self._index_files(entry)
             _write_atomic(header, lambda p: self.faiss.write_index(self._index, str(p)))
             entry["ntotal"] = int(self._index.ntotal)
+            entry["ivfdata_bytes"] = int(self.faiss.downcast_InvertedLists(self._index.invlists).totsize)
+            entry["header_crc"] = _crc32(header)
+
+    # ------------------------------------------------------------------------------------------ calibration
+    def _probe_queries(self, n: int) -> np.ndarray:
+        """OOD-like probes from the gallery itself: stored vectors minus the gallery's mean direction (what a query
+        from the other modality shares with the images is their concept, not the image modality's offset)."""
+        rng = np.random.default_rng(len(self))
+        ids = self._ids()
+        pick = np.sort(rng.choice(ids, min(n, len(ids)), replace=False))
+        x = self._vectors_of(pick)
+        mean = self._training_sample(8192).mean(axis=0)
+        q = x - mean
+        norm = np.linalg.norm(q, axis=1, keepdims=True)
+        return (q / np.where(norm > 0, norm, 1)).astype(np.float32)
+
+    @_storage
+    def tune(self, queries: np.ndarray | None = None, target_recall: float = 0.95, k: int = 10,
+             _auto: bool = False) -> dict:
+        """Measure recall@k against exact search and store the smallest nprobe that reaches `target_recall` (the
+        operating point, persisted). queries: a sample of real queries; None: the recent queries this object served
+        when there are enough, else OOD-like probes drawn from the gallery. Returns the operating point."""
+        if not 0 < target_recall <= 1:
+            raise InvalidInputError(f"target_recall must be in (0, 1], got {target_recall!r}")
+        entry = self.manifest["index"]
+        if entry is None or self._fallback:
+            return {"exact": True, "recall": 1.0}
+        if queries is not None:
+            q, source = check_embeddings(queries, None, self.dim, "queries"), "given"
+        elif len(self._recent) >= 32:
+            q, source = np.stack(self._recent), "recent"
+        else:
+            q, source = self._probe_queries(TUNE_QUERIES), "gallery probes (OOD-like)"
+        truth = self._exact(q, k)[1]
+        nlist, rerank = entry["nlist"], DEFAULT_RERANK
+        point = None
+        nprobe = MIN_NPROBE
+        while True:
+            found = self._ivf_search(q, k, nprobe, rerank, None)[1]
+            recall = float(np.mean([len(set(f[f >= 0]) & set(t[t >= 0])) / max(1, (t >= 0).sum())
+                                    for f, t in zip(found, truth)]))
+            point = {"nprobe": nprobe, "rerank": rerank, "recall": round(recall, 4), "target": target_recall, "k": k,
+                     "queries": source, "n_queries": len(q), "rows": len(self), "nlist": nlist}
+            if recall >= target_recall or nprobe >= nlist:
+                break
+            nprobe = min(nlist, nprobe * 2)
+        self._lock()
+        if self.manifest["index"] is None or self.manifest["index"]["name"] != entry["name"]:
+            return point  # another writer rebuilt it meanwhile
+        self.manifest["index"]["operating_point"] = point
+        self._save_manifest()
+        self.nprobe, self.rerank = nprobe, rerank
+        log.log(logging.DEBUG if _auto else logging.INFO, "%s: nprobe %d of %d lists: recall@%d %.3f on %d %s",
+                self.root, nprobe, nlist, k, point["recall"], len(q), source)
+        return point
+
+    def info(self) -> dict:
+        """What the gallery holds and how it searches: rows, segments, the index and its operating point."""
+        entry = self.manifest["index"]
+        return {"uri": str(self.root), "rows": len(self), "dim": self.dim, "model_id": self.model_id,
+                "segments": len(self.manifest["segments"]), "deleted_pending": int(len(self._dead)),
+                "index": "exact (flat)" if entry is None else "IVF-SQ8 + exact re-rank",
+                **({} if entry is None else {k: entry.get(k) for k in ("nlist", "trained_on", "sized_for")}),
+                "nprobe": None if entry is None else self.nprobe, "rerank": None if entry is None else self.rerank,
+                "operating_point": None if entry is None else entry.get("operating_point"),
+                "recent_queries": len(self._recent)}
 
     # ------------------------------------------------------------------------------------------ search
-    def search(self, queries: np.ndarray, k: int = 10, filter: str | None = None) -> list[list[Hit]]:
-        """Top-k rows per query by exact cosine, best first; a filter restricts the rows searched."""
+    def search(self, queries: np.ndarray, k: int = 10, filter: str | None = None,
+               exact: bool = False) -> list[list[Hit]]:
+        """Top-k rows per query by exact cosine, best first; a filter restricts the rows searched. exact=True: every
+        row is scored (no index)."""
         q = check_embeddings(queries, None, self.dim, "queries")  # (Q, D)
         k = check_k(k)
-        n = len(self)
-        params = self.faiss.SearchParametersIVF() if self.manifest["index"] else self.faiss.SearchParameters()
-        nprobe = self.nprobe
         allowed = None
         if filter is not None:
             allowed = self._ids()[filters.evaluate(filters.parse(filter), self._rows)]
-            # a filter keeping a fraction f of the rows: scan 1/f times the lists (all of them for rare matches)
-            nprobe = math.ceil(nprobe * n / max(1, len(allowed)))
-            n = len(allowed)
+        n = len(self) if allowed is None else len(allowed)
+        if n == 0:
+            return [[] for _ in range(len(q))]
+        if not exact:
+            self._recent.extend(q[-RECENT_QUERIES:])
+        if exact or self.manifest["index"] is None or self._fallback:
+            return self._hits(*self._exact(q, min(k, n), allowed))
+        nprobe = self.nprobe
+        if allowed is not None:  # a filter keeping a fraction f of the rows: scan 1/f times the lists
+            nprobe = math.ceil(nprobe * len(self) / max(1, len(allowed)))
+        return self._hits(*self._ivf_search(q, min(k, n), nprobe, self.rerank, allowed))
+
+    def _ivf_search(self, q: np.ndarray, k: int, nprobe: int, rerank: int,
+                    allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """IVF candidates (k * rerank per query) re-scored exactly -> (Q, k) scores and ids."""
+        params = self.faiss.SearchParametersIVF()
         bitmap = self._live_bitmap(allowed)  # deleted rows stay in the index until it is rebuilt: skipped here
         if bitmap is not None:
             params.sel = self.faiss.IDSelectorBitmap(len(bitmap), self.faiss.swig_ptr(bitmap))
-        if n == 0:
-            return [[] for _ in range(len(q))]
-        if self.manifest["index"] is None:
-            scores, ids = self._index.search(q, min(k, n), params=params)  # (Q, k): exact
-            return self._hits(scores, ids)
         nlist = self.manifest["index"]["nlist"]
         params.nprobe = min(nlist, nprobe)
-        want = min(n, k * self.rerank)
+        n = len(self) if allowed is None else len(allowed)
+        want = min(n, k * rerank)
         _, ids = self._index.search(q, want, params=params)  # (Q, want) candidates, best first
         short = (ids < 0).any(axis=1)
         while short.any() and params.nprobe < nlist:
@@ -574,11 +827,35 @@ class LocalGallery(Gallery):
             params.nprobe = min(nlist, 4 * params.nprobe)
             ids[short] = self._index.search(q[short], want, params=params)[1]
             short = (ids < 0).any(axis=1)
-        return self._hits(*self._rescore(q, ids, min(k, n)))
+        return self._rescore(q, ids, k)
+
+    def _exact(self, q: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over every live (and allowed) row, one segment at a time -> (Q, k) scores and ids (-1 pad)."""
+        best_s = np.full((len(q), 0), -np.inf, np.float32)
+        best_i = np.zeros((len(q), 0), np.int64)
+        for ids, vectors in self._iter_live():
+            if allowed is not None:
+                keep = np.isin(ids, allowed)
+                ids, vectors = ids[keep], vectors[keep]
+            for lo in range(0, len(ids), 65536):
+                s = q @ vectors[lo:lo + 65536].T  # (Q, chunk)
+                s_all = np.concatenate([best_s, s], axis=1)
+                i_all = np.concatenate([best_i, np.broadcast_to(ids[lo:lo + 65536], s.shape)], axis=1)
+                top = np.argpartition(-s_all, k - 1, axis=1)[:, :k] if s_all.shape[1] > k else None
+                if top is not None:
+                    s_all, i_all = np.take_along_axis(s_all, top, 1), np.take_along_axis(i_all, top, 1)
+                best_s, best_i = s_all, i_all
+        order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        scores, ids = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+        if scores.shape[1] < k:
+            pad = k - scores.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        return scores, ids
 
     def _rescore(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact cosines of the candidates against the stored vectors; the top k per query -> (Q, k) each."""
-        ok = cand >= 0
+        ok = (cand >= 0) & (cand < self.manifest["next_id"])  # a reader ignores rows added after its snapshot
         exact = np.full(cand.shape, -np.inf, np.float32)
         exact[ok] = np.einsum("nd,nd->n", self._vectors_of(cand[ok]), np.repeat(q, ok.sum(axis=1), axis=0))
         top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
@@ -588,7 +865,100 @@ class LocalGallery(Gallery):
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         valid = ids >= 0
-        pos = np.searchsorted(self._ids(), ids[valid])
-        # one slice per hit: Table.take would first concatenate every segment's chunks (milliseconds per query)
-        rows = iter([self._rows.slice(int(p), 1).to_pylist()[0] for p in pos])
+        rows = iter(self._rows_at(np.searchsorted(self._ids(), ids[valid])))
         return [[make_hit(next(rows), s) for s, ok in zip(scores[qi], valid[qi]) if ok] for qi in range(len(ids))]
+
+
+# ---------------------------------------------------------------------------------------------- check / repair
+def _segment_max_ids(root: Path, manifest: dict) -> list[int]:
+    """The largest id stored in each readable segment (from the files, not the manifest)."""
+    import pyarrow as pa
+
+    out = []
+    for e in manifest["segments"]:
+        try:
+            with pa.memory_map(str(root / "segments" / e["file"]), "r") as src:
+                ids = pa.ipc.open_file(src).read_all().column("id").to_numpy()
+            out += [int(ids.max())] if len(ids) else []
+        except (pa.ArrowException, OSError):
+            continue
+    return out
+
+
+def check_gallery(uri: str, repair: bool = False) -> tuple[list[str], list[str]]:
+    """Verify every file of the gallery in `uri` against the manifest (sizes, CRC-32 of the segments, Arrow
+    structure, id ranges, the index's files). repair=True rebuilds what is derived from the segments (the index, the
+    manifest's next_id / next_seq, orphan files). Returns (problems found, repairs made); damaged segments cannot
+    be repaired (restore them from a backup)."""
+    root = Path(uri)
+    if not LocalGallery.exists(uri):
+        raise InvalidInputError(f"{str(root)!r} is not a clip-triton gallery")
+    manifest = _read_manifest(root)
+    problems: list[str] = []
+    damaged = False
+    for e in manifest["segments"]:
+        path = root / "segments" / e["file"]
+        if "crc32" in e and path.is_file() and path.stat().st_size == e.get("bytes") and _crc32(path) != e["crc32"]:
+            problems.append(f"segment {path}: checksum mismatch (its bytes changed since it was written)")
+            damaged = True
+            continue
+        try:
+            _Segment(e, path, int(manifest["identity"]["dim"]))
+        except GalleryError as err:
+            problems.append(str(err))
+            damaged = True
+    try:
+        _check_manifest(root, manifest)
+    except GalleryError as err:
+        problems.append(str(err))
+    derived_ok = True
+    entry = manifest["index"]
+    if entry is not None:
+        header, data = (root / "index" / f"{entry['name']}{ext}" for ext in (".faiss", ".ivfdata"))
+        if not header.is_file() or ("header_crc" in entry and _crc32(header) != entry["header_crc"]):
+            problems.append(f"index header {header}: missing or checksum mismatch")
+            derived_ok = False
+        if not data.is_file() or data.stat().st_size < entry.get("ivfdata_bytes", 0):
+            problems.append(f"index list file {data}: missing or truncated")
+            derived_ok = False
+    repairs: list[str] = []
+    if not repair or damaged or not problems:
+        return problems, repairs
+    top = max(_segment_max_ids(root, manifest), default=-1)
+    if manifest["next_id"] <= top:
+        manifest["next_id"] = top + 1
+        repairs.append(f"next_id set to {top + 1} (past the largest stored id)")
+    names = [e["file"] for e in manifest["segments"]] + list(manifest["tombstones"])
+    seq = max([int(n.split(".")[0]) for n in names] + [int(entry["name"].rsplit("-", 1)[1]) if entry else 0])
+    if manifest["next_seq"] <= seq:
+        manifest["next_seq"] = seq + 1
+        repairs.append(f"next_seq set to {seq + 1}")
+    if not derived_ok:
+        manifest["index"] = None  # rebuilt from the segments below
+    _write_atomic(root / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    g = LocalGallery(root, manifest)
+    try:
+        g._lock()
+        if not derived_ok and len(g) >= TRAIN_AT:
+            g._build_index(ivf=True)
+        if not derived_ok:
+            repairs.append(f"index rebuilt from the segments ({len(g)} rows)")
+    finally:
+        g.close()
+    return problems, repairs
+
+
+def _take_rows(table, pos: np.ndarray) -> list[dict]:
+    """Rows at positions `pos` of a chunked table, in that order, taken chunk by chunk (Table.take would first
+    concatenate every segment's chunks: milliseconds per call on a large gallery; one slice per row is slow for
+    batches)."""
+    batches = table.to_batches()
+    ends = np.cumsum([b.num_rows for b in batches])
+    which = np.searchsorted(ends, pos, side="right")
+    out: list = [None] * len(pos)
+    for b in np.unique(which):
+        sel = np.flatnonzero(which == b)
+        local_pos = pos[sel] - (ends[b - 1] if b else 0)
+        for i, row in zip(sel, batches[b].take(local_pos).to_pylist()):
+            out[i] = row
+    return out

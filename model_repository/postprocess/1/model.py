@@ -13,7 +13,7 @@ from clip_runtime.errors import InvalidInputError
 from clip_runtime.params import read_parameters
 from clip_runtime.postprocess import zero_shot
 
-PARAMS = ("logit_scale", "default_top_k", "max_items_per_request")
+PARAMS = ("logit_scale", "logit_bias", "scoring", "default_top_k", "max_items_per_request")
 OUTPUTS = {  # model output -> key of zero_shot()'s result
     M.LOGITS_PER_IMAGE: "logits_per_image",
     M.LOGITS_PER_TEXT: "logits_per_text",
@@ -30,6 +30,7 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         p = read_parameters(args["model_config"], PARAMS)
         self.logit_scale = p["logit_scale"]
+        self.logit_bias, self.scoring = p["logit_bias"], p["scoring"]
         self.default_k = p["default_top_k"]
         self.max_items = p["max_items_per_request"]  # T and I each: the cost is T x I, checked before computing
 
@@ -48,7 +49,7 @@ class TritonPythonModel:
             raise InvalidInputError(f"top_k must be >= 1, got {k}")
         if text.shape[-1] != image.shape[-1]:
             raise InvalidInputError(f"embedding sizes differ: text {text.shape}, image {image.shape}")
-        result = zero_shot(text, image, self.logit_scale, k)
+        result = zero_shot(text, image, self.logit_scale, k, logit_bias=self.logit_bias, scoring=self.scoring)
         tensors = [pb_utils.Tensor(M.TEXT_EMBEDS_OUT, np.ascontiguousarray(text, dtype=np.float32)),
                    pb_utils.Tensor(M.IMAGE_EMBEDS_OUT, np.ascontiguousarray(image, dtype=np.float32))]
         return tensors + [pb_utils.Tensor(name, np.ascontiguousarray(result[key])) for name, key in OUTPUTS.items()]

@@ -12,9 +12,9 @@ from clip_runtime.batching import execute_batched, request_items
 from clip_runtime.image import ImageConfig, ImagePreprocessor
 from clip_runtime.params import read_parameters
 
-PARAMS = ("image_size", "resize_mode", "crop_size", "do_center_crop", "resample", "rescale_factor", "image_mean",
-          "image_std", "max_image_bytes", "max_pixels", "max_aspect_ratio", "allowed_formats", "jpeg_draft_gap",
-          "decode_threads", "image_decode", "max_items_per_request")
+PARAMS = ("image_size", "resize_mode", "crop_size", "do_center_crop", "crop_rounding", "resample", "rescale_factor",
+          "image_mean", "image_std", "max_image_bytes", "max_pixels", "max_aspect_ratio", "allowed_formats", "jpeg_draft_gap",
+          "decode_threads", "image_decode", "max_items_per_request", "model_id")
 
 
 class TritonPythonModel:
@@ -25,6 +25,7 @@ class TritonPythonModel:
         p = read_parameters(args["model_config"], PARAMS)
         self.pre = ImagePreprocessor(ImageConfig.from_parameters(p))
         self.max_items = p["max_items_per_request"]
+        self.model_id = {M.MODEL_ID: np.array([p["model_id"].encode("utf-8")], dtype=np.object_)}  # (1,)
         threads = p["decode_threads"] or min(4, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
         self.gpu = _gpu_path(self.pre, args) if p["image_decode"] == "gpu" else None
@@ -38,13 +39,14 @@ class TritonPythonModel:
                 pb_utils, requests, read=read,
                 prepare=lambda items: self.gpu.prepare(items, self.pool),  # uint8 (3, S, S) on the GPU, or the error
                 compute=lambda good: {M.PIXEL_VALUES: self.gpu.finish(good)},  # (M, 3, S, S) on the GPU
-                tensor=pb_utils.Tensor.from_dlpack, label="image", logger=self.logger)
+                tensor=pb_utils.Tensor.from_dlpack, label="image", logger=self.logger,
+                per_request=lambda items: self.model_id)
         return execute_batched(
             pb_utils, requests, read=read,
-            # float32 (3, S, S) normalised, or the error: decoding and the lookups run in the pool (they release the GIL)
+            # float32 (3, S, S) normalised, or the error: decoding and lookups run in the pool (they release the GIL)
             prepare=lambda items: self.pre.load_many(items, self.pool, catch=Exception, normalised=True),
             compute=lambda good: {M.PIXEL_VALUES: np.stack(good)},  # (M, 3, S, S)
-            label="image", logger=self.logger)
+            label="image", logger=self.logger, per_request=lambda items: self.model_id)
 
     def finalize(self):
         if self.pool is not None:

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from clip_build.export import build_text_encoder, export_torchscript
-from tests.parity.reference import ragged_rows_of, token_rows
-from tests.parity.test_parity import _tokenize
+from tests.parity.reference import hf_tokenize, ragged_rows_of, token_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.* deprecation notices
 
@@ -22,7 +21,7 @@ def encoder(request, weights, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"ts-{request.param}") / "model.pt"
     eager = build_text_encoder(w)
     export_torchscript(eager, path)
-    ids, mask = _tokenize(w, ["a photo of a cat", "two dogs playing in the snow"])
+    ids, mask = hf_tokenize(w, ["a photo of a cat", "two dogs playing in the snow"])
     _, lengths, _ = token_rows(ids, mask)
     return torch.jit.load(str(path)).eval(), ids, lengths, eager.text.max_positions, eager.text.vocab
 
