@@ -52,7 +52,7 @@ class Supervisor:
         self.probe_timeout = probe_timeout  # > the longest legitimate wait: 2 queue timeouts + execution
         self.stall_seconds = stall_seconds
         self._next_probe = 0.0
-        self.health = self._new_check()
+        self.health: HealthCheck | None = None  # made at the first probe (it remembers Triton's last progress)
         self.restarts: list[dict] = []  # {"at": time.time(), "reason": str, "seconds": float, "ok": bool}
         self.gave_up = False
         self.exit_code: int | None = None
@@ -70,10 +70,12 @@ class Supervisor:
             return f"models not ready: {', '.join(gone)}"
         if not probe_now:
             return None
+        if self.health is None:
+            self.health = self._new_check()
         verdict = self.health.check()
         if verdict.state == "busy":
             log.info("supervisor: %s", verdict.reason)
-        return verdict.reason if verdict.broken else None
+        return f"probe {verdict.reason}" if verdict.broken else None
 
     def _new_check(self) -> HealthCheck:
         return HealthCheck(f"http://{self.server.http_url}", self.server.metrics_url, self.server.models,
@@ -130,7 +132,7 @@ class Supervisor:
             if delay and stop.wait(delay):
                 break
             self.restart(reason)
-            self.health = self._new_check()
+            self.health = None  # a new server: no progress to remember
             self._next_probe = time.monotonic() + self.probe_interval
         self.exit_code = 0
         return 0

@@ -468,7 +468,9 @@ def test_gateway_needs_keys_and_tls_by_default(rendered):
                                            f"{service['spec']['ports'][0]['port']}"
         assert service["spec"]["type"] == "ClusterIP"
         openai_args = _container(openai, "openai")["args"]
-        assert openai_args[0] == "openai" and f"--api-key-file=/etc/clip-triton/api-keys/{auth['key']}" in openai_args
+        headless = next(s for s in _kind(objects, "Service", "triton") if s["spec"].get("clusterIP") == "None")
+        assert openai_args[0] == f"--upstream=grpc://{headless['metadata']['name']}.serving.svc.cluster.local:8001"
+        assert f"--api-key-file=/etc/clip-triton/api-keys/{auth['key']}" in openai_args
         hpa = next(h for h in _kind(objects, "HorizontalPodAutoscaler", "openai"))
         assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
         assert _one(objects, "PodDisruptionBudget", "openai")["spec"]["maxUnavailable"] == 1
@@ -514,3 +516,25 @@ def test_conventions_reach_the_pods(rendered):
     assert "--trace-config=mode=opentelemetry" in container["args"]
     assert "--trace-config=opentelemetry,url=http://otel-collector.monitoring:4318/v1/traces" in container["args"]
     assert not _kind(objects, "Deployment", "openai")
+
+
+def test_the_real_gateway_takes_the_rendered_arguments(rendered, tmp_path):
+    """The gateway Deployment's arguments, with the chart's generated key file and self-signed certificate in place of
+    the mounted Secrets, are accepted by `clip-triton gateway --print-config` (the real argument parser and config)."""
+    import base64
+    import sys
+
+    objects = rendered["default-values.yaml"]
+    args = _container(_one(objects, "Deployment", "gateway"), "gateway")["args"]
+    secrets = {s["metadata"]["name"]: s["data"] for s in _kind(objects, "Secret")}
+    files = {}
+    for data in secrets.values():
+        for key, value in data.items():
+            files[key] = tmp_path / key.replace("/", "_")
+            files[key].write_bytes(base64.b64decode(value))
+    local = [a.replace("/etc/clip-triton/api-keys/", str(tmp_path) + "/").replace("/etc/clip-triton/tls/", str(tmp_path) + "/")
+             for a in args]
+    done = subprocess.run([sys.executable, "-m", "clip_server.gateway", *local, "--print-config"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "transport_socket" in done.stdout and "generate_request_id: true" in done.stdout
