@@ -155,7 +155,7 @@ class GatewaySettings:
     max_heap_bytes: int = DEFAULT_MAX_HEAP_BYTES  # the overload manager keeps Envoy's heap near this bound
     max_request_headers_kb: int = DEFAULT_MAX_REQUEST_HEADERS_KB  # larger request headers: 431 at the edge
     access_log: bool = False  # JSON access log lines on stdout, each with its x-request-id
-    edge: "EdgeSecurity | None" = None  # API keys, TLS, the OpenAI front end (see "keys, TLS, OpenAI" below)
+    edge: EdgeSecurity | None = None  # API keys, TLS, the OpenAI front end (see "keys, TLS, OpenAI" below)
 
 
 # One JSON object per request on stdout (Envoy's format strings).
