@@ -25,8 +25,9 @@ class Supervisor:
     server that aborts (Triton 2.51 does when a stopped stub is continued) is a dead process. A failure is confirmed
     once (`confirm_delay` later, probing again) before it acts. A restart is: log the server's error lines, stop it
     (SIGTERM, SIGKILL after `stop_timeout`, 5 s by default), start it again, wait until every model is ready. Restart
-    storms are bounded: the k-th restart within `window` seconds waits `backoff * 2**(k-1)` seconds (at most `max_backoff`) first, and
-    when `max_restarts` restarts happened within `window` the supervisor gives up and `run` returns 1.
+    storms are bounded: the k-th restart within `window` seconds waits `backoff * 2**(k-1)` seconds (at most
+    `max_backoff`) first, and when `max_restarts` restarts happened within `window` the supervisor gives up and `run`
+    returns 1.
 
     >>> stop = threading.Event()
     >>> sup = Supervisor(server)            # server already started and ready
