@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .convert import (IGNORED, ConvertError, Converted, KeyMappingError, Mapping_, _clip_layers, _linear, _norm,
-                      _source_name, _warn, check_leftovers, image_settings, load_state_dict, take)
+from .convert import (IGNORED, PROCESSOR_CONFIG, ConvertError, Converted, KeyMappingError, Mapping_, _clip_layers,
+                      _linear, _norm, _source_name, _warn, check_leftovers, image_settings, load_state_dict, take)
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,15 @@ def siglip(checkpoint: str, src: Path, raw: dict[str, Any], allow_pickle: bool) 
         vision_cfg=vision_cfg, projection_dim=projection_dim, logit_scale=scale_bias["logit_scale"],
         logit_bias=scale_bias["logit_bias"], scoring="sigmoid",
         write_tokenizer=lambda out: write_fixed_length_tokenizer(src, out, max_positions),
-        image=image_settings(src, vision_cfg, warnings), sources={"text": str(checkpoint), "vision": str(checkpoint)},
-        source_name=_source_name(checkpoint),
-        side_files=[p for p in [src / "preprocessor_config.json"] if p.is_file()], warnings=warnings)
+        image=image_settings(src, vision_cfg, warnings, siglip_image_defaults(vision_cfg["image_size"])),
+        sources={"text": str(checkpoint), "vision": str(checkpoint)}, source_name=_source_name(checkpoint),
+        side_files=[p for p in [src / "preprocessor_config.json", src / PROCESSOR_CONFIG] if p.is_file()],
+        warnings=warnings)
+
+
+def siglip_image_defaults(size: int) -> dict[str, Any]:
+    """SiglipImageProcessor's defaults: squash to size x size (bicubic), rescale 1/255, mean and std 0.5."""
+    return {"size": {"height": size, "width": size}, "resample": 3, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
 
 
 def write_fixed_length_tokenizer(src: Path, out: Path, max_positions: int) -> dict[str, Any]:
@@ -159,13 +165,16 @@ def write_fixed_length_tokenizer(src: Path, out: Path, max_positions: int) -> di
                            "and the sentencepiece package") from e
     if tok.pad_token_id is None:
         raise ConvertError(f"{src}: the tokenizer has no pad token")
-    if getattr(tok, "padding_side", "right") != "right":
-        raise ConvertError(f"{src}: the tokenizer pads on the {tok.padding_side}; only right padding is supported")
+    side = getattr(tok, "padding_side", "right")
+    if side not in ("right", "left"):
+        raise ConvertError(f"{src}: the tokenizer's padding_side {side!r} is not supported (right or left)")
     limits = [max_positions] + ([int(tok.model_max_length)] if 0 < (tok.model_max_length or 0) < 1_000_000 else [])
     out.mkdir(parents=True, exist_ok=True)
     block = {"dir": "tokenizer", "max_length": min(limits), "pad_token_id": int(tok.pad_token_id),
              "padding": "max_length"}
     if type(tok).__name__ == "SiglipTokenizer":
+        if side != "right":
+            raise ConvertError(f"{src}: SiglipTokenizer padding on the {side} is not supported")
         shutil.copy2(tok.vocab_file, out / "spiece.model")
         special = [{"content": str(t.content), "id": int(i), "lstrip": bool(t.lstrip), "rstrip": bool(t.rstrip)}
                    for i, t in sorted(tok.added_tokens_decoder.items())]
@@ -177,7 +186,8 @@ def write_fixed_length_tokenizer(src: Path, out: Path, max_positions: int) -> di
     if not (out / "tokenizer.json").is_file():
         raise ConvertError(f"{src}: its tokenizer ({type(tok).__name__}) has no fast version and is not "
                            "SiglipTokenizer: tokenizer.json is required")
-    return {**block, "kind": "tokenizers_fixed", "file": "tokenizer.json"}
+    (out / "tokenizer_settings.json").write_text(json.dumps({"padding_side": side}) + "\n", encoding="utf-8")
+    return {**block, "kind": "tokenizers_fixed", "file": "tokenizer.json", "settings": "tokenizer_settings.json"}
 
 
 # ----------------------------------------------------------------------------------------------------- open_clip
@@ -250,7 +260,8 @@ def open_clip_tower_configs(model_cfg: Mapping[str, Any], where: str) -> tuple[d
     if t.get("proj_type", "linear") not in ("linear", "none"):
         raise ConvertError(f"{where}: text proj_type {t.get('proj_type')!r} not supported (linear or none)")
     text = {"vocab_size": int(t.get("vocab_size", 49408)), "max_position_embeddings": int(t.get("context_length", 77)),
-            "hidden_size": tw, "num_hidden_layers": int(t.get("layers", 12)), "num_attention_heads": int(t.get("heads", 8)),
+            "hidden_size": tw, "num_hidden_layers": int(t.get("layers", 12)),
+            "num_attention_heads": int(t.get("heads", 8)),
             "intermediate_size": int(tw * float(t.get("mlp_ratio", 4.0))), "hidden_act": act,
             "layer_norm_eps": float((t.get("norm_kwargs") or {}).get("eps", 1e-5)),
             "eos_token_id": int(t.get("eos_id", 2)), "causal": not t.get("no_causal_mask", False), "pool": text_pool,
@@ -340,15 +351,18 @@ def open_clip_image(preprocess_cfg: Mapping[str, Any], image_size: int, where: s
         resize = {"resize_mode": "shortest_edge", "shortest_edge": size, "do_center_crop": True}
     elif mode == "squash":  # Resize((size, size))
         resize = {"resize_mode": "exact", "shortest_edge": None, "do_center_crop": False}
+    elif mode == "longest":  # ResizeKeepRatio(longest=1), then CenterCropOrPad(fill=fill_color)
+        resize = {"resize_mode": "longest", "shortest_edge": None, "do_center_crop": False}
     else:
-        raise ConvertError(f"{where}: resize_mode {mode!r} not supported (shortest or squash); 'longest' pads the "
-                           "image after resizing, which the served preprocessing does not do")
+        raise ConvertError(f"{where}: resize_mode {mode!r} not supported (shortest, longest or squash)")
     fill = p.get("fill_color", 0)
-    if fill not in (0, None):
-        log.debug("fill_color %s is unused by resize_mode %s", fill, mode)
+    if not isinstance(fill, int) or not 0 <= fill <= 255:
+        raise ConvertError(f"{where}: fill_color {fill!r} not supported (one int 0..255)")
+    resize["pad_fill"] = fill
     return {"size": size, "crop_size": size, "resize_size": size, **resize, "crop_rounding": "round",
             "resample": _INTERPOLATIONS[interpolation],
-            "mean": [float(x) for x in p.get("mean", DEFAULT_MEAN)], "std": [float(x) for x in p.get("std", DEFAULT_STD)],
+            "mean": [float(x) for x in p.get("mean", DEFAULT_MEAN)],
+            "std": [float(x) for x in p.get("std", DEFAULT_STD)],
             "rescale_factor": 1 / 255, "do_resize": True, "do_rescale": True, "do_normalize": True,
             "do_convert_rgb": True}
 

@@ -153,6 +153,7 @@ class _FakeServer:
     running = False
     process = None
     starts = 0
+    http_url, metrics_url, models = "127.0.0.1:9", "http://127.0.0.1:9/metrics", ["x"]  # the probe's target: unused
 
     def log_text(self):
         return "E0101 00:00:00.000000 1 model.cc:1] broken for good"

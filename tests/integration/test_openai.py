@@ -508,3 +508,23 @@ def test_a_trickled_body_gets_408_and_frees_its_bytes(triton_server, model_name)
         held.close()
         fe.stop()
     assert (answer, status) == (b"HTTP/1.1 408 Request Timeout", 200)
+
+
+def test_an_answer_from_another_model_id_is_refused_and_triggers_discovery(triton_server):
+    """The catalog says model_id X; the server answers as Y (rebuilt, or a rolling update mixing versions): the call
+    fails with MODEL_CHANGED (503 for the caller, who retries) and clip_info is read again at once."""
+    from clip_server.openai_api.upstream import UpstreamError, Upstreams
+
+    async def main():
+        upstreams = Upstreams([triton_server.grpc_url], timeout=30)
+        await upstreams.start()
+        try:
+            model = next(iter((await upstreams.discover()).models.values()))
+            served_id, model.model_id = model.model_id, "a-model-id-the-server-no-longer-has"
+            with pytest.raises(UpstreamError) as info:
+                await upstreams.encode_texts(model, [b"a cat"], "rid")
+            return info.value.status, upstreams.changed.is_set(), served_id in info.value.message
+        finally:
+            await upstreams.close()
+
+    assert asyncio.run(main()) == ("MODEL_CHANGED", True, True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +45,12 @@ IMAGES = [_encoded(_photo(h, w, s), fmt) for s, (h, w, fmt) in enumerate(
 
 
 # Tiny open_clip configs in open_clip's own format: GELU vs QuickGELU, class-token vs average pooling, ln_pre or not,
-# image sizes 48 and 64, shortest-edge + center crop vs squash, bicubic vs bilinear.
+# image sizes 48 and 64, longest (padded) vs squash vs shortest-edge + center crop, bicubic vs bilinear.
 OC_GELU = {"embed_dim": 24, "vision_cfg": {"image_size": 48, "layers": 2, "width": 64, "patch_size": 16,
                                            "head_width": 16},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
-OC_GELU_PRE = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic", "resize_mode": "shortest"}
+OC_GELU_PRE = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic", "resize_mode": "longest",
+               "fill_color": 0}  # the training checkpoint (oc-epoch) is served with open_clip's defaults: shortest
 OC_QUICK = {"embed_dim": 16, "quick_gelu": True,
             "vision_cfg": {"image_size": 64, "layers": 2, "width": 48, "patch_size": 16, "head_width": 12,
                            "pool_type": "avg", "no_ln_pre": True},
@@ -206,3 +208,39 @@ def test_siglip_clip_info_says_sigmoid(family_server):
     info = json.loads(infer(client, "http", "clip_info", {}, ["info"])["info"].reshape(-1)[0])
     manifest = json.loads((models["siglip"][1] / "manifest.json").read_text())
     assert (info["scoring"], info["logit_bias"], info["family"]) == ("sigmoid", manifest["logit_bias"], "siglip")
+
+
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
+def test_unprefixed_clip_info_lists_every_model(family_server):
+    server, models = family_server
+    client = httpclient.InferenceServerClient(server.http_url)
+    info = json.loads(infer(client, "http", "clip_info", {}, ["info"])["info"].reshape(-1)[0])
+    ids = {n: json.loads((w / "manifest.json").read_text())["model_id"] for n, (_, w) in models.items()}
+    assert [(m["name"], m["prefix"], m["model_id"]) for m in info["models"]] == [
+        (n, _prefix(n), ids[n]) for n in ("siglip", "oc-gelu", "oc-quick", "oc-epoch")]
+
+
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
+@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick"])
+def test_prefixed_ensembles_answer_their_own_model_id(family_server, name):
+    server, models = family_server
+    client = httpclient.InferenceServerClient(server.http_url)
+    texts = np.array([[b"a cat"]], dtype=object)
+    got = infer(client, "http", f"{name}__encode_text", {EncodeText.TEXT: texts}, [EncodeText.MODEL_ID])
+    manifest = json.loads((models[name][1] / "manifest.json").read_text())
+    assert got[EncodeText.MODEL_ID].tolist() == [manifest["model_id"].encode()]
+
+
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
+def test_siglip_token_counts_exclude_the_padding(family_server):
+    from transformers import AutoTokenizer
+
+    server, models = family_server
+    tok = AutoTokenizer.from_pretrained(str(models["siglip"][0]))
+    with warnings.catch_warnings():  # one text already ends in </s>: transformers warns
+        warnings.simplefilter("ignore")
+        want = [len(ids) for ids in tok(TEXTS, truncation=True, max_length=16)["input_ids"]]
+    client = httpclient.InferenceServerClient(server.http_url)
+    texts = np.array([[t.encode()] for t in TEXTS], dtype=object)
+    got = infer(client, "http", EncodeText.NAME, {EncodeText.TEXT: texts}, [EncodeText.TOKEN_COUNTS])
+    assert got[EncodeText.TOKEN_COUNTS].tolist() == want

@@ -156,6 +156,7 @@ def uvicorn_server(
         loop="uvloop",
         http="httptools",
         lifespan="on",
+        proxy_headers=False,  # the client address is not used (Envoy in front keeps its own)
         access_log=False,
         log_level="warning",
         ssl_certfile=tls_cert,
