@@ -222,16 +222,7 @@ class OpenClipBPE:
         self.max_length, self.pad_token_id, self.fixed = int(max_length), int(pad_token_id), fixed
 
     def _clean(self, text: str) -> str:
-        import html
-        import string
-
-        import ftfy
-
-        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-        if self.clean == "canonicalize":
-            text = text.replace("_", " ").translate(str.maketrans("", "", string.punctuation)).lower()
-        text = " ".join(text.split()).strip()
-        return text.lower() if self.clean == "lower" else text
+        return open_clip_clean(text, self.clean)
 
     def _bpe(self, token: str) -> str:
         if token in self.cache:
@@ -281,6 +272,34 @@ class OpenClipBPE:
         return self.encode_counted(texts)[0]
 
 
+def open_clip_clean(text: str, clean: str) -> str:
+    """open_clip's text cleaning: ftfy.fix_text, HTML-unescape twice, strip; then `lower` (whitespace collapsed,
+    lower-cased), `whitespace` (collapsed only) or `canonicalize` (punctuation and underscores out, lower-cased)."""
+    import html
+    import string
+
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    if clean == "canonicalize":
+        text = text.replace("_", " ").translate(str.maketrans("", "", string.punctuation)).lower()
+    text = " ".join(text.split()).strip()
+    return text.lower() if clean == "lower" else text
+
+
+class OpenClipHF(FixedLengthTokenizer):
+    """open_clip's HFTokenizer: its text cleaning (settings["clean"], default whitespace), then the Hugging Face
+    tokenizer (tokenizer.json) with padding="max_length", truncation to the context length."""
+
+    def __init__(self, tokenizer_json: str | os.PathLike, max_length: int, pad_token_id: int, settings: dict):
+        super().__init__(tokenizer_json, max_length, pad_token_id, settings)
+        self.clean = str(settings.get("clean", "whitespace"))
+
+    def encode_counted(self, texts: Sequence[str]) -> tuple[TokenRows, np.ndarray]:
+        """Clean as open_clip does, then FixedLengthTokenizer.encode_counted."""
+        return super().encode_counted([open_clip_clean(t, self.clean) for t in texts])
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP reversible byte -> printable unicode map."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -304,7 +323,9 @@ def load_tokenizer(kind: str, path: str | os.PathLike, max_length: int, pad_toke
         return FixedLengthTokenizer(path, max_length, pad_token_id, settings)
     if kind == "siglip_spm":
         return SiglipSentencePiece(path, settings or {}, max_length, pad_token_id)
+    if kind == "open_clip_hf":
+        return OpenClipHF(path, max_length, pad_token_id, settings or {})
     if kind in ("open_clip_bpe", "open_clip_bpe_fixed"):
         return OpenClipBPE(path, settings or {}, max_length, pad_token_id, fixed=kind.endswith("_fixed"))
     raise ValueError(f"unknown tokenizer_kind {kind!r} (tokenizers, tokenizers_fixed, siglip_spm, "
-                     "open_clip_bpe[_fixed])")
+                     "open_clip_bpe[_fixed], open_clip_hf)")

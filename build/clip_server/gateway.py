@@ -39,11 +39,12 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from clip_common.contract import INTERNAL_MODELS, PUBLIC_MODELS, ClipInfo
 
@@ -103,7 +104,7 @@ class Upstream:
     grpc_port: int
 
     @classmethod
-    def parse(cls, text: str) -> "Upstream":
+    def parse(cls, text: str) -> Upstream:
         """HOST:HTTP_PORT:GRPC_PORT -> Upstream; an IPv6 address goes in brackets: [::1]:8000:8001."""
         parts = text.rsplit(":", 2)
         if len(parts) != 3 or not parts[0] or not all(p.isdigit() for p in parts[1:]):
@@ -155,7 +156,7 @@ class GatewaySettings:
     max_heap_bytes: int = DEFAULT_MAX_HEAP_BYTES  # the overload manager keeps Envoy's heap near this bound
     max_request_headers_kb: int = DEFAULT_MAX_REQUEST_HEADERS_KB  # larger request headers: 431 at the edge
     access_log: bool = False  # JSON access log lines on stdout, each with its x-request-id
-    edge: "EdgeSecurity | None" = None  # API keys, TLS, the OpenAI front end (see "keys, TLS, OpenAI" below)
+    edge: EdgeSecurity | None = None  # API keys, TLS, the OpenAI front end (see "keys, TLS, OpenAI" below)
 
 
 # One JSON object per request on stdout (Envoy's format strings).
@@ -167,7 +168,7 @@ ACCESS_LOG_FORMAT = {
     "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}
 
 
-def access_logs(settings: "GatewaySettings") -> list[dict]:
+def access_logs(settings: GatewaySettings) -> list[dict]:
     """The listeners' access_log: JSON lines on stdout when asked for, else none."""
     if not settings.access_log:
         return []

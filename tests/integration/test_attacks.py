@@ -246,12 +246,11 @@ def test_repeated_oversized_items_keep_shared_memory_bounded(queued):
     """Row 5: items of 25 MB (over max_image_bytes) again and again from 4 clients: each refused with a clear
     message; the python backend regions stay within a few times the bytes in flight (measured: docs/benchmarks.md)."""
     item = b"\xff\xd8\xff" + bytes(25 * 2**20)
-    with GoodTraffic(queued.http_url, queued.grpc_url) as good:
-        with ShmSampler(queued) as shm:
-            start = shm.now()[0]
-            first = send_items(queued.http_url, [item], clients=4, rounds=2)
-            after_first = shm.now()[0]
-            again = send_items(queued.http_url, [item], clients=4, rounds=4)
+    with GoodTraffic(queued.http_url, queued.grpc_url) as good, ShmSampler(queued) as shm:
+        start = shm.now()[0]
+        first = send_items(queued.http_url, [item], clients=4, rounds=2)
+        after_first = shm.now()[0]
+        again = send_items(queued.http_url, [item], clients=4, rounds=4)
     good.assert_all_good(minimum=20)
     assert first == again == ["[400] in ensemble 'encode_image', image 0: image is N bytes, more than the limit of N"]
     print(f"shm regions: {start / 2**20:.0f} MiB at start, {after_first / 2**20:.0f} after 8 items, high-water "

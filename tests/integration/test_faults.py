@@ -17,11 +17,16 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.integration.triton_helpers import (CLIP_WORKERS, GoodTraffic, read_until_ready, repository_copy, serving,
-                                             wait_until)
-
 from clip_server import Supervisor, TritonServer, TritonServerError, free_port
 from clip_server.process import SHM_DIR
+from tests.integration.triton_helpers import (
+    CLIP_WORKERS,
+    GoodTraffic,
+    read_until_ready,
+    repository_copy,
+    serving,
+    wait_until,
+)
 
 
 def stub_pid(server: TritonServer, model: str) -> int:

@@ -528,3 +528,11 @@ def test_an_answer_from_another_model_id_is_refused_and_triggers_discovery(trito
             await upstreams.close()
 
     assert asyncio.run(main()) == ("MODEL_CHANGED", True, True)
+
+
+def test_model_id_is_an_alias_of_the_name(front, model_name, triton_server):
+    model_id = json.loads((triton_server.repository / "clip_triton.json").read_text())["model_id"]
+    status, body, _ = http_post(
+        f"{front.base_url}/embeddings", {"model": model_id, "input": "x"}, {"Authorization": f"Bearer {KEY}"}
+    )
+    assert (status, body["model"]) == (200, model_name)

@@ -13,9 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.triton_helpers import read_until_ready, wait_until
-
 from clip_server import TritonServer, TritonServerError, free_port
+from tests.integration.triton_helpers import read_until_ready, wait_until
 
 CONFIG = """name: "{name}"
 backend: "python"

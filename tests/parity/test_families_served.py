@@ -59,6 +59,17 @@ OC_QUICK = {"embed_dim": 16, "quick_gelu": True,
 OC_QUICK_PRE = {"interpolation": "bilinear", "resize_mode": "squash"}
 
 
+def _oc_hf() -> dict:
+    """open_clip's own towers with a Hugging Face tokenizer (hf_tokenizer_name: here a local folder, the real
+    WordPiece vocabulary of all-MiniLM-L6-v2), pooled at its [SEP] (pool_type eos)."""
+    from clip_build.synthetic import minilm_dir
+
+    return {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                                            "head_width": 16},
+            "text_cfg": {"context_length": 24, "vocab_size": 30522, "width": 32, "heads": 2, "layers": 1,
+                         "hf_tokenizer_name": str(minilm_dir()), "pool_type": "eos", "eos_id": 102}}
+
+
 def _training_checkpoint(tmp: Path, hub: Path) -> tuple[Path, Path]:
     """open_clip's training output for the OC_GELU model: epoch_3.pt {"epoch", "state_dict" with `module.` keys}
     and the model config as a JSON file (what --model-config takes)."""
@@ -76,12 +87,17 @@ def family_server(tmp_path_factory, checkpoints):
     """One repository with every family model of this file, served once: (server, {name: (checkpoint, weights)})."""
     from clip_build.convert import convert
     from clip_build.repository import BuildOptions, build_repositories
+    from transformers import AutoTokenizer
+
     from tests.parity.open_clip_reference import save_hub_folder
 
     tmp = tmp_path_factory.mktemp("families")
     models = {"siglip": checkpoints("siglip"),
               "oc-gelu": save_hub_folder(tmp / "oc-gelu", OC_GELU, OC_GELU_PRE, seed=1),
-              "oc-quick": save_hub_folder(tmp / "oc-quick", OC_QUICK, OC_QUICK_PRE, seed=2, safetensors=False)}
+              "oc-quick": save_hub_folder(tmp / "oc-quick", OC_QUICK, OC_QUICK_PRE, seed=2, safetensors=False),
+              "oc-hf": save_hub_folder(tmp / "oc-hf", _oc_hf(), {}, seed=3)}
+    # a hub folder of an hf_tokenizer_name model holds that tokenizer's files (open_clip's local-dir loads them)
+    AutoTokenizer.from_pretrained(_oc_hf()["text_cfg"]["hf_tokenizer_name"]).save_pretrained(str(models["oc-hf"]))
     epoch, model_json = _training_checkpoint(tmp, models["oc-gelu"])
     # open_clip's reference for the training checkpoint: the same weights with open_clip's default preprocessing
     reference_dir = tmp / "oc-epoch-reference"
@@ -167,10 +183,10 @@ def open_clip_results(family_server):
 
     server, models = family_server
     return {name: (_served(server, name), reference(models[name][0], TEXTS, IMAGES))
-            for name in ("oc-gelu", "oc-quick", "oc-epoch")}
+            for name in ("oc-gelu", "oc-quick", "oc-epoch", "oc-hf")}
 
 
-@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick", "oc-epoch"])
+@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick", "oc-epoch", "oc-hf"])
 def test_open_clip_text_embeddings_match_open_clip(open_clip_results, name):
     served, ref = open_clip_results[name]
     cos = _cos_min(served[EncodeText.TEXT_EMBEDS], ref["text"])
@@ -178,7 +194,7 @@ def test_open_clip_text_embeddings_match_open_clip(open_clip_results, name):
     assert cos >= MIN_COS
 
 
-@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick", "oc-epoch"])
+@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick", "oc-epoch", "oc-hf"])
 def test_open_clip_image_embeddings_match_open_clip(open_clip_results, name):
     served, ref = open_clip_results[name]
     cos = _cos_min(served[EncodeImage.IMAGE_EMBEDS], ref["image"])
@@ -186,7 +202,7 @@ def test_open_clip_image_embeddings_match_open_clip(open_clip_results, name):
     assert cos >= MIN_COS
 
 
-@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick"])
+@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick", "oc-hf"])
 def test_open_clip_zero_shot_probabilities_match(open_clip_results, name):
     served, ref = open_clip_results[name]
     assert np.abs(served[ZeroShot.PROBS] - ref["probs"].numpy()).max() <= PROB_TOL
@@ -217,7 +233,7 @@ def test_unprefixed_clip_info_lists_every_model(family_server):
     info = json.loads(infer(client, "http", "clip_info", {}, ["info"])["info"].reshape(-1)[0])
     ids = {n: json.loads((w / "manifest.json").read_text())["model_id"] for n, (_, w) in models.items()}
     assert [(m["name"], m["prefix"], m["model_id"]) for m in info["models"]] == [
-        (n, _prefix(n), ids[n]) for n in ("siglip", "oc-gelu", "oc-quick", "oc-epoch")]
+        (n, _prefix(n), ids[n]) for n in ("siglip", "oc-gelu", "oc-quick", "oc-hf", "oc-epoch")]
 
 
 @pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
