@@ -20,8 +20,11 @@ LEVELS = ("unit", "parity", "integration")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark every test with its level, from the folder it lives in."""
+    """Mark every test with its level, from the folder it lives in, unless it names its level itself (a served
+    parity module's checks that are not parity share its server: @pytest.mark.integration)."""
     for item in items:
+        if any(item.get_closest_marker(level) for level in LEVELS):
+            continue
         parts = Path(str(item.fspath)).parts
         for level in LEVELS:
             if level in parts:

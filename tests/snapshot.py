@@ -1,5 +1,6 @@
-"""The checked-in example repository (docs/model_repository_example/): what `clip-triton build` writes for a tiny
-random CLIP checkpoint, minus the weights, so a change to the generated configs shows in review.
+"""The checked-in example repository (docs/model_repository_example/): what `clip-triton build` writes for two tiny
+random checkpoints in one repository (a CLIP, unprefixed, and a Chinese-CLIP served as `tiny-cn__*`), minus the
+weights, so a change to the generated configs shows in review.
 
     python -m tests.snapshot --update     # regenerate docs/model_repository_example/ (also: make snapshot)
     python -m tests.snapshot              # compare; exit 1 and name the differing files
@@ -21,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOT = ROOT / "docs" / "model_repository_example"
 UPDATE_COMMAND = "python -m tests.snapshot --update  (or: make snapshot)"
-NAME = "tiny-clip"  # the checkpoint and weights folders' base name (a model's name may derive from it)
+# (family, folder base name, model name): folder names are fixed because a model's name and source derive from them
+MODELS = (("clip", "tiny-clip", "tiny-clip"), ("chinese_clip", "tiny-chinese-clip", "tiny-cn"))
 # The build's options: everything that depends on the machine it runs on is given, so the output does not.
 BUILD_ARGS = ["--cores", "2", "--max-batch-size", "64"]
 # clip_triton.json fields that vary with the machine, the time or the torch build: replaced by a placeholder.
@@ -44,6 +46,8 @@ def _placeholders(value, key: str = ""):
         return f"<{key}>"
     if isinstance(value, dict):
         return {k: _placeholders(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_placeholders(v) for v in value]
     return value
 
 
@@ -52,11 +56,13 @@ def render(workdir: Path) -> dict[str, str]:
     from clip_build.synthetic import make_random_checkpoint
     from clip_client.cli import main
 
-    checkpoint = make_random_checkpoint(workdir / "checkpoint" / NAME, "clip", "tiny", seed=0)
-    weights, repo = workdir / "weights" / NAME, workdir / "repository"
-    with contextlib.redirect_stdout(io.StringIO()):  # both commands print what they wrote
-        for argv in (["convert", "--checkpoint", str(checkpoint), "--out", str(weights)],
-                     ["build", "--weights", str(weights), "--repository", str(repo), *BUILD_ARGS]):
+    repo, commands, build = workdir / "repository", [], ["build", "--repository", str(workdir / "repository")]
+    for family, folder, name in MODELS:
+        checkpoint = make_random_checkpoint(workdir / "checkpoint" / folder, family, "tiny", seed=0)
+        commands.append(["convert", "--checkpoint", str(checkpoint), "--out", str(workdir / "weights" / folder)])
+        build += ["--weights", f"{name}={workdir / 'weights' / folder}"]
+    with contextlib.redirect_stdout(io.StringIO()):  # the commands print what they wrote
+        for argv in [*commands, build + BUILD_ARGS]:
             if main(argv) != 0:
                 raise RuntimeError(f"clip-triton {' '.join(argv)} failed")
     files = sorted(p for p in repo.rglob("*") if p.is_file() and p.name in KEPT_FILES)

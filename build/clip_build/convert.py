@@ -268,8 +268,25 @@ def write_tokenizer(src: Path, out: Path, max_positions: int) -> dict[str, Any]:
     return {"dir": "tokenizer", "max_length": min(limits), "pad_token_id": int(tok.pad_token_id)}
 
 
-def image_settings(src: Path, vision_cfg: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
-    """Preprocessing constants from preprocessor_config.json (CLIP defaults, with a warning, when absent).
+PROCESSOR_CONFIG = "processor_config.json"  # transformers 5 saves a processor's image settings here, nested
+
+
+def read_image_processor(src: Path) -> tuple[dict[str, Any] | None, Path]:
+    """The image processor's settings: preprocessor_config.json, else processor_config.json's "image_processor"."""
+    path = src / "preprocessor_config.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8")), path
+    if (src / PROCESSOR_CONFIG).is_file():
+        block = json.loads((src / PROCESSOR_CONFIG).read_text(encoding="utf-8")).get("image_processor")
+        if isinstance(block, dict):
+            return block, src / PROCESSOR_CONFIG
+    return None, path
+
+
+def image_settings(src: Path, vision_cfg: Mapping[str, Any], warnings: list[str],
+                   defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Preprocessing constants from preprocessor_config.json or processor_config.json (`defaults`, else CLIP's, with
+    a warning, when absent).
 
     `size` is either {"shortest_edge": N} (keep the aspect ratio; CLIPImageProcessor) or {"height": H, "width": W}
     (resize to exactly HxW, ignoring the aspect ratio; ChineseCLIPImageProcessor's real configs): recorded as
@@ -277,13 +294,11 @@ def image_settings(src: Path, vision_cfg: Mapping[str, Any], warnings: list[str]
     Settings the serving runtime cannot reproduce are refused here, with the flag named, rather than served wrong.
     """
     s = vision_cfg["image_size"]
-    path = src / "preprocessor_config.json"
-    if not path.is_file():
-        _warn(warnings, f"{src}: no preprocessor_config.json; using CLIP's defaults (resize {s}, crop {s}, "
-                        "OpenAI mean/std)")
-        p: dict[str, Any] = {}
-    else:
-        p = json.loads(path.read_text(encoding="utf-8"))
+    found, path = read_image_processor(src)
+    if found is None:
+        what = "the family's defaults" if defaults else f"CLIP's defaults (resize {s}, crop {s}, OpenAI mean/std)"
+        _warn(warnings, f"{src}: no preprocessor_config.json or {PROCESSOR_CONFIG}; using {what}")
+    p: dict[str, Any] = dict(defaults or {}) if found is None else found
     size = p.get("size", {"shortest_edge": s})
     if isinstance(size, int):
         size = {"shortest_edge": size}
@@ -437,7 +452,8 @@ def _hf_clip(checkpoint: str, src: Path, raw: dict[str, Any], vision_checkpoint:
         sources={"text": str(checkpoint), "vision": str(vision_checkpoint or checkpoint),
                  "projections": str(projections) if projections else None},
         source_name=_source_name(checkpoint),
-        side_files=[p for p in [vsrc / "preprocessor_config.json"] if p.is_file()], warnings=warnings)
+        side_files=[p for p in [vsrc / "preprocessor_config.json", vsrc / PROCESSOR_CONFIG] if p.is_file()],
+        warnings=warnings)
 
 
 def _bert_projection(projections: str | None, projection_dim: int, hidden: int, seed: int, warnings: list[str]) -> Any:
@@ -550,7 +566,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Arguments of `clip-triton convert`."""
     parser.add_argument("--checkpoint", required=True, metavar="SRC",
                         help="folder or hub id: transformers CLIP / Chinese-CLIP / SigLIP / BERT (with "
-                        "--vision-checkpoint), an open_clip hub folder, or an open_clip epoch_N.pt (with --model-config)")
+                        "--vision-checkpoint), an open_clip hub folder, or an open_clip epoch_N.pt "
+                        "(with --model-config)")
     parser.add_argument("--out", required=True, metavar="WEIGHTS_DIR", help="output folder")
     parser.add_argument("--vision-checkpoint", metavar="SRC", help="CLIP checkpoint whose ViT tower pairs with a BERT")
     parser.add_argument("--projections", metavar="FILE.safetensors",

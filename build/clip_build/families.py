@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .convert import (IGNORED, ConvertError, Converted, KeyMappingError, Mapping_, _clip_layers, _linear, _norm,
-                      _source_name, _warn, check_leftovers, image_settings, load_state_dict, take)
+from .convert import (IGNORED, PROCESSOR_CONFIG, ConvertError, Converted, KeyMappingError, Mapping_, _clip_layers,
+                      _linear, _norm, _source_name, _warn, check_leftovers, image_settings, load_state_dict, take)
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,15 @@ def siglip(checkpoint: str, src: Path, raw: dict[str, Any], allow_pickle: bool) 
         vision_cfg=vision_cfg, projection_dim=projection_dim, logit_scale=scale_bias["logit_scale"],
         logit_bias=scale_bias["logit_bias"], scoring="sigmoid",
         write_tokenizer=lambda out: write_fixed_length_tokenizer(src, out, max_positions),
-        image=image_settings(src, vision_cfg, warnings), sources={"text": str(checkpoint), "vision": str(checkpoint)},
-        source_name=_source_name(checkpoint),
-        side_files=[p for p in [src / "preprocessor_config.json"] if p.is_file()], warnings=warnings)
+        image=image_settings(src, vision_cfg, warnings, siglip_image_defaults(vision_cfg["image_size"])),
+        sources={"text": str(checkpoint), "vision": str(checkpoint)}, source_name=_source_name(checkpoint),
+        side_files=[p for p in [src / "preprocessor_config.json", src / PROCESSOR_CONFIG] if p.is_file()],
+        warnings=warnings)
+
+
+def siglip_image_defaults(size: int) -> dict[str, Any]:
+    """SiglipImageProcessor's defaults: squash to size x size (bicubic), rescale 1/255, mean and std 0.5."""
+    return {"size": {"height": size, "width": size}, "resample": 3, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
 
 
 def write_fixed_length_tokenizer(src: Path, out: Path, max_positions: int) -> dict[str, Any]:
@@ -159,13 +165,16 @@ def write_fixed_length_tokenizer(src: Path, out: Path, max_positions: int) -> di
                            "and the sentencepiece package") from e
     if tok.pad_token_id is None:
         raise ConvertError(f"{src}: the tokenizer has no pad token")
-    if getattr(tok, "padding_side", "right") != "right":
-        raise ConvertError(f"{src}: the tokenizer pads on the {tok.padding_side}; only right padding is supported")
+    side = getattr(tok, "padding_side", "right")
+    if side not in ("right", "left"):
+        raise ConvertError(f"{src}: the tokenizer's padding_side {side!r} is not supported (right or left)")
     limits = [max_positions] + ([int(tok.model_max_length)] if 0 < (tok.model_max_length or 0) < 1_000_000 else [])
     out.mkdir(parents=True, exist_ok=True)
     block = {"dir": "tokenizer", "max_length": min(limits), "pad_token_id": int(tok.pad_token_id),
              "padding": "max_length"}
     if type(tok).__name__ == "SiglipTokenizer":
+        if side != "right":
+            raise ConvertError(f"{src}: SiglipTokenizer padding on the {side} is not supported")
         shutil.copy2(tok.vocab_file, out / "spiece.model")
         special = [{"content": str(t.content), "id": int(i), "lstrip": bool(t.lstrip), "rstrip": bool(t.rstrip)}
                    for i, t in sorted(tok.added_tokens_decoder.items())]
@@ -177,7 +186,8 @@ def write_fixed_length_tokenizer(src: Path, out: Path, max_positions: int) -> di
     if not (out / "tokenizer.json").is_file():
         raise ConvertError(f"{src}: its tokenizer ({type(tok).__name__}) has no fast version and is not "
                            "SiglipTokenizer: tokenizer.json is required")
-    return {**block, "kind": "tokenizers_fixed", "file": "tokenizer.json"}
+    (out / "tokenizer_settings.json").write_text(json.dumps({"padding_side": side}) + "\n", encoding="utf-8")
+    return {**block, "kind": "tokenizers_fixed", "file": "tokenizer.json", "settings": "tokenizer_settings.json"}
 
 
 # ----------------------------------------------------------------------------------------------------- open_clip
@@ -250,7 +260,8 @@ def open_clip_tower_configs(model_cfg: Mapping[str, Any], where: str) -> tuple[d
     if t.get("proj_type", "linear") not in ("linear", "none"):
         raise ConvertError(f"{where}: text proj_type {t.get('proj_type')!r} not supported (linear or none)")
     text = {"vocab_size": int(t.get("vocab_size", 49408)), "max_position_embeddings": int(t.get("context_length", 77)),
-            "hidden_size": tw, "num_hidden_layers": int(t.get("layers", 12)), "num_attention_heads": int(t.get("heads", 8)),
+            "hidden_size": tw, "num_hidden_layers": int(t.get("layers", 12)),
+            "num_attention_heads": int(t.get("heads", 8)),
             "intermediate_size": int(tw * float(t.get("mlp_ratio", 4.0))), "hidden_act": act,
             "layer_norm_eps": float((t.get("norm_kwargs") or {}).get("eps", 1e-5)),
             "eos_token_id": int(t.get("eos_id", 2)), "causal": not t.get("no_causal_mask", False), "pool": text_pool,
@@ -340,21 +351,55 @@ def open_clip_image(preprocess_cfg: Mapping[str, Any], image_size: int, where: s
         resize = {"resize_mode": "shortest_edge", "shortest_edge": size, "do_center_crop": True}
     elif mode == "squash":  # Resize((size, size))
         resize = {"resize_mode": "exact", "shortest_edge": None, "do_center_crop": False}
+    elif mode == "longest":  # ResizeKeepRatio(longest=1), then CenterCropOrPad(fill=fill_color)
+        resize = {"resize_mode": "longest", "shortest_edge": None, "do_center_crop": False}
     else:
-        raise ConvertError(f"{where}: resize_mode {mode!r} not supported (shortest or squash); 'longest' pads the "
-                           "image after resizing, which the served preprocessing does not do")
+        raise ConvertError(f"{where}: resize_mode {mode!r} not supported (shortest, longest or squash)")
     fill = p.get("fill_color", 0)
-    if fill not in (0, None):
-        log.debug("fill_color %s is unused by resize_mode %s", fill, mode)
+    if not isinstance(fill, int) or not 0 <= fill <= 255:
+        raise ConvertError(f"{where}: fill_color {fill!r} not supported (one int 0..255)")
+    resize["pad_fill"] = fill
     return {"size": size, "crop_size": size, "resize_size": size, **resize, "crop_rounding": "round",
             "resample": _INTERPOLATIONS[interpolation],
-            "mean": [float(x) for x in p.get("mean", DEFAULT_MEAN)], "std": [float(x) for x in p.get("std", DEFAULT_STD)],
+            "mean": [float(x) for x in p.get("mean", DEFAULT_MEAN)],
+            "std": [float(x) for x in p.get("std", DEFAULT_STD)],
             "rescale_factor": 1 / 255, "do_resize": True, "do_rescale": True, "do_normalize": True,
             "do_convert_rgb": True}
 
 
+def _write_open_clip_hf_tokenizer(text_cfg: Mapping[str, Any], hf_name: str, clean: str, tokenizer_dir: Path | None,
+                                  out: Path, where: str) -> dict[str, Any]:
+    """open_clip's HFTokenizer: the named Hugging Face tokenizer (from --tokenizer DIR, the checkpoint folder, a
+    local path, or the hub), its cleaning, padding="max_length" to the context length."""
+    from transformers import AutoTokenizer
+
+    from .convert import resolve_checkpoint
+
+    src = tokenizer_dir or (Path(hf_name).expanduser() if Path(hf_name).expanduser().is_dir() else None)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src or resolve_checkpoint(hf_name)))
+    except Exception as e:  # noqa: BLE001 - offline, missing files: one clear message
+        raise ConvertError(f"{where}: cannot load hf_tokenizer_name {hf_name!r} ({type(e).__name__}: {e}); give "
+                           "--tokenizer DIR with its files") from e
+    if tok.pad_token_id is None:
+        raise ConvertError(f"{where}: tokenizer {hf_name!r} has no pad token")
+    if len(tok) > text_cfg["vocab_size"]:
+        raise ConvertError(f"{where}: tokenizer {hf_name!r} has {len(tok)} tokens, more than the text tower's "
+                           f"vocab_size {text_cfg['vocab_size']}")
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out))
+    if not (out / "tokenizer.json").is_file():
+        raise ConvertError(f"{where}: tokenizer {hf_name!r} has no fast version (tokenizer.json is required)")
+    side = getattr(tok, "padding_side", "right")
+    (out / "tokenizer_settings.json").write_text(json.dumps({"clean": clean, "padding_side": side}) + "\n",
+                                                 encoding="utf-8")
+    return {"dir": "tokenizer", "kind": "open_clip_hf", "file": "tokenizer.json", "settings": "tokenizer_settings.json",
+            "max_length": int(text_cfg["max_position_embeddings"]), "pad_token_id": int(tok.pad_token_id),
+            "padding": "max_length"}
+
+
 def write_open_clip_tokenizer(text_cfg: Mapping[str, Any], raw_text_cfg: Mapping[str, Any], out: Path,
-                              where: str) -> dict[str, Any]:
+                              where: str, tokenizer_dir: Path | None = None) -> dict[str, Any]:
     """open_clip's default tokenizer: OpenAI's BPE (bpe_simple_vocab_16e6.txt.gz from the pinned open_clip_torch
     wheel), ftfy + HTML unescape + whitespace clean + lower-case, [SOT] text [EOT], pad id 0, context length."""
     import gzip  # noqa: F401 - the runtime reads the .gz as it is
@@ -362,14 +407,16 @@ def write_open_clip_tokenizer(text_cfg: Mapping[str, Any], raw_text_cfg: Mapping
 
     from .synthetic import BPE_MEMBER, open_clip_wheel
 
-    if raw_text_cfg.get("hf_tokenizer_name"):
-        raise ConvertError(f"{where}: hf_tokenizer_name {raw_text_cfg['hf_tokenizer_name']!r}: Hugging Face "
-                           "tokenizers with open_clip's own text tower are not supported yet; open_clip's default "
-                           "BPE tokenizer is")
     kwargs = raw_text_cfg.get("tokenizer_kwargs") or {}
-    clean = kwargs.get("clean", "lower")
-    if clean not in ("lower", "whitespace", "canonicalize") or kwargs.get("reduction_mask"):
-        raise ConvertError(f"{where}: tokenizer_kwargs {kwargs} not supported (clean lower/whitespace/canonicalize)")
+    hf_name = raw_text_cfg.get("hf_tokenizer_name")
+    clean = kwargs.get("clean", "whitespace" if hf_name else "lower")
+    odd = {k: v for k, v in kwargs.items() if k != "clean" and v}
+    if clean not in ("lower", "whitespace", "canonicalize") or odd or raw_text_cfg.get("tokenizer_mode"):
+        raise ConvertError(f"{where}: tokenizer options {kwargs} / tokenizer_mode "
+                           f"{raw_text_cfg.get('tokenizer_mode')!r} not supported (clean: lower, whitespace or "
+                           "canonicalize)")
+    if hf_name:
+        return _write_open_clip_hf_tokenizer(text_cfg, hf_name, clean, tokenizer_dir, out, where)
     if text_cfg["vocab_size"] != 49408:
         raise ConvertError(f"{where}: vocab_size {text_cfg['vocab_size']} does not match open_clip's BPE (49408) and "
                            "no hf_tokenizer_name is given")
@@ -385,7 +432,8 @@ def write_open_clip_tokenizer(text_cfg: Mapping[str, Any], raw_text_cfg: Mapping
 
 
 def _open_clip_converted(checkpoint: str, model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any],
-                         sd: dict[str, Any], family: str, source: str) -> Converted:
+                         sd: dict[str, Any], family: str, source: str,
+                         tokenizer_dir: Path | None = None) -> Converted:
     text_cfg, vision_cfg, embed_dim = open_clip_tower_configs(model_cfg, source)
     if not text_cfg["causal"] and text_cfg["pool"] not in ("last", "first"):
         log.debug("bidirectional text tower pooled at %s", text_cfg["pool"])
@@ -396,7 +444,7 @@ def _open_clip_converted(checkpoint: str, model_cfg: Mapping[str, Any], preproce
         family=family, text=text, vision=vision, text_arch="clip_text", pooling=text_cfg["pool"], text_cfg=text_cfg,
         vision_cfg=vision_cfg, projection_dim=embed_dim, logit_scale=logit_scale, logit_bias=logit_bias,
         scoring="sigmoid" if logit_bias is not None else "softmax",
-        write_tokenizer=lambda out: write_open_clip_tokenizer(text_cfg, raw_text, out, source),
+        write_tokenizer=lambda out: write_open_clip_tokenizer(text_cfg, raw_text, out, source, tokenizer_dir),
         image=image, sources={"text": str(checkpoint), "vision": str(checkpoint)},
         source_name=_source_name(checkpoint))
 
@@ -416,8 +464,7 @@ def open_clip_hub(checkpoint: str, src: Path, allow_pickle: bool, tokenizer: str
     cfg = json.loads((src / OPEN_CLIP_CONFIG).read_text(encoding="utf-8"))
     if "model_cfg" not in cfg:
         raise ConvertError(f"{where}: no model_cfg (open_clip hub configs hold model_cfg and preprocess_cfg)")
-    if tokenizer:
-        raise ConvertError("--tokenizer applies to open_clip configs with hf_tokenizer_name, not supported yet")
+    tok_dir = _tokenizer_dir(tokenizer, src)
     if (src / OPEN_CLIP_WEIGHTS[0]).is_file():
         sd = load_file(str(src / OPEN_CLIP_WEIGHTS[0]))
     elif (src / OPEN_CLIP_WEIGHTS[1]).is_file():
@@ -426,7 +473,19 @@ def open_clip_hub(checkpoint: str, src: Path, allow_pickle: bool, tokenizer: str
         raise ConvertError(f"{src}: an open_clip hub folder needs {OPEN_CLIP_WEIGHTS[0]} or {OPEN_CLIP_WEIGHTS[1]} "
                            "beside open_clip_config.json")
     return _open_clip_converted(checkpoint, cfg["model_cfg"], cfg.get("preprocess_cfg") or {}, _strip_module(sd),
-                                "open_clip", str(src))
+                                "open_clip", str(src), tok_dir)
+
+
+def _tokenizer_dir(tokenizer: str | None, folder: Path | None) -> Path | None:
+    """--tokenizer DIR, else the checkpoint folder when it holds a tokenizer (hf_tokenizer_name's files)."""
+    if tokenizer:
+        path = Path(tokenizer).expanduser()
+        if not path.is_dir():
+            raise ConvertError(f"--tokenizer {tokenizer}: no such folder")
+        return path
+    if folder is not None and any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return folder
+    return None
 
 
 def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, Any]:
@@ -483,9 +542,7 @@ def open_clip_training(checkpoint: str, model_config: str | None, allow_pickle: 
     if not model_config:
         raise ConvertError(f"{checkpoint}: an open_clip training checkpoint carries no config: give --model-config "
                            "with the open_clip model name it was trained with (e.g. ViT-B-32) or a JSON file")
-    if tokenizer:
-        raise ConvertError("--tokenizer applies to open_clip configs with hf_tokenizer_name, not supported yet")
     cfg = open_clip_model_config(model_config)
     sd = load_file(str(path)) if path.suffix == ".safetensors" else _load_pickle(path, allow_pickle)
     return _open_clip_converted(checkpoint, cfg, cfg.get("preprocess_cfg") or {}, _strip_module(sd), "open_clip",
-                                str(path))
+                                str(path), _tokenizer_dir(tokenizer, None))

@@ -122,8 +122,8 @@ def image_parameters(manifest: dict) -> dict[str, Any]:
     img = manifest.get("image") or {}
     shortest = img.get("shortest_edge")
     mode = img.get("resize_mode") or ("shortest_edge" if shortest else "exact")
-    if mode not in ("shortest_edge", "exact"):
-        raise ValueError(f"the manifest's image.resize_mode {mode!r} is not supported (shortest_edge or exact)")
+    if mode not in ("shortest_edge", "exact", "longest"):
+        raise ValueError(f"the manifest's image.resize_mode {mode!r} is not supported (shortest_edge, exact, longest)")
     size = int(img.get("resize_size") or (shortest if mode == "shortest_edge" else None) or img.get("size")
                or P.PARAMETERS["image_size"].default)
     crop = int(img.get("crop_size") or size)
@@ -143,6 +143,7 @@ def image_parameters(manifest: dict) -> dict[str, Any]:
         "crop_size": crop,
         "do_center_crop": do_crop,
         "crop_rounding": str(img.get("crop_rounding") or "floor"),
+        "pad_fill": int(img.get("pad_fill") or 0),
         "resample": int(img.get("resample", 3)),
         "rescale_factor": float(img.get("rescale_factor", 1 / 255)) if do_rescale else 1.0,
         "image_mean": list(img.get("mean") or P.PARAMETERS["image_mean"].default) if do_normalize else [0.0] * 3,
@@ -311,6 +312,9 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", max_batch_si
     kind = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}[instance_kind]
     plan = preprocess or plan_preprocessing(instance_kind, decode_threads=limits.get("decode_threads"))
     gpu_decode = plan.image_decode == "gpu"
+    if gpu_decode and img["resize_mode"] == "longest":
+        raise ValueError("--image-decode gpu does not implement resize_mode longest (open_clip's pad to the square); "
+                         "build this model with --image-decode cpu")
     tuning = tuning or encoder_tuning(instance_kind, max_batch_size=max_batch_size, queue_delay_us=max_queue_delay_us)
     preprocess_delay = PREPROCESS_QUEUE_DELAY_US if max_queue_delay_us is None else max_queue_delay_us
     batching = _batching(_preprocess_preferred(max_batch_size), preprocess_delay, max_queue_size, queue_timeout_us)
@@ -334,7 +338,7 @@ def generate_configs(manifest: dict, *, instance_kind: str = "cpu", max_batch_si
     cfg[C.PreprocessImage.NAME] = (
         head(C.PreprocessImage.NAME) + batching
         + _instances("KIND_GPU" if gpu_decode else "KIND_CPU", plan.image_instances)
-        + params(["image_size", "resize_mode", "crop_size", "do_center_crop", "crop_rounding", "resample",
+        + params(["image_size", "resize_mode", "crop_size", "do_center_crop", "crop_rounding", "pad_fill", "resample",
                   "rescale_factor",
                   "image_mean", "image_std", "max_image_bytes", "max_pixels", "max_aspect_ratio", "allowed_formats",
                   "jpeg_draft_gap", "decode_threads", "image_decode", "max_items_per_request", "model_id"],
@@ -513,7 +517,8 @@ def _build_model(build: ModelBuild, repo: Path, prefix: str) -> tuple[str, dict[
     exports = {}
     for encoder, make in ((C.TextEncoder.NAME, build_text_encoder), (C.ImageEncoder.NAME, build_image_encoder)):
         log.info("exporting %s%s (%s)", prefix, encoder, opts.dtype)
-        exports[encoder] = export_torchscript(make(weights_dir, opts.dtype), repo / (prefix + encoder) / "1" / "model.pt")
+        path = repo / (prefix + encoder) / "1" / "model.pt"
+        exports[encoder] = export_torchscript(make(weights_dir, opts.dtype), path)
 
     configs = generate_configs(manifest, instance_kind=opts.instance_kind, max_batch_size=opts.max_batch_size,
                                max_queue_delay_us=opts.max_queue_delay_us, max_queue_size=opts.max_queue_size,
@@ -568,7 +573,7 @@ def named_weights(weights: list[str], names: list[str]) -> list[tuple[str, Path]
             name, path = label, Path(rest)
         else:
             path = Path(item)
-            name = names[i] if i < len(names) else model_name(path.resolve().name)
+            name = names[i] if i < len(names) and names[i] else model_name(path.resolve().name)
         out.append((name, path))
     return out
 

@@ -154,13 +154,12 @@ def siglip_tokenizer(out: Path, model_max_length: int):
     return SiglipTokenizer(vocab_file=str(out / "spiece.model"), model_max_length=model_max_length)
 
 
-def _write_siglip_preprocessor(out: Path, size: int) -> None:
-    """preprocessor_config.json as SiglipImageProcessor writes it: squash to size x size, mean/std 0.5."""
-    cfg = {"do_convert_rgb": None, "do_normalize": True, "do_rescale": True, "do_resize": True,
-           "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "SiglipImageProcessor", "image_std": [0.5, 0.5, 0.5],
-           "processor_class": "SiglipProcessor", "resample": 3, "rescale_factor": 1 / 255,
-           "size": {"height": size, "width": size}}
-    (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+def _write_siglip_processor(out: Path, tok, size: int) -> None:
+    """SiglipProcessor.save_pretrained: SiglipImageProcessor squashing to size x size, mean/std 0.5, + the tokenizer."""
+    from transformers import SiglipImageProcessor, SiglipProcessor
+
+    SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": size, "width": size}),
+                    tokenizer=tok).save_pretrained(str(out))
 
 
 def _siglip_model(out: Path, base: bool):
@@ -255,8 +254,8 @@ def make_random_checkpoint(out_dir: str | os.PathLike, family: str, size: str = 
         _write_preprocessor(out, cfg.vision_config.image_size)
     elif family == "chinese_clip":
         _write_chinese_clip_preprocessor(out, cfg.vision_config.image_size)
-    elif family == "siglip":
-        _write_siglip_preprocessor(out, model.config.vision_config.image_size)
+    elif family == "siglip":  # as transformers 5 saves a SiglipProcessor: processor_config.json (image settings nested)
+        _write_siglip_processor(out, tok, model.config.vision_config.image_size)
     return out
 
 

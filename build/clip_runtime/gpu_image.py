@@ -128,7 +128,10 @@ class GpuImagePreprocessor:
         resized = x.to(torch.uint8)  # (n, 3, h, w)
         if not cfg.do_center_crop:
             return resized
-        top, left = (height - cfg.crop_size) // 2, (width - cfg.crop_size) // 2
+        if cfg.crop_rounding == "round":  # torchvision's CenterCrop (open_clip)
+            top, left = int(round((height - cfg.crop_size) / 2.0)), int(round((width - cfg.crop_size) / 2.0))
+        else:
+            top, left = (height - cfg.crop_size) // 2, (width - cfg.crop_size) // 2
         return resized[:, :, top:top + cfg.crop_size, left:left + cfg.crop_size]  # (n, 3, S, S)
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ _FORMAT_ALIASES = {"JPG": "JPEG", "TIF": "TIFF"}
 class ImageConfig:
     """Preprocessing constants (from the checkpoint's preprocessor_config.json) and input limits."""
 
-    image_size: int = 224  # shortest edge (resize_mode=shortest_edge) or square side (exact)
+    image_size: int = 224  # shortest edge (resize_mode=shortest_edge), square side (exact) or longest edge (longest)
     crop_size: int = 224
     resize_mode: str = "shortest_edge"
     do_center_crop: bool = True
@@ -46,6 +46,7 @@ class ImageConfig:
     allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
     jpeg_draft_gap: float = 0.0  # 0 = exact; >0: JPEG DCT-downscale to >= gap x target first (faster, inexact)
     crop_rounding: str = "floor"  # center-crop offset: floor(d / 2) (transformers) | round (torchvision: open_clip)
+    pad_fill: int = 0  # longest: the value the square is padded with around the resized image (open_clip fill_color)
 
     @classmethod
     def from_parameters(cls, p: dict) -> "ImageConfig":
@@ -65,6 +66,7 @@ class ImageConfig:
             allowed_formats=tuple(p["allowed_formats"]),
             jpeg_draft_gap=p.get("jpeg_draft_gap", 0.0),
             crop_rounding=p.get("crop_rounding", "floor"),
+            pad_fill=p.get("pad_fill", 0),
         )
 
     @property
@@ -86,11 +88,11 @@ class ImagePreprocessor:
 
     def __init__(self, cfg: ImageConfig | None = None):
         self.cfg = cfg or ImageConfig()
-        if self.cfg.resize_mode not in ("shortest_edge", "exact"):
-            raise ValueError(f"resize_mode must be shortest_edge or exact, not {self.cfg.resize_mode!r}")
+        if self.cfg.resize_mode not in ("shortest_edge", "exact", "longest"):
+            raise ValueError(f"resize_mode must be shortest_edge, exact or longest, not {self.cfg.resize_mode!r}")
         if self.cfg.crop_rounding not in ("floor", "round"):
             raise ValueError(f"crop_rounding must be floor or round, not {self.cfg.crop_rounding!r}")
-        if not self.cfg.do_center_crop and self.cfg.resize_mode != "exact":
+        if not self.cfg.do_center_crop and self.cfg.resize_mode == "shortest_edge":
             raise ValueError("without a center crop, resize_mode must be exact: the encoder takes a fixed square")
         self.formats = tuple(_FORMAT_ALIASES.get(f.upper(), f.upper()) for f in self.cfg.allowed_formats)
         if not self.formats:
@@ -192,6 +194,9 @@ class ImagePreprocessor:
         size = self.cfg.image_size
         if self.cfg.resize_mode == "exact":
             return size, size
+        if self.cfg.resize_mode == "longest":  # open_clip's ResizeKeepRatio(longest=1): the long side becomes size
+            ratio = max(height / size, width / size)
+            return max(1, round(width / ratio)), max(1, round(height / ratio))
         short, long = (width, height) if width <= height else (height, width)
         new_short, new_long = size, int(size * long / short)
         return (new_short, new_long) if width <= height else (new_long, new_short)
@@ -206,6 +211,8 @@ class ImagePreprocessor:
         """RGB PIL image -> uint8 [S, S, 3]: PIL resize as transformers does, then center crop."""
         new_w, new_h = self.target_size(*image.size)
         whole = (0, 0, new_w, new_h)
+        if self.cfg.resize_mode == "longest":  # then open_clip's CenterCropOrPad: pad to the square, centred
+            return _pad_centred(self._resize(image, (new_w, new_h), whole), self.cfg.image_size, self.cfg.pad_fill)
         if not self.cfg.do_center_crop:
             return self._resize(image, (new_w, new_h), whole)
         crop = self.cfg.crop_size
@@ -276,6 +283,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _pad_centred(array: np.ndarray, side: int, fill: int) -> np.ndarray:
+    """open_clip's center_crop_or_pad after a longest-edge resize: (h, w, 3) -> (side, side, 3), the image centred
+    (left/top padding (side - w) // 2), the rest `fill`."""
+    h, w = array.shape[:2]
+    h, w = min(h, side), min(w, side)
+    canvas = np.full((side, side, 3), fill, dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top:top + h, left:left + w] = array[:h, :w]
+    return canvas
 
 
 def _center_crop_padded(array: np.ndarray, crop: int) -> np.ndarray:

@@ -33,9 +33,11 @@ PARAMETERS: dict[str, Param] = {
     "max_text_bytes": Param("int", 16384, "largest accepted UTF-8 text, bytes"),
     # preprocess_image
     "image_size": Param("int", 224, "resize target: shortest edge (resize_mode=shortest_edge) or square side"),
-    "resize_mode": Param("str", "shortest_edge", "shortest_edge (keep aspect) | exact (height=width=image_size)"),
+    "resize_mode": Param("str", "shortest_edge", "shortest_edge (keep aspect) | exact (height=width=image_size) | "
+                         "longest (long side = image_size, padded to the square)"),
     "crop_size": Param("int", 224, "center crop side; the encoder input is [3, crop_size, crop_size]"),
     "do_center_crop": Param("bool", True, "center-crop after resizing"),
+    "pad_fill": Param("int", 0, "resize_mode=longest: value of the padding around the resized image"),
     "crop_rounding": Param("str", "floor", "center-crop offset: floor((d) / 2) as transformers | round as torchvision "
                            "(open_clip)"),
     "resample": Param("int", 3, "PIL resampling filter (3 = bicubic, as CLIPImageProcessor)"),

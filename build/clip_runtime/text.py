@@ -46,13 +46,11 @@ def decode_texts(items: Sequence, max_bytes: int | None = None) -> list:
 class TokenRows(NamedTuple):
     """Tokenized texts as the text encoder's forward() takes them (contract.TextEncoder): int64 ids (N, L),
     right-padded to the longest text; lengths (N, 1), the tokens in each row; widths (N, 1), each row's width L
-    (served, Triton makes the widths itself from the ids' shape: preprocess_text sends ids and lengths); counts (N,)
-    int32, the non-padding tokens of each text (encode_text's token_counts)."""
+    (served, Triton makes the widths itself from the ids' shape: preprocess_text sends ids and lengths)."""
 
     ids: np.ndarray
     lengths: np.ndarray
     widths: np.ndarray
-    counts: np.ndarray | None = None
 
 
 class TextTokenizer:
@@ -77,37 +75,53 @@ class TextTokenizer:
         ids = np.full((len(encodings), width), self.pad_token_id, dtype=np.int64)  # (N, L)
         for i, e in enumerate(encodings):
             ids[i, :len(e.ids)] = e.ids
-        return TokenRows(ids, lengths, np.full_like(lengths, width), lengths.reshape(-1).astype(np.int32))
+        return TokenRows(ids, lengths, np.full_like(lengths, width))
+
+    def encode_counted(self, texts: Sequence[str]) -> tuple[TokenRows, np.ndarray]:
+        """encode_batch and each text's token count (N,) int32 (encode_text's token_counts)."""
+        rows = self.encode_batch(texts)
+        return rows, rows.lengths.reshape(-1).astype(np.int32)
 
     def encode_bytes(self, items: Sequence[bytes], max_bytes: int | None = None) -> TokenRows:
         """decode_text each item, then encode_batch (raises InvalidInputError on the first bad item)."""
         return self.encode_batch([decode_text(x, max_bytes) for x in items])
 
 
-def _pad_rows(encoded: Sequence[Sequence[int]], pad_token_id: int, width: int | None = None) -> TokenRows:
-    """Token id lists -> TokenRows right-padded to `width` (None: the longest row); padded rows count as tokens."""
+def _pad_rows(encoded: Sequence[Sequence[int]], pad_token_id: int, width: int | None = None,
+              left: bool = False) -> tuple[TokenRows, np.ndarray]:
+    """Token id lists -> (TokenRows padded (right, or `left`) to `width` (None: the longest row), every position fed
+    to the encoder; each list's length (N,) int32)."""
     counts = np.array([len(e) for e in encoded], dtype=np.int32)  # (N,)
     width = max(1, int(counts.max(initial=0))) if width is None else int(width)
     ids = np.full((len(encoded), width), pad_token_id, dtype=np.int64)  # (N, L)
     for i, e in enumerate(encoded):
-        ids[i, :len(e)] = e
+        if left:
+            ids[i, width - len(e):] = e
+        else:
+            ids[i, :len(e)] = e
     lengths = np.full((len(encoded), 1), width, dtype=np.int64)  # (N, 1): every position is fed
-    return TokenRows(ids, lengths, np.full_like(lengths, width), counts)
+    return TokenRows(ids, lengths, np.full_like(lengths, width)), counts
 
 
 class FixedLengthTokenizer:
     """tokenizer.json -> TokenRows padded to max_length, every position fed to the encoder (no attention mask), as
     the bidirectional towers that pool the last position (SigLIP with a fast / Gemma tokenizer) are run."""
 
-    def __init__(self, tokenizer_json: str | os.PathLike, max_length: int, pad_token_id: int):
+    def __init__(self, tokenizer_json: str | os.PathLike, max_length: int, pad_token_id: int,
+                 settings: dict | None = None):
         self.inner = TextTokenizer(tokenizer_json, max_length, pad_token_id)
         self.max_length, self.pad_token_id = self.inner.max_length, self.inner.pad_token_id
+        self.left = (settings or {}).get("padding_side", "right") == "left"  # Gemma-style tokenizers pad left
+
+    def encode_counted(self, texts: Sequence[str]) -> tuple[TokenRows, np.ndarray]:
+        """Tokenize (truncated to max_length) and right-pad every row to max_length; the token counts."""
+        rows = self.inner.encode_batch(texts)
+        return _pad_rows([r[:n] for r, n in zip(rows.ids.tolist(), rows.lengths.reshape(-1).tolist())],
+                         self.pad_token_id, self.max_length, self.left)
 
     def encode_batch(self, texts: Sequence[str]) -> TokenRows:
         """Tokenize (truncated to max_length) and right-pad every row to max_length."""
-        rows = self.inner.encode_batch(texts)
-        return _pad_rows([r[:n] for r, n in zip(rows.ids.tolist(), rows.lengths.reshape(-1).tolist())],
-                         self.pad_token_id, self.max_length)
+        return self.encode_counted(texts)[0]
 
 
 class SiglipSentencePiece:
@@ -171,9 +185,13 @@ class SiglipSentencePiece:
         ids = ids[:self.max_length - 1]
         return ids if ids and ids[-1] == self.eos_id else ids + [self.eos_id]
 
+    def encode_counted(self, texts: Sequence[str]) -> tuple[TokenRows, np.ndarray]:
+        """Every text's ids, right-padded with pad_token_id to max_length; the token counts."""
+        return _pad_rows([self.ids(t) for t in texts], self.pad_token_id, self.max_length)
+
     def encode_batch(self, texts: Sequence[str]) -> TokenRows:
         """Every text's ids, right-padded with pad_token_id to max_length."""
-        return _pad_rows([self.ids(t) for t in texts], self.pad_token_id, self.max_length)
+        return self.encode_counted(texts)[0]
 
 
 class OpenClipBPE:
@@ -204,16 +222,7 @@ class OpenClipBPE:
         self.max_length, self.pad_token_id, self.fixed = int(max_length), int(pad_token_id), fixed
 
     def _clean(self, text: str) -> str:
-        import html
-        import string
-
-        import ftfy
-
-        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-        if self.clean == "canonicalize":
-            text = text.replace("_", " ").translate(str.maketrans("", "", string.punctuation)).lower()
-        text = " ".join(text.split()).strip()
-        return text.lower() if self.clean == "lower" else text
+        return open_clip_clean(text, self.clean)
 
     def _bpe(self, token: str) -> str:
         if token in self.cache:
@@ -250,12 +259,45 @@ class OpenClipBPE:
             ids[-1] = self.eot
         return ids
 
+    def encode_counted(self, texts: Sequence[str]) -> tuple[TokenRows, np.ndarray]:
+        """Every text's ids, right-padded to the longest text (or to max_length when `fixed`); the token counts."""
+        rows, counts = _pad_rows([self.ids(t) for t in texts], self.pad_token_id,
+                                 self.max_length if self.fixed else None)
+        if not self.fixed:  # causal towers: only the tokens count, the encoder masks the padding
+            rows = TokenRows(rows.ids, counts.reshape(-1, 1).astype(np.int64), rows.widths)
+        return rows, counts
+
     def encode_batch(self, texts: Sequence[str]) -> TokenRows:
         """Every text's ids, right-padded to the longest text (or to max_length when `fixed`)."""
-        rows = _pad_rows([self.ids(t) for t in texts], self.pad_token_id, self.max_length if self.fixed else None)
-        if not self.fixed:  # causal towers: only the tokens count, the encoder masks the padding
-            rows = TokenRows(rows.ids, rows.counts.reshape(-1, 1).astype(np.int64), rows.widths, rows.counts)
-        return rows
+        return self.encode_counted(texts)[0]
+
+
+def open_clip_clean(text: str, clean: str) -> str:
+    """open_clip's text cleaning: ftfy.fix_text, HTML-unescape twice, strip; then `lower` (whitespace collapsed,
+    lower-cased), `whitespace` (collapsed only) or `canonicalize` (punctuation and underscores out, lower-cased)."""
+    import html
+    import string
+
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    if clean == "canonicalize":
+        text = text.replace("_", " ").translate(str.maketrans("", "", string.punctuation)).lower()
+    text = " ".join(text.split()).strip()
+    return text.lower() if clean == "lower" else text
+
+
+class OpenClipHF(FixedLengthTokenizer):
+    """open_clip's HFTokenizer: its text cleaning (settings["clean"], default whitespace), then the Hugging Face
+    tokenizer (tokenizer.json) with padding="max_length", truncation to the context length."""
+
+    def __init__(self, tokenizer_json: str | os.PathLike, max_length: int, pad_token_id: int, settings: dict):
+        super().__init__(tokenizer_json, max_length, pad_token_id, settings)
+        self.clean = str(settings.get("clean", "whitespace"))
+
+    def encode_counted(self, texts: Sequence[str]) -> tuple[TokenRows, np.ndarray]:
+        """Clean as open_clip does, then FixedLengthTokenizer.encode_counted."""
+        return super().encode_counted([open_clip_clean(t, self.clean) for t in texts])
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -278,9 +320,12 @@ def load_tokenizer(kind: str, path: str | os.PathLike, max_length: int, pad_toke
     if kind == "tokenizers":
         return TextTokenizer(path, max_length, pad_token_id)
     if kind == "tokenizers_fixed":
-        return FixedLengthTokenizer(path, max_length, pad_token_id)
+        return FixedLengthTokenizer(path, max_length, pad_token_id, settings)
     if kind == "siglip_spm":
         return SiglipSentencePiece(path, settings or {}, max_length, pad_token_id)
+    if kind == "open_clip_hf":
+        return OpenClipHF(path, max_length, pad_token_id, settings or {})
     if kind in ("open_clip_bpe", "open_clip_bpe_fixed"):
         return OpenClipBPE(path, settings or {}, max_length, pad_token_id, fixed=kind.endswith("_fixed"))
-    raise ValueError(f"unknown tokenizer_kind {kind!r} (tokenizers, tokenizers_fixed, siglip_spm, open_clip_bpe[_fixed])")
+    raise ValueError(f"unknown tokenizer_kind {kind!r} (tokenizers, tokenizers_fixed, siglip_spm, "
+                     "open_clip_bpe[_fixed], open_clip_hf)")

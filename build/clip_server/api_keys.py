@@ -4,8 +4,8 @@ image installs our packages without their dependencies)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 API_KEYS_ENV = "CLIP_TRITON_API_KEYS"
 
@@ -30,6 +30,11 @@ def load_api_keys(keys: Sequence[str] = (), key_file: str | None = None, env: bo
 
 def add_key_arguments(parser) -> None:
     """--api-key / --api-key-file (the gateway, the front end and `serve --openai-port`)."""
-    parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                        help=f"accepted bearer API key (repeatable; also ${API_KEYS_ENV}, comma-separated)")
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help=f"accepted bearer API key (repeatable; also ${API_KEYS_ENV}, comma-separated)",
+    )
     parser.add_argument("--api-key-file", default=None, metavar="FILE", help="file of API keys, one per line")

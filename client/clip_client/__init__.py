@@ -1,4 +1,5 @@
-"""Python client for CLIP-style dual encoders served on Triton: CLIPClient, AsyncCLIPClient, galleries (clip_client.gallery)."""
+"""Python client for CLIP-style dual encoders served on Triton: CLIPClient, AsyncCLIPClient, galleries
+(clip_client.gallery)."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ class PromptCache:
         """The prompts of class_texts x templates, with the embeddings the cache already holds for them."""
         classes = check_classes(class_texts)
         templates = [templates] if isinstance(templates, str) else templates
-        prompts = ops.expand_templates(classes, templates)
+        prompts = normalize_texts(ops.expand_templates(classes, templates))  # each checked before any request
         known: dict[str, np.ndarray] = {}
         with self._lock:
             for p in prompts:

@@ -23,16 +23,45 @@ from clip_common.endpoint import Endpoint, EndpointError, parse_endpoint
 
 from . import ops
 from ._api import documented
-from ._cache import PromptCache, PromptJob, check_classes  # noqa: F401 - re-exported for callers of _core
-from ._info import (CLIP_INFO, ENCODE_IMAGE, ENCODE_TEXT, INFO_CONFIG_MODELS, POSTPROCESS, ModelInfo,
-                    build_model_info, check_model_name, clip_info_json, fallback_identity_probe,
-                    logit_scale_from_zero_shot, model_info_from_clip_info, model_prefix)
+from ._cache import PromptCache
+from ._info import (
+    CLIP_INFO,
+    ENCODE_IMAGE,
+    ENCODE_TEXT,
+    INFO_CONFIG_MODELS,
+    POSTPROCESS,
+    ModelInfo,
+    build_model_info,
+    check_model_name,
+    clip_info_json,
+    fallback_identity_probe,
+    logit_scale_from_zero_shot,
+    model_info_from_clip_info,
+    model_prefix,
+)
 from ._protocol import Request, check_identity, clip_info_request, embed_request, probe_request, zero_shot_request
 from ._results import as_embeddings, classify_result, embeddings, is_single, model_logits, progress_bar, ranked_labels
-from ._status import (TIMEOUT, UNAVAILABLE, backoff_delay, is_connection_error, is_restricted, map_error,
-                      message_of, retryable, status_of, unreachable_message)
-from .errors import (CLIPClientError, InvalidInputError, ModelChangedError, ModelNotFoundError, ServerError,
-                     ServerTimeoutError, ServerUnavailableError)
+from ._status import (
+    TIMEOUT,
+    UNAVAILABLE,
+    backoff_delay,
+    is_connection_error,
+    is_restricted,
+    map_error,
+    message_of,
+    retryable,
+    status_of,
+    unreachable_message,
+)
+from .errors import (
+    CLIPClientError,
+    InvalidInputError,
+    ModelChangedError,
+    ModelNotFoundError,
+    ServerError,
+    ServerTimeoutError,
+    ServerUnavailableError,
+)
 from .inputs import DEFAULT_DOWNLOAD_BYTES, by_length, encode_images, encode_texts, iter_batches, normalize_texts
 
 __all__ = ["DEFAULT_TEMPLATE", "ClientBase", "ModelInfo", "backoff_delay", "map_error", "retryable",
@@ -301,8 +330,9 @@ class ClientBase:
             first = clip_info_json((yield Infer(clip_info_request(""))))
         except ModelNotFoundError:
             if self.model is not None:
-                raise ModelNotFoundError(f"the server at {self.url} has no {CLIP_INFO} model, so it cannot name its "
-                                         f"models: model={self.model!r} needs a repository built with clip_info")
+                raise ModelNotFoundError(
+                    f"the server at {self.url} has no {CLIP_INFO} model, so it cannot name its models: "
+                    f"model={self.model!r} needs a repository built with clip_info") from None
             log.debug("no clip_info; reading model configs")
             return (yield from self._p_info_from_configs())
         prefix = "" if self.model is None else model_prefix(first, self.model)
@@ -355,6 +385,9 @@ class ClientBase:
         return np.atleast_2d((yield from self._p_encode(inputs, kind)))  # one item ((D,)) -> (1, D)
 
     def _p_similarity(self, texts: Any, images: Any, apply_temperature: bool = True) -> Plan:
+        for given, name in ((as_embeddings(texts), "texts"), (as_embeddings(images), "images")):
+            if given is not None:
+                ops.check_embeddings(given, name)  # refused before any request
         if apply_temperature or as_embeddings(texts) is None or as_embeddings(images) is None:
             yield from self._p_info()  # once, before the two encodings run side by side
         t, i = yield Both(self._p_matrix(texts, "text"), self._p_matrix(images, "image"))

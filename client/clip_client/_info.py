@@ -9,7 +9,6 @@ import logging
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 
@@ -63,10 +62,11 @@ class ModelInfo:
         return d
 
     def scores(self, logits: np.ndarray, axis: int = -1) -> np.ndarray:
-        """Per-label probabilities from logits (scale * cosine): softmax over `axis`, or for a sigmoid model
-        sigmoid(logits + logit_bias) per label (as SigLIP's zero-shot pipeline)."""
+        """Per-label probabilities from the model's logits (_results.model_logits: scale * cosine, plus logit_bias
+        for a sigmoid model): softmax over `axis`, or for a sigmoid model each logit's own sigmoid (as SigLIP's
+        zero-shot pipeline)."""
         if self.scoring == "sigmoid":
-            z = np.asarray(logits, dtype=np.float64) + (self.logit_bias or 0.0)
+            z = np.asarray(logits, dtype=np.float64)
             return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
         return ops.softmax(logits, axis=axis)
 

@@ -7,15 +7,27 @@ present, one row per input, the model's embedding size, finite values, and the a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from clip_common import contract as C
 
-from ._info import (CLIP_INFO, CLIP_INFO_OUT, ENCODE_IMAGE, ENCODE_TEXT, IMAGE_IN, IMAGE_OUT, MODEL_ID_OUT,
-                    TEXT_IN, TEXT_OUT, ZERO_SHOT, bytes_tensor)
+from ._info import (
+    CLIP_INFO,
+    CLIP_INFO_OUT,
+    ENCODE_IMAGE,
+    ENCODE_TEXT,
+    IMAGE_IN,
+    IMAGE_OUT,
+    MODEL_ID_OUT,
+    TEXT_IN,
+    TEXT_OUT,
+    ZERO_SHOT,
+    bytes_tensor,
+)
 from .errors import InvalidResponseError, ModelChangedError
 
 Outputs = dict[str, Any]  # output name -> numpy array (None when the answer lacks it)

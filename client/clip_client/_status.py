@@ -27,8 +27,15 @@ import random
 
 from clip_common.endpoint import DEFAULT_PORTS, Endpoint
 
-from .errors import (CLIPClientError, InvalidInputError, ModelNotFoundError, RateLimitedError, ServerError,
-                     ServerTimeoutError, ServerUnavailableError)
+from .errors import (
+    CLIPClientError,
+    InvalidInputError,
+    ModelNotFoundError,
+    RateLimitedError,
+    ServerError,
+    ServerTimeoutError,
+    ServerUnavailableError,
+)
 
 UNAVAILABLE = {"StatusCode.UNAVAILABLE", "503", "StatusCode.CANCELLED", "499"}
 RATE_LIMITED = {"429"}

@@ -72,7 +72,7 @@ class AsyncCLIPClient(ClientBase):
         self._state: _LoopState | None = None
         self._closing: set[asyncio.Future] = set()  # closes of clients left behind by a loop change
 
-    async def __aenter__(self) -> "AsyncCLIPClient":
+    async def __aenter__(self) -> AsyncCLIPClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -105,12 +105,15 @@ class AsyncCLIPClient(ClientBase):
                 tls = {}
                 if self.endpoint.tls:  # the system's CA bundle unless ca_file
                     tls = {"ssl": True, "ssl_context": ssl.create_default_context(cafile=self.ca_file)}
-                client = mod.InferenceServerClient(self.endpoint.address, conn_timeout=self.timeout,
+                # conn_timeout is aiohttp's total per request: past our own deadlines (wait_for) so that they decide
+                session_timeout = max(self.timeout, self.connect_timeout) + 1.0
+                client = mod.InferenceServerClient(self.endpoint.address, conn_timeout=session_timeout,
                                                    conn_limit=self.max_concurrency * 2, **tls)
             else:
                 import tritonclient.grpc.aio as mod
 
-                client = mod.InferenceServerClient(self.endpoint.address, **tritonclient_tls(self.endpoint, self.ca_file))
+                tls = tritonclient_tls(self.endpoint, self.ca_file)
+                client = mod.InferenceServerClient(self.endpoint.address, **tls)
             self._state = _LoopState(loop, client, asyncio.Semaphore(self.max_concurrency))
         return self._state
 

@@ -40,7 +40,8 @@ def run(args: argparse.Namespace, command: str) -> int:
             if args.uri is not None:
                 from .gallery.cli import classify_gallery
 
-                rows, failed = classify_gallery(client, args.uri, args.labels, args.templates, args.top_k, args.filter), []
+                rows = classify_gallery(client, args.uri, args.labels, args.templates, args.top_k, args.filter)
+                failed = []
             else:
                 rows, failed = classify_files(client, args.images, args.labels, args.templates, args.top_k)
     except CLIPClientError as e:

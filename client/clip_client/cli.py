@@ -16,7 +16,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
 GROUP = "clip_triton.commands"
-BUILTIN = {"index": "clip_client.gallery.cli", "search": "clip_client.gallery.cli", "classify": "clip_client.classify"}
+BUILTIN = {"index": "clip_client.gallery.cli", "search": "clip_client.gallery.cli", "classify": "clip_client.classify",
+           "gallery-info": "clip_client.gallery.admin", "gallery-check": "clip_client.gallery.admin"}
 # Order in --help; commands not listed here follow alphabetically.
 ORDER = ("demo", "convert", "build", "serve", "gateway", "bench", "index", "search", "classify")
 DISTRIBUTIONS = ("clip-triton", "clip-triton-client")  # the full install, the client alone
@@ -57,9 +58,9 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 # One exit-status rule for the client's commands (index, search, classify); also in their --help and the README.
-EXIT_STATUS = ("exit status: 0 when everything was done (a search with no match included: it says \"no match\"); 1 when "
-               "some files were skipped or failed (each listed on stderr, the rest done); 2 when an error stopped the "
-               "command")
+EXIT_STATUS = ("exit status: 0 when everything was done (a search with no match included: it says \"no match\"); "
+               "1 when some files were skipped or failed (each listed on stderr, the rest done); "
+               "2 when an error stopped the command")
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 
 
@@ -91,7 +92,8 @@ def connect(args: argparse.Namespace):
 
 def _parser(table: dict[str, str] | None = None) -> argparse.ArgumentParser:
     table = commands() if table is None else table
-    parser = argparse.ArgumentParser(prog="clip-triton", description="Serve and use CLIP-style dual encoders on Triton.")
+    parser = argparse.ArgumentParser(prog="clip-triton",
+                                     description="Serve and use CLIP-style dual encoders on Triton.")
     parser.add_argument("-V", "--version", action="version", version=version_text())
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -107,7 +109,8 @@ def _parser(table: dict[str, str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     table = commands()
     args = _parser(table).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(table[args.command])
     return int(module.run(args, args.command) or 0)
 

@@ -7,9 +7,9 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, overload
+from typing import Any, overload
 from urllib.parse import quote
 
 import numpy as np
@@ -46,7 +46,7 @@ class CLIPClient(ClientBase):
             self._http = HttpTransport(self.endpoint, self.ca_file, self.connect_timeout)
 
     # ---------------------------------------------------------------------------------- lifecycle
-    def __enter__(self) -> "CLIPClient":
+    def __enter__(self) -> CLIPClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -1,4 +1,5 @@
-"""Turn user inputs (texts, image paths and URLs, bytes, PIL images, uint8 arrays) into the BYTES items the ensembles take."""
+"""Turn user inputs (texts, image paths and URLs, bytes, PIL images, uint8 arrays) into the BYTES items the ensembles
+take."""
 
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def pil_bytes(image: Any) -> bytes:
 
 def image_item_bytes(item: Any, where: str = "image", max_download_bytes: int = DEFAULT_DOWNLOAD_BYTES,
                      download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT) -> bytes:
-    """One image (path, http(s) URL, encoded bytes, PIL image or uint8 (H, W, 3) array) -> the bytes sent to the server."""
+    """One image (path, http(s) URL, encoded bytes, PIL image or uint8 (H, W, 3) array) -> the bytes to send."""
     if isinstance(item, (bytes, bytearray, memoryview)):
         data = bytes(item)
         if not data:
@@ -139,7 +140,7 @@ class _Deadline:
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
 
-    def __enter__(self) -> "_Deadline":
+    def __enter__(self) -> _Deadline:
         self._timer.start()
         return self
 

@@ -1,4 +1,4 @@
-"""Embedding math done on the client: CLIP logits, top-k, prompt-template averaging (the shared core is clip_common.ops).
+"""Embedding math done on the client: CLIP logits, top-k, prompt-template averaging (core: clip_common.ops).
 
 Every helper refuses what would give a confident wrong answer: embeddings that are not finite or have zero norm
 (cosine undefined), and a k that is not a positive integer (bools and floats included).
@@ -15,8 +15,8 @@ from clip_common.ops import l2_normalize, logits, softmax, top_k
 
 from .errors import InvalidInputError
 
-__all__ = ["as_matrix", "check_k", "class_embeddings", "expand_templates", "l2_normalize", "ranked", "similarity",
-           "softmax", "topk_indices"]
+__all__ = ["as_matrix", "check_embeddings", "check_k", "class_embeddings", "expand_templates", "l2_normalize",
+           "ranked", "similarity", "softmax", "topk_indices"]
 
 
 def as_matrix(x: np.ndarray, name: str) -> np.ndarray:
@@ -39,6 +39,13 @@ def _check_norms(x: np.ndarray, name: str) -> None:
     zero = np.flatnonzero(np.einsum("nd,nd->n", x, x, dtype=np.float64) == 0)
     if zero.size:
         raise InvalidInputError(f"{name} has zero-norm row(s) {zero[:5].tolist()}: their cosine is undefined")
+
+
+def check_embeddings(x: np.ndarray, name: str) -> np.ndarray:
+    """x as (n, d) float32 when every row is finite and of non-zero norm, else an InvalidInputError."""
+    x = as_matrix(x, name)
+    _check_norms(x, name)
+    return x
 
 
 def similarity(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> np.ndarray:

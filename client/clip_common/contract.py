@@ -241,7 +241,8 @@ def _t(name: str, dtype: str, *dims: int | str, optional: bool = False, ragged: 
 
 _TEXT_IN = _map(**{PreprocessText.TEXT: EncodeText.TEXT})
 _PREPROCESS_TEXT_STEP = StepSpec(PreprocessText.NAME, _TEXT_IN, _map(**{
-    PreprocessText.INPUT_IDS: _INPUT_IDS, PreprocessText.LENGTHS: _LENGTHS, PreprocessText.MODEL_ID: ZeroShot.MODEL_ID}))
+    PreprocessText.INPUT_IDS: _INPUT_IDS, PreprocessText.LENGTHS: _LENGTHS,
+    PreprocessText.MODEL_ID: ZeroShot.MODEL_ID}))
 _ENCODE_TEXT_STEP = StepSpec(PreprocessText.NAME, _TEXT_IN, _map(**{
     PreprocessText.INPUT_IDS: _INPUT_IDS, PreprocessText.LENGTHS: _LENGTHS,
     PreprocessText.TOKEN_COUNTS: EncodeText.TOKEN_COUNTS, PreprocessText.MODEL_ID: EncodeText.MODEL_ID}))
@@ -337,9 +338,8 @@ PREFIX_SEPARATOR = "__"
 
 def model_prefix(name: str) -> str:
     """The prefix of a further model called `name` ("siglip" -> "siglip__"); ValueError for a bad name."""
-    import re
-
-    if not re.fullmatch(MODEL_NAME_PATTERN, name):
+    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+    if not (0 < len(name) <= 40 and set(name) <= allowed and name[0] != "-"):  # MODEL_NAME_PATTERN, without re
         raise ValueError(f"model name {name!r} must match {MODEL_NAME_PATTERN} (lowercase letters, digits, '-')")
     return name + PREFIX_SEPARATOR
 

@@ -18,8 +18,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .bench import LoadResult, _machine, closed_loop, wait_idle
 from .workload import short_prompts
@@ -43,8 +43,12 @@ class OpenAICaller:
         if conn is None:
             conn = self.local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         body = json.dumps({"model": self.model, "input": texts, "encoding_format": "base64"})
-        conn.request("POST", "/v1/embeddings", body=body, headers={"Content-Type": "application/json",
-                                                                    "Authorization": f"Bearer {self.key}"})
+        conn.request(
+            "POST",
+            "/v1/embeddings",
+            body=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"},
+        )
         resp = conn.getresponse()
         data = resp.read()
         if resp.status != 200:
@@ -57,14 +61,19 @@ class OpenAICaller:
 
 def _summary(runs: list[LoadResult]) -> dict:
     lat = sorted(x for r in runs for x in r.latencies_ms)
-    return {"items_per_s": statistics.median(r.items_per_s for r in runs), "rounds": [r.items_per_s for r in runs],
-            "p50_ms": statistics.median(lat) if lat else None, "p99_ms": lat[int(0.99 * (len(lat) - 1))] if lat else None,
-            "requests": sum(r.requests for r in runs), "errors": sum(r.errors for r in runs)}
+    return {
+        "items_per_s": statistics.median(r.items_per_s for r in runs),
+        "rounds": [r.items_per_s for r in runs],
+        "p50_ms": statistics.median(lat) if lat else None,
+        "p99_ms": lat[int(0.99 * (len(lat) - 1))] if lat else None,
+        "requests": sum(r.requests for r in runs),
+        "errors": sum(r.errors for r in runs),
+    }
 
 
 def measure(grpc_url: str, port: int, model: str, key: str, concurrency: int, seconds: float, rounds: int) -> dict:
     """Alternating rounds of gRPC-client and front-end callers; medians of the rounds."""
-    from clip_client import CLIPClient  # noqa: PLC0415
+    from clip_client import CLIPClient
 
     texts = short_prompts(256)
     grpc_runs, api_runs = [], []
@@ -74,17 +83,21 @@ def measure(grpc_url: str, port: int, model: str, key: str, concurrency: int, se
         grpc_runs.append(closed_loop(lambda: CLIPClient(f"grpc://{grpc_url}"), "text", texts, concurrency, seconds))
         api_runs.append(closed_loop(lambda: OpenAICaller(port, model, key), "text", texts, concurrency, seconds))
     grpc, api = _summary(grpc_runs), _summary(api_runs)
-    return {"concurrency": concurrency, "grpc_client": grpc, "openai": api,
-            "ratio": api["items_per_s"] / grpc["items_per_s"] if grpc["items_per_s"] else None,
-            "added_p50_ms": api["p50_ms"] - grpc["p50_ms"] if api["p50_ms"] and grpc["p50_ms"] else None}
+    return {
+        "concurrency": concurrency,
+        "grpc_client": grpc,
+        "openai": api,
+        "ratio": api["items_per_s"] / grpc["items_per_s"] if grpc["items_per_s"] else None,
+        "added_p50_ms": api["p50_ms"] - grpc["p50_ms"] if api["p50_ms"] and grpc["p50_ms"] else None,
+    }
 
 
 def _repository(args, tmp: Path) -> Path:
     if args.repository:
         return Path(args.repository)
-    from clip_build.convert import convert  # noqa: PLC0415
-    from clip_build.repository import build_repository  # noqa: PLC0415
-    from clip_build.synthetic import make_random_checkpoint  # noqa: PLC0415
+    from clip_build.convert import convert
+    from clip_build.repository import build_repository
+    from clip_build.synthetic import make_random_checkpoint
 
     checkpoint = make_random_checkpoint(tmp / "checkpoint", "clip", size=args.size)
     convert(checkpoint, tmp / "weights")
@@ -118,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def run(args: argparse.Namespace, command: str) -> int:
     """Entry point of `clip-triton bench-openai`."""
-    from clip_server import TritonServer, free_port  # noqa: PLC0415
+    from clip_server import TritonServer, free_port
 
     key = "bench-key-0123456789"
     with tempfile.TemporaryDirectory(prefix="clip-bench-openai-") as tmp:
@@ -129,17 +142,35 @@ def run(args: argparse.Namespace, command: str) -> int:
         try:
             server.wait_ready(300)
             port = free_port()
-            front = subprocess.Popen([sys.executable, "-m", "clip_server.openai_api", "--upstream",
-                                      f"grpc://{server.grpc_url}", "--port", str(port), "--api-key", key,
-                                      "--log-level", "warning"])
+            front = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "clip_server.openai_api",
+                    "--upstream",
+                    f"grpc://{server.grpc_url}",
+                    "--port",
+                    str(port),
+                    "--api-key",
+                    key,
+                    "--log-level",
+                    "warning",
+                ]
+            )
             _wait_health(port, front)
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {key}"})
             model = json.loads(conn.getresponse().read())["data"][0]["id"]
             load = wait_idle(args.wait_idle, 1.0)
-            results = {"machine": _machine(), "load_average_before": load, "model_size": args.size,
-                       "runs": [measure(server.grpc_url, port, model, key, c, args.seconds, args.rounds)
-                                for c in sorted({1, args.concurrency})]}
+            results = {
+                "machine": _machine(),
+                "load_average_before": load,
+                "model_size": args.size,
+                "runs": [
+                    measure(server.grpc_url, port, model, key, c, args.seconds, args.rounds)
+                    for c in sorted({1, args.concurrency})
+                ],
+            }
         finally:
             if front is not None:
                 front.terminate()
@@ -150,13 +181,16 @@ def run(args: argparse.Namespace, command: str) -> int:
     results["checks"] = {
         f"throughput ratio at {main['concurrency']} callers >= {TARGET_RATIO}": main["ratio"] >= TARGET_RATIO,
         f"p50 added (1 caller) <= {TARGET_ADDED_P50_MS} ms": one["added_p50_ms"] <= TARGET_ADDED_P50_MS,
-        f"p50 added ({main['concurrency']} callers) <= {TARGET_ADDED_P50_MS} ms":
-            main["added_p50_ms"] <= TARGET_ADDED_P50_MS}
+        f"p50 added ({main['concurrency']} callers) <= {TARGET_ADDED_P50_MS} ms": main["added_p50_ms"]
+        <= TARGET_ADDED_P50_MS,
+    }
     Path(args.out).write_text(json.dumps(results, indent=2))
     for r in results["runs"]:
-        print(f"{r['concurrency']} callers: gRPC client {r['grpc_client']['items_per_s']:.1f}/s p50 "
-              f"{r['grpc_client']['p50_ms']:.2f} ms | OpenAI front end {r['openai']['items_per_s']:.1f}/s p50 "
-              f"{r['openai']['p50_ms']:.2f} ms | ratio {r['ratio']:.3f}, p50 added {r['added_p50_ms']:.2f} ms")
+        print(
+            f"{r['concurrency']} callers: gRPC client {r['grpc_client']['items_per_s']:.1f}/s p50 "
+            f"{r['grpc_client']['p50_ms']:.2f} ms | OpenAI front end {r['openai']['items_per_s']:.1f}/s p50 "
+            f"{r['openai']['p50_ms']:.2f} ms | ratio {r['ratio']:.3f}, p50 added {r['added_p50_ms']:.2f} ms"
+        )
     for name, ok in results["checks"].items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
     return 0

@@ -310,7 +310,8 @@ def run_benchmark(rows: int, dim: int, n_queries: int, brute_queries: int, old_a
 
 def _table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
     if markdown:
-        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+        lines = [header, ["---"] * len(header), *rows]
+        return ["| " + " | ".join(r) + " |" for r in lines]
     widths = [max(len(c) for c in col) for col in zip(header, *rows)]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
 

@@ -46,8 +46,9 @@ class CorruptingProxy:
     encode_image (everything else passes untouched), as set by `mode`:
 
     pass | rows (one row fewer than inputs) | dims (7 dims) | nan (a NaN value) | many (60,000 rows) | rename (the
-    embeddings output renamed) | model_id (another model's id) | drip (the answer, one byte every 50 ms) |
-    status:CODE:N (the first N inference requests answered CODE, as a gateway would, then passed).
+    embeddings output renamed) | model_id (another model's id) | no_model_id (the output left out: an old server) |
+    drip (the answer, one byte every 50 ms) | status:CODE:N (the first N inference requests answered CODE, as a
+    gateway would, then passed).
     """
 
     MODELS = ("encode_text", "encode_image")
@@ -94,7 +95,8 @@ class CorruptingProxy:
             self.release.wait(30)
         host, port = self.target.rsplit(":", 1)
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection", "accept-encoding")}
+        dropped = ("host", "connection", "accept-encoding")  # plain bodies, to rewrite them
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in dropped}
         conn.request(handler.command, handler.path, body=body, headers=headers)
         response = conn.getresponse()
         data = response.read()
@@ -167,9 +169,48 @@ class CorruptingProxy:
                 out["name"] += "_v2"
             out["shape"] = list(arr.shape)
             blobs[i] = arr.tobytes()
+        if self.mode == "no_model_id":  # a server built before the model_id output
+            kept = [(o, b) for o, b in zip(header["outputs"], blobs) if o["name"] != "model_id"]
+            header["outputs"], blobs = [o for o, _ in kept], [b for _, b in kept]
         for out, blob in zip(header["outputs"], blobs):
             out["parameters"]["binary_data_size"] = len(blob)
         head = json.dumps(header).encode()
         headers = dict(headers)
         headers[key] = str(len(head))
         return head + b"".join(blobs), headers
+
+
+def drip_relay(target_port: int):
+    """A TCP relay (tests/integration/relay.py) whose server-to-client bytes, while `relay.drip` is True, go one per
+    50 ms: a gRPC answer that is always arriving and never complete."""
+    import asyncio as _asyncio
+
+    from tests.integration.relay import Relay
+
+    class DripRelay(Relay):
+        drip = False
+
+        async def _handle(self, reader, writer):
+            try:
+                up_reader, up_writer = await _asyncio.open_connection("127.0.0.1", self.target_port)
+            except OSError:
+                writer.transport.abort()
+                return
+            self._writers |= {writer, up_writer}
+            await _asyncio.gather(self._pipe(reader, up_writer), self._slow(up_reader, writer))
+
+        async def _slow(self, reader, writer):
+            try:
+                while data := await reader.read(1 << 16):
+                    for i in range(0, len(data), 1 if self.drip else len(data)):
+                        writer.write(data[i:i + 1] if self.drip else data)
+                        await writer.drain()
+                        if self.drip:
+                            await _asyncio.sleep(0.05)
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                self._writers.discard(writer)
+                writer.transport.abort()
+
+    return DripRelay(target_port).start()

@@ -49,8 +49,16 @@ def start_front_end(grpc_urls: list[str], *options: str, env: dict | None = None
     from clip_server import free_port
 
     port = free_port()
-    cmd = [sys.executable, "-m", "clip_client.cli", "openai", *[a for u in grpc_urls for a in ("--upstream", f"grpc://{u}")],
-           "--port", str(port), *options]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clip_client.cli",
+        "openai",
+        *[a for u in grpc_urls for a in ("--upstream", f"grpc://{u}")],
+        "--port",
+        str(port),
+        *options,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     front = FrontEnd(proc, port)
     threading.Thread(target=lambda: front.output.extend(proc.stdout), daemon=True).start()
@@ -112,7 +120,7 @@ class ImageServer:
         hits: list[str] = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's naming)
+            def do_GET(self):
                 hits.append(self.path)
                 if self.path.startswith("/redirect?to="):
                     self.send_response(302)

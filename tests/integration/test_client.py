@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 from clip_client import AsyncCLIPClient, CLIPClient, CLIPClientError, InvalidInputError, ServerTimeoutError
-
 from tests.integration.client_helpers import COMBOS, Runner, make_client
 from tests.webserver import serve_folder
 
@@ -518,7 +517,6 @@ def test_async_close_while_reading_model_info(triton_server):
     """close() while get_model_info's request is in flight (held by a proxy until after the close): that call fails
     with a typed ServerUnavailableError (its connection was closed under it), and the client works again after."""
     from clip_client import ModelInfo, ServerUnavailableError
-
     from tests.integration.client_helpers import CorruptingProxy
 
     proxy = CorruptingProxy(triton_server.http_url)

@@ -202,3 +202,46 @@ def test_failures_read_back_in_a_new_process(uri):
         out = subprocess.run([sys.executable, "-c", _FAILURES, uri, step], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "['/x/bad.jpg']"
+
+
+def _text_like(n_rows: int, n_queries: int):
+    """CLIP-like rows and text-like (out of distribution) queries: bench-retrieval's generator, 64 dims."""
+    from clip_loadtest.retrieval import ClipLike
+
+    gen = ClipLike(64, n_rows // 20, seed=1)
+    return gen.images(n_rows, 2), gen.texts(np.random.default_rng(3).integers(0, gen.concepts, n_queries), 4)
+
+
+def test_exact_search_is_brute_force(uri):
+    x, q = _text_like(1500, 30)
+    with Gallery.create(uri, dim=64, model_id="m") as g:
+        g.add([f"/p/{i}" for i in range(len(x))], x)
+        exact = [[int(h.path[3:]) for h in row] for row in g.search(q, k=10, exact=True)]
+    assert exact == np.argsort(-(q @ x.T), axis=1)[:, :10].tolist()
+
+
+def test_milvus_tune_stores_ef_for_text_queries(tmp_path):
+    """tune() measures recall against exact search, stores the smallest ef reaching the target in the collection's
+    properties, and a reopened gallery searches with it."""
+    pytest.importorskip("milvus_lite")
+    x, q = _text_like(1500, 30)
+    uri = str(tmp_path / "m.db")
+    with Gallery.create(uri, dim=64, model_id="m") as g:
+        g.add([f"/p/{i}" for i in range(len(x))], x)
+        point = g.tune(q, target_recall=0.99)
+    with Gallery.open(uri) as g:
+        reopened = (g.ef, g.info()["operating_point"])
+    assert (point["recall"] >= 0.99, reopened) == (True, (point["ef"], point))
+
+
+def test_milvus_index_is_hnsw_with_a_wide_search(tmp_path):
+    """The Milvus backend builds HNSW (M 32, efConstruction 360) and searches with ef >= 256 for text queries."""
+    pytest.importorskip("milvus_lite")
+    from clip_client.gallery import milvus
+
+    with Gallery.create(str(tmp_path / "m.db"), dim=DIM, model_id="m") as g:
+        g.add(["/p/0"], _vectors(1))
+        desc = g.client.describe_index(g.name, "embedding")
+        params = g.search_params(10)
+    assert (desc["index_type"], params["params"]["ef"], milvus.INDEX["params"]) == (
+        "HNSW", 256, {"M": 32, "efConstruction": 360})

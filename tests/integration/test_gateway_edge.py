@@ -32,9 +32,28 @@ def certificate(tmp_path_factory) -> tuple[Path, Path]:
     """A self-signed certificate for localhost / 127.0.0.1 (openssl CLI)."""
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -51,15 +70,26 @@ def edge(triton_server, certificate, front, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     key_file.write_text(f"# gateway keys\n{OTHER_KEY}\n")
     server = triton_server.server
-    gw = start_gateway([f"127.0.0.1:{server.http_port}:{server.grpc_port}"], "--api-key", KEY, "--api-key-file",
-                       str(key_file), "--tls-cert", str(certificate[0]), "--tls-key", str(certificate[1]),
-                       "--openai-upstream", f"127.0.0.1:{front.port}", "--health-interval", "0.5")
+    gw = start_gateway(
+        [f"127.0.0.1:{server.http_port}:{server.grpc_port}"],
+        "--api-key",
+        KEY,
+        "--api-key-file",
+        str(key_file),
+        "--tls-cert",
+        str(certificate[0]),
+        "--tls-key",
+        str(certificate[1]),
+        "--openai-upstream",
+        f"127.0.0.1:{front.port}",
+        "--health-interval",
+        "0.5",
+    )
     yield gw
     gw.stop()
 
 
-def _https(edge, certificate, method: str, path: str, body: bytes | None = None,
-           **headers: str) -> tuple[int, bytes]:
+def _https(edge, certificate, method: str, path: str, body: bytes | None = None, **headers: str) -> tuple[int, bytes]:
     context = ssl.create_default_context(cafile=str(certificate[0]))
     conn = http.client.HTTPSConnection("127.0.0.1", edge.http_port, timeout=30, context=context)
     try:
@@ -71,27 +101,42 @@ def _https(edge, certificate, method: str, path: str, body: bytes | None = None,
 
 
 def _infer_body(text: str) -> bytes:
-    return json.dumps({"inputs": [{"name": EncodeText.TEXT, "shape": [1, 1], "datatype": "BYTES", "data": [text]}],
-                       "outputs": [{"name": EncodeText.TEXT_EMBEDS}]}).encode()
+    return json.dumps(
+        {
+            "inputs": [{"name": EncodeText.TEXT, "shape": [1, 1], "datatype": "BYTES", "data": [text]}],
+            "outputs": [{"name": EncodeText.TEXT_EMBEDS}],
+        }
+    ).encode()
 
 
 def test_https_with_a_key_equals_direct(edge, certificate, triton_server):
     infer = f"/v2/models/{EncodeText.NAME}/infer"
-    answers = [_https(edge, certificate, "POST", infer, _infer_body(TEXTS[0]), authorization=f"Bearer {k}")
-               for k in (KEY, OTHER_KEY)]
+    answers = [
+        _https(edge, certificate, "POST", infer, _infer_body(TEXTS[0]), authorization=f"Bearer {k}")
+        for k in (KEY, OTHER_KEY)
+    ]
     got = [np.array(json.loads(body)["outputs"][0]["data"], dtype=np.float32) for _, body in answers]
     with CLIPClient(f"grpc://{triton_server.grpc_url}") as client:
         expected = client.encode_text(TEXTS[0], normalize=False)
     assert [s for s, _ in answers] == [200, 200] and all(cosine(g, expected)[0] >= 0.99999 for g in got)
 
 
-@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer wrong"}, {"authorization": KEY},
-                                     {"authorization": f"Bearer {KEY}x"}, {"authorization": f"Basic {KEY}"}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": "Bearer wrong"},
+        {"authorization": KEY},
+        {"authorization": f"Bearer {KEY}x"},
+        {"authorization": f"Basic {KEY}"},
+    ],
+)
 def test_http_without_the_right_key_is_401(edge, certificate, headers):
-    status, body = _https(edge, certificate, "POST", f"/v2/models/{EncodeText.NAME}/infer", _infer_body("x"),
-                          **headers)
-    assert (status, json.loads(body)) == (401, {"error": "missing or wrong API key: send the header "
-                                                         "'authorization: Bearer KEY'"})
+    status, body = _https(edge, certificate, "POST", f"/v2/models/{EncodeText.NAME}/infer", _infer_body("x"), **headers)
+    assert (status, json.loads(body)) == (
+        401,
+        {"error": "missing or wrong API key: send the header 'authorization: Bearer KEY'"},
+    )
 
 
 def test_health_stays_open(edge, certificate):
@@ -112,8 +157,9 @@ def test_plain_text_is_not_served_on_the_tls_port(edge):
 
 
 def _grpc_client(edge, certificate) -> grpcclient.InferenceServerClient:
-    return grpcclient.InferenceServerClient(f"localhost:{edge.grpc_port}", ssl=True,
-                                            root_certificates=str(certificate[0]))
+    return grpcclient.InferenceServerClient(
+        f"localhost:{edge.grpc_port}", ssl=True, root_certificates=str(certificate[0])
+    )
 
 
 def _text_input() -> grpcclient.InferInput:
@@ -127,14 +173,18 @@ def test_grpc_over_tls_needs_the_key_but_not_for_health(edge, certificate):
     with pytest.raises(InferenceServerException) as refused:
         client.infer(EncodeText.NAME, [_text_input()])
     answer = client.infer(EncodeText.NAME, [_text_input()], headers={"authorization": f"Bearer {KEY}"})
-    assert (refused.value.status(), client.is_server_ready(), answer.as_numpy(EncodeText.TEXT_EMBEDS).shape[0]) == \
-        (str(grpc.StatusCode.UNAUTHENTICATED), True, 1)
+    assert (refused.value.status(), client.is_server_ready(), answer.as_numpy(EncodeText.TEXT_EMBEDS).shape[0]) == (
+        str(grpc.StatusCode.UNAUTHENTICATED),
+        True,
+        1,
+    )
 
 
 def test_openai_sdk_through_the_gateway(edge, certificate, triton_server):
     http_client = httpx.Client(verify=str(certificate[0]))
-    sdk = openai.OpenAI(base_url=f"https://localhost:{edge.http_port}/v1", api_key=KEY, http_client=http_client,
-                        max_retries=0)
+    sdk = openai.OpenAI(
+        base_url=f"https://localhost:{edge.http_port}/v1", api_key=KEY, http_client=http_client, max_retries=0
+    )
     model = sdk.models.list().data[0].id
     got = np.array([d.embedding for d in sdk.embeddings.create(model=model, input=TEXTS).data], dtype=np.float32)
     with CLIPClient(f"grpc://{triton_server.grpc_url}") as client:

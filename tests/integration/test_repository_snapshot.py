@@ -1,4 +1,5 @@
-"""The checked-in example repository (docs/model_repository_example/) is exactly what `clip-triton build` writes."""
+"""The checked-in example repository (docs/model_repository_example/) is exactly what `clip-triton build` writes
+(two tiny models in one repository: tests/snapshot.py)."""
 
 from __future__ import annotations
 

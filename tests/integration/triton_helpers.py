@@ -118,7 +118,9 @@ class GoodTraffic:
     def __init__(self, http_url: str, grpc_url: str, workers=RAW_WORKERS, **client_options):
         self.urls = {"http": http_url, "grpc": grpc_url}
         self.workers = workers
-        self.options = {"retries": 15, "backoff": 0.3, "timeout": 60, **client_options}
+        # timeout is a total deadline per request, retries included: longer than a supervised restart of a stopped
+        # stub (the probe's interval and deadline, then 10-25 s), so that the retries carry every request through it
+        self.options = {"retries": 15, "backoff": 0.3, "timeout": 120, **client_options}
         self.results: list[tuple[str, int, object, float]] = []  # (kind, item, embedding or exception, time)
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -2,8 +2,9 @@
 clip_build.synthetic.open_clip_wheel) without installing it.
 
 open_clip imports torchvision, which has no CPU build matching this torch here. Where torchvision is missing, a
-minimal stand-in provides what open_clip's eval path uses (Resize, CenterCrop, ToTensor, Normalize, Compose on PIL
-images, with torchvision's documented semantics: PIL resampling, round((h - th) / 2) crop offsets, /255, (x - m) / s);
+minimal stand-in provides what open_clip's eval path uses (Resize, CenterCrop, pad, ToTensor, Normalize, Compose on
+PIL images, with torchvision's documented semantics: PIL resampling, round((h - th) / 2) crop offsets, constant
+padding, /255, (x - m) / s);
 the model, its config handling, checkpoint loading and the tokenizer are open_clip's own code.
 """
 
@@ -52,6 +53,12 @@ def _torchvision_stand_in() -> None:
         if th > h or tw > w:
             raise NotImplementedError("the stand-in does not pad")
         return crop(img, int(round((h - th) / 2.0)), int(round((w - tw) / 2.0)), th, tw)
+
+    def pad(img, padding, fill=0, padding_mode="constant"):
+        left, top, right, bottom = padding
+        out = Image.new(img.mode, (img.size[0] + left + right, img.size[1] + top + bottom), (fill,) * 3)
+        out.paste(img, (left, top))
+        return out
 
     def to_tensor(pic):
         a = np.asarray(pic, dtype=np.uint8)
@@ -103,7 +110,7 @@ def _torchvision_stand_in() -> None:
                           Normalize=Normalize, Compose=Compose, RandomResizedCrop=_TrainOnly, ColorJitter=_TrainOnly,
                           Grayscale=_TrainOnly, functional=functional).items():
         setattr(transforms, name, obj)
-    for name, obj in dict(resize=resize, crop=crop, center_crop=center_crop, to_tensor=to_tensor,
+    for name, obj in dict(resize=resize, crop=crop, center_crop=center_crop, to_tensor=to_tensor, pad=pad,
                           get_dimensions=get_dimensions, InterpolationMode=InterpolationMode).items():
         setattr(functional, name, obj)
     misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (torch.nn.Module,), {})

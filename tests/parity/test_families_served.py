@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,17 +45,29 @@ IMAGES = [_encoded(_photo(h, w, s), fmt) for s, (h, w, fmt) in enumerate(
 
 
 # Tiny open_clip configs in open_clip's own format: GELU vs QuickGELU, class-token vs average pooling, ln_pre or not,
-# image sizes 48 and 64, shortest-edge + center crop vs squash, bicubic vs bilinear.
+# image sizes 48 and 64, longest (padded) vs squash vs shortest-edge + center crop, bicubic vs bilinear.
 OC_GELU = {"embed_dim": 24, "vision_cfg": {"image_size": 48, "layers": 2, "width": 64, "patch_size": 16,
                                            "head_width": 16},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
-OC_GELU_PRE = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic", "resize_mode": "shortest"}
+OC_GELU_PRE = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic", "resize_mode": "longest",
+               "fill_color": 0}  # the training checkpoint (oc-epoch) is served with open_clip's defaults: shortest
 OC_QUICK = {"embed_dim": 16, "quick_gelu": True,
             "vision_cfg": {"image_size": 64, "layers": 2, "width": 48, "patch_size": 16, "head_width": 12,
                            "pool_type": "avg", "no_ln_pre": True},
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
                          "proj_bias": True}}
 OC_QUICK_PRE = {"interpolation": "bilinear", "resize_mode": "squash"}
+
+
+def _oc_hf() -> dict:
+    """open_clip's own towers with a Hugging Face tokenizer (hf_tokenizer_name: here a local folder, the real
+    WordPiece vocabulary of all-MiniLM-L6-v2), pooled at its [SEP] (pool_type eos)."""
+    from clip_build.synthetic import minilm_dir
+
+    return {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                                            "head_width": 16},
+            "text_cfg": {"context_length": 24, "vocab_size": 30522, "width": 32, "heads": 2, "layers": 1,
+                         "hf_tokenizer_name": str(minilm_dir()), "pool_type": "eos", "eos_id": 102}}
 
 
 def _training_checkpoint(tmp: Path, hub: Path) -> tuple[Path, Path]:
@@ -74,12 +87,17 @@ def family_server(tmp_path_factory, checkpoints):
     """One repository with every family model of this file, served once: (server, {name: (checkpoint, weights)})."""
     from clip_build.convert import convert
     from clip_build.repository import BuildOptions, build_repositories
+    from transformers import AutoTokenizer
+
     from tests.parity.open_clip_reference import save_hub_folder
 
     tmp = tmp_path_factory.mktemp("families")
     models = {"siglip": checkpoints("siglip"),
               "oc-gelu": save_hub_folder(tmp / "oc-gelu", OC_GELU, OC_GELU_PRE, seed=1),
-              "oc-quick": save_hub_folder(tmp / "oc-quick", OC_QUICK, OC_QUICK_PRE, seed=2, safetensors=False)}
+              "oc-quick": save_hub_folder(tmp / "oc-quick", OC_QUICK, OC_QUICK_PRE, seed=2, safetensors=False),
+              "oc-hf": save_hub_folder(tmp / "oc-hf", _oc_hf(), {}, seed=3)}
+    # a hub folder of an hf_tokenizer_name model holds that tokenizer's files (open_clip's local-dir loads them)
+    AutoTokenizer.from_pretrained(_oc_hf()["text_cfg"]["hf_tokenizer_name"]).save_pretrained(str(models["oc-hf"]))
     epoch, model_json = _training_checkpoint(tmp, models["oc-gelu"])
     # open_clip's reference for the training checkpoint: the same weights with open_clip's default preprocessing
     reference_dir = tmp / "oc-epoch-reference"
@@ -165,10 +183,10 @@ def open_clip_results(family_server):
 
     server, models = family_server
     return {name: (_served(server, name), reference(models[name][0], TEXTS, IMAGES))
-            for name in ("oc-gelu", "oc-quick", "oc-epoch")}
+            for name in ("oc-gelu", "oc-quick", "oc-epoch", "oc-hf")}
 
 
-@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick", "oc-epoch"])
+@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick", "oc-epoch", "oc-hf"])
 def test_open_clip_text_embeddings_match_open_clip(open_clip_results, name):
     served, ref = open_clip_results[name]
     cos = _cos_min(served[EncodeText.TEXT_EMBEDS], ref["text"])
@@ -176,7 +194,7 @@ def test_open_clip_text_embeddings_match_open_clip(open_clip_results, name):
     assert cos >= MIN_COS
 
 
-@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick", "oc-epoch"])
+@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick", "oc-epoch", "oc-hf"])
 def test_open_clip_image_embeddings_match_open_clip(open_clip_results, name):
     served, ref = open_clip_results[name]
     cos = _cos_min(served[EncodeImage.IMAGE_EMBEDS], ref["image"])
@@ -184,12 +202,13 @@ def test_open_clip_image_embeddings_match_open_clip(open_clip_results, name):
     assert cos >= MIN_COS
 
 
-@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick"])
+@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick", "oc-hf"])
 def test_open_clip_zero_shot_probabilities_match(open_clip_results, name):
     served, ref = open_clip_results[name]
     assert np.abs(served[ZeroShot.PROBS] - ref["probs"].numpy()).max() <= PROB_TOL
 
 
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
 def test_training_checkpoint_serves_the_same_model_as_its_hub_folder(family_server):
     server, models = family_server
     client = httpclient.InferenceServerClient(server.http_url)
@@ -198,9 +217,46 @@ def test_training_checkpoint_serves_the_same_model_as_its_hub_folder(family_serv
     assert (infos["oc-gelu"]["model_id"], infos["oc-epoch"]["source"]) == (infos["oc-epoch"]["model_id"], "epoch_3.pt")
 
 
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
 def test_siglip_clip_info_says_sigmoid(family_server):
     server, models = family_server
     client = httpclient.InferenceServerClient(server.http_url)
     info = json.loads(infer(client, "http", "clip_info", {}, ["info"])["info"].reshape(-1)[0])
     manifest = json.loads((models["siglip"][1] / "manifest.json").read_text())
     assert (info["scoring"], info["logit_bias"], info["family"]) == ("sigmoid", manifest["logit_bias"], "siglip")
+
+
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
+def test_unprefixed_clip_info_lists_every_model(family_server):
+    server, models = family_server
+    client = httpclient.InferenceServerClient(server.http_url)
+    info = json.loads(infer(client, "http", "clip_info", {}, ["info"])["info"].reshape(-1)[0])
+    ids = {n: json.loads((w / "manifest.json").read_text())["model_id"] for n, (_, w) in models.items()}
+    assert [(m["name"], m["prefix"], m["model_id"]) for m in info["models"]] == [
+        (n, _prefix(n), ids[n]) for n in ("siglip", "oc-gelu", "oc-quick", "oc-hf", "oc-epoch")]
+
+
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
+@pytest.mark.parametrize("name", ["oc-gelu", "oc-quick"])
+def test_prefixed_ensembles_answer_their_own_model_id(family_server, name):
+    server, models = family_server
+    client = httpclient.InferenceServerClient(server.http_url)
+    texts = np.array([[b"a cat"]], dtype=object)
+    got = infer(client, "http", f"{name}__encode_text", {EncodeText.TEXT: texts}, [EncodeText.MODEL_ID])
+    manifest = json.loads((models[name][1] / "manifest.json").read_text())
+    assert got[EncodeText.MODEL_ID].tolist() == [manifest["model_id"].encode()]
+
+
+@pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)
+def test_siglip_token_counts_exclude_the_padding(family_server):
+    from transformers import AutoTokenizer
+
+    server, models = family_server
+    tok = AutoTokenizer.from_pretrained(str(models["siglip"][0]))
+    with warnings.catch_warnings():  # one text already ends in </s>: transformers warns
+        warnings.simplefilter("ignore")
+        want = [len(ids) for ids in tok(TEXTS, truncation=True, max_length=16)["input_ids"]]
+    client = httpclient.InferenceServerClient(server.http_url)
+    texts = np.array([[t.encode()] for t in TEXTS], dtype=object)
+    got = infer(client, "http", EncodeText.NAME, {EncodeText.TEXT: texts}, [EncodeText.TOKEN_COUNTS])
+    assert got[EncodeText.TOKEN_COUNTS].tolist() == want

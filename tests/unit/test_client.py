@@ -12,8 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from clip_client import CLIPClient, InvalidInputError, ModelNotFoundError, ServerUnavailableError
-from clip_client import _core, ops
+from clip_client import CLIPClient, InvalidInputError, ModelNotFoundError, ServerUnavailableError, _core, ops
 from clip_client.errors import ServerError, ServerTimeoutError
 from clip_client.gallery import encode_tolerant, iter_image_files
 from clip_client.inputs import (
@@ -361,8 +360,7 @@ def test_error_mapping_is_by_status_alone():
     """The same words under different statuses map differently; different words under one status map the same."""
     from tritonclient.utils import InferenceServerException as E
 
-    from clip_client import ModelNotFoundError, RateLimitedError
-    from clip_client import _status
+    from clip_client import ModelNotFoundError, RateLimitedError, _status
 
     table = {"StatusCode.UNAVAILABLE": ServerUnavailableError, "503": ServerUnavailableError,
              "StatusCode.CANCELLED": ServerUnavailableError, "429": RateLimitedError,
@@ -383,8 +381,7 @@ def test_error_mapping_is_by_status_alone():
 
 
 def test_retry_policy_by_type_and_attempt():
-    from clip_client import RateLimitedError
-    from clip_client import _status
+    from clip_client import RateLimitedError, _status
 
     assert _status.retryable(ServerUnavailableError("x")) and _status.retryable(RateLimitedError("x"))
     assert not _status.retryable(InvalidInputError("x")) and not _status.retryable(ServerTimeoutError("x"))
@@ -710,3 +707,80 @@ def test_cli_search_without_server_fails_cleanly(tmp_path, capsys):
 
     rc = main(["search", "--gallery", str(tmp_path / "g.parquet")])
     assert rc == 2 and "exactly one" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("k", [1.5, 2.0, True, np.bool_(True), "2", 0, -1, None])
+def test_top_k_must_be_a_positive_int(k):
+    scores = RNG.normal(size=(2, 5)).astype(np.float32)
+    with pytest.raises(InvalidInputError, match="top_k"):
+        ops.topk_indices(scores, k)
+    client = CLIPClient("127.0.0.1:1")  # refused before any request
+    emb = ops.l2_normalize(RNG.normal(size=(3, 8)).astype(np.float32))
+    with pytest.raises(InvalidInputError, match="top_k"):
+        client.find_best_matches(emb, emb, top_k=k)
+
+
+def test_top_k_takes_any_integer_type():
+    scores = np.array([[0.1, 0.9, 0.5]], np.float32)
+    assert ops.topk_indices(scores, np.int64(2)).tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_embeddings_are_refused(bad):
+    a = RNG.normal(size=(3, 8)).astype(np.float32)
+    b = a.copy()
+    b[1, 2] = bad
+    with pytest.raises(InvalidInputError, match="not finite"):
+        ops.similarity(a, b)
+    client = CLIPClient("127.0.0.1:1")
+    with pytest.raises(InvalidInputError, match="not finite"):
+        client.find_best_matches(b, a, top_k=1)
+
+
+def test_zero_norm_embeddings_are_refused():
+    a = RNG.normal(size=(3, 8)).astype(np.float32)
+    b = a.copy()
+    b[0] = 0.0
+    with pytest.raises(InvalidInputError, match="zero-norm"):
+        ops.similarity(a, b)
+
+
+@pytest.mark.parametrize("text", ["a \ud800 lone surrogate", "\udfff"])
+def test_texts_that_are_not_valid_unicode_are_invalid_input(text):
+    from clip_client.inputs import encode_texts
+
+    with pytest.raises(InvalidInputError, match="not valid Unicode"):
+        list(encode_texts([text]))
+    with pytest.raises(InvalidInputError, match="not valid Unicode"):
+        list(encode_texts(text))
+    client = CLIPClient("127.0.0.1:1")
+    with pytest.raises(InvalidInputError):
+        client.class_embeddings(["cat"], [text + " {}"])
+
+
+def test_sigmoid_scoring_uses_logit_bias():
+    from clip_client._results import classify_result, ranked_labels
+
+    img = ops.l2_normalize(RNG.normal(size=(2, 8)).astype(np.float32))
+    cls = ops.l2_normalize(RNG.normal(size=(3, 8)).astype(np.float32))
+    info = _core.ModelInfo("m", 8, np.log(10.0), 8, 8, scoring="sigmoid", logit_bias=-2.0)
+    _, probs = classify_result(img, cls, info, True)
+    want = 1 / (1 + np.exp(-(10.0 * (img @ cls.T) - 2.0)))
+    np.testing.assert_allclose(probs, want, rtol=1e-5)
+    rows = ranked_labels(img, cls, ["a", "b", "c"], info, None)
+    assert [x["score"] for x in rows[0]] == pytest.approx(sorted(want[0], reverse=True), rel=1e-5)
+    softmax = _core.ModelInfo("m", 8, np.log(10.0), 8, 8)
+    _, p = classify_result(img, cls, softmax, True)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_client_commands_state_one_exit_status_rule(capsys):
+    from clip_client.cli import EXIT_STATUS, main
+
+    for command in ("index", "search", "classify"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert " ".join(capsys.readouterr().out.split()).endswith(" ".join(EXIT_STATUS.split())), command

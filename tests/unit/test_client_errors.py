@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException as E
 
-from clip_client import CLIPClient, InvalidInputError, ModelNotFoundError, RateLimitedError, ServerError
-from clip_client import _core
+from clip_client import CLIPClient, InvalidInputError, ModelNotFoundError, RateLimitedError, ServerError, _core
 from clip_client._status import is_restricted
 from clip_common.endpoint import parse_endpoint
 

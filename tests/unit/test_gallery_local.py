@@ -303,3 +303,95 @@ def test_long_filters_and_quoted_literals():
     odd = ['caf\u00e9 "q" \\ \n\r\t \x01 \U0001F600', "/b/'q'.png"]
     tree = filters.parse(filters.in_list("path", odd))
     assert tree == ("in", ("col", "path"), odd, False)
+
+
+# ---------------------------------------------------------------------------------------------- CLIP geometry
+def _clip_like(rows: int, dim: int = 128, concept_size: int = 40, queries: int = 60):
+    """Gallery images and queries with CLIP's geometry (bench-retrieval's generator): image-image cosine ~0.87 within
+    a concept, ~0.56 across; text queries ~0.34 with their concept's images, ~0.03 with others."""
+    from clip_loadtest.retrieval import ClipLike
+
+    gen = ClipLike(dim, rows // concept_size, seed=3)
+    rng = np.random.default_rng(4)
+    x = gen.images(rows, 5)
+    return x, gen.texts(rng.integers(0, gen.concepts, queries), 6), gen.images(queries, 7)
+
+
+def _recall_against_exact(g, x: np.ndarray, q: np.ndarray, k: int = 10, **kw) -> float:
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :k]
+    found = [{int(h.path.split("/")[-1]) for h in row} for row in g.search(q, k=k, **kw)]
+    return float(np.mean([len(f & set(e.tolist())) / k for f, e in zip(found, exact)]))
+
+
+def test_text_like_queries_keep_their_recall(tmp_path, small_ivf):
+    """Text queries are out of distribution for lists trained on images: the operating point calibrated after the
+    training (OOD-like probes) keeps their recall, and it is persisted."""
+    x, text, image = _clip_like(6000)
+    g = Gallery.create(tmp_path / "g", dim=x.shape[1], model_id="m")
+    g.add([f"/p/{i}" for i in range(6000)], x)
+    op = g.manifest["index"]["operating_point"]
+    assert _recall_against_exact(g, x, text) >= 0.95 and _recall_against_exact(g, x, image) >= 0.97
+    assert op["recall"] >= local.TUNE_TARGET and op["queries"].startswith("gallery probes")
+    g.close()
+    with Gallery.open(tmp_path / "g") as g:
+        assert (g.nprobe, g.info()["operating_point"]) == (op["nprobe"], op)
+
+
+def test_exact_search_scores_every_row(tmp_path, small_ivf):
+    x, text, _ = _clip_like(4000)
+    g = Gallery.create(tmp_path / "g", dim=x.shape[1], model_id="m")
+    g.add([f"/p/{i}" for i in range(4000)], x)
+    g.nprobe = 1  # the index alone would miss rows
+    assert _recall_against_exact(g, x, text, exact=True) == 1.0
+    g.close()
+
+
+def test_tune_measures_given_then_recent_queries(tmp_path, small_ivf):
+    x, text, _ = _clip_like(4000)
+    g = Gallery.create(tmp_path / "g", dim=x.shape[1], model_id="m")
+    g.add([f"/p/{i}" for i in range(4000)], x)
+    given = g.tune(text, target_recall=0.99)
+    for q in text[:40]:
+        g.search(q)
+    recent = g.tune()
+    g.close()
+    assert (given["queries"], given["recall"] >= 0.99, recent["queries"], recent["n_queries"]) == (
+        "given", True, "recent", 40)
+
+
+def test_index_is_retrained_as_the_gallery_grows(tmp_path, small_ivf):
+    x, _, _ = _clip_like(13000, dim=32)
+    g = Gallery.create(tmp_path / "g", dim=32, model_id="m", expected_rows=1_000_000)
+    g.add([f"/p/{i}" for i in range(3000)], x[:3000])
+    first = dict(g.manifest["index"])
+    for lo in range(3000, 13000, 2000):
+        g.add([f"/p/{i}" for i in range(lo, lo + 2000)], x[lo:lo + 2000])
+    last = g.manifest["index"]
+    g.close()
+    assert (first["trained_on"], last["trained_on"], last["nlist"] > first["nlist"]) == (3000, 13000, True)
+
+
+def test_hand_edited_manifest_is_refused(tmp_path):
+    g = Gallery.create(tmp_path / "g", dim=DIM, model_id="m")
+    g.add([f"/p/{i}" for i in range(10)], _clustered(10))
+    g.close()
+    manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    manifest["next_id"] = 3  # new rows would reuse ids 3..9
+    (tmp_path / "g" / "gallery.json").write_text(json.dumps(manifest))
+    with pytest.raises(GalleryError, match="next_id 3 but the segments hold ids up to 9"):
+        Gallery.open(tmp_path / "g")
+
+
+def test_gallery_info_tune_and_exact_through_the_cli(tmp_path, small_ivf, capsys):
+    from clip_client.cli import main
+
+    x, _, _ = _clip_like(4000)
+    with Gallery.create(tmp_path / "g", dim=x.shape[1], model_id="m") as g:
+        g.add([f"/p/{i}" for i in range(4000)], x)
+    assert main(["gallery-info", "--uri", str(tmp_path / "g"), "--tune", "--target-recall", "0.99", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert main(["search", "--like", "/p/7", "--uri", str(tmp_path / "g"), "--exact", "-k", "1"]) == 0
+    first = capsys.readouterr().out.split()
+    assert (info["rows"], info["operating_point"]["target"], info["operating_point"]["recall"] >= 0.99,
+            info["nprobe"] == info["operating_point"]["nprobe"], first[-1]) == (
+                4000, 0.99, True, True, f"/p/{int(np.argsort(-(x @ x[7]))[1])}")  # the nearest other image

@@ -44,3 +44,14 @@ def test_the_two_distributions_never_ship_the_same_module_or_script():
     assert set(full["project"].get("scripts", {})) & set(client["project"].get("scripts", {})) == set()
     assert "clip-triton" in client["project"]["scripts"]
     assert any(dep.startswith("clip-triton-client @ ") for dep in full["project"]["dependencies"])
+
+
+def test_the_client_under_test_is_this_trees():
+    """`pip install -e ".[test]"` alone installs a copy of ./client; `make setup` then installs it editable."""
+    import clip_client
+    import clip_common
+
+    for module in (clip_client, clip_common):
+        assert Path(module.__file__).resolve().is_relative_to(ROOT / "client"), (
+            f"{module.__name__} is imported from {module.__file__}, not this tree: run "
+            "`.venv/bin/python -m pip install --no-deps -e ./client` (make setup does)")

@@ -22,24 +22,47 @@ PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"x" * 20).decode()
 
 
 def test_the_three_image_dialects_and_texts():
-    req = parse_request({"model": "m", "input": ["a cat", f"data:image/png;base64,{PNG}", {"text": "b"},
-                                                 {"image": PNG}, {"image": "https://example.com/a.png"}]}, 1024)
-    infinity = parse_request({"model": "m", "modality": "image", "input": [f"data:image/jpeg;base64,{PNG}",
-                                                                           "http://example.com/x"]}, 1024)
-    assert [i.kind for i in req.items] + [i.kind for i in infinity.items] == \
-        ["text", "image", "text", "image", "url", "image", "url"]
+    req = parse_request(
+        {
+            "model": "m",
+            "input": [
+                "a cat",
+                f"data:image/png;base64,{PNG}",
+                {"text": "b"},
+                {"image": PNG},
+                {"image": "https://example.com/a.png"},
+            ],
+        },
+        1024,
+    )
+    infinity = parse_request(
+        {"model": "m", "modality": "image", "input": [f"data:image/jpeg;base64,{PNG}", "http://example.com/x"]}, 1024
+    )
+    assert [i.kind for i in req.items] + [i.kind for i in infinity.items] == [
+        "text",
+        "image",
+        "text",
+        "image",
+        "url",
+        "image",
+        "url",
+    ]
 
 
-@pytest.mark.parametrize("body, status, param", [
-    ({"model": "m", "input": [[1, 2]]}, 400, "input"),
-    ({"model": "m", "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
-    ({"input": "x"}, 400, "model"),
-    ({"model": "m", "input": ["data:image/png;base64,@@@"]}, 400, "input[0]"),
-    ({"model": "m", "input": [f"data:image/png;base64,{'A' * 4000}"]}, 413, "input[0]"),
-    ({"model": "m", "input": ["x", "\ud800"]}, 400, "input[1]"),
-    ({"model": "m", "input": [{"text": "a", "image": "b"}]}, 400, "input[0]"),
-    ({"model": "m", "modality": "image", "input": ["just text"]}, 400, "input[0]"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"model": "m", "input": [[1, 2]]}, 400, "input"),
+        ({"model": "m", "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+        ({"input": "x"}, 400, "model"),
+        ({"model": "m", "input": ["data:image/png;base64,@@@"]}, 400, "input[0]"),
+        ({"model": "m", "input": [f"data:image/png;base64,{'A' * 4000}"]}, 413, "input[0]"),
+        ({"model": "m", "input": ["x", "\ud800"]}, 400, "input[1]"),
+        ({"model": "m", "input": [{"text": "a", "image": "b"}]}, 400, "input[0]"),
+        ({"model": "m", "modality": "image", "input": ["just text"]}, 400, "input[0]"),
+        ({"model": "m", "input": ["data:image/svg+xml,<svg/>"]}, 400, "input[0]"),  # an image, but not base64
+    ],
+)
 def test_refusals_name_the_parameter(body, status, param):
     with pytest.raises(APIError) as info:
         parse_request(body, 1024)
@@ -53,12 +76,28 @@ def test_base64_answer_is_little_endian_float32():
     assert (decoded.tolist(), body["usage"]) == ([0.5, -1.25, 3.0], {"prompt_tokens": 7, "total_tokens": 7})
 
 
-@pytest.mark.parametrize("address, allowed", [
-    ("8.8.8.8", True), ("2606:4700:4700::1111", True), ("127.0.0.1", False), ("10.1.2.3", False),
-    ("172.16.0.1", False), ("192.168.0.1", False), ("169.254.169.254", False), ("100.64.0.1", False),
-    ("0.0.0.0", False), ("::1", False), ("fe80::1", False), ("fc00::1", False), ("::ffff:127.0.0.1", False),
-    ("::ffff:10.0.0.1", False), ("2002:7f00:1::", False), ("224.0.0.1", False), ("255.255.255.255", False),
-])
+@pytest.mark.parametrize(
+    "address, allowed",
+    [
+        ("8.8.8.8", True),
+        ("2606:4700:4700::1111", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.0.1", False),
+        ("169.254.169.254", False),
+        ("100.64.0.1", False),
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:10.0.0.1", False),
+        ("2002:7f00:1::", False),
+        ("224.0.0.1", False),
+        ("255.255.255.255", False),
+    ],
+)
 def test_only_public_addresses_are_fetched(address, allowed):
     assert address_allowed(address, allow_private=False) is allowed
 
@@ -93,5 +132,8 @@ def test_compose_runs_the_front_end_behind_the_gateway(monkeypatch):
     gateway = argparse.ArgumentParser()
     gateway_arguments(gateway, "gateway")
     gw = gateway.parse_args(services["gateway"]["command"])
-    assert (gw.openai_upstream, settings.api_keys, services["openai"]["build"]["target"]) == \
-        (f"openai:{args.port}", ["k"], "openai")
+    assert (gw.openai_upstream, settings.api_keys, services["openai"]["build"]["target"]) == (
+        f"openai:{args.port}",
+        ["k"],
+        "openai",
+    )

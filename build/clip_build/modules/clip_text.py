@@ -1,7 +1,7 @@
 """CLIP-style text transformer: token + position embeddings, pre-LN blocks (causal or not), final LN, pooling.
 
 Pooling: "argmax" (the highest id: OpenAI's EOT), "eos" (first eos_token_id), "last" (last position: SigLIP, whose
-rows are padded to the context length) or "first". HF CLIP configs pool as transformers does (eos_token_id == 2: argmax).
+rows are padded to the context length) or "first". HF CLIP configs pool as transformers does (eos_token_id 2: argmax).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from .config import TextTowerConfig
 from .layers import PreLNBlock, additive_mask, clean_tokens
 
 
@@ -37,12 +38,11 @@ class ClipTextTransformer(nn.Module):
         self.max_positions = max_positions
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "ClipTextTransformer":
-        """Build from an HF CLIPTextConfig dict."""
-        return cls(cfg["vocab_size"], cfg["max_position_embeddings"], cfg["hidden_size"], cfg["num_hidden_layers"],
-                   cfg["num_attention_heads"], cfg["intermediate_size"], cfg.get("hidden_act", "quick_gelu"),
-                   cfg.get("layer_norm_eps", 1e-5), int(cfg.get("eos_token_id", 2)), bool(cfg.get("causal", True)),
-                   str(cfg.get("pool", "")))
+    def from_config(cls, cfg: Mapping[str, Any] | TextTowerConfig) -> "ClipTextTransformer":
+        """Build from a manifest text config (HF CLIPTextConfig keys + TextTowerConfig's)."""
+        c = cfg if isinstance(cfg, TextTowerConfig) else TextTowerConfig.from_dict(cfg)
+        return cls(c.vocab_size, c.max_position_embeddings, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+                   c.intermediate_size, c.hidden_act, c.layer_norm_eps, int(c.eos_token_id), bool(c.causal), c.pool)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         input_ids, attention_mask = clean_tokens(input_ids, attention_mask, self.vocab, self.max_positions)

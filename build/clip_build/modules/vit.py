@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import VisionTowerConfig
 from .layers import MLP, PreLNBlock
 
 POOLS = ("cls", "avg", "map")
@@ -34,7 +35,8 @@ class MapHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, N, C = x.shape
         hd = C // self.heads
-        q = self.q(self.probe.to(x.dtype)).expand(B, 1, C).reshape(B, 1, self.heads, hd).transpose(1, 2)  # (B, nh, 1, hd)
+        q = self.q(self.probe.to(x.dtype)).expand(B, 1, C)  # (B, 1, C)
+        q = q.reshape(B, 1, self.heads, hd).transpose(1, 2)  # (B, nh, 1, hd)
         k = self.k(x).view(B, N, self.heads, hd).transpose(1, 2)  # (B, nh, N, hd)
         v = self.v(x).view(B, N, self.heads, hd).transpose(1, 2)  # (B, nh, N, hd)
         y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, C)  # (B, 1, C)
@@ -67,14 +69,12 @@ class VisionTransformer(nn.Module):
         self.head = MapHead(hidden, heads, intermediate, act, eps) if pool == "map" else nn.Identity()
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "VisionTransformer":
-        """Build from an HF CLIPVisionConfig dict (plus our keys class_token, patch_bias, pre_norm, pool)."""
-        return cls(cfg["image_size"], cfg["patch_size"], cfg.get("num_channels", 3), cfg["hidden_size"],
-                   cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["intermediate_size"],
-                   cfg.get("hidden_act", "quick_gelu"), cfg.get("layer_norm_eps", 1e-5),
-                   bool(cfg.get("class_token", True)), bool(cfg.get("patch_bias", False)),
-                   bool(cfg.get("pre_norm", True)), str(cfg.get("pool", "cls")),
-                   bool(cfg.get("final_ln_after_pool", False)))
+    def from_config(cls, cfg: Mapping[str, Any] | VisionTowerConfig) -> "VisionTransformer":
+        """Build from a manifest vision config (HF CLIPVisionConfig keys + VisionTowerConfig's)."""
+        c = cfg if isinstance(cfg, VisionTowerConfig) else VisionTowerConfig.from_dict(cfg)
+        return cls(c.image_size, c.patch_size, c.num_channels, c.hidden_size, c.num_hidden_layers,
+                   c.num_attention_heads, c.intermediate_size, c.hidden_act, c.layer_norm_eps, c.class_token,
+                   c.patch_bias, c.pre_norm, c.pool, c.final_ln_after_pool)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         B = pixel_values.shape[0]

@@ -18,7 +18,7 @@ import argparse
 import logging
 import sys
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..api_keys import API_KEYS_ENV, APIKeyError, add_key_arguments, load_api_keys
 from .app import FrontEndSettings, create_app
@@ -35,8 +35,13 @@ class FrontEndError(RuntimeError):
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Options of `clip-triton openai`."""
-    parser.add_argument("--upstream", action="append", required=True, metavar="grpc://HOST:PORT",
-                        help="a Triton server's gRPC endpoint (repeatable: calls go to the least busy)")
+    parser.add_argument(
+        "--upstream",
+        action="append",
+        required=True,
+        metavar="grpc://HOST:PORT",
+        help="a Triton server's gRPC endpoint (repeatable: calls go to the least busy)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to expose)")
     parser.add_argument("--port", type=int, default=8080)
     add_key_arguments(parser)
@@ -47,22 +52,46 @@ def add_front_end_options(parser: argparse.ArgumentParser, prefix: str = "") -> 
     """The front end's options; `serve --openai-port` shares them with the prefix `openai-`."""
     p = f"--{prefix}"
     parser.add_argument(f"{p}max-body-bytes", type=int, default=32 * 1024 * 1024, help="largest request body (413)")
-    parser.add_argument(f"{p}max-inflight-bytes", type=int, default=256 * 1024 * 1024,
-                        help="request bytes (bodies and fetched images) held by all requests together (429 beyond)")
+    parser.add_argument(
+        f"{p}max-inflight-bytes",
+        type=int,
+        default=256 * 1024 * 1024,
+        help="request bytes (bodies and fetched images) held by all requests together (429 beyond)",
+    )
     parser.add_argument(f"{p}allow-url-fetch", action="store_true", help="fetch http(s) image URLs given as input")
-    parser.add_argument(f"{p}allow-private-urls", action="store_true",
-                        help="let image URLs reach loopback, private and link-local addresses (SSRF: off by default)")
-    parser.add_argument(f"{p}allow-url-network", action="append", default=[], metavar="CIDR",
-                        help="let image URLs reach this non-public network (repeatable), e.g. an internal image store")
+    parser.add_argument(
+        f"{p}allow-private-urls",
+        action="store_true",
+        help="let image URLs reach loopback, private and link-local addresses (SSRF: off by default)",
+    )
+    parser.add_argument(
+        f"{p}allow-url-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="let image URLs reach this non-public network (repeatable), e.g. an internal image store",
+    )
     parser.add_argument(f"{p}fetch-timeout", type=float, default=10.0, help="total seconds to fetch one image URL")
-    parser.add_argument(f"{p}upstream-timeout", type=float, default=60.0, help="seconds Triton has to answer a call")
+    parser.add_argument(f"{p}body-timeout", type=float, default=30.0, help="seconds to receive a request body (408)")
+    parser.add_argument(f"{p}upstream-timeout", type=float, default=120.0, help="seconds Triton has to answer a call")
     parser.add_argument(f"{p}tls-cert", default=None, help="serve HTTPS with this certificate (PEM) ...")
     parser.add_argument(f"{p}tls-key", default=None, help="... and this private key (PEM)")
     parser.add_argument(f"{p}log-level", default="info", help="log level (one line per request, with its id)")
 
 
-OPTIONS = ("max_body_bytes", "max_inflight_bytes", "allow_url_fetch", "allow_private_urls", "allow_url_network",
-           "fetch_timeout", "upstream_timeout", "tls_cert", "tls_key", "log_level")
+OPTIONS = (
+    "max_body_bytes",
+    "max_inflight_bytes",
+    "allow_url_fetch",
+    "allow_private_urls",
+    "allow_url_network",
+    "fetch_timeout",
+    "body_timeout",
+    "upstream_timeout",
+    "tls_cert",
+    "tls_key",
+    "log_level",
+)
 
 
 def options_from_args(args: argparse.Namespace, prefix: str = "") -> dict:
@@ -75,11 +104,18 @@ def settings_from_args(args: argparse.Namespace, upstreams: Sequence[str], prefi
     opt = options_from_args(args, prefix)
     if opt["max_body_bytes"] <= 0 or opt["max_inflight_bytes"] < opt["max_body_bytes"]:
         raise FrontEndError("--max-body-bytes must be > 0 and at most --max-inflight-bytes")
-    return FrontEndSettings(upstreams=upstreams, api_keys=load_api_keys(args.api_key, args.api_key_file),
-                            max_body_bytes=opt["max_body_bytes"], max_inflight_bytes=opt["max_inflight_bytes"],
-                            allow_url_fetch=opt["allow_url_fetch"], allow_private_urls=opt["allow_private_urls"],
-                            url_networks=tuple(_networks(opt["allow_url_network"])),
-                            fetch_timeout=opt["fetch_timeout"], upstream_timeout=opt["upstream_timeout"])
+    return FrontEndSettings(
+        upstreams=upstreams,
+        api_keys=load_api_keys(args.api_key, args.api_key_file),
+        max_body_bytes=opt["max_body_bytes"],
+        max_inflight_bytes=opt["max_inflight_bytes"],
+        allow_url_fetch=opt["allow_url_fetch"],
+        allow_private_urls=opt["allow_private_urls"],
+        url_networks=tuple(_networks(opt["allow_url_network"])),
+        fetch_timeout=opt["fetch_timeout"],
+        upstream_timeout=opt["upstream_timeout"],
+        body_timeout=opt["body_timeout"],
+    )
 
 
 def _networks(values: Sequence[str]) -> list[str]:
@@ -91,20 +127,43 @@ def _networks(values: Sequence[str]) -> list[str]:
         raise FrontEndError(f"--allow-url-network: {exc}") from None
 
 
-def uvicorn_server(settings: FrontEndSettings, host: str, port: int, *, tls_cert: str | None = None,
-                   tls_key: str | None = None, log_level: str = "info"):
+def uvicorn_server(
+    settings: FrontEndSettings,
+    host: str,
+    port: int,
+    *,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    log_level: str = "info",
+):
     """A uvicorn.Server serving the front end (not started)."""
     import uvicorn
 
     if bool(tls_cert) != bool(tls_key):
         raise FrontEndError("--tls-cert and --tls-key go together")
     if not settings.api_keys:
-        log.warning("no API key given (--api-key, --api-key-file, $%s): /v1 is open to anyone who can reach "
-                    "%s:%s", API_KEYS_ENV, host, port)
+        log.warning(
+            "no API key given (--api-key, --api-key-file, $%s): /v1 is open to anyone who can reach %s:%s",
+            API_KEYS_ENV,
+            host,
+            port,
+        )
     logging.getLogger("clip_server.openai").setLevel(log_level.upper())
-    config = uvicorn.Config(create_app(settings), host=host, port=port, loop="uvloop", http="httptools",
-                            lifespan="on", access_log=False, log_level="warning", ssl_certfile=tls_cert,
-                            ssl_keyfile=tls_key, timeout_keep_alive=30, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        proxy_headers=False,  # the client address is not used (Envoy in front keeps its own)
+        access_log=False,
+        log_level="warning",
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=10,
+    )
     return uvicorn.Server(config)
 
 
@@ -134,8 +193,9 @@ def run(args: argparse.Namespace, command: str) -> int:
     try:
         upstreams = [parse_upstream(u) for u in args.upstream]
         settings = settings_from_args(args, upstreams)
-        server = uvicorn_server(settings, args.host, args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                                log_level=args.log_level)
+        server = uvicorn_server(
+            settings, args.host, args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=args.log_level
+        )
     except (FrontEndError, APIKeyError, ValueError) as exc:
         log.error("%s", exc)
         return 1

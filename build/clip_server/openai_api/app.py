@@ -9,9 +9,10 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
@@ -30,11 +31,15 @@ REQUEST_ID = "x-request-id"
 FETCH_CONCURRENCY = 8  # image URLs of one request fetched at once
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 # gRPC status of a Triton answer -> (HTTP status, what the caller is told: None = Triton's own message)
-_UPSTREAM_STATUS = {"INVALID_ARGUMENT": (400, None), "OUT_OF_RANGE": (400, None),
-                    "UNAVAILABLE": (503, "the model server is overloaded or unavailable: retry later"),
-                    "RESOURCE_EXHAUSTED": (429, "the model server's queue is full: retry later"),
-                    "DEADLINE_EXCEEDED": (503, "the model server did not answer in time: retry later"),
-                    "NOT_FOUND": (503, "the model is not loaded on the model server")}
+_UPSTREAM_STATUS = {
+    "INVALID_ARGUMENT": (400, None),
+    "OUT_OF_RANGE": (400, None),
+    "UNAVAILABLE": (503, "the model server is overloaded or unavailable: retry later"),
+    "RESOURCE_EXHAUSTED": (429, "the model server's queue is full: retry later"),
+    "DEADLINE_EXCEEDED": (503, "the model server did not answer in time: retry later"),
+    "NOT_FOUND": (503, "the model is not loaded on the model server"),
+    "MODEL_CHANGED": (503, "the served model changed on the model server: retry"),
+}
 
 
 @dataclass
@@ -49,7 +54,8 @@ class FrontEndSettings:
     allow_private_urls: bool = False
     url_networks: tuple[str, ...] = ()
     fetch_timeout: float = 10.0
-    upstream_timeout: float = 60.0
+    upstream_timeout: float = 120.0
+    body_timeout: float = 30.0
     normalize: bool = True
 
 
@@ -80,8 +86,12 @@ class _State:
 
 def json_response(body: Any, status: int = 200, request_id: str = "") -> Response:
     headers = {REQUEST_ID: request_id} if request_id else None
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json", headers=headers)
+    return Response(
+        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 def error_response(err: APIError, request_id: str) -> Response:
@@ -137,13 +147,20 @@ class RequestIdMiddleware:
             log.exception("request %s failed", request_id)
             if status[0] == 0:
                 body = orjson.dumps(APIError(500, f"internal error (request id {request_id})").body())
-                await send_with_id({"type": "http.response.start", "status": 500,
-                                    "headers": [(b"content-type", b"application/json")]})
+                await send_with_id(
+                    {"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"application/json")]}
+                )
                 await send({"type": "http.response.body", "body": body})
                 status[0] = 500
         finally:
-            log.info("%s %s %s %.1fms request_id=%s", scope.get("method"), scope.get("path"), status[0],
-                     (time.perf_counter() - started) * 1000, request_id)
+            log.info(
+                "%s %s %s %.1fms request_id=%s",
+                scope.get("method"),
+                str(scope.get("path", "")).encode("unicode_escape").decode("ascii")[:200],  # no line breaks in logs
+                status[0],
+                (time.perf_counter() - started) * 1000,
+                request_id,
+            )
 
 
 def _request_id(request: Request) -> str:
@@ -154,15 +171,20 @@ def _request_id(request: Request) -> str:
 async def health(request: Request) -> Response:
     state: _State = request.app.state.front
     if not state.upstreams.catalog.models:
-        return json_response(APIError(503, "not ready: no model server answered yet").body(), 503,
-                             _request_id(request))
-    return json_response({"status": "ok", "models": list(state.upstreams.catalog.models)}, 200, _request_id(request))
+        return json_response(APIError(503, "not ready: no model server answered yet").body(), 503, _request_id(request))
+    return json_response({"status": "ok"}, 200, _request_id(request))  # model names only with a key (/v1/models)
+
+
+async def live(request: Request) -> Response:
+    """Liveness: the process answers (whether or not a Triton server does; /health says that)."""
+    return json_response({"status": "alive"}, 200, _request_id(request))
 
 
 def _auth(request: Request, state: _State) -> None:
     if not key_ok(request.headers.get("authorization"), state.key_digests):
-        raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                       code="invalid_api_key")
+        raise APIError(
+            401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'", code="invalid_api_key"
+        )
 
 
 def _catalog(state: _State) -> dict[str, ServedModel]:
@@ -195,7 +217,7 @@ async def get_model(request: Request) -> Response:
         name = request.path_params["model"]
         model = _catalog(state).get(name)
         if model is None:
-            raise APIError(404, f"The model {name!r} does not exist", param="model", code="model_not_found")
+            raise APIError(404, f"The model {name[:100]!r} does not exist", param="model", code="model_not_found")
     except APIError as err:
         return error_response(err, rid)
     return json_response(_model_object(state, model), 200, rid)
@@ -212,14 +234,21 @@ async def embeddings(request: Request) -> Response:
         largest = max(m.max_image_bytes for m in models.values())
         req = parse_request(_json(body), largest)
         del body
-        model = models.get(req.model)
+        model = models.get(req.model) or next((m for m in models.values() if m.model_id == req.model), None)
         if model is None:
-            raise APIError(404, f"The model {req.model!r} does not exist: served are {', '.join(models)}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model {req.model[:100]!r} does not exist: served are {', '.join(models)}",
+                param="model",
+                code="model_not_found",
+            )
         if req.dimensions is not None and req.dimensions != model.dim:
-            raise invalid(f"'dimensions' is not supported: {model.name} returns {model.dim}-dimensional embeddings "
-                          "(CLIP embeddings cannot be shortened); omit 'dimensions'", param="dimensions",
-                          code="dimensions_not_supported")
+            raise invalid(
+                f"'dimensions' is not supported: {model.name} returns {model.dim}-dimensional embeddings "
+                "(CLIP embeddings cannot be shortened); omit 'dimensions'",
+                param="dimensions",
+                code="dimensions_not_supported",
+            )
         embeds, tokens = await _embed(state, model, req, rid, held)
         if state.settings.normalize:
             norms = np.linalg.norm(embeds, axis=1, keepdims=True)
@@ -248,37 +277,45 @@ async def _read_body(request: Request, state: _State) -> tuple[bytes, int]:
         raise APIError(413, f"request body of {length} bytes is larger than the limit of {cap} bytes")
     parts, held = [], 0
     try:
-        async for chunk in request.stream():
-            if held + len(chunk) > cap:
-                raise APIError(413, f"request body larger than the limit of {cap} bytes")
-            if not state.budget.take(len(chunk)):
-                raise APIError(429, "too many request bytes in flight on this server: retry later",
-                               code="server_busy")
-            held += len(chunk)
-            parts.append(chunk)
+        async with asyncio.timeout(state.settings.body_timeout):  # a trickled body cannot hold the budget for long
+            async for chunk in request.stream():
+                if held + len(chunk) > cap:
+                    raise APIError(413, f"request body larger than the limit of {cap} bytes")
+                if not state.budget.take(len(chunk)):
+                    raise APIError(
+                        429, "too many request bytes in flight on this server: retry later", code="server_busy"
+                    )
+                held += len(chunk)
+                parts.append(chunk)
+    except TimeoutError:
+        state.budget.used -= held
+        raise APIError(408, f"request body not received within {state.settings.body_timeout:g} s") from None
     except APIError:
         state.budget.used -= held
         raise
     return b"".join(parts), held
 
 
-async def _embed(state: _State, model: ServedModel, req: EmbeddingRequest, rid: str,
-                 held: list[int]) -> tuple[np.ndarray, int]:
+async def _embed(
+    state: _State, model: ServedModel, req: EmbeddingRequest, rid: str, held: list[int]
+) -> tuple[np.ndarray, int]:
     """Embeddings in input order (texts and images sent in concurrent chunks) and the texts' token total."""
     texts = [(i, it) for i, it in enumerate(req.items) if it.kind == "text"]
     images = [(i, it) for i, it in enumerate(req.items) if it.kind != "text"]
     for i, it in texts:
         if len(it.data) > model.max_text_bytes:
-            raise invalid(f"input[{i}]: the text is {len(it.data)} bytes, more than the limit of "
-                          f"{model.max_text_bytes}", param=f"input[{i}]")
+            raise invalid(
+                f"input[{i}]: the text is {len(it.data)} bytes, more than the limit of {model.max_text_bytes}",
+                param=f"input[{i}]",
+            )
     if images:
         await _fetch_urls(state, images, model, held)
     jobs = []
     for start in range(0, len(texts), model.max_text_items):
-        chunk = texts[start:start + model.max_text_items]
+        chunk = texts[start : start + model.max_text_items]
         jobs.append(_call(state.upstreams.encode_texts(model, [it.data for _, it in chunk], rid), "texts"))
     for start in range(0, len(images), model.max_image_items):
-        chunk = images[start:start + model.max_image_items]
+        chunk = images[start : start + model.max_image_items]
         jobs.append(_call(state.upstreams.encode_images(model, [it.data for _, it in chunk], rid), "images"))
     answers = await asyncio.gather(*jobs)
     out = np.empty((len(req.items), model.dim), dtype=np.float32)
@@ -286,11 +323,11 @@ async def _embed(state: _State, model: ServedModel, req: EmbeddingRequest, rid: 
     for start in range(0, len(texts), model.max_text_items):
         embeds, counts = answers[k]
         k += 1
-        rows = [i for i, _ in texts[start:start + model.max_text_items]]
+        rows = [i for i, _ in texts[start : start + model.max_text_items]]
         out[rows] = embeds
         tokens += int(counts.sum()) if counts is not None else 0
     for start in range(0, len(images), model.max_image_items):
-        rows = [i for i, _ in images[start:start + model.max_image_items]]
+        rows = [i for i, _ in images[start : start + model.max_image_items]]
         out[rows] = answers[k]
         k += 1
     return out, tokens
@@ -303,8 +340,12 @@ async def _fetch_urls(state: _State, images: list[tuple[int, Item]], model: Serv
         return
     if state.fetcher is None:
         i = urls[0][0]
-        raise invalid(f"input[{i}]: image URLs are not fetched by this server (started without --allow-url-fetch): "
-                      "send the image as a data:image/...;base64, URI", param=f"input[{i}]", code="url_fetch_disabled")
+        raise invalid(
+            f"input[{i}]: image URLs are not fetched by this server (started without --allow-url-fetch): "
+            "send the image as a data:image/...;base64, URI",
+            param=f"input[{i}]",
+            code="url_fetch_disabled",
+        )
 
     if len(urls) > model.max_image_items:
         raise invalid(f"{len(urls)} image URLs in one request; at most {model.max_image_items}")
@@ -336,8 +377,7 @@ async def _call(coro, what: str):
     except UpstreamError as exc:
         status, message = _UPSTREAM_STATUS.get(exc.status, (500, None))
         if status == 400:
-            raise invalid(f"the model server refused the {what}: {_clean(exc.message)}", code="invalid_input") \
-                from None
+            raise invalid(f"the model server refused the {what}: {_clean(exc.message)}", code="invalid_input") from None
         log.warning("upstream %s: %s", exc.status, exc.message)
         raise APIError(status, message or "the model server failed this request") from None
 
@@ -360,8 +400,12 @@ def create_app(settings: FrontEndSettings) -> Starlette:
         state = _State(settings, upstreams, [_digest(k) for k in keys], _Budget(settings.max_inflight_bytes))
         await upstreams.start()
         if settings.allow_url_fetch:
-            policy = FetchPolicy(allow_private=settings.allow_private_urls, deadline=settings.fetch_timeout,
-                                 max_bytes=max(1, settings.max_body_bytes), networks=tuple(settings.url_networks))
+            policy = FetchPolicy(
+                allow_private=settings.allow_private_urls,
+                deadline=settings.fetch_timeout,
+                max_bytes=max(1, settings.max_body_bytes),
+                networks=tuple(settings.url_networks),
+            )
             state.fetcher = ImageFetcher(policy)
         app.state.front = state
         task = asyncio.create_task(discover_until_ready(upstreams, state.stop))
@@ -379,9 +423,13 @@ def create_app(settings: FrontEndSettings) -> Starlette:
         message = "method not allowed" if status == 405 else f"no route {request.url.path}"
         return json_response(APIError(status, message, param=None).body(), status, _request_id(request))
 
-    routes = [Route("/v1/embeddings", embeddings, methods=["POST"]), Route("/v1/models", list_models, methods=["GET"]),
-              Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-              Route("/health", health, methods=["GET"])]
+    routes = [
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/health/live", live, methods=["GET"]),
+    ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.add_middleware(RequestIdMiddleware)
     return app

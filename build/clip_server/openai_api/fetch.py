@@ -12,8 +12,8 @@ import asyncio
 import ipaddress
 import socket
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 from urllib.parse import urljoin, urlsplit
 
 import httpcore
@@ -62,14 +62,21 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         self.policy = policy
         self.inner = httpcore.AnyIOBackend()
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: Iterable | None = None) -> httpcore.AsyncNetworkStream:
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable | None = None,
+    ) -> httpcore.AsyncNetworkStream:
         addresses = await _resolve(host, port)
         refused = [a for a in addresses if not self.policy.allows(a)]
         if refused:
-            raise FetchError(f"image URL host {host!r} resolves to a loopback, private, link-local or otherwise "
-                             "non-public address: refused (--allow-private-urls allows it)")
+            raise FetchError(
+                f"image URL host {host!r} resolves to a loopback, private, link-local or otherwise "
+                "non-public address: refused (--allow-private-urls allows it)"
+            )
         last: Exception | None = None
         for address in addresses:  # each one checked above; no name is resolved again
             try:
@@ -102,8 +109,12 @@ class ImageFetcher:
 
     def __init__(self, policy: FetchPolicy):
         self.policy = policy
-        self.pool = httpcore.AsyncConnectionPool(ssl_context=ssl.create_default_context(), max_connections=64,
-                                                 network_backend=_GuardedBackend(policy), retries=0)
+        self.pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl.create_default_context(),
+            max_connections=64,
+            network_backend=_GuardedBackend(policy),
+            retries=0,
+        )
 
     async def aclose(self) -> None:
         await self.pool.aclose()

@@ -18,16 +18,30 @@ DATA_URI = re.compile(r"^data:image/[A-Za-z0-9.+-]+(?:;[A-Za-z0-9=._+-]+)*;base6
 class APIError(Exception):
     """An error answered in OpenAI's schema: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "invalid_request_error",
+        404: "invalid_request_error",
+        413: "invalid_request_error",
+        408: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "server_error",
+        500: "server_error",
+    }
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def invalid(message: str, param: str | None = "input", code: str | None = None) -> APIError:
@@ -75,16 +89,22 @@ def parse_request(body: Any, max_image_bytes: int) -> EmbeddingRequest:
     if len(values) > MAX_INPUTS:
         raise invalid(f"'input' has {len(values)} items; at most {MAX_INPUTS} per request")
     if _token_ids(values):
-        raise invalid("token-id arrays are not accepted: send the texts as strings (LangChain's OpenAIEmbeddings: "
-                      "pass check_embedding_ctx_length=False)", code="token_ids_not_supported")
+        raise invalid(
+            "token-id arrays are not accepted: send the texts as strings (LangChain's OpenAIEmbeddings: "
+            "pass check_embedding_ctx_length=False)",
+            code="token_ids_not_supported",
+        )
     items = [_item(v, i, modality, max_image_bytes) for i, v in enumerate(values)]
     return EmbeddingRequest(model=model, items=items, encoding_format=fmt, dimensions=dimensions)
 
 
 def _token_ids(values: list) -> bool:
     first = values[0]
-    return isinstance(first, int) and not isinstance(first, bool) or (
-        isinstance(first, list) and all(isinstance(t, int) for t in first))
+    return (
+        isinstance(first, int)
+        and not isinstance(first, bool)
+        or (isinstance(first, list) and all(isinstance(t, int) for t in first))
+    )
 
 
 def _item(value: Any, index: int, modality: str, max_image_bytes: int) -> Item:
@@ -95,13 +115,15 @@ def _item(value: Any, index: int, modality: str, max_image_bytes: int) -> Item:
             return Item("text", _utf8(value["text"], param))
         if keys == {"image"} and isinstance(value["image"], str):
             return _image(value["image"], param, max_image_bytes, bare_base64=True)
-        raise invalid(f"{param}: an object input must be {{\"text\": \"...\"}} or {{\"image\": \"URL, data URI or "
-                      "base64\"}}", param=param)
+        raise invalid(
+            f'{param}: an object input must be {{"text": "..."}} or {{"image": "URL, data URI or base64"}}}}',
+            param=param,
+        )
     if not isinstance(value, str):
         raise invalid(f"{param}: expected a string, got {type(value).__name__}", param=param)
     if modality == "image":  # Infinity: every input is a URL or a data URI
         return _image(value, param, max_image_bytes, bare_base64=False)
-    if DATA_URI.match(value):  # NV-CLIP: data URIs mixed with texts
+    if value.startswith("data:image/"):  # NV-CLIP: data URIs mixed with texts
         return _image(value, param, max_image_bytes, bare_base64=False)
     return Item("text", _utf8(value, param))
 
@@ -118,7 +140,7 @@ def _image(value: str, param: str, max_image_bytes: int, bare_base64: bool) -> I
         return Item("url", value)
     match = DATA_URI.match(value)
     if match:
-        payload = value[match.end():]
+        payload = value[match.end() :]
     elif value.startswith("data:"):
         raise invalid(f"{param}: an image data URI must look like data:image/<format>;base64,<data>", param=param)
     elif bare_base64:
@@ -134,8 +156,9 @@ def _image(value: str, param: str, max_image_bytes: int, bare_base64: bool) -> I
     if not data:
         raise invalid(f"{param}: the image is empty", param=param)
     if len(data) > max_image_bytes:
-        raise APIError(413, f"{param}: the image is {len(data)} bytes, more than the limit of {max_image_bytes}",
-                       param=param)
+        raise APIError(
+            413, f"{param}: the image is {len(data)} bytes, more than the limit of {max_image_bytes}", param=param
+        )
     return Item("image", data)
 
 
@@ -148,7 +171,13 @@ def embedding_value(row: np.ndarray, encoding_format: str) -> Any:
 
 def response_body(model: str, embeds: np.ndarray, encoding_format: str, prompt_tokens: int) -> dict:
     """OpenAI's embeddings response: object "list", data[i] {object, index, embedding}, model, usage."""
-    data = [{"object": "embedding", "index": i, "embedding": embedding_value(row, encoding_format)}
-            for i, row in enumerate(embeds)]
-    return {"object": "list", "data": data, "model": model,
-            "usage": {"prompt_tokens": int(prompt_tokens), "total_tokens": int(prompt_tokens)}}
+    data = [
+        {"object": "embedding", "index": i, "embedding": embedding_value(row, encoding_format)}
+        for i, row in enumerate(embeds)
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": int(prompt_tokens), "total_tokens": int(prompt_tokens)},
+    }

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import json
 import logging
+import socket
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -20,6 +24,9 @@ from clip_common.contract import ClipInfo, EncodeImage, EncodeText
 log = logging.getLogger(__name__)
 
 TOKEN_COUNTS = EncodeText.TOKEN_COUNTS  # INT32 [N] per text; servers built before it lack it (usage 0 then)
+
+
+DOWN_SECONDS = 5.0
 
 
 class UpstreamError(RuntimeError):
@@ -44,7 +51,7 @@ class ServedModel:
     max_text_bytes: int
     max_image_bytes: int
     family: str | None = None
-    has_token_counts: bool | None = None  # learnt from encode_text's metadata on first use
+    outputs: dict[str, set[str]] = field(default_factory=dict)  # ensemble -> its outputs (metadata, first use)
     created: int = 0
 
 
@@ -74,58 +81,107 @@ def model_from_info(info: dict, name: str, prefix: str) -> ServedModel:
     """A ServedModel from one model's clip_info JSON."""
     limits = info.get("limits", {})
     per_request = int(info.get("max_items_per_request", 64))
-    return ServedModel(name=name, prefix=prefix, model_id=str(info["model_id"]), dim=int(info["projection_dim"]),
-                       max_text_items=int(info.get("max_text_items", per_request)),
-                       max_image_items=int(info.get("max_image_items", per_request)),
-                       max_text_bytes=int(limits.get("max_text_bytes", 16384)),
-                       max_image_bytes=int(limits.get("max_image_bytes", 20 * 1024 * 1024)),
-                       family=info.get("family"))
+    return ServedModel(
+        name=name,
+        prefix=prefix,
+        model_id=str(info["model_id"]),
+        dim=int(info["projection_dim"]),
+        max_text_items=int(info.get("max_text_items", per_request)),
+        max_image_items=int(info.get("max_image_items", per_request)),
+        max_text_bytes=int(limits.get("max_text_bytes", 16384)),
+        max_image_bytes=int(limits.get("max_image_bytes", 20 * 1024 * 1024)),
+        family=info.get("family"),
+    )
+
+
+@dataclass
+class Endpoint:
+    """One Triton address (a name resolving to N addresses gives N endpoints): its channel and its load."""
+
+    address: str  # "IP:PORT" as tritonclient takes it ([IPv6]:PORT)
+    client: InferenceServerClient
+    origin: str = ""  # the --upstream it came from
+    in_flight: int = 0
+    down_until: float = 0.0  # after UNAVAILABLE it is tried last until then
 
 
 class Upstreams:
-    """A client (one gRPC channel) per Triton server, created once; calls go to the least busy one."""
+    """A client (one gRPC channel) per Triton address, created once and kept; each call goes to the least busy one.
 
-    def __init__(self, urls: Sequence[str], timeout: float = 60.0):
+    Every --upstream HOST:PORT is resolved at start and again at each refresh (resolve()), one endpoint per address,
+    like the gateway's STRICT_DNS clusters: a Kubernetes headless Service gives one channel per Triton pod, and pods
+    that come and go are picked up (a single channel to such a name would stick to one pod)."""
+
+    def __init__(self, urls: Sequence[str], timeout: float = 120.0):
         if not urls:
             raise ValueError("at least one --upstream is needed")
         self.urls = list(urls)
         self.timeout = timeout
-        self.clients: list[InferenceServerClient] = []
-        self.in_flight: list[int] = []
+        self.endpoints: dict[str, Endpoint] = {}
         self._turn = itertools.count()
+        self._retired: list[asyncio.Task] = []
         self.catalog = Catalog()
+        self.changed = asyncio.Event()  # set when an answer's model_id differs: discovery runs again at once
 
     async def start(self) -> None:
-        """Open the channels (inside the serving event loop)."""
-        self.clients = [InferenceServerClient(url) for url in self.urls]
-        self.in_flight = [0] * len(self.clients)
+        """Resolve the upstreams and open their channels (inside the serving event loop)."""
+        await self.resolve()
+
+    async def resolve(self) -> None:
+        """(Re-)resolve every upstream; open channels to new addresses, retire the ones gone (a name that does not
+        resolve now keeps its old endpoints)."""
+        found: dict[str, str] = {}  # address -> the upstream it came from
+        for url in self.urls:
+            addresses = await _addresses(url)
+            if addresses is None:
+                addresses = [a for a, e in self.endpoints.items() if e.origin == url]
+            for address in addresses:
+                found.setdefault(address, url)
+        for address, url in found.items():
+            if address not in self.endpoints:
+                self.endpoints[address] = Endpoint(address, InferenceServerClient(address), origin=url)
+                log.info("upstream %s: channel to %s", url, address)
+        for address in [a for a in self.endpoints if a not in found]:
+            gone = self.endpoints.pop(address)
+            self._retired.append(asyncio.create_task(self._close_later(gone)))
+
+    async def _close_later(self, endpoint: Endpoint) -> None:
+        await asyncio.sleep(self.timeout)  # calls in flight on it finish first
+        await endpoint.client.close()
 
     async def close(self) -> None:
-        for client in self.clients:
-            await client.close()
+        for task in self._retired:
+            task.cancel()
+        for endpoint in self.endpoints.values():
+            await endpoint.client.close()
 
-    def _order(self) -> list[int]:
-        start = next(self._turn)
-        n = len(self.clients)
-        rotated = [(start + i) % n for i in range(n)]
-        return sorted(rotated, key=lambda i: self.in_flight[i])
+    def _order(self) -> list[Endpoint]:
+        endpoints = list(self.endpoints.values())
+        if not endpoints:
+            return []
+        start = next(self._turn) % len(endpoints)
+        rotated = endpoints[start:] + endpoints[:start]
+        now = time.monotonic()
+        return sorted(rotated, key=lambda e: (e.down_until > now, e.in_flight))
 
     async def infer(self, model: str, inputs: list, outputs: list, request_id: str = "") -> Any:
         """One inference on the least busy upstream; UNAVAILABLE or a broken connection moves on to the next."""
         last: UpstreamError | None = None
-        for i in self._order():
-            self.in_flight[i] += 1
+        for endpoint in self._order():
+            endpoint.in_flight += 1
             try:
-                return await self.clients[i].infer(model, inputs, outputs=outputs, request_id=request_id,
-                                                   client_timeout=self.timeout)
+                return await endpoint.client.infer(
+                    model, inputs, outputs=outputs, request_id=request_id, client_timeout=self.timeout
+                )
             except InferenceServerException as exc:
                 last = UpstreamError(_status(exc), str(exc.message() or exc))
                 if last.status != "UNAVAILABLE":
                     raise last from None
-                log.warning("upstream %s unavailable: %s", self.urls[i], last.message)
+                endpoint.down_until = time.monotonic() + DOWN_SECONDS
+                log.warning("upstream %s unavailable: %s", endpoint.address, last.message)
             finally:
-                self.in_flight[i] -= 1
-        raise last or UpstreamError("UNAVAILABLE", "no upstream")
+                endpoint.in_flight -= 1
+        raise last or UpstreamError("UNAVAILABLE", "no upstream address")
 
     # ---------------------------------------------------------------------------------------- discovery
     async def discover(self) -> Catalog:
@@ -140,7 +196,7 @@ class Upstreams:
             old = self.catalog.models.get(name)
             model = model_from_info(info, name, prefix)
             if old is not None and old.model_id == model.model_id:
-                model.has_token_counts, model.created = old.has_token_counts, old.created
+                model.outputs, model.created = old.outputs, old.created
             models[name] = model
         self.catalog = Catalog(models)
         return self.catalog
@@ -151,35 +207,51 @@ class Upstreams:
         raw = result.as_numpy(ClipInfo.INFO).reshape(-1)[0]
         return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
 
-    async def _token_counts_served(self, model: ServedModel) -> bool:
-        if model.has_token_counts is None:
-            name = model.prefix + EncodeText.NAME
-            meta = await self._metadata(name)
-            model.has_token_counts = any(o.get("name") == TOKEN_COUNTS for o in meta.get("outputs", []))
-        return model.has_token_counts
+    async def _outputs(self, model: ServedModel, ensemble: str) -> set[str]:
+        """The outputs an ensemble of this model declares (servers built before token_counts/model_id lack them)."""
+        if ensemble not in model.outputs:
+            meta = await self._metadata(model.prefix + ensemble)
+            model.outputs[ensemble] = {str(o.get("name")) for o in meta.get("outputs", [])}
+        return model.outputs[ensemble]
+
+    def _check_identity(self, model: ServedModel, result: Any, served: set[str]) -> None:
+        """UpstreamError MODEL_CHANGED (and an immediate re-discovery) when the answer's model_id is not the one
+        clip_info named: the server was rebuilt or a rolling update mixes versions; the caller retries."""
+        if EncodeText.MODEL_ID not in served:
+            return
+        raw = result.as_numpy(EncodeText.MODEL_ID)
+        answered = raw.reshape(-1)[0] if raw is not None and raw.size else b""
+        answered = answered.decode("utf-8", "replace") if isinstance(answered, bytes) else str(answered)
+        if answered != model.model_id:
+            self.changed.set()
+            raise UpstreamError(
+                "MODEL_CHANGED", f"model {model.name} answered as {answered!r}, expected {model.model_id!r}"
+            )
 
     async def _metadata(self, name: str) -> dict:
-        for i in self._order():
+        for endpoint in self._order():
             try:
-                return await self.clients[i].get_model_metadata(name, as_json=True, client_timeout=self.timeout)
+                return await endpoint.client.get_model_metadata(name, as_json=True, client_timeout=self.timeout)
             except InferenceServerException as exc:
                 if _status(exc) != "UNAVAILABLE":
                     raise UpstreamError(_status(exc), str(exc.message() or exc)) from None
         raise UpstreamError("UNAVAILABLE", "no upstream answered")
 
     # ---------------------------------------------------------------------------------------- encoders
-    async def encode_texts(self, model: ServedModel, texts: list[bytes],
-                           request_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+    async def encode_texts(
+        self, model: ServedModel, texts: list[bytes], request_id: str
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """(embeddings [N, D], token counts [N] or None when the server does not report them)."""
         arr = np.empty((len(texts), 1), dtype=object)
         arr[:, 0] = texts
         inp = InferInput(EncodeText.TEXT, [len(texts), 1], "BYTES")
         inp.set_data_from_numpy(arr)
-        counts = await self._token_counts_served(model)
-        outputs = [InferRequestedOutput(EncodeText.TEXT_EMBEDS)]
-        if counts:
-            outputs.append(InferRequestedOutput(TOKEN_COUNTS))
+        served = await self._outputs(model, EncodeText.NAME)
+        counts = TOKEN_COUNTS in served
+        wanted = [EncodeText.TEXT_EMBEDS, TOKEN_COUNTS, EncodeText.MODEL_ID]
+        outputs = [InferRequestedOutput(name) for name in wanted if name in served or name == EncodeText.TEXT_EMBEDS]
         result = await self.infer(model.prefix + EncodeText.NAME, [inp], outputs, request_id)
+        self._check_identity(model, result, served)
         embeds = _checked(result.as_numpy(EncodeText.TEXT_EMBEDS), len(texts), model.dim)
         tokens = result.as_numpy(TOKEN_COUNTS) if counts else None
         return embeds, (None if tokens is None else tokens.reshape(-1))
@@ -189,9 +261,30 @@ class Upstreams:
         arr[:, 0] = images
         inp = InferInput(EncodeImage.IMAGE, [len(images), 1], "BYTES")
         inp.set_data_from_numpy(arr)
-        result = await self.infer(model.prefix + EncodeImage.NAME, [inp],
-                                  [InferRequestedOutput(EncodeImage.IMAGE_EMBEDS)], request_id)
+        served = await self._outputs(model, EncodeImage.NAME)
+        outputs = [InferRequestedOutput(EncodeImage.IMAGE_EMBEDS)]
+        if EncodeImage.MODEL_ID in served:
+            outputs.append(InferRequestedOutput(EncodeImage.MODEL_ID))
+        result = await self.infer(model.prefix + EncodeImage.NAME, [inp], outputs, request_id)
+        self._check_identity(model, result, served)
         return _checked(result.as_numpy(EncodeImage.IMAGE_EMBEDS), len(images), model.dim)
+
+
+async def _addresses(url: str) -> list[str] | None:
+    """ "HOST:PORT" -> every "IP:PORT" it resolves to (an IP stays itself); None when it does not resolve now."""
+    host, _, port = url.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        return [url]
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        log.warning("cannot resolve upstream %s: %s", url, exc)
+        return None
+    return [f"[{i[4][0]}]:{port}" if ":" in i[4][0] else f"{i[4][0]}:{port}" for i in infos]
 
 
 def _checked(embeds: np.ndarray | None, rows: int, dim: int) -> np.ndarray:
@@ -209,12 +302,14 @@ async def discover_until_ready(upstreams: Upstreams, stop: asyncio.Event, interv
     wait = interval
     while not stop.is_set():
         try:
+            await upstreams.resolve()
             await upstreams.discover()
             wait = 30.0
         except (UpstreamError, InferenceServerException, OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("cannot read clip_info from the upstreams yet: %s", exc)
             wait = interval
-        try:
-            await asyncio.wait_for(stop.wait(), wait)
-        except TimeoutError:
-            pass
+        upstreams.changed.clear()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(upstreams.changed.wait())]
+        await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()

@@ -309,12 +309,12 @@ class Gallery(ABC):
                 found.setdefault(r["path"], []).append(int(r["id"]))
         return found
 
-    def similar(self, path: str, k: int = 10, filter: str | None = None) -> list[Hit]:
+    def similar(self, path: str, k: int = 10, filter: str | None = None, exact: bool = False) -> list[Hit]:
         """Rows most similar to the stored embedding of `path` (an indexed image), best first (itself included)."""
         ids = self.find([path]).get(path)
         if not ids:
             raise InvalidInputError(f"{path!r} is not in the gallery")
-        return self.search(self.embeddings(ids[:1]), k, filter)[0]
+        return self.search(self.embeddings(ids[:1]), k, filter, exact=exact)[0]
 
     def search_text(self, client: Any, texts: str | Sequence[str], k: int = 10, filter: str | None = None,
                     exact: bool = False) -> list[list[Hit]]:

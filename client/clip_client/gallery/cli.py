@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--filter", help='e.g. \'size > 100000 and array_contains(tags, "cat")\' (README: filters)')
         parser.add_argument("-k", "--top-k", type=int, default=10, help="results to show (default 10)")
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        parser.add_argument("--exact", action="store_true", help="score every image (no approximate index)")
     add_connection_arguments(parser)
 
 
@@ -103,9 +104,9 @@ def _run_search(client: Any, args: argparse.Namespace) -> int:
         raise InvalidInputError("give a text query, --image PATH or --like PATH (exactly one)")
     with Gallery.open(args.uri) as gallery:
         if args.query is not None:
-            hits = gallery.search_text(client, args.query, k=args.top_k, filter=args.filter)[0]
+            hits = gallery.search_text(client, args.query, k=args.top_k, filter=args.filter, exact=args.exact)[0]
         else:
-            hits = gallery.search_image(client, args.image, k=args.top_k, filter=args.filter)[0]
+            hits = gallery.search_image(client, args.image, k=args.top_k, filter=args.filter, exact=args.exact)[0]
     _print_hits(hits, args.json)
     return 0
 
@@ -116,8 +117,8 @@ def _run_like(args: argparse.Namespace) -> int:
         raise InvalidInputError("give a text query, --image PATH or --like PATH (exactly one)")
     with Gallery.open(args.uri) as gallery:
         path = args.like if gallery.find([args.like]) else str(Path(args.like).absolute())
-        hits = gallery.similar(path, k=args.top_k + 1, filter=args.filter)  # the query image itself is left out
-        _print_hits([h for h in hits if h.path != path][:args.top_k], args.json)
+        hits = gallery.similar(path, k=args.top_k + 1, filter=args.filter, exact=args.exact)  # the query image
+        _print_hits([h for h in hits if h.path != path][:args.top_k], args.json)  # itself is left out
     return 0
 
 

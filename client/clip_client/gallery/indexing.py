@@ -221,6 +221,69 @@ def prune_missing(gallery: Gallery) -> int:
     return removed
 
 
+def _existing_rows(gallery: Gallery, root: Path, prefix: str) -> dict[str, list[dict]]:
+    """path -> stored rows (path, sha256, size, mtime) of the gallery's rows under root (or of root itself)."""
+    pattern = quote(prefix.replace("%", "_") + ("" if root.is_file() else "%"))
+    existing: dict[str, list[dict]] = {}
+    for r in gallery.rows(filter=f"path like {pattern}", fields=("path", "sha256", "size", "mtime")):
+        if r["path"] == prefix or r["path"].startswith(prefix):
+            existing.setdefault(r["path"], []).append(r)
+    return existing
+
+
+def _visit(run: _Indexer, path: str, rows: list[dict], bad_content: dict, retry_failed: bool) -> bool:
+    """Read one file and queue it for embedding, or count it (unchanged, unreadable, known bad); returns whether it
+    was queued (the progress bar is then advanced when it is embedded)."""
+    try:
+        check_path(path)
+    except InvalidInputError as e:  # a file name that is not UTF-8: it cannot be stored (nor recorded)
+        run.report.skipped.append((path.encode("utf-8", "backslashreplace").decode(), str(e)))
+        return False
+    try:
+        st = os.stat(path)
+        f = _File(path, st.st_size, st.st_mtime)
+        if any(r["size"] == f.size and r["mtime"] == f.mtime for r in rows):
+            run.report.unchanged += 1
+            return False
+        with open(path, "rb") as fh:
+            f.data = fh.read()
+    except OSError as e:
+        run.fail(_File(path, -1, -1.0), f"cannot read: {e.strerror or e}")
+        return False
+    f.sha256 = hashlib.sha256(f.data).hexdigest()
+    run.seen.add(f.sha256)
+    if rows:
+        run.stale.append(path)
+        run.report.updated += 1
+    before = bad_content.get(f.sha256)
+    if not f.data:
+        run.fail(f, "empty file")
+    elif before and not retry_failed:  # this content failed before (at this path or another one)
+        run.report.known_bad += 1
+        run.failed.append({**before, "path": path, "size": f.size, "mtime": f.mtime})
+    else:
+        run.pending.append(f)
+        if len(run.pending) >= run.batch_size * run.workers:
+            run.embed_pending()
+        return True
+    return False
+
+
+def _finish(run: _Indexer, gallery: Gallery, files: list[str], existing: dict, failures: dict, prefix: str) -> None:
+    """Keep what was embedded, delete the rows of files that are gone, record and forget failures."""
+    run.flush_rows()  # keep whatever was embedded, also when the run is interrupted
+    on_disk = set(files)
+    # under the folder: rows of files that are gone; elsewhere: rows of content found here whose file is gone
+    gone = sorted({p for p in existing if p not in on_disk}
+                  | {p for p in run.elsewhere if p not in on_disk and not p.startswith(prefix) and not _exists(p)})
+    run.report.removed = sum(gallery.delete(paths=gone[lo:lo + 256]) for lo in range(0, len(gone), 256))
+    gallery.record_failures(run.failed)
+    done = set(run.succeeded)
+    gallery.forget_failures([p for p, v in failures.items() if p in done or (p not in on_disk and (
+        p.startswith(prefix) or (v.get("sha256") in run.seen and not _exists(p))))])
+    run.report.total = len(gallery)
+
+
 def index_folder(client: Any, gallery: Gallery, root: str | os.PathLike, batch_size: int | None = None,
                  workers: int | None = None, progress: bool = True, retry_failed: bool = False,
                  tags: list[str] | None = None, prune: bool = False) -> IndexReport:
@@ -237,68 +300,19 @@ def index_folder(client: Any, gallery: Gallery, root: str | os.PathLike, batch_s
         raise InvalidInputError(f"{root} does not exist")
     prefix = str(root) if root.is_file() else str(root).rstrip(os.sep) + os.sep
     files = [str(p) for p in iter_image_files(root)]
-    pattern = quote(prefix.replace("%", "_") + ("" if root.is_file() else "%"))
-    existing: dict[str, list[dict]] = {}
-    for r in gallery.rows(filter=f"path like {pattern}", fields=("path", "sha256", "size", "mtime")):
-        if r["path"] == prefix or r["path"].startswith(prefix):
-            existing.setdefault(r["path"], []).append(r)
+    existing = _existing_rows(gallery, root, prefix)
     failures = gallery.failures()
     bad_content = {v["sha256"]: v for v in failures.values() if v.get("sha256")}
     bar = tqdm(total=len(files), unit="img", desc="index", disable=not progress, file=sys.stderr)
     run = _Indexer(client, gallery, workers or client.max_concurrency, batch_size or info.max_image_items, tags or [], bar)
     try:
         for path in files:
-            try:
-                check_path(path)
-            except InvalidInputError as e:  # a file name that is not UTF-8: it cannot be stored (nor recorded)
-                run.report.skipped.append((path.encode("utf-8", "backslashreplace").decode(), str(e)))
+            if not _visit(run, path, existing.get(path, []), bad_content, retry_failed):
                 bar.update(1)
-                continue
-            try:
-                st = os.stat(path)
-                f = _File(path, st.st_size, st.st_mtime)
-                rows = existing.get(path, [])
-                if any(r["size"] == f.size and r["mtime"] == f.mtime for r in rows):
-                    run.report.unchanged += 1
-                    bar.update(1)
-                    continue
-                with open(path, "rb") as fh:
-                    f.data = fh.read()
-            except OSError as e:
-                run.fail(_File(path, -1, -1.0), f"cannot read: {e.strerror or e}")
-                bar.update(1)
-                continue
-            f.sha256 = hashlib.sha256(f.data).hexdigest()
-            run.seen.add(f.sha256)
-            if rows:
-                run.stale.append(path)
-                run.report.updated += 1
-            before = bad_content.get(f.sha256)
-            if not f.data:
-                run.fail(f, "empty file")
-            elif before and not retry_failed:  # this content failed before (at this path or another one)
-                run.report.known_bad += 1
-                run.failed.append({**before, "path": path, "size": f.size, "mtime": f.mtime})
-            else:
-                run.pending.append(f)
-                if len(run.pending) >= run.batch_size * run.workers:
-                    run.embed_pending()
-                continue
-            bar.update(1)
         run.embed_pending()
     finally:
         bar.close()
-        run.flush_rows()  # keep whatever was embedded, also when the run is interrupted
-        on_disk = set(files)
-        # under the folder: rows of files that are gone; elsewhere: rows of content found here whose file is gone
-        gone = sorted({p for p in existing if p not in on_disk}
-                      | {p for p in run.elsewhere if p not in on_disk and not p.startswith(prefix) and not _exists(p)})
-        run.report.removed = sum(gallery.delete(paths=gone[lo:lo + 256]) for lo in range(0, len(gone), 256))
-        gallery.record_failures(run.failed)
-        done = set(run.succeeded)
-        gallery.forget_failures([p for p, v in failures.items() if p in done or (p not in on_disk and (
-            p.startswith(prefix) or (v.get("sha256") in run.seen and not _exists(p))))])
-        run.report.total = len(gallery)
+        _finish(run, gallery, files, existing, failures, prefix)
     if prune:
         run.report.removed += prune_missing(gallery)
         run.report.total = len(gallery)

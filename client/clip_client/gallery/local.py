@@ -9,15 +9,22 @@ A gallery is a folder:
     tombstones/NNNNNNNN.arrow ids deleted since their segment was written
     index/ivfsq8-NNNNNNNN.faiss + .ivfdata   FAISS IVF with 8-bit scalar-quantised codes (inner product) whose
                           inverted lists live in a memory-mapped file (OnDiskInvertedLists): adds append to it in
-                          place, reopening maps it (milliseconds)
+                          place (the disk blocks reserved first), reopening maps it (milliseconds)
     failures.json         files that could not be embedded (path -> sha256, size, mtime, reason)
 
 Search: below TRAIN_AT rows exact (an in-memory flat index built from the segments at open). From TRAIN_AT rows an
-IVF-SQ8 index (nlist ~ sqrt of the expected size, D-byte codes, `nprobe` lists scanned) proposes k * `rerank`
-candidates per query, which are re-scored exactly against the stored float32 vectors (memory-mapped): scores are
-exact cosines. Deleted rows stay in the index, skipped by every search, until it is rebuilt. The index is retrained
-when the gallery outgrows its training size RETRAIN_FACTOR times, or on optimize(retrain=True). The segments are
-the truth: an index that disagrees with the manifest at open (e.g. after a crash) is rebuilt from them.
+IVF-SQ8 index (spherical k-means, nlist ~ 2 sqrt(rows), `nprobe` lists scanned) proposes k * `rerank` candidates per
+query, re-scored exactly against the stored float32 vectors (memory-mapped): scores are exact cosines. The index is
+retrained (nlist re-sized) when the gallery outgrows the rows it was trained on RETRAIN_FACTOR times, or on
+optimize(retrain=True); after each training tune() calibrates `nprobe`: recall@10 against exact search on OOD-like
+probes (stored vectors minus the gallery's mean: text queries share the concept, not the image modality's offset)
+reaching TUNE_TARGET; tune(queries) re-measures on real queries. search(exact=True) scores every row. Deleted rows
+stay in the index, skipped by every search, until it is rebuilt.
+Integrity: the manifest records each segment's size and CRC-32, the index header's CRC-32 and the list file's size;
+opening checks sizes, Arrow footers, row counts and id ranges, and the manifest against them (next_id, next_seq);
+check_gallery() (`clip-triton gallery-check`) also verifies the checksums and repairs what derives from the
+segments. The segments are the truth: an index header that disagrees with the manifest at open (a crash between
+the two) is rebuilt from them; a list file shorter than its header is a GalleryError (it would be read past its end).
 One writer at a time (a lock file, taken by the first write and held until close(); another writer meanwhile gets
 GalleryLockedError); readers open a snapshot. A writer reloads the manifest (and what it lists) when it takes the
 lock, so that it writes on top of what writers before it committed: nothing is lost, no file name is reused.
@@ -137,8 +144,12 @@ def _crc32(path: Path) -> int:
 def _write_atomic(path: Path, write) -> None:
     """write(tmp_path), then rename over `path` (readers never see half a file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
 @contextlib.contextmanager
@@ -195,9 +206,10 @@ def _check_manifest(root: Path, manifest: dict) -> None:
     last = -1
     seqs = [0]
     for e in manifest["segments"]:
-        if not (isinstance(e.get("min_id"), int) and isinstance(e.get("max_id"), int) and last < e["min_id"] <= e["max_id"]):
-            raise GalleryError(f"{root / MANIFEST}: segment {e.get('file')} has ids {e.get('min_id')}..{e.get('max_id')} "
-                               f"after ids up to {last}: the manifest is damaged (run `clip-triton gallery-check`)")
+        lo, hi = e.get("min_id"), e.get("max_id")
+        if not (isinstance(lo, int) and isinstance(hi, int) and last < lo <= hi):
+            raise GalleryError(f"{root / MANIFEST}: segment {e.get('file')} has ids {lo}..{hi} after ids up to "
+                               f"{last}: the manifest is damaged (run `clip-triton gallery-check`)")
         last = e["max_id"]
         seqs.append(int(str(e["file"]).split(".")[0]))
     if not isinstance(manifest.get("next_id"), int) or manifest["next_id"] <= last:
@@ -207,8 +219,8 @@ def _check_manifest(root: Path, manifest: dict) -> None:
     if manifest["index"]:
         seqs.append(int(manifest["index"]["name"].rsplit("-", 1)[1]))
     if not isinstance(manifest.get("next_seq"), int) or manifest["next_seq"] <= max(seqs):
-        raise GalleryError(f"{root / MANIFEST}: next_seq {manifest.get('next_seq')} but file number {max(seqs)} exists: "
-                           "new files would overwrite it (run `clip-triton gallery-check --repair`)")
+        raise GalleryError(f"{root / MANIFEST}: next_seq {manifest.get('next_seq')} but file number {max(seqs)} "
+                           "exists: new files would overwrite it (run `clip-triton gallery-check --repair`)")
 
 
 class LocalGallery(Gallery):
@@ -223,6 +235,7 @@ class LocalGallery(Gallery):
         self.nprobe = DEFAULT_NPROBE  # IVF lists scanned per query: recall vs latency (tune() sets it)
         self.rerank = DEFAULT_RERANK  # k * rerank candidates re-scored exactly per query
         self._recent: collections.deque = collections.deque(maxlen=RECENT_QUERIES)  # real queries, for tune()
+        self._fallback = False  # True: the index was being rewritten at open; this snapshot is searched exactly
         self._lock_fd: int | None = None
         self._schema = _schema(self.dim, self.identity)
         self._load_segments()
@@ -340,7 +353,8 @@ class LocalGallery(Gallery):
                 with self.pa.memory_map(str(path), "r") as source:
                     dead.append(self.pa.ipc.open_file(source).read_all().column("id").to_numpy())
             except (self.pa.ArrowException, OSError) as e:
-                raise GalleryError(f"tombstone file {path} is not readable ({e}) (run `clip-triton gallery-check`)") from None
+                raise GalleryError(f"tombstone file {path} is not readable ({e}) "
+                                   "(run `clip-triton gallery-check`)") from None
         self._dead = np.unique(np.concatenate(dead)) if dead else np.zeros(0, np.int64)
         cols = ["id", *FIELDS]
         tables = [s.table.select(cols) for s in self._segs]
@@ -568,10 +582,18 @@ class LocalGallery(Gallery):
             if index.ntotal == entry["ntotal"]:
                 self._no_prefetch(index)
                 return index
-            log.warning("%s: the index holds %d rows, the manifest says %d: rebuilding it", self.root, index.ntotal,
-                        entry["ntotal"])
+            problem = f"the index holds {index.ntotal} rows, the manifest says {entry['ntotal']}"
         except RuntimeError as e:
-            log.warning("%s: cannot read the index (%s): rebuilding it", self.root, e)
+            problem = f"cannot read the index ({e})"
+        try:
+            self._lock()  # a writer that is not done yet (its manifest not saved), or one that died mid-write
+        except GalleryLockedError:
+            log.info("%s: %s while another process writes: this snapshot is searched exactly", self.root, problem)
+            self._fallback = True
+            return self._flat_index()
+        if self.manifest["index"] != entry:  # the lock reloaded a newer manifest, and its index
+            return self._index
+        log.warning("%s: %s: rebuilding it", self.root, problem)
         return self._build_index(ivf=True)
 
     def _no_prefetch(self, index) -> None:
@@ -723,7 +745,7 @@ class LocalGallery(Gallery):
         if not 0 < target_recall <= 1:
             raise InvalidInputError(f"target_recall must be in (0, 1], got {target_recall!r}")
         entry = self.manifest["index"]
-        if entry is None:
+        if entry is None or self._fallback:
             return {"exact": True, "recall": 1.0}
         if queries is not None:
             q, source = check_embeddings(queries, None, self.dim, "queries"), "given"
@@ -733,17 +755,18 @@ class LocalGallery(Gallery):
             q, source = self._probe_queries(TUNE_QUERIES), "gallery probes (OOD-like)"
         truth = self._exact(q, k)[1]
         nlist, rerank = entry["nlist"], DEFAULT_RERANK
-        point = None
+        curve = []  # (nprobe, recall) measured, in steps of ~1.4x
         nprobe = MIN_NPROBE
         while True:
             found = self._ivf_search(q, k, nprobe, rerank, None)[1]
             recall = float(np.mean([len(set(f[f >= 0]) & set(t[t >= 0])) / max(1, (t >= 0).sum())
                                     for f, t in zip(found, truth)]))
-            point = {"nprobe": nprobe, "rerank": rerank, "recall": round(recall, 4), "target": target_recall, "k": k,
-                     "queries": source, "n_queries": len(q), "rows": len(self), "nlist": nlist}
+            curve.append([nprobe, round(recall, 4)])
             if recall >= target_recall or nprobe >= nlist:
                 break
-            nprobe = min(nlist, nprobe * 2)
+            nprobe = min(nlist, int(math.ceil(nprobe * 1.4142)))
+        point = {"nprobe": nprobe, "rerank": rerank, "recall": round(recall, 4), "target": target_recall, "k": k,
+                 "queries": source, "n_queries": len(q), "rows": len(self), "nlist": nlist, "curve": curve}
         self._lock()
         if self.manifest["index"] is None or self.manifest["index"]["name"] != entry["name"]:
             return point  # another writer rebuilt it meanwhile
@@ -780,7 +803,7 @@ class LocalGallery(Gallery):
             return [[] for _ in range(len(q))]
         if not exact:
             self._recent.extend(q[-RECENT_QUERIES:])
-        if exact or self.manifest["index"] is None:
+        if exact or self.manifest["index"] is None or self._fallback:
             return self._hits(*self._exact(q, min(k, n), allowed))
         nprobe = self.nprobe
         if allowed is not None:  # a filter keeping a fraction f of the rows: scan 1/f times the lists
@@ -833,7 +856,7 @@ class LocalGallery(Gallery):
 
     def _rescore(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact cosines of the candidates against the stored vectors; the top k per query -> (Q, k) each."""
-        ok = cand >= 0
+        ok = (cand >= 0) & (cand < self.manifest["next_id"])  # a reader ignores rows added after its snapshot
         exact = np.full(cand.shape, -np.inf, np.float32)
         exact[ok] = np.einsum("nd,nd->n", self._vectors_of(cand[ok]), np.repeat(q, ok.sum(axis=1), axis=0))
         top = np.argsort(-exact, axis=1, kind="stable")[:, :k]

@@ -44,6 +44,13 @@ from .base import (
 DEFAULT_COLLECTION = "clip_gallery"
 IDENTITY_PROPERTY = "clip_triton_gallery"
 BATCH = 1000  # rows per insert / query page
+# The vector index: HNSW on inner product. Text queries are out of distribution for a graph built on image embeddings
+# (the modality gap: big-ann-benchmarks 2023 OOD track, RoarGraph): a wide build (efConstruction) and a wide search
+# (ef) keep their recall; docs/benchmarks.md (Retrieval) has the numbers behind the defaults. tune() measures
+# recall@k against exact search and raises ef until it reaches the target.
+INDEX = {"index_type": "HNSW", "metric_type": "IP", "params": {"M": 32, "efConstruction": 360}}
+DEFAULT_EF = 256  # HNSW candidates per search (Milvus' own default is k): >= 10 k for OOD text queries
+MAX_EF = 32768  # Milvus' limit
 
 
 def _milvus_errors(fn):
@@ -91,6 +98,8 @@ class MilvusGallery(Gallery):
         self.name = name
         self.failures_name = f"{name}_failures"
         self.identity = identity
+        props = identity.get("search") or {}
+        self.ef = int(props.get("ef", DEFAULT_EF))  # HNSW search width: recall vs latency (tune() sets it)
 
     @classmethod
     @_milvus_errors
@@ -106,7 +115,8 @@ class MilvusGallery(Gallery):
     @classmethod
     @_milvus_errors
     def create(cls, uri: str, identity: dict, expected_rows: int | None = None) -> "MilvusGallery":
-        """A new collection (InvalidInputError when it exists); expected_rows is not needed by Milvus' AUTOINDEX."""
+        """A new collection (InvalidInputError when it exists) with an HNSW index (INDEX); expected_rows is not
+        needed by Milvus."""
         from pymilvus import DataType
 
         base, name = split_uri(uri)
@@ -125,7 +135,7 @@ class MilvusGallery(Gallery):
         schema.add_field("meta", DataType.JSON)
         schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=int(identity["dim"]))
         index = client.prepare_index_params()
-        index.add_index("embedding", index_type="AUTOINDEX", metric_type="IP")
+        index.add_index("embedding", **INDEX)
         client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong",
                                  properties={IDENTITY_PROPERTY: json.dumps(identity, sort_keys=True)})
         return cls(client, name, identity)
@@ -220,16 +230,81 @@ class MilvusGallery(Gallery):
         return np.asarray([got[i] for i in ids], np.float32).reshape(len(ids), self.dim)
 
     @_milvus_errors
-    def search(self, queries: np.ndarray, k: int = 10, filter: str | None = None) -> list[list[Hit]]:
-        """Top-k rows per query (Milvus ANN search, inner product on normalised vectors)."""
+    def search(self, queries: np.ndarray, k: int = 10, filter: str | None = None,
+               exact: bool = False) -> list[list[Hit]]:
+        """Top-k rows per query (Milvus HNSW search with ef = max(self.ef, k), inner product on normalised
+        vectors); exact=True scores every row here (the rows' embeddings are read page by page)."""
         q = check_embeddings(queries, None, self.dim, "queries")  # (Q, D)
         k = check_k(k)
         where = self._where(None, filter) if filter is not None else ""
         if not len(q):
             return []
+        if exact:
+            return self._exact(q, k, where)
         answers = self.client.search(self.name, data=q.tolist(), limit=k, filter=where, output_fields=list(FIELDS),
-                                     search_params={"metric_type": "IP"})
+                                     search_params=self.search_params(k))
         return [[make_hit({**h["entity"], "id": h["id"]}, h["distance"]) for h in hits] for hits in answers]
+
+    def search_params(self, k: int) -> dict:
+        """What search() sends Milvus: IP, and the HNSW width ef (at least k)."""
+        return {"metric_type": "IP", "params": {"ef": min(MAX_EF, max(self.ef, k))}}
+
+    def _exact(self, q: np.ndarray, k: int, where: str) -> list[list[Hit]]:
+        best: list[list[tuple[float, dict]]] = [[] for _ in range(len(q))]
+        it = self.client.query_iterator(self.name, batch_size=BATCH, filter=where,
+                                        output_fields=["id", *FIELDS, "embedding"])
+        try:
+            while page := it.next():
+                emb = np.asarray([r.pop("embedding") for r in page], np.float32)  # (n, D)
+                scores = q @ emb.T  # (Q, n)
+                for qi in range(len(q)):
+                    top = np.argsort(-scores[qi], kind="stable")[:k]
+                    best[qi] = sorted(best[qi] + [(float(scores[qi, j]), page[j]) for j in top],
+                                      key=lambda t: (-t[0], t[1]["id"]))[:k]
+        finally:
+            it.close()
+        return [[make_hit(row, s) for s, row in hits] for hits in best]
+
+    def info(self) -> dict:
+        """Rows, the index Milvus built and the search width."""
+        desc = self.client.describe_index(self.name, "embedding") or {}
+        return {"uri": self.name, "rows": len(self), "dim": self.dim, "model_id": self.model_id,
+                "index": desc.get("index_type"), "index_params": {k: desc.get(k) for k in ("M", "efConstruction")
+                                                                   if k in desc},
+                "ef": self.ef, "operating_point": (self.identity.get("search") or None)}
+
+    @_milvus_errors
+    def tune(self, queries: np.ndarray | None = None, target_recall: float = 0.95, k: int = 10) -> dict:
+        """Measure recall@k of the HNSW search against exact search and store the smallest ef (from k, doubling)
+        reaching target_recall in the collection's properties. queries None: OOD-like probes from stored rows."""
+        if not 0 < target_recall <= 1:
+            raise InvalidInputError(f"target_recall must be in (0, 1], got {target_recall!r}")
+        if queries is None:
+            rows = self.client.query(self.name, filter="", output_fields=["embedding"], limit=2000)
+            x = np.asarray([r["embedding"] for r in rows], np.float32).reshape(-1, self.dim)
+            if not len(x):
+                return {"ef": self.ef, "recall": None}
+            x = x - x.mean(axis=0)  # the modality offset removed: what a text query shares with the images
+            q = check_embeddings(x[np.random.default_rng(0).permutation(len(x))[:200]], None, self.dim, "queries")
+        else:
+            q = check_embeddings(queries, None, self.dim, "queries")
+        truth = [{h.id for h in hits} for hits in self._exact(q, k, "")]
+        ef, saved = max(16, k), self.ef
+        while True:
+            self.ef = ef
+            found = [{h.id for h in hits} for hits in self.search(q, k)]
+            recall = float(np.mean([len(f & t) / max(1, len(t)) for f, t in zip(found, truth)]))
+            if recall >= target_recall or ef >= MAX_EF:
+                break
+            ef = min(MAX_EF, 2 * ef)
+        self.ef = saved
+        point = {"ef": ef, "recall": round(recall, 4), "target": target_recall, "k": k, "n_queries": len(q),
+                 "queries": "given" if queries is not None else "gallery probes (OOD-like)"}
+        self.identity = {**self.identity, "search": point}
+        self.client.alter_collection_properties(self.name, properties={
+            IDENTITY_PROPERTY: json.dumps(self.identity, sort_keys=True)})
+        self.ef = ef
+        return point
 
     # ------------------------------------------------------------------------------------------ failures
     @_milvus_errors

@@ -169,7 +169,7 @@ def fp32_reference(weights: Path, manifest: dict, images: list[bytes], texts: li
     tok = manifest["tokenizer"]
     tokenizer = TextTokenizer(weights / (tok.get("dir") or "tokenizer") / "tokenizer.json", int(tok["max_length"]),
                               int(tok["pad_token_id"]))
-    rows = tokenizer.encode_batch(texts)  # ids (N, L), lengths (N, 1), widths (N, 1) int64, counts
+    rows = tokenizer.encode_batch(texts)  # ids (N, L), lengths (N, 1), widths (N, 1) int64
     pixels = ImagePreprocessor(image_config_for(manifest))(images)  # (N, 3, S, S) float32
     with torch.inference_mode():
         image = build_image_encoder(weights, "fp32")(torch.from_numpy(pixels))  # (N, D)

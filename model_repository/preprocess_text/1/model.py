@@ -43,5 +43,5 @@ class TritonPythonModel:
             label="text", logger=self.logger, per_request=lambda items: self.model_id)
 
     def _tokenize(self, texts):
-        rows = self.tokenizer.encode_batch(texts)  # one call for the whole execute: (M, L), (M, 1)
-        return {M.INPUT_IDS: rows.ids, M.LENGTHS: rows.lengths, M.TOKEN_COUNTS: rows.counts}
+        rows, counts = self.tokenizer.encode_counted(texts)  # one call for the whole execute: (M, L), (M, 1), (M,)
+        return {M.INPUT_IDS: rows.ids, M.LENGTHS: rows.lengths, M.TOKEN_COUNTS: counts}
