@@ -613,7 +613,7 @@ def _served(res: dict | None, kind: str, concurrency: int = 8, per_request: int 
     return row["items_per_s"] if row else None
 
 
-def limiter(stats: dict | None, kind: str, inproc_rate: float | None) -> str:
+def limiter(stats: dict | None, kind: str, inproc_rate: float | None, cores: dict | None = None) -> str:
     """What limits a served run, from its Triton statistics: the encoder computing all the time (compute-bound: its
     per-item cost is the gap), or the encoder waiting (batch formation, the path outside it)."""
     enc = (stats or {}).get(f"{kind}_encoder")
@@ -624,6 +624,9 @@ def limiter(stats: dict | None, kind: str, inproc_rate: float | None) -> str:
              f"{enc['queue_ms']:.0f} ms/request"]
     if inproc_rate:
         parts.append(f"in-process {1e3 / inproc_rate:.1f} ms/item end to end")
+    if cores:  # the bench's own client and the server's front end share the cores with the encoders
+        busiest = sorted(cores.items(), key=lambda kv: -kv[1])
+        parts.append("cores busy: " + ", ".join(f"{k} {v:.2f}" for k, v in busiest))
     busy = enc.get("busy")
     if busy is None:
         return "; ".join(parts)
@@ -636,11 +639,11 @@ def limiter(stats: dict | None, kind: str, inproc_rate: float | None) -> str:
 
 
 def _target(name: str, num: float | None, den: float | None, minimum: float, note: str, stats: dict | None,
-            kind: str) -> Check:
+            kind: str, cores: dict | None = None) -> Check:
     """A ratio target; a MISS says what limits it (limiter)."""
     check = _ratio_check(name, num, den, minimum, note)
     if check.ok is False:
-        check.detail = f"{note}; {limiter(stats, kind, den)}"
+        check.detail = f"{note}; {limiter(stats, kind, den, cores)}"
     return check
 
 
@@ -662,11 +665,12 @@ def evaluate(results: dict) -> list[Check]:
         b8 = (inproc.get(kind) or {}).get(8)
         checks.append(_target(f"fp32 online {kind}s: 8 callers x 1 vs in-process fp32 batch 8", _served(fp32, kind), b8,
                               1.0, f"in-process batch 8: {b8 or float('nan'):.1f}/s", fp32["stats"].get(f"{kind}@8"),
-                              kind))
+                              kind, (fp32.get("cores_used") or {}).get(f"{kind}@8")))
     for kind in ("image", "text"):
         best, note = _best(inproc, kind)
         checks.append(_target(f"fp32 bulk {kind}s: one call vs in-process fp32 best", _bulk(fp32, kind), best, 0.95,
-                              note, fp32["stats"].get(f"{kind}@bulk"), kind))
+                              note, fp32["stats"].get(f"{kind}@bulk"), kind,
+                              ((fp32.get("bulk") or {}).get(kind) or {}).get("cores_used")))
     if low is None:
         why = (results.get("reduced_precision") or {}).get("reason", "not asked for (--dtype fp32)")
         checks.append(Check("reduced precision (bulk >= 3x in-process fp32 best)", None, ">= 3x", None,
