@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint snapshot tools kube-tools bench gpu-kit clean
 
-# The test extra pulls in every tool extra (loadtest, gateway, gallery, milvus) and the client distribution from
+# The test extra pulls in every tool extra (loadtest, gateway, gallery, milvus, openai) and the client distribution from
 # ./client; the last line makes that client editable too, so tests and commands run this tree's code.
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -39,11 +39,12 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from clip_common.contract import INTERNAL_MODELS, PUBLIC_MODELS, ClipInfo
 
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).with_name("envoy.yaml")
 HEALTH_PATH = "/v2/health/ready"
+# Triton 2.51's HTTP frontend drops the connection (no answer) on request headers of 8 KiB or more (measured); Envoy
+# adds a few hundred bytes of its own (x-forwarded-for, x-request-id, x-envoy-*). Larger headers get 431 from Envoy
+# itself, which no client retries, instead of an upstream reset that Envoy and clients would retry.
+DEFAULT_MAX_REQUEST_HEADERS_KB = 7
 # Triton's gRPC service (grpc_service.proto) and the methods a client needs; the model-level ones carry the model
 # name in field 1 of their request message.
 GRPC_SERVICE = "inference.GRPCInferenceService"
@@ -99,7 +104,7 @@ class Upstream:
     grpc_port: int
 
     @classmethod
-    def parse(cls, text: str) -> "Upstream":
+    def parse(cls, text: str) -> Upstream:
         """HOST:HTTP_PORT:GRPC_PORT -> Upstream; an IPv6 address goes in brackets: [::1]:8000:8001."""
         parts = text.rsplit(":", 2)
         if len(parts) != 3 or not parts[0] or not all(p.isdigit() for p in parts[1:]):
@@ -149,7 +154,27 @@ class GatewaySettings:
     rate_limit_burst: int = 0  # 0 = rate_limit_rps
     health_interval: float = 2.0
     max_heap_bytes: int = DEFAULT_MAX_HEAP_BYTES  # the overload manager keeps Envoy's heap near this bound
-    edge: "EdgeSecurity | None" = None  # API keys, TLS, the OpenAI front end (see "keys, TLS, OpenAI" below)
+    max_request_headers_kb: int = DEFAULT_MAX_REQUEST_HEADERS_KB  # larger request headers: 431 at the edge
+    access_log: bool = False  # JSON access log lines on stdout, each with its x-request-id
+    edge: EdgeSecurity | None = None  # API keys, TLS, the OpenAI front end (see "keys, TLS, OpenAI" below)
+
+
+# One JSON object per request on stdout (Envoy's format strings).
+ACCESS_LOG_FORMAT = {
+    "time": "%START_TIME%", "request_id": "%REQ(X-REQUEST-ID)%", "method": "%REQ(:METHOD)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", "protocol": "%PROTOCOL%", "status": "%RESPONSE_CODE%",
+    "grpc_status": "%GRPC_STATUS_NUMBER%", "flags": "%RESPONSE_FLAGS%", "bytes_in": "%BYTES_RECEIVED%",
+    "bytes_out": "%BYTES_SENT%", "duration_ms": "%DURATION%", "upstream": "%UPSTREAM_HOST%",
+    "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}
+
+
+def access_logs(settings: GatewaySettings) -> list[dict]:
+    """The listeners' access_log: JSON lines on stdout when asked for, else none."""
+    if not settings.access_log:
+        return []
+    return [{"name": "envoy.access_loggers.stdout", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+        "log_format": {"json_format": ACCESS_LOG_FORMAT}}}]
 
 
 def body_cap(limits: Mapping[str, Any]) -> int:
@@ -421,6 +446,8 @@ def render_config(upstreams: Sequence[Upstream], settings: GatewaySettings) -> s
         "http_local_replies": json.dumps(local_replies(settings, grpc=False)),
         "grpc_local_replies": json.dumps(local_replies(settings, grpc=True)),
         "max_fields": MAX_MESSAGE_FIELDS,
+        "max_request_headers_kb": settings.max_request_headers_kb,
+        "access_log": json.dumps(access_logs(settings)),
         **edge_values(settings),
     }
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(values)
@@ -665,6 +692,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              f"in progress are cut from {CUT_UPLOADS_AT:.0%}% (at least 2.3 x the body cap)")
     parser.add_argument("--concurrency", type=int, default=0, help="Envoy worker threads (0 = one per core)")
     parser.add_argument("--log-level", default="warn", help="Envoy log level")
+    parser.add_argument("--max-request-headers-kb", type=int, default=DEFAULT_MAX_REQUEST_HEADERS_KB,
+                        help="request headers above this many KiB get 431 at the gateway (Triton 2.51 drops the "
+                             "connection from 8 KiB)")
+    parser.add_argument("--access-log", action="store_true",
+                        help="JSON access log on stdout, one line per request with its x-request-id")
     add_edge_arguments(parser)
     parser.add_argument("--print-config", action="store_true",
                         help="print the rendered Envoy config and exit (asks the upstreams for their limits for "
@@ -688,7 +720,8 @@ def settings_from_args(args: argparse.Namespace, upstreams: Sequence[Upstream],
         headers_timeout=args.headers_timeout, request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
         upstream_timeout=args.upstream_timeout, max_connections=args.max_connections,
         rate_limit_rps=args.rate_limit, rate_limit_burst=args.rate_limit_burst, health_interval=args.health_interval,
-        max_heap_bytes=args.max_heap_bytes, admin_port=free_port(), edge=edge_from_args(args)), source
+        max_heap_bytes=args.max_heap_bytes, admin_port=free_port(), edge=edge_from_args(args),
+        max_request_headers_kb=args.max_request_headers_kb, access_log=args.access_log), source
 
 
 def run(args: argparse.Namespace, command: str) -> int:

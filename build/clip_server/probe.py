@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 import sys
 import time
@@ -108,7 +107,8 @@ class HealthCheck:
 
     def _status(self, path: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         """(HTTP status, body) of one request; raises OSError/TimeoutError when nothing answers in time."""
-        request = urllib.request.Request(self.url.rstrip("/") + path, data=data, headers={**self.headers, **(headers or {})})
+        sent = {**self.headers, **(headers or {})}
+        request = urllib.request.Request(self.url.rstrip("/") + path, data=data, headers=sent)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as resp:
                 return resp.status, resp.read()
@@ -147,7 +147,7 @@ class HealthCheck:
         data, headers = _infer_body(model)
         try:
             status, body = self._status(f"/v2/models/{model}/infer", data, headers)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return self._slow(f"{model}: no answer within {self.timeout:.0f}s")
         if status in OVERLOAD_STATUSES:
             return self._slow(f"{model}: refused with HTTP {status} ({body[:120].decode('utf-8', 'replace')})")
@@ -177,7 +177,7 @@ class HealthCheck:
                     verdict = self._infer(model)
                     if verdict is not None:
                         return verdict
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return self._slow(f"no answer within {self.timeout:.0f}s")
         except OSError as exc:  # refused, reset, closed: nothing serves there
             return Verdict(BROKEN, f"cannot reach {self.url}: {type(exc).__name__}: {exc}"[:300])

@@ -232,7 +232,7 @@ class TritonServer:
             *self.extra_args,
         ]
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         """Launch the server (returns at once; call wait_ready)."""
         if self.process is not None and self.process.poll() is None:
             raise TritonServerError("server already running")
@@ -366,7 +366,7 @@ class TritonServer:
             shutil.rmtree(self._own_log_dir, ignore_errors=True)
             self._own_log_dir = None
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         self.start()
         try:
             self.wait_ready()

@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--no-supervise", action="store_true", help="exit 1 instead of restarting a failed server")
     parser.add_argument("--max-restarts", type=int, default=5, help="restarts allowed within --restart-window")
     parser.add_argument("--restart-window", type=float, default=300.0, help="seconds")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: our log lines as JSON objects (time, level, logger, message, request_id)")
     add_openai_arguments(parser)
 
 
@@ -221,6 +223,10 @@ def _watch_unsupervised(server: TritonServer, stop: threading.Event, check_inter
 
 def run(args: argparse.Namespace, command: str) -> int:
     """Entry point of `clip-triton serve`."""
+    if getattr(args, "log_format", "text") == "json":
+        from .logs import use_json_logs
+
+        use_json_logs()
     on_ready = start_openai(args, args.host)
     try:
         return serve(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,

@@ -20,13 +20,14 @@ class Supervisor:
     `check_interval` seconds the supervisor checks the server process, the stub processes (TritonServer.dead_stubs)
     and each model's readiness, and every `probe_interval` seconds it runs a real inference with a `probe_timeout`
     deadline (clip_server.probe, the same check as the Kubernetes watchdog's: zero_shot and clip_info): a stub that is
-    alive but stopped or hung fails it, while an overloaded server that refuses or delays it is busy, not broken, as long
-    as Triton's counters show it executing (no execution for `stall_seconds` while requests wait is broken). A
+    alive but stopped or hung fails it, while an overloaded server that refuses or delays it is busy, not broken, as
+    long as Triton's counters show it executing (no execution for `stall_seconds` while requests wait is broken). A
     server that aborts (Triton 2.51 does when a stopped stub is continued) is a dead process. A failure is confirmed
-    once (`confirm_delay` later, probing again) before it acts. A restart is: log the server's error lines, stop it (SIGTERM,
-    SIGKILL after `stop_timeout`, 5 s by default), start it again, wait until every model is ready. Restart storms are bounded:
-    the k-th restart within `window` seconds waits `backoff * 2**(k-1)` seconds (at most `max_backoff`) first, and
-    when `max_restarts` restarts happened within `window` the supervisor gives up and `run` returns 1.
+    once (`confirm_delay` later, probing again) before it acts. A restart is: log the server's error lines, stop it
+    (SIGTERM, SIGKILL after `stop_timeout`, 5 s by default), start it again, wait until every model is ready. Restart
+    storms are bounded: the k-th restart within `window` seconds waits `backoff * 2**(k-1)` seconds (at most
+    `max_backoff`) first, and when `max_restarts` restarts happened within `window` the supervisor gives up and `run`
+    returns 1.
 
     >>> stop = threading.Event()
     >>> sup = Supervisor(server)            # server already started and ready
@@ -52,7 +53,7 @@ class Supervisor:
         self.probe_timeout = probe_timeout  # > the longest legitimate wait: 2 queue timeouts + execution
         self.stall_seconds = stall_seconds
         self._next_probe = 0.0
-        self.health = self._new_check()
+        self.health: HealthCheck | None = None  # made at the first probe (it remembers Triton's last progress)
         self.restarts: list[dict] = []  # {"at": time.time(), "reason": str, "seconds": float, "ok": bool}
         self.gave_up = False
         self.exit_code: int | None = None
@@ -70,10 +71,12 @@ class Supervisor:
             return f"models not ready: {', '.join(gone)}"
         if not probe_now:
             return None
+        if self.health is None:
+            self.health = self._new_check()
         verdict = self.health.check()
         if verdict.state == "busy":
             log.info("supervisor: %s", verdict.reason)
-        return verdict.reason if verdict.broken else None
+        return f"probe {verdict.reason}" if verdict.broken else None
 
     def _new_check(self) -> HealthCheck:
         return HealthCheck(f"http://{self.server.http_url}", self.server.metrics_url, self.server.models,
@@ -122,7 +125,8 @@ class Supervisor:
                 continue
             recent = self._recent()
             if recent >= self.max_restarts:
-                log.error("supervisor: %s, and %d restarts within %.0fs already; giving up", reason, recent, self.window)
+                log.error("supervisor: %s, and %d restarts within %.0fs already; giving up", reason, recent,
+                          self.window)
                 self.gave_up = True
                 self.exit_code = 1
                 return 1
@@ -130,7 +134,7 @@ class Supervisor:
             if delay and stop.wait(delay):
                 break
             self.restart(reason)
-            self.health = self._new_check()
+            self.health = None  # a new server: no progress to remember
             self._next_probe = time.monotonic() + self.probe_interval
         self.exit_code = 0
         return 0

@@ -46,8 +46,9 @@ class CorruptingProxy:
     encode_image (everything else passes untouched), as set by `mode`:
 
     pass | rows (one row fewer than inputs) | dims (7 dims) | nan (a NaN value) | many (60,000 rows) | rename (the
-    embeddings output renamed) | model_id (another model's id) | drip (the answer, one byte every 50 ms) |
-    status:CODE:N (the first N inference requests answered CODE, as a gateway would, then passed).
+    embeddings output renamed) | model_id (another model's id) | no_model_id (the output left out: an old server) |
+    drip (the answer, one byte every 50 ms) | status:CODE:N (the first N inference requests answered CODE, as a
+    gateway would, then passed).
     """
 
     MODELS = ("encode_text", "encode_image")
@@ -168,6 +169,9 @@ class CorruptingProxy:
                 out["name"] += "_v2"
             out["shape"] = list(arr.shape)
             blobs[i] = arr.tobytes()
+        if self.mode == "no_model_id":  # a server built before the model_id output
+            kept = [(o, b) for o, b in zip(header["outputs"], blobs) if o["name"] != "model_id"]
+            header["outputs"], blobs = [o for o, _ in kept], [b for _, b in kept]
         for out, blob in zip(header["outputs"], blobs):
             out["parameters"]["binary_data_size"] = len(blob)
         head = json.dumps(header).encode()

@@ -91,12 +91,11 @@ def test_a_dripping_answer_ends_at_the_total_deadline(fresh, proxy, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_an_answer_from_another_model_raises_model_changed_and_refreshes(fresh, proxy, mode):
     """The answer's model_id output differs from clip_info's: ModelChangedError, prompt cache dropped, info re-read.
-    (Servers without the model_id output skip the check: this test needs the output.)"""
+    (The client skips the check with servers built without the output.)"""
     c = fresh(mode)
     probe = c.encode_text(TEXTS[:1])
     assert probe.shape[-1] == c.get_model_info().dim
-    if "model_id" not in _outputs_of_encode_text(c):
-        pytest.skip("this server's encode_text has no model_id output (built before issue 20)")
+    assert "model_id" in _outputs_of_encode_text(c)  # the identity travels with every answer (issue 20)
     c.class_embeddings(["cat", "dog"], ["a {}"])
     assert len(c.client._prompt_cache) == 2
     proxy.mode = "model_id"
@@ -105,6 +104,16 @@ def test_an_answer_from_another_model_raises_model_changed_and_refreshes(fresh, 
     assert len(c.client._prompt_cache) == 0 and c.client._info is not None  # dropped, then re-read
     proxy.mode = "pass"
     assert c.encode_text(TEXTS).shape == (3, c.get_model_info().dim)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_answers_without_model_id_are_taken_as_from_an_old_server(fresh, proxy, triton_server, mode):
+    """A server built before the model_id output: no identity to check, the answers are used as they are."""
+    c = fresh(mode)
+    proxy.mode = "no_model_id"
+    with CLIPClient(triton_server.grpc_url) as direct:
+        want = direct.encode_text(TEXTS)
+    np.testing.assert_allclose(c.encode_text(TEXTS), want, atol=1e-6)
 
 
 def _outputs_of_encode_text(runner) -> set[str]:
@@ -190,8 +199,7 @@ def test_model_selection_by_name(triton_server, protocol):
     with CLIPClient(f"{protocol}://{url}", model="no-such-model") as c, pytest.raises(ModelNotFoundError) as err:
         c.get_model_info()
     assert "no-such-model" in str(err.value)
-    if not info.name:
-        pytest.skip("this server's clip_info names no model (built before issue 20)")
+    assert info.name  # clip_info names the model (issue 20)
     with CLIPClient(f"{protocol}://{url}", model=info.name) as named:
         assert named.get_model_info().model_id == info.model_id and named.get_model_info().prefix == ""
 
@@ -215,3 +223,28 @@ def test_a_dripping_grpc_answer_ends_at_the_total_deadline(triton_server, mode):
         relay.drip = False
         c.close()
         relay.close()
+
+
+def test_queue_policy_refusals_from_the_real_server_are_retried(triton_server, tmp_path, caplog):
+    """A server whose queues hold one request: concurrent callers get its UNAVAILABLE refusals ("Exceeds maximum
+    queue size"), which the client retries with backoff until every call is answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.integration.triton_helpers import repository_copy, serving
+
+    repo = repository_copy(triton_server, tmp_path / "repo", max_queue_size=1, max_queue_delay_us=0)
+    images = np.random.default_rng(5).integers(0, 256, size=(4, 240, 320, 3), dtype=np.uint8)
+    with serving(repo, log_path=tmp_path / "tritonserver.log", exit_timeout=3) as server:
+        with CLIPClient(server.grpc_url) as probe:
+            want = probe.encode_image(images)
+        clients = [CLIPClient(server.grpc_url, retries=30, backoff=0.05, timeout=120) for _ in range(8)]
+        try:
+            with caplog.at_level(logging.WARNING, logger="clip_client"), ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda c: c.encode_image(images), clients))
+        finally:
+            for c in clients:
+                c.close()
+    for g in got:
+        np.testing.assert_allclose(g, want, atol=1e-5)
+    retried = [r.getMessage() for r in caplog.records if "; retry " in r.getMessage()]
+    assert retried and all("[StatusCode.UNAVAILABLE]" in m for m in retried), retried[:3]

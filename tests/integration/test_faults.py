@@ -17,11 +17,16 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.integration.triton_helpers import (CLIP_WORKERS, GoodTraffic, read_until_ready, repository_copy, serving,
-                                             wait_until)
-
 from clip_server import Supervisor, TritonServer, TritonServerError, free_port
 from clip_server.process import SHM_DIR
+from tests.integration.triton_helpers import (
+    CLIP_WORKERS,
+    GoodTraffic,
+    read_until_ready,
+    repository_copy,
+    serving,
+    wait_until,
+)
 
 
 def stub_pid(server: TritonServer, model: str) -> int:
@@ -71,6 +76,8 @@ def test_killed_stub_is_restored_and_no_request_fails_or_lies(supervised):
     before = len(sup.restarts)
     workers = CLIP_WORKERS + (("grpc", "sync"),) * 4  # the tester's 8 gRPC callers, and HTTP, sync and async
     with GoodTraffic(server.http_url, server.grpc_url, workers) as good:
+        # every caller has reached the server first (a server never reached fails at once, by design)
+        assert wait_until(lambda: good.count(0.0, "image") >= 4 and good.count(0.0, "text") >= 4, 60)
         victim = stub_pid(server, "preprocess_image")
         old_prefix = server.shm_prefix
         killed_at = time.monotonic()
@@ -146,6 +153,7 @@ class _FakeServer:
     running = False
     process = None
     starts = 0
+    http_url, metrics_url, models = "127.0.0.1:9", "http://127.0.0.1:9/metrics", ["x"]  # the probe's target: unused
 
     def log_text(self):
         return "E0101 00:00:00.000000 1 model.cc:1] broken for good"

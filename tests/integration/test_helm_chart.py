@@ -362,7 +362,8 @@ def test_names_stay_dns_labels_with_the_longest_release_name(tools):
 
 
 def _template_error(tools, *settings: str, apis: tuple[str, ...] = ()) -> str:
-    done = subprocess.run([str(tools["helm"]), "template", "rel", str(CHART), *[a for s in settings for a in ("--set", s)],
+    sets = [a for s in settings for a in ("--set", s)]
+    done = subprocess.run([str(tools["helm"]), "template", "rel", str(CHART), *sets,
                            *[a for api in apis for a in ("--api-versions", api)]],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0, settings
@@ -371,7 +372,8 @@ def _template_error(tools, *settings: str, apis: tuple[str, ...] = ()) -> str:
 
 def test_values_that_would_not_run_fail_at_template_time(tools):
     cases = {
-        ("modelRepository.source=foo",): "at '/modelRepository/source': value must be one of 'build', 'pvc', 's3', 'gs'",
+        ("modelRepository.source=foo",):
+            "at '/modelRepository/source': value must be one of 'build', 'pvc', 's3', 'gs'",
         ("kserve.enabled=true",): "kserve.enabled needs KServe's CRDs (serving.kserve.io/v1beta1 InferenceService)",
         ("gateway.service.type=LoadBalancer", "gateway.tls.enabled=false"): "would expose inference in plain text",
         ("gateway.service.type=NodePort", "gateway.auth.enabled=false"): "would expose inference in plain text",
@@ -408,8 +410,8 @@ def test_schema_refuses_bad_values(tools):
              ("modelRepository.build.dtype=fp8",): "dtype", ("gateway.service.type=External",): "type",
              ("triton.image.digest=latest",): "digest", ("gateway.tls.enabled=yes",): "enabled"}
     for settings, name in cases.items():
-        done = subprocess.run([str(tools["helm"]), "lint", "--strict", str(CHART),
-                               *[a for s in settings for a in ("--set-string" if "=two" in s or "=yes" in s else "--set", s)]],
+        flags = [a for s in settings for a in ("--set-string" if "=two" in s or "=yes" in s else "--set", s)]
+        done = subprocess.run([str(tools["helm"]), "lint", "--strict", str(CHART), *flags],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and "schema" in done.stdout + done.stderr and name in done.stdout + done.stderr, (
             settings, done.stdout[-800:])
@@ -461,18 +463,22 @@ def test_gateway_needs_keys_and_tls_by_default(rendered):
             assert secret == given if given else secret in secrets, (name, secret)
         if not tls["existingSecret"]:
             generated = secrets[volumes["tls"]]
-            assert generated["type"] == "kubernetes.io/tls" and {"tls.crt", "tls.key", "ca.crt"} <= generated["data"].keys()
+            assert generated["type"] == "kubernetes.io/tls"
+            assert {"tls.crt", "tls.key", "ca.crt"} <= generated["data"].keys()
         openai = _one(objects, "Deployment", "openai")
         service = _one(objects, "Service", "openai")
         assert flags["openai-upstream"] == f"{service['metadata']['name']}.serving.svc.cluster.local:" \
                                            f"{service['spec']['ports'][0]['port']}"
         assert service["spec"]["type"] == "ClusterIP"
         openai_args = _container(openai, "openai")["args"]
-        assert openai_args[0] == "openai" and f"--api-key-file=/etc/clip-triton/api-keys/{auth['key']}" in openai_args
+        headless = next(s for s in _kind(objects, "Service", "triton") if s["spec"].get("clusterIP") == "None")
+        assert openai_args[0] == f"--upstream=grpc://{headless['metadata']['name']}.serving.svc.cluster.local:8001"
+        assert f"--api-key-file=/etc/clip-triton/api-keys/{auth['key']}" in openai_args
         hpa = next(h for h in _kind(objects, "HorizontalPodAutoscaler", "openai"))
         assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
         assert _one(objects, "PodDisruptionBudget", "openai")["spec"]["maxUnavailable"] == 1
-    public = [s for s in _kind(rendered["gcs-values.yaml"], "Service", "gateway") if s["spec"].get("clusterIP") != "None"]
+    public = [s for s in _kind(rendered["gcs-values.yaml"], "Service", "gateway")
+              if s["spec"].get("clusterIP") != "None"]
     assert public[0]["spec"]["type"] == "LoadBalancer"
 
 
@@ -514,3 +520,25 @@ def test_conventions_reach_the_pods(rendered):
     assert "--trace-config=mode=opentelemetry" in container["args"]
     assert "--trace-config=opentelemetry,url=http://otel-collector.monitoring:4318/v1/traces" in container["args"]
     assert not _kind(objects, "Deployment", "openai")
+
+
+def test_the_real_gateway_takes_the_rendered_arguments(rendered, tmp_path):
+    """The gateway Deployment's arguments, with the chart's generated key file and self-signed certificate in place of
+    the mounted Secrets, are accepted by `clip-triton gateway --print-config` (the real argument parser and config)."""
+    import base64
+    import sys
+
+    objects = rendered["default-values.yaml"]
+    args = _container(_one(objects, "Deployment", "gateway"), "gateway")["args"]
+    secrets = {s["metadata"]["name"]: s["data"] for s in _kind(objects, "Secret")}
+    files = {}
+    for data in secrets.values():
+        for key, value in data.items():
+            files[key] = tmp_path / key.replace("/", "_")
+            files[key].write_bytes(base64.b64decode(value))
+    mounted = ("/etc/clip-triton/api-keys/", "/etc/clip-triton/tls/")
+    local = [a.replace(mounted[0], f"{tmp_path}/").replace(mounted[1], f"{tmp_path}/") for a in args]
+    done = subprocess.run([sys.executable, "-m", "clip_server.gateway", *local, "--print-config"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "transport_socket" in done.stdout and "generate_request_id: true" in done.stdout

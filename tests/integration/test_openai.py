@@ -508,3 +508,31 @@ def test_a_trickled_body_gets_408_and_frees_its_bytes(triton_server, model_name)
         held.close()
         fe.stop()
     assert (answer, status) == (b"HTTP/1.1 408 Request Timeout", 200)
+
+
+def test_an_answer_from_another_model_id_is_refused_and_triggers_discovery(triton_server):
+    """The catalog says model_id X; the server answers as Y (rebuilt, or a rolling update mixing versions): the call
+    fails with MODEL_CHANGED (503 for the caller, who retries) and clip_info is read again at once."""
+    from clip_server.openai_api.upstream import UpstreamError, Upstreams
+
+    async def main():
+        upstreams = Upstreams([triton_server.grpc_url], timeout=30)
+        await upstreams.start()
+        try:
+            model = next(iter((await upstreams.discover()).models.values()))
+            served_id, model.model_id = model.model_id, "a-model-id-the-server-no-longer-has"
+            with pytest.raises(UpstreamError) as info:
+                await upstreams.encode_texts(model, [b"a cat"], "rid")
+            return info.value.status, upstreams.changed.is_set(), served_id in info.value.message
+        finally:
+            await upstreams.close()
+
+    assert asyncio.run(main()) == ("MODEL_CHANGED", True, True)
+
+
+def test_model_id_is_an_alias_of_the_name(front, model_name, triton_server):
+    model_id = json.loads((triton_server.repository / "clip_triton.json").read_text())["model_id"]
+    status, body, _ = http_post(
+        f"{front.base_url}/embeddings", {"model": model_id, "input": "x"}, {"Authorization": f"Bearer {KEY}"}
+    )
+    assert (status, body["model"]) == (200, model_name)

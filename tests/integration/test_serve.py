@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,9 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.triton_helpers import read_until_ready, wait_until
-
 from clip_server import TritonServer, TritonServerError, free_port
+from tests.integration.triton_helpers import read_until_ready, wait_until
 
 CONFIG = """name: "{name}"
 backend: "python"
@@ -142,3 +142,19 @@ def test_second_serve_on_ports_in_use_fails_at_once_naming_the_port(tmp_path):
     finally:
         first.terminate()
         first.wait(60)
+
+
+def test_serve_logs_json_lines_when_asked(tmp_path):
+    """--log-format json: every line serve logs is one JSON object with time, level, logger and message."""
+    repo = _repo(tmp_path / "repo", {"identity": IDENTITY})
+    proc = subprocess.Popen([*_serve_cmd(repo), "--log-format", "json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        read_until_ready(proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert records and all({"time", "level", "logger", "message"} <= r.keys() for r in records), err[-2000:]

@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 

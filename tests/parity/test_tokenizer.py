@@ -33,12 +33,13 @@ def _pair(weights_dir):
 
 
 def _assert_same(ours, hf, max_length, texts):
-    ids, lengths, widths = ours.encode_batch(texts)
+    (ids, lengths, widths), counts = ours.encode_counted(texts)
     ref = hf(texts, truncation=True, max_length=max_length)
     longest = max(len(r) for r in ref["input_ids"])
     assert ids.dtype == lengths.dtype == widths.dtype == np.int64
     assert ids.shape == (len(texts), longest) and widths.tolist() == [[longest]] * len(texts)
     assert lengths.tolist() == [[len(r)] for r in ref["input_ids"]]
+    assert counts.tolist() == [len(r) for r in ref["input_ids"]]  # tokens fed to the encoder (token_counts)
     for i, (r_ids, r_mask) in enumerate(zip(ref["input_ids"], ref["attention_mask"])):
         n = len(r_ids)
         assert ids[i, :n].tolist() == r_ids, texts[i]

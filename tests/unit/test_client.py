@@ -762,3 +762,12 @@ def test_sigmoid_scoring_uses_logit_bias():
     softmax = _core.ModelInfo("m", 8, np.log(10.0), 8, 8)
     _, p = classify_result(img, cls, softmax, True)
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_client_commands_state_one_exit_status_rule(capsys):
+    from clip_client.cli import EXIT_STATUS, main
+
+    for command in ("index", "search", "classify"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert " ".join(capsys.readouterr().out.split()).endswith(" ".join(EXIT_STATUS.split())), command

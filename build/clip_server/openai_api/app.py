@@ -54,7 +54,7 @@ class FrontEndSettings:
     allow_private_urls: bool = False
     url_networks: tuple[str, ...] = ()
     fetch_timeout: float = 10.0
-    upstream_timeout: float = 60.0
+    upstream_timeout: float = 120.0
     body_timeout: float = 30.0
     normalize: bool = True
 
@@ -234,7 +234,7 @@ async def embeddings(request: Request) -> Response:
         largest = max(m.max_image_bytes for m in models.values())
         req = parse_request(_json(body), largest)
         del body
-        model = models.get(req.model)
+        model = models.get(req.model) or next((m for m in models.values() if m.model_id == req.model), None)
         if model is None:
             raise APIError(
                 404,

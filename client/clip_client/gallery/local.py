@@ -755,17 +755,18 @@ class LocalGallery(Gallery):
             q, source = self._probe_queries(TUNE_QUERIES), "gallery probes (OOD-like)"
         truth = self._exact(q, k)[1]
         nlist, rerank = entry["nlist"], DEFAULT_RERANK
-        point = None
+        curve = []  # (nprobe, recall) measured, in steps of ~1.4x
         nprobe = MIN_NPROBE
         while True:
             found = self._ivf_search(q, k, nprobe, rerank, None)[1]
             recall = float(np.mean([len(set(f[f >= 0]) & set(t[t >= 0])) / max(1, (t >= 0).sum())
                                     for f, t in zip(found, truth)]))
-            point = {"nprobe": nprobe, "rerank": rerank, "recall": round(recall, 4), "target": target_recall, "k": k,
-                     "queries": source, "n_queries": len(q), "rows": len(self), "nlist": nlist}
+            curve.append([nprobe, round(recall, 4)])
             if recall >= target_recall or nprobe >= nlist:
                 break
-            nprobe = min(nlist, nprobe * 2)
+            nprobe = min(nlist, int(math.ceil(nprobe * 1.4142)))
+        point = {"nprobe": nprobe, "rerank": rerank, "recall": round(recall, 4), "target": target_recall, "k": k,
+                 "queries": source, "n_queries": len(q), "rows": len(self), "nlist": nlist, "curve": curve}
         self._lock()
         if self.manifest["index"] is None or self.manifest["index"]["name"] != entry["name"]:
             return point  # another writer rebuilt it meanwhile
