@@ -21,12 +21,13 @@ modality lose nothing to a coarse quantiser trained on images) for the best k * 
 exactly against the stored float32 vectors; tune() picks `rerank`; PQ codebooks are retrained like the IVF below.
 Index kind "ivf": an IVF-SQ8 index (spherical k-means, nlist ~ 2 sqrt(rows), `nprobe` lists scanned) proposes
 k * `rerank` candidates per query, re-scored exactly against the stored float32 vectors (memory-mapped): scores are
-exact cosines. The index is retrained (nlist re-sized) when the gallery outgrows the rows it was trained on RETRAIN_FACTOR times, or on
+exact cosines. The index is retrained (nlist re-sized) when the gallery outgrows the rows it was trained on
+RETRAIN_FACTOR times, or on
 optimize(retrain=True); after each training tune() calibrates `nprobe`: recall@10 against exact search on OOD-like
 probes (stored vectors minus the gallery's mean: text queries share the concept, not the image modality's offset)
 reaching TUNE_TARGET; tune(queries) re-measures on real queries. search(exact=True) scores every row. Deleted rows
 stay in the index, skipped by every search, until it is rebuilt.
-Integrity: the manifest records each segment's size and CRC-32, the index header's CRC-32 and the list file's size;
+Integrity: the manifest records each segment's size and CRC-32, the PQ file's or the IVF header's CRC-32 (and size);
 opening checks sizes, Arrow footers, row counts and id ranges, and the manifest against them (next_id, next_seq);
 check_gallery() (`clip-triton gallery-check`) also verifies the checksums and repairs what derives from the
 segments. The segments are the truth: an index header that disagrees with the manifest at open (a crash between
@@ -635,11 +636,13 @@ class LocalGallery(Gallery):
                 if index.ntotal == entry["ntotal"]:
                     return index
                 problem = f"the index holds {index.ntotal} rows, the manifest says {entry['ntotal']}"
-            except RuntimeError as e:
+            except (RuntimeError, FileNotFoundError) as e:  # not found: a writer replaced it since
                 problem = f"cannot read the index ({e})"
             return self._rebuild_damaged(entry, problem)
         header, data = self._index_files(entry)
-        if not data.is_file() or ("ivfdata_bytes" in entry and data.stat().st_size < entry["ivfdata_bytes"]):
+        if not header.is_file() or not data.is_file():  # a writer replaced them after this reader read the manifest
+            return self._rebuild_damaged(entry, f"{header if not header.is_file() else data} is missing")
+        if ("ivfdata_bytes" in entry and data.stat().st_size < entry["ivfdata_bytes"]):
             raise GalleryError(f"index list file {data} is missing or truncated "
                                f"({data.stat().st_size if data.is_file() else 0} bytes, the manifest says "
                                f"{entry.get('ivfdata_bytes')}): run `clip-triton gallery-check --repair`")
@@ -656,7 +659,7 @@ class LocalGallery(Gallery):
                 self._no_prefetch(index)
                 return index
             problem = f"the index holds {index.ntotal} rows, the manifest says {entry['ntotal']}"
-        except RuntimeError as e:
+        except (RuntimeError, FileNotFoundError) as e:  # not found: a writer replaced it since
             problem = f"cannot read the index ({e})"
         return self._rebuild_damaged(entry, problem)
 
