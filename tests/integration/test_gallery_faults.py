@@ -1,7 +1,7 @@
 """The embedded gallery under storage faults, each in a real subprocess: a file size limit or a full disk while the
 index grows (PQ codes rewritten, IVF lists appended through a mapping), truncated or damaged files, a hand-edited
-manifest, SIGKILL mid-write. Every fault is a GalleryError (CLI exit 2 naming the file), never a signal; committed rows survive; gallery-check finds damage and --repair
-rebuilds what derives from the segments."""
+manifest, SIGKILL mid-write. Every fault is a GalleryError (CLI exit 2 naming the file), never a signal; committed
+rows survive; gallery-check finds damage and --repair rebuilds what derives from the segments."""
 
 from __future__ import annotations
 

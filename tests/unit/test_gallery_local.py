@@ -484,5 +484,6 @@ def test_gallery_info_tune_and_exact_through_the_cli(tmp_path, small_ivf, capsys
     assert main(["search", "--like", "/p/7", "--uri", str(tmp_path / "g"), "--exact", "-k", "1"]) == 0
     first = capsys.readouterr().out.split()
     op = info["operating_point"]
-    assert (info["rows"], info["index_kind"], op["target"], op["recall"] >= 0.99, info["rerank"] == op["rerank"], first[-1]) == (
+    assert (info["rows"], info["index_kind"], op["target"], op["recall"] >= 0.99, info["rerank"] == op["rerank"],
+            first[-1]) == (
                 4000, "pq", 0.99, True, True, f"/p/{int(np.argsort(-(x @ x[7]))[1])}")  # the nearest other image
