@@ -524,10 +524,12 @@ class LocalGallery(Gallery):
     def optimize(self, retrain: bool = False, index: str | None = None) -> None:
         """Drop deleted rows and merge small segments; with retrain=True (or when due) rebuild the index for the
         gallery's current size. index: switch the index kind ("pq" or "ivf"; rebuilt now)."""
-        if check_index_kind(index) is not None and index != self.manifest.get("index_kind", "ivf"):
+        if check_index_kind(index) is not None:
             self._lock()
+            entry = self.manifest["index"]
+            retrain = retrain or (entry is not None and _entry_kind(entry) != index)
             self.manifest["index_kind"] = index
-            retrain = True
+            self._save_manifest()
         self._lock()
         dropped = self._compact(drop_deleted=True)
         idx = self.manifest["index"]
@@ -695,7 +697,7 @@ class LocalGallery(Gallery):
         if not trained:
             self._index = self._flat_index()
             self.manifest["index"] = None
-        elif self.manifest.get("index_kind", "ivf") == "pq":
+        elif self.manifest.get("index_kind", DEFAULT_INDEX) == "pq":
             self._index = self._new_pq()
         else:
             self._index = self._new_ivf()
@@ -920,7 +922,7 @@ class LocalGallery(Gallery):
         entry = self.manifest["index"]
         return {"uri": str(self.root), "rows": len(self), "dim": self.dim, "model_id": self.model_id,
                 "segments": len(self.manifest["segments"]), "deleted_pending": int(len(self._dead)),
-                "index": _index_name(entry), "index_kind": self.manifest.get("index_kind", "ivf"),
+                "index": _index_name(entry), "index_kind": self.manifest.get("index_kind", DEFAULT_INDEX),
                 **({} if entry is None else {k: entry.get(k) for k in ("nlist", "m", "trained_on", "sized_for")}),
                 "nprobe": None if entry is None or _entry_kind(entry) == "pq" else self.nprobe,
                 "rerank": None if entry is None else self.rerank,
