@@ -82,6 +82,7 @@ DEFAULT_INDEX = "pq"  # exhaustive 4-bit PQ fast-scan + exact re-rank (docs/benc
 PQ_TRAIN_ROWS = 65_536  # training sample of the PQ codebooks
 DEFAULT_PQ_RERANK = 26  # PQ candidates re-scored per query, as a multiple of k, until tune() has measured
 MIN_PQ_CANDIDATES = 256  # tune() re-ranks at least this many PQ candidates per query (a margin: they are cheap)
+MAX_PQ_CANDIDATES = 8192  # tune() stops here (and stores the best it measured): more would cost as much as exact
 PQ_ONE_THREAD_BELOW = 16  # queries: smaller batches scan the codes on one OpenMP thread (see _pq_search)
 PQ_FILTER_EXACT = 0.05  # a filter keeping less than this fraction of the rows is searched exactly
 RETRAIN_FACTOR = 4  # retrain (nlist x2) when the gallery holds this many times the rows the index was trained on
@@ -892,7 +893,7 @@ class LocalGallery(Gallery):
             while True:  # candidates x2 per step, up to every row
                 recall = recall_of(self._pq_search(q, k, rerank, None)[1])
                 curve.append([rerank, round(recall, 4)])
-                if recall >= target_recall or k * rerank >= total:
+                if recall >= target_recall or 2 * k * rerank > min(MAX_PQ_CANDIDATES, total // 4):
                     break
                 rerank *= 2
         else:
@@ -967,6 +968,8 @@ class LocalGallery(Gallery):
             ok[self._ids() if allowed is None else allowed] = True
         want = min(total, math.ceil(k * rerank * total / max(1, n)))
         while True:
+            if want > total // 4:  # re-scoring that many candidates costs more than scoring every row
+                return self._exact(q, k, allowed)
             with self._omp_threads(1 if len(q) < PQ_ONE_THREAD_BELOW else None):
                 cand = self._index.search(q, want)[1]  # (Q, want) best first
             if ok is not None:
@@ -1037,7 +1040,11 @@ class LocalGallery(Gallery):
         """Exact cosines of the candidates against the stored vectors; the top k per query -> (Q, k) each."""
         ok = (cand >= 0) & (cand < self.manifest["next_id"])  # a reader ignores rows added after its snapshot
         exact = np.full(cand.shape, -np.inf, np.float32)
-        exact[ok] = np.einsum("nd,nd->n", self._vectors_of(cand[ok]), np.repeat(q, ok.sum(axis=1), axis=0))
+        step = max(1, 65536 // max(1, cand.shape[1]))  # queries per block: at most 64k vectors gathered at once
+        for lo in range(0, len(q), step):
+            sub = ok[lo:lo + step]
+            exact[lo:lo + step][sub] = np.einsum("nd,nd->n", self._vectors_of(cand[lo:lo + step][sub]),
+                                                 np.repeat(q[lo:lo + step], sub.sum(axis=1), axis=0))
         top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         scores, ids = np.take_along_axis(exact, top, 1), np.take_along_axis(cand, top, 1)
         ids[~np.isfinite(scores)] = -1
