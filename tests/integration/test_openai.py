@@ -575,3 +575,9 @@ def test_malformed_or_disguised_image_urls_are_400(fetching_front, image_server,
         {"Authorization": f"Bearer {KEY}"},
     )
     assert (status, answer["error"]["param"], answer["error"]["code"]) == (400, "input[0]", "image_url_refused")
+
+
+def test_a_refused_image_is_named_by_its_index_in_input(sdk, model_name):
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.embeddings.create(model=model_name, input=[TEXTS[0], data_uri(IMAGES[0]), data_uri(b"not an image")])
+    assert (info.value.body["param"], info.value.body["message"].startswith("input[2]: ")) == ("input[2]", True)

@@ -323,7 +323,8 @@ async def _embed(
         jobs.append(gated(lambda c=chunk: state.upstreams.encode_texts(model, c, rid), "texts"))
     for start in range(0, len(images), model.max_image_items):
         chunk = [it.data for _, it in images[start : start + model.max_image_items]]
-        jobs.append(gated(lambda c=chunk: state.upstreams.encode_images(model, c, rid), "images"))
+        rows = [i for i, _ in images[start : start + model.max_image_items]]
+        jobs.append(_named(gated(lambda c=chunk: state.upstreams.encode_images(model, c, rid), "images"), rows))
     answers = await asyncio.gather(*jobs)
     out = np.empty((len(req.items), model.dim), dtype=np.float32)
     tokens, k = 0, 0
@@ -376,6 +377,21 @@ async def _fetch_urls(state: _State, images: list[tuple[int, Item]], model: Serv
     for r in results:
         if isinstance(r, BaseException):
             raise r
+
+
+_IMAGE_REFUSED = re.compile(r"^the model server refused the images: image (\d+): ")
+
+
+async def _named(coro, rows: list[int]):
+    """A refused image named by its index in `input` (Triton numbers the images of its chunk from 0)."""
+    try:
+        return await coro
+    except APIError as err:
+        found = _IMAGE_REFUSED.match(err.message) if err.status == 400 else None
+        if found is None or int(found.group(1)) >= len(rows):
+            raise
+        param = f"input[{rows[int(found.group(1))]}]"
+        raise invalid(f"{param}: {err.message[found.end():]}", param=param, code=err.code) from None
 
 
 async def _call(coro, what: str):
