@@ -581,3 +581,29 @@ def test_a_refused_image_is_named_by_its_index_in_input(sdk, model_name):
     with pytest.raises(openai.BadRequestError) as info:
         sdk.embeddings.create(model=model_name, input=[TEXTS[0], data_uri(IMAGES[0]), data_uri(b"not an image")])
     assert (info.value.body["param"], info.value.body["message"].startswith("input[2]: ")) == ("input[2]", True)
+
+
+def test_bodies_cut_off_by_the_client_give_their_bytes_back(triton_server, model_name):
+    """Callers that hang up mid-body must not leak their bytes from the in-flight budget (else: 429 for everyone)."""
+    import socket
+
+    fe = start_front_end(
+        [triton_server.grpc_url], "--max-body-bytes", "10000", "--max-inflight-bytes", "10000", env=_env_keys()
+    )
+    head = (
+        f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 9000\r\n\r\n"
+    )
+    try:
+        for _ in range(5):  # 5 x 6001 bytes taken and never returned would exhaust the 10000-byte budget
+            cut = socket.create_connection(("127.0.0.1", fe.port), timeout=10)
+            cut.sendall(head.encode() + b"{" + b" " * 6000)
+            time.sleep(0.3)  # the bytes are read (and counted) as they arrive
+            cut.close()
+        time.sleep(0.5)
+        status = http_post(
+            f"{fe.base_url}/embeddings", {"model": model_name, "input": "x" * 5000}, {"Authorization": f"Bearer {KEY}"}
+        )[0]
+    finally:
+        fe.stop()
+    assert status == 200

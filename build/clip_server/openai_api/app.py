@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -291,7 +291,10 @@ async def _read_body(request: Request, state: _State) -> tuple[bytes, int]:
     except TimeoutError:
         state.budget.used -= held
         raise APIError(408, f"request body not received within {state.settings.body_timeout:g} s") from None
-    except APIError:
+    except ClientDisconnect:  # the caller hung up mid-body: its bytes go back to the budget (else they leak: 429s)
+        state.budget.used -= held
+        raise APIError(400, "the request body was cut off (the client disconnected)") from None
+    except BaseException:
         state.budget.used -= held
         raise
     return b"".join(parts), held
