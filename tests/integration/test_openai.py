@@ -607,3 +607,18 @@ def test_bodies_cut_off_by_the_client_give_their_bytes_back(triton_server, model
     finally:
         fe.stop()
     assert status == 200
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda b: "data:image/png;base64," + base64.encodebytes(b).decode(),  # wrapped every 76 characters
+        lambda b: "DATA:IMAGE/PNG;BASE64," + base64.b64encode(b).decode(),  # the scheme is case-insensitive
+        lambda b: {"image": base64.urlsafe_b64encode(b).decode().rstrip("=")},  # URL-safe, unpadded
+    ],
+    ids=["line-wrapped", "upper-case", "urlsafe-unpadded"],
+)
+def test_base64_images_as_encoders_write_them_equal_client(sdk, model_name, client, encode):
+    image = png(7, (64, 64))
+    response = sdk.embeddings.create(model=model_name, input=[encode(image)])
+    assert _same(_embeds(response), client.encode_image([image]))
