@@ -622,3 +622,14 @@ def test_base64_images_as_encoders_write_them_equal_client(sdk, model_name, clie
     image = png(7, (64, 64))
     response = sdk.embeddings.create(model=model_name, input=[encode(image)])
     assert _same(_embeds(response), client.encode_image([image]))
+
+
+def test_a_key_file_saved_with_a_bom_and_crlf_works(triton_server, model_name, tmp_path):
+    key_file = tmp_path / "keys.txt"
+    key_file.write_bytes(b"\xef\xbb\xbf" + KEY.encode() + b"\r\n" + OTHER_KEY.encode() + b"\r\n")  # Windows Notepad
+    fe = start_front_end([triton_server.grpc_url], "--api-key-file", str(key_file))
+    try:
+        listed = openai.OpenAI(base_url=fe.base_url, api_key=KEY, max_retries=0).models.list().data[0].id
+    finally:
+        fe.stop()
+    assert listed == model_name
