@@ -536,3 +536,42 @@ def test_model_id_is_an_alias_of_the_name(front, model_name, triton_server):
         f"{front.base_url}/embeddings", {"model": model_id, "input": "x"}, {"Authorization": f"Bearer {KEY}"}
     )
     assert (status, body["model"]) == (200, model_name)
+
+
+# ------------------------------------------------------------------------------------------------ found by attack
+def test_2048_texts_in_one_request_equal_client(sdk, model_name, client):
+    texts = [f"caption number {i}" for i in range(2048)]  # OpenAI's own limit; LangChain sends 1000 at once
+    assert _same(_embeds(sdk.embeddings.create(model=model_name, input=texts)), client.encode_text(texts))
+
+
+@pytest.mark.parametrize("path", ["/caf\u00e9 \u732b.png", "/img.png?name=\u00fc"])
+def test_non_ascii_image_url_equals_client(fetching_front, image_server, model_name, client, path):
+    sdk = openai.OpenAI(base_url=fetching_front.base_url, api_key=KEY, max_retries=0)
+    response = sdk.embeddings.create(model=model_name, input=[{"image": image_server.url + path}])
+    assert _same(_embeds(response), client.encode_image(IMAGES[:1]))
+
+
+def test_uppercase_url_scheme_equals_client(fetching_front, image_server, model_name, client):
+    sdk = openai.OpenAI(base_url=fetching_front.base_url, api_key=KEY, max_retries=0)
+    url = image_server.url.replace("http://", "HTTP://") + "/img.png"
+    response = sdk.embeddings.create(model=model_name, input=[url], extra_body={"modality": "image"})
+    assert _same(_embeds(response), client.encode_image(IMAGES[:1]))
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.2:99999/img.png",  # port out of range
+        "http://127.0.0.2:abc/img.png",
+        "http://[::1/img.png",  # unclosed bracket
+        "http://\u2460\u2461\u2466.0.0.1:{port}/img.png",  # circled digits: IDNA makes it 127.0.0.1 (loopback)
+    ],
+)
+def test_malformed_or_disguised_image_urls_are_400(fetching_front, image_server, model_name, target):
+    url = target.format(port=image_server.url.rsplit(":", 1)[1])
+    status, answer, _ = http_post(
+        f"{fetching_front.base_url}/embeddings",
+        {"model": model_name, "input": [{"image": url}]},
+        {"Authorization": f"Bearer {KEY}"},
+    )
+    assert (status, answer["error"]["param"], answer["error"]["code"]) == (400, "input[0]", "image_url_refused")

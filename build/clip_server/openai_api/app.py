@@ -29,6 +29,7 @@ log = logging.getLogger("clip_server.openai")
 
 REQUEST_ID = "x-request-id"
 FETCH_CONCURRENCY = 8  # image URLs of one request fetched at once
+UPSTREAM_CONCURRENCY = 4  # chunks of one request in flight to Triton at once (as CLIPClient's max_concurrency)
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 # gRPC status of a Triton answer -> (HTTP status, what the caller is told: None = Triton's own message)
 _UPSTREAM_STATUS = {
@@ -310,13 +311,19 @@ async def _embed(
             )
     if images:
         await _fetch_urls(state, images, model, held)
+    gate = asyncio.Semaphore(UPSTREAM_CONCURRENCY)  # a 2048-input request must not flood Triton's queue at once
+
+    async def gated(make, what: str):
+        async with gate:
+            return await _call(make(), what)
+
     jobs = []
     for start in range(0, len(texts), model.max_text_items):
-        chunk = texts[start : start + model.max_text_items]
-        jobs.append(_call(state.upstreams.encode_texts(model, [it.data for _, it in chunk], rid), "texts"))
+        chunk = [it.data for _, it in texts[start : start + model.max_text_items]]
+        jobs.append(gated(lambda c=chunk: state.upstreams.encode_texts(model, c, rid), "texts"))
     for start in range(0, len(images), model.max_image_items):
-        chunk = images[start : start + model.max_image_items]
-        jobs.append(_call(state.upstreams.encode_images(model, [it.data for _, it in chunk], rid), "images"))
+        chunk = [it.data for _, it in images[start : start + model.max_image_items]]
+        jobs.append(gated(lambda c=chunk: state.upstreams.encode_images(model, c, rid), "images"))
     answers = await asyncio.gather(*jobs)
     out = np.empty((len(req.items), model.dim), dtype=np.float32)
     tokens, k = 0, 0

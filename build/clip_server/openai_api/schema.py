@@ -136,7 +136,7 @@ def _utf8(text: str, param: str) -> bytes:
 
 
 def _image(value: str, param: str, max_image_bytes: int, bare_base64: bool) -> Item:
-    if value.startswith(("http://", "https://")):
+    if value[:8].lower().startswith(("http://", "https://")):  # schemes are case-insensitive (RFC 3986)
         return Item("url", value)
     match = DATA_URI.match(value)
     if match:
