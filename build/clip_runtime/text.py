@@ -206,7 +206,8 @@ class OpenClipBPE:
 
         import regex
 
-        merges = gzip.open(os.fspath(bpe_gz)).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        with gzip.open(os.fspath(bpe_gz)) as f:
+            merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
         merges = [tuple(m.split()) for m in merges]
         self.byte_encoder = _bytes_to_unicode()
         vocab = list(self.byte_encoder.values())

@@ -330,8 +330,9 @@ class ClientBase:
             first = clip_info_json((yield Infer(clip_info_request(""))))
         except ModelNotFoundError:
             if self.model is not None:
-                raise ModelNotFoundError(f"the server at {self.url} has no {CLIP_INFO} model, so it cannot name its "
-                                         f"models: model={self.model!r} needs a repository built with clip_info") from None
+                raise ModelNotFoundError(
+                    f"the server at {self.url} has no {CLIP_INFO} model, so it cannot name its models: "
+                    f"model={self.model!r} needs a repository built with clip_info") from None
             log.debug("no clip_info; reading model configs")
             return (yield from self._p_info_from_configs())
         prefix = "" if self.model is None else model_prefix(first, self.model)

@@ -46,8 +46,9 @@ class CorruptingProxy:
     encode_image (everything else passes untouched), as set by `mode`:
 
     pass | rows (one row fewer than inputs) | dims (7 dims) | nan (a NaN value) | many (60,000 rows) | rename (the
-    embeddings output renamed) | model_id (another model's id) | no_model_id (the output left out: an old server) | drip (the answer, one byte every 50 ms) |
-    status:CODE:N (the first N inference requests answered CODE, as a gateway would, then passed).
+    embeddings output renamed) | model_id (another model's id) | no_model_id (the output left out: an old server) |
+    drip (the answer, one byte every 50 ms) | status:CODE:N (the first N inference requests answered CODE, as a
+    gateway would, then passed).
     """
 
     MODELS = ("encode_text", "encode_image")

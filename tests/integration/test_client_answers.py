@@ -223,3 +223,28 @@ def test_a_dripping_grpc_answer_ends_at_the_total_deadline(triton_server, mode):
         relay.drip = False
         c.close()
         relay.close()
+
+
+def test_queue_policy_refusals_from_the_real_server_are_retried(triton_server, tmp_path, caplog):
+    """A server whose queues hold one request: concurrent callers get its UNAVAILABLE refusals ("Exceeds maximum
+    queue size"), which the client retries with backoff until every call is answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.integration.triton_helpers import repository_copy, serving
+
+    repo = repository_copy(triton_server, tmp_path / "repo", max_queue_size=1, max_queue_delay_us=0)
+    images = np.random.default_rng(5).integers(0, 256, size=(4, 240, 320, 3), dtype=np.uint8)
+    with serving(repo, log_path=tmp_path / "tritonserver.log", exit_timeout=3) as server:
+        with CLIPClient(server.grpc_url) as probe:
+            want = probe.encode_image(images)
+        clients = [CLIPClient(server.grpc_url, retries=30, backoff=0.05, timeout=120) for _ in range(8)]
+        try:
+            with caplog.at_level(logging.WARNING, logger="clip_client"), ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda c: c.encode_image(images), clients))
+        finally:
+            for c in clients:
+                c.close()
+    for g in got:
+        np.testing.assert_allclose(g, want, atol=1e-5)
+    retried = [r.getMessage() for r in caplog.records if "; retry " in r.getMessage()]
+    assert retried and all("[StatusCode.UNAVAILABLE]" in m for m in retried), retried[:3]

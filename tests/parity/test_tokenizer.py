@@ -33,7 +33,7 @@ def _pair(weights_dir):
 
 
 def _assert_same(ours, hf, max_length, texts):
-    ids, lengths, widths, counts = ours.encode_batch(texts)
+    (ids, lengths, widths), counts = ours.encode_counted(texts)
     ref = hf(texts, truncation=True, max_length=max_length)
     longest = max(len(r) for r in ref["input_ids"])
     assert ids.dtype == lengths.dtype == widths.dtype == np.int64
@@ -57,18 +57,18 @@ def test_ids_match_hf_on_varied_corpus(weights, family):
 
 def test_clip_uses_real_vocabulary(weights):
     ours, _, _ = _pair(weights("clip"))
-    ids, lengths, _, _ = ours.encode_batch(["a photo of a cat"])
+    ids, lengths, _ = ours.encode_batch(["a photo of a cat"])
     assert ids.tolist() == [[49406, 320, 1125, 539, 320, 2368, 49407]]  # OpenAI CLIP's ids
     assert lengths.tolist() == [[7]]
 
 
 def test_truncation_keeps_special_tokens(weights):
     ours, hf, max_length = _pair(weights("clip"))
-    ids, lengths, _, _ = ours.encode_batch(["word " * 200])
+    ids, lengths, _ = ours.encode_batch(["word " * 200])
     assert ids.shape == (1, max_length) == (1, 77)
     assert ids[0, 0] == 49406 and ids[0, -1] == 49407 and lengths.tolist() == [[77]]
     ours_b, _, max_b = _pair(weights("bert_vit"))
-    ids, _, _, _ = ours_b.encode_batch(["word " * 200])
+    ids, _, _ = ours_b.encode_batch(["word " * 200])
     assert ids.shape == (1, max_b) and ids[0, 0] == 101 and ids[0, -1] == 102  # [CLS] ... [SEP]
 
 

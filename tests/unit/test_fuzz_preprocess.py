@@ -94,7 +94,7 @@ def tokenizer(tokenizer_json):
 
 def _check_text_bytes(tok: TextTokenizer, data: bytes, max_bytes: int = 1024) -> None:
     try:
-        ids, lengths, widths, _ = tok.encode_bytes([data], max_bytes=max_bytes)
+        ids, lengths, widths = tok.encode_bytes([data], max_bytes=max_bytes)
     except InvalidInputError as exc:
         assert str(exc)
         return
@@ -112,7 +112,7 @@ def test_random_bytes_text(tokenizer, data):
 @given(st.text(max_size=400))
 def test_random_strings_text(tokenizer, text):
     _check_text_bytes(tokenizer, text.encode("utf-8"))
-    ids, lengths, widths, _ = tokenizer.encode_batch([text, "x"])
+    ids, lengths, widths = tokenizer.encode_batch([text, "x"])
     assert ids.shape[1] <= tokenizer.max_length and widths.tolist() == [[ids.shape[1]]] * 2
     assert lengths.max() == ids.shape[1] and (ids[1, lengths[1, 0]:] == tokenizer.pad_token_id).all()
 

@@ -26,13 +26,14 @@ def test_decode_text():
 
 def test_encode_bytes_and_empty_batch():
     ours = TextTokenizer(minilm_dir() / "tokenizer.json", 64, 0)  # a real WordPiece tokenizer.json
-    ids, lengths, widths, counts = ours.encode_bytes([b"a photo", "日本".encode()])
+    ids, lengths, widths = ours.encode_bytes([b"a photo", "日本".encode()])
     assert ids.shape == (2, int(lengths.max())) and widths.tolist() == [[ids.shape[1]]] * 2
-    assert counts.tolist() == lengths.reshape(-1).tolist()
+    rows, counts = ours.encode_counted(["a photo", "日本"])  # encode_text's token_counts: the tokens fed, per text
+    assert counts.dtype == np.int32 and counts.tolist() == rows.lengths.reshape(-1).tolist() == lengths.ravel().tolist()
     with pytest.raises(InvalidInputError):
         ours.encode_bytes([b"ok", b"\xc3\x28"])
-    ids, lengths, widths, counts = ours.encode_batch([])
-    assert ids.shape == (0, 1) and lengths.shape == widths.shape == (0, 1) and counts.shape == (0,)
+    ids, lengths, widths = ours.encode_batch([])
+    assert ids.shape == (0, 1) and lengths.shape == widths.shape == (0, 1)
 
 
 def test_runtime_never_imports_torch():

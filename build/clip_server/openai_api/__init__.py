@@ -73,7 +73,7 @@ def add_front_end_options(parser: argparse.ArgumentParser, prefix: str = "") -> 
     )
     parser.add_argument(f"{p}fetch-timeout", type=float, default=10.0, help="total seconds to fetch one image URL")
     parser.add_argument(f"{p}body-timeout", type=float, default=30.0, help="seconds to receive a request body (408)")
-    parser.add_argument(f"{p}upstream-timeout", type=float, default=60.0, help="seconds Triton has to answer a call")
+    parser.add_argument(f"{p}upstream-timeout", type=float, default=120.0, help="seconds Triton has to answer a call")
     parser.add_argument(f"{p}tls-cert", default=None, help="serve HTTPS with this certificate (PEM) ...")
     parser.add_argument(f"{p}tls-key", default=None, help="... and this private key (PEM)")
     parser.add_argument(f"{p}log-level", default="info", help="log level (one line per request, with its id)")

@@ -55,7 +55,7 @@ class FrontEndSettings:
     allow_private_urls: bool = False
     url_networks: tuple[str, ...] = ()
     fetch_timeout: float = 10.0
-    upstream_timeout: float = 60.0
+    upstream_timeout: float = 120.0
     body_timeout: float = 30.0
     normalize: bool = True
 

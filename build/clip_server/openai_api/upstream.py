@@ -112,7 +112,7 @@ class Upstreams:
     like the gateway's STRICT_DNS clusters: a Kubernetes headless Service gives one channel per Triton pod, and pods
     that come and go are picked up (a single channel to such a name would stick to one pod)."""
 
-    def __init__(self, urls: Sequence[str], timeout: float = 60.0):
+    def __init__(self, urls: Sequence[str], timeout: float = 120.0):
         if not urls:
             raise ValueError("at least one --upstream is needed")
         self.urls = list(urls)
