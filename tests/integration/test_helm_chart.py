@@ -347,6 +347,18 @@ def test_locust_workers_get_the_gateways_key_and_ca(tools, tmp_path, release, ma
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)
 
 
+@pytest.mark.parametrize("settings, says", [
+    (["target.host=grpc://gw:8001"], "target.tls.enabled=true"),
+    (["target.host=grpcs://gw:8001", "target.tls.enabled=false"], "target.tls.enabled=false"),
+    (["target.host=grpcs://gw:8001"], "target.tls.existingSecret or target.release"),
+])
+def test_locust_chart_refuses_settings_that_could_not_reach_the_gateway(tools, settings, says):
+    """A plain-text host with TLS on (or the reverse), or no release to find the CA Secret: a template-time error."""
+    done = subprocess.run([str(tools["helm"]), "template", "load", str(LOADTEST),
+                           *[a for kv in settings for a in ("--set", kv)]], capture_output=True, text=True, timeout=120)
+    assert (done.returncode != 0, says in done.stderr) == (True, True), done.stderr
+
+
 def test_kserve_manifests_serve_the_same_repository(rendered):
     objects = rendered["kserve-values.yaml"]
     runtime, service = _one(objects, "ServingRuntime"), _one(objects, "InferenceService")
