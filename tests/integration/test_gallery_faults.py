@@ -1,7 +1,7 @@
 """The embedded gallery under storage faults, each in a real subprocess: a file size limit or a full disk while the
-IVF lists grow, truncated or damaged files, a hand-edited manifest, SIGKILL mid-write. Every fault is a GalleryError
-(CLI exit 2 naming the file), never a signal; committed rows survive; gallery-check finds damage and --repair
-rebuilds what derives from the segments."""
+index grows (PQ codes rewritten, IVF lists appended through a mapping), truncated or damaged files, a hand-edited
+manifest, SIGKILL mid-write. Every fault is a GalleryError (CLI exit 2 naming the file), never a signal; committed
+rows survive; gallery-check finds damage and --repair rebuilds what derives from the segments."""
 
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=180)
 
 
-def _ivf_gallery(uri: Path, n: int = 2500) -> None:
-    """A gallery with an IVF index (trained at 2,000 rows) in folder uri."""
-    done = _python("g = Gallery.create(uri, dim=64, model_id='m')\n"
+def _ivf_gallery(uri: Path, n: int = 2500, kind: str = "ivf") -> None:
+    """A gallery with an IVF (or PQ) index (trained at 2,000 rows) in folder uri."""
+    done = _python(f"g = Gallery.create(uri, dim=64, model_id='m', index={kind!r})\n"
                    f"for lo in range(0, {n}, 500):\n    g.add(*rows(lo, 500))\ng.close()", str(uri))
     assert done.returncode == 0, done.stderr
 
@@ -52,17 +52,16 @@ def _unlisted(uri: Path) -> set[str]:
     """Files under the gallery's folders that its manifest does not name (orphans)."""
     m = json.loads((uri / "gallery.json").read_text())
     named = {f"segments/{s['file']}" for s in m["segments"]} | {f"tombstones/{t}" for t in m["tombstones"]}
-    named |= {f"index/{m['index']['name']}{ext}" for ext in (".faiss", ".ivfdata")} if m["index"] else set()
+    exts = (".faiss",) if m["index"] and m["index"].get("kind") == "pq" else (".faiss", ".ivfdata")
+    named |= {f"index/{m['index']['name']}{ext}" for ext in exts} if m["index"] else set()
     return {f"{d}/{f.name}" for d in ("segments", "tombstones", "index") for f in (uri / d).iterdir()} - named
 
 
 _GROW = """
 g = Gallery.open(uri)
-ivfdata = uri + "/index/" + g.manifest["index"]["name"] + ".ivfdata"
 limit = int(sys.argv[2]) if len(sys.argv) > 2 else None
-if limit:
-    import os
-    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(ivfdata), resource.RLIM_INFINITY))
+if limit:  # bytes any file may hold (Python ignores SIGXFSZ: writes past it fail with EFBIG)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 committed = len(g)
 try:
     for lo in range(2500, 2500 + 40 * 500, 500):
@@ -80,7 +79,7 @@ def test_file_size_limit_while_lists_grow_is_a_gallery_error(tmp_path):
     through the mapping (no SIGBUS), the committed rows stay and no orphan file is left."""
     uri = tmp_path / "g"
     _ivf_gallery(uri)
-    done = _python(_GROW, str(uri), "1")
+    done = _python(_GROW, str(uri), str(next((uri / "index").glob("*.ivfdata")).stat().st_size))
     committed = int(done.stdout.split()[0]) if done.returncode == 3 else None
     assert (done.returncode, "no space for the index lists" in done.stderr) == (3, True), done.stderr
     with Gallery.open(uri) as g:
@@ -89,12 +88,28 @@ def test_file_size_limit_while_lists_grow_is_a_gallery_error(tmp_path):
     assert _unlisted(uri) == set()
 
 
+def test_file_size_limit_while_pq_codes_grow_is_a_gallery_error(tmp_path):
+    """The PQ codes' file may not grow past the limit: its blocks are reserved before it is written, so the add fails
+    with a GalleryError; the committed rows stay, searched through the last complete index, and no orphan is left."""
+    uri = tmp_path / "g"
+    _ivf_gallery(uri, kind="pq")
+    biggest_segment = max(f.stat().st_size for f in (uri / "segments").iterdir())
+    done = _python(_GROW, str(uri), str(biggest_segment + 4096))  # segments fit; the codes outgrow them
+    committed = int(done.stdout.split()[0]) if done.returncode == 3 else None
+    assert (done.returncode, "no space for the index" in done.stderr) == (3, True), done.stderr
+    with Gallery.open(uri) as g:
+        assert (len(g), g.search(g.embeddings([7]), k=1)[0][0].path) == (committed, "/p/7")
+        g.add(*_rows(100_000, 1))
+    assert _unlisted(uri) == set()
+
+
 def _rows(lo: int, n: int):
     x = np.random.default_rng(lo).standard_normal((n, DIM)).astype(np.float32)
     return [f"/p/{i}" for i in range(lo, lo + n)], x
 
 
-def test_full_disk_while_lists_grow_is_a_gallery_error(tmp_path):
+@pytest.mark.parametrize("kind", ["pq", "ivf"])
+def test_full_disk_while_the_index_grows_is_a_gallery_error(tmp_path, kind):
     """A real full disk (a small tmpfs): a GalleryError, never SIGBUS."""
     mnt = Path(tempfile.mkdtemp(prefix="clip-gallery-full-"))  # outside tmp_path: pytest never cleans a mount point
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True).returncode:
@@ -102,7 +117,7 @@ def test_full_disk_while_lists_grow_is_a_gallery_error(tmp_path):
         pytest.skip("cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN): the RLIMIT_FSIZE test covers it")
     try:
         uri = mnt / "g"
-        _ivf_gallery(uri, n=2000)
+        _ivf_gallery(uri, n=2000, kind=kind)
         done = _python(_GROW, str(uri))
         reopened = _python("print(len(Gallery.open(uri)))", str(uri))  # in its own process: nothing stays mapped
         assert (done.returncode, "gallery storage" in done.stderr, reopened.stdout.split()[-1:]) == (
@@ -130,6 +145,35 @@ def test_repair_rebuilds_the_index_from_the_segments(tmp_path):
     checked, repaired = _cli("gallery-check", "--uri", str(uri)), _cli("gallery-check", "--uri", str(uri), "--repair")
     found = _cli("search", "--like", "/p/5", "--uri", str(uri), "-k", "3")
     assert (checked.returncode, repaired.returncode, found.returncode, found.stdout) == (1, 0, 0, before)
+
+
+def test_truncated_pq_codes_are_found_and_rebuilt_from_the_segments(tmp_path):
+    """The PQ file is read whole (a short file cannot raise a signal): gallery-check reports it, the next opening
+    rebuilds it from the segments, and searches answer as before."""
+    uri = tmp_path / "g"
+    _ivf_gallery(uri, kind="pq")
+    before = _cli("search", "--like", "/p/5", "--uri", str(uri), "-k", "3", "--exact").stdout
+    codes = next((uri / "index").glob("pqfs-*.faiss"))
+    os.truncate(codes, codes.stat().st_size // 3)
+    checked = _cli("gallery-check", "--uri", str(uri))
+    found = _cli("search", "--like", "/p/5", "--uri", str(uri), "-k", "3")
+    after = _cli("gallery-check", "--uri", str(uri))
+    assert (checked.returncode, f"index file {codes}: missing or truncated" in checked.stdout, found.returncode,
+            found.stdout, after.returncode) == (1, True, 0, before, 0), (checked.stdout, found.stderr)
+
+
+def test_garbage_in_pq_codes_is_found_by_its_checksum_and_repaired(tmp_path):
+    uri = tmp_path / "g"
+    _ivf_gallery(uri, kind="pq")
+    before = _cli("search", "--like", "/p/5", "--uri", str(uri), "-k", "3", "--exact").stdout
+    codes = next((uri / "index").glob("pqfs-*.faiss"))
+    with open(codes, "r+b") as f:  # 4 KB of garbage among the codes, the file's size unchanged
+        f.seek(codes.stat().st_size // 2)
+        f.write(np.random.default_rng(0).bytes(4096))
+    checked, repaired = _cli("gallery-check", "--uri", str(uri)), _cli("gallery-check", "--uri", str(uri), "--repair")
+    found = _cli("search", "--like", "/p/5", "--uri", str(uri), "-k", "3")
+    assert (checked.returncode, f"index file {codes}: checksum mismatch" in checked.stdout, repaired.returncode,
+            found.stdout, _cli("gallery-check", "--uri", str(uri)).returncode) == (1, True, 0, before, 0)
 
 
 def test_truncated_segment_is_an_error_naming_the_file(tmp_path):
@@ -177,11 +221,12 @@ while True:
 """
 
 
-def test_sigkill_mid_write_keeps_committed_rows_and_readers_read(tmp_path):
-    """A writer killed at arbitrary moments (adds, IVF retraining) while a reader searches: every reopen sees whole
+@pytest.mark.parametrize("kind", ["pq", "ivf"])
+def test_sigkill_mid_write_keeps_committed_rows_and_readers_read(tmp_path, kind):
+    """A writer killed at arbitrary moments (adds, index retraining) while a reader searches: every reopen sees whole
     batches only, the reader never fails, and the next writer cleans up."""
     uri = tmp_path / "g"
-    _ivf_gallery(uri, n=1000)
+    _ivf_gallery(uri, n=1000, kind=kind)
     seen = []
     for delay in (0.4, 1.1, 2.3):
         proc = subprocess.Popen([sys.executable, "-c", _SETUP + _KILLED_WRITER, str(uri)], stdout=subprocess.PIPE,

@@ -114,6 +114,20 @@ def _request_counts(servers) -> list[float]:
             + metric(scrape(s.metrics_url), "nv_inference_request_failure") for s in servers]
 
 
+def _settled_counts(servers, at_least: float, seconds: float = 10.0) -> list[float]:
+    """Request counts once the calls just answered are counted (Triton counts a request just after answering it):
+    at least `at_least` in all, and unchanged over two scrapes."""
+    deadline = time.monotonic() + seconds
+    last = None
+    while time.monotonic() < deadline:
+        counts = _request_counts(servers)
+        if counts == last and sum(counts) >= at_least:
+            return counts
+        last = counts
+        time.sleep(0.2)
+    raise AssertionError(f"request counts did not settle at >= {at_least}: {last}")
+
+
 # ------------------------------------------------------------------------------------------------ public calls
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_public_calls_equal_direct_calls(gateway, upstreams, protocol):
@@ -186,7 +200,7 @@ EDGE_BODIES = {FORBIDDEN: {"error": f"forbidden at the gateway: only the models 
 
 
 def test_internal_models_and_admin_apis_refused_over_http(gateway, upstreams):
-    before = _request_counts(upstreams)
+    before = _settled_counts(upstreams, 0)
     answers = [(m, p, *_http(gateway, m, p, b"{}" if m == "POST" else None)) for m, p, _ in _refused_paths()]
     # each one answered by the edge itself (its exact status and body), none reached Triton
     assert [(m, p, status, json.loads(body)) for m, p, status, body in answers] == \
@@ -205,7 +219,7 @@ def _grpc_refused(call) -> InferenceServerException:
 
 def test_internal_models_and_admin_apis_refused_over_grpc(gateway, upstreams):
     client = grpcclient.InferenceServerClient(gateway.grpc_url)
-    before = _request_counts(upstreams)
+    before = _settled_counts(upstreams, 0)
     texts = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
     texts.set_data_from_numpy(TEXTS[:1])
     for model in INTERNAL_MODELS:
@@ -237,8 +251,9 @@ def test_crafted_grpc_messages_cannot_reach_internal_models(gateway, upstreams):
     tensor.shape.extend([1, 1])
     request.raw_input_contents.append(len(b"a cat").to_bytes(4, "little") + b"a cat")
     good = request.SerializeToString()
+    counted = _request_counts(upstreams)
     assert _raw_infer(gateway, good)[0] == "OK"
-    before = _request_counts(upstreams)
+    before = _settled_counts(upstreams, sum(counted) + 1)
     for internal in INTERNAL_MODELS:
         # protobuf: the last occurrence of a singular field wins, so Triton would run the internal model
         sneaky = good + service_pb2.ModelInferRequest(model_name=internal).SerializeToString()
@@ -257,11 +272,12 @@ def test_crafted_grpc_messages_cannot_reach_internal_models(gateway, upstreams):
     name = PreprocessText.NAME.encode()
     wrapped = service_pb2.ModelInferRequest(model_name=EncodeText.NAME).SerializeToString() + \
         text.SerializeToString() + b"\x8a\x80\x80\x80\x10" + bytes([len(name)]) + name
+    counted = _request_counts(upstreams)
     with grpc.insecure_channel(upstreams[0].grpc_url) as channel:  # the reference: Triton itself runs it
         direct = channel.unary_unary(f"/{GRPC_SERVICE}/ModelInfer", request_serializer=lambda b: b,
                                      response_deserializer=service_pb2.ModelInferResponse.FromString)
         assert direct(wrapped, timeout=30).model_name == PreprocessText.NAME
-    before = _request_counts(upstreams)
+    before = _settled_counts(upstreams, sum(counted) + 1)
     assert _raw_infer(gateway, wrapped)[0] == "StatusCode.PERMISSION_DENIED"
     for garbage in (b"", b"\xff\xff\xff", good[:-3], b"\x0a\x80", b"\x8a\x80\x80\x80\x80\x00\x01a"):  # unparsable
         assert _raw_infer(gateway, garbage)[0] == "StatusCode.INVALID_ARGUMENT", garbage
@@ -297,7 +313,7 @@ def test_over_cap_body_refused_before_triton(gateway, upstreams, gateway_reposit
     cap = body_cap(repository_limits(gateway_repository))
     sent = {"envoy_cluster_name": "triton_http"}
     http_upstream_before = metric(gateway.metrics(), "envoy_cluster_upstream_rq_total", **sent)
-    before = _request_counts(upstreams)
+    before = _settled_counts(upstreams, 0)
     status, body = _http(gateway, "POST", f"/v2/models/{EncodeImage.NAME}/infer", b"x" * (cap + 1))
     assert status == 413, body
     assert json.loads(body) == {"error": f"request body larger than the gateway's cap of {cap} bytes"}  # Triton's shape
@@ -317,7 +333,7 @@ def test_compressed_bodies_refused(gateway, upstreams, encoding):
     """Triton inflates Content-Encoding bodies after the gateway counted their compressed size: refused (415)."""
     import gzip
 
-    before = _request_counts(upstreams)
+    before = _settled_counts(upstreams, 0)
     body = gzip.compress(b"{" + b" " * 10_000_000 + b"}")  # ~10 KB on the wire, 10 MB inflated: far over the cap
     status, reply = _http(gateway, "POST", f"/v2/models/{EncodeText.NAME}/infer", body, **{"Content-Encoding": encoding})
     assert status == 415, reply

@@ -228,3 +228,24 @@ def test_prefixed_names_over_grpc(plain_gateway):
         answers.append(info.value.status())
     # the public name reaches Triton (which has no such model), the internal one is refused at the edge
     assert answers == [str(grpc.StatusCode.NOT_FOUND), str(grpc.StatusCode.PERMISSION_DENIED)]
+
+
+# ------------------------------------------------------------------------------------------------ found by attack
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer "])
+def test_the_bearer_scheme_is_case_insensitive(edge, certificate, scheme):
+    # RFC 9110: the auth scheme is case-insensitive; the front end behind /v1/* takes it so, the gateway must too
+    infer = f"/v2/models/{EncodeText.NAME}/infer"
+    status, _ = _https(edge, certificate, "POST", infer, _infer_body("x"), authorization=f"{scheme} {KEY}")
+    assert status == 200
+
+
+def test_gateway_refusals_on_v1_are_in_openai_schema(edge, certificate):
+    body = json.dumps({"model": "any", "input": "x"}).encode()
+    status, answer = _https(edge, certificate, "POST", "/v1/embeddings", body, authorization="Bearer wrong")
+    error = json.loads(answer)["error"]
+    assert (status, set(error), error["type"], error["code"]) == (
+        401,
+        {"message", "type", "param", "code"},
+        "invalid_request_error",
+        "invalid_api_key",
+    )

@@ -286,12 +286,77 @@ def test_locust_has_its_own_chart_targeting_the_gateway(tools):
     workers = _one(objects, "Deployment", "locust-worker")
     host = next(e["value"] for e in master["env"] if e["name"] == "LOCUST_HOST")
     gateway = next(s for s in _kind(_render(tools), "Service", "gateway") if s["spec"].get("clusterIP") != "None")
-    assert host == f"http://{gateway['metadata']['name']}:8000"
+    assert host == f"https://{gateway['metadata']['name']}:8000"  # the default gateway speaks TLS
     assert workers["spec"]["replicas"] == 2
     master_service = _one(objects, "Service", "locust-master")["metadata"]["name"]
     assert _container(workers, "locust")["args"] == ["--worker", "--master-host", master_service]
     for obj in objects:
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+@pytest.mark.parametrize("release, main_settings", [
+    ("rel", []),
+    ("a-very-long-release-name-for-clip-triton-x", ["gateway.auth.existingSecret=keys", "gateway.auth.key=k.txt"]),
+])
+def test_locust_workers_get_the_gateways_key_and_ca(tools, tmp_path, release, main_settings):
+    """By default the load test speaks TLS to the release's gateway with the CA and API key of the Secrets the
+    clip-triton chart creates or names (long release names and existing Secrets included), on master and workers."""
+    import base64
+
+    set_main = [a for kv in main_settings for a in ("--set", kv)]
+    main = _render(tools, *set_main, release=release)
+    gateway = _one(main, "Deployment", "gateway")
+    mounted = {v["name"]: v["secret"]["secretName"] for v in gateway["spec"]["template"]["spec"]["volumes"]
+               if "secret" in v}
+    args = _container(gateway, "gateway")["args"]
+    key_file = next(a.split("=", 1)[1] for a in args if a.startswith("--api-key-file"))
+    service = next(s for s in _kind(main, "Service", "gateway") if s["spec"].get("clusterIP") != "None")
+    lt_settings = [kv.replace("gateway.", "target.") for kv in main_settings]
+    objects = _render(tools, "--set", f"target.release={release}", *[a for kv in lt_settings for a in ("--set", kv)],
+                      release="load", chart=LOADTEST)
+    master = _container(_one(objects, "Deployment", "locust-master"), "locust")
+    workers = _one(objects, "Deployment", "locust-worker")
+    worker = _container(workers, "locust")
+    env = {e["name"]: e["value"] for e in worker["env"]}
+    volumes = {v["name"]: v["secret"] for v in workers["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in worker["volumeMounts"]}
+    tls_secret = next(s for s in _kind(main, "Secret") if s["metadata"]["name"] == mounted["tls"])
+    cert = tmp_path / "tls.crt"
+    cert.write_bytes(base64.b64decode(tls_secret["data"]["tls.crt"]))
+    names = _run(["openssl", "x509", "-in", cert, "-noout", "-ext", "subjectAltName"])
+    host = next(e["value"] for e in master["env"] if e["name"] == "LOCUST_HOST")
+    wired = {
+        "host": host,
+        "host in the certificate": f"DNS:{host.split('://')[1].split(':')[0]}" in names.replace(",", " ").split(),
+        "ca secret": (volumes["tls"]["secretName"], volumes["tls"]["items"][0]["key"] in tls_secret["data"]),
+        "ca file": env["CLIP_LT_CA_FILE"] == f"{mounts['tls']}/{volumes['tls']['items'][0]['path']}",
+        "key secret": (volumes["api-keys"]["secretName"], volumes["api-keys"]["items"][0]["key"]),
+        "key file": env["CLIP_LT_API_KEY_FILE"] == f"{mounts['api-keys']}/{volumes['api-keys']['items'][0]['path']}",
+        "master env": {e["name"]: e["value"] for e in master["env"] if e["name"].startswith("CLIP_LT_")} == env,
+    }
+    assert wired == {
+        "host": f"grpcs://{service['metadata']['name']}:{service['spec']['ports'][1]['port']}",
+        "host in the certificate": True,
+        "ca secret": (mounted["tls"], True),
+        "ca file": True,
+        "key secret": (mounted["api-keys"], key_file.rsplit("/", 1)[1]),
+        "key file": True,
+        "master env": True,
+    }
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+@pytest.mark.parametrize("settings, says", [
+    (["target.host=grpc://gw:8001"], "target.tls.enabled=true"),
+    (["target.host=grpcs://gw:8001", "target.tls.enabled=false"], "target.tls.enabled=false"),
+    (["target.host=grpcs://gw:8001"], "target.tls.existingSecret or target.release"),
+])
+def test_locust_chart_refuses_settings_that_could_not_reach_the_gateway(tools, settings, says):
+    """A plain-text host with TLS on (or the reverse), or no release to find the CA Secret: a template-time error."""
+    done = subprocess.run([str(tools["helm"]), "template", "load", str(LOADTEST),
+                           *[a for kv in settings for a in ("--set", kv)]], capture_output=True, text=True, timeout=120)
+    assert (done.returncode != 0, says in done.stderr) == (True, True), done.stderr
 
 
 def test_kserve_manifests_serve_the_same_repository(rendered):

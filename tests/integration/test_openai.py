@@ -536,3 +536,100 @@ def test_model_id_is_an_alias_of_the_name(front, model_name, triton_server):
         f"{front.base_url}/embeddings", {"model": model_id, "input": "x"}, {"Authorization": f"Bearer {KEY}"}
     )
     assert (status, body["model"]) == (200, model_name)
+
+
+# ------------------------------------------------------------------------------------------------ found by attack
+def test_2048_texts_in_one_request_equal_client(sdk, model_name, client):
+    texts = [f"caption number {i}" for i in range(2048)]  # OpenAI's own limit; LangChain sends 1000 at once
+    assert _same(_embeds(sdk.embeddings.create(model=model_name, input=texts)), client.encode_text(texts))
+
+
+@pytest.mark.parametrize("path", ["/caf\u00e9 \u732b.png", "/img.png?name=\u00fc"])
+def test_non_ascii_image_url_equals_client(fetching_front, image_server, model_name, client, path):
+    sdk = openai.OpenAI(base_url=fetching_front.base_url, api_key=KEY, max_retries=0)
+    response = sdk.embeddings.create(model=model_name, input=[{"image": image_server.url + path}])
+    assert _same(_embeds(response), client.encode_image(IMAGES[:1]))
+
+
+def test_uppercase_url_scheme_equals_client(fetching_front, image_server, model_name, client):
+    sdk = openai.OpenAI(base_url=fetching_front.base_url, api_key=KEY, max_retries=0)
+    url = image_server.url.replace("http://", "HTTP://") + "/img.png"
+    response = sdk.embeddings.create(model=model_name, input=[url], extra_body={"modality": "image"})
+    assert _same(_embeds(response), client.encode_image(IMAGES[:1]))
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.2:99999/img.png",  # port out of range
+        "http://127.0.0.2:abc/img.png",
+        "http://[::1/img.png",  # unclosed bracket
+        "http://\u2460\u2461\u2466.0.0.1:{port}/img.png",  # circled digits: IDNA makes it 127.0.0.1 (loopback)
+    ],
+)
+def test_malformed_or_disguised_image_urls_are_400(fetching_front, image_server, model_name, target):
+    url = target.format(port=image_server.url.rsplit(":", 1)[1])
+    status, answer, _ = http_post(
+        f"{fetching_front.base_url}/embeddings",
+        {"model": model_name, "input": [{"image": url}]},
+        {"Authorization": f"Bearer {KEY}"},
+    )
+    assert (status, answer["error"]["param"], answer["error"]["code"]) == (400, "input[0]", "image_url_refused")
+
+
+def test_a_refused_image_is_named_by_its_index_in_input(sdk, model_name):
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.embeddings.create(model=model_name, input=[TEXTS[0], data_uri(IMAGES[0]), data_uri(b"not an image")])
+    assert (info.value.body["param"], info.value.body["message"].startswith("input[2]: ")) == ("input[2]", True)
+
+
+def test_bodies_cut_off_by_the_client_give_their_bytes_back(triton_server, model_name):
+    """Callers that hang up mid-body must not leak their bytes from the in-flight budget (else: 429 for everyone)."""
+    import socket
+
+    fe = start_front_end(
+        [triton_server.grpc_url], "--max-body-bytes", "10000", "--max-inflight-bytes", "10000", env=_env_keys()
+    )
+    head = (
+        f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 9000\r\n\r\n"
+    )
+    try:
+        for _ in range(5):  # 5 x 6001 bytes taken and never returned would exhaust the 10000-byte budget
+            cut = socket.create_connection(("127.0.0.1", fe.port), timeout=10)
+            cut.sendall(head.encode() + b"{" + b" " * 6000)
+            time.sleep(0.3)  # the bytes are read (and counted) as they arrive
+            cut.close()
+        time.sleep(0.5)
+        status = http_post(
+            f"{fe.base_url}/embeddings", {"model": model_name, "input": "x" * 5000}, {"Authorization": f"Bearer {KEY}"}
+        )[0]
+    finally:
+        fe.stop()
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda b: "data:image/png;base64," + base64.encodebytes(b).decode(),  # wrapped every 76 characters
+        lambda b: "DATA:IMAGE/PNG;BASE64," + base64.b64encode(b).decode(),  # the scheme is case-insensitive
+        lambda b: {"image": base64.urlsafe_b64encode(b).decode().rstrip("=")},  # URL-safe, unpadded
+    ],
+    ids=["line-wrapped", "upper-case", "urlsafe-unpadded"],
+)
+def test_base64_images_as_encoders_write_them_equal_client(sdk, model_name, client, encode):
+    image = png(7, (64, 64))
+    response = sdk.embeddings.create(model=model_name, input=[encode(image)])
+    assert _same(_embeds(response), client.encode_image([image]))
+
+
+def test_a_key_file_saved_with_a_bom_and_crlf_works(triton_server, model_name, tmp_path):
+    key_file = tmp_path / "keys.txt"
+    key_file.write_bytes(b"\xef\xbb\xbf" + KEY.encode() + b"\r\n" + OTHER_KEY.encode() + b"\r\n")  # Windows Notepad
+    fe = start_front_end([triton_server.grpc_url], "--api-key-file", str(key_file))
+    try:
+        listed = openai.OpenAI(base_url=fe.base_url, api_key=KEY, max_retries=0).models.list().data[0].id
+    finally:
+        fe.stop()
+    assert listed == model_name

@@ -180,7 +180,7 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
     """LayerNorm weights/biases and biases off their 1/0 init (parity must exercise them)."""
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim <= 1:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
 

@@ -85,10 +85,10 @@ def _training_checkpoint(tmp: Path, hub: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def family_server(tmp_path_factory, checkpoints):
     """One repository with every family model of this file, served once: (server, {name: (checkpoint, weights)})."""
-    from clip_build.convert import convert
-    from clip_build.repository import BuildOptions, build_repositories
     from transformers import AutoTokenizer
 
+    from clip_build.convert import convert
+    from clip_build.repository import BuildOptions, build_repositories
     from tests.parity.open_clip_reference import save_hub_folder
 
     tmp = tmp_path_factory.mktemp("families")

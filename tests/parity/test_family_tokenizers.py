@@ -5,10 +5,9 @@ here: no registry package ships SigLIP's)."""
 from __future__ import annotations
 
 import json
-import warnings
 import random
+import warnings
 import zipfile
-
 
 from clip_build.families import write_fixed_length_tokenizer
 from clip_build.synthetic import BPE_MEMBER, open_clip_wheel

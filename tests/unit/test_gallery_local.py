@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from clip_client.errors import InvalidInputError
 from clip_client.gallery import FilterError, Gallery, GalleryError, filters, local
 
 DIM = 32
@@ -26,8 +27,11 @@ def _clustered(n: int, seed: int = 0, clusters: int = 60) -> np.ndarray:
 
 @pytest.fixture()
 def small_ivf(monkeypatch):
-    """Train the IVF index at 3,000 rows instead of TRAIN_AT."""
+    """Train the index (PQ or IVF) at 3,000 rows instead of TRAIN_AT."""
     monkeypatch.setattr(local, "TRAIN_AT", 3000)
+
+
+KINDS = pytest.mark.parametrize("kind", ["pq", "ivf"])
 
 
 def _recall(g, x: np.ndarray, queries: np.ndarray, k: int = 10, ids=None) -> float:
@@ -41,7 +45,7 @@ def test_ivf_recall_reopen_and_incremental_files(tmp_path, small_ivf):
     x = _clustered(8000)
     queries = _clustered(50, seed=1)
     uri = tmp_path / "g"
-    g = Gallery.create(uri, dim=DIM, model_id="m")
+    g = Gallery.create(uri, dim=DIM, model_id="m", index="ivf")
     g.add([f"/p/{i}" for i in range(2000)], x[:2000])
     assert g.manifest["index"] is None  # exact below TRAIN_AT
     assert _recall(g, x[:2000], queries) == 1.0
@@ -85,6 +89,74 @@ def test_ivf_recall_reopen_and_incremental_files(tmp_path, small_ivf):
     g.close()
 
 
+def test_pq_recall_reopen_deletes_filters_and_retrain(tmp_path, small_ivf):
+    """The default index: PQ fast-scan codes of every row in one checksummed file, rewritten whole by each add (no
+    segment rewritten); deleted and filtered-out rows never returned; the same answers after a reopen."""
+    x = _clustered(8000)
+    queries = _clustered(50, seed=1)
+    uri = tmp_path / "g"
+    g = Gallery.create(uri, dim=DIM, model_id="m")
+    g.add([f"/p/{i}" for i in range(4000)], x[:4000])
+    entry = dict(g.manifest["index"])
+    path = uri / "index" / f"{entry['name']}.faiss"
+    assert (entry["kind"], entry["m"], entry["trained_on"], sorted(os.listdir(uri / "index"))) == (
+        "pq", local.pq_m_for(DIM), 4000, [path.name])
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (uri / "segments").iterdir()}
+    for lo in range(4000, 8000, 1000):
+        g.add([f"/p/{i}" for i in range(lo, lo + 1000)], x[lo:lo + 1000])
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (uri / "segments").iterdir()}
+    assert all(after[name] == v for name, v in before.items()) and len(after) == len(before) + 4
+    assert (g.manifest["index"]["ntotal"], g.manifest["index"]["bytes"], g.manifest["index"]["header_crc"]) == (
+        8000, path.stat().st_size, local._crc32(path))
+    assert len(g) == 8000 and _recall(g, x, queries) >= 0.95
+    keep = np.arange(0, 8000, 97)  # a filter keeping few rows: exact among them
+    assert _recall_with_filter(g, x, queries, keep) == 1.0
+    g.delete(filter=f"path not in {json.dumps([f'/p/{i}' for i in keep[::2]])}")
+    assert len(g) == len(keep[::2]) and _recall(g, x, queries, ids=keep[::2]) == 1.0
+    g.close()
+    g = Gallery.open(uri)
+    assert _recall(g, x, queries, ids=keep[::2]) == 1.0
+    g.optimize(retrain=True)  # fewer rows than the PQ index was trained on: exact again
+    assert g.manifest["index"] is None and not list((uri / "index").iterdir())
+    g.close()
+
+
+def _recall_with_filter(g, x: np.ndarray, queries: np.ndarray, keep: np.ndarray, k: int = 10) -> float:
+    exact = keep[np.argsort(-(queries @ x[keep].T), axis=1)[:, :k]]
+    flt = f"path in {json.dumps([f'/p/{i}' for i in keep])}"
+    found = [{int(h.path.split("/")[-1]) for h in row} for row in g.search(queries, k=k, filter=flt)]
+    return float(np.mean([len(f & set(e.tolist())) / k for f, e in zip(found, exact)]))
+
+
+def test_pq_filter_keeping_many_rows_drops_the_others(tmp_path, small_ivf):
+    """A filter keeping half the rows is answered from the PQ candidates (widened), never with a filtered-out row."""
+    x = _clustered(4000)
+    queries = _clustered(30, seed=1)
+    g = Gallery.create(tmp_path / "g", dim=DIM, model_id="m")
+    g.add([f"/p/{i}" for i in range(4000)], x)
+    keep = np.arange(0, 4000, 2)
+    flt = f"path in {json.dumps([f'/p/{i}' for i in keep])}"
+    found = {int(h.path.split("/")[-1]) for row in g.search(queries, k=10, filter=flt) for h in row}
+    recall = _recall_with_filter(g, x, queries, keep)
+    g.close()
+    assert (found <= set(keep.tolist()), recall >= 0.95) == (True, True)
+
+
+def test_index_kind_is_checked_and_switchable(tmp_path, small_ivf):
+    x = _clustered(3500)
+    with pytest.raises(InvalidInputError, match="index must be one of pq, ivf"):
+        Gallery.create(tmp_path / "bad", dim=DIM, model_id="m", index="hnsw")
+    with pytest.raises(InvalidInputError, match="pq_m must be a positive divisor"):
+        Gallery.create(tmp_path / "bad2", dim=DIM, model_id="m", pq_m=7)
+    g = Gallery.create(tmp_path / "g", dim=DIM, model_id="m", pq_m=4)
+    g.add([f"/p/{i}" for i in range(3500)], x)
+    first = (g.manifest["index"]["kind"], g.manifest["index"]["m"], g.info()["index"])
+    g.optimize(index="ivf")
+    second = (g.manifest["index"]["kind"], g.info()["index_kind"], g.search(x[42], k=1)[0][0].path)
+    g.close()
+    assert (first, second) == (("pq", 4, "PQ4x4 fast-scan (every row) + exact re-rank"), ("ivf", "ivf", "/p/42"))
+
+
 def test_small_segments_are_merged_and_ids_stay(tmp_path, monkeypatch):
     monkeypatch.setattr(local, "MAX_SMALL_SEGMENTS", 4)
     x = _clustered(60)
@@ -106,10 +178,11 @@ def test_small_segments_are_merged_and_ids_stay(tmp_path, monkeypatch):
     assert len(Gallery.open(tmp_path / "g")) == 58
 
 
-def test_index_that_disagrees_with_the_segments_is_rebuilt(tmp_path, small_ivf, caplog):
+@KINDS
+def test_index_that_disagrees_with_the_segments_is_rebuilt(tmp_path, small_ivf, caplog, kind):
     x = _clustered(4000)
     uri = tmp_path / "g"
-    g = Gallery.create(uri, dim=DIM, model_id="m")
+    g = Gallery.create(uri, dim=DIM, model_id="m", index=kind)
     g.add([f"/p/{i}" for i in range(4000)], x)
     entry = g.manifest["index"]
     g.close()
@@ -131,12 +204,13 @@ def test_one_writer_at_a_time(tmp_path):
     assert len(b) == 2
 
 
-def test_writers_opened_before_each_other_lose_nothing(tmp_path, small_ivf):
+@KINDS
+def test_writers_opened_before_each_other_lose_nothing(tmp_path, small_ivf, kind):
     """Each writer reloads what the others committed when it takes the lock: rows, deletes and compaction survive,
-    no segment file name is reused; on the flat index and on the IVF index alike."""
+    no segment file name is reused; on the flat index and on the PQ / IVF index alike."""
     x = _clustered(3300)
     uri = tmp_path / "g"
-    Gallery.create(uri, dim=DIM, model_id="m").close()
+    Gallery.create(uri, dim=DIM, model_id="m", index=kind).close()
     a, b, c = Gallery.open(uri), Gallery.open(uri), Gallery.open(uri)
     a.add(["/p/0", "/p/1"], x[:2])
     a.close()
@@ -323,32 +397,35 @@ def _recall_against_exact(g, x: np.ndarray, q: np.ndarray, k: int = 10, **kw) ->
     return float(np.mean([len(f & set(e.tolist())) / k for f, e in zip(found, exact)]))
 
 
-def test_text_like_queries_keep_their_recall(tmp_path, small_ivf):
-    """Text queries are out of distribution for lists trained on images: the operating point calibrated after the
+@KINDS
+def test_text_like_queries_keep_their_recall(tmp_path, small_ivf, kind):
+    """Text queries are out of distribution for an index trained on images: the operating point calibrated after the
     training (OOD-like probes) keeps their recall, and it is persisted."""
     x, text, image = _clip_like(6000)
-    g = Gallery.create(tmp_path / "g", dim=x.shape[1], model_id="m")
+    g = Gallery.create(tmp_path / "g", dim=x.shape[1], model_id="m", index=kind)
     g.add([f"/p/{i}" for i in range(6000)], x)
     op = g.manifest["index"]["operating_point"]
     assert _recall_against_exact(g, x, text) >= 0.95 and _recall_against_exact(g, x, image) >= 0.97
     assert op["recall"] >= local.TUNE_TARGET and op["queries"].startswith("gallery probes")
     g.close()
     with Gallery.open(tmp_path / "g") as g:
-        assert (g.nprobe, g.info()["operating_point"]) == (op["nprobe"], op)
+        assert (g.rerank, g.info()["operating_point"]) == (op["rerank"], op)
 
 
-def test_exact_search_scores_every_row(tmp_path, small_ivf):
+@KINDS
+def test_exact_search_scores_every_row(tmp_path, small_ivf, kind):
     x, text, _ = _clip_like(4000)
-    g = Gallery.create(tmp_path / "g", dim=x.shape[1], model_id="m")
+    g = Gallery.create(tmp_path / "g", dim=x.shape[1], model_id="m", index=kind)
     g.add([f"/p/{i}" for i in range(4000)], x)
-    g.nprobe = 1  # the index alone would miss rows
+    g.nprobe, g.rerank = 1, 1  # the index alone would miss rows
     assert _recall_against_exact(g, x, text, exact=True) == 1.0
     g.close()
 
 
-def test_tune_measures_given_then_recent_queries(tmp_path, small_ivf):
+@KINDS
+def test_tune_measures_given_then_recent_queries(tmp_path, small_ivf, kind):
     x, text, _ = _clip_like(4000)
-    g = Gallery.create(tmp_path / "g", dim=x.shape[1], model_id="m")
+    g = Gallery.create(tmp_path / "g", dim=x.shape[1], model_id="m", index=kind)
     g.add([f"/p/{i}" for i in range(4000)], x)
     given = g.tune(text, target_recall=0.99)
     for q in text[:40]:
@@ -361,7 +438,7 @@ def test_tune_measures_given_then_recent_queries(tmp_path, small_ivf):
 
 def test_index_is_retrained_as_the_gallery_grows(tmp_path, small_ivf):
     x, _, _ = _clip_like(13000, dim=32)
-    g = Gallery.create(tmp_path / "g", dim=32, model_id="m", expected_rows=1_000_000)
+    g = Gallery.create(tmp_path / "g", dim=32, model_id="m", expected_rows=1_000_000, index="ivf")
     g.add([f"/p/{i}" for i in range(3000)], x[:3000])
     first = dict(g.manifest["index"])
     for lo in range(3000, 13000, 2000):
@@ -369,6 +446,20 @@ def test_index_is_retrained_as_the_gallery_grows(tmp_path, small_ivf):
     last = g.manifest["index"]
     g.close()
     assert (first["trained_on"], last["trained_on"], last["nlist"] > first["nlist"]) == (3000, 13000, True)
+
+
+def test_pq_codebooks_are_retrained_as_the_gallery_grows(tmp_path, small_ivf):
+    x, _, _ = _clip_like(13000, dim=32)
+    g = Gallery.create(tmp_path / "g", dim=32, model_id="m")
+    g.add([f"/p/{i}" for i in range(3000)], x[:3000])
+    first = dict(g.manifest["index"])
+    for lo in range(3000, 13000, 2000):
+        g.add([f"/p/{i}" for i in range(lo, lo + 2000)], x[lo:lo + 2000])
+    last = g.manifest["index"]
+    files = os.listdir(tmp_path / "g" / "index")
+    g.close()
+    assert (first["trained_on"], last["trained_on"], last["name"] != first["name"], files) == (
+        3000, 13000, True, [f"{last['name']}.faiss"])  # retrained at 4x; the old codes' file removed
 
 
 def test_hand_edited_manifest_is_refused(tmp_path):
@@ -392,6 +483,7 @@ def test_gallery_info_tune_and_exact_through_the_cli(tmp_path, small_ivf, capsys
     info = json.loads(capsys.readouterr().out)
     assert main(["search", "--like", "/p/7", "--uri", str(tmp_path / "g"), "--exact", "-k", "1"]) == 0
     first = capsys.readouterr().out.split()
-    assert (info["rows"], info["operating_point"]["target"], info["operating_point"]["recall"] >= 0.99,
-            info["nprobe"] == info["operating_point"]["nprobe"], first[-1]) == (
-                4000, 0.99, True, True, f"/p/{int(np.argsort(-(x @ x[7]))[1])}")  # the nearest other image
+    op = info["operating_point"]
+    assert (info["rows"], info["index_kind"], op["target"], op["recall"] >= 0.99, info["rerank"] == op["rerank"],
+            first[-1]) == (
+                4000, "pq", 0.99, True, True, f"/p/{int(np.argsort(-(x @ x[7]))[1])}")  # the nearest other image

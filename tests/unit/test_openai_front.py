@@ -14,7 +14,7 @@ import yaml
 from clip_server.api_keys import load_api_keys
 from clip_server.openai_api import add_arguments, settings_from_args
 from clip_server.openai_api.app import _digest, key_ok
-from clip_server.openai_api.fetch import address_allowed
+from clip_server.openai_api.fetch import FetchError, address_allowed, ascii_url
 from clip_server.openai_api.schema import APIError, parse_request, response_body
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,12 +94,36 @@ def test_base64_answer_is_little_endian_float32():
         ("::ffff:127.0.0.1", False),
         ("::ffff:10.0.0.1", False),
         ("2002:7f00:1::", False),
+        ("64:ff9b::7f00:1", False),  # NAT64 (RFC 6052) of loopback
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 of the cloud metadata address
+        ("64:ff9b:1::808:808", False),  # local-use NAT64 (RFC 8215)
+        ("::7f00:1", False),  # IPv4-compatible loopback
+        ("::ffff:0:a00:1", False),  # IPv4-translated (SIIT) private
+        ("64:ff9b::808:808", True),  # NAT64 of a public address
         ("224.0.0.1", False),
         ("255.255.255.255", False),
     ],
 )
 def test_only_public_addresses_are_fetched(address, allowed):
     assert address_allowed(address, allow_private=False) is allowed
+
+
+@pytest.mark.parametrize(
+    "url, sent",
+    [
+        ("http://example.com/caf\u00e9.png?q=\u00fc", "http://example.com/caf%C3%A9.png?q=%C3%BC"),
+        ("http://\u2460\u2461\u2466.0.0.1:80/", "http://127.0.0.1:80/"),  # IDNA-normalised: then judged as loopback
+        ("http://example.com/a.png", "http://example.com/a.png"),
+    ],
+)
+def test_urls_are_sent_as_ascii(url, sent):
+    assert ascii_url(url) == sent
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/", "http://[::1/", "http://x:abc/"])
+def test_malformed_urls_are_fetch_errors(url):
+    with pytest.raises(FetchError):
+        ascii_url(url)
 
 
 def test_allowed_networks_open_only_themselves():

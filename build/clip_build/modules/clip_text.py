@@ -6,14 +6,14 @@ rows are padded to the context length) or "first". HF CLIP configs pool as trans
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .config import TextTowerConfig
 from .layers import PreLNBlock, additive_mask, clean_tokens
-
 
 POOLS = ("argmax", "eos", "last", "first")
 
@@ -38,7 +38,7 @@ class ClipTextTransformer(nn.Module):
         self.max_positions = max_positions
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | TextTowerConfig) -> "ClipTextTransformer":
+    def from_config(cls, cfg: Mapping[str, Any] | TextTowerConfig) -> ClipTextTransformer:
         """Build from a manifest text config (HF CLIPTextConfig keys + TextTowerConfig's)."""
         c = cfg if isinstance(cfg, TextTowerConfig) else TextTowerConfig.from_dict(cfg)
         return cls(c.vocab_size, c.max_position_embeddings, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,

@@ -3,8 +3,9 @@ our keys for the families beyond CLIP), one field per knob with its meaning and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class TextTowerConfig:
     proj_bias: bool = False  # the text projection has a bias (SigLIP's head, open_clip proj_bias)
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> "TextTowerConfig":
+    def from_dict(cls, cfg: Mapping[str, Any]) -> TextTowerConfig:
         """The fields of `cfg` this config knows (others, e.g. HF bookkeeping, are ignored)."""
         return cls(**_known(cls, cfg))
 
@@ -50,7 +51,7 @@ class VisionTowerConfig:
     final_ln_after_pool: bool = False  # avg pooling: LayerNorm after the mean instead of before (open_clip)
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> "VisionTowerConfig":
+    def from_dict(cls, cfg: Mapping[str, Any]) -> VisionTowerConfig:
         """The fields of `cfg` this config knows."""
         return cls(**_known(cls, cfg))
 

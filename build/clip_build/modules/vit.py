@@ -6,7 +6,8 @@ Pooling: "cls" (HF CLIP, open_clip `tok`: the class token), "avg" (open_clip `av
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,7 @@ class VisionTransformer(nn.Module):
         self.head = MapHead(hidden, heads, intermediate, act, eps) if pool == "map" else nn.Identity()
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | VisionTowerConfig) -> "VisionTransformer":
+    def from_config(cls, cfg: Mapping[str, Any] | VisionTowerConfig) -> VisionTransformer:
         """Build from a manifest vision config (HF CLIPVisionConfig keys + VisionTowerConfig's)."""
         c = cfg if isinstance(cfg, VisionTowerConfig) else VisionTowerConfig.from_dict(cfg)
         return cls(c.image_size, c.patch_size, c.num_channels, c.hidden_size, c.num_hidden_layers,
@@ -85,7 +86,7 @@ class VisionTransformer(nn.Module):
             x = torch.cat([cls, x], dim=1)  # (B, N+1, C)
         x = x + self.position_embedding.weight.to(x.dtype)  # (B, P, C)
         x = self.pre_ln(x)
-        no_mask: Optional[Tensor] = None
+        no_mask: Tensor | None = None
         for layer in self.layers:
             x = layer(x, no_mask)
         if self.pool == "cls":

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -29,6 +29,7 @@ log = logging.getLogger("clip_server.openai")
 
 REQUEST_ID = "x-request-id"
 FETCH_CONCURRENCY = 8  # image URLs of one request fetched at once
+UPSTREAM_CONCURRENCY = 4  # chunks of one request in flight to Triton at once (as CLIPClient's max_concurrency)
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 # gRPC status of a Triton answer -> (HTTP status, what the caller is told: None = Triton's own message)
 _UPSTREAM_STATUS = {
@@ -290,7 +291,10 @@ async def _read_body(request: Request, state: _State) -> tuple[bytes, int]:
     except TimeoutError:
         state.budget.used -= held
         raise APIError(408, f"request body not received within {state.settings.body_timeout:g} s") from None
-    except APIError:
+    except ClientDisconnect:  # the caller hung up mid-body: its bytes go back to the budget (else they leak: 429s)
+        state.budget.used -= held
+        raise APIError(400, "the request body was cut off (the client disconnected)") from None
+    except BaseException:
         state.budget.used -= held
         raise
     return b"".join(parts), held
@@ -310,13 +314,20 @@ async def _embed(
             )
     if images:
         await _fetch_urls(state, images, model, held)
+    gate = asyncio.Semaphore(UPSTREAM_CONCURRENCY)  # a 2048-input request must not flood Triton's queue at once
+
+    async def gated(make, what: str):
+        async with gate:
+            return await _call(make(), what)
+
     jobs = []
     for start in range(0, len(texts), model.max_text_items):
-        chunk = texts[start : start + model.max_text_items]
-        jobs.append(_call(state.upstreams.encode_texts(model, [it.data for _, it in chunk], rid), "texts"))
+        chunk = [it.data for _, it in texts[start : start + model.max_text_items]]
+        jobs.append(gated(lambda c=chunk: state.upstreams.encode_texts(model, c, rid), "texts"))
     for start in range(0, len(images), model.max_image_items):
-        chunk = images[start : start + model.max_image_items]
-        jobs.append(_call(state.upstreams.encode_images(model, [it.data for _, it in chunk], rid), "images"))
+        chunk = [it.data for _, it in images[start : start + model.max_image_items]]
+        rows = [i for i, _ in images[start : start + model.max_image_items]]
+        jobs.append(_named(gated(lambda c=chunk: state.upstreams.encode_images(model, c, rid), "images"), rows))
     answers = await asyncio.gather(*jobs)
     out = np.empty((len(req.items), model.dim), dtype=np.float32)
     tokens, k = 0, 0
@@ -369,6 +380,21 @@ async def _fetch_urls(state: _State, images: list[tuple[int, Item]], model: Serv
     for r in results:
         if isinstance(r, BaseException):
             raise r
+
+
+_IMAGE_REFUSED = re.compile(r"^the model server refused the images: image (\d+): ")
+
+
+async def _named(coro, rows: list[int]):
+    """A refused image named by its index in `input` (Triton numbers the images of its chunk from 0)."""
+    try:
+        return await coro
+    except APIError as err:
+        found = _IMAGE_REFUSED.match(err.message) if err.status == 400 else None
+        if found is None or int(found.group(1)) >= len(rows):
+            raise
+        param = f"input[{rows[int(found.group(1))]}]"
+        raise invalid(f"{param}: {err.message[found.end():]}", param=param, code=err.code) from None
 
 
 async def _call(coro, what: str):

@@ -14,7 +14,7 @@ import socket
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import httpcore
 
@@ -45,14 +45,29 @@ def address_allowed(address: str, allow_private: bool, networks: Iterable[str] =
     address is in one of `networks` (IPv4-mapped, 6to4 and Teredo IPv6 addresses are judged by their IPv4 too)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address):
-        mapped = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        mapped = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None) or _embedded_ipv4(ip)
         if mapped is not None and not address_allowed(str(mapped), allow_private, networks):
             return False
     if ip.is_multicast or ip.is_unspecified:
         return False
     if allow_private or any(ip in ipaddress.ip_network(n, strict=False) for n in networks):
         return True
-    return ip.is_global
+    return ip.is_global and ip not in _LOCAL_NAT64
+
+
+_EMBEDDING_V4 = tuple(  # IPv6 prefixes whose last 32 bits are an IPv4 address a gateway or the kernel may reach
+    ipaddress.ip_network(n) for n in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96")
+)
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: a site's own translator, not public
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address inside a NAT64 (RFC 6052/8215), IPv4-compatible or IPv4-translated IPv6 address."""
+    if int(ip) >> 32 == 0 and int(ip) <= 1:  # :: and ::1 are judged as themselves
+        return None
+    if any(ip in net for net in _EMBEDDING_V4):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 class _GuardedBackend(httpcore.AsyncNetworkBackend):
@@ -133,8 +148,13 @@ class ImageFetcher:
             raise FetchError("image URLs must be http:// or https://") from None
         except (httpcore.NetworkError, httpcore.ProtocolError, ssl.SSLError, OSError) as exc:
             raise FetchError(f"cannot fetch image URL: {type(exc).__name__}") from None
+        except FetchError:
+            raise
+        except (ValueError, TypeError):  # what urllib/httpcore raise for a URL they cannot parse
+            raise FetchError("malformed image URL") from None
 
     async def _fetch(self, url: str, cap: int) -> bytes:
+        url = ascii_url(url)
         scheme = _scheme(url)
         for _hop in range(MAX_REDIRECTS + 1):
             headers = [(b"User-Agent", USER_AGENT.encode()), (b"Accept", b"image/*")]
@@ -143,7 +163,7 @@ class ImageFetcher:
                     location = dict((k.lower(), v) for k, v in resp.headers).get(b"location")
                     if not location:
                         raise FetchError(f"image URL answered {resp.status} without a Location")
-                    url = urljoin(url, location.decode("latin-1"))
+                    url = ascii_url(urljoin(url, location.decode("latin-1")))
                     if _scheme(url) != scheme:
                         raise FetchError("image URL redirects to another scheme: refused")
                     continue
@@ -163,6 +183,27 @@ class ImageFetcher:
                 raise FetchError(f"image at URL is more than the limit of {cap} bytes")
             parts.append(chunk)
         return b"".join(parts)
+
+
+def ascii_url(url: str) -> str:
+    """The URL as httpcore sends it: an IDNA host and a percent-encoded path and query, or FetchError."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when it is not a number in 0-65535
+        host = parts.hostname or ""
+        if not url.isascii():
+            host = host.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError):
+        raise FetchError("malformed image URL (host or port)") from None
+    if url.isascii():
+        return url
+    host = f"[{host}]" if ":" in host else host
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = (quote(userinfo, safe=":%") + "@" if userinfo else "") + host + (f":{port}" if port is not None else "")
+    safe = "/%:@!$&'()*+,;=-._~"
+    return urlunsplit(
+        (parts.scheme, netloc, quote(parts.path, safe=safe), quote(parts.query, safe=safe + "?"), "")
+    )
 
 
 def _scheme(url: str) -> str:

@@ -12,7 +12,9 @@ import numpy as np
 
 ENCODING_FORMATS = ("float", "base64")
 MAX_INPUTS = 2048  # OpenAI's own limit of inputs per request
-DATA_URI = re.compile(r"^data:image/[A-Za-z0-9.+-]+(?:;[A-Za-z0-9=._+-]+)*;base64,", re.ASCII)
+DATA_URI = re.compile(r"^data:image/[A-Za-z0-9.+-]+(?:;[A-Za-z0-9=._+-]+)*;base64,", re.ASCII | re.IGNORECASE)
+_BASE64_SPACE = re.compile(rb"[ \t\r\n]+")  # line-wrapped base64 (GNU `base64`, MIME: every 76 characters)
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
 class APIError(Exception):
@@ -123,7 +125,7 @@ def _item(value: Any, index: int, modality: str, max_image_bytes: int) -> Item:
         raise invalid(f"{param}: expected a string, got {type(value).__name__}", param=param)
     if modality == "image":  # Infinity: every input is a URL or a data URI
         return _image(value, param, max_image_bytes, bare_base64=False)
-    if value.startswith("data:image/"):  # NV-CLIP: data URIs mixed with texts
+    if value[:11].lower() == "data:image/":  # NV-CLIP: data URIs mixed with texts (the scheme is case-insensitive)
         return _image(value, param, max_image_bytes, bare_base64=False)
     return Item("text", _utf8(value, param))
 
@@ -136,21 +138,22 @@ def _utf8(text: str, param: str) -> bytes:
 
 
 def _image(value: str, param: str, max_image_bytes: int, bare_base64: bool) -> Item:
-    if value.startswith(("http://", "https://")):
+    if value[:8].lower().startswith(("http://", "https://")):  # schemes are case-insensitive (RFC 3986)
         return Item("url", value)
     match = DATA_URI.match(value)
     if match:
         payload = value[match.end() :]
-    elif value.startswith("data:"):
+    elif value[:5].lower() == "data:":
         raise invalid(f"{param}: an image data URI must look like data:image/<format>;base64,<data>", param=param)
     elif bare_base64:
         payload = value
     else:
         raise invalid(f"{param}: an image must be an http(s) URL or a data:image/...;base64, URI", param=param)
-    if len(payload) * 3 // 4 > max_image_bytes + 2:
+    raw = _canonical_base64(payload)
+    if len(raw) * 3 // 4 > max_image_bytes + 2:
         raise APIError(413, f"{param}: the image is larger than the limit of {max_image_bytes} bytes", param=param)
     try:
-        data = base64.b64decode(payload, validate=True)
+        data = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
         raise invalid(f"{param}: the image's base64 data is malformed", param=param) from None
     if not data:
@@ -160,6 +163,12 @@ def _image(value: str, param: str, max_image_bytes: int, bare_base64: bool) -> I
             413, f"{param}: the image is {len(data)} bytes, more than the limit of {max_image_bytes}", param=param
         )
     return Item("image", data)
+
+
+def _canonical_base64(payload: str) -> bytes:
+    """Base64 as encoders write it: line breaks dropped, URL-safe letters mapped, missing padding added."""
+    raw = _BASE64_SPACE.sub(b"", payload.encode("ascii", "replace")).translate(_URLSAFE)
+    return raw + b"=" * (-len(raw) % 4)
 
 
 def embedding_value(row: np.ndarray, encoding_format: str) -> Any:

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--uri", "--gallery", dest="uri", default="gallery", help="the gallery (a folder, or Milvus)")
     if command == "gallery-info":
         parser.add_argument("--tune", action="store_true",
-                            help="first re-measure recall against exact search and store the cheapest nprobe reaching "
+                            help="first re-measure recall against exact search and store the cheapest operating point "
+                                 "(PQ: candidates re-ranked; IVF: nprobe) reaching "
                                  "--target-recall (on OOD-like probes drawn from the gallery)")
         parser.add_argument("--target-recall", type=float, default=0.95, help="recall@10 --tune aims for")
         parser.add_argument("--json", action="store_true", help="print JSON")

@@ -190,11 +190,12 @@ class Gallery(ABC):
     # ------------------------------------------------------------------------------------------ lifecycle
     @staticmethod
     def create(uri: str, dim: int, model_id: str, *, exist_ok: bool = False, expected_rows: int | None = None,
-               **identity: Any) -> "Gallery":
+               index: str | None = None, pq_m: int | None = None, **identity: Any) -> "Gallery":
         """A new, empty gallery at `uri` for embeddings of `dim` from model `model_id` (identity: e.g. logit_scale).
 
         With exist_ok=True an existing gallery of the same model is opened instead (another model: ModelMismatchError).
         expected_rows sizes the embedded index for a gallery that will grow that large (fewer retrainings).
+        index ("pq", the default, or "ivf") and pq_m pick the embedded gallery's index (see gallery/local.py).
         """
         ident = make_identity(dim, model_id, **identity)
         uri = as_uri(uri)
@@ -208,7 +209,11 @@ class Gallery(ABC):
                     f"(dim {ident['dim']}): embeddings of different models are not comparable - re-index the images "
                     "into another uri with this model")
             return g
-        return backend.create(uri, ident, expected_rows)
+        if index is None and pq_m is None:
+            return backend.create(uri, ident, expected_rows)
+        if is_milvus_uri(uri):
+            raise InvalidInputError("index= and pq_m= apply to the embedded (folder) gallery only")
+        return backend.create(uri, ident, expected_rows, index=index, pq_m=pq_m)
 
     @staticmethod
     def open(uri: str) -> "Gallery":
