@@ -102,7 +102,9 @@ def client(request, triton_server):
 @contextlib.contextmanager
 def _models_called(runner: Runner, note=None):
     """The models the wrapped client sends inference requests to while the block runs, in order (and note(),
-    when given, called at each request)."""
+    when given, called at each request). The model info is read first, so the block's calls are the same in any
+    test order."""
+    runner.get_model_info()
     inner, calls = runner.client, []
     original = inner._request
 
