@@ -71,8 +71,11 @@ def render(workdir: Path) -> dict[str, str]:
 
 def stored() -> dict[str, str]:
     """Relative path -> text of the checked-in snapshot (its README excluded)."""
-    return {p.relative_to(SNAPSHOT).as_posix(): p.read_text(encoding="utf-8")
-            for p in sorted(SNAPSHOT.rglob("*")) if p.is_file() and p.name != README}
+    return {
+        p.relative_to(SNAPSHOT).as_posix(): p.read_text(encoding="utf-8")
+        for p in sorted(SNAPSHOT.rglob("*"))
+        if p.is_file() and p.name != README
+    }
 
 
 def differences(new: dict[str, str], old: dict[str, str]) -> list[str]:
@@ -80,9 +83,12 @@ def differences(new: dict[str, str], old: dict[str, str]) -> list[str]:
     out = []
     for rel in sorted(set(new) | set(old)):
         if new.get(rel) != old.get(rel):
-            diff = difflib.unified_diff((old.get(rel) or "").splitlines(keepends=True),
-                                        (new.get(rel) or "").splitlines(keepends=True),
-                                        f"checked-in/{rel}", f"rendered/{rel}")
+            diff = difflib.unified_diff(
+                (old.get(rel) or "").splitlines(keepends=True),
+                (new.get(rel) or "").splitlines(keepends=True),
+                f"checked-in/{rel}",
+                f"rendered/{rel}",
+            )
             out.append("".join(diff) or f"{rel}: differs\n")
     return out
 

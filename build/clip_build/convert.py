@@ -40,11 +40,30 @@ IGNORED = (
 )
 # For bert_vit only the vision half of the CLIP checkpoint is used.
 VISION_ONLY_IGNORED = (r"text_model\..*", r"text_projection\.weight")
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "vocab.txt", "special_tokens_map.json", "added_tokens.json",
-                   "sentencepiece.bpe.model", "spiece.model")
-CONFIG_NOISE = ("id2label", "label2id", "architectures", "transformers_version", "_name_or_path", "output_attentions",
-                "output_hidden_states", "return_dict", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder",
-                "dtype", "torch_dtype")
+TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+)
+CONFIG_NOISE = (
+    "id2label",
+    "label2id",
+    "architectures",
+    "transformers_version",
+    "_name_or_path",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "problem_type",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "dtype",
+    "torch_dtype",
+)
 DEFAULT_MEAN = [0.48145466, 0.4578275, 0.40821073]
 DEFAULT_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -98,8 +117,10 @@ def load_state_dict(folder: Path, allow_pickle: bool = False) -> dict[str, Any]:
         return sd
     pickles = [folder / p for p in PICKLES if (folder / p).is_file()]
     if pickles and not allow_pickle:
-        raise ConvertError(f"{pickles[0]}: pickle checkpoints can run arbitrary code when loaded; convert it to "
-                           "safetensors, or pass --allow-pickle if you trust its source")
+        raise ConvertError(
+            f"{pickles[0]}: pickle checkpoints can run arbitrary code when loaded; convert it to "
+            "safetensors, or pass --allow-pickle if you trust its source"
+        )
     if pickles:
         import torch
 
@@ -142,7 +163,10 @@ def clip_text_mapping(cfg: Mapping[str, Any], projection_dim: int, hf: str = "te
     h = cfg["hidden_size"]
     m: Mapping_ = {
         f"{hf}embeddings.token_embedding.weight": ("text.token_embedding.weight", (cfg["vocab_size"], h)),
-        f"{hf}embeddings.position_embedding.weight": ("text.position_embedding.weight", (cfg["max_position_embeddings"], h)),
+        f"{hf}embeddings.position_embedding.weight": (
+            "text.position_embedding.weight",
+            (cfg["max_position_embeddings"], h),
+        ),
     }
     _clip_layers(m, hf, "text.", cfg)
     _norm(m, f"{hf}final_layer_norm", "text.final_ln", h)
@@ -192,13 +216,19 @@ def vit_mapping(cfg: Mapping[str, Any], projection_dim: int, hf: str = "vision_m
 def take(sd: dict[str, Any], mapping: Mapping_, source: str) -> list[tuple[str, Any]]:
     """Pop every mapped tensor from sd (renamed, shape-checked); raise KeyMappingError listing all problems."""
     missing = [k for k in mapping if k not in sd]
-    bad = [f"{k}: {tuple(sd[k].shape)} != expected {shape}" for k, (_, shape) in mapping.items()
-           if k in sd and tuple(sd[k].shape) != shape]
+    bad = [
+        f"{k}: {tuple(sd[k].shape)} != expected {shape}"
+        for k, (_, shape) in mapping.items()
+        if k in sd and tuple(sd[k].shape) != shape
+    ]
     if missing or bad:
         lines = [f"missing: {k}" for k in missing[:20]] + [f"wrong shape: {b}" for b in bad[:20]]
         more = len(missing) + len(bad) - len(lines)
-        raise KeyMappingError(f"{source}: checkpoint does not match its config:\n  " + "\n  ".join(lines)
-                              + (f"\n  ... and {more} more" if more > 0 else ""))
+        raise KeyMappingError(
+            f"{source}: checkpoint does not match its config:\n  "
+            + "\n  ".join(lines)
+            + (f"\n  ... and {more} more" if more > 0 else "")
+        )
     return [(ours, sd.pop(k)) for k, (ours, _) in mapping.items()]
 
 
@@ -206,8 +236,11 @@ def check_leftovers(sd: Mapping[str, Any], source: str, ignored: tuple[str, ...]
     """Raise KeyMappingError for tensors neither mapped nor ignored; return the ignored names."""
     unexpected = sorted(k for k in sd if not any(re.fullmatch(p, k) for p in ignored))
     if unexpected:
-        raise KeyMappingError(f"{source}: {len(unexpected)} unexpected tensor(s) not used by the model: "
-                              + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+        raise KeyMappingError(
+            f"{source}: {len(unexpected)} unexpected tensor(s) not used by the model: "
+            + ", ".join(unexpected[:20])
+            + (" ..." if len(unexpected) > 20 else "")
+        )
     return sorted(sd)
 
 
@@ -244,7 +277,7 @@ def _bert_pooling(folder: Path) -> str:
 
 
 def write_tokenizer(src: Path, out: Path, max_positions: int) -> dict[str, Any]:
-    """Save the HF fast tokenizer (tokenizer.json) and the raw tokenizer files into out; return manifest['tokenizer']."""
+    """Save the HF fast tokenizer and the raw tokenizer files into out; return manifest['tokenizer']."""
     from transformers import AutoTokenizer
 
     try:
@@ -283,8 +316,9 @@ def read_image_processor(src: Path) -> tuple[dict[str, Any] | None, Path]:
     return None, path
 
 
-def image_settings(src: Path, vision_cfg: Mapping[str, Any], warnings: list[str],
-                   defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def image_settings(
+    src: Path, vision_cfg: Mapping[str, Any], warnings: list[str], defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Preprocessing constants from preprocessor_config.json or processor_config.json (`defaults`, else CLIP's, with
     a warning, when absent).
 
@@ -311,11 +345,16 @@ def image_settings(src: Path, vision_cfg: Mapping[str, Any], warnings: list[str]
     flags = {k: bool(p.get(k, True)) for k in ("do_resize", "do_rescale", "do_normalize")}
     flags["do_convert_rgb"] = p.get("do_convert_rgb") is not False  # null: the processor's default (RGB)
     if not flags["do_resize"]:
-        raise ConvertError(f"{path}: do_resize=false is not supported: the image encoder takes a fixed "
-                           f"{s}x{s} input, so every image must be resized")
+        raise ConvertError(
+            f"{path}: do_resize=false is not supported: the image encoder takes a fixed "
+            f"{s}x{s} input, so every image must be resized"
+        )
     if not flags["do_convert_rgb"]:
-        _warn(warnings, f"{path}: do_convert_rgb=false; the server converts every image to RGB anyway (the vision "
-                        "tower takes 3 channels), which is what the checkpoint's processor gives for RGB images")
+        _warn(
+            warnings,
+            f"{path}: do_convert_rgb=false; the server converts every image to RGB anyway (the vision "
+            "tower takes 3 channels), which is what the checkpoint's processor gives for RGB images",
+        )
     if set(size) == {"shortest_edge"}:
         mode, shortest, resize_size = "shortest_edge", int(size["shortest_edge"]), int(size["shortest_edge"])
     elif set(size) == {"height", "width"}:
@@ -323,21 +362,30 @@ def image_settings(src: Path, vision_cfg: Mapping[str, Any], warnings: list[str]
             raise ConvertError(f"{path}: size {size} is not square; only a square exact resize is supported")
         mode, shortest, resize_size = "exact", None, int(size["height"])
     else:
-        raise ConvertError(f"{path}: size {size} is not supported (expected {{\"shortest_edge\": N}} or "
-                           "{\"height\": N, \"width\": N})")
+        raise ConvertError(
+            f'{path}: size {size} is not supported (expected {{"shortest_edge": N}} or {{"height": N, "width": N}})'
+        )
     if do_crop and (crop.get("height"), crop.get("width")) != (s, s):
         raise ConvertError(f"{path}: crop_size {crop} does not match the vision tower's image_size {s}")
     if not do_crop and mode == "shortest_edge":
-        raise ConvertError(f"{path}: do_center_crop=false with size {size} keeps the aspect ratio, so images would "
-                           "not be square; the image encoder takes a fixed square input")
+        raise ConvertError(
+            f"{path}: do_center_crop=false with size {size} keeps the aspect ratio, so images would "
+            "not be square; the image encoder takes a fixed square input"
+        )
     if not do_crop and resize_size != s:
         raise ConvertError(f"{path}: size {size} does not match the vision tower's image_size {s}")
     return {
-        "size": s, "crop_size": int(crop.get("height", s)), "shortest_edge": shortest,
-        "resize_mode": mode, "resize_size": resize_size, "do_center_crop": do_crop,
-        "resample": int(p.get("resample", 3)), "mean": [float(x) for x in p.get("image_mean", DEFAULT_MEAN)],
+        "size": s,
+        "crop_size": int(crop.get("height", s)),
+        "shortest_edge": shortest,
+        "resize_mode": mode,
+        "resize_size": resize_size,
+        "do_center_crop": do_crop,
+        "resample": int(p.get("resample", 3)),
+        "mean": [float(x) for x in p.get("image_mean", DEFAULT_MEAN)],
         "std": [float(x) for x in p.get("image_std", DEFAULT_STD)],
-        "rescale_factor": float(p.get("rescale_factor", 1 / 255)), **flags,
+        "rescale_factor": float(p.get("rescale_factor", 1 / 255)),
+        **flags,
     }
 
 
@@ -351,7 +399,7 @@ def _fresh_projection(out_f: int, in_f: int, seed: int) -> Any:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(out_f, in_f, generator=g) * in_f ** -0.5
+    return torch.randn(out_f, in_f, generator=g) * in_f**-0.5
 
 
 def _load_projection(path: Path, out_f: int, in_f: int) -> Any:
@@ -360,7 +408,7 @@ def _load_projection(path: Path, out_f: int, in_f: int) -> Any:
     if not path.is_file():
         raise ConvertError(f"{path}: no such projections file")
     sd = load_file(str(path))
-    (_, t), = take(sd, {"text_projection.weight": ("text_projection.weight", (out_f, in_f))}, str(path))
+    ((_, t),) = take(sd, {"text_projection.weight": ("text_projection.weight", (out_f, in_f))}, str(path))
     check_leftovers(sd, str(path), ignored=())
     return t
 
@@ -394,8 +442,15 @@ def _source_name(checkpoint: str) -> str:
     return path.resolve().name if path.exists() else str(checkpoint)
 
 
-def _hf_clip(checkpoint: str, src: Path, raw: dict[str, Any], vision_checkpoint: str | None, projections: str | None,
-             allow_pickle: bool, seed: int) -> Converted:
+def _hf_clip(
+    checkpoint: str,
+    src: Path,
+    raw: dict[str, Any],
+    vision_checkpoint: str | None,
+    projections: str | None,
+    allow_pickle: bool,
+    seed: int,
+) -> Converted:
     """transformers CLIPModel, ChineseCLIPModel, or a BERT + a CLIP checkpoint's ViT (bert_vit)."""
     model_type = raw.get("model_type")
     warnings: list[str] = []
@@ -405,8 +460,10 @@ def _hf_clip(checkpoint: str, src: Path, raw: dict[str, Any], vision_checkpoint:
         family, vsrc = model_type, src
     else:
         if not vision_checkpoint:
-            raise ConvertError(f"{checkpoint} is a BERT checkpoint: give --vision-checkpoint (a CLIP checkpoint) for "
-                               "the composite bert_vit family")
+            raise ConvertError(
+                f"{checkpoint} is a BERT checkpoint: give --vision-checkpoint (a CLIP checkpoint) for "
+                "the composite bert_vit family"
+            )
         family = "bert_vit"
         vsrc = resolve_checkpoint(vision_checkpoint, allow_pickle)
         vraw = read_config(vsrc)
@@ -427,15 +484,22 @@ def _hf_clip(checkpoint: str, src: Path, raw: dict[str, Any], vision_checkpoint:
         text_cfg = _clean_config(vconf.text_config.to_dict())
         text_arch, pooling = "bert", "cls"
         text = take(sd, bert_mapping(text_cfg, "text_model."), str(src))
-        text += take(sd, {"text_projection.weight": ("text_projection.weight",
-                                                     (projection_dim, text_cfg["hidden_size"]))}, str(src))
+        text += take(
+            sd,
+            {"text_projection.weight": ("text_projection.weight", (projection_dim, text_cfg["hidden_size"]))},
+            str(src),
+        )
     else:
         text_cfg = _clean_config(_full_configs(src).to_dict())
         text_arch, pooling = "bert", _bert_pooling(src)
         prefix = "bert." if any(k.startswith("bert.") for k in sd) else ""
         text = take(sd, bert_mapping(text_cfg, prefix), str(src))
-        text.append(("text_projection.weight", _bert_projection(projections, projection_dim, text_cfg["hidden_size"],
-                                                                seed, warnings)))
+        text.append(
+            (
+                "text_projection.weight",
+                _bert_projection(projections, projection_dim, text_cfg["hidden_size"], seed, warnings),
+            )
+        )
         check_leftovers(sd, str(src))
 
     vision = take(vsd, vit_mapping(vision_cfg, projection_dim), str(vsrc))
@@ -445,22 +509,36 @@ def _hf_clip(checkpoint: str, src: Path, raw: dict[str, Any], vision_checkpoint:
     check_leftovers(vsd, str(vsrc), IGNORED + (VISION_ONLY_IGNORED if family == "bert_vit" else ()))
     max_positions = int(text_cfg["max_position_embeddings"])
     return Converted(
-        family=family, text=text, vision=vision, text_arch=text_arch, pooling=pooling, text_cfg=text_cfg,
-        vision_cfg=vision_cfg, projection_dim=projection_dim, logit_scale=logit_scale,
+        family=family,
+        text=text,
+        vision=vision,
+        text_arch=text_arch,
+        pooling=pooling,
+        text_cfg=text_cfg,
+        vision_cfg=vision_cfg,
+        projection_dim=projection_dim,
+        logit_scale=logit_scale,
         write_tokenizer=lambda out: write_tokenizer(src, out, max_positions),
         image=image_settings(vsrc, vision_cfg, warnings),
-        sources={"text": str(checkpoint), "vision": str(vision_checkpoint or checkpoint),
-                 "projections": str(projections) if projections else None},
+        sources={
+            "text": str(checkpoint),
+            "vision": str(vision_checkpoint or checkpoint),
+            "projections": str(projections) if projections else None,
+        },
         source_name=_source_name(checkpoint),
         side_files=[p for p in [vsrc / "preprocessor_config.json", vsrc / PROCESSOR_CONFIG] if p.is_file()],
-        warnings=warnings)
+        warnings=warnings,
+    )
 
 
 def _bert_projection(projections: str | None, projection_dim: int, hidden: int, seed: int, warnings: list[str]) -> Any:
     if projections:
         return _load_projection(Path(projections), projection_dim, hidden)
-    _warn(warnings, f"no --projections given: the text projection {hidden}->{projection_dim} is RANDOMLY "
-                    f"initialised (seed {seed}); text and image embeddings are NOT aligned until it is trained")
+    _warn(
+        warnings,
+        f"no --projections given: the text projection {hidden}->{projection_dim} is RANDOMLY "
+        f"initialised (seed {seed}); text and image embeddings are NOT aligned until it is trained",
+    )
     return _fresh_projection(projection_dim, hidden, seed)
 
 
@@ -476,11 +554,19 @@ def write_weights_dir(out: str | Path, c: Converted) -> dict[str, Any]:
     # The Parquet files carry content only (tensors, configs): their sha256s make model_id, so identical weights
     # give identical ids however the checkpoint path was typed. Where they came from is in manifest.json alone.
     with tqdm(total=len(c.text) + len(c.vision), desc="writing tensors", unit="tensor", disable=None) as bar:
-        files["text.parquet"] = write_parquet(out / "text.parquet", c.text, {
-            "tower": "text", "family": c.family, "config": text_meta}, bar)
-        files["vision.parquet"] = write_parquet(out / "vision.parquet", c.vision, {
-            "tower": "vision", "family": c.family,
-            "config": {"arch": "vit", "projection_dim": c.projection_dim, **c.vision_cfg}}, bar)
+        files["text.parquet"] = write_parquet(
+            out / "text.parquet", c.text, {"tower": "text", "family": c.family, "config": text_meta}, bar
+        )
+        files["vision.parquet"] = write_parquet(
+            out / "vision.parquet",
+            c.vision,
+            {
+                "tower": "vision",
+                "family": c.family,
+                "config": {"arch": "vit", "projection_dim": c.projection_dim, **c.vision_cfg},
+            },
+            bar,
+        )
     tok_dir = out / "tokenizer"
     if tok_dir.exists():
         shutil.rmtree(tok_dir)
@@ -509,19 +595,34 @@ def write_weights_dir(out: str | Path, c: Converted) -> dict[str, Any]:
         "warnings": c.warnings,
     }
     write_manifest(out, manifest)
-    log.info("wrote %s: family %s, model_id %s, %d text + %d vision tensors", out, c.family, manifest["model_id"],
-             len(c.text), len(c.vision))
+    log.info(
+        "wrote %s: family %s, model_id %s, %d text + %d vision tensors",
+        out,
+        c.family,
+        manifest["model_id"],
+        len(c.text),
+        len(c.vision),
+    )
     return manifest
 
 
-LAYOUTS = ("transformers CLIPModel / ChineseCLIPModel / SiglipModel (config.json), a BERT with --vision-checkpoint, "
-           "open_clip hub folders (open_clip_config.json) and open_clip training checkpoints (epoch_N.pt with "
-           "--model-config)")
+LAYOUTS = (
+    "transformers CLIPModel / ChineseCLIPModel / SiglipModel (config.json), a BERT with --vision-checkpoint, "
+    "open_clip hub folders (open_clip_config.json) and open_clip training checkpoints (epoch_N.pt with "
+    "--model-config)"
+)
 
 
-def convert(checkpoint: str, out: str | Path, vision_checkpoint: str | None = None, projections: str | None = None,
-            allow_pickle: bool = False, seed: int = 0, model_config: str | None = None,
-            tokenizer: str | None = None) -> dict[str, Any]:
+def convert(
+    checkpoint: str,
+    out: str | Path,
+    vision_checkpoint: str | None = None,
+    projections: str | None = None,
+    allow_pickle: bool = False,
+    seed: int = 0,
+    model_config: str | None = None,
+    tokenizer: str | None = None,
+) -> dict[str, Any]:
     """Convert a checkpoint (layout detected from its files) into WEIGHTS_DIR `out`; return the manifest written."""
     from . import families
 
@@ -535,8 +636,10 @@ def convert(checkpoint: str, out: str | Path, vision_checkpoint: str | None = No
             converted = families.open_clip_hub(checkpoint, src, allow_pickle, tokenizer)
         else:
             if not (src / "config.json").is_file():
-                raise ConvertError(f"{checkpoint}: no config.json and no {families.OPEN_CLIP_CONFIG}: not a layout "
-                                   f"convert knows ({LAYOUTS})")
+                raise ConvertError(
+                    f"{checkpoint}: no config.json and no {families.OPEN_CLIP_CONFIG}: not a layout "
+                    f"convert knows ({LAYOUTS})"
+                )
             raw = read_config(src)
             model_type = raw.get("model_type")
             if model_type in ("siglip", "siglip2"):
@@ -544,8 +647,10 @@ def convert(checkpoint: str, out: str | Path, vision_checkpoint: str | None = No
             elif model_type in ("clip", "chinese_clip", "bert"):
                 converted = _hf_clip(checkpoint, src, raw, vision_checkpoint, projections, allow_pickle, seed)
             else:
-                raise ConvertError(f"{checkpoint}: unsupported model_type {model_type!r} (clip, chinese_clip, bert, "
-                                   "siglip); convert reads " + LAYOUTS)
+                raise ConvertError(
+                    f"{checkpoint}: unsupported model_type {model_type!r} (clip, chinese_clip, bert, "
+                    "siglip); convert reads " + LAYOUTS
+                )
     return write_weights_dir(out, converted)
 
 
@@ -564,30 +669,54 @@ COMMAND_HELP = {"convert": "convert a CLIP / SigLIP / open_clip checkpoint into 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Arguments of `clip-triton convert`."""
-    parser.add_argument("--checkpoint", required=True, metavar="SRC",
-                        help="folder or hub id: transformers CLIP / Chinese-CLIP / SigLIP / BERT (with "
-                        "--vision-checkpoint), an open_clip hub folder, or an open_clip epoch_N.pt "
-                        "(with --model-config)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="SRC",
+        help="folder or hub id: transformers CLIP / Chinese-CLIP / SigLIP / BERT (with "
+        "--vision-checkpoint), an open_clip hub folder, or an open_clip epoch_N.pt "
+        "(with --model-config)",
+    )
     parser.add_argument("--out", required=True, metavar="WEIGHTS_DIR", help="output folder")
     parser.add_argument("--vision-checkpoint", metavar="SRC", help="CLIP checkpoint whose ViT tower pairs with a BERT")
-    parser.add_argument("--projections", metavar="FILE.safetensors",
-                        help="text projection for bert_vit (key text_projection.weight, shape [projection_dim, hidden])")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="accept pytorch_model.bin / .pt checkpoints (pickle: only from sources you trust)")
+    parser.add_argument(
+        "--projections",
+        metavar="FILE.safetensors",
+        help="text projection for bert_vit (key text_projection.weight, shape [projection_dim, hidden])",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pytorch_model.bin / .pt checkpoints (pickle: only from sources you trust)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised bert_vit text projection")
-    parser.add_argument("--model-config", metavar="NAME|FILE.json",
-                        help="open_clip training checkpoints (epoch_N.pt): the model config they were trained with, "
-                        "an open_clip model name (e.g. ViT-B-32) or a JSON file with embed_dim/vision_cfg/text_cfg")
-    parser.add_argument("--tokenizer", metavar="DIR",
-                        help="folder with the tokenizer an open_clip config names in hf_tokenizer_name (default: the "
-                        "checkpoint folder, else the hub)")
+    parser.add_argument(
+        "--model-config",
+        metavar="NAME|FILE.json",
+        help="open_clip training checkpoints (epoch_N.pt): the model config they were trained with, "
+        "an open_clip model name (e.g. ViT-B-32) or a JSON file with embed_dim/vision_cfg/text_cfg",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="folder with the tokenizer an open_clip config names in hf_tokenizer_name (default: the "
+        "checkpoint folder, else the hub)",
+    )
 
 
 def run(args: argparse.Namespace, command: str) -> int:
     """Entry point of `clip-triton convert`."""
     try:
-        manifest = convert(args.checkpoint, args.out, args.vision_checkpoint, args.projections, args.allow_pickle,
-                           args.seed, model_config=args.model_config, tokenizer=args.tokenizer)
+        manifest = convert(
+            args.checkpoint,
+            args.out,
+            args.vision_checkpoint,
+            args.projections,
+            args.allow_pickle,
+            args.seed,
+            model_config=args.model_config,
+            tokenizer=args.tokenizer,
+        )
     except WeightsError as e:
         log.error("%s", e)
         return 2

@@ -45,8 +45,9 @@ def build_text_encoder(weights_dir: str | os.PathLike, dtype: str = "fp32") -> n
             tower = BertEncoder.from_config(cfg, text["pooling"])
         else:
             raise WeightsFormatError(f"{weights_dir}: unknown text arch {text['arch']!r}")
-        module = TextEncoder(tower, cfg["hidden_size"], manifest["projection_dim"], dtype,
-                             bool(cfg.get("proj_bias", False)))
+        module = TextEncoder(
+            tower, cfg["hidden_size"], manifest["projection_dim"], dtype, bool(cfg.get("proj_bias", False))
+        )
     return _load(module, weights_dir, "text", dtype)
 
 
@@ -58,8 +59,13 @@ def build_image_encoder(weights_dir: str | os.PathLike, dtype: str = "fp32") -> 
     if vision["arch"] != "vit":
         raise WeightsFormatError(f"{weights_dir}: unknown vision arch {vision['arch']!r}")
     with torch.device("meta"):
-        module = ImageEncoder(VisionTransformer.from_config(cfg), cfg["hidden_size"], manifest["projection_dim"], dtype,
-                              bool(cfg.get("proj_bias", False)))
+        module = ImageEncoder(
+            VisionTransformer.from_config(cfg),
+            cfg["hidden_size"],
+            manifest["projection_dim"],
+            dtype,
+            bool(cfg.get("proj_bias", False)),
+        )
     return _load(module, weights_dir, "vision", dtype)
 
 
@@ -72,9 +78,11 @@ def export_torchscript(module: nn.Module, path: str | os.PathLike) -> dict[str, 
     torch.jit.save(scripted, str(path))
     if isinstance(module, TextEncoder):
         kind = "text"
-        inputs = [{"name": "input_ids", "dtype": "int64", "shape": [-1]},  # ragged: every row back to back
-                  {"name": "lengths", "dtype": "int64", "shape": [-1, 1]},
-                  {"name": "widths", "dtype": "int64", "shape": [-1, 1]}]
+        inputs = [
+            {"name": "input_ids", "dtype": "int64", "shape": [-1]},  # ragged: every row back to back
+            {"name": "lengths", "dtype": "int64", "shape": [-1, 1]},
+            {"name": "widths", "dtype": "int64", "shape": [-1, 1]},
+        ]
     elif isinstance(module, ImageEncoder):
         kind = "image"
         s = int(module.vision.image_size)

@@ -68,27 +68,48 @@ def _empty() -> Any:
 
 # ------------------------------------------------------------------------------------------------------- SigLIP
 def _siglip_text_cfg(t: Mapping[str, Any]) -> dict[str, Any]:
-    return {"vocab_size": t["vocab_size"], "max_position_embeddings": t["max_position_embeddings"],
-            "hidden_size": t["hidden_size"], "num_hidden_layers": t["num_hidden_layers"],
-            "num_attention_heads": t["num_attention_heads"], "intermediate_size": t["intermediate_size"],
-            "hidden_act": t["hidden_act"], "layer_norm_eps": t["layer_norm_eps"],
-            "eos_token_id": int(t.get("eos_token_id") or 1), "causal": False, "pool": "last", "proj_bias": True}
+    return {
+        "vocab_size": t["vocab_size"],
+        "max_position_embeddings": t["max_position_embeddings"],
+        "hidden_size": t["hidden_size"],
+        "num_hidden_layers": t["num_hidden_layers"],
+        "num_attention_heads": t["num_attention_heads"],
+        "intermediate_size": t["intermediate_size"],
+        "hidden_act": t["hidden_act"],
+        "layer_norm_eps": t["layer_norm_eps"],
+        "eos_token_id": int(t.get("eos_token_id") or 1),
+        "causal": False,
+        "pool": "last",
+        "proj_bias": True,
+    }
 
 
 def _siglip_vision_cfg(v: Mapping[str, Any]) -> dict[str, Any]:
-    return {"image_size": v["image_size"], "patch_size": v["patch_size"], "num_channels": v.get("num_channels", 3),
-            "hidden_size": v["hidden_size"], "num_hidden_layers": v["num_hidden_layers"],
-            "num_attention_heads": v["num_attention_heads"], "intermediate_size": v["intermediate_size"],
-            "hidden_act": v["hidden_act"], "layer_norm_eps": v["layer_norm_eps"],
-            "class_token": False, "patch_bias": True, "pre_norm": False, "pool": "map"}
+    return {
+        "image_size": v["image_size"],
+        "patch_size": v["patch_size"],
+        "num_channels": v.get("num_channels", 3),
+        "hidden_size": v["hidden_size"],
+        "num_hidden_layers": v["num_hidden_layers"],
+        "num_attention_heads": v["num_attention_heads"],
+        "intermediate_size": v["intermediate_size"],
+        "hidden_act": v["hidden_act"],
+        "layer_norm_eps": v["layer_norm_eps"],
+        "class_token": False,
+        "patch_bias": True,
+        "pre_norm": False,
+        "pool": "map",
+    }
 
 
 def _siglip_text_mapping(cfg: Mapping[str, Any], projection_dim: int, hf: str = "text_model.") -> Mapping_:
     h = cfg["hidden_size"]
     m: Mapping_ = {
         f"{hf}embeddings.token_embedding.weight": ("text.token_embedding.weight", (cfg["vocab_size"], h)),
-        f"{hf}embeddings.position_embedding.weight": ("text.position_embedding.weight",
-                                                      (cfg["max_position_embeddings"], h)),
+        f"{hf}embeddings.position_embedding.weight": (
+            "text.position_embedding.weight",
+            (cfg["max_position_embeddings"], h),
+        ),
     }
     _clip_layers(m, hf, "text.", cfg)
     _norm(m, f"{hf}final_layer_norm", "text.final_ln", h)
@@ -101,8 +122,10 @@ def _siglip_vision_mapping(cfg: Mapping[str, Any], hf: str = "vision_model.") ->
     m: Mapping_ = {
         f"{hf}embeddings.patch_embedding.weight": ("vision.patch_embedding.weight", (h, c, p, p)),
         f"{hf}embeddings.patch_embedding.bias": ("vision.patch_embedding.bias", (h,)),
-        f"{hf}embeddings.position_embedding.weight": ("vision.position_embedding.weight",
-                                                      ((cfg["image_size"] // p) ** 2, h)),
+        f"{hf}embeddings.position_embedding.weight": (
+            "vision.position_embedding.weight",
+            ((cfg["image_size"] // p) ** 2, h),
+        ),
         f"{hf}head.probe": ("vision.head.probe", (1, 1, h)),
     }
     _clip_layers(m, hf, "vision.", cfg)
@@ -121,19 +144,24 @@ def siglip(checkpoint: str, src: Path, raw: dict[str, Any], allow_pickle: bool) 
             f"{checkpoint}: model_type siglip2 (Siglip2Model, NaFlex) is not supported: its image tower takes a "
             "variable number of patches (pixel_attention_mask, spatial_shapes) and keeps each image's aspect ratio, "
             "while the served image encoder takes one fixed square input. Fixed-resolution SigLIP 2 checkpoints "
-            "(model_type siglip, e.g. google/siglip2-base-patch16-224) are supported")
+            "(model_type siglip, e.g. google/siglip2-base-patch16-224) are supported"
+        )
     from transformers import SiglipConfig
 
     conf = SiglipConfig.from_pretrained(str(src))
     tconf, vconf = conf.text_config.to_dict(), conf.vision_config.to_dict()
     if not vconf.get("vision_use_head", True):
-        raise ConvertError(f"{checkpoint}: vision_use_head=false: the image tower has no pooling head, so "
-                           "SiglipModel gives no image embedding to serve")
+        raise ConvertError(
+            f"{checkpoint}: vision_use_head=false: the image tower has no pooling head, so "
+            "SiglipModel gives no image embedding to serve"
+        )
     text_cfg, vision_cfg = _siglip_text_cfg(tconf), _siglip_vision_cfg(vconf)
     projection_dim = int(tconf.get("projection_size") or tconf["hidden_size"])
     if projection_dim != vision_cfg["hidden_size"]:
-        raise ConvertError(f"{checkpoint}: text projection_size {projection_dim} != vision hidden_size "
-                           f"{vision_cfg['hidden_size']}: the embeddings could not be compared")
+        raise ConvertError(
+            f"{checkpoint}: text projection_size {projection_dim} != vision hidden_size "
+            f"{vision_cfg['hidden_size']}: the embeddings could not be compared"
+        )
     sd = load_state_dict(src, allow_pickle)
     text = take(sd, _siglip_text_mapping(text_cfg, projection_dim), str(src))
     vision = take(sd, _siglip_vision_mapping(vision_cfg), str(src))
@@ -148,14 +176,24 @@ def siglip(checkpoint: str, src: Path, raw: dict[str, Any], allow_pickle: bool) 
     warnings: list[str] = []
     max_positions = int(text_cfg["max_position_embeddings"])
     return Converted(
-        family="siglip", text=text, vision=vision, text_arch="clip_text", pooling="last", text_cfg=text_cfg,
-        vision_cfg=vision_cfg, projection_dim=projection_dim, logit_scale=scale_bias["logit_scale"],
-        logit_bias=scale_bias["logit_bias"], scoring="sigmoid",
+        family="siglip",
+        text=text,
+        vision=vision,
+        text_arch="clip_text",
+        pooling="last",
+        text_cfg=text_cfg,
+        vision_cfg=vision_cfg,
+        projection_dim=projection_dim,
+        logit_scale=scale_bias["logit_scale"],
+        logit_bias=scale_bias["logit_bias"],
+        scoring="sigmoid",
         write_tokenizer=lambda out: write_fixed_length_tokenizer(src, out, max_positions),
         image=image_settings(src, vision_cfg, warnings, siglip_image_defaults(vision_cfg["image_size"])),
-        sources={"text": str(checkpoint), "vision": str(checkpoint)}, source_name=_source_name(checkpoint),
+        sources={"text": str(checkpoint), "vision": str(checkpoint)},
+        source_name=_source_name(checkpoint),
         side_files=[p for p in [src / "preprocessor_config.json", src / PROCESSOR_CONFIG] if p.is_file()],
-        warnings=warnings)
+        warnings=warnings,
+    )
 
 
 def siglip_image_defaults(size: int) -> dict[str, Any]:
@@ -174,8 +212,10 @@ def write_fixed_length_tokenizer(src: Path, out: Path, max_positions: int) -> di
     try:
         tok = AutoTokenizer.from_pretrained(str(src))
     except Exception as e:
-        raise ConvertError(f"{src}: cannot load its tokenizer ({type(e).__name__}: {e}); SigLIP's needs spiece.model "
-                           "and the sentencepiece package") from e
+        raise ConvertError(
+            f"{src}: cannot load its tokenizer ({type(e).__name__}: {e}); SigLIP's needs spiece.model "
+            "and the sentencepiece package"
+        ) from e
     if tok.pad_token_id is None:
         raise ConvertError(f"{src}: the tokenizer has no pad token")
     side = getattr(tok, "padding_side", "right")
@@ -183,22 +223,34 @@ def write_fixed_length_tokenizer(src: Path, out: Path, max_positions: int) -> di
         raise ConvertError(f"{src}: the tokenizer's padding_side {side!r} is not supported (right or left)")
     limits = [max_positions] + ([int(tok.model_max_length)] if 0 < (tok.model_max_length or 0) < 1_000_000 else [])
     out.mkdir(parents=True, exist_ok=True)
-    block = {"dir": "tokenizer", "max_length": min(limits), "pad_token_id": int(tok.pad_token_id),
-             "padding": "max_length"}
+    block = {
+        "dir": "tokenizer",
+        "max_length": min(limits),
+        "pad_token_id": int(tok.pad_token_id),
+        "padding": "max_length",
+    }
     if type(tok).__name__ == "SiglipTokenizer":
         if side != "right":
             raise ConvertError(f"{src}: SiglipTokenizer padding on the {side} is not supported")
         shutil.copy2(tok.vocab_file, out / "spiece.model")
-        special = [{"content": str(t.content), "id": int(i), "lstrip": bool(t.lstrip), "rstrip": bool(t.rstrip)}
-                   for i, t in sorted(tok.added_tokens_decoder.items())]
-        settings = {"eos_token": str(tok.eos_token), "unk_token": str(tok.unk_token),
-                    "do_lower_case": bool(getattr(tok, "do_lower_case", True)), "special": special}
+        special = [
+            {"content": str(t.content), "id": int(i), "lstrip": bool(t.lstrip), "rstrip": bool(t.rstrip)}
+            for i, t in sorted(tok.added_tokens_decoder.items())
+        ]
+        settings = {
+            "eos_token": str(tok.eos_token),
+            "unk_token": str(tok.unk_token),
+            "do_lower_case": bool(getattr(tok, "do_lower_case", True)),
+            "special": special,
+        }
         (out / "tokenizer_settings.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         return {**block, "kind": "siglip_spm", "file": "spiece.model", "settings": "tokenizer_settings.json"}
     tok.save_pretrained(str(out))
     if not (out / "tokenizer.json").is_file():
-        raise ConvertError(f"{src}: its tokenizer ({type(tok).__name__}) has no fast version and is not "
-                           "SiglipTokenizer: tokenizer.json is required")
+        raise ConvertError(
+            f"{src}: its tokenizer ({type(tok).__name__}) has no fast version and is not "
+            "SiglipTokenizer: tokenizer.json is required"
+        )
     (out / "tokenizer_settings.json").write_text(json.dumps({"padding_side": side}) + "\n", encoding="utf-8")
     return {**block, "kind": "tokenizers_fixed", "file": "tokenizer.json", "settings": "tokenizer_settings.json"}
 
@@ -212,16 +264,38 @@ def is_training_checkpoint(checkpoint: str) -> bool:
 
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 # open_clip config keys whose non-default values change the towers in ways the served modules do not implement
-_UNSUPPORTED_VISION = {"ls_init_value": None, "attentional_pool": False, "patch_dropout_eval": None,
-                       "pos_embed_type": "learnable", "act_kwargs": None, "block_type": None, "qk_norm": False,
-                       "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False,
-                       "scale_attn": False, "scale_fc": False}
-_UNSUPPORTED_TEXT = {"ls_init_value": None, "embed_cls": False, "act_kwargs": None, "block_type": None,
-                     "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False,
-                     "scale_attn": False, "scale_fc": False, "hf_model_name": None}
-SUPPORTED_OPEN_CLIP = ("open_clip's own ViT (class token, pool_type tok or avg, with or without ln_pre) and text "
-                       "transformer (causal or not; argmax, eos, first or last pooling; linear projection with or "
-                       "without bias), GELU or QuickGELU, any width/depth/patch size and square image size")
+_UNSUPPORTED_VISION = {
+    "ls_init_value": None,
+    "attentional_pool": False,
+    "patch_dropout_eval": None,
+    "pos_embed_type": "learnable",
+    "act_kwargs": None,
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+}
+_UNSUPPORTED_TEXT = {
+    "ls_init_value": None,
+    "embed_cls": False,
+    "act_kwargs": None,
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+    "hf_model_name": None,
+}
+SUPPORTED_OPEN_CLIP = (
+    "open_clip's own ViT (class token, pool_type tok or avg, with or without ln_pre) and text "
+    "transformer (causal or not; argmax, eos, first or last pooling; linear projection with or "
+    "without bias), GELU or QuickGELU, any width/depth/patch size and square image size"
+)
 
 
 def _refuse_unsupported(cfg: Mapping[str, Any], defaults: Mapping[str, Any], tower: str, where: str) -> None:
@@ -243,14 +317,20 @@ def open_clip_tower_configs(model_cfg: Mapping[str, Any], where: str) -> tuple[d
     supported (timm or Hugging Face towers, ResNets, layer scale, CoCa attention pooling...)."""
     v, t = dict(model_cfg.get("vision_cfg") or {}), dict(model_cfg.get("text_cfg") or {})
     if v.get("timm_model_name"):
-        raise ConvertError(f"{where}: vision tower timm_model_name={v['timm_model_name']!r} is a timm model, not "
-                           f"supported (timm is not a serving dependency); supported: {SUPPORTED_OPEN_CLIP}")
+        raise ConvertError(
+            f"{where}: vision tower timm_model_name={v['timm_model_name']!r} is a timm model, not "
+            f"supported (timm is not a serving dependency); supported: {SUPPORTED_OPEN_CLIP}"
+        )
     if isinstance(v.get("layers", 12), (list, tuple)):
-        raise ConvertError(f"{where}: the vision tower is a ModifiedResNet (layers {v['layers']}), not supported; "
-                           f"supported: {SUPPORTED_OPEN_CLIP}")
+        raise ConvertError(
+            f"{where}: the vision tower is a ModifiedResNet (layers {v['layers']}), not supported; "
+            f"supported: {SUPPORTED_OPEN_CLIP}"
+        )
     if t.get("hf_model_name"):
-        raise ConvertError(f"{where}: text tower hf_model_name={t['hf_model_name']!r} (a Hugging Face encoder) is not "
-                           f"supported; supported: {SUPPORTED_OPEN_CLIP}")
+        raise ConvertError(
+            f"{where}: text tower hf_model_name={t['hf_model_name']!r} (a Hugging Face encoder) is not "
+            f"supported; supported: {SUPPORTED_OPEN_CLIP}"
+        )
     _refuse_unsupported(v, _UNSUPPORTED_VISION, "vision", where)
     _refuse_unsupported(t, _UNSUPPORTED_TEXT, "text", where)
     act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"  # nn.GELU: the exact erf form
@@ -259,27 +339,44 @@ def open_clip_tower_configs(model_cfg: Mapping[str, Any], where: str) -> tuple[d
     pool = {"tok": "cls", "avg": "avg"}.get(v.get("pool_type", "tok"))
     if pool is None:
         raise ConvertError(f"{where}: vision pool_type {v.get('pool_type')!r} not supported (tok or avg)")
-    vision = {"image_size": _square(v.get("image_size", 224), where), "patch_size": int(v.get("patch_size", 16)),
-              "num_channels": 3, "hidden_size": vw, "num_hidden_layers": int(v.get("layers", 12)),
-              "num_attention_heads": vw // int(v.get("head_width", 64)),
-              "intermediate_size": int(vw * float(v.get("mlp_ratio", 4.0))), "hidden_act": act,
-              "layer_norm_eps": float((v.get("norm_kwargs") or {}).get("eps", 1e-5)), "class_token": True,
-              "patch_bias": False, "pre_norm": not v.get("no_ln_pre", False), "pool": pool,
-              "final_ln_after_pool": bool(v.get("final_ln_after_pool", False))}
+    vision = {
+        "image_size": _square(v.get("image_size", 224), where),
+        "patch_size": int(v.get("patch_size", 16)),
+        "num_channels": 3,
+        "hidden_size": vw,
+        "num_hidden_layers": int(v.get("layers", 12)),
+        "num_attention_heads": vw // int(v.get("head_width", 64)),
+        "intermediate_size": int(vw * float(v.get("mlp_ratio", 4.0))),
+        "hidden_act": act,
+        "layer_norm_eps": float((v.get("norm_kwargs") or {}).get("eps", 1e-5)),
+        "class_token": True,
+        "patch_bias": False,
+        "pre_norm": not v.get("no_ln_pre", False),
+        "pool": pool,
+        "final_ln_after_pool": bool(v.get("final_ln_after_pool", False)),
+    }
     tw = int(t.get("width", 512))
     text_pool = t.get("pool_type", "argmax")
     if text_pool not in ("argmax", "eos", "first", "last"):
         raise ConvertError(f"{where}: text pool_type {text_pool!r} not supported (argmax, eos, first, last)")
     if t.get("proj_type", "linear") not in ("linear", "none"):
         raise ConvertError(f"{where}: text proj_type {t.get('proj_type')!r} not supported (linear or none)")
-    text = {"vocab_size": int(t.get("vocab_size", 49408)), "max_position_embeddings": int(t.get("context_length", 77)),
-            "hidden_size": tw, "num_hidden_layers": int(t.get("layers", 12)),
-            "num_attention_heads": int(t.get("heads", 8)),
-            "intermediate_size": int(tw * float(t.get("mlp_ratio", 4.0))), "hidden_act": act,
-            "layer_norm_eps": float((t.get("norm_kwargs") or {}).get("eps", 1e-5)),
-            "eos_token_id": int(t.get("eos_id", 2)), "causal": not t.get("no_causal_mask", False), "pool": text_pool,
-            "proj_bias": bool(t.get("proj_bias", False)), "proj_type": t.get("proj_type", "linear"),
-            "pad_id": int(t.get("pad_id", 0))}
+    text = {
+        "vocab_size": int(t.get("vocab_size", 49408)),
+        "max_position_embeddings": int(t.get("context_length", 77)),
+        "hidden_size": tw,
+        "num_hidden_layers": int(t.get("layers", 12)),
+        "num_attention_heads": int(t.get("heads", 8)),
+        "intermediate_size": int(tw * float(t.get("mlp_ratio", 4.0))),
+        "hidden_act": act,
+        "layer_norm_eps": float((t.get("norm_kwargs") or {}).get("eps", 1e-5)),
+        "eos_token_id": int(t.get("eos_id", 2)),
+        "causal": not t.get("no_causal_mask", False),
+        "pool": text_pool,
+        "proj_bias": bool(t.get("proj_bias", False)),
+        "proj_type": t.get("proj_type", "linear"),
+        "pad_id": int(t.get("pad_id", 0)),
+    }
     return text, vision, embed_dim
 
 
@@ -299,8 +396,9 @@ def _open_clip_blocks(m: Mapping_, oc: str, ours: str, cfg: Mapping[str, Any]) -
     return fused
 
 
-def map_open_clip(sd: dict[str, Any], text_cfg: dict[str, Any], vision_cfg: dict[str, Any], embed_dim: int,
-                  source: str) -> tuple[list, list, float, float | None]:
+def map_open_clip(
+    sd: dict[str, Any], text_cfg: dict[str, Any], vision_cfg: dict[str, Any], embed_dim: int, source: str
+) -> tuple[list, list, float, float | None]:
     """open_clip CLIP / CustomTextCLIP state dict -> (text tensors, vision tensors, logit_scale, logit_bias)."""
     tp = "text." if any(k.startswith("text.") for k in sd) else ""  # CustomTextCLIP keeps the text tower under text.
     th, vh, vp = text_cfg["hidden_size"], vision_cfg["hidden_size"], vision_cfg["patch_size"]
@@ -330,13 +428,23 @@ def map_open_clip(sd: dict[str, Any], text_cfg: dict[str, Any], vision_cfg: dict
             raise ConvertError(f"{source}: proj_type none needs text width {th} == embed_dim {embed_dim}")
         text.append(("text_projection.weight", _identity(th)))
     elif text_cfg["proj_bias"]:
-        text += take(sd, {f"{tp}text_projection.weight": ("text_projection.weight", (embed_dim, th)),
-                          f"{tp}text_projection.bias": ("text_projection.bias", (embed_dim,))}, source)
+        text += take(
+            sd,
+            {
+                f"{tp}text_projection.weight": ("text_projection.weight", (embed_dim, th)),
+                f"{tp}text_projection.bias": ("text_projection.bias", (embed_dim,)),
+            },
+            source,
+        )
     else:
-        text += [("text_projection.weight", t.T.contiguous())
-                 for _, t in take(sd, {f"{tp}text_projection": ("p", (th, embed_dim))}, source)]
-    vision += [("visual_projection.weight", t.T.contiguous())
-               for _, t in take(sd, {"visual.proj": ("p", (vh, embed_dim))}, source)]
+        text += [
+            ("text_projection.weight", t.T.contiguous())
+            for _, t in take(sd, {f"{tp}text_projection": ("p", (th, embed_dim))}, source)
+        ]
+    vision += [
+        ("visual_projection.weight", t.T.contiguous())
+        for _, t in take(sd, {"visual.proj": ("p", (vh, embed_dim))}, source)
+    ]
     if "logit_scale" not in sd:
         raise KeyMappingError(f"{source}: missing: logit_scale")
     logit_scale = float(sd.pop("logit_scale").reshape(-1)[0])
@@ -372,16 +480,26 @@ def open_clip_image(preprocess_cfg: Mapping[str, Any], image_size: int, where: s
     if not isinstance(fill, int) or not 0 <= fill <= 255:
         raise ConvertError(f"{where}: fill_color {fill!r} not supported (one int 0..255)")
     resize["pad_fill"] = fill
-    return {"size": size, "crop_size": size, "resize_size": size, **resize, "crop_rounding": "round",
-            "resample": _INTERPOLATIONS[interpolation],
-            "mean": [float(x) for x in p.get("mean", DEFAULT_MEAN)],
-            "std": [float(x) for x in p.get("std", DEFAULT_STD)],
-            "rescale_factor": 1 / 255, "do_resize": True, "do_rescale": True, "do_normalize": True,
-            "do_convert_rgb": True}
+    return {
+        "size": size,
+        "crop_size": size,
+        "resize_size": size,
+        **resize,
+        "crop_rounding": "round",
+        "resample": _INTERPOLATIONS[interpolation],
+        "mean": [float(x) for x in p.get("mean", DEFAULT_MEAN)],
+        "std": [float(x) for x in p.get("std", DEFAULT_STD)],
+        "rescale_factor": 1 / 255,
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+    }
 
 
-def _write_open_clip_hf_tokenizer(text_cfg: Mapping[str, Any], hf_name: str, clean: str, tokenizer_dir: Path | None,
-                                  out: Path, where: str) -> dict[str, Any]:
+def _write_open_clip_hf_tokenizer(
+    text_cfg: Mapping[str, Any], hf_name: str, clean: str, tokenizer_dir: Path | None, out: Path, where: str
+) -> dict[str, Any]:
     """open_clip's HFTokenizer: the named Hugging Face tokenizer (from --tokenizer DIR, the checkpoint folder, a
     local path, or the hub), its cleaning, padding="max_length" to the context length."""
     from transformers import AutoTokenizer
@@ -392,27 +510,43 @@ def _write_open_clip_hf_tokenizer(text_cfg: Mapping[str, Any], hf_name: str, cle
     try:
         tok = AutoTokenizer.from_pretrained(str(src or resolve_checkpoint(hf_name)))
     except Exception as e:
-        raise ConvertError(f"{where}: cannot load hf_tokenizer_name {hf_name!r} ({type(e).__name__}: {e}); give "
-                           "--tokenizer DIR with its files") from e
+        raise ConvertError(
+            f"{where}: cannot load hf_tokenizer_name {hf_name!r} ({type(e).__name__}: {e}); give "
+            "--tokenizer DIR with its files"
+        ) from e
     if tok.pad_token_id is None:
         raise ConvertError(f"{where}: tokenizer {hf_name!r} has no pad token")
     if len(tok) > text_cfg["vocab_size"]:
-        raise ConvertError(f"{where}: tokenizer {hf_name!r} has {len(tok)} tokens, more than the text tower's "
-                           f"vocab_size {text_cfg['vocab_size']}")
+        raise ConvertError(
+            f"{where}: tokenizer {hf_name!r} has {len(tok)} tokens, more than the text tower's "
+            f"vocab_size {text_cfg['vocab_size']}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out))
     if not (out / "tokenizer.json").is_file():
         raise ConvertError(f"{where}: tokenizer {hf_name!r} has no fast version (tokenizer.json is required)")
     side = getattr(tok, "padding_side", "right")
-    (out / "tokenizer_settings.json").write_text(json.dumps({"clean": clean, "padding_side": side}) + "\n",
-                                                 encoding="utf-8")
-    return {"dir": "tokenizer", "kind": "open_clip_hf", "file": "tokenizer.json", "settings": "tokenizer_settings.json",
-            "max_length": int(text_cfg["max_position_embeddings"]), "pad_token_id": int(tok.pad_token_id),
-            "padding": "max_length"}
+    (out / "tokenizer_settings.json").write_text(
+        json.dumps({"clean": clean, "padding_side": side}) + "\n", encoding="utf-8"
+    )
+    return {
+        "dir": "tokenizer",
+        "kind": "open_clip_hf",
+        "file": "tokenizer.json",
+        "settings": "tokenizer_settings.json",
+        "max_length": int(text_cfg["max_position_embeddings"]),
+        "pad_token_id": int(tok.pad_token_id),
+        "padding": "max_length",
+    }
 
 
-def write_open_clip_tokenizer(text_cfg: Mapping[str, Any], raw_text_cfg: Mapping[str, Any], out: Path,
-                              where: str, tokenizer_dir: Path | None = None) -> dict[str, Any]:
+def write_open_clip_tokenizer(
+    text_cfg: Mapping[str, Any],
+    raw_text_cfg: Mapping[str, Any],
+    out: Path,
+    where: str,
+    tokenizer_dir: Path | None = None,
+) -> dict[str, Any]:
     """open_clip's default tokenizer: OpenAI's BPE (bpe_simple_vocab_16e6.txt.gz from the pinned open_clip_torch
     wheel), ftfy + HTML unescape + whitespace clean + lower-case, [SOT] text [EOT], pad id 0, context length."""
     import zipfile
@@ -424,28 +558,44 @@ def write_open_clip_tokenizer(text_cfg: Mapping[str, Any], raw_text_cfg: Mapping
     clean = kwargs.get("clean", "whitespace" if hf_name else "lower")
     odd = {k: v for k, v in kwargs.items() if k != "clean" and v}
     if clean not in ("lower", "whitespace", "canonicalize") or odd or raw_text_cfg.get("tokenizer_mode"):
-        raise ConvertError(f"{where}: tokenizer options {kwargs} / tokenizer_mode "
-                           f"{raw_text_cfg.get('tokenizer_mode')!r} not supported (clean: lower, whitespace or "
-                           "canonicalize)")
+        raise ConvertError(
+            f"{where}: tokenizer options {kwargs} / tokenizer_mode "
+            f"{raw_text_cfg.get('tokenizer_mode')!r} not supported (clean: lower, whitespace or "
+            "canonicalize)"
+        )
     if hf_name:
         return _write_open_clip_hf_tokenizer(text_cfg, hf_name, clean, tokenizer_dir, out, where)
     if text_cfg["vocab_size"] != 49408:
-        raise ConvertError(f"{where}: vocab_size {text_cfg['vocab_size']} does not match open_clip's BPE (49408) and "
-                           "no hf_tokenizer_name is given")
+        raise ConvertError(
+            f"{where}: vocab_size {text_cfg['vocab_size']} does not match open_clip's BPE (49408) and "
+            "no hf_tokenizer_name is given"
+        )
     out.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(open_clip_wheel()) as zf:
         (out / "bpe_simple_vocab_16e6.txt.gz").write_bytes(zf.read(BPE_MEMBER))
     settings = {"clean": clean, "pad_id": int(text_cfg["pad_id"])}
     (out / "tokenizer_settings.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     kind = "open_clip_bpe" if text_cfg["causal"] else "open_clip_bpe_fixed"
-    return {"dir": "tokenizer", "kind": kind, "file": "bpe_simple_vocab_16e6.txt.gz",
-            "settings": "tokenizer_settings.json", "max_length": int(text_cfg["max_position_embeddings"]),
-            "pad_token_id": int(text_cfg["pad_id"]), "padding": "longest" if text_cfg["causal"] else "max_length"}
+    return {
+        "dir": "tokenizer",
+        "kind": kind,
+        "file": "bpe_simple_vocab_16e6.txt.gz",
+        "settings": "tokenizer_settings.json",
+        "max_length": int(text_cfg["max_position_embeddings"]),
+        "pad_token_id": int(text_cfg["pad_id"]),
+        "padding": "longest" if text_cfg["causal"] else "max_length",
+    }
 
 
-def _open_clip_converted(checkpoint: str, model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any],
-                         sd: dict[str, Any], family: str, source: str,
-                         tokenizer_dir: Path | None = None) -> Converted:
+def _open_clip_converted(
+    checkpoint: str,
+    model_cfg: Mapping[str, Any],
+    preprocess_cfg: Mapping[str, Any],
+    sd: dict[str, Any],
+    family: str,
+    source: str,
+    tokenizer_dir: Path | None = None,
+) -> Converted:
     text_cfg, vision_cfg, embed_dim = open_clip_tower_configs(model_cfg, source)
     if not text_cfg["causal"] and text_cfg["pool"] not in ("last", "first"):
         log.debug("bidirectional text tower pooled at %s", text_cfg["pool"])
@@ -453,18 +603,28 @@ def _open_clip_converted(checkpoint: str, model_cfg: Mapping[str, Any], preproce
     text, vision, logit_scale, logit_bias = map_open_clip(sd, text_cfg, vision_cfg, embed_dim, source)
     raw_text = dict(model_cfg.get("text_cfg") or {})
     return Converted(
-        family=family, text=text, vision=vision, text_arch="clip_text", pooling=text_cfg["pool"], text_cfg=text_cfg,
-        vision_cfg=vision_cfg, projection_dim=embed_dim, logit_scale=logit_scale, logit_bias=logit_bias,
+        family=family,
+        text=text,
+        vision=vision,
+        text_arch="clip_text",
+        pooling=text_cfg["pool"],
+        text_cfg=text_cfg,
+        vision_cfg=vision_cfg,
+        projection_dim=embed_dim,
+        logit_scale=logit_scale,
+        logit_bias=logit_bias,
         scoring="sigmoid" if logit_bias is not None else "softmax",
         write_tokenizer=lambda out: write_open_clip_tokenizer(text_cfg, raw_text, out, source, tokenizer_dir),
-        image=image, sources={"text": str(checkpoint), "vision": str(checkpoint)},
-        source_name=_source_name(checkpoint))
+        image=image,
+        sources={"text": str(checkpoint), "vision": str(checkpoint)},
+        source_name=_source_name(checkpoint),
+    )
 
 
 def _strip_module(sd: dict[str, Any]) -> dict[str, Any]:
     """DistributedDataParallel's `module.` prefix off every key (open_clip's training checkpoints keep it)."""
     if sd and all(k.startswith("module.") for k in sd):
-        return {k[len("module."):]: v for k, v in sd.items()}
+        return {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -482,10 +642,13 @@ def open_clip_hub(checkpoint: str, src: Path, allow_pickle: bool, tokenizer: str
     elif (src / OPEN_CLIP_WEIGHTS[1]).is_file():
         sd = _load_pickle(src / OPEN_CLIP_WEIGHTS[1], allow_pickle)
     else:
-        raise ConvertError(f"{src}: an open_clip hub folder needs {OPEN_CLIP_WEIGHTS[0]} or {OPEN_CLIP_WEIGHTS[1]} "
-                           "beside open_clip_config.json")
-    return _open_clip_converted(checkpoint, cfg["model_cfg"], cfg.get("preprocess_cfg") or {}, _strip_module(sd),
-                                "open_clip", str(src), tok_dir)
+        raise ConvertError(
+            f"{src}: an open_clip hub folder needs {OPEN_CLIP_WEIGHTS[0]} or {OPEN_CLIP_WEIGHTS[1]} "
+            "beside open_clip_config.json"
+        )
+    return _open_clip_converted(
+        checkpoint, cfg["model_cfg"], cfg.get("preprocess_cfg") or {}, _strip_module(sd), "open_clip", str(src), tok_dir
+    )
 
 
 def _tokenizer_dir(tokenizer: str | None, folder: Path | None) -> Path | None:
@@ -502,8 +665,10 @@ def _tokenizer_dir(tokenizer: str | None, folder: Path | None) -> Path | None:
 
 def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, Any]:
     if not allow_pickle:
-        raise ConvertError(f"{path}: pickle checkpoints can run arbitrary code when loaded; convert it to "
-                           "safetensors, or pass --allow-pickle if you trust its source")
+        raise ConvertError(
+            f"{path}: pickle checkpoints can run arbitrary code when loaded; convert it to "
+            "safetensors, or pass --allow-pickle if you trust its source"
+        )
     import torch
 
     log.warning("loading pickle checkpoint %s (--allow-pickle)", path)
@@ -534,27 +699,41 @@ def open_clip_model_config(name_or_file: str) -> dict[str, Any]:
             base = base[: -len("-quickgelu")]
         if base not in names:
             close = [n for n in sorted(names) if n.lower().startswith(name_or_file.lower()[:5])][:10]
-            raise ConvertError(f"--model-config {name_or_file!r}: not one of open_clip's model configs "
-                               f"(e.g. {', '.join(close) or 'ViT-B-32'}) and not a JSON file")
+            raise ConvertError(
+                f"--model-config {name_or_file!r}: not one of open_clip's model configs "
+                f"(e.g. {', '.join(close) or 'ViT-B-32'}) and not a JSON file"
+            )
         cfg = json.loads(zf.read(names[base]))
     if base != name_or_file:
         cfg["quick_gelu"] = True
     return cfg
 
 
-def open_clip_training(checkpoint: str, model_config: str | None, allow_pickle: bool,
-                       tokenizer: str | None) -> Converted:
+def open_clip_training(
+    checkpoint: str, model_config: str | None, allow_pickle: bool, tokenizer: str | None
+) -> Converted:
     """An open_clip training checkpoint (epoch_N.pt: {"state_dict": ...}) with the model config it was trained with."""
     from safetensors.torch import load_file
 
     path = Path(checkpoint).expanduser()
     if not path.is_file():
-        raise ConvertError(f"{checkpoint}: --model-config is for open_clip training checkpoints (a file such as "
-                           "epoch_32.pt); no such file")
+        raise ConvertError(
+            f"{checkpoint}: --model-config is for open_clip training checkpoints (a file such as "
+            "epoch_32.pt); no such file"
+        )
     if not model_config:
-        raise ConvertError(f"{checkpoint}: an open_clip training checkpoint carries no config: give --model-config "
-                           "with the open_clip model name it was trained with (e.g. ViT-B-32) or a JSON file")
+        raise ConvertError(
+            f"{checkpoint}: an open_clip training checkpoint carries no config: give --model-config "
+            "with the open_clip model name it was trained with (e.g. ViT-B-32) or a JSON file"
+        )
     cfg = open_clip_model_config(model_config)
     sd = load_file(str(path)) if path.suffix == ".safetensors" else _load_pickle(path, allow_pickle)
-    return _open_clip_converted(checkpoint, cfg, cfg.get("preprocess_cfg") or {}, _strip_module(sd), "open_clip",
-                                str(path), _tokenizer_dir(tokenizer, None))
+    return _open_clip_converted(
+        checkpoint,
+        cfg,
+        cfg.get("preprocess_cfg") or {},
+        _strip_module(sd),
+        "open_clip",
+        str(path),
+        _tokenizer_dir(tokenizer, None),
+    )

@@ -43,11 +43,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clip-triton"
 
 
-def pinned_wheel(requirement: str, filename: str, sha256: str, dest: str | os.PathLike,
-                 pip_args: Sequence[str] = ()) -> Path:
+def pinned_wheel(
+    requirement: str, filename: str, sha256: str, dest: str | os.PathLike, pip_args: Sequence[str] = ()
+) -> Path:
     """`dest/filename`, downloaded (no deps, binary only, pip --require-hashes) when absent; sha256 checked every use.
 
-    requirement: e.g. "open_clip_torch==3.3.0"; pip_args: e.g. ("--platform", "manylinux1_x86_64", "--python-version", "3").
+    requirement: e.g. "open_clip_torch==3.3.0";
+    pip_args: e.g. ("--platform", "manylinux1_x86_64", "--python-version", "3").
     """
     dest = Path(dest)
     path = dest / filename
@@ -57,8 +59,22 @@ def pinned_wheel(requirement: str, filename: str, sha256: str, dest: str | os.Pa
         with tempfile.TemporaryDirectory(dir=dest) as tmp:  # an empty folder: only pip's download lands there
             req = Path(tmp) / "requirements.txt"
             req.write_text(f"{requirement} --hash=sha256:{sha256}\n", encoding="utf-8")
-            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
-                   "--require-hashes", "-r", str(req), "-d", str(Path(tmp) / "dl"), *pip_args]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--require-hashes",
+                "-r",
+                str(req),
+                "-d",
+                str(Path(tmp) / "dl"),
+                *pip_args,
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             got = Path(tmp) / "dl" / filename
             if done.returncode != 0 or not got.is_file():
@@ -66,6 +82,7 @@ def pinned_wheel(requirement: str, filename: str, sha256: str, dest: str | os.Pa
             shutil.move(str(got), str(path))
     digest = sha256_file(path)
     if digest != sha256:
-        raise PinnedWheelError(f"{path}: sha256 {digest} is not the pinned {sha256} of {requirement}; "
-                               "delete the file to download it again")
+        raise PinnedWheelError(
+            f"{path}: sha256 {digest} is not the pinned {sha256} of {requirement}; delete the file to download it again"
+        )
     return path

@@ -30,8 +30,12 @@ class DtypeChoice:
 
     def as_dict(self) -> dict:
         """JSON-ready fields."""
-        return {"requested": "auto", "dtype": self.dtype, "reason": self.reason,
-                "calibration_bf16_speedup": None if self.speedup is None else round(self.speedup, 2)}
+        return {
+            "requested": "auto",
+            "dtype": self.dtype,
+            "reason": self.reason,
+            "calibration_bf16_speedup": None if self.speedup is None else round(self.speedup, 2),
+        }
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -83,15 +87,22 @@ def cuda_bf16() -> bool | None:
     return bool(torch.cuda.is_bf16_supported())
 
 
-def choose_dtype(instance_kind: str, *, flags: set[str] | None = None,
-                 calibrate: Callable[[], float] = calibrate_bf16,
-                 gpu_bf16: Callable[[], bool | None] = cuda_bf16) -> DtypeChoice:
+def choose_dtype(
+    instance_kind: str,
+    *,
+    flags: set[str] | None = None,
+    calibrate: Callable[[], float] = calibrate_bf16,
+    gpu_bf16: Callable[[], bool | None] = cuda_bf16,
+) -> DtypeChoice:
     """The encoders' dtype for `instance_kind` ("cpu" | "gpu") on this machine (see the module docstring)."""
     if instance_kind == "gpu":
         native = gpu_bf16()
         if native is None:
-            return DtypeChoice("bf16", "GPU build, no CUDA device visible to the build: bf16 (Ampere or newer "
-                               "assumed; pass --dtype fp16 for older GPUs)")
+            return DtypeChoice(
+                "bf16",
+                "GPU build, no CUDA device visible to the build: bf16 (Ampere or newer "
+                "assumed; pass --dtype fp16 for older GPUs)",
+            )
         if native:
             return DtypeChoice("bf16", "GPU build: the visible GPU runs bf16 natively")
         return DtypeChoice("fp16", "GPU build: the visible GPU lacks native bf16 (pre-Ampere): fp16")
@@ -100,14 +111,25 @@ def choose_dtype(instance_kind: str, *, flags: set[str] | None = None,
     flags = cpu_flags() if flags is None else flags
     native = [f for f in NATIVE_BF16_FLAGS if f in flags]
     if not native:
-        return DtypeChoice("fp32", f"CPU build: this CPU has no native bf16 ({' / '.join(NATIVE_BF16_FLAGS)} "
-                           "absent), where bf16 runs slower than fp32: fp32")
+        return DtypeChoice(
+            "fp32",
+            f"CPU build: this CPU has no native bf16 ({' / '.join(NATIVE_BF16_FLAGS)} "
+            "absent), where bf16 runs slower than fp32: fp32",
+        )
     speedup = calibrate()
     if speedup >= BF16_MIN_SPEEDUP:
-        return DtypeChoice("bf16", f"CPU build: {', '.join(native)} present and bf16 measured {speedup:.2f}x fp32 "
-                           f"(>= {BF16_MIN_SPEEDUP}x): bf16", speedup)
-    return DtypeChoice("fp32", f"CPU build: {', '.join(native)} present but bf16 measured only {speedup:.2f}x fp32 "
-                       f"(< {BF16_MIN_SPEEDUP}x): fp32", speedup)
+        return DtypeChoice(
+            "bf16",
+            f"CPU build: {', '.join(native)} present and bf16 measured {speedup:.2f}x fp32 "
+            f"(>= {BF16_MIN_SPEEDUP}x): bf16",
+            speedup,
+        )
+    return DtypeChoice(
+        "fp32",
+        f"CPU build: {', '.join(native)} present but bf16 measured only {speedup:.2f}x fp32 "
+        f"(< {BF16_MIN_SPEEDUP}x): fp32",
+        speedup,
+    )
 
 
 def resolve_dtype(dtype: str, instance_kind: str) -> tuple[str, DtypeChoice | None]:

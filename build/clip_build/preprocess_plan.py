@@ -62,8 +62,13 @@ def parse_instances(text: str) -> tuple[int, int] | None:
     return counts[0], counts[1] if len(counts) == 2 else 1
 
 
-def plan_preprocessing(instance_kind: str = "cpu", image_decode: str = "cpu", instances: str = "auto",
-                       decode_threads: int | None = None, cores: int | None = None) -> PreprocessPlan:
+def plan_preprocessing(
+    instance_kind: str = "cpu",
+    image_decode: str = "cpu",
+    instances: str = "auto",
+    decode_threads: int | None = None,
+    cores: int | None = None,
+) -> PreprocessPlan:
     """The plan for a build (see the module docstring); ValueError for a bad combination or count."""
     if image_decode not in IMAGE_DECODES:
         raise ValueError(f"image_decode must be one of {IMAGE_DECODES}, not {image_decode!r}")
@@ -78,7 +83,16 @@ def plan_preprocessing(instance_kind: str = "cpu", image_decode: str = "cpu", in
         image, text, threads = 1, 1, 0
     else:
         text, threads = max(1, cores // 8), AUTO_DECODE_THREADS
-        image = (min(MAX_GPU_DECODE_INSTANCES, max(1, cores // 4)) if image_decode == "gpu"
-                 else min(MAX_CPU_DECODE_INSTANCES, max(1, cores // AUTO_DECODE_THREADS)))
-    return PreprocessPlan(image, text, threads if decode_threads is None else int(decode_threads), image_decode,
-                          "auto" if explicit is None else "explicit", cores)
+        image = (
+            min(MAX_GPU_DECODE_INSTANCES, max(1, cores // 4))
+            if image_decode == "gpu"
+            else min(MAX_CPU_DECODE_INSTANCES, max(1, cores // AUTO_DECODE_THREADS))
+        )
+    return PreprocessPlan(
+        image,
+        text,
+        threads if decode_threads is None else int(decode_threads),
+        image_decode,
+        "auto" if explicit is None else "explicit",
+        cores,
+    )

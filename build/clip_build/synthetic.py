@@ -98,8 +98,12 @@ def _write_preprocessor(out: Path, size: int) -> None:
     """preprocessor_config.json as CLIPImageProcessor writes it."""
     from transformers import CLIPImageProcessor
 
-    proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                              image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    proc = CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
     proc.save_pretrained(str(out))
 
 
@@ -134,10 +138,22 @@ def siglip_tokenizer(out: Path, model_max_length: int):
     from transformers import SiglipTokenizer
 
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(SPM_CORPUS.split(" . ") * 4), model_writer=model,
-                                   vocab_size=120, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0,
-                                   num_threads=1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SPM_CORPUS.split(" . ") * 4),
+        model_writer=model,
+        vocab_size=120,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "spiece.model").write_bytes(model.getvalue())
     return SiglipTokenizer(vocab_file=str(out / "spiece.model"), model_max_length=model_max_length)
@@ -147,8 +163,9 @@ def _write_siglip_processor(out: Path, tok, size: int) -> None:
     """SiglipProcessor.save_pretrained: SiglipImageProcessor squashing to size x size, mean/std 0.5, + the tokenizer."""
     from transformers import SiglipImageProcessor, SiglipProcessor
 
-    SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": size, "width": size}),
-                    tokenizer=tok).save_pretrained(str(out))
+    SiglipProcessor(
+        image_processor=SiglipImageProcessor(size={"height": size, "width": size}), tokenizer=tok
+    ).save_pretrained(str(out))
 
 
 def _siglip_model(out: Path, base: bool):
@@ -160,15 +177,35 @@ def _siglip_model(out: Path, base: bool):
     tok = siglip_tokenizer(out, context)
     if base:  # google/siglip-base-patch16-224's shapes
         text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-        vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                      image_size=224, patch_size=16)
+        vision = dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=16,
+        )
     else:
-        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    projection_size=48)
-        vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      image_size=40, patch_size=8)
-    text.update(vocab_size=len(tok), max_position_embeddings=context, hidden_act="gelu_pytorch_tanh",
-                layer_norm_eps=1e-6, pad_token_id=1, eos_token_id=1, bos_token_id=None)
+        text = dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_size=48
+        )
+        vision = dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=40,
+            patch_size=8,
+        )
+    text.update(
+        vocab_size=len(tok),
+        max_position_embeddings=context,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+        pad_token_id=1,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
     vision.update(hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
     model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
     with torch.no_grad():  # init gives bias -10: every sigmoid ~0; a bias near 0 makes the probabilities tell
@@ -178,10 +215,26 @@ def _siglip_model(out: Path, base: bool):
 
 def _vision_cfg(size: str) -> dict:
     if size == "base":  # ViT-B/32
-        return dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                    image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                image_size=32, patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+        return dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=32,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        )
+    return dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
 
 
 def make_random_checkpoint(out_dir: str | os.PathLike, family: str, size: str = "tiny", seed: int = 0) -> Path:
@@ -201,22 +254,46 @@ def make_random_checkpoint(out_dir: str | os.PathLike, family: str, size: str = 
         tok = clip_tokenizer()
         text = dict(vocab_size=len(tok), max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
         if base:  # the real openai/clip-vit-base-patch32 text config (including its legacy eos_token_id=2)
-            text.update(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
-                        bos_token_id=0, eos_token_id=2, pad_token_id=1)
+            text.update(
+                hidden_size=512,
+                intermediate_size=2048,
+                num_hidden_layers=12,
+                num_attention_heads=8,
+                bos_token_id=0,
+                eos_token_id=2,
+                pad_token_id=1,
+            )
         else:  # modern config: pool at the first eos_token_id
-            text.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+            text.update(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=1,
+            )
         cfg = CLIPConfig(text_config=text, vision_config=_vision_cfg(size), projection_dim=512 if base else 24)
         model = CLIPModel(cfg)
     elif family == "chinese_clip":
         tok = bert_tokenizer(model_max_length=52 if not base else 512)
         text = dict(vocab_size=len(tok), type_vocab_size=2, pad_token_id=0, hidden_act="gelu", layer_norm_eps=1e-12)
         if base:
-            text.update(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                        max_position_embeddings=512)
+            text.update(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=512,
+            )
         else:
-            text.update(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                        max_position_embeddings=64)
+            text.update(
+                hidden_size=48,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+            )
         cfg = ChineseCLIPConfig(text_config=text, vision_config=_vision_cfg(size), projection_dim=512 if base else 24)
         model = ChineseCLIPModel(cfg)
     elif family == "siglip":
@@ -225,11 +302,21 @@ def make_random_checkpoint(out_dir: str | os.PathLike, family: str, size: str = 
         tok = bert_tokenizer(model_max_length=64 if not base else 512)
         kw = dict(vocab_size=len(tok), type_vocab_size=2, pad_token_id=0, hidden_act="gelu", layer_norm_eps=1e-12)
         if base:
-            kw.update(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
-                      max_position_embeddings=512)
+            kw.update(
+                hidden_size=384,
+                intermediate_size=1536,
+                num_hidden_layers=6,
+                num_attention_heads=12,
+                max_position_embeddings=512,
+            )
         else:
-            kw.update(hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                      max_position_embeddings=64)
+            kw.update(
+                hidden_size=40,
+                intermediate_size=80,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+            )
         model = BertModel(BertConfig(**kw))
     with torch.no_grad():  # perturb LayerNorm/bias params so they are not all 0/1 (parity must exercise them)
         g = torch.Generator().manual_seed(seed + 1)

@@ -52,10 +52,16 @@ def _capped(tuning: EncoderTuning, max_batch_size: int) -> EncoderTuning:
     return replace(tuning, preferred=tuple(b for b in tuning.preferred if b <= max_batch_size))
 
 
-def encoder_tuning(instance_kind: str = "cpu", cores: int | None = None, max_batch_size: int = 64, *,
-                   instances: int | None = None, threads: int | None = None,
-                   preferred: tuple[int, ...] | list[int] | None = None,
-                   queue_delay_us: int | None = None) -> dict[str, EncoderTuning]:
+def encoder_tuning(
+    instance_kind: str = "cpu",
+    cores: int | None = None,
+    max_batch_size: int = 64,
+    *,
+    instances: int | None = None,
+    threads: int | None = None,
+    preferred: tuple[int, ...] | list[int] | None = None,
+    queue_delay_us: int | None = None,
+) -> dict[str, EncoderTuning]:
     """The defaults for this kind and core count, with every given override applied to both encoders."""
     if instances is not None and instances < 1:
         raise ValueError(f"instance count must be >= 1, not {instances}")
@@ -65,8 +71,12 @@ def encoder_tuning(instance_kind: str = "cpu", cores: int | None = None, max_bat
         raise ValueError(f"preferred batch sizes must be 1..max_batch_size ({max_batch_size}), not {list(preferred)}")
     if queue_delay_us is not None and queue_delay_us < 0:
         raise ValueError(f"queue delay must be >= 0 us, not {queue_delay_us}")
-    given = {"instances": instances, "threads": threads, "queue_delay_us": queue_delay_us,
-             "preferred": None if preferred is None else tuple(sorted(set(preferred)))}
+    given = {
+        "instances": instances,
+        "threads": threads,
+        "queue_delay_us": queue_delay_us,
+        "preferred": None if preferred is None else tuple(sorted(set(preferred))),
+    }
     overrides = {k: v for k, v in given.items() if v is not None}
     tuning = default_tuning(instance_kind, node_cores() if cores is None else cores, max_batch_size)
     return {name: replace(t, **overrides) for name, t in tuning.items()}

@@ -19,15 +19,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .files import sha256_file  # noqa: F401 - re-exported: convert and export take it from here
+from .files import sha256_file  # re-exported: convert and export take it from here
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 METADATA_KEY = b"clip_triton"
-SCHEMA = pa.schema([("name", pa.string()), ("dtype", pa.string()), ("shape", pa.list_(pa.int64())), ("data", pa.binary())])
+SCHEMA = pa.schema(
+    [("name", pa.string()), ("dtype", pa.string()), ("shape", pa.list_(pa.int64())), ("data", pa.binary())]
+)
 # dtype name -> numpy dtype; bfloat16 has no numpy dtype and is carried as raw uint16 bits.
-_NUMPY = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "bfloat16": "<u2", "int64": "<i8", "int32": "<i4",
-          "int8": "i1", "uint8": "u1", "bool": "?"}
+_NUMPY = {
+    "float32": "<f4",
+    "float16": "<f2",
+    "float64": "<f8",
+    "bfloat16": "<u2",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int8": "i1",
+    "uint8": "u1",
+    "bool": "?",
+}
 
 
 class WeightsError(Exception):
@@ -69,8 +80,9 @@ def _torch_int16():
     return torch.int16
 
 
-def write_parquet(path: str | os.PathLike, tensors: Iterable[tuple[str, Any]], meta: Mapping[str, Any],
-                  progress: Any = None) -> str:
+def write_parquet(
+    path: str | os.PathLike, tensors: Iterable[tuple[str, Any]], meta: Mapping[str, Any], progress: Any = None
+) -> str:
     """Write (name, tensor) pairs one row group each with file metadata `clip_triton`; return the file's sha256."""
     path = Path(path)
     schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(dict(meta), sort_keys=True).encode()})
@@ -82,7 +94,9 @@ def write_parquet(path: str | os.PathLike, tensors: Iterable[tuple[str, Any]], m
                 raise WeightsFormatError(f"duplicate tensor name {name!r}")
             seen.add(name)
             n, dtype, shape, data = _to_record(name, tensor)
-            table = pa.Table.from_pydict({"name": [n], "dtype": [dtype], "shape": [shape], "data": [data]}, schema=schema)
+            table = pa.Table.from_pydict(
+                {"name": [n], "dtype": [dtype], "shape": [shape], "data": [data]}, schema=schema
+            )
             writer.write_table(table)  # one row group per tensor
             if progress is not None:
                 progress.update(1)
@@ -174,7 +188,9 @@ def write_manifest(weights_dir: str | os.PathLike, manifest: Mapping[str, Any]) 
     return path
 
 
-def verify_files(weights_dir: str | os.PathLike, manifest: Mapping[str, Any], files: Iterable[str] | None = None) -> None:
+def verify_files(
+    weights_dir: str | os.PathLike, manifest: Mapping[str, Any], files: Iterable[str] | None = None
+) -> None:
     """Raise WeightsIntegrityError if any listed file (default: all in manifest["files"]) is missing or altered."""
     root = Path(weights_dir)
     recorded: Mapping[str, str] = manifest.get("files") or {}
@@ -188,12 +204,15 @@ def verify_files(weights_dir: str | os.PathLike, manifest: Mapping[str, Any], fi
         actual = sha256_file(path)
         if actual != recorded[name]:
             raise WeightsIntegrityError(
-                f"{path}: sha256 {actual[:16]}... differs from {recorded[name][:16]}... recorded at convert time")
+                f"{path}: sha256 {actual[:16]}... differs from {recorded[name][:16]}... recorded at convert time"
+            )
     if files is None and compute_model_id(recorded) != manifest.get("model_id"):
         raise WeightsIntegrityError(f"{root}: model_id {manifest.get('model_id')} does not match the files' sha256s")
 
 
-def load_manifest(weights_dir: str | os.PathLike, verify: bool = True, files: Iterable[str] | None = None) -> dict[str, Any]:
+def load_manifest(
+    weights_dir: str | os.PathLike, verify: bool = True, files: Iterable[str] | None = None
+) -> dict[str, Any]:
     """Read WEIGHTS_DIR/manifest.json; with verify, check the sha256 of `files` (default: every recorded file)."""
     path = Path(weights_dir) / MANIFEST
     if not path.is_file():
@@ -203,7 +222,9 @@ def load_manifest(weights_dir: str | os.PathLike, verify: bool = True, files: It
     except json.JSONDecodeError as e:
         raise WeightsFormatError(f"{path}: invalid JSON ({e})") from e
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise WeightsFormatError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise WeightsFormatError(
+            f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     if verify:
         verify_files(weights_dir, manifest, files)
     return manifest

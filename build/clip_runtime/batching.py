@@ -123,8 +123,15 @@ def execute_batched(
     return _fill_empty(pb_utils, responses, first)
 
 
-def _compute(pb_utils: Any, live: dict[int, list[Any]], compute: Callable, rows: Callable | None,
-             logger: Any, tensor: Callable[[str, Any], Any], per_request: Callable | None = None) -> dict[int, Any]:
+def _compute(
+    pb_utils: Any,
+    live: dict[int, list[Any]],
+    compute: Callable,
+    rows: Callable | None,
+    logger: Any,
+    tensor: Callable[[str, Any], Any],
+    per_request: Callable | None = None,
+) -> dict[int, Any]:
     """Responses of the `live` requests (request -> its good items) from ONE compute call, its outputs split back.
 
     When that call fails and several requests took part, each is computed alone, so one request that makes the
@@ -154,7 +161,8 @@ def _compute(pb_utils: Any, live: dict[int, list[Any]], compute: Callable, rows:
         extra = per_request(items) if per_request is not None else {}
         answered[r] = pb_utils.InferenceResponse(
             output_tensors=[tensor(name, array[lo:hi]) for name, array in outputs.items()]
-            + [pb_utils.Tensor(name, array) for name, array in extra.items()])
+            + [pb_utils.Tensor(name, array) for name, array in extra.items()]
+        )
     return answered
 
 

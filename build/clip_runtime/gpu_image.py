@@ -46,13 +46,14 @@ class GpuImagePreprocessor:
         self.routed = {"gpu": 0, "cpu": 0, "refused": 0}  # items per path since start (nvJPEG refusals included)
 
     @classmethod
-    def for_instance(cls, cpu: ImagePreprocessor, kind: str, device_id: int) -> "GpuImagePreprocessor":
+    def for_instance(cls, cpu: ImagePreprocessor, kind: str, device_id: int) -> GpuImagePreprocessor:
         """The preprocessor of a KIND_GPU instance, after decoding a probe JPEG there; GpuDecodeUnavailable if not."""
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if kind != "GPU" or device_id >= count:
             raise GpuDecodeUnavailable(
                 f"image_decode=gpu needs a KIND_GPU instance on a CUDA device torch can see (instance kind {kind}, "
-                f"device {device_id}; torch {torch.__version__} sees {count} CUDA device(s))")
+                f"device {device_id}; torch {torch.__version__} sees {count} CUDA device(s))"
+            )
         torch.cuda.set_device(device_id)
         gpu = cls(cpu, torch.device("cuda", device_id))
         probe = io.BytesIO()
@@ -60,8 +61,9 @@ class GpuImagePreprocessor:
         try:
             gpu.decode([probe.getvalue()], strict=True)
         except RuntimeError as exc:
-            raise GpuDecodeUnavailable(f"torchvision {torchvision_version} cannot decode JPEGs on {gpu.device} "
-                                       f"(nvJPEG): {exc}") from exc
+            raise GpuDecodeUnavailable(
+                f"torchvision {torchvision_version} cannot decode JPEGs on {gpu.device} (nvJPEG): {exc}"
+            ) from exc
         return gpu
 
     # ---- routing (CPU, cheap: headers only)
@@ -111,7 +113,7 @@ class GpuImagePreprocessor:
         for (height, width), members in groups.items():
             per_call = max(1, CHUNK_PIXELS // (height * width))
             for lo in range(0, len(members), per_call):
-                chunk = members[lo:lo + per_call]
+                chunk = members[lo : lo + per_call]
                 for i, pixels in zip(chunk, self._resize_crop(torch.stack([images[i] for i in chunk]))):
                     out[i] = pixels
         return out
@@ -132,7 +134,7 @@ class GpuImagePreprocessor:
             top, left = int(round((height - cfg.crop_size) / 2.0)), int(round((width - cfg.crop_size) / 2.0))
         else:
             top, left = (height - cfg.crop_size) // 2, (width - cfg.crop_size) // 2
-        return resized[:, :, top:top + cfg.crop_size, left:left + cfg.crop_size]  # (n, 3, S, S)
+        return resized[:, :, top : top + cfg.crop_size, left : left + cfg.crop_size]  # (n, 3, S, S)
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, S, S] -> float32 [N, 3, S, S] through the CPU path's lookup table (the same float32 values)."""
@@ -165,8 +167,11 @@ class GpuImagePreprocessor:
         self.routed["cpu"] += len(to_cpu)
         on_cpu = self.cpu.load_many([items[j] for j in to_cpu], pool, catch=Exception)  # uint8 (S, S, 3) or the error
         for j, array in zip(to_cpu, on_cpu):
-            results[j] = array if isinstance(array, BaseException) else (
-                torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).to(self.device))  # (3, S, S)
+            results[j] = (
+                array
+                if isinstance(array, BaseException)
+                else (torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).to(self.device))
+            )  # (3, S, S)
         return results
 
     def finish(self, good: Sequence[torch.Tensor]) -> torch.Tensor:

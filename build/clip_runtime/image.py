@@ -97,8 +97,10 @@ class ImagePreprocessor:
         if not self.formats:
             raise ValueError("allowed_formats is empty")
         if self.cfg.resample not in FILTERS:
-            raise ValueError(f"resample {self.cfg.resample} is not supported: one of {sorted(FILTERS)} (Pillow's "
-                             "convolution filters; 0 = nearest is not)")
+            raise ValueError(
+                f"resample {self.cfg.resample} is not supported: one of {sorted(FILTERS)} (Pillow's "
+                "convolution filters; 0 = nearest is not)"
+            )
         if Image.MAX_IMAGE_PIXELS is not None and self.cfg.max_pixels > Image.MAX_IMAGE_PIXELS:
             # our max_pixels is the authority; Pillow's own bomb check would refuse below it
             Image.MAX_IMAGE_PIXELS = self.cfg.max_pixels
@@ -179,7 +181,9 @@ class ImagePreprocessor:
         if height <= 0 or width <= 0:
             raise InvalidInputError(f".npy image has an empty size {tuple(shape)}")
         if height * width > self.cfg.max_pixels:
-            raise InvalidInputError(f".npy image has {height * width} pixels, more than the limit of {self.cfg.max_pixels}")
+            raise InvalidInputError(
+                f".npy image has {height * width} pixels, more than the limit of {self.cfg.max_pixels}"
+            )
         self._check_aspect(width, height)
         fp.seek(0)
         try:
@@ -203,8 +207,9 @@ class ImagePreprocessor:
     def _check_aspect(self, width: int, height: int) -> None:
         """Refuse (from the header, before decoding) an image whose long side exceeds max_aspect_ratio x its short."""
         if max(width, height) > self.cfg.max_aspect_ratio * min(width, height):
-            raise InvalidInputError(f"image is {width}x{height}: its aspect ratio is more than the limit of "
-                                    f"{self.cfg.max_aspect_ratio}:1")
+            raise InvalidInputError(
+                f"image is {width}x{height}: its aspect ratio is more than the limit of {self.cfg.max_aspect_ratio}:1"
+            )
 
     def resize_crop(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> uint8 [S, S, 3]: PIL resize as transformers does, then center crop."""
@@ -244,8 +249,9 @@ class ImagePreprocessor:
             self._lut[c].take(batch[..., c], out=out[:, c])  # bit-identical to transformers' float32 math
         return out
 
-    def load_many(self, items: list[bytes], pool=None, catch: type[BaseException] = InvalidInputError,
-                  normalised: bool = False) -> list:
+    def load_many(
+        self, items: list[bytes], pool=None, catch: type[BaseException] = InvalidInputError, normalised: bool = False
+    ) -> list:
         """load() every item, in `pool` (an Executor) when given (Pillow and numpy's lookups release the GIL);
         `catch`es are returned in place. normalised: each result is pixels(load(item)), float32 [3, S, S]."""
 
@@ -291,7 +297,7 @@ def _pad_centred(array: np.ndarray, side: int, fill: int) -> np.ndarray:
     h, w = min(h, side), min(w, side)
     canvas = np.full((side, side, 3), fill, dtype=np.uint8)
     top, left = (side - h) // 2, (side - w) // 2
-    canvas[top:top + h, left:left + w] = array[:h, :w]
+    canvas[top : top + h, left : left + w] = array[:h, :w]
     return canvas
 
 

@@ -11,8 +11,15 @@ import numpy as np
 from clip_common import ops
 
 
-def zero_shot(text_embeds: np.ndarray, image_embeds: np.ndarray, logit_scale: float, k: int, *,
-              logit_bias: float = 0.0, scoring: str = "softmax") -> dict[str, np.ndarray]:
+def zero_shot(
+    text_embeds: np.ndarray,
+    image_embeds: np.ndarray,
+    logit_scale: float,
+    k: int,
+    *,
+    logit_bias: float = 0.0,
+    scoring: str = "softmax",
+) -> dict[str, np.ndarray]:
     """The postprocess model's outputs for T texts (T, D) and I images (I, D), as CLIPModel / SiglipModel give them."""
     if scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"unknown scoring {scoring!r} (softmax or sigmoid)")

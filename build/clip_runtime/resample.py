@@ -124,7 +124,9 @@ def horizontal_first(width: int, height: int, new_w: int, new_h: int) -> bool:
     return not (dy > 0 and dy > dx * 2)
 
 
-def resize_region(array: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int], resample: int) -> np.ndarray:
+def resize_region(
+    array: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int], resample: int
+) -> np.ndarray:
     """uint8 (H, W, C) -> uint8 (bottom - top, right - left, C): rows [top, bottom) and columns [left, right) of
     `Image.fromarray(array).resize(size, resample)` (size = (width, height)), computed alone."""
     height, width = array.shape[:2]

@@ -29,7 +29,7 @@ def decode_text(item: bytes | bytearray | memoryview | str | np.bytes_ | np.str_
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InvalidInputError(f"text is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r})") from None
+        raise InvalidInputError(f"text is not valid UTF-8 (byte {e.start}: {data[e.start : e.start + 4]!r})") from None
 
 
 def decode_texts(items: Sequence, max_bytes: int | None = None) -> list:
@@ -74,7 +74,7 @@ class TextTokenizer:
         width = max(1, int(lengths.max(initial=0)))
         ids = np.full((len(encodings), width), self.pad_token_id, dtype=np.int64)  # (N, L)
         for i, e in enumerate(encodings):
-            ids[i, :len(e.ids)] = e.ids
+            ids[i, : len(e.ids)] = e.ids
         return TokenRows(ids, lengths, np.full_like(lengths, width))
 
     def encode_counted(self, texts: Sequence[str]) -> tuple[TokenRows, np.ndarray]:
@@ -87,8 +87,9 @@ class TextTokenizer:
         return self.encode_batch([decode_text(x, max_bytes) for x in items])
 
 
-def _pad_rows(encoded: Sequence[Sequence[int]], pad_token_id: int, width: int | None = None,
-              left: bool = False) -> tuple[TokenRows, np.ndarray]:
+def _pad_rows(
+    encoded: Sequence[Sequence[int]], pad_token_id: int, width: int | None = None, left: bool = False
+) -> tuple[TokenRows, np.ndarray]:
     """Token id lists -> (TokenRows padded (right, or `left`) to `width` (None: the longest row), every position fed
     to the encoder; each list's length (N,) int32)."""
     counts = np.array([len(e) for e in encoded], dtype=np.int32)  # (N,)
@@ -96,9 +97,9 @@ def _pad_rows(encoded: Sequence[Sequence[int]], pad_token_id: int, width: int | 
     ids = np.full((len(encoded), width), pad_token_id, dtype=np.int64)  # (N, L)
     for i, e in enumerate(encoded):
         if left:
-            ids[i, width - len(e):] = e
+            ids[i, width - len(e) :] = e
         else:
-            ids[i, :len(e)] = e
+            ids[i, : len(e)] = e
     lengths = np.full((len(encoded), 1), width, dtype=np.int64)  # (N, 1): every position is fed
     return TokenRows(ids, lengths, np.full_like(lengths, width)), counts
 
@@ -107,8 +108,9 @@ class FixedLengthTokenizer:
     """tokenizer.json -> TokenRows padded to max_length, every position fed to the encoder (no attention mask), as
     the bidirectional towers that pool the last position (SigLIP with a fast / Gemma tokenizer) are run."""
 
-    def __init__(self, tokenizer_json: str | os.PathLike, max_length: int, pad_token_id: int,
-                 settings: dict | None = None):
+    def __init__(
+        self, tokenizer_json: str | os.PathLike, max_length: int, pad_token_id: int, settings: dict | None = None
+    ):
         self.inner = TextTokenizer(tokenizer_json, max_length, pad_token_id)
         self.max_length, self.pad_token_id = self.inner.max_length, self.inner.pad_token_id
         self.left = (settings or {}).get("padding_side", "right") == "left"  # Gemma-style tokenizers pad left
@@ -116,8 +118,12 @@ class FixedLengthTokenizer:
     def encode_counted(self, texts: Sequence[str]) -> tuple[TokenRows, np.ndarray]:
         """Tokenize (truncated to max_length) and right-pad every row to max_length; the token counts."""
         rows = self.inner.encode_batch(texts)
-        return _pad_rows([r[:n] for r, n in zip(rows.ids.tolist(), rows.lengths.reshape(-1).tolist())],
-                         self.pad_token_id, self.max_length, self.left)
+        return _pad_rows(
+            [r[:n] for r, n in zip(rows.ids.tolist(), rows.lengths.reshape(-1).tolist())],
+            self.pad_token_id,
+            self.max_length,
+            self.left,
+        )
 
     def encode_batch(self, texts: Sequence[str]) -> TokenRows:
         """Tokenize (truncated to max_length) and right-pad every row to max_length."""
@@ -158,7 +164,7 @@ class SiglipSentencePiece:
 
     def _pieces(self, text: str) -> list[str]:
         pieces = self.sp.encode(self.unk + self._canonical(text), out_type=str)
-        return pieces[self.unk_length:] if len(pieces) >= self.unk_length else pieces
+        return pieces[self.unk_length :] if len(pieces) >= self.unk_length else pieces
 
     def tokens(self, text: str) -> list[str]:
         """The token strings of one text, special tokens included, no EOS added (SiglipTokenizer.tokenize)."""
@@ -182,7 +188,7 @@ class SiglipSentencePiece:
     def ids(self, text: str) -> list[int]:
         """Token ids of one text as SiglipTokenizer(text, truncation=True, max_length=max_length) gives them."""
         ids = [int(self.special[t]["id"]) if t in self.special else self.sp.piece_to_id(t) for t in self.tokens(text)]
-        ids = ids[:self.max_length - 1]
+        ids = ids[: self.max_length - 1]
         return ids if ids and ids[-1] == self.eos_id else ids + [self.eos_id]
 
     def encode_counted(self, texts: Sequence[str]) -> tuple[TokenRows, np.ndarray]:
@@ -200,14 +206,15 @@ class OpenClipBPE:
     [<start_of_text>] tokens [<end_of_text>], cut to max_length with the last kept token replaced by the end token.
     Rows are padded with pad_token_id to the longest text (causal towers) or to max_length (`fixed`)."""
 
-    def __init__(self, bpe_gz: str | os.PathLike, settings: dict, max_length: int, pad_token_id: int,
-                 fixed: bool = False):
+    def __init__(
+        self, bpe_gz: str | os.PathLike, settings: dict, max_length: int, pad_token_id: int, fixed: bool = False
+    ):
         import gzip
 
         import regex
 
         with gzip.open(os.fspath(bpe_gz)) as f:
-            merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+            merges = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
         merges = [tuple(m.split()) for m in merges]
         self.byte_encoder = bytes_to_unicode()
         vocab = list(self.byte_encoder.values())
@@ -217,8 +224,9 @@ class OpenClipBPE:
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.cache = {t: t for t in special}
         self.sot, self.eot = self.encoder[special[0]], self.encoder[special[1]]
-        self.pat = regex.compile("|".join(special) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                                 regex.IGNORECASE)
+        self.pat = regex.compile(
+            "|".join(special) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
+        )
         self.clean = str(settings.get("clean", "lower"))
         self.max_length, self.pad_token_id, self.fixed = int(max_length), int(pad_token_id), fixed
 
@@ -256,14 +264,15 @@ class OpenClipBPE:
             ids.extend(self.encoder[t] for t in self._bpe(token).split(" "))
         ids.append(self.eot)
         if len(ids) > self.max_length:
-            ids = ids[:self.max_length]
+            ids = ids[: self.max_length]
             ids[-1] = self.eot
         return ids
 
     def encode_counted(self, texts: Sequence[str]) -> tuple[TokenRows, np.ndarray]:
         """Every text's ids, right-padded to the longest text (or to max_length when `fixed`); the token counts."""
-        rows, counts = _pad_rows([self.ids(t) for t in texts], self.pad_token_id,
-                                 self.max_length if self.fixed else None)
+        rows, counts = _pad_rows(
+            [self.ids(t) for t in texts], self.pad_token_id, self.max_length if self.fixed else None
+        )
         if not self.fixed:  # causal towers: only the tokens count, the encoder masks the padding
             rows = TokenRows(rows.ids, counts.reshape(-1, 1).astype(np.int64), rows.widths)
         return rows, counts
@@ -314,8 +323,9 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def load_tokenizer(kind: str, path: str | os.PathLike, max_length: int, pad_token_id: int,
-                   settings: dict | None = None):
+def load_tokenizer(
+    kind: str, path: str | os.PathLike, max_length: int, pad_token_id: int, settings: dict | None = None
+):
     """The preprocess_text tokenizer of a `tokenizer_kind` parameter: tokenizers (pad to the longest text),
     tokenizers_fixed (pad to max_length) or siglip_spm (SiglipSentencePiece)."""
     if kind == "tokenizers":
@@ -328,5 +338,7 @@ def load_tokenizer(kind: str, path: str | os.PathLike, max_length: int, pad_toke
         return OpenClipHF(path, max_length, pad_token_id, settings or {})
     if kind in ("open_clip_bpe", "open_clip_bpe_fixed"):
         return OpenClipBPE(path, settings or {}, max_length, pad_token_id, fixed=kind.endswith("_fixed"))
-    raise ValueError(f"unknown tokenizer_kind {kind!r} (tokenizers, tokenizers_fixed, siglip_spm, "
-                     "open_clip_bpe[_fixed], open_clip_hf)")
+    raise ValueError(
+        f"unknown tokenizer_kind {kind!r} (tokenizers, tokenizers_fixed, siglip_spm, "
+        "open_clip_bpe[_fixed], open_clip_hf)"
+    )

@@ -11,8 +11,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"StartupCancelled": "process", "TritonServer": "process", "free_port": "process",
-            "TritonServerError": "binary", "Supervisor": "supervisor"}
+_EXPORTS = {
+    "StartupCancelled": "process",
+    "TritonServer": "process",
+    "free_port": "process",
+    "TritonServerError": "binary",
+    "Supervisor": "supervisor",
+}
 __all__ = sorted(_EXPORTS)
 
 

@@ -1,4 +1,4 @@
-"""`clip-triton demo`: the main job in one command: checkpoint -> Parquet -> TorchScript repository -> Triton -> zero-shot."""
+"""`clip-triton demo`: the main job: checkpoint -> Parquet -> TorchScript repository -> Triton -> zero-shot."""
 
 from __future__ import annotations
 
@@ -16,11 +16,22 @@ log = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT = "openai/clip-vit-base-patch32"
 RANDOM_LABEL = "RANDOM WEIGHTS (offline stand-in for openai/clip-vit-base-patch32: same shapes, real tokenizer)"
 # Real photographs from scikit-image's sample data (skimage/data), read out of its pinned wheel (never installed).
-PHOTO_WHEEL = ("scikit-image==0.25.2", "scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
-               "24cc986e1f4187a12aa319f777b36008764e856e5013666a4a83f8df083c2641")
+PHOTO_WHEEL = (
+    "scikit-image==0.25.2",
+    "scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+    "24cc986e1f4187a12aa319f777b36008764e856e5013666a4a83f8df083c2641",
+)
 # the pixels are the same in every build of the wheel: always fetch this one, whatever the local platform
-PHOTO_WHEEL_PIP_ARGS = ("--platform", "manylinux_2_17_x86_64", "--python-version", "3.11", "--implementation", "cp",
-                        "--abi", "cp311")
+PHOTO_WHEEL_PIP_ARGS = (
+    "--platform",
+    "manylinux_2_17_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+)
 # (member of the wheel, file name, the label it depicts, licence as skimage.data documents it)
 SAMPLES = [
     ("skimage/data/chelsea.png", "cat.png", "cat", "CC0 (Stefan van der Walt)"),
@@ -35,8 +46,11 @@ COMMAND_HELP = {"demo": "convert, build, serve and show a zero-shot result (the 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Options of `clip-triton demo`."""
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                        help="hub id or local HF folder (offline: a random-weight checkpoint of the same shape)")
+    parser.add_argument(
+        "--checkpoint",
+        default=DEFAULT_CHECKPOINT,
+        help="hub id or local HF folder (offline: a random-weight checkpoint of the same shape)",
+    )
     parser.add_argument("--offline", action="store_true", help="do not try the hub; use the random-weight stand-in")
     parser.add_argument("--workdir", default=".artifacts/demo", help="where checkpoints, weights and the repository go")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="encoder dtype")
@@ -99,11 +113,10 @@ def resolve_checkpoint(checkpoint: str, workdir: Path, offline: bool) -> tuple[P
 
 def run(args: argparse.Namespace, command: str) -> int:
     """Entry point of `clip-triton demo`."""
-    from clip_client import DEFAULT_TEMPLATE, CLIPClient
-
     from clip_build.convert import convert
     from clip_build.files import PinnedWheelError
     from clip_build.repository import build_repository
+    from clip_client import DEFAULT_TEMPLATE, CLIPClient
 
     from .process import TritonServer
 
@@ -139,8 +152,11 @@ def run(args: argparse.Namespace, command: str) -> int:
         prompts = [repr(DEFAULT_TEMPLATE.format(x)) for x in labels]
         for prompt, idx in zip(prompts, best):
             print(f"  {prompt:<{max(map(len, prompts))}} -> {Path(images[int(idx[0])]).name}")
-        print(f"\nPhotos ({workdir / 'images'}): scikit-image sample data, "
-              + "; ".join(f"{name} {licence}" for _m, name, _l, licence in SAMPLES) + ".")
+        print(
+            f"\nPhotos ({workdir / 'images'}): scikit-image sample data, "
+            + "; ".join(f"{name} {licence}" for _m, name, _l, licence in SAMPLES)
+            + "."
+        )
         if is_random:
             print("\nNote: random weights, so predictions are arbitrary; with hub access the real CLIP is used.")
         print(f"\ndone in {time.monotonic() - started:.0f}s")
@@ -154,5 +170,16 @@ def run(args: argparse.Namespace, command: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(argparse.Namespace(checkpoint=DEFAULT_CHECKPOINT, offline=True, workdir=".artifacts/demo",
-                                    dtype="fp32", protocol="grpc", keep_serving=False), "demo"))
+    sys.exit(
+        run(
+            argparse.Namespace(
+                checkpoint=DEFAULT_CHECKPOINT,
+                offline=True,
+                workdir=".artifacts/demo",
+                dtype="fp32",
+                protocol="grpc",
+                keep_serving=False,
+            ),
+            "demo",
+        )
+    )

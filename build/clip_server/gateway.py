@@ -161,20 +161,35 @@ class GatewaySettings:
 
 # One JSON object per request on stdout (Envoy's format strings).
 ACCESS_LOG_FORMAT = {
-    "time": "%START_TIME%", "request_id": "%REQ(X-REQUEST-ID)%", "method": "%REQ(:METHOD)%",
-    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", "protocol": "%PROTOCOL%", "status": "%RESPONSE_CODE%",
-    "grpc_status": "%GRPC_STATUS_NUMBER%", "flags": "%RESPONSE_FLAGS%", "bytes_in": "%BYTES_RECEIVED%",
-    "bytes_out": "%BYTES_SENT%", "duration_ms": "%DURATION%", "upstream": "%UPSTREAM_HOST%",
-    "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}
+    "time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "protocol": "%PROTOCOL%",
+    "status": "%RESPONSE_CODE%",
+    "grpc_status": "%GRPC_STATUS_NUMBER%",
+    "flags": "%RESPONSE_FLAGS%",
+    "bytes_in": "%BYTES_RECEIVED%",
+    "bytes_out": "%BYTES_SENT%",
+    "duration_ms": "%DURATION%",
+    "upstream": "%UPSTREAM_HOST%",
+    "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+}
 
 
 def access_logs(settings: GatewaySettings) -> list[dict]:
     """The listeners' access_log: JSON lines on stdout when asked for, else none."""
     if not settings.access_log:
         return []
-    return [{"name": "envoy.access_loggers.stdout", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-        "log_format": {"json_format": ACCESS_LOG_FORMAT}}}]
+    return [
+        {
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                "log_format": {"json_format": ACCESS_LOG_FORMAT},
+            },
+        }
+    ]
 
 
 def body_cap(limits: Mapping[str, Any]) -> int:
@@ -207,8 +222,9 @@ def _limits_of(info: dict) -> dict[str, Any]:
     return {**info["limits"], "max_items_per_request": info["max_items_per_request"]}
 
 
-def upstream_limits(upstreams: Sequence[Upstream], timeout: float,
-                    stop: threading.Event | None = None) -> dict[str, Any] | None:
+def upstream_limits(
+    upstreams: Sequence[Upstream], timeout: float, stop: threading.Event | None = None
+) -> dict[str, Any] | None:
     """The request limits the upstreams' clip_info model reports (the public inference API), trying every upstream
     until one answers, `timeout` seconds passed or `stop` is set; None when none answered."""
     stop = stop or threading.Event()
@@ -216,8 +232,11 @@ def upstream_limits(upstreams: Sequence[Upstream], timeout: float,
     deadline = time.monotonic() + timeout
     while True:
         for u in upstreams:
-            request = urllib.request.Request(f"http://{u.url_host}:{u.http_port}/v2/models/{ClipInfo.NAME}/infer",
-                                             data=body.encode(), headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                f"http://{u.url_host}:{u.http_port}/v2/models/{ClipInfo.NAME}/infer",
+                data=body.encode(),
+                headers={"Content-Type": "application/json"},
+            )
             try:
                 with urllib.request.urlopen(request, timeout=min(5.0, max(0.5, deadline - time.monotonic()))) as resp:
                     return _limits_of(json.loads(json.loads(resp.read())["outputs"][0]["data"][0]))
@@ -227,8 +246,13 @@ def upstream_limits(upstreams: Sequence[Upstream], timeout: float,
             return None
 
 
-def resolve_limits(upstreams: Sequence[Upstream], repository: str | None, overrides: Sequence[str],
-                   timeout: float, stop: threading.Event | None = None) -> tuple[dict[str, Any], str]:
+def resolve_limits(
+    upstreams: Sequence[Upstream],
+    repository: str | None,
+    overrides: Sequence[str],
+    timeout: float,
+    stop: threading.Event | None = None,
+) -> tuple[dict[str, Any], str]:
     """(limits, where they came from): --repository or --limit when given, else the upstreams' clip_info (waiting up
     to `timeout` s; 0 = do not ask), else the build defaults."""
     if repository is not None or overrides or timeout <= 0:
@@ -247,17 +271,25 @@ def _seconds(value: float) -> str:
 
 
 def _endpoint(host: str, port: int, health_port: int) -> dict:
-    return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}},
-                         "health_check_config": {"port_value": health_port}}}
+    return {
+        "endpoint": {
+            "address": {"socket_address": {"address": host, "port_value": port}},
+            "health_check_config": {"port_value": health_port},
+        }
+    }
 
 
 def _retry_policy(retry_on: str) -> dict:
     previous_hosts = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-    policy = {"retry_on": retry_on, "num_retries": 3,
-              "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
-                                        "typed_config": {"@type": previous_hosts}}],
-              "host_selection_retry_max_attempts": 5,
-              "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"}}
+    policy = {
+        "retry_on": retry_on,
+        "num_retries": 3,
+        "retry_host_predicate": [
+            {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {"@type": previous_hosts}}
+        ],
+        "host_selection_retry_max_attempts": 5,
+        "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+    }
     if "retriable-status-codes" in retry_on:
         policy["retriable_status_codes"] = [503]
     return policy
@@ -270,29 +302,50 @@ def _method(name: str) -> list[dict]:
 def _refusal(status: int, message: str) -> dict:
     """A route action answering `status` at the edge without buffering the body; the listener's local reply config
     shapes the message (HTTP: Triton's {"error": ...} JSON; gRPC: grpc-message)."""
-    buffer_off = {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
-                  "disabled": True}
-    return {"direct_response": {"status": status, "body": {"inline_string": message}},
-            "typed_per_filter_config": {"envoy.filters.http.buffer": buffer_off}}
+    buffer_off = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
+        "disabled": True,
+    }
+    return {
+        "direct_response": {"status": status, "body": {"inline_string": message}},
+        "typed_per_filter_config": {"envoy.filters.http.buffer": buffer_off},
+    }
 
 
 # Triton inflates gzip / deflate request bodies (Content-Encoding) after the gateway counted their compressed bytes:
 # a 51 KB body became 52 MB. Only identity passes (no header, or "identity").
-COMPRESSED = {"match": {"prefix": "/", "headers": [{"name": "content-encoding", "invert_match": True,
-                                                     "string_match": {"exact": "identity", "ignore_case": True}}]},
-              **_refusal(415, "compressed request bodies (Content-Encoding) are not accepted at the gateway: "
-                              "send the body uncompressed")}
+COMPRESSED = {
+    "match": {
+        "prefix": "/",
+        "headers": [
+            {
+                "name": "content-encoding",
+                "invert_match": True,
+                "string_match": {"exact": "identity", "ignore_case": True},
+            }
+        ],
+    },
+    **_refusal(
+        415, "compressed request bodies (Content-Encoding) are not accepted at the gateway: send the body uncompressed"
+    ),
+}
 
 
 def http_routes(settings: GatewaySettings) -> list[dict]:
     """HTTP routes: compressed bodies 415; the public models' infer/metadata/ready and server health pass; other /v2
     paths 403, the rest 404."""
-    route = {"cluster": "triton_http", "timeout": _seconds(settings.upstream_timeout),
-             "retry_policy": _retry_policy(RETRY_ON_HTTP)}
-    model = "^/v2/models/" + MODEL_PREFIX + "(?:" + "|".join(re.escape(m) for m in PUBLIC_MODELS) + \
-        ")(?:/versions/[0-9]+)?"
-    refused = (f"forbidden at the gateway: only the models {', '.join(PUBLIC_MODELS)} (optionally N__-prefixed) "
-               "and server health are served")
+    route = {
+        "cluster": "triton_http",
+        "timeout": _seconds(settings.upstream_timeout),
+        "retry_policy": _retry_policy(RETRY_ON_HTTP),
+    }
+    model = (
+        "^/v2/models/" + MODEL_PREFIX + "(?:" + "|".join(re.escape(m) for m in PUBLIC_MODELS) + ")(?:/versions/[0-9]+)?"
+    )
+    refused = (
+        f"forbidden at the gateway: only the models {', '.join(PUBLIC_MODELS)} (optionally N__-prefixed) "
+        "and server health are served"
+    )
     return [
         COMPRESSED,
         {"match": {"path": "/v2/health/live", "headers": _method("GET")}, "route": route},
@@ -309,28 +362,40 @@ def http_routes(settings: GatewaySettings) -> list[dict]:
 
 def grpc_routes(settings: GatewaySettings) -> list[dict]:
     """gRPC routes: the methods a client needs pass (client deadlines honoured); anything else PERMISSION_DENIED."""
-    route = {"cluster": "triton_grpc", "timeout": _seconds(settings.upstream_timeout),
-             "max_stream_duration": {"grpc_timeout_header_max": _seconds(settings.upstream_timeout)},
-             "retry_policy": _retry_policy(RETRY_ON_GRPC)}
+    route = {
+        "cluster": "triton_grpc",
+        "timeout": _seconds(settings.upstream_timeout),
+        "max_stream_duration": {"grpc_timeout_header_max": _seconds(settings.upstream_timeout)},
+        "retry_policy": _retry_policy(RETRY_ON_GRPC),
+    }
     health = [m for m in GRPC_SERVER_METHODS if m in GRPC_HEALTH_METHODS]
     methods = [m for m in GRPC_SERVER_METHODS + GRPC_MODEL_METHODS if m not in health]
-    return [{"match": {"path": f"/{GRPC_SERVICE}/{m}", "grpc": {}}, "route": route} for m in health] + \
-        auth_routes(settings, grpc=True) + \
-        [{"match": {"path": f"/{GRPC_SERVICE}/{m}", "grpc": {}}, "route": route} for m in methods] + [
-        {"match": {"prefix": "/"}, **_refusal(403, "method not served at the gateway")}]
+    return (
+        [{"match": {"path": f"/{GRPC_SERVICE}/{m}", "grpc": {}}, "route": route} for m in health]
+        + auth_routes(settings, grpc=True)
+        + [{"match": {"path": f"/{GRPC_SERVICE}/{m}", "grpc": {}}, "route": route} for m in methods]
+        + [{"match": {"prefix": "/"}, **_refusal(403, "method not served at the gateway")}]
+    )
 
 
 def _reply(status: int, message: str, *, grpc_status: int | None = None, flag: str | None = None) -> dict:
     """A local reply mapper: Envoy's own `status` answers (with response flag `flag`) say `message`; over gRPC with
     `grpc_status` instead of the one Envoy derives from the HTTP status."""
-    match: dict = {"status_code_filter": {"comparison": {"op": "EQ", "value": {
-        "default_value": status, "runtime_key": f"clip_gateway.local_reply.{status}"}}}}
+    match: dict = {
+        "status_code_filter": {
+            "comparison": {
+                "op": "EQ",
+                "value": {"default_value": status, "runtime_key": f"clip_gateway.local_reply.{status}"},
+            }
+        }
+    }
     if flag:
         match = {"and_filter": {"filters": [match, {"response_flag_filter": {"flags": [flag]}}]}}
     mapper = {"filter": match, "body": {"inline_string": message}}
     if grpc_status is not None:
-        mapper["headers_to_add"] = [{"header": {"key": "grpc-status", "value": str(grpc_status)},
-                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+        mapper["headers_to_add"] = [
+            {"header": {"key": "grpc-status", "value": str(grpc_status)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        ]
     return mapper
 
 
@@ -340,15 +405,27 @@ def local_replies(settings: GatewaySettings, grpc: bool) -> dict:
     rps, burst = settings.rate_limit_rps, settings.rate_limit_burst or settings.rate_limit_rps
     what = "request message" if grpc else "request body"
     mappers = [
-        _reply(413, f"{what} larger than the gateway's cap of {settings.max_body_bytes} bytes",
-               grpc_status=8 if grpc else None),  # RESOURCE_EXHAUSTED, as gRPC's own message size limit
-        _reply(429, f"rate limited at the gateway: more than {rps} requests/s (burst {burst}) from this client "
-                    "address; retry later"),  # gRPC: UNAVAILABLE (Envoy's mapping of 429), which clients retry
-        _reply(408, f"request not received within the gateway's timeout ({settings.request_timeout:g} s)",
-               grpc_status=4 if grpc else None),  # DEADLINE_EXCEEDED
+        _reply(
+            413,
+            f"{what} larger than the gateway's cap of {settings.max_body_bytes} bytes",
+            grpc_status=8 if grpc else None,
+        ),  # RESOURCE_EXHAUSTED, as gRPC's own message size limit
+        _reply(
+            429,
+            f"rate limited at the gateway: more than {rps} requests/s (burst {burst}) from this client "
+            "address; retry later",
+        ),  # gRPC: UNAVAILABLE (Envoy's mapping of 429), which clients retry
+        _reply(
+            408,
+            f"request not received within the gateway's timeout ({settings.request_timeout:g} s)",
+            grpc_status=4 if grpc else None,
+        ),  # DEADLINE_EXCEEDED
         _reply(503, "the gateway is overloaded (memory): retry later", flag="OM"),
-        _reply(401, "missing or wrong API key: send the header 'authorization: Bearer KEY'",
-               grpc_status=16 if grpc else None),  # UNAUTHENTICATED
+        _reply(
+            401,
+            "missing or wrong API key: send the header 'authorization: Bearer KEY'",
+            grpc_status=16 if grpc else None,
+        ),  # UNAUTHENTICATED
     ]
     if grpc:
         return {"mappers": mappers}
@@ -366,18 +443,30 @@ def _openai_replies(mappers: list[dict]) -> list[dict]:
     v1 = {"header_filter": {"header": {"name": ":path", "string_match": {"prefix": "/v1/"}}}}
 
     def shaped(status: int | None) -> dict:
-        kind, code = _OPENAI_ERROR.get(status, ("server_error" if (status or 500) >= 500 else "invalid_request_error",
-                                               None))
+        kind, code = _OPENAI_ERROR.get(
+            status, ("server_error" if (status or 500) >= 500 else "invalid_request_error", None)
+        )
         return {"json_format": {"error": {"message": "%LOCAL_REPLY_BODY%", "type": kind, "param": None, "code": code}}}
 
     twins = []
     for mapper in mappers:
         filters = mapper["filter"].get("and_filter", {}).get("filters", [mapper["filter"]])
         status = filters[0]["status_code_filter"]["comparison"]["value"]["default_value"]
-        twins.append({"filter": {"and_filter": {"filters": [v1, mapper["filter"]]}}, "body": mapper["body"],
-                      "body_format_override": shaped(status)})
-    anything = {"status_code_filter": {"comparison": {"op": "GE", "value": {
-        "default_value": 400, "runtime_key": "clip_gateway.local_reply.openai"}}}}
+        twins.append(
+            {
+                "filter": {"and_filter": {"filters": [v1, mapper["filter"]]}},
+                "body": mapper["body"],
+                "body_format_override": shaped(status),
+            }
+        )
+    anything = {
+        "status_code_filter": {
+            "comparison": {
+                "op": "GE",
+                "value": {"default_value": 400, "runtime_key": "clip_gateway.local_reply.openai"},
+            }
+        }
+    }
     return twins + [{"filter": {"and_filter": {"filters": [v1, anything]}}, "body_format_override": shaped(None)}]
 
 
@@ -395,24 +484,47 @@ def overload_manager(settings: GatewaySettings) -> dict:
         "refresh_interval": OVERLOAD_REFRESH,
         "buffer_factory_config": {"minimum_account_to_track_power_of_two": 20},  # HTTP/2 streams holding >= 1 MiB
         "resource_monitors": [
-            {"name": "envoy.resource_monitors.global_downstream_max_connections", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
-                         "DownstreamConnectionsConfig",
-                "max_active_downstream_connections": 2 * settings.max_connections + 64}},
-            {"name": heap, "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
-                "max_heap_size_bytes": settings.max_heap_bytes}}],
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
+                    "DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": 2 * settings.max_connections + 64,
+                },
+            },
+            {
+                "name": heap,
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                    "max_heap_size_bytes": settings.max_heap_bytes,
+                },
+            },
+        ],
         "actions": [
             {"name": "envoy.overload_actions.stop_accepting_requests", "triggers": at(REFUSE_REQUESTS_AT)},
             {"name": "envoy.overload_actions.shrink_heap", "triggers": at(REFUSE_REQUESTS_AT)},
-            {"name": "envoy.overload_actions.reset_high_memory_stream", "triggers": [{"name": heap, "scaled": {
-                "scaling_threshold": REFUSE_REQUESTS_AT, "saturation_threshold": CUT_UPLOADS_AT}}]}],
+            {
+                "name": "envoy.overload_actions.reset_high_memory_stream",
+                "triggers": [
+                    {
+                        "name": heap,
+                        "scaled": {"scaling_threshold": REFUSE_REQUESTS_AT, "saturation_threshold": CUT_UPLOADS_AT},
+                    }
+                ],
+            },
+        ],
         "loadshed_points": [
-            {"name": "envoy.load_shed_points.http_connection_manager_decode_headers", "triggers": at(REFUSE_REQUESTS_AT)},
+            {
+                "name": "envoy.load_shed_points.http_connection_manager_decode_headers",
+                "triggers": at(REFUSE_REQUESTS_AT),
+            },
             {"name": "envoy.load_shed_points.http1_server_abort_dispatch", "triggers": at(CUT_UPLOADS_AT)},
             {"name": "envoy.load_shed_points.tcp_listener_accept", "triggers": at(CUT_UPLOADS_AT)},
-            {"name": "envoy.load_shed_points.http2_server_go_away_and_close_on_dispatch",
-             "triggers": at((1 + CUT_UPLOADS_AT) / 2)}],
+            {
+                "name": "envoy.load_shed_points.http2_server_go_away_and_close_on_dispatch",
+                "triggers": at((1 + CUT_UPLOADS_AT) / 2),
+            },
+        ],
     }
 
 
@@ -425,21 +537,43 @@ def render_config(upstreams: Sequence[Upstream], settings: GatewaySettings) -> s
     if not upstreams:
         raise GatewayError("at least one --upstream is needed")
     if not 0 < settings.max_body_bytes <= MAX_BODY_BYTES:
-        raise GatewayError(f"body cap {settings.max_body_bytes} is outside 1..{MAX_BODY_BYTES} bytes "
-                           "(lower the item limits, or pass --max-body-bytes)")
+        raise GatewayError(
+            f"body cap {settings.max_body_bytes} is outside 1..{MAX_BODY_BYTES} bytes "
+            "(lower the item limits, or pass --max-body-bytes)"
+        )
     if settings.max_heap_bytes * REFUSE_REQUESTS_AT < 2 * settings.max_body_bytes:
-        raise GatewayError(f"--max-heap-bytes {settings.max_heap_bytes} leaves no room for two bodies of the cap "
-                           f"({settings.max_body_bytes} bytes): raise it to at least "
-                           f"{int(2 * settings.max_body_bytes / REFUSE_REQUESTS_AT) + 1}, or lower the cap")
+        raise GatewayError(
+            f"--max-heap-bytes {settings.max_heap_bytes} leaves no room for two bodies of the cap "
+            f"({settings.max_body_bytes} bytes): raise it to at least "
+            f"{int(2 * settings.max_body_bytes / REFUSE_REQUESTS_AT) + 1}, or lower the cap"
+        )
     if set(PUBLIC_MODELS) & set(INTERNAL_MODELS):
         raise GatewayError("a model cannot be public and internal")
-    health = {"timeout": "1s", "interval": _seconds(settings.health_interval),
-              "no_traffic_interval": _seconds(settings.health_interval), "unhealthy_threshold": 2,
-              "healthy_threshold": 1, "http_health_check": {"path": HEALTH_PATH, "codec_client_type": "HTTP1"}}
-    outlier = {"consecutive_5xx": 5, "consecutive_gateway_failure": 2, "interval": "2s",
-               "base_ejection_time": "10s", "max_ejection_percent": 50}
-    breakers = {"thresholds": [{"max_connections": 8192, "max_pending_requests": 8192, "max_requests": 8192,
-                                "retry_budget": {"budget_percent": {"value": 25.0}, "min_retry_concurrency": 8}}]}
+    health = {
+        "timeout": "1s",
+        "interval": _seconds(settings.health_interval),
+        "no_traffic_interval": _seconds(settings.health_interval),
+        "unhealthy_threshold": 2,
+        "healthy_threshold": 1,
+        "http_health_check": {"path": HEALTH_PATH, "codec_client_type": "HTTP1"},
+    }
+    outlier = {
+        "consecutive_5xx": 5,
+        "consecutive_gateway_failure": 2,
+        "interval": "2s",
+        "base_ejection_time": "10s",
+        "max_ejection_percent": 50,
+    }
+    breakers = {
+        "thresholds": [
+            {
+                "max_connections": 8192,
+                "max_pending_requests": 8192,
+                "max_requests": 8192,
+                "retry_budget": {"budget_percent": {"value": 25.0}, "min_retry_concurrency": 8},
+            }
+        ]
+    }
     rps = settings.rate_limit_rps
     values = {
         "admin_port": settings.admin_port or free_port(),
@@ -517,12 +651,18 @@ def auth_routes(settings: GatewaySettings, grpc: bool) -> list[dict]:
         return []
     # the scheme is case-insensitive (RFC 9110 11.1), as the OpenAI front end behind /v1/* takes it
     regex = "^(?i:bearer) +(?:" + "|".join(re.escape(k) for k in keys) + ")$"
-    header = {"name": "authorization", "invert_match": True, "treat_missing_header_as_empty": True,
-              "string_match": {"safe_regex": {"regex": regex}}}
+    header = {
+        "name": "authorization",
+        "invert_match": True,
+        "treat_missing_header_as_empty": True,
+        "string_match": {"safe_regex": {"regex": regex}},
+    }
     refusal = _refusal(401, "missing or wrong API key")
     if grpc:
         refusal["typed_per_filter_config"]["envoy.filters.http.lua"] = {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute", "disabled": True}
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+            "disabled": True,
+        }
     return [{"match": {"prefix": "/", "headers": [header]}, **refusal}]
 
 
@@ -530,21 +670,38 @@ def openai_routes(settings: GatewaySettings) -> list[dict]:
     """With --openai-upstream: /v1/* to the OpenAI front end, streamed (it enforces its own body cap)."""
     if _edge(settings).openai_upstream is None:
         return []
-    buffer_off = {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
-                  "disabled": True}
+    buffer_off = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
+        "disabled": True,
+    }
     route = {"cluster": "openai", "timeout": _seconds(settings.upstream_timeout)}
-    return [{"match": {"prefix": "/v1/"}, "route": route,
-             "typed_per_filter_config": {"envoy.filters.http.buffer": buffer_off}}]
+    return [
+        {
+            "match": {"prefix": "/v1/"},
+            "route": route,
+            "typed_per_filter_config": {"envoy.filters.http.buffer": buffer_off},
+        }
+    ]
 
 
 def _tls_socket(edge: EdgeSecurity, alpn: list[str]) -> dict | None:
     if not edge.tls:
         return None
-    return {"name": "envoy.transport_sockets.tls", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-        "common_tls_context": {"alpn_protocols": alpn, "tls_certificates": [{
-            "certificate_chain": {"filename": str(Path(edge.tls_cert).resolve())},
-            "private_key": {"filename": str(Path(edge.tls_key).resolve())}}]}}}
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": alpn,
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(Path(edge.tls_cert).resolve())},
+                        "private_key": {"filename": str(Path(edge.tls_key).resolve())},
+                    }
+                ],
+            },
+        },
+    }
 
 
 def edge_values(settings: GatewaySettings) -> dict[str, str]:
@@ -555,9 +712,12 @@ def edge_values(settings: GatewaySettings) -> dict[str, str]:
         host, port = edge.openai_upstream
         endpoints = [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]
         cluster_type = "STATIC" if Upstream(host, 1, 1).is_ip else "STRICT_DNS"
-    return {"http_tls": json.dumps(_tls_socket(edge, ["h2", "http/1.1"])),
-            "grpc_tls": json.dumps(_tls_socket(edge, ["h2"])),
-            "openai_endpoints": json.dumps(endpoints), "openai_cluster_type": cluster_type}
+    return {
+        "http_tls": json.dumps(_tls_socket(edge, ["h2", "http/1.1"])),
+        "grpc_tls": json.dumps(_tls_socket(edge, ["h2"])),
+        "openai_endpoints": json.dumps(endpoints),
+        "openai_cluster_type": cluster_type,
+    }
 
 
 def edge_from_args(args: argparse.Namespace) -> EdgeSecurity:
@@ -584,11 +744,16 @@ def add_edge_arguments(parser: argparse.ArgumentParser) -> None:
     from .api_keys import add_key_arguments
 
     add_key_arguments(parser)
-    parser.add_argument("--tls-cert", default=None, help="terminate TLS on the public ports with this certificate "
-                                                         "chain (PEM) ...")
+    parser.add_argument(
+        "--tls-cert", default=None, help="terminate TLS on the public ports with this certificate chain (PEM) ..."
+    )
     parser.add_argument("--tls-key", default=None, help="... and this private key (PEM)")
-    parser.add_argument("--openai-upstream", default=None, metavar="HOST:PORT",
-                        help="the OpenAI front end (clip-triton openai): /v1/* on the HTTP port goes there")
+    parser.add_argument(
+        "--openai-upstream",
+        default=None,
+        metavar="HOST:PORT",
+        help="the OpenAI front end (clip-triton openai): /v1/* on the HTTP port goes there",
+    )
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -638,13 +803,25 @@ def check_ports_free(address: str, ports: Mapping[str, int]) -> None:
             try:
                 sock.bind((address, port))
             except OSError as exc:
-                reason = "is in use (another gateway or server?)" if exc.errno == errno.EADDRINUSE else \
-                    f"cannot be bound: {exc.strerror}"
+                reason = (
+                    "is in use (another gateway or server?)"
+                    if exc.errno == errno.EADDRINUSE
+                    else f"cannot be bound: {exc.strerror}"
+                )
                 raise GatewayError(f"{option} {port} on {address} {reason}") from None
 
 
-def run_gateway(config: str, admin_port: int, stop: threading.Event, *, concurrency: int = 0,
-                log_level: str = "warn", startup_timeout: float = 30.0, out=sys.stdout, describe: str = "") -> int:
+def run_gateway(
+    config: str,
+    admin_port: int,
+    stop: threading.Event,
+    *,
+    concurrency: int = 0,
+    log_level: str = "warn",
+    startup_timeout: float = 30.0,
+    out=sys.stdout,
+    describe: str = "",
+) -> int:
     """Start Envoy on `config` (admin interface on 127.0.0.1:admin_port), wait until it serves, run until `stop`;
     return an exit code."""
     with tempfile.TemporaryDirectory(prefix="clip-triton-gateway-") as tmp:
@@ -686,52 +863,100 @@ def run_gateway(config: str, admin_port: int, stop: threading.Event, *, concurre
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Options of `clip-triton gateway`."""
-    parser.add_argument("--upstream", action="append", required=True, metavar="HOST:HTTP_PORT:GRPC_PORT",
-                        help="a Triton server (repeatable); a DNS name resolving to several addresses (a Kubernetes "
-                             "headless Service) gives one endpoint per address")
+    parser.add_argument(
+        "--upstream",
+        action="append",
+        required=True,
+        metavar="HOST:HTTP_PORT:GRPC_PORT",
+        help="a Triton server (repeatable); a DNS name resolving to several addresses (a Kubernetes "
+        "headless Service) gives one endpoint per address",
+    )
     parser.add_argument("--http-port", type=int, required=True, help="public HTTP port")
     parser.add_argument("--grpc-port", type=int, required=True, help="public gRPC (h2c) port")
     parser.add_argument("--host", default="127.0.0.1", help="address the public ports bind to (0.0.0.0 to expose)")
-    parser.add_argument("--metrics-port", type=int, default=0,
-                        help="port serving Envoy's /stats/prometheus on --host (default: a free loopback port)")
-    parser.add_argument("--repository", default=None,
-                        help="model repository whose request limits set the body cap (default: ask the upstreams)")
-    parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-                        help="a request limit as given to `clip-triton build --limit` (over --repository's or the "
-                             "build defaults; the upstreams are not asked then)")
-    parser.add_argument("--limits-timeout", type=float, default=60.0,
-                        help="seconds to wait for an upstream's clip_info to learn the limits (0: build defaults)")
-    parser.add_argument("--max-body-bytes", type=int, default=0,
-                        help="request body cap (0: what the item limits allow, at most "
-                             f"{DEFAULT_MAX_BODY_BYTES} bytes; docs/deploy.md)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="port serving Envoy's /stats/prometheus on --host (default: a free loopback port)",
+    )
+    parser.add_argument(
+        "--repository",
+        default=None,
+        help="model repository whose request limits set the body cap (default: ask the upstreams)",
+    )
+    parser.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a request limit as given to `clip-triton build --limit` (over --repository's or the "
+        "build defaults; the upstreams are not asked then)",
+    )
+    parser.add_argument(
+        "--limits-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for an upstream's clip_info to learn the limits (0: build defaults)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=0,
+        help="request body cap (0: what the item limits allow, at most "
+        f"{DEFAULT_MAX_BODY_BYTES} bytes; docs/deploy.md)",
+    )
     parser.add_argument("--headers-timeout", type=float, default=10.0, help="seconds to receive the request headers")
     parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds to receive the whole request")
     parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds before an idle connection closes")
-    parser.add_argument("--upstream-timeout", type=float, default=120.0,
-                        help="seconds Triton has to answer (gRPC: the client's deadline if shorter)")
+    parser.add_argument(
+        "--upstream-timeout",
+        type=float,
+        default=120.0,
+        help="seconds Triton has to answer (gRPC: the client's deadline if shorter)",
+    )
     parser.add_argument("--max-connections", type=int, default=1024, help="open connections per public port")
-    parser.add_argument("--rate-limit", type=int, default=0, metavar="RPS",
-                        help="requests per second per client address (429 beyond; 0 = off)")
+    parser.add_argument(
+        "--rate-limit",
+        type=int,
+        default=0,
+        metavar="RPS",
+        help="requests per second per client address (429 beyond; 0 = off)",
+    )
     parser.add_argument("--rate-limit-burst", type=int, default=0, help="bucket size (default: --rate-limit)")
     parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between upstream health checks")
-    parser.add_argument("--max-heap-bytes", type=int, default=DEFAULT_MAX_HEAP_BYTES,
-                        help=f"Envoy's heap bound: new requests get 503 from {REFUSE_REQUESTS_AT:.0%}% of it, uploads "
-                             f"in progress are cut from {CUT_UPLOADS_AT:.0%}% (at least 2.3 x the body cap)")
+    parser.add_argument(
+        "--max-heap-bytes",
+        type=int,
+        default=DEFAULT_MAX_HEAP_BYTES,
+        help=f"Envoy's heap bound: new requests get 503 from {REFUSE_REQUESTS_AT:.0%}% of it, uploads "
+        f"in progress are cut from {CUT_UPLOADS_AT:.0%}% (at least 2.3 x the body cap)",
+    )
     parser.add_argument("--concurrency", type=int, default=0, help="Envoy worker threads (0 = one per core)")
     parser.add_argument("--log-level", default="warn", help="Envoy log level")
-    parser.add_argument("--max-request-headers-kb", type=int, default=DEFAULT_MAX_REQUEST_HEADERS_KB,
-                        help="request headers above this many KiB get 431 at the gateway (Triton 2.51 drops the "
-                             "connection from 8 KiB)")
-    parser.add_argument("--access-log", action="store_true",
-                        help="JSON access log on stdout, one line per request with its x-request-id")
+    parser.add_argument(
+        "--max-request-headers-kb",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_HEADERS_KB,
+        help="request headers above this many KiB get 431 at the gateway (Triton 2.51 drops the connection from 8 KiB)",
+    )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="JSON access log on stdout, one line per request with its x-request-id",
+    )
     add_edge_arguments(parser)
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the rendered Envoy config and exit (asks the upstreams for their limits for "
-                             f"at most {PRINT_CONFIG_LIMITS_WAIT:g} s)")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the rendered Envoy config and exit (asks the upstreams for their limits for "
+        f"at most {PRINT_CONFIG_LIMITS_WAIT:g} s)",
+    )
 
 
-def settings_from_args(args: argparse.Namespace, upstreams: Sequence[Upstream],
-                       stop: threading.Event | None = None) -> tuple[GatewaySettings, str]:
+def settings_from_args(
+    args: argparse.Namespace, upstreams: Sequence[Upstream], stop: threading.Event | None = None
+) -> tuple[GatewaySettings, str]:
     """GatewaySettings from the parsed options, and where the body cap came from."""
     if args.max_body_bytes:
         cap, source = args.max_body_bytes, "--max-body-bytes"
@@ -742,13 +967,26 @@ def settings_from_args(args: argparse.Namespace, upstreams: Sequence[Upstream],
         if cap > DEFAULT_MAX_BODY_BYTES:
             cap, source = DEFAULT_MAX_BODY_BYTES, f"{source}: {cap} clamped to the default; raise with --max-body-bytes"
     return GatewaySettings(
-        http_port=args.http_port, grpc_port=args.grpc_port, max_body_bytes=cap, listen_address=args.host,
-        metrics_address=args.host if args.metrics_port else "127.0.0.1", metrics_port=args.metrics_port,
-        headers_timeout=args.headers_timeout, request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
-        upstream_timeout=args.upstream_timeout, max_connections=args.max_connections,
-        rate_limit_rps=args.rate_limit, rate_limit_burst=args.rate_limit_burst, health_interval=args.health_interval,
-        max_heap_bytes=args.max_heap_bytes, admin_port=free_port(), edge=edge_from_args(args),
-        max_request_headers_kb=args.max_request_headers_kb, access_log=args.access_log), source
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        max_body_bytes=cap,
+        listen_address=args.host,
+        metrics_address=args.host if args.metrics_port else "127.0.0.1",
+        metrics_port=args.metrics_port,
+        headers_timeout=args.headers_timeout,
+        request_timeout=args.request_timeout,
+        idle_timeout=args.idle_timeout,
+        upstream_timeout=args.upstream_timeout,
+        max_connections=args.max_connections,
+        rate_limit_rps=args.rate_limit,
+        rate_limit_burst=args.rate_limit_burst,
+        health_interval=args.health_interval,
+        max_heap_bytes=args.max_heap_bytes,
+        admin_port=free_port(),
+        edge=edge_from_args(args),
+        max_request_headers_kb=args.max_request_headers_kb,
+        access_log=args.access_log,
+    ), source
 
 
 def run(args: argparse.Namespace, command: str) -> int:
@@ -768,21 +1006,33 @@ def run(args: argparse.Namespace, command: str) -> int:
             if args.metrics_port:
                 check_ports_free(settings.metrics_address, {"--metrics-port": settings.metrics_port})
             edge = _edge(settings)
-            describe = "".join([
-                f"\n  HTTP     {'https' if edge.tls else 'http'}://{settings.listen_address}:{settings.http_port}",
-                f"\n  gRPC     {settings.listen_address}:{settings.grpc_port}",
-                f"\n  metrics  http://{settings.metrics_address}:{settings.metrics_port}/stats/prometheus"
-                if settings.metrics_port else "",
-                f"\n  body cap {settings.max_body_bytes} bytes (from {cap_source})",
-                f"\n  heap     at most {settings.max_heap_bytes} bytes (overload manager)",
-                f"\n  auth     {len(edge.api_keys)} API key(s): all but health need 'authorization: Bearer KEY'"
-                if edge.api_keys else "\n  auth     none (no --api-key): open to anyone who reaches the ports",
-                f"\n  TLS      {edge.tls_cert}" if edge.tls else "\n  TLS      off (plain text)",
-                f"\n  OpenAI   /v1/* -> {edge.openai_upstream[0]}:{edge.openai_upstream[1]}"
-                if edge.openai_upstream else "",
-                *(f"\n  upstream {u.url_host} HTTP {u.http_port} gRPC {u.grpc_port}" for u in upstreams)])
-            return run_gateway(config, settings.admin_port, stop, concurrency=args.concurrency,
-                               log_level=args.log_level, describe=describe)
+            describe = "".join(
+                [
+                    f"\n  HTTP     {'https' if edge.tls else 'http'}://{settings.listen_address}:{settings.http_port}",
+                    f"\n  gRPC     {settings.listen_address}:{settings.grpc_port}",
+                    f"\n  metrics  http://{settings.metrics_address}:{settings.metrics_port}/stats/prometheus"
+                    if settings.metrics_port
+                    else "",
+                    f"\n  body cap {settings.max_body_bytes} bytes (from {cap_source})",
+                    f"\n  heap     at most {settings.max_heap_bytes} bytes (overload manager)",
+                    f"\n  auth     {len(edge.api_keys)} API key(s): all but health need 'authorization: Bearer KEY'"
+                    if edge.api_keys
+                    else "\n  auth     none (no --api-key): open to anyone who reaches the ports",
+                    f"\n  TLS      {edge.tls_cert}" if edge.tls else "\n  TLS      off (plain text)",
+                    f"\n  OpenAI   /v1/* -> {edge.openai_upstream[0]}:{edge.openai_upstream[1]}"
+                    if edge.openai_upstream
+                    else "",
+                    *(f"\n  upstream {u.url_host} HTTP {u.http_port} gRPC {u.grpc_port}" for u in upstreams),
+                ]
+            )
+            return run_gateway(
+                config,
+                settings.admin_port,
+                stop,
+                concurrency=args.concurrency,
+                log_level=args.log_level,
+                describe=describe,
+            )
     except GatewayError as exc:
         log.error("%s", exc)
         return 1

@@ -60,11 +60,15 @@ def _infer_body(model: str) -> tuple[bytes, dict[str, str]]:
     if model == ZeroShot.NAME:
         parts = [(ZeroShot.TEXT, _element(b"a photo")), (ZeroShot.IMAGE, _element(npy_pixel()))]
     output = ZeroShot.PROBS if model == ZeroShot.NAME else ClipInfo.INFO
-    header = json.dumps({
-        "inputs": [{"name": name, "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(data)}}
-                   for name, data in parts],
-        "outputs": [{"name": output, "parameters": {"binary_data": False}}],
-    }).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": name, "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(data)}}
+                for name, data in parts
+            ],
+            "outputs": [{"name": output, "parameters": {"binary_data": False}}],
+        }
+    ).encode()
     return header + b"".join(d for _, d in parts), {"Inference-Header-Content-Length": str(len(header))}
 
 
@@ -124,8 +128,9 @@ class HealthCheck:
         if before is None:
             return "no earlier counters to compare with"
         ran = sum(now[m][0] - before.get(m, (0.0, 0.0))[0] for m in now)
-        stuck = [m for m in sorted(now) if now[m][1] > 0 and before.get(m, (0.0, 0.0))[1] > 0
-                 and now[m][0] == before[m][0]]
+        stuck = [
+            m for m in sorted(now) if now[m][1] > 0 and before.get(m, (0.0, 0.0))[1] > 0 and now[m][0] == before[m][0]
+        ]
         if ran > 0 and not stuck:
             return None
         return f"requests waiting in {', '.join(stuck)} and none executed" if stuck else "no model executed"
@@ -139,8 +144,10 @@ class HealthCheck:
             return Verdict(BUSY, f"{what}; Triton is executing (busy)")
         if now - self._progress_at >= self.stall_seconds:
             return Verdict(BROKEN, f"{what}; {stalled} for {now - self._progress_at:.0f}s")
-        return Verdict(BUSY, f"{what}; {stalled} for {now - self._progress_at:.0f}s so far (broken after "
-                             f"{self.stall_seconds:.0f}s)")
+        return Verdict(
+            BUSY,
+            f"{what}; {stalled} for {now - self._progress_at:.0f}s so far (broken after {self.stall_seconds:.0f}s)",
+        )
 
     def _infer(self, model: str) -> Verdict | None:
         """None when `model` answered correctly; else the verdict its answer gives."""
@@ -205,11 +212,14 @@ def from_env() -> HealthCheck:
     """The check the container scripts run, configured by CLIP_HEALTH_URL (http:// or https://; SSL_CERT_FILE for a
     private CA), CLIP_METRICS_URL, CLIP_REPOSITORY, CLIP_HEALTH_TIMEOUT, CLIP_HEALTH_STALL (seconds) and
     CLIP_API_KEY_FILE."""
-    return HealthCheck(headers=_api_key_headers(), url=os.environ.get("CLIP_HEALTH_URL", "http://127.0.0.1:8000"),
-                       metrics_url=os.environ.get("CLIP_METRICS_URL", "http://127.0.0.1:8002/metrics"),
-                       models=repository_models(os.environ.get("CLIP_REPOSITORY", "/models")),
-                       timeout=float(os.environ.get("CLIP_HEALTH_TIMEOUT", "20")),
-                       stall_seconds=float(os.environ.get("CLIP_HEALTH_STALL", "60")))
+    return HealthCheck(
+        headers=_api_key_headers(),
+        url=os.environ.get("CLIP_HEALTH_URL", "http://127.0.0.1:8000"),
+        metrics_url=os.environ.get("CLIP_METRICS_URL", "http://127.0.0.1:8002/metrics"),
+        models=repository_models(os.environ.get("CLIP_REPOSITORY", "/models")),
+        timeout=float(os.environ.get("CLIP_HEALTH_TIMEOUT", "20")),
+        stall_seconds=float(os.environ.get("CLIP_HEALTH_STALL", "60")),
+    )
 
 
 def probe(http_url: str, models: list[str], timeout: float, metrics_url: str = "") -> str | None:

@@ -175,9 +175,11 @@ class TritonServer:
 
     def shm_args(self) -> list[str]:
         """--backend-config flags of the python backend: region sizes and this start's region name prefix."""
-        return [f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
-                f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
-                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
+        return [
+            f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+        ]
 
     def shm_regions(self) -> list[Path]:
         """This start's python backend shared-memory regions (files in /dev/shm)."""
@@ -201,8 +203,10 @@ class TritonServer:
         if not self.admin_key or not self.restricted_apis:
             return []
         apis = ",".join(self.restricted_apis)
-        return [f"--http-restricted-api={apis}:{ADMIN_HEADER}={self.admin_key}",
-                f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={self.admin_key}"]
+        return [
+            f"--http-restricted-api={apis}:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={self.admin_key}",
+        ]
 
     # ---- lifecycle
     def command(self) -> list[str]:
@@ -240,8 +244,10 @@ class TritonServer:
             raise TritonServerError(f"no model (folder with config.pbtxt) in {self.repository}")
         busy = self.ports_in_use()
         if busy:
-            raise TritonServerError(f"port(s) {', '.join(busy)} on {self.host} already in use: another server is "
-                                    "listening there; stop it or choose other ports")
+            raise TritonServerError(
+                f"port(s) {', '.join(busy)} on {self.host} already in use: another server is "
+                "listening there; stop it or choose other ports"
+            )
         self.shm_prefix = self._new_shm_prefix()
         cmd = self.command()
         log.debug("starting %s", " ".join(cmd))
@@ -285,7 +291,9 @@ class TritonServer:
     def _get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         url = f"http://{self._probe_host}:{self.http_port}{path}"
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=self.admin_headers), timeout=timeout) as resp:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, headers=self.admin_headers), timeout=timeout
+            ) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
@@ -318,8 +326,10 @@ class TritonServer:
                 raise TritonServerError(f"tritonserver exited with code {code}:\n{_error_lines(self.log_text())}")
             if self._get("/v2/health/live")[0] == 200 and not self.not_ready_models():
                 if self.http_port not in self._listening_ports():  # someone else answers on our port
-                    raise TritonServerError(f"HTTP port {self.http_port} answers, but not from this tritonserver "
-                                            f"(pid {self.process.pid}): the port is in use by another server")
+                    raise TritonServerError(
+                        f"HTTP port {self.http_port} answers, but not from this tritonserver "
+                        f"(pid {self.process.pid}): the port is in use by another server"
+                    )
                 self._stubs = self._find_stubs()
                 self.ready_seconds = time.monotonic() - self._started_at
                 return self.ready_seconds

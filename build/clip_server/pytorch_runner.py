@@ -52,6 +52,8 @@ def _malloc_trim():
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
+
+
 PARAMS = ("INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION", "INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT")
 
 
@@ -90,13 +92,17 @@ class TritonPythonModel:
         self.batch_inputs = []  # (target name, source input, numpy dtype)
         for b in config.get("batch_input") or []:
             if b.get("kind") != "BATCH_ITEM_SHAPE":
-                raise pb_utils.TritonModelException(f"batch_input kind {b.get('kind')} is not supported by this runner "
-                                                    "(BATCH_ITEM_SHAPE is)")
+                raise pb_utils.TritonModelException(
+                    f"batch_input kind {b.get('kind')} is not supported by this runner (BATCH_ITEM_SHAPE is)"
+                )
             dtype = pb_utils.triton_string_to_numpy(b["data_type"])
             self.batch_inputs += [(t, b["source_input"][0], dtype) for t in b["target_name"]]
         # torch dtypes of the inputs (a BYTES input has none): pinned staging buffers, inputs arriving on the GPU
-        self.torch_dtypes = {n: torch.from_numpy(np.empty(0, d)).dtype for n, d in
-                             self.inputs + [(t, d) for t, _, d in self.batch_inputs] if d != np.object_}
+        self.torch_dtypes = {
+            n: torch.from_numpy(np.empty(0, d)).dtype
+            for n, d in self.inputs + [(t, d) for t, _, d in self.batch_inputs]
+            if d != np.object_
+        }
         self.outputs = []
         for o in config["output"]:
             m = _INDEXED.match(o["name"])
@@ -124,7 +130,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{args['model_name']}: instance_group kind KIND_GPU asks for GPU {device_id}, but torch "
                 f"{torch.__version__} sees {count} CUDA device(s) (CUDA build: {torch.version.cuda or 'none'}); "
-                "serve this model where torch has CUDA, or build the repository with --instance-kind cpu")
+                "serve this model where torch has CUDA, or build the repository with --instance-kind cpu"
+            )
         torch.cuda.set_device(device_id)
         return torch.device("cuda", device_id)
 
@@ -168,8 +175,12 @@ class TritonPythonModel:
         if name in self.ragged:
             parts = [p.reshape(-1) for p in parts]
         if any(isinstance(p, torch.Tensor) for p in parts):
-            on = [p.to(self.device, non_blocking=True) if isinstance(p, torch.Tensor)
-                  else torch.from_numpy(np.array(p)).to(self.device, non_blocking=True) for p in parts]
+            on = [
+                p.to(self.device, non_blocking=True)
+                if isinstance(p, torch.Tensor)
+                else torch.from_numpy(np.array(p)).to(self.device, non_blocking=True)
+                for p in parts
+            ]
             return on[0] if len(on) == 1 else torch.cat(on)
         if self.stream is None:
             whole = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -200,9 +211,9 @@ class TritonPythonModel:
         with stream:
             for name, parts in inputs.items():
                 args[self.arg_index[name]] = self._to_device(name, parts)
-            with torch.jit.optimized_execution(self.optimized):
-                with torch.inference_mode() if self.inference_mode else torch.no_grad():
-                    result = self.model(*args)
+            grad_mode = torch.inference_mode() if self.inference_mode else torch.no_grad()
+            with torch.jit.optimized_execution(self.optimized), grad_mode:
+                result = self.model(*args)
             if isinstance(result, torch.Tensor):
                 result = (result,)
             elif isinstance(result, dict):
@@ -225,15 +236,19 @@ class TritonPythonModel:
             groups.setdefault(tuple((n, a.shape[1:]) for n, a in item.items() if n not in self.ragged), []).append(i)
         names = [n for n, _, _ in self.outputs]
         if len(groups) == 1:
-            return dict(zip(names, self._forward_rows({n: [x[n] for x in items] for n, _ in self.inputs},
-                                                      sum(map(self._rows, items)))))
+            return dict(
+                zip(
+                    names,
+                    self._forward_rows({n: [x[n] for x in items] for n, _ in self.inputs}, sum(map(self._rows, items))),
+                )
+            )
         parts: list[list[np.ndarray] | None] = [None] * len(items)
         for members in groups.values():
             sizes = [self._rows(items[i]) for i in members]
             outs = self._forward_rows({n: [items[i][n] for i in members] for n, _ in self.inputs}, sum(sizes))
             offsets = np.cumsum([0] + sizes)
             for k, i in enumerate(members):
-                parts[i] = [o[offsets[k]:offsets[k + 1]] for o in outs]
+                parts[i] = [o[offsets[k] : offsets[k + 1]] for o in outs]
         return {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(names)}
 
     def _forward_rows(self, inputs: dict[str, list[np.ndarray]], rows: int) -> list[np.ndarray]:
@@ -248,16 +263,24 @@ class TritonPythonModel:
     def execute(self, requests):
         if not self.batching:  # max_batch_size 0: each request is its own forward, outputs as forward() shapes them
             return execute_each(
-                pb_utils, requests,
-                lambda r: [pb_utils.Tensor(n, o) for (n, _, _), o in
-                           zip(self.outputs, self._forward({k: [a] for k, a in self._read(r).items()}))],
-                what="model execution", logger=self.logger)
+                pb_utils,
+                requests,
+                lambda r: [
+                    pb_utils.Tensor(n, o)
+                    for (n, _, _), o in zip(self.outputs, self._forward({k: [a] for k, a in self._read(r).items()}))
+                ],
+                what="model execution",
+                logger=self.logger,
+            )
         responses = execute_batched(
-            pb_utils, requests,
+            pb_utils,
+            requests,
             read=lambda request: [self._read(request)],
             rows=self._rows,
             compute=self._forward_batch,
-            label="request", logger=self.logger)
+            label="request",
+            logger=self.logger,
+        )
         if self.trim_due and self.trim is not None and self.device.type == "cpu":
             self.trim(0)  # tens of ms; no CPU cost measured on the next batch (ViT-B/32, batch 32: 5.5 s either way)
         self.trim_due = False

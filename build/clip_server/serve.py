@@ -47,20 +47,31 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for every model")
-    parser.add_argument("--exit-timeout", type=int, default=30,
-                        help="seconds the server lets in-flight requests finish after SIGTERM")
+    parser.add_argument(
+        "--exit-timeout", type=int, default=30, help="seconds the server lets in-flight requests finish after SIGTERM"
+    )
     parser.add_argument("--log-file", default=None, help="server log (default: a temporary file, echoed on failure)")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
-    parser.add_argument("--admin-key", default=None,
-                        help=f"value of the {ADMIN_HEADER} header that unlocks the admin APIs "
-                             f"(default: ${ADMIN_KEY_ENV}, else a random key printed at start)")
-    parser.add_argument("--no-restrict", action="store_true",
-                        help="development: leave model-repository/model-config/statistics/... APIs open")
+    parser.add_argument(
+        "--admin-key",
+        default=None,
+        help=f"value of the {ADMIN_HEADER} header that unlocks the admin APIs "
+        f"(default: ${ADMIN_KEY_ENV}, else a random key printed at start)",
+    )
+    parser.add_argument(
+        "--no-restrict",
+        action="store_true",
+        help="development: leave model-repository/model-config/statistics/... APIs open",
+    )
     parser.add_argument("--no-supervise", action="store_true", help="exit 1 instead of restarting a failed server")
     parser.add_argument("--max-restarts", type=int, default=5, help="restarts allowed within --restart-window")
     parser.add_argument("--restart-window", type=float, default=300.0, help="seconds")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text",
-                        help="json: our log lines as JSON objects (time, level, logger, message, request_id)")
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="json: our log lines as JSON objects (time, level, logger, message, request_id)",
+    )
     add_openai_arguments(parser)
 
 
@@ -84,8 +95,16 @@ def start_openai(args: argparse.Namespace, host: str):
     def on_ready(server, _supervisor):
         opt = options_from_args(args, "openai-")
         settings = settings_from_args(args, [server.grpc_url], "openai-")
-        thread = FrontEndThread(uvicorn_server(settings, host, args.openai_port, tls_cert=opt["tls_cert"],
-                                               tls_key=opt["tls_key"], log_level=opt["log_level"]))
+        thread = FrontEndThread(
+            uvicorn_server(
+                settings,
+                host,
+                args.openai_port,
+                tls_cert=opt["tls_cert"],
+                tls_key=opt["tls_key"],
+                log_level=opt["log_level"],
+            )
+        )
         thread.start()
         started.append(thread)
         scheme = "https" if opt["tls_cert"] else "http"
@@ -106,21 +125,46 @@ def resolve_admin_key(admin_key: str | None, restrict: bool) -> tuple[str | None
     return secrets.token_urlsafe(24), True
 
 
-def serve(repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
-          metrics_port: int = 8002, startup_timeout: float = 300.0, exit_timeout: int = 30,
-          log_file: str | None = None, log_verbose: int = 0, stop_event: threading.Event | None = None,
-          out=sys.stdout, restrict: bool = True, admin_key: str | None = None, supervise: bool = True,
-          max_restarts: int = 5, restart_window: float = 300.0, check_interval: float = 1.0,
-          on_ready=None) -> int:
+def serve(
+    repository: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+    startup_timeout: float = 300.0,
+    exit_timeout: int = 30,
+    log_file: str | None = None,
+    log_verbose: int = 0,
+    stop_event: threading.Event | None = None,
+    out=sys.stdout,
+    restrict: bool = True,
+    admin_key: str | None = None,
+    supervise: bool = True,
+    max_restarts: int = 5,
+    restart_window: float = 300.0,
+    check_interval: float = 1.0,
+    on_ready=None,
+) -> int:
     """Start, wait for every model, print the endpoints, supervise until a signal or `stop_event`; return an exit code.
 
     on_ready(server, supervisor_or_None) is called once the server first serves (tests use it to reach the server).
     """
     key, generated = resolve_admin_key(admin_key, restrict)
-    server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          log_path=log_file, log_verbose=log_verbose, startup_timeout=startup_timeout,
-                          exit_timeout=exit_timeout, die_with_parent=True, admin_key=key,
-                          extra_args=server_args(repository))
+    server = TritonServer(
+        repository,
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        log_path=log_file,
+        log_verbose=log_verbose,
+        startup_timeout=startup_timeout,
+        exit_timeout=exit_timeout,
+        die_with_parent=True,
+        admin_key=key,
+        extra_args=server_args(repository),
+    )
     stop = stop_event or threading.Event()
     received: list[int] = []
     previous = _catch_signals(stop, received)
@@ -131,15 +175,23 @@ def serve(repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8
         _announce(server, Path(repository), key, generated, out)
         supervisor = None
         if supervise:
-            supervisor = Supervisor(server, check_interval=check_interval, max_restarts=max_restarts,
-                                    window=restart_window, ready_timeout=startup_timeout)
+            supervisor = Supervisor(
+                server,
+                check_interval=check_interval,
+                max_restarts=max_restarts,
+                window=restart_window,
+                ready_timeout=startup_timeout,
+            )
         if on_ready is not None:
             on_ready(server, supervisor)
-        failed = supervisor.run(stop) != 0 if supervisor is not None else _watch_unsupervised(server, stop,
-                                                                                               check_interval)
+        failed = (
+            supervisor.run(stop) != 0 if supervisor is not None else _watch_unsupervised(server, stop, check_interval)
+        )
         if failed:
             return 1
-        log.info("signal %s: stopping tritonserver (in-flight requests finish first)", received[0] if received else "stop")
+        log.info(
+            "signal %s: stopping tritonserver (in-flight requests finish first)", received[0] if received else "stop"
+        )
         return 0
     finally:
         code = server.stop()
@@ -189,8 +241,11 @@ def _announce(server: TritonServer, repository: Path, key: str | None, generated
         model_id = json.loads((repository / "clip_triton.json").read_text())["model_id"]
     except (OSError, ValueError, KeyError, TypeError):  # a repository not built by us, or a damaged info file
         model_id = "?"
-    print(f"tritonserver ready in {server.ready_seconds:.1f}s: {len(server.models)} models "
-          f"({', '.join(server.models)}), model_id {model_id}", file=out)
+    print(
+        f"tritonserver ready in {server.ready_seconds:.1f}s: {len(server.models)} models "
+        f"({', '.join(server.models)}), model_id {model_id}",
+        file=out,
+    )
     print(f"  HTTP     http://{server.http_url}", file=out)
     print(f"  gRPC     {server.grpc_url}", file=out)
     print(f"  metrics  {server.metrics_url}", file=out)
@@ -210,8 +265,9 @@ def _watch_unsupervised(server: TritonServer, stop: threading.Event, check_inter
     while not stop.wait(check_interval):
         ticks += 1
         if not server.running:
-            log.error("tritonserver exited unexpectedly (code %s):\n%s", server.process.returncode,
-                      server.log_text()[-4000:])
+            log.error(
+                "tritonserver exited unexpectedly (code %s):\n%s", server.process.returncode, server.log_text()[-4000:]
+            )
             return True
         gone = server.not_ready_models() if ticks % 5 == 0 else []
         dead = server.dead_stubs()
@@ -229,11 +285,23 @@ def run(args: argparse.Namespace, command: str) -> int:
         use_json_logs()
     on_ready = start_openai(args, args.host)
     try:
-        return serve(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                     metrics_port=args.metrics_port, startup_timeout=args.startup_timeout,
-                     exit_timeout=args.exit_timeout, log_file=args.log_file, log_verbose=args.log_verbose,
-                     restrict=not args.no_restrict, admin_key=args.admin_key, supervise=not args.no_supervise,
-                     max_restarts=args.max_restarts, restart_window=args.restart_window, on_ready=on_ready)
+        return serve(
+            args.repository,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            startup_timeout=args.startup_timeout,
+            exit_timeout=args.exit_timeout,
+            log_file=args.log_file,
+            log_verbose=args.log_verbose,
+            restrict=not args.no_restrict,
+            admin_key=args.admin_key,
+            supervise=not args.no_supervise,
+            max_restarts=args.max_restarts,
+            restart_window=args.restart_window,
+            on_ready=on_ready,
+        )
     except TritonServerError as exc:
         log.error("%s", exc)
         return 1

@@ -34,10 +34,22 @@ class Supervisor:
     >>> thread = sup.start_thread(stop)     # or sup.run(stop) in the calling thread; stop.set() to end it
     """
 
-    def __init__(self, server: TritonServer, *, check_interval: float = 1.0, confirm_delay: float = 0.5,
-                 max_restarts: int = 5, window: float = 300.0, backoff: float = 1.0, max_backoff: float = 30.0,
-                 stop_timeout: float | None = None, ready_timeout: float | None = None, probe_interval: float = 5.0,
-                 probe_timeout: float = 30.0, stall_seconds: float = 60.0):
+    def __init__(
+        self,
+        server: TritonServer,
+        *,
+        check_interval: float = 1.0,
+        confirm_delay: float = 0.5,
+        max_restarts: int = 5,
+        window: float = 300.0,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        stop_timeout: float | None = None,
+        ready_timeout: float | None = None,
+        probe_interval: float = 5.0,
+        probe_timeout: float = 30.0,
+        stall_seconds: float = 60.0,
+    ):
         self.server = server
         self.check_interval = check_interval
         self.confirm_delay = confirm_delay
@@ -79,8 +91,13 @@ class Supervisor:
         return f"probe {verdict.reason}" if verdict.broken else None
 
     def _new_check(self) -> HealthCheck:
-        return HealthCheck(f"http://{self.server.http_url}", self.server.metrics_url, self.server.models,
-                           timeout=self.probe_timeout, stall_seconds=self.stall_seconds)
+        return HealthCheck(
+            f"http://{self.server.http_url}",
+            self.server.metrics_url,
+            self.server.models,
+            timeout=self.probe_timeout,
+            stall_seconds=self.stall_seconds,
+        )
 
     def _probe_due(self) -> bool:
         if self.probe_interval <= 0 or time.monotonic() < self._next_probe:
@@ -125,8 +142,9 @@ class Supervisor:
                 continue
             recent = self._recent()
             if recent >= self.max_restarts:
-                log.error("supervisor: %s, and %d restarts within %.0fs already; giving up", reason, recent,
-                          self.window)
+                log.error(
+                    "supervisor: %s, and %d restarts within %.0fs already; giving up", reason, recent, self.window
+                )
                 self.gave_up = True
                 self.exit_code = 1
                 return 1

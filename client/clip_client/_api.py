@@ -5,15 +5,17 @@
 
 from __future__ import annotations
 
-_NET = ("ServerUnavailableError: no server answered (after the retries, once one had answered).\n"
-        "    ServerTimeoutError: no complete answer within `timeout` (a total deadline per request, retries "
-        "included).\n"
-        "    RateLimitedError: a gateway refused the request for rate limiting (HTTP 429), still after the retries.\n"
-        "    ModelNotFoundError: the server does not serve the model (or `model=` names none of its models).\n"
-        "    InvalidResponseError: the answer breaks the contract (missing output, wrong row count or size, "
-        "values not finite).\n"
-        "    ModelChangedError: the server now serves another model than the one read before (caches dropped).\n"
-        "    ServerError: the server failed the request for another reason.")
+_NET = (
+    "ServerUnavailableError: no server answered (after the retries, once one had answered).\n"
+    "    ServerTimeoutError: no complete answer within `timeout` (a total deadline per request, retries "
+    "included).\n"
+    "    RateLimitedError: a gateway refused the request for rate limiting (HTTP 429), still after the retries.\n"
+    "    ModelNotFoundError: the server does not serve the model (or `model=` names none of its models).\n"
+    "    InvalidResponseError: the answer breaks the contract (missing output, wrong row count or size, "
+    "values not finite).\n"
+    "    ModelChangedError: the server now serves another model than the one read before (caches dropped).\n"
+    "    ServerError: the server failed the request for another reason."
+)
 _INPUT = "InvalidInputError: the input was refused (by the client's checks or by the server, message verbatim).\n    "
 
 _ENCODE_TEXT = f"""Text embeddings, float32, L2-normalised unless normalize=False.
@@ -56,14 +58,14 @@ Raises
     {_NET}
 """,
     "logit_scale": "The model's raw logit_scale (similarities are multiplied by exp of it); a float (AsyncCLIPClient: "
-                   "an awaitable of it). Raises what get_model_info raises.",
+    "an awaitable of it). Raises what get_model_info raises.",
     "dimension": "Embedding size D (providers.EmbeddingProvider). Returns int. Raises what get_model_info raises.",
     "model_id": "The served weights' identity (providers.EmbeddingProvider). Returns str. Raises what get_model_info "
-                "raises.",
+    "raises.",
     "embed_texts": "Normalised text embeddings (n, D); one str is one text (providers.EmbeddingProvider). Raises what "
-                   "encode_text raises.",
+    "encode_text raises.",
     "embed_images": "Normalised image embeddings (n, D); one image is one item "
-                    "(providers.MultimodalEmbeddingProvider). Raises what encode_image raises.",
+    "(providers.MultimodalEmbeddingProvider). Raises what encode_image raises.",
     "encode_text": _ENCODE_TEXT,
     "encode_image": _ENCODE_IMAGE,
     "compute_similarity": f"""Similarities of every text with every image.
@@ -153,7 +155,7 @@ Raises
     {_INPUT}{_NET}
 """,
     "clear_cache": "Forget cached prompt embeddings and the model info (e.g. after the server's model changed). "
-                   "Returns None. Raises nothing.",
+    "Returns None. Raises nothing.",
 }
 
 
@@ -174,4 +176,3 @@ def documented(cls: type) -> type:
 def public_names(cls: type) -> list[str]:
     """The public methods and properties of a client class (its own and inherited, no dunders)."""
     return sorted(n for n in dir(cls) if not n.startswith("_"))
-

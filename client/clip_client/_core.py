@@ -64,8 +64,15 @@ from .errors import (
 )
 from .inputs import DEFAULT_DOWNLOAD_BYTES, by_length, encode_images, encode_texts, iter_batches, normalize_texts
 
-__all__ = ["DEFAULT_TEMPLATE", "ClientBase", "ModelInfo", "backoff_delay", "map_error", "retryable",
-           "unreachable_message"]
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "ClientBase",
+    "ModelInfo",
+    "backoff_delay",
+    "map_error",
+    "retryable",
+    "unreachable_message",
+]
 
 log = logging.getLogger("clip_client")
 
@@ -145,8 +152,9 @@ class ClientBase:
         except EndpointError as e:
             raise InvalidInputError(str(e)) from None
         if timeout <= 0 or retries < 0 or max_concurrency < 1 or connect_timeout <= 0 or max_download_bytes < 1:
-            raise InvalidInputError("timeout and connect_timeout must be > 0, retries >= 0, max_concurrency >= 1, "
-                                    "max_download_bytes >= 1")
+            raise InvalidInputError(
+                "timeout and connect_timeout must be > 0, retries >= 0, max_concurrency >= 1, max_download_bytes >= 1"
+            )
         if ca_file is not None:
             if not self.endpoint.tls:
                 raise InvalidInputError(f"ca_file is for TLS: use an https:// or grpcs:// URL, not {self.endpoint.url}")
@@ -183,8 +191,9 @@ class ClientBase:
         """Seconds left before `deadline` (time.monotonic()); ServerTimeoutError when none are."""
         left = deadline - time.monotonic()
         if left <= 0:
-            err = ServerTimeoutError(f"{what}: timed out: no answer within the {self.timeout:g} s deadline "
-                                     f"(server {self.url})")
+            err = ServerTimeoutError(
+                f"{what}: timed out: no answer within the {self.timeout:g} s deadline (server {self.url})"
+            )
             err.url = self.url
             raise err
         return left
@@ -293,7 +302,8 @@ class ClientBase:
             f"the server at {self.url} has no {CLIP_INFO} model and its model configuration API is restricted "
             f"({err}): the client needs one of them to learn the model's size and limits. Serve a repository "
             "built with clip_info, or pass the admin key in headers (x-clip-admin-key, over gRPC "
-            "triton-grpc-protocol-x-clip-admin-key)")
+            "triton-grpc-protocol-x-clip-admin-key)"
+        )
         refused.status, refused.url = err.status, self.url
         return refused
 
@@ -303,8 +313,11 @@ class ClientBase:
         if self.max_items:
             n = min(n, self.max_items)
         if batch_size is not None:
-            if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral) \
-                    or batch_size < 1:
+            if (
+                isinstance(batch_size, (bool, np.bool_))
+                or not isinstance(batch_size, numbers.Integral)
+                or batch_size < 1
+            ):
                 raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
             n = min(n, int(batch_size))
         return n
@@ -332,7 +345,8 @@ class ClientBase:
             if self.model is not None:
                 raise ModelNotFoundError(
                     f"the server at {self.url} has no {CLIP_INFO} model, so it cannot name its models: "
-                    f"model={self.model!r} needs a repository built with clip_info") from None
+                    f"model={self.model!r} needs a repository built with clip_info"
+                ) from None
             log.debug("no clip_info; reading model configs")
             return (yield from self._p_info_from_configs())
         prefix = "" if self.model is None else model_prefix(first, self.model)
@@ -350,8 +364,9 @@ class ClientBase:
             scale = logit_scale_from_zero_shot((yield Infer(probe_request("", fallback_identity_probe()))))
         return build_model_info(configs, scale)
 
-    def _p_encode(self, inputs: Any, kind: str, normalize: bool = True, batch_size: int | None = None,
-                  show_progress: bool = False) -> Plan:
+    def _p_encode(
+        self, inputs: Any, kind: str, normalize: bool = True, batch_size: int | None = None, show_progress: bool = False
+    ) -> Plan:
         info = yield from self._p_info()
         limit = self._batch_limit(info, kind, batch_size)
         items, order = self._item_bytes(inputs, kind), []
@@ -411,14 +426,16 @@ class ClientBase:
         if top_k is not None:
             ops.check_k(top_k)
         yield from self._p_info()
-        cls, img = yield Both(self._p_class_embeddings(names, templates or [DEFAULT_TEMPLATE]),
-                              self._p_matrix(images, "image"))
+        cls, img = yield Both(
+            self._p_class_embeddings(names, templates or [DEFAULT_TEMPLATE]), self._p_matrix(images, "image")
+        )
         rows = ranked_labels(img, cls, names, (yield from self._p_info()), top_k)
         single = img.ndim == 1 if as_embeddings(images) is not None else is_single(images, "image")
         return rows[0] if single else rows
 
-    def _p_zero_shot_classification(self, images: Any, class_texts: Any, return_probabilities: bool,
-                                    templates: list[str] | None) -> Plan:
+    def _p_zero_shot_classification(
+        self, images: Any, class_texts: Any, return_probabilities: bool, templates: list[str] | None
+    ) -> Plan:
         yield from self._p_info()
         cls, img = yield Both(self._p_class_embeddings(class_texts, templates), self._p_encode(images, "image"))
         return classify_result(img, cls, (yield from self._p_info()), return_probabilities)

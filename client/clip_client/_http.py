@@ -70,8 +70,9 @@ class HttpTransport:
             c.close()
         self._local = threading.local()
 
-    def request(self, method: str, path: str, body: bytes | None, headers: dict[str, Any],
-                seconds: float) -> tuple[int, http.client.HTTPMessage, bytes]:
+    def request(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, Any], seconds: float
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
         """(status, headers, body) of one request that takes at most `seconds` in all; TimeoutError past it."""
         conn = self._connection(seconds)
         try:
@@ -81,8 +82,15 @@ class HttpTransport:
                 return self._once(self._connection(seconds), method, path, body, headers, seconds)
             raise
 
-    def _once(self, conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None,
-              headers: dict[str, Any], seconds: float) -> tuple[int, http.client.HTTPMessage, bytes]:
+    def _once(
+        self,
+        conn: http.client.HTTPConnection,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, Any],
+        seconds: float,
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
         expired = threading.Event()
 
         def expire() -> None:
@@ -100,8 +108,7 @@ class HttpTransport:
         try:
             if conn.sock is not None:
                 conn.sock.settimeout(seconds)
-            conn.request(method, self.endpoint.path + path, body=body,
-                         headers={k: str(v) for k, v in headers.items()})
+            conn.request(method, self.endpoint.path + path, body=body, headers={k: str(v) for k, v in headers.items()})
             response = conn.getresponse()
             data = response.read()
             if expired.is_set():
@@ -130,8 +137,8 @@ class HttpTransport:
         _raise_for_status(status, data)
         length = rh.get("Inference-Header-Content-Length")
         return InferenceServerClient.parse_response_body(
-            data, header_length=None if length is None else int(length),
-            content_encoding=rh.get("Content-Encoding"))
+            data, header_length=None if length is None else int(length), content_encoding=rh.get("Content-Encoding")
+        )
 
     def get_json(self, path: str, seconds: float, headers: dict | None) -> dict:
         """GET a JSON document of Triton's API (server metadata, a model's config)."""

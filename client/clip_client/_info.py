@@ -126,9 +126,14 @@ def build_model_info(configs: dict[str, dict | None], logit_scale: float | None 
     source = "postprocess.model_id"
     if model_id is None:
         # Weaker identity: derived from what the configs expose (no weights hash available to the client).
-        blob = json.dumps({"dim": dim, "logit_scale": round(logit_scale, 6),
-                           "encoders": [(configs.get(m) or {}).get("name") for m in C.ENCODERS]},
-                          sort_keys=True)
+        blob = json.dumps(
+            {
+                "dim": dim,
+                "logit_scale": round(logit_scale, 6),
+                "encoders": [(configs.get(m) or {}).get("name") for m in C.ENCODERS],
+            },
+            sort_keys=True,
+        )
         model_id = "cfg-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
         source = "fallback"
     return ModelInfo(
@@ -208,8 +213,10 @@ def model_prefix(info: dict, model: str) -> str:
                 raise ServerError(f"clip_info lists model {model!r} with an invalid prefix {prefix!r}")
             return prefix
     names = [str(m.get("name")) for m in entries] or ([str(info["name"])] if info.get("name") else [])
-    raise ModelNotFoundError(f"the server serves no model named {model!r}; it serves: "
-                             + (", ".join(names) if names else "one unnamed model (use model=None)"))
+    raise ModelNotFoundError(
+        f"the server serves no model named {model!r}; it serves: "
+        + (", ".join(names) if names else "one unnamed model (use model=None)")
+    )
 
 
 def fallback_identity_probe() -> dict[str, np.ndarray]:

@@ -63,14 +63,16 @@ def check_embeddings(out: Outputs, name: str, rows: int, dim: int, model: str, u
     if not isinstance(e, np.ndarray) or e.dtype.kind != "f":
         raise _bad(f"{model} answered {name} as {getattr(e, 'dtype', type(e).__name__)}, not floats", url)
     if e.ndim != 2 or e.shape[0] != rows:
-        raise _bad(f"{model} answered {name} shaped {tuple(e.shape)} for {rows} input(s): one row per input was "
-                   "expected", url)
+        raise _bad(
+            f"{model} answered {name} shaped {tuple(e.shape)} for {rows} input(s): one row per input was expected", url
+        )
     if e.shape[1] != dim:
         raise _bad(f"{model} answered {e.shape[1]}-dimensional {name}; the model's size is {dim}", url)
     if not np.isfinite(e).all():
         bad = np.flatnonzero(~np.isfinite(e).all(axis=1))
-        raise _bad(f"{model} answered {name} with values that are not finite (NaN or inf) in row(s) "
-                   f"{bad[:5].tolist()}", url)
+        raise _bad(
+            f"{model} answered {name} with values that are not finite (NaN or inf) in row(s) {bad[:5].tolist()}", url
+        )
     return e.astype(np.float32, copy=False)
 
 
@@ -90,9 +92,11 @@ def check_identity(out: Outputs, expected: str | None, model: str, url: str) -> 
     """ModelChangedError when the answer's model_id is not the one the client read from clip_info."""
     got = answered_model_id(out, model, url)
     if got is not None and expected is not None and got != expected:
-        err = ModelChangedError(f"the server at {url} now serves model {got} on {model}, not the model {expected} "
-                                "this client had read; cached prompt embeddings and model info were dropped: call "
-                                "again")
+        err = ModelChangedError(
+            f"the server at {url} now serves model {got} on {model}, not the model {expected} "
+            "this client had read; cached prompt embeddings and model info were dropped: call "
+            "again"
+        )
         err.url = url
         raise err
 
@@ -108,17 +112,24 @@ def _bad(message: str, url: str) -> InvalidResponseError:
 
 def clip_info_request(prefix: str) -> Request:
     """The clip_info model of the model with this Triton-name prefix."""
-    return Request(prefix + CLIP_INFO, {}, (CLIP_INFO_OUT,),
-                   lambda out, url: (require_outputs(out, (CLIP_INFO_OUT,), prefix + CLIP_INFO, url),
-                                     out[CLIP_INFO_OUT])[1])
+    return Request(
+        prefix + CLIP_INFO,
+        {},
+        (CLIP_INFO_OUT,),
+        lambda out, url: (require_outputs(out, (CLIP_INFO_OUT,), prefix + CLIP_INFO, url), out[CLIP_INFO_OUT])[1],
+    )
 
 
 def embed_request(prefix: str, kind: str, items: list[bytes], dim: int) -> Request:
     """encode_text / encode_image of `items`; the answer is checked to (len(items), dim) finite float32."""
     model, name, out_name = (ENCODE_TEXT, TEXT_IN, TEXT_OUT) if kind == "text" else (ENCODE_IMAGE, IMAGE_IN, IMAGE_OUT)
     model = prefix + model
-    return Request(model, {name: bytes_tensor(items)}, (out_name,),
-                   lambda out, url: check_embeddings(out, out_name, len(items), dim, model, url))
+    return Request(
+        model,
+        {name: bytes_tensor(items)},
+        (out_name,),
+        lambda out, url: check_embeddings(out, out_name, len(items), dim, model, url),
+    )
 
 
 def zero_shot_request(prefix: str, texts: list[bytes], images: list[bytes], top_k: int, dim: int) -> Request:
@@ -140,12 +151,17 @@ def zero_shot_request(prefix: str, texts: list[bytes], images: list[bytes], top_
                 raise _bad(f"{model} answered {name} shaped {tuple(k.shape)} with indices outside 0..{cols - 1}", url)
         return {n: out[n] for n in Z.OUTPUTS}
 
-    return Request(model, {Z.TEXT: bytes_tensor(texts), Z.IMAGE: bytes_tensor(images),
-                           Z.TOP_K: np.array([top_k], dtype=np.int32)}, Z.OUTPUTS, check)
+    return Request(
+        model,
+        {Z.TEXT: bytes_tensor(texts), Z.IMAGE: bytes_tensor(images), Z.TOP_K: np.array([top_k], dtype=np.int32)},
+        Z.OUTPUTS,
+        check,
+    )
 
 
 def probe_request(prefix: str, inputs: dict[str, np.ndarray]) -> Request:
     """The zero_shot probe that reveals logit_scale (repositories without clip_info and without the parameter)."""
     outs = (TEXT_OUT, IMAGE_OUT, C.ZeroShot.LOGITS_PER_TEXT)
-    return Request(prefix + ZERO_SHOT, inputs, outs,
-                   lambda out, url: (require_outputs(out, outs, prefix + ZERO_SHOT, url), out)[1])
+    return Request(
+        prefix + ZERO_SHOT, inputs, outs, lambda out, url: (require_outputs(out, outs, prefix + ZERO_SHOT, url), out)[1]
+    )

@@ -49,8 +49,9 @@ def model_logits(info: ModelInfo, cosine: np.ndarray) -> np.ndarray:
     return z.astype(np.float32, copy=False)
 
 
-def ranked_labels(image_embeds: np.ndarray, class_embeds: np.ndarray, labels: list[str], info: ModelInfo,
-                  top_k: int | None) -> list[list[dict]]:
+def ranked_labels(
+    image_embeds: np.ndarray, class_embeds: np.ndarray, labels: list[str], info: ModelInfo, top_k: int | None
+) -> list[list[dict]]:
     """Per image, [{"label", "score"}] sorted by score, best first; top_k of them. Scores: softmax over the labels,
     or per label sigmoid(logits) for a sigmoid ("scoring": "sigmoid") model."""
     probs = info.scores(model_logits(info, ops.similarity(image_embeds, class_embeds)), axis=1)  # (I, C)

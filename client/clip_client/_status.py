@@ -105,8 +105,16 @@ def map_error(exc: BaseException, what: str, url: str = "", known_model: bool = 
 
 def is_connection_error(exc: BaseException) -> bool:
     """A transport failure by its type: refused, reset, closed by the peer (no status: nothing was answered)."""
-    if isinstance(exc, (ConnectionError, OSError, http.client.RemoteDisconnected, http.client.IncompleteRead,
-                        http.client.BadStatusLine)):
+    if isinstance(
+        exc,
+        (
+            ConnectionError,
+            OSError,
+            http.client.RemoteDisconnected,
+            http.client.IncompleteRead,
+            http.client.BadStatusLine,
+        ),
+    ):
         return True
     if isinstance(exc, http.client.HTTPException) and type(exc).__name__ == "HTTPConnectionClosed":
         return True  # geventhttpclient: the server closed the connection
@@ -145,9 +153,11 @@ def unreachable_message(endpoint: Endpoint, reason: str) -> str:
     hint = f"Is the server running, and is {port} its {names[endpoint.protocol]} port?"
     other = "grpc" if endpoint.protocol == "http" else "http"
     if port == DEFAULT_PORTS[other]:
-        hint += (f" {port} is Triton's default {names[other]} port: use {other}://{endpoint.host}:{port}, or "
-                 f"{endpoint.protocol}://{endpoint.host}:{DEFAULT_PORTS[endpoint.protocol]} for "
-                 f"{names[endpoint.protocol]}.")
+        hint += (
+            f" {port} is Triton's default {names[other]} port: use {other}://{endpoint.host}:{port}, or "
+            f"{endpoint.protocol}://{endpoint.host}:{DEFAULT_PORTS[endpoint.protocol]} for "
+            f"{names[endpoint.protocol]}."
+        )
     else:
         hint += " (Triton's defaults: HTTP 8000, gRPC 8001.)"
     if endpoint.tls:

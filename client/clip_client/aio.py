@@ -107,8 +107,9 @@ class AsyncCLIPClient(ClientBase):
                     tls = {"ssl": True, "ssl_context": ssl.create_default_context(cafile=self.ca_file)}
                 # conn_timeout is aiohttp's total per request: past our own deadlines (wait_for) so that they decide
                 session_timeout = max(self.timeout, self.connect_timeout) + 1.0
-                client = mod.InferenceServerClient(self.endpoint.address, conn_timeout=session_timeout,
-                                                   conn_limit=self.max_concurrency * 2, **tls)
+                client = mod.InferenceServerClient(
+                    self.endpoint.address, conn_timeout=session_timeout, conn_limit=self.max_concurrency * 2, **tls
+                )
             else:
                 import tritonclient.grpc.aio as mod
 
@@ -177,11 +178,13 @@ class AsyncCLIPClient(ClientBase):
         try:
             client = self._loop_state().client
             if self.protocol == "grpc":
-                live = await client.is_server_live(headers=self.headers,
-                                                   client_timeout=self._first_contact_budget(started))
+                live = await client.is_server_live(
+                    headers=self.headers, client_timeout=self._first_contact_budget(started)
+                )
             else:  # server metadata raises on any error status (a gateway's 429 included)
-                await asyncio.wait_for(client.get_server_metadata(headers=self.headers),
-                                       self._first_contact_budget(started))
+                await asyncio.wait_for(
+                    client.get_server_metadata(headers=self.headers), self._first_contact_budget(started)
+                )
         except asyncio.CancelledError:
             if _cancel_requested():
                 raise
@@ -257,8 +260,7 @@ class AsyncCLIPClient(ClientBase):
         except CLIPClientError as e:
             raise self._config_refused(model, e) from None
 
-    async def _stream(self, batches: Iterator[list[bytes]], make: Callable[[list[bytes]], Request],
-                      bar) -> list[Any]:
+    async def _stream(self, batches: Iterator[list[bytes]], make: Callable[[list[bytes]], Request], bar) -> list[Any]:
         """Each batch's request, up to max_concurrency at once, reading batches (files, URLs) off the event loop
         only as slots free up; the answers in input order."""
         parts: dict[int, Any] = {}
@@ -305,49 +307,79 @@ class AsyncCLIPClient(ClientBase):
         return await self._run(self._p_embed(images, "image"))
 
     @overload
-    async def encode_text(self, texts: str, normalize: bool = True, *, batch_size: int | None = None,
-                          show_progress: bool = False) -> np.ndarray: ...  # (D,)
+    async def encode_text(
+        self, texts: str, normalize: bool = True, *, batch_size: int | None = None, show_progress: bool = False
+    ) -> np.ndarray: ...  # (D,)
 
     @overload
-    async def encode_text(self, texts: Iterable[str], normalize: bool = True, *, batch_size: int | None = None,
-                          show_progress: bool = False) -> np.ndarray: ...  # (N, D)
+    async def encode_text(
+        self,
+        texts: Iterable[str],
+        normalize: bool = True,
+        *,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray: ...  # (N, D)
 
-    async def encode_text(self, texts: str | Iterable[str], normalize: bool = True, *, batch_size: int | None = None,
-                          show_progress: bool = False) -> np.ndarray:
+    async def encode_text(
+        self,
+        texts: str | Iterable[str],
+        normalize: bool = True,
+        *,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray:
         return await self._run(self._p_encode(texts, "text", normalize, batch_size, show_progress))
 
     @overload
-    async def encode_image(self, images: str | bytes | np.ndarray | Any, normalize: bool = True, *,
-                           batch_size: int | None = None, show_progress: bool = False) -> np.ndarray: ...  # (D,)
+    async def encode_image(
+        self,
+        images: str | bytes | np.ndarray | Any,
+        normalize: bool = True,
+        *,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray: ...  # (D,)
 
     @overload
-    async def encode_image(self, images: Iterable[Any], normalize: bool = True, *, batch_size: int | None = None,
-                           show_progress: bool = False) -> np.ndarray: ...  # (N, D)
+    async def encode_image(
+        self,
+        images: Iterable[Any],
+        normalize: bool = True,
+        *,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray: ...  # (N, D)
 
-    async def encode_image(self, images: Any, normalize: bool = True, *, batch_size: int | None = None,
-                           show_progress: bool = False) -> np.ndarray:
+    async def encode_image(
+        self, images: Any, normalize: bool = True, *, batch_size: int | None = None, show_progress: bool = False
+    ) -> np.ndarray:
         return await self._run(self._p_encode(images, "image", normalize, batch_size, show_progress))
 
     async def compute_similarity(self, texts: Any, images: Any, apply_temperature: bool = True) -> np.ndarray:
         return await self._run(self._p_similarity(texts, images, apply_temperature))
 
-    async def find_best_matches(self, texts: Any, images: Any, top_k: int = 5,
-                                return_scores: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    async def find_best_matches(
+        self, texts: Any, images: Any, top_k: int = 5, return_scores: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         return await self._run(self._p_best(texts, images, top_k, return_scores, transpose=False))
 
-    async def find_best_text_matches(self, images: Any, texts: Any, top_k: int = 5,
-                                     return_scores: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    async def find_best_text_matches(
+        self, images: Any, texts: Any, top_k: int = 5, return_scores: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         return await self._run(self._p_best(texts, images, top_k, return_scores, transpose=True))
 
     async def class_embeddings(self, class_texts: Any, templates: str | list[str] | None = None) -> np.ndarray:
         return await self._run(self._p_class_embeddings(class_texts, templates))
 
-    async def classify(self, images: Any, labels: Any, templates: str | list[str] | None = None,
-                       top_k: int | None = None) -> list[dict] | list[list[dict]]:
+    async def classify(
+        self, images: Any, labels: Any, templates: str | list[str] | None = None, top_k: int | None = None
+    ) -> list[dict] | list[list[dict]]:
         return await self._run(self._p_classify(images, labels, templates, top_k))
 
-    async def zero_shot_classification(self, images: Any, class_texts: Any, return_probabilities: bool = True,
-                                       templates: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    async def zero_shot_classification(
+        self, images: Any, class_texts: Any, return_probabilities: bool = True, templates: list[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         return await self._run(self._p_zero_shot_classification(images, class_texts, return_probabilities, templates))
 
     async def zero_shot(self, images: Any, texts: Any, top_k: int = 5) -> dict[str, np.ndarray]:

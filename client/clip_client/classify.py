@@ -19,13 +19,21 @@ COMMAND_HELP = {"classify": "zero-shot classify images against labels"}
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Arguments of `clip-triton classify`."""
     parser.add_argument("images", nargs="*", help="image files or http(s) URLs (or --uri)")
-    parser.add_argument("--uri", default=None,
-                        help="instead of files: a gallery's images, from their stored embeddings (no image is sent)")
+    parser.add_argument(
+        "--uri",
+        default=None,
+        help="instead of files: a gallery's images, from their stored embeddings (no image is sent)",
+    )
     parser.add_argument("--filter", default=None, help="with --uri: only the gallery rows matching this filter")
     parser.add_argument("--labels", nargs="+", required=True, help="class names")
-    parser.add_argument("--template", action="append", dest="templates", default=None,
-                        help=f"prompt with {{}} for the label (repeatable: averaged; '{{}}' = the bare label) "
-                             f"(default: {DEFAULT_TEMPLATE!r})")
+    parser.add_argument(
+        "--template",
+        action="append",
+        dest="templates",
+        default=None,
+        help=f"prompt with {{}} for the label (repeatable: averaged; '{{}}' = the bare label) "
+        f"(default: {DEFAULT_TEMPLATE!r})",
+    )
     parser.add_argument("-k", "--top-k", type=int, default=None, help="labels to show per image (default: all)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_connection_arguments(parser)
@@ -57,8 +65,9 @@ def run(args: argparse.Namespace, command: str) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def classify_files(client: Any, images: list[str], labels: list[str], templates: list[str] | None,
-                   top_k: int | None) -> tuple[list[dict], list[tuple[str, str]]]:
+def classify_files(
+    client: Any, images: list[str], labels: list[str], templates: list[str] | None, top_k: int | None
+) -> tuple[list[dict], list[tuple[str, str]]]:
     """([{"path", "labels": [{label, score}] best first}], [(path, why it failed)]): a bad file fails alone."""
     from .gallery import encode_tolerant
     from .inputs import image_item_bytes
@@ -75,7 +84,7 @@ def classify_files(client: Any, images: list[str], labels: list[str], templates:
     good: dict[int, np.ndarray] = {}
     limit = client.get_model_info().max_image_items
     for lo in range(0, len(items), limit):
-        g, bad = encode_tolerant(client, items[lo:lo + limit])
+        g, bad = encode_tolerant(client, items[lo : lo + limit])
         good.update({where[lo + i]: e for i, e in g.items()})
         failed.update({where[lo + i]: m for i, m in bad.items()})
     order = sorted(good)

@@ -16,8 +16,13 @@ import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
 GROUP = "clip_triton.commands"
-BUILTIN = {"index": "clip_client.gallery.cli", "search": "clip_client.gallery.cli", "classify": "clip_client.classify",
-           "gallery-info": "clip_client.gallery.admin", "gallery-check": "clip_client.gallery.admin"}
+BUILTIN = {
+    "index": "clip_client.gallery.cli",
+    "search": "clip_client.gallery.cli",
+    "classify": "clip_client.classify",
+    "gallery-info": "clip_client.gallery.admin",
+    "gallery-check": "clip_client.gallery.admin",
+}
 # Order in --help; commands not listed here follow alphabetically.
 ORDER = ("demo", "convert", "build", "serve", "gateway", "bench", "index", "search", "classify")
 DISTRIBUTIONS = ("clip-triton", "clip-triton-client")  # the full install, the client alone
@@ -58,9 +63,11 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 # One exit-status rule for the client's commands (index, search, classify); also in their --help and the README.
-EXIT_STATUS = ("exit status: 0 when everything was done (a search with no match included: it says \"no match\"); "
-               "1 when some files were skipped or failed (each listed on stderr, the rest done); "
-               "2 when an error stopped the command")
+EXIT_STATUS = (
+    'exit status: 0 when everything was done (a search with no match included: it says "no match"); '
+    "1 when some files were skipped or failed (each listed on stderr, the rest done); "
+    "2 when an error stopped the command"
+)
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 
 
@@ -68,32 +75,53 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """--url, --protocol, --model, --ca-file and --timeout: how every client command reaches the server (and the
     exit-status rule in its --help)."""
     parser.epilog = EXIT_STATUS
-    parser.add_argument("--url", default=None,
-                        help="server URL; the scheme picks the protocol: grpc://HOST:PORT, grpcs:// (TLS), http://, "
-                             "https:// (TLS); a bare HOST:PORT is gRPC (default: grpc://127.0.0.1:8001)")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default=None,
-                        help="protocol of a bare HOST:PORT --url (default: grpc; a scheme in --url decides itself)")
-    parser.add_argument("--model", default=None, metavar="NAME",
-                        help="which model of a server that serves several (by name, as its clip_info lists them; "
-                             "default: the repository's first model)")
-    parser.add_argument("--ca-file", default=None, metavar="PEM",
-                        help="CA certificates that sign the server's TLS certificate (default: the system's)")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds per request to the server, in all (connecting, waiting, reading and retries)")
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="server URL; the scheme picks the protocol: grpc://HOST:PORT, grpcs:// (TLS), http://, "
+        "https:// (TLS); a bare HOST:PORT is gRPC (default: grpc://127.0.0.1:8001)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=("grpc", "http"),
+        default=None,
+        help="protocol of a bare HOST:PORT --url (default: grpc; a scheme in --url decides itself)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help="which model of a server that serves several (by name, as its clip_info lists them; "
+        "default: the repository's first model)",
+    )
+    parser.add_argument(
+        "--ca-file",
+        default=None,
+        metavar="PEM",
+        help="CA certificates that sign the server's TLS certificate (default: the system's)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds per request to the server, in all (connecting, waiting, reading and retries)",
+    )
 
 
 def connect(args: argparse.Namespace):
     """A CLIPClient for the connection arguments (see add_connection_arguments)."""
     from .client import CLIPClient
 
-    return CLIPClient(args.url, protocol=args.protocol, timeout=args.timeout, ca_file=args.ca_file,
-                      model=getattr(args, "model", None))
+    return CLIPClient(
+        args.url, protocol=args.protocol, timeout=args.timeout, ca_file=args.ca_file, model=getattr(args, "model", None)
+    )
 
 
 def _parser(table: dict[str, str] | None = None) -> argparse.ArgumentParser:
     table = commands() if table is None else table
-    parser = argparse.ArgumentParser(prog="clip-triton",
-                                     description="Serve and use CLIP-style dual encoders on Triton.")
+    parser = argparse.ArgumentParser(
+        prog="clip-triton", description="Serve and use CLIP-style dual encoders on Triton."
+    )
     parser.add_argument("-V", "--version", action="version", version=version_text())
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -109,8 +137,9 @@ def _parser(table: dict[str, str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     table = commands()
     args = _parser(table).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     module = importlib.import_module(table[args.command])
     return int(module.run(args, args.command) or 0)
 

@@ -122,8 +122,9 @@ class CLIPClient(ClientBase):
         live = True
         try:
             if self.protocol == "grpc":
-                live = self._triton().is_server_live(headers=self.headers,
-                                                     client_timeout=self._first_contact_budget(started))
+                live = self._triton().is_server_live(
+                    headers=self.headers, client_timeout=self._first_contact_budget(started)
+                )
             else:  # server metadata: any error status means a server (or a gateway) is there
                 self._http.get_json("/v2", self._first_contact_budget(started), self.headers)
         except Exception as exc:  # noqa: BLE001 - a transport failure raises; an error answer means a server is there
@@ -166,8 +167,9 @@ class CLIPClient(ClientBase):
             if self._http is not None:
                 result = self._http.infer(request.model, inputs, left, self.headers, queue_us)
             else:
-                result = self._triton().infer(request.model, inputs, client_timeout=left, headers=self.headers,
-                                              timeout=queue_us)
+                result = self._triton().infer(
+                    request.model, inputs, client_timeout=left, headers=self.headers, timeout=queue_us
+                )
             try:
                 outputs = self._outputs(result)
             except Exception as e:  # noqa: BLE001 - a body tritonclient cannot parse
@@ -182,8 +184,9 @@ class CLIPClient(ClientBase):
         def send(left: float) -> dict:
             if self._http is not None:
                 return self._http.get_json(f"/v2/models/{quote(model)}/config", left, self.headers)
-            return self._config_json(self._triton().get_model_config(model, as_json=True, client_timeout=left,
-                                                                     headers=self.headers))
+            return self._config_json(
+                self._triton().get_model_config(model, as_json=True, client_timeout=left, headers=self.headers)
+            )
 
         try:
             return self._call(f"config {model}", model, send)
@@ -243,51 +246,80 @@ class CLIPClient(ClientBase):
         return self._run(self._p_embed(images, "image"))
 
     @overload
-    def encode_text(self, texts: str, normalize: bool = True, *, batch_size: int | None = None,
-                    show_progress: bool = False) -> np.ndarray: ...  # (D,)
+    def encode_text(
+        self, texts: str, normalize: bool = True, *, batch_size: int | None = None, show_progress: bool = False
+    ) -> np.ndarray: ...  # (D,)
 
     @overload
-    def encode_text(self, texts: Iterable[str], normalize: bool = True, *, batch_size: int | None = None,
-                    show_progress: bool = False) -> np.ndarray: ...  # (N, D)
+    def encode_text(
+        self,
+        texts: Iterable[str],
+        normalize: bool = True,
+        *,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray: ...  # (N, D)
 
-    def encode_text(self, texts: str | Iterable[str], normalize: bool = True, *, batch_size: int | None = None,
-                    show_progress: bool = False) -> np.ndarray:
+    def encode_text(
+        self,
+        texts: str | Iterable[str],
+        normalize: bool = True,
+        *,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray:
         return self._run(self._p_encode(texts, "text", normalize, batch_size, show_progress))
 
     @overload
-    def encode_image(self, images: str | bytes | np.ndarray | Any, normalize: bool = True, *,
-                     batch_size: int | None = None, show_progress: bool = False) -> np.ndarray: ...  # (D,)
+    def encode_image(
+        self,
+        images: str | bytes | np.ndarray | Any,
+        normalize: bool = True,
+        *,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray: ...  # (D,)
 
     @overload
-    def encode_image(self, images: Iterable[Any], normalize: bool = True, *, batch_size: int | None = None,
-                     show_progress: bool = False) -> np.ndarray: ...  # (N, D)
+    def encode_image(
+        self,
+        images: Iterable[Any],
+        normalize: bool = True,
+        *,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray: ...  # (N, D)
 
-    def encode_image(self, images: Any, normalize: bool = True, *, batch_size: int | None = None,
-                     show_progress: bool = False) -> np.ndarray:
+    def encode_image(
+        self, images: Any, normalize: bool = True, *, batch_size: int | None = None, show_progress: bool = False
+    ) -> np.ndarray:
         return self._run(self._p_encode(images, "image", normalize, batch_size, show_progress))
 
     def compute_similarity(self, texts: Any, images: Any, apply_temperature: bool = True) -> np.ndarray:
         return self._run(self._p_similarity(texts, images, apply_temperature))
 
-    def find_best_matches(self, texts: Any, images: Any, top_k: int = 5,
-                          return_scores: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    def find_best_matches(
+        self, texts: Any, images: Any, top_k: int = 5, return_scores: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         return self._run(self._p_best(texts, images, top_k, return_scores, transpose=False))
 
-    def find_best_text_matches(self, images: Any, texts: Any, top_k: int = 5,
-                               return_scores: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    def find_best_text_matches(
+        self, images: Any, texts: Any, top_k: int = 5, return_scores: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         return self._run(self._p_best(texts, images, top_k, return_scores, transpose=True))
 
     def class_embeddings(self, class_texts: Any, templates: str | list[str] | None = None) -> np.ndarray:
         return self._run(self._p_class_embeddings(class_texts, templates))
 
-    def classify(self, images: Any, labels: Any, templates: str | list[str] | None = None,
-                 top_k: int | None = None) -> list[dict] | list[list[dict]]:
+    def classify(
+        self, images: Any, labels: Any, templates: str | list[str] | None = None, top_k: int | None = None
+    ) -> list[dict] | list[list[dict]]:
         return self._run(self._p_classify(images, labels, templates, top_k))
 
-    def zero_shot_classification(self, images: Any, class_texts: Any, return_probabilities: bool = True,
-                                 templates: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def zero_shot_classification(
+        self, images: Any, class_texts: Any, return_probabilities: bool = True, templates: list[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         return self._run(self._p_zero_shot_classification(images, class_texts, return_probabilities, templates))
 
     def zero_shot(self, images: Any, texts: Any, top_k: int = 5) -> dict[str, np.ndarray]:
         return self._run(self._p_zero_shot(images, texts, top_k))
-

@@ -50,8 +50,9 @@ def _utf8_safe(text: str, where: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise InvalidInputError(f"{where}: not valid Unicode text: {e.reason} at position {e.start} "
-                                f"({text[e.start:e.end]!a})") from None
+        raise InvalidInputError(
+            f"{where}: not valid Unicode text: {e.reason} at position {e.start} ({text[e.start : e.end]!a})"
+        ) from None
     return text
 
 
@@ -96,8 +97,12 @@ def pil_bytes(image: Any) -> bytes:
     return npy_bytes(np.asarray(image.convert("RGB"), dtype=np.uint8))
 
 
-def image_item_bytes(item: Any, where: str = "image", max_download_bytes: int = DEFAULT_DOWNLOAD_BYTES,
-                     download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT) -> bytes:
+def image_item_bytes(
+    item: Any,
+    where: str = "image",
+    max_download_bytes: int = DEFAULT_DOWNLOAD_BYTES,
+    download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
+) -> bytes:
     """One image (path, http(s) URL, encoded bytes, PIL image or uint8 (H, W, 3) array) -> the bytes to send."""
     if isinstance(item, (bytes, bytearray, memoryview)):
         data = bytes(item)
@@ -198,8 +203,13 @@ def _opener(deadline: _Deadline) -> Any:
             return self.do_open(deadline.connection(http.client.HTTPSConnection), req, context=self._context)
 
     opener = urllib.request.OpenerDirector()
-    for handler in (HTTP(), HTTPS(context=ssl.create_default_context()), urllib.request.HTTPRedirectHandler(),
-                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
+    for handler in (
+        HTTP(),
+        HTTPS(context=ssl.create_default_context()),
+        urllib.request.HTTPRedirectHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
         opener.add_handler(handler)
     return opener
 

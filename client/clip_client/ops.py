@@ -15,8 +15,18 @@ from clip_common.ops import l2_normalize, logits, softmax, top_k
 
 from .errors import InvalidInputError
 
-__all__ = ["as_matrix", "check_embeddings", "check_k", "class_embeddings", "expand_templates", "l2_normalize",
-           "ranked", "similarity", "softmax", "topk_indices"]
+__all__ = [
+    "as_matrix",
+    "check_embeddings",
+    "check_k",
+    "class_embeddings",
+    "expand_templates",
+    "l2_normalize",
+    "ranked",
+    "similarity",
+    "softmax",
+    "topk_indices",
+]
 
 
 def as_matrix(x: np.ndarray, name: str) -> np.ndarray:

@@ -240,17 +240,39 @@ def _t(name: str, dtype: str, *dims: int | str, optional: bool = False, ragged: 
 
 
 _TEXT_IN = _map(**{PreprocessText.TEXT: EncodeText.TEXT})
-_PREPROCESS_TEXT_STEP = StepSpec(PreprocessText.NAME, _TEXT_IN, _map(**{
-    PreprocessText.INPUT_IDS: _INPUT_IDS, PreprocessText.LENGTHS: _LENGTHS,
-    PreprocessText.MODEL_ID: ZeroShot.MODEL_ID}))
-_ENCODE_TEXT_STEP = StepSpec(PreprocessText.NAME, _TEXT_IN, _map(**{
-    PreprocessText.INPUT_IDS: _INPUT_IDS, PreprocessText.LENGTHS: _LENGTHS,
-    PreprocessText.TOKEN_COUNTS: EncodeText.TOKEN_COUNTS, PreprocessText.MODEL_ID: EncodeText.MODEL_ID}))
-_PREPROCESS_IMAGE_STEP = StepSpec(PreprocessImage.NAME, _map(**{PreprocessImage.IMAGE: EncodeImage.IMAGE}),
-                                  _map(**{PreprocessImage.PIXEL_VALUES: _PIXEL_VALUES}))
-_ENCODE_IMAGE_STEP = StepSpec(PreprocessImage.NAME, _map(**{PreprocessImage.IMAGE: EncodeImage.IMAGE}),
-                              _map(**{PreprocessImage.PIXEL_VALUES: _PIXEL_VALUES,
-                                      PreprocessImage.MODEL_ID: EncodeImage.MODEL_ID}))
+_PREPROCESS_TEXT_STEP = StepSpec(
+    PreprocessText.NAME,
+    _TEXT_IN,
+    _map(
+        **{
+            PreprocessText.INPUT_IDS: _INPUT_IDS,
+            PreprocessText.LENGTHS: _LENGTHS,
+            PreprocessText.MODEL_ID: ZeroShot.MODEL_ID,
+        }
+    ),
+)
+_ENCODE_TEXT_STEP = StepSpec(
+    PreprocessText.NAME,
+    _TEXT_IN,
+    _map(
+        **{
+            PreprocessText.INPUT_IDS: _INPUT_IDS,
+            PreprocessText.LENGTHS: _LENGTHS,
+            PreprocessText.TOKEN_COUNTS: EncodeText.TOKEN_COUNTS,
+            PreprocessText.MODEL_ID: EncodeText.MODEL_ID,
+        }
+    ),
+)
+_PREPROCESS_IMAGE_STEP = StepSpec(
+    PreprocessImage.NAME,
+    _map(**{PreprocessImage.IMAGE: EncodeImage.IMAGE}),
+    _map(**{PreprocessImage.PIXEL_VALUES: _PIXEL_VALUES}),
+)
+_ENCODE_IMAGE_STEP = StepSpec(
+    PreprocessImage.NAME,
+    _map(**{PreprocessImage.IMAGE: EncodeImage.IMAGE}),
+    _map(**{PreprocessImage.PIXEL_VALUES: _PIXEL_VALUES, PreprocessImage.MODEL_ID: EncodeImage.MODEL_ID}),
+)
 _TEXT_ENCODER_INPUTS = _map(**{TextEncoder.INPUT_IDS: _INPUT_IDS, TextEncoder.LENGTHS: _LENGTHS})
 _IMAGE_ENCODER_INPUTS = _map(**{ImageEncoder.PIXEL_VALUES: _PIXEL_VALUES})
 
@@ -258,69 +280,166 @@ _TEXT_EMBEDS_OUT = _t(EncodeText.TEXT_EMBEDS, FP32, -1, D)
 _IMAGE_EMBEDS_OUT = _t(EncodeImage.IMAGE_EMBEDS, FP32, -1, D)
 _MODEL_ID_OUT = _t(EncodeText.MODEL_ID, BYTES, 1)
 
-MODELS: Mapping[str, ModelSpec] = MappingProxyType({m.name: m for m in (
-    ModelSpec(PreprocessText.NAME, "python", public=False, batching=True,
-              inputs=(_t(PreprocessText.TEXT, BYTES, 1),),
-              # TOKEN_COUNTS and MODEL_ID are answered per request ([n] and [1], not [n, 1]): the ensembles pass them on
-              outputs=(_t(PreprocessText.INPUT_IDS, INT64, -1), _t(PreprocessText.LENGTHS, INT64, 1),
-                       _t(PreprocessText.TOKEN_COUNTS, INT32, 1), _t(PreprocessText.MODEL_ID, BYTES, 1))),
-    ModelSpec(PreprocessImage.NAME, "python", public=False, batching=True,
-              inputs=(_t(PreprocessImage.IMAGE, BYTES, 1),),
-              outputs=(_t(PreprocessImage.PIXEL_VALUES, FP32, 3, S, S), _t(PreprocessImage.MODEL_ID, BYTES, 1))),
-    ModelSpec(TextEncoder.NAME, "pytorch", public=False, batching=True,
-              inputs=(_t(TextEncoder.INPUT_IDS, INT64, -1, ragged=True), _t(TextEncoder.LENGTHS, INT64, 1)),
-              outputs=(_t(TextEncoder.TEXT_EMBEDS, FP32, D),),
-              batch_inputs=(BatchInputSpec("BATCH_ITEM_SHAPE", TextEncoder.WIDTHS, INT32, TextEncoder.INPUT_IDS),)),
-    ModelSpec(ImageEncoder.NAME, "pytorch", public=False, batching=True,
-              inputs=(_t(ImageEncoder.PIXEL_VALUES, FP32, 3, S, S),),
-              outputs=(_t(ImageEncoder.IMAGE_EMBEDS, FP32, D),)),
-    ModelSpec(Postprocess.NAME, "python", public=False, batching=False,
-              inputs=(_t(Postprocess.TEXT_EMBEDS, FP32, -1, D), _t(Postprocess.IMAGE_EMBEDS, FP32, -1, D),
-                      _t(Postprocess.TOP_K, INT32, 1, optional=True)),
-              outputs=(_t(Postprocess.TEXT_EMBEDS_OUT, FP32, -1, D), _t(Postprocess.IMAGE_EMBEDS_OUT, FP32, -1, D),
-                       _t(Postprocess.LOGITS_PER_IMAGE, FP32, -1, -1), _t(Postprocess.LOGITS_PER_TEXT, FP32, -1, -1),
-                       _t(Postprocess.PROBS, FP32, -1, -1), _t(Postprocess.TOPK_TEXTS, INT64, -1, -1),
-                       _t(Postprocess.TOPK_IMAGES, INT64, -1, -1))),
-    ModelSpec(ClipInfo.NAME, "python", public=True, batching=False,
-              inputs=(_t(ClipInfo.REQUEST, BYTES, 1, optional=True),),
-              outputs=(_t(ClipInfo.INFO, BYTES, 1),)),
-    ModelSpec(EncodeText.NAME, "ensemble", public=True, batching=False,
-              inputs=(_t(EncodeText.TEXT, BYTES, -1, 1),),
-              outputs=(_TEXT_EMBEDS_OUT, _t(EncodeText.TOKEN_COUNTS, INT32, -1), _MODEL_ID_OUT),
-              steps=(_ENCODE_TEXT_STEP,
-                     StepSpec(TextEncoder.NAME, _TEXT_ENCODER_INPUTS,
-                              _map(**{TextEncoder.TEXT_EMBEDS: EncodeText.TEXT_EMBEDS})))),
-    ModelSpec(EncodeImage.NAME, "ensemble", public=True, batching=False,
-              inputs=(_t(EncodeImage.IMAGE, BYTES, -1, 1),), outputs=(_IMAGE_EMBEDS_OUT, _MODEL_ID_OUT),
-              steps=(_ENCODE_IMAGE_STEP,
-                     StepSpec(ImageEncoder.NAME, _IMAGE_ENCODER_INPUTS,
-                              _map(**{ImageEncoder.IMAGE_EMBEDS: EncodeImage.IMAGE_EMBEDS})))),
-    # Triton 2.51 fails ("unexpected deadlock") when a client asks for a subset of outputs and an ensemble output is
-    # also an intermediate tensor: the encoders feed internal tensors and postprocess echoes the embeddings.
-    ModelSpec(ZeroShot.NAME, "ensemble", public=True, batching=False,
-              inputs=(_t(ZeroShot.TEXT, BYTES, -1, 1), _t(ZeroShot.IMAGE, BYTES, -1, 1),
-                      _t(ZeroShot.TOP_K, INT32, 1, optional=True)),  # absent: default_top_k
-              outputs=(_TEXT_EMBEDS_OUT, _IMAGE_EMBEDS_OUT,
-                       _t(ZeroShot.LOGITS_PER_IMAGE, FP32, -1, -1), _t(ZeroShot.LOGITS_PER_TEXT, FP32, -1, -1),
-                       _t(ZeroShot.PROBS, FP32, -1, -1), _t(ZeroShot.TOPK_TEXTS, INT64, -1, -1),
-                       _t(ZeroShot.TOPK_IMAGES, INT64, -1, -1), _MODEL_ID_OUT),
-              steps=(_PREPROCESS_TEXT_STEP,
-                     StepSpec(TextEncoder.NAME, _TEXT_ENCODER_INPUTS, _map(**{TextEncoder.TEXT_EMBEDS: _TEXT_EMBEDS})),
-                     _PREPROCESS_IMAGE_STEP,
-                     StepSpec(ImageEncoder.NAME, _IMAGE_ENCODER_INPUTS,
-                              _map(**{ImageEncoder.IMAGE_EMBEDS: _IMAGE_EMBEDS})),
-                     StepSpec(Postprocess.NAME,
-                              _map(**{Postprocess.TEXT_EMBEDS: _TEXT_EMBEDS, Postprocess.IMAGE_EMBEDS: _IMAGE_EMBEDS,
-                                      Postprocess.TOP_K: ZeroShot.TOP_K}),
-                              _map(**{Postprocess.TEXT_EMBEDS_OUT: ZeroShot.TEXT_EMBEDS,
-                                      Postprocess.IMAGE_EMBEDS_OUT: ZeroShot.IMAGE_EMBEDS,
-                                      Postprocess.LOGITS_PER_IMAGE: ZeroShot.LOGITS_PER_IMAGE,
-                                      Postprocess.LOGITS_PER_TEXT: ZeroShot.LOGITS_PER_TEXT,
-                                      Postprocess.PROBS: ZeroShot.PROBS,
-                                      Postprocess.TOPK_TEXTS: ZeroShot.TOPK_TEXTS,
-                                      Postprocess.TOPK_IMAGES: ZeroShot.TOPK_IMAGES}))),
-              ),
-)})
+MODELS: Mapping[str, ModelSpec] = MappingProxyType(
+    {
+        m.name: m
+        for m in (
+            ModelSpec(
+                PreprocessText.NAME,
+                "python",
+                public=False,
+                batching=True,
+                inputs=(_t(PreprocessText.TEXT, BYTES, 1),),
+                # TOKEN_COUNTS and MODEL_ID are answered per request ([n] and [1], not [n, 1]):
+                # the ensembles pass them on
+                outputs=(
+                    _t(PreprocessText.INPUT_IDS, INT64, -1),
+                    _t(PreprocessText.LENGTHS, INT64, 1),
+                    _t(PreprocessText.TOKEN_COUNTS, INT32, 1),
+                    _t(PreprocessText.MODEL_ID, BYTES, 1),
+                ),
+            ),
+            ModelSpec(
+                PreprocessImage.NAME,
+                "python",
+                public=False,
+                batching=True,
+                inputs=(_t(PreprocessImage.IMAGE, BYTES, 1),),
+                outputs=(_t(PreprocessImage.PIXEL_VALUES, FP32, 3, S, S), _t(PreprocessImage.MODEL_ID, BYTES, 1)),
+            ),
+            ModelSpec(
+                TextEncoder.NAME,
+                "pytorch",
+                public=False,
+                batching=True,
+                inputs=(_t(TextEncoder.INPUT_IDS, INT64, -1, ragged=True), _t(TextEncoder.LENGTHS, INT64, 1)),
+                outputs=(_t(TextEncoder.TEXT_EMBEDS, FP32, D),),
+                batch_inputs=(BatchInputSpec("BATCH_ITEM_SHAPE", TextEncoder.WIDTHS, INT32, TextEncoder.INPUT_IDS),),
+            ),
+            ModelSpec(
+                ImageEncoder.NAME,
+                "pytorch",
+                public=False,
+                batching=True,
+                inputs=(_t(ImageEncoder.PIXEL_VALUES, FP32, 3, S, S),),
+                outputs=(_t(ImageEncoder.IMAGE_EMBEDS, FP32, D),),
+            ),
+            ModelSpec(
+                Postprocess.NAME,
+                "python",
+                public=False,
+                batching=False,
+                inputs=(
+                    _t(Postprocess.TEXT_EMBEDS, FP32, -1, D),
+                    _t(Postprocess.IMAGE_EMBEDS, FP32, -1, D),
+                    _t(Postprocess.TOP_K, INT32, 1, optional=True),
+                ),
+                outputs=(
+                    _t(Postprocess.TEXT_EMBEDS_OUT, FP32, -1, D),
+                    _t(Postprocess.IMAGE_EMBEDS_OUT, FP32, -1, D),
+                    _t(Postprocess.LOGITS_PER_IMAGE, FP32, -1, -1),
+                    _t(Postprocess.LOGITS_PER_TEXT, FP32, -1, -1),
+                    _t(Postprocess.PROBS, FP32, -1, -1),
+                    _t(Postprocess.TOPK_TEXTS, INT64, -1, -1),
+                    _t(Postprocess.TOPK_IMAGES, INT64, -1, -1),
+                ),
+            ),
+            ModelSpec(
+                ClipInfo.NAME,
+                "python",
+                public=True,
+                batching=False,
+                inputs=(_t(ClipInfo.REQUEST, BYTES, 1, optional=True),),
+                outputs=(_t(ClipInfo.INFO, BYTES, 1),),
+            ),
+            ModelSpec(
+                EncodeText.NAME,
+                "ensemble",
+                public=True,
+                batching=False,
+                inputs=(_t(EncodeText.TEXT, BYTES, -1, 1),),
+                outputs=(_TEXT_EMBEDS_OUT, _t(EncodeText.TOKEN_COUNTS, INT32, -1), _MODEL_ID_OUT),
+                steps=(
+                    _ENCODE_TEXT_STEP,
+                    StepSpec(
+                        TextEncoder.NAME,
+                        _TEXT_ENCODER_INPUTS,
+                        _map(**{TextEncoder.TEXT_EMBEDS: EncodeText.TEXT_EMBEDS}),
+                    ),
+                ),
+            ),
+            ModelSpec(
+                EncodeImage.NAME,
+                "ensemble",
+                public=True,
+                batching=False,
+                inputs=(_t(EncodeImage.IMAGE, BYTES, -1, 1),),
+                outputs=(_IMAGE_EMBEDS_OUT, _MODEL_ID_OUT),
+                steps=(
+                    _ENCODE_IMAGE_STEP,
+                    StepSpec(
+                        ImageEncoder.NAME,
+                        _IMAGE_ENCODER_INPUTS,
+                        _map(**{ImageEncoder.IMAGE_EMBEDS: EncodeImage.IMAGE_EMBEDS}),
+                    ),
+                ),
+            ),
+            # Triton 2.51 fails ("unexpected deadlock") when a client asks for a subset of outputs and an ensemble
+            # output is also an intermediate tensor: the encoders feed internal tensors and postprocess echoes the
+            # embeddings.
+            ModelSpec(
+                ZeroShot.NAME,
+                "ensemble",
+                public=True,
+                batching=False,
+                inputs=(
+                    _t(ZeroShot.TEXT, BYTES, -1, 1),
+                    _t(ZeroShot.IMAGE, BYTES, -1, 1),
+                    _t(ZeroShot.TOP_K, INT32, 1, optional=True),
+                ),  # absent: default_top_k
+                outputs=(
+                    _TEXT_EMBEDS_OUT,
+                    _IMAGE_EMBEDS_OUT,
+                    _t(ZeroShot.LOGITS_PER_IMAGE, FP32, -1, -1),
+                    _t(ZeroShot.LOGITS_PER_TEXT, FP32, -1, -1),
+                    _t(ZeroShot.PROBS, FP32, -1, -1),
+                    _t(ZeroShot.TOPK_TEXTS, INT64, -1, -1),
+                    _t(ZeroShot.TOPK_IMAGES, INT64, -1, -1),
+                    _MODEL_ID_OUT,
+                ),
+                steps=(
+                    _PREPROCESS_TEXT_STEP,
+                    StepSpec(TextEncoder.NAME, _TEXT_ENCODER_INPUTS, _map(**{TextEncoder.TEXT_EMBEDS: _TEXT_EMBEDS})),
+                    _PREPROCESS_IMAGE_STEP,
+                    StepSpec(
+                        ImageEncoder.NAME, _IMAGE_ENCODER_INPUTS, _map(**{ImageEncoder.IMAGE_EMBEDS: _IMAGE_EMBEDS})
+                    ),
+                    StepSpec(
+                        Postprocess.NAME,
+                        _map(
+                            **{
+                                Postprocess.TEXT_EMBEDS: _TEXT_EMBEDS,
+                                Postprocess.IMAGE_EMBEDS: _IMAGE_EMBEDS,
+                                Postprocess.TOP_K: ZeroShot.TOP_K,
+                            }
+                        ),
+                        _map(
+                            **{
+                                Postprocess.TEXT_EMBEDS_OUT: ZeroShot.TEXT_EMBEDS,
+                                Postprocess.IMAGE_EMBEDS_OUT: ZeroShot.IMAGE_EMBEDS,
+                                Postprocess.LOGITS_PER_IMAGE: ZeroShot.LOGITS_PER_IMAGE,
+                                Postprocess.LOGITS_PER_TEXT: ZeroShot.LOGITS_PER_TEXT,
+                                Postprocess.PROBS: ZeroShot.PROBS,
+                                Postprocess.TOPK_TEXTS: ZeroShot.TOPK_TEXTS,
+                                Postprocess.TOPK_IMAGES: ZeroShot.TOPK_IMAGES,
+                            }
+                        ),
+                    ),
+                ),
+            ),
+        )
+    }
+)
 
 PYTHON_MODELS = tuple(n for n, m in MODELS.items() if m.kind == "python")
 ENCODERS = tuple(n for n, m in MODELS.items() if m.kind == "pytorch")

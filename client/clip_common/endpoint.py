@@ -77,7 +77,9 @@ def parse_endpoint(url: str | None, protocol: str | None = None, default_protoco
     if sep:
         key = scheme.lower()
         if key not in SCHEMES:
-            raise EndpointError(f"unknown URL scheme {scheme!r} in {text!r}: use http://, https://, grpc:// or grpcs://")
+            raise EndpointError(
+                f"unknown URL scheme {scheme!r} in {text!r}: use http://, https://, grpc:// or grpcs://"
+            )
         chosen, tls = SCHEMES[key]
         if protocol is not None and protocol != chosen:
             raise EndpointError(f"{text!r} is a {chosen} URL but protocol={protocol!r} was asked for")
@@ -99,7 +101,7 @@ def _split_host_port(authority: str, text: str) -> tuple[str, int | None]:
         end = authority.find("]")
         if end < 0:
             raise EndpointError(f"{text!r}: unterminated IPv6 address")
-        host, tail = authority[: end + 1], authority[end + 1:]
+        host, tail = authority[: end + 1], authority[end + 1 :]
         if tail and not tail.startswith(":"):
             raise EndpointError(f"{text!r}: unexpected {tail!r} after the IPv6 address")
         port_text = tail[1:] if tail else None

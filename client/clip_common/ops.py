@@ -6,14 +6,18 @@ import numpy as np
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32, norms accumulated in float64); zero rows stay zero. (..., D) -> (..., D)."""
+    """Rows scaled to unit L2 norm (float32, norms accumulated in float64); zero rows stay zero.
+
+    (..., D) -> (..., D)."""
     x = np.asarray(x, dtype=np.float32)
     norm = np.sqrt(np.einsum("...d,...d->...", x, x, dtype=np.float64)).astype(np.float32)[..., None]  # (..., 1)
     return x / np.maximum(norm, np.float32(eps))
 
 
 def logits(text_embeds: np.ndarray, image_embeds: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """scale * normalize(text) @ normalize(image).T -> (T, I) float32 (CLIP's logits_per_text when scale=exp(logit_scale))."""
+    """scale * normalize(text) @ normalize(image).T -> (T, I) float32.
+
+    CLIP's logits_per_text when scale=exp(logit_scale)."""
     t, i = l2_normalize(text_embeds), l2_normalize(image_embeds)  # (T, D), (I, D)
     return (np.float32(scale) * (t @ i.T)).astype(np.float32, copy=False)
 

@@ -7,15 +7,16 @@ import io
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from clip_common.contract import EncodeImage, EncodeText
 
 from .workload import jpeg_images, parse_sizes, short_prompts
 
 log = logging.getLogger(__name__)
+
 
 # ---- results ------------------------------------------------------------------------------------------------------
 @dataclass
@@ -36,15 +37,23 @@ class LoadResult:
 
     def pct(self, q: float) -> float:
         """Latency percentile q (0..100) in ms."""
-        import numpy as np  # noqa: PLC0415
+        import numpy as np
 
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
     def summary(self) -> dict:
-        return {"kind": self.kind, "concurrency": self.concurrency, "items_per_request": self.items_per_request,
-                "requests": self.requests, "errors": self.errors, "seconds": round(self.seconds, 3),
-                "items_per_s": round(self.items_per_s, 2), "p50_ms": round(self.pct(50), 1),
-                "p95_ms": round(self.pct(95), 1), "p99_ms": round(self.pct(99), 1)}
+        return {
+            "kind": self.kind,
+            "concurrency": self.concurrency,
+            "items_per_request": self.items_per_request,
+            "requests": self.requests,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 3),
+            "items_per_s": round(self.items_per_s, 2),
+            "p50_ms": round(self.pct(50), 1),
+            "p95_ms": round(self.pct(95), 1),
+            "p99_ms": round(self.pct(99), 1),
+        }
 
 
 @dataclass
@@ -74,18 +83,25 @@ def _ratio_check(name: str, num: float | None, den: float | None, minimum: float
 
 # ---- measurements -------------------------------------------------------------------------------------------------
 def _torch_threads() -> int:
-    import torch  # noqa: PLC0415
+    import torch
 
     return torch.get_num_threads()
 
 
-def measure_in_process(checkpoint: Path, images: list[bytes], texts: list[str], batch_sizes: Sequence[int],
-                       n_images: int, n_texts: int, dtype: str = "fp32") -> dict:
+def measure_in_process(
+    checkpoint: Path,
+    images: list[bytes],
+    texts: list[str],
+    batch_sizes: Sequence[int],
+    n_images: int,
+    n_texts: int,
+    dtype: str = "fp32",
+) -> dict:
     """transformers in-process: PIL decode + processor/tokenizer + get_*_features, items/s per batch size; bf16: the
     model cast to bfloat16 (pixels too), what a user would run to get bf16 speed without a server."""
-    import torch  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel  # noqa: PLC0415
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     weights = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     model = CLIPModel.from_pretrained(str(checkpoint)).eval().to(weights)
@@ -104,8 +120,15 @@ def measure_in_process(checkpoint: Path, images: list[bytes], texts: list[str], 
         enc = tokenizer(batch, padding=True, truncation=True, max_length=77, return_tensors="pt")
         return feats(model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
 
-    out: dict = {"image": {}, "text": {}, "model_only_image": {}, "processor": type(processor).__name__,
-                 "tokenizer": type(tokenizer).__name__, "torch_threads": _torch_threads(), "dtype": dtype}
+    out: dict = {
+        "image": {},
+        "text": {},
+        "model_only_image": {},
+        "processor": type(processor).__name__,
+        "tokenizer": type(tokenizer).__name__,
+        "torch_threads": _torch_threads(),
+        "dtype": dtype,
+    }
     with torch.inference_mode():
         for kind, items, fn, n in (("image", images, image_batch, n_images), ("text", texts, text_batch, n_texts)):
             for b in batch_sizes:
@@ -119,8 +142,10 @@ def measure_in_process(checkpoint: Path, images: list[bytes], texts: list[str], 
                 log.info("in-process %s %s batch %d: %.1f items/s", dtype, kind, b, total / dt)
         # model only (pixels ready): how much of the end-to-end time is decode + preprocessing
         b = max(batch_sizes)
-        px = processor(images=[Image.open(io.BytesIO(images[i % len(images)])).convert("RGB") for i in range(b)],
-                       return_tensors="pt")["pixel_values"].to(weights)
+        px = processor(
+            images=[Image.open(io.BytesIO(images[i % len(images)])).convert("RGB") for i in range(b)],
+            return_tensors="pt",
+        )["pixel_values"].to(weights)
         model.get_image_features(pixel_values=px)
         t0, reps = time.perf_counter(), max(1, n_images // b)
         for _ in range(reps):
@@ -131,9 +156,9 @@ def measure_in_process(checkpoint: Path, images: list[bytes], texts: list[str], 
 
 def image_config_for(manifest: dict):
     """Our ImageConfig from a manifest, exactly as preprocess_image gets it (repository.image_parameters)."""
-    from clip_build.repository import image_parameters  # noqa: PLC0415
-    from clip_runtime import params as P  # noqa: PLC0415
-    from clip_runtime.image import ImageConfig  # noqa: PLC0415
+    from clip_build.repository import image_parameters
+    from clip_runtime import params as P
+    from clip_runtime.image import ImageConfig
 
     p = {name: spec.default for name, spec in P.PARAMETERS.items()}
     p.update(image_parameters(manifest))
@@ -142,13 +167,13 @@ def image_config_for(manifest: dict):
 
 def measure_preprocessing(checkpoint: Path, manifest: dict, images: list[bytes], reps: int) -> dict:
     """Our preprocessing (clip_runtime.image) vs transformers' image processor, both bytes -> pixels, 1 thread."""
-    import dataclasses  # noqa: PLC0415
+    import dataclasses
 
-    import numpy as np  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
-    from transformers import AutoImageProcessor  # noqa: PLC0415
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor
 
-    from clip_runtime.image import ImagePreprocessor  # noqa: PLC0415
+    from clip_runtime.image import ImagePreprocessor
 
     cfg = image_config_for(manifest)
     ours = ImagePreprocessor(cfg)
@@ -170,10 +195,17 @@ def measure_preprocessing(checkpoint: Path, manifest: dict, images: list[bytes],
     std = np.asarray(cfg.std, dtype=np.float64).reshape(1, 3, 1, 1)
     diff = np.abs(px_ours.astype(np.float64) - px_hf.astype(np.float64))  # (N, 3, S, S) normalised units
     levels = float((diff * std / cfg.rescale_factor).max())  # in 1/255 pixel levels
-    out = {"hf_ms": t_hf * 1e3, "ours_ms": t_ours * 1e3, "speedup": t_hf / t_ours, "max_diff_levels": levels,
-           "max_diff_normalised": float(diff.max()), "hf_class": type(hf).__name__, "images": len(images)}
+    out = {
+        "hf_ms": t_hf * 1e3,
+        "ours_ms": t_ours * 1e3,
+        "speedup": t_hf / t_ours,
+        "max_diff_levels": levels,
+        "max_diff_normalised": float(diff.max()),
+        "hf_class": type(hf).__name__,
+        "images": len(images),
+    }
     # as served: preprocess_image decodes one execute's images in a pool of min(4, cores) threads
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor
 
     threads = min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads) as pool:
@@ -188,10 +220,17 @@ def measure_preprocessing(checkpoint: Path, manifest: dict, images: list[bytes],
     return out
 
 
-def closed_loop(client_factory, kind: str, items: list, concurrency: int, seconds: float, per_request: int = 1,
-                normalize: bool = False) -> LoadResult:
+def closed_loop(
+    client_factory,
+    kind: str,
+    items: list,
+    concurrency: int,
+    seconds: float,
+    per_request: int = 1,
+    normalize: bool = False,
+) -> LoadResult:
     """`concurrency` threads, each sending requests of `per_request` items back to back for `seconds`."""
-    import threading  # noqa: PLC0415
+    import threading
 
     client = client_factory()
     fn = client.encode_image if kind == "image" else client.encode_text
@@ -244,26 +283,35 @@ def bulk_call(client_factory, kind: str, items: list, calls: int) -> dict:
             fn(items, normalize=False)
             seconds.append(time.perf_counter() - t0)
     total = sum(seconds)
-    return {"kind": kind, "items": len(items), "calls": calls, "seconds": round(total, 3),
-            "items_per_s": round(len(items) * calls / total, 2) if total else 0.0,
-            "per_call_items_per_s": [round(len(items) / t, 2) for t in seconds]}
+    return {
+        "kind": kind,
+        "items": len(items),
+        "calls": calls,
+        "seconds": round(total, 3),
+        "items_per_s": round(len(items) * calls / total, 2) if total else 0.0,
+        "per_call_items_per_s": [round(len(items) / t, 2) for t in seconds],
+    }
 
 
 def model_stats(http_url: str) -> dict[str, dict]:
     """Triton's per-model statistics (cumulative counts and ns) over plain HTTP (the GPU kit has no HTTP client)."""
-    import json  # noqa: PLC0415
-    import urllib.request  # noqa: PLC0415
+    import json
+    import urllib.request
 
     with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=30) as resp:
         stats = json.load(resp)
     out = {}
     for m in stats.get("model_stats", []):
         inf = m.get("inference_stats", {})
-        out[m["name"]] = {"inference_count": int(m.get("inference_count", 0)),
-                          "execution_count": int(m.get("execution_count", 0)),
-                          **{f"{k}_ns": int(inf.get(k, {}).get("ns", 0)) for k in
-                             ("queue", "compute_input", "compute_infer", "compute_output")},
-                          "success_count": int(inf.get("success", {}).get("count", 0))}
+        out[m["name"]] = {
+            "inference_count": int(m.get("inference_count", 0)),
+            "execution_count": int(m.get("execution_count", 0)),
+            **{
+                f"{k}_ns": int(inf.get(k, {}).get("ns", 0))
+                for k in ("queue", "compute_input", "compute_infer", "compute_output")
+            },
+            "success_count": int(inf.get("success", {}).get("count", 0)),
+        }
     return out
 
 
@@ -280,9 +328,14 @@ def stats_delta(before: dict, after: dict, seconds: float | None = None) -> dict
         batch = d["inference_count"] / execs
         # Triton charges every request of a batch with the whole execution: ns / requests = one execution's time
         per_exec = (d["compute_input_ns"] + d["compute_infer_ns"] + d["compute_output_ns"]) / reqs / 1e6
-        out[name] = {"requests": reqs, "executions": d["execution_count"], "mean_batch": batch,
-                     "queue_ms": d["queue_ns"] / reqs / 1e6, "compute_ms_per_exec": per_exec,
-                     "compute_ms_per_item": per_exec / max(batch, 1e-9)}
+        out[name] = {
+            "requests": reqs,
+            "executions": d["execution_count"],
+            "mean_batch": batch,
+            "queue_ms": d["queue_ns"] / reqs / 1e6,
+            "compute_ms_per_exec": per_exec,
+            "compute_ms_per_item": per_exec / max(batch, 1e-9),
+        }
         if seconds:
             out[name]["busy"] = per_exec * d["execution_count"] / (seconds * 1e3)
     return out
@@ -290,7 +343,7 @@ def stats_delta(before: dict, after: dict, seconds: float | None = None) -> dict
 
 def _cpu_seconds(server) -> dict[str, float]:
     """CPU seconds (user + system) so far per process of the server, named as in _stub_breakdown; "client": ours."""
-    import psutil  # noqa: PLC0415 - loadtest extra
+    import psutil  # loadtest extra
 
     out: dict[str, float] = {"client": sum(psutil.Process().cpu_times()[:2])}
     for pid in server.pids():
@@ -312,7 +365,7 @@ def cores_used(before: dict[str, float], after: dict[str, float], seconds: float
 
 def _stub_breakdown(server) -> dict[str, float]:
     """RSS (MB) per process of the server: tritonserver itself and each python stub (by model name)."""
-    import psutil  # noqa: PLC0415
+    import psutil
 
     out: dict[str, float] = {}
     for pid in server.pids():
@@ -348,8 +401,9 @@ def measure_towers(repo: Path, batches: Sequence[int] = MATRIX_BATCHES, cell_bud
     info = read_info(repo)
     side = int(info["exports"]["image_encoder"]["inputs"][0]["shape"][-1])
     tok = info["tokenizer"]
-    tokenizer = TextTokenizer(repo / "preprocess_text" / "1" / "tokenizer.json", int(tok["max_length"]),
-                              int(tok["pad_token_id"]))
+    tokenizer = TextTokenizer(
+        repo / "preprocess_text" / "1" / "tokenizer.json", int(tok["max_length"]), int(tok["pad_token_id"])
+    )
     out: dict = {"image": {}, "text": {}}
     gen = torch.Generator().manual_seed(0)
     for kind in ("image", "text"):
@@ -379,7 +433,7 @@ def measure_towers(repo: Path, batches: Sequence[int] = MATRIX_BATCHES, cell_bud
 # ---- preparation --------------------------------------------------------------------------------------------------
 def prepare_weights(args) -> tuple[Path | None, Path, dict]:
     """(HF checkpoint or None, WEIGHTS_DIR, manifest): --weights, --checkpoint, or a random ViT-B/32-size CLIP."""
-    from clip_build.weights import load_manifest  # noqa: PLC0415
+    from clip_build.weights import load_manifest
 
     work = Path(args.workdir)
     if args.weights:
@@ -397,12 +451,12 @@ def prepare_weights(args) -> tuple[Path | None, Path, dict]:
         ckpt = work / "checkpoint-clip-base-random"
         weights = work / "weights-clip-base-random"
         if not (ckpt / "config.json").is_file():
-            from clip_build.synthetic import make_random_checkpoint  # noqa: PLC0415
+            from clip_build.synthetic import make_random_checkpoint
 
             log.info("making a random-weight ViT-B/32-size CLIP checkpoint in %s", ckpt)
             make_random_checkpoint(ckpt, "clip", size="base")
     if not (weights / "manifest.json").is_file() or args.rebuild:
-        from clip_build.convert import convert  # noqa: PLC0415
+        from clip_build.convert import convert
 
         log.info("converting %s -> %s", ckpt, weights)
         convert(str(ckpt), weights)
@@ -410,7 +464,7 @@ def prepare_weights(args) -> tuple[Path | None, Path, dict]:
 
 
 def _slug(text: str) -> str:
-    import hashlib  # noqa: PLC0415
+    import hashlib
 
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -418,12 +472,13 @@ def _slug(text: str) -> str:
 def prepare_repository(args, weights: Path, manifest: dict, dtype: str) -> tuple[Path, float]:
     """A model repository for `dtype`, built now (seconds) with `clip-triton build`'s defaults and the bench's
     --instance-count / --queue-delay-us, so no run measures a stale build."""
-    from clip_build.repository import build_repository  # noqa: PLC0415
+    from clip_build.repository import build_repository
 
     repo = Path(args.workdir) / f"repo-{manifest['model_id']}-{dtype}"
     t0 = time.perf_counter()
-    build_repository(weights, repo, dtype=dtype, instance_count=args.instance_count,
-                     max_queue_delay_us=args.queue_delay_us)
+    build_repository(
+        weights, repo, dtype=dtype, instance_count=args.instance_count, max_queue_delay_us=args.queue_delay_us
+    )
     return repo, time.perf_counter() - t0
 
 
@@ -442,9 +497,9 @@ def wait_idle(max_wait_s: float, threshold: float) -> float:
 
 
 def _machine() -> dict:
-    import platform  # noqa: PLC0415
+    import platform
 
-    import psutil  # noqa: PLC0415
+    import psutil
 
     cpu = platform.processor() or platform.machine()
     flags, ident = "", []
@@ -460,29 +515,47 @@ def _machine() -> dict:
     except OSError:
         pass
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in flags]
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415  (importing locust would monkey-patch)
+    from importlib.metadata import PackageNotFoundError, version  # importing locust would monkey-patch
 
     versions = {}
-    for mod, dist in (("torch", "torch"), ("transformers", "transformers"), ("tritonclient", "tritonclient"),
-                      ("numpy", "numpy"), ("PIL", "pillow")):
+    for mod, dist in (
+        ("torch", "torch"),
+        ("transformers", "transformers"),
+        ("tritonclient", "tritonclient"),
+        ("numpy", "numpy"),
+        ("PIL", "pillow"),
+    ):
         try:
             versions[mod] = version(dist)
         except PackageNotFoundError:
             versions[mod] = "?"
-    return {"cpu": ", ".join([cpu, *ident]), "isa": isa, "cores": psutil.cpu_count(logical=True),
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "os": platform.platform(),
-            "python": platform.python_version(), **versions}
+    return {
+        "cpu": ", ".join([cpu, *ident]),
+        "isa": isa,
+        "cores": psutil.cpu_count(logical=True),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        **versions,
+    }
 
 
-def serve_and_measure(args, repo: Path, images: list[bytes], texts: list[str], probe_images: list[bytes],
-                      probe_texts: list[str], full: bool, levels: Sequence[int]) -> dict:
+def serve_and_measure(
+    args,
+    repo: Path,
+    images: list[bytes],
+    texts: list[str],
+    probe_images: list[bytes],
+    probe_texts: list[str],
+    full: bool,
+    levels: Sequence[int],
+) -> dict:
     """Start the server on `repo`, measure cold start, RSS, client load at each concurrency (online), one call with
     every item (bulk), the RSS after those, perf_analyzer."""
     bulk_images = [images[i % len(images)] for i in range(args.bulk_images)]
     bulk_texts = short_prompts(args.bulk_texts)
-    from clip_client import CLIPClient  # noqa: PLC0415
-
-    from clip_server import TritonServer  # noqa: PLC0415
+    from clip_client import CLIPClient
+    from clip_server import TritonServer
 
     res: dict = {"client": [], "perf_analyzer": [], "stats": {}, "errors": []}
 
@@ -522,11 +595,19 @@ def serve_and_measure(args, repo: Path, images: list[bytes], texts: list[str], p
                 before, cpu_before = model_stats(server.http_url), _cpu_seconds(server)
                 r = closed_loop(factory, kind, items, c, args.duration)
                 res["stats"][f"{kind}@{c}"] = stats_delta(before, model_stats(server.http_url), r.seconds)
-                res.setdefault("cores_used", {})[f"{kind}@{c}"] = cores_used(cpu_before, _cpu_seconds(server),
-                                                                             r.seconds)
+                res.setdefault("cores_used", {})[f"{kind}@{c}"] = cores_used(
+                    cpu_before, _cpu_seconds(server), r.seconds
+                )
                 res["client"].append(r.summary())
-                log.info("triton %s c=%d: %.1f items/s p50 %.0f ms p95 %.0f ms (%d errors)", kind, c, r.items_per_s,
-                         r.pct(50), r.pct(95), r.errors)
+                log.info(
+                    "triton %s c=%d: %.1f items/s p50 %.0f ms p95 %.0f ms (%d errors)",
+                    kind,
+                    c,
+                    r.items_per_s,
+                    r.pct(50),
+                    r.pct(95),
+                    r.errors,
+                )
         # the issue's latency figure: one request carrying 8 items, alone on the server
         for kind, items in (("image", images), ("text", texts)):
             r = closed_loop(factory, kind, items, 1, args.duration / 2, per_request=8)
@@ -560,26 +641,43 @@ def serve_and_measure(args, repo: Path, images: list[bytes], texts: list[str], p
 
 def run_perf(args, server, images: list[bytes], texts: list[str]) -> list[dict]:
     """perf_analyzer on encode_image / encode_text, single-item requests, at each concurrency."""
-    from . import perf  # noqa: PLC0415
+    from . import perf
 
     rows = []
     url = server.grpc_url if args.protocol == "grpc" else server.http_url
-    for kind, model, data in (("image", EncodeImage.NAME, perf.image_input_data(images[:16])),
-                              ("text", EncodeText.NAME, perf.text_input_data(texts[:64]))):
+    for kind, model, data in (
+        ("image", EncodeImage.NAME, perf.image_input_data(images[:16])),
+        ("text", EncodeText.NAME, perf.text_input_data(texts[:64])),
+    ):
         try:
-            got = perf.run_perf_analyzer(model, url, data, protocol=args.protocol, concurrency=args.concurrency,
-                                         measurement_ms=args.pa_window_ms, max_trials=4,
-                                         workdir=Path(args.workdir))
+            got = perf.run_perf_analyzer(
+                model,
+                url,
+                data,
+                protocol=args.protocol,
+                concurrency=args.concurrency,
+                measurement_ms=args.pa_window_ms,
+                max_trials=4,
+                workdir=Path(args.workdir),
+            )
         except perf.PerfError as exc:
             log.warning("perf_analyzer: %s", exc)
             rows.append({"kind": kind, "error": str(exc)})
             continue
         for r in got:
-            rows.append({"kind": kind, "concurrency": r.concurrency, "items_per_s": round(r.throughput, 2),
-                         "p50_ms": round(r.p50_us / 1e3, 1), "p95_ms": round(r.p95_us / 1e3, 1),
-                         "p99_ms": round(r.p99_us / 1e3, 1)})
-            log.info("perf_analyzer %s c=%d: %.1f items/s p95 %.0f ms", kind, r.concurrency, r.throughput,
-                     r.p95_us / 1e3)
+            rows.append(
+                {
+                    "kind": kind,
+                    "concurrency": r.concurrency,
+                    "items_per_s": round(r.throughput, 2),
+                    "p50_ms": round(r.p50_us / 1e3, 1),
+                    "p95_ms": round(r.p95_us / 1e3, 1),
+                    "p99_ms": round(r.p99_us / 1e3, 1),
+                }
+            )
+            log.info(
+                "perf_analyzer %s c=%d: %.1f items/s p95 %.0f ms", kind, r.concurrency, r.throughput, r.p95_us / 1e3
+            )
     return rows
 
 
@@ -592,7 +690,7 @@ def _find(rows: list[dict], kind: str, concurrency: int, per_request: int = 1) -
 
 def min_cosine(a, b) -> float:
     """Smallest row-wise cosine between two (N, D) arrays (or nested lists)."""
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)  # (N, D)
     cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))  # (N,)
@@ -620,8 +718,10 @@ def limiter(stats: dict | None, kind: str, inproc_rate: float | None, cores: dic
     if not enc:
         return "no encoder statistics for this run"
     pre = (stats or {}).get(f"preprocess_{kind}") or {}
-    parts = [f"{kind}_encoder: mean batch {enc['mean_batch']:.1f}, {enc['compute_ms_per_item']:.1f} ms/item, queue "
-             f"{enc['queue_ms']:.0f} ms/request"]
+    parts = [
+        f"{kind}_encoder: mean batch {enc['mean_batch']:.1f}, {enc['compute_ms_per_item']:.1f} ms/item, queue "
+        f"{enc['queue_ms']:.0f} ms/request"
+    ]
     if inproc_rate:
         parts.append(f"in-process {1e3 / inproc_rate:.1f} ms/item end to end")
     if cores:  # the bench's own client and the server's front end share the cores with the encoders
@@ -633,13 +733,23 @@ def limiter(stats: dict | None, kind: str, inproc_rate: float | None, cores: dic
     if busy >= 0.9:
         parts.append(f"limit: encoder compute (busy {busy:.0%} of the run)")
     else:
-        parts.append(f"limit: the encoder idles {1 - busy:.0%} of the run (batch formation and the path outside it; "
-                     f"preprocess_{kind} {pre.get('compute_ms_per_exec', float('nan')):.1f} ms/execution)")
+        parts.append(
+            f"limit: the encoder idles {1 - busy:.0%} of the run (batch formation and the path outside it; "
+            f"preprocess_{kind} {pre.get('compute_ms_per_exec', float('nan')):.1f} ms/execution)"
+        )
     return "; ".join(parts)
 
 
-def _target(name: str, num: float | None, den: float | None, minimum: float, note: str, stats: dict | None,
-            kind: str, cores: dict | None = None) -> Check:
+def _target(
+    name: str,
+    num: float | None,
+    den: float | None,
+    minimum: float,
+    note: str,
+    stats: dict | None,
+    kind: str,
+    cores: dict | None = None,
+) -> Check:
     """A ratio target; a MISS says what limits it (limiter)."""
     check = _ratio_check(name, num, den, minimum, note)
     if check.ok is False:
@@ -663,52 +773,123 @@ def evaluate(results: dict) -> list[Check]:
     checks = []
     for kind in ("image", "text"):
         b8 = (inproc.get(kind) or {}).get(8)
-        checks.append(_target(f"fp32 online {kind}s: 8 callers x 1 vs in-process fp32 batch 8", _served(fp32, kind), b8,
-                              1.0, f"in-process batch 8: {b8 or float('nan'):.1f}/s", fp32["stats"].get(f"{kind}@8"),
-                              kind, (fp32.get("cores_used") or {}).get(f"{kind}@8")))
+        checks.append(
+            _target(
+                f"fp32 online {kind}s: 8 callers x 1 vs in-process fp32 batch 8",
+                _served(fp32, kind),
+                b8,
+                1.0,
+                f"in-process batch 8: {b8 or float('nan'):.1f}/s",
+                fp32["stats"].get(f"{kind}@8"),
+                kind,
+                (fp32.get("cores_used") or {}).get(f"{kind}@8"),
+            )
+        )
     for kind in ("image", "text"):
         best, note = _best(inproc, kind)
-        checks.append(_target(f"fp32 bulk {kind}s: one call vs in-process fp32 best", _bulk(fp32, kind), best, 0.95,
-                              note, fp32["stats"].get(f"{kind}@bulk"), kind,
-                              ((fp32.get("bulk") or {}).get(kind) or {}).get("cores_used")))
+        checks.append(
+            _target(
+                f"fp32 bulk {kind}s: one call vs in-process fp32 best",
+                _bulk(fp32, kind),
+                best,
+                0.95,
+                note,
+                fp32["stats"].get(f"{kind}@bulk"),
+                kind,
+                ((fp32.get("bulk") or {}).get(kind) or {}).get("cores_used"),
+            )
+        )
     if low is None:
         why = (results.get("reduced_precision") or {}).get("reason", "not asked for (--dtype fp32)")
-        checks.append(Check("reduced precision (bulk >= 3x in-process fp32 best)", None, ">= 3x", None,
-                            f"not measured: {why}"))
+        checks.append(
+            Check("reduced precision (bulk >= 3x in-process fp32 best)", None, ">= 3x", None, f"not measured: {why}")
+        )
     for kind in ("image", "text") if low else ():
         best, note = _best(inproc, kind)
-        checks.append(_target(f"{low_name} bulk {kind}s vs in-process fp32 best", _bulk(low, kind), best, 3.0,
-                              f"{note}; cosine vs fp32 {cos[kind]:.5f}{no_bf16}", low["stats"].get(f"{kind}@bulk"),
-                              kind))
+        checks.append(
+            _target(
+                f"{low_name} bulk {kind}s vs in-process fp32 best",
+                _bulk(low, kind),
+                best,
+                3.0,
+                f"{note}; cosine vs fp32 {cos[kind]:.5f}{no_bf16}",
+                low["stats"].get(f"{kind}@bulk"),
+                kind,
+            )
+        )
         b8 = (inproc.get(kind) or {}).get(8)
         served = _served(low, kind)
-        checks.append(Check(f"{low_name} online {kind}s vs in-process fp32 batch 8", served and b8 and served / b8, "-",
-                            None, "no target", "x"))
+        checks.append(
+            Check(
+                f"{low_name} online {kind}s vs in-process fp32 batch 8",
+                served and b8 and served / b8,
+                "-",
+                None,
+                "no target",
+                "x",
+            )
+        )
         best16, note16 = _best(inproc_low, kind)
-        checks.append(_ratio_check(f"{low_name} bulk {kind}s vs in-process {low_name} best", _bulk(low, kind), best16,
-                                   0.95, note16))
-        checks.append(Check(f"{low_name} vs fp32 {kind} embedding cosine (min)", cos[kind], ">= 0.9999",
-                            cos[kind] >= 0.9999))
+        checks.append(
+            _ratio_check(
+                f"{low_name} bulk {kind}s vs in-process {low_name} best", _bulk(low, kind), best16, 0.95, note16
+            )
+        )
+        checks.append(
+            Check(f"{low_name} vs fp32 {kind} embedding cosine (min)", cos[kind], ">= 0.9999", cos[kind] >= 0.9999)
+        )
     for dtype, res in results["triton"].items():
         rss = res.get("rss_after_bulk_mb")
         by = res.get("rss_by_process_after_bulk_mb") or {}
         top = ", ".join(f"{k} {v:.0f} MB" for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:3])
-        checks.append(Check(f"whole-server RSS after the bulk calls ({dtype})", rss and rss / 1024, "<= 1.5 GB",
-                            None if rss is None else rss / 1024 <= 1.5, f"largest: {top}" if top else "", "GB"))
+        checks.append(
+            Check(
+                f"whole-server RSS after the bulk calls ({dtype})",
+                rss and rss / 1024,
+                "<= 1.5 GB",
+                None if rss is None else rss / 1024 <= 1.5,
+                f"largest: {top}" if top else "",
+                "GB",
+            )
+        )
     cold = fp32.get("cold_start_s")
-    checks.append(Check("cold start (serve -> all models ready)", cold, "<= 20 s", None if cold is None else cold <= 20,
-                        unit="s"))
+    checks.append(
+        Check("cold start (serve -> all models ready)", cold, "<= 20 s", None if cold is None else cold <= 20, unit="s")
+    )
     pre = results.get("preprocessing")
     if pre:
-        checks.append(_ratio_check("our image preprocessing vs transformers' processor", pre["speedup"], 1.0, 3.0,
-                                   f"{pre['ours_ms']:.2f} vs {pre['hf_ms']:.2f} ms/img"))
-        checks.append(Check("preprocessing max pixel difference", pre["max_diff_levels"], "<= 1/255",
-                            pre["max_diff_levels"] <= 1.0 + 1e-6, "in 1/255 levels", "/255"))
+        checks.append(
+            _ratio_check(
+                "our image preprocessing vs transformers' processor",
+                pre["speedup"],
+                1.0,
+                3.0,
+                f"{pre['ours_ms']:.2f} vs {pre['hf_ms']:.2f} ms/img",
+            )
+        )
+        checks.append(
+            Check(
+                "preprocessing max pixel difference",
+                pre["max_diff_levels"],
+                "<= 1/255",
+                pre["max_diff_levels"] <= 1.0 + 1e-6,
+                "in 1/255 levels",
+                "/255",
+            )
+        )
     for dtype, res in results["triton"].items():
         for kind, bound in (("text", 50.0), ("image", 150.0)):
             r = _find(res["client"], kind, 1, per_request=8)
-            checks.append(Check(f"p50 of one request of 8 {kind}s ({dtype})", r and r["p50_ms"], f"< {bound:g} ms",
-                                None if not r else r["p50_ms"] < bound, "design figure; one caller" + no_bf16, "ms"))
+            checks.append(
+                Check(
+                    f"p50 of one request of 8 {kind}s ({dtype})",
+                    r and r["p50_ms"],
+                    f"< {bound:g} ms",
+                    None if not r else r["p50_ms"] < bound,
+                    "design figure; one caller" + no_bf16,
+                    "ms",
+                )
+            )
     return checks
 
 
@@ -738,27 +919,36 @@ def checks_table(checks: list[Check]) -> str:
 
 
 def _load_table(rows: list[dict], title: str) -> list[str]:
-    out = [f"| {title} | kind | concurrency | items/request | items/s | p50 ms | p95 ms | p99 ms | errors |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"| {title} | kind | concurrency | items/request | items/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             out.append(f"| {title} | {r['kind']} | | | error: {r['error'][:120]} | | | | |")
             continue
-        out.append(f"| {title} | {r['kind']} | {r['concurrency']} | {r.get('items_per_request', 1)} | "
-                   f"{r['items_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
-                   f"{r.get('errors', '')} |")
+        out.append(
+            f"| {title} | {r['kind']} | {r['concurrency']} | {r.get('items_per_request', 1)} | "
+            f"{r['items_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
+            f"{r.get('errors', '')} |"
+        )
     return out
 
 
 def _stats_table(stats: dict[str, dict]) -> list[str]:
-    out = ["| run | model | requests | executions | mean batch | queue ms/request | compute ms/execution | "
-           "compute ms/item | busy |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| run | model | requests | executions | mean batch | queue ms/request | compute ms/execution | "
+        "compute ms/item | busy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for run_name, models in stats.items():
         for name, s in sorted(models.items()):
             busy = f"{s['busy']:.0%}" if "busy" in s else ""
-            out.append(f"| {run_name} | {name} | {s['requests']} | {s['executions']} | {s['mean_batch']:.1f} | "
-                       f"{s['queue_ms']:.1f} | {s['compute_ms_per_exec']:.1f} | {s['compute_ms_per_item']:.1f} | "
-                       f"{busy} |")
+            out.append(
+                f"| {run_name} | {name} | {s['requests']} | {s['executions']} | {s['mean_batch']:.1f} | "
+                f"{s['queue_ms']:.1f} | {s['compute_ms_per_exec']:.1f} | {s['compute_ms_per_item']:.1f} | "
+                f"{busy} |"
+            )
     return out
 
 
@@ -801,14 +991,24 @@ def _in_process_lines(results: dict) -> list[str]:
         f"torch threads {inproc.get('torch_threads', '?')}; items/s by batch size (bf16: the model cast to bfloat16).",
         "",
     ]
-    runs = [(d, results[k]) for d, k in (("fp32", "in_process"), ("bf16", "in_process_bf16"),
-                                         ("fp16", "in_process_fp16")) if results.get(k)]
-    lines += ["| batch | " + " | ".join(f"{d} images/s | {d} texts/s" for d, _ in runs) + " |",
-              "|---|" + "---|---|" * len(runs)]
+    runs = [
+        (d, results[k])
+        for d, k in (("fp32", "in_process"), ("bf16", "in_process_bf16"), ("fp16", "in_process_fp16"))
+        if results.get(k)
+    ]
+    lines += [
+        "| batch | " + " | ".join(f"{d} images/s | {d} texts/s" for d, _ in runs) + " |",
+        "|---|" + "---|---|" * len(runs),
+    ]
     for b in sorted({b for _, r in runs for kind in ("image", "text") for b in r.get(kind) or {}}):
-        lines.append(f"| {b} | " + " | ".join(f"{(r.get('image') or {}).get(b, float('nan')):.1f} | "
-                                              f"{(r.get('text') or {}).get(b, float('nan')):.1f}" for _, r in runs)
-                     + " |")
+        lines.append(
+            f"| {b} | "
+            + " | ".join(
+                f"{(r.get('image') or {}).get(b, float('nan')):.1f} | {(r.get('text') or {}).get(b, float('nan')):.1f}"
+                for _, r in runs
+            )
+            + " |"
+        )
     for b, v in (inproc.get("model_only_image") or {}).items():
         lines.append(f"\nModel only (pixel values ready), batch {b}: {v:.1f} images/s.")
     return lines
@@ -822,21 +1022,32 @@ def _triton_lines(results: dict) -> list[str]:
         if res.get("perf_analyzer"):
             lines += _load_table(res["perf_analyzer"], f"perf_analyzer {dtype}")[2:]
         lines.append("")
-        lines.append(f"{dtype}: cold start {res.get('cold_start_s', float('nan')):.1f} s; RSS idle "
-                     f"{res.get('rss_idle_mb', 0):.0f} MB, after warm-up {res.get('rss_warm_mb', 0):.0f} MB, peak "
-                     f"{res.get('rss_peak_mb', 0):.0f} MB; by process (MB): "
-                     + ", ".join(f"{k} {v:.0f}" for k, v in sorted((res.get('rss_by_process_mb') or {}).items())))
+        lines.append(
+            f"{dtype}: cold start {res.get('cold_start_s', float('nan')):.1f} s; RSS idle "
+            f"{res.get('rss_idle_mb', 0):.0f} MB, after warm-up {res.get('rss_warm_mb', 0):.0f} MB, peak "
+            f"{res.get('rss_peak_mb', 0):.0f} MB; by process (MB): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in sorted((res.get("rss_by_process_mb") or {}).items()))
+        )
         for kind, b in (res.get("bulk") or {}).items():
-            lines.append(f"{dtype} bulk {kind}s: {b['items_per_s']:.1f}/s over {b['calls']} call(s) of {b['items']} "
-                         f"(per call: {', '.join(f'{v:.1f}' for v in b['per_call_items_per_s'])}/s); cores busy: "
-                         + ", ".join(f"{k} {v:.2f}" for k, v in sorted((b.get("cores_used") or {}).items(),
-                                                                        key=lambda kv: -kv[1])) + ".")
+            lines.append(
+                f"{dtype} bulk {kind}s: {b['items_per_s']:.1f}/s over {b['calls']} call(s) of {b['items']} "
+                f"(per call: {', '.join(f'{v:.1f}' for v in b['per_call_items_per_s'])}/s); cores busy: "
+                + ", ".join(
+                    f"{k} {v:.2f}" for k, v in sorted((b.get("cores_used") or {}).items(), key=lambda kv: -kv[1])
+                )
+                + "."
+            )
         for run_name, cores in (res.get("cores_used") or {}).items():
-            lines.append(f"{dtype} {run_name} cores busy: "
-                         + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cores.items(), key=lambda kv: -kv[1])) + ".")
+            lines.append(
+                f"{dtype} {run_name} cores busy: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cores.items(), key=lambda kv: -kv[1]))
+                + "."
+            )
         if res.get("rss_after_bulk_mb"):
-            lines.append(f"{dtype}: RSS after the bulk calls {res['rss_after_bulk_mb']:.0f} MB; by process (MB): "
-                         + ", ".join(f"{k} {v:.0f}" for k, v in sorted(res["rss_by_process_after_bulk_mb"].items())))
+            lines.append(
+                f"{dtype}: RSS after the bulk calls {res['rss_after_bulk_mb']:.0f} MB; by process (MB): "
+                + ", ".join(f"{k} {v:.0f}" for k, v in sorted(res["rss_by_process_after_bulk_mb"].items()))
+            )
         if res.get("build_s"):
             lines.append(f"Repository build ({dtype}): {res['build_s']:.0f} s.")
         lines.append("")
@@ -844,8 +1055,9 @@ def _triton_lines(results: dict) -> list[str]:
         for err in res.get("errors", []):
             lines.append(f"**{dtype} run error:** {err}")
     lines += ["", "## Where the time goes (Triton model statistics over each run)", ""]
-    lines += _stats_table({f"{dtype} {run}": s for dtype, res in results["triton"].items()
-                           for run, s in (res.get("stats") or {}).items()})
+    lines += _stats_table(
+        {f"{dtype} {run}": s for dtype, res in results["triton"].items() for run, s in (res.get("stats") or {}).items()}
+    )
     return lines
 
 
@@ -854,15 +1066,19 @@ def _preprocessing_lines(results: dict) -> list[str]:
     pre = results.get("preprocessing")
     if not pre:
         return []
-    return ["", "## Image preprocessing alone (bytes -> pixel values, one thread)", "",
-            f"- transformers {pre['hf_class']}: {pre['hf_ms']:.2f} ms/image (PIL decode + convert + processor)",
-            f"- ours (clip_runtime.image, exact): {pre['ours_ms']:.2f} ms/image, {pre['speedup']:.2f}x, "
-            f"max difference {pre['max_diff_levels']:.3f}/255",
-            f"- ours as served ({pre['served_threads']} decode threads): {pre['served_ms']:.2f} ms/image, "
-            f"{pre['served_speedup']:.2f}x",
-            f"- ours with jpeg_draft_gap=4 (inexact): {pre['draft4_ms']:.2f} ms/image, "
-            f"{pre['draft4_speedup']:.2f}x, max difference {pre['draft4_max_diff_levels']:.2f}/255",
-            f"- over {pre['images']} JPEGs of sizes {results['image_sizes']}"]
+    return [
+        "",
+        "## Image preprocessing alone (bytes -> pixel values, one thread)",
+        "",
+        f"- transformers {pre['hf_class']}: {pre['hf_ms']:.2f} ms/image (PIL decode + convert + processor)",
+        f"- ours (clip_runtime.image, exact): {pre['ours_ms']:.2f} ms/image, {pre['speedup']:.2f}x, "
+        f"max difference {pre['max_diff_levels']:.3f}/255",
+        f"- ours as served ({pre['served_threads']} decode threads): {pre['served_ms']:.2f} ms/image, "
+        f"{pre['served_speedup']:.2f}x",
+        f"- ours with jpeg_draft_gap=4 (inexact): {pre['draft4_ms']:.2f} ms/image, "
+        f"{pre['draft4_speedup']:.2f}x, max difference {pre['draft4_max_diff_levels']:.2f}/255",
+        f"- over {pre['images']} JPEGs of sizes {results['image_sizes']}",
+    ]
 
 
 def _matrix_lines(results: dict) -> list[str]:
@@ -872,25 +1088,41 @@ def _matrix_lines(results: dict) -> list[str]:
     m = results["machine"]
     cpu = f"CPU ({m['cores']} cores, {', '.join(m['isa']) or 'no AVX-512'})"
     why_low = (results.get("reduced_precision") or {}).get("reason", "not built in this run")
-    lines = ["", "## Matrix: the encoders alone (TorchScript, as served), images/s / texts/s", "",
-             "| model | precision | device | " + " | ".join(f"batch {b}" for b in MATRIX_BATCHES) + " |",
-             "|---|---|---|" + "---|" * len(MATRIX_BATCHES)]
+    lines = [
+        "",
+        "## Matrix: the encoders alone (TorchScript, as served), images/s / texts/s",
+        "",
+        "| model | precision | device | " + " | ".join(f"batch {b}" for b in MATRIX_BATCHES) + " |",
+        "|---|---|---|" + "---|" * len(MATRIX_BATCHES),
+    ]
     for model in MATRIX_MODELS:
         for precision in MATRIX_PRECISIONS:
             towers = (results["triton"].get(precision) or {}).get("towers") if model == "ViT-B/32" else None
             if towers:
-                cells = [" / ".join("-" if v is None else f"{v:.1f}" for v in
-                                    (towers["image"].get(b), towers["text"].get(b))) for b in MATRIX_BATCHES]
+                cells = [
+                    " / ".join(
+                        "-" if v is None else f"{v:.1f}" for v in (towers["image"].get(b), towers["text"].get(b))
+                    )
+                    for b in MATRIX_BATCHES
+                ]
                 lines.append(f"| {model} | {precision} | {cpu} | " + " | ".join(cells) + " |")
             else:
-                why = ("random ViT-L/14 not built this round (2-core CPU time)" if model != "ViT-B/32" else
-                       "FP8 matmuls need a GPU (Hopper/Ada)" if precision == "fp8" else why_low)
-                lines.append(f"| {model} | {precision} | {cpu} | not measured: {why} |"
-                             + " |" * (len(MATRIX_BATCHES) - 1))
+                why = (
+                    "random ViT-L/14 not built this round (2-core CPU time)"
+                    if model != "ViT-B/32"
+                    else "FP8 matmuls need a GPU (Hopper/Ada)"
+                    if precision == "fp8"
+                    else why_low
+                )
+                lines.append(
+                    f"| {model} | {precision} | {cpu} | not measured: {why} |" + " |" * (len(MATRIX_BATCHES) - 1)
+                )
             for device in MATRIX_DEVICES:
-                lines.append(f"| {model} | {precision} | {device} | not measured this round: no device lent |"
-                             + " |" * (len(MATRIX_BATCHES) - 1))
-    lines.append("\n\"-\": that batch would have taken over 20 s on this machine, not timed.")
+                lines.append(
+                    f"| {model} | {precision} | {device} | not measured this round: no device lent |"
+                    + " |" * (len(MATRIX_BATCHES) - 1)
+                )
+    lines.append('\n"-": that batch would have taken over 20 s on this machine, not timed.')
     return lines
 
 
@@ -917,10 +1149,10 @@ def read_notes(path: Path) -> str:
 def plot(results: dict, path: Path) -> bool:
     """Throughput vs concurrency and latency percentiles, one PNG (needs matplotlib)."""
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
     except ImportError:
         log.warning("matplotlib is not installed (pip install 'clip-triton[loadtest]'): no plot")
         return False
@@ -930,8 +1162,11 @@ def plot(results: dict, path: Path) -> bool:
         ax_t, ax_l = axes[0][col], axes[1][col]
         for dtype, res in results["triton"].items():
             for source, rows in (("client", res["client"]), ("perf_analyzer", res.get("perf_analyzer") or [])):
-                pts = sorted((r["concurrency"], r) for r in rows
-                             if r.get("kind") == kind and "error" not in r and r.get("items_per_request", 1) == 1)
+                pts = sorted(
+                    (r["concurrency"], r)
+                    for r in rows
+                    if r.get("kind") == kind and "error" not in r and r.get("items_per_request", 1) == 1
+                )
                 if not pts:
                     continue
                 xs = [c for c, _ in pts]
@@ -940,7 +1175,7 @@ def plot(results: dict, path: Path) -> bool:
                 if source == "client":
                     for q, ls in (("p50_ms", "-"), ("p95_ms", "--"), ("p99_ms", ":")):
                         ax_l.plot(xs, [r[q] for _, r in pts], ls, marker="o", label=f"{dtype} {q[:3]}")
-        best = (inproc.get(kind) or {})
+        best = inproc.get(kind) or {}
         if best:
             b, v = max(best.items(), key=lambda kv: kv[1])
             ax_t.axhline(v, color="grey", linestyle=":", label=f"in-process best (batch {b})")
@@ -968,36 +1203,60 @@ COMMAND_HELP = {"bench": "benchmark Triton against the in-process transformers p
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Options of `clip-triton bench`."""
-    parser.add_argument("--weights",
-                        help="WEIGHTS_DIR from `clip-triton convert` (default: a random ViT-B/32-size CLIP)")
+    parser.add_argument(
+        "--weights", help="WEIGHTS_DIR from `clip-triton convert` (default: a random ViT-B/32-size CLIP)"
+    )
     parser.add_argument("--checkpoint", help="HF checkpoint folder: converted, and the in-process baseline loads it")
     parser.add_argument("--workdir", default=".artifacts/bench", help="checkpoints, weights, repositories, logs")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "best"), default="best",
-                        help="best: fp32 and, where `build --dtype auto` picks it on this CPU (AVX512-BF16/AMX and a "
-                        "calibration), bf16; bf16: fp32 and bf16 whatever the CPU; fp32: fp32 only. The reduced "
-                        "precision is built, served and measured in-process too, and compared with fp32 "
-                        "(default: best)")
-    parser.add_argument("--matrix", action="store_true",
-                        help="also time the encoders alone per batch for the model x precision x device x batch matrix")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "best"),
+        default="best",
+        help="best: fp32 and, where `build --dtype auto` picks it on this CPU (AVX512-BF16/AMX and a "
+        "calibration), bf16; bf16: fp32 and bf16 whatever the CPU; fp32: fp32 only. The reduced "
+        "precision is built, served and measured in-process too, and compared with fp32 "
+        "(default: best)",
+    )
+    parser.add_argument(
+        "--matrix",
+        action="store_true",
+        help="also time the encoders alone per batch for the model x precision x device x batch matrix",
+    )
     parser.add_argument("--bulk-texts", type=int, default=512, help="texts in each bulk call (default: 512)")
     parser.add_argument("--bulk-images", type=int, default=64, help="images in each bulk call (default: 64)")
     parser.add_argument("--bulk-calls", type=int, default=2, help="bulk calls per kind, after a warm-up (default: 2)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 64],
-                        help="in-process batch sizes (8 is always measured: the online baseline)")
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=[1, 8, 16, 32, 64],
+        help="in-process batch sizes (8 is always measured: the online baseline)",
+    )
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per concurrency level")
     parser.add_argument("--warmup", type=float, default=6.0, help="seconds of warm-up load after the server starts")
     parser.add_argument("--pa-window-ms", type=int, default=4000, help="perf_analyzer measurement window")
     parser.add_argument("--no-perf-analyzer", action="store_true")
     parser.add_argument("--instance-count", type=int, help="encoder instances (default: `clip-triton build`'s)")
-    parser.add_argument("--queue-delay-us", type=int,
-                        help="every batching model's queue delay (default: `clip-triton build`'s)")
+    parser.add_argument(
+        "--queue-delay-us", type=int, help="every batching model's queue delay (default: `clip-triton build`'s)"
+    )
     parser.add_argument("--image-sizes", default="224x224,320x240,480x640,640x480,1024x768")
-    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment for tritonserver and its stubs, e.g. OMP_WAIT_POLICY=PASSIVE")
-    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                        help="first wait up to SECONDS for the load average to fall below 0.5")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for tritonserver and its stubs, e.g. OMP_WAIT_POLICY=PASSIVE",
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for the load average to fall below 0.5",
+    )
     parser.add_argument("--quick", action="store_true", help="c=8 only, short runs, no perf_analyzer (~3 min)")
     parser.add_argument("--rebuild", action="store_true", help="convert the weights again even when cached")
     parser.add_argument("--report", default="docs/benchmarks.md", help="markdown report ('' = none)")
@@ -1019,16 +1278,18 @@ def _server_env(items: list[str]) -> dict[str, str] | None:
 
 def _results_head(args: argparse.Namespace, weights: Path, manifest: dict, sizes) -> dict:
     """What a run records before measuring: machine, date, command, weights, server environment, image sizes."""
-    import sys  # noqa: PLC0415
+    import sys
 
     return {
-        "machine": _machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": _machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "clip-triton bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "clip-triton bench",
         "weights_desc": f"{manifest.get('family')} model_id {manifest['model_id']}, "
-                        f"{'random init, ViT-B/32 size' if not (args.weights or args.checkpoint) else weights}, "
-                        f"projection dim {manifest['projection_dim']}",
+        f"{'random init, ViT-B/32 size' if not (args.weights or args.checkpoint) else weights}, "
+        f"projection dim {manifest['projection_dim']}",
         "server_env": " ".join(f"{k}={v}" for k, v in args.server_env.items()),
-        "image_sizes": ", ".join(f"{w}x{h}" for w, h in sizes), "triton": {},
+        "image_sizes": ", ".join(f"{w}x{h}" for w, h in sizes),
+        "triton": {},
     }
 
 
@@ -1047,20 +1308,39 @@ def choose_dtypes(dtype: str) -> tuple[tuple[str, ...], dict | None]:
     return ("fp32",) if choice.dtype == "fp32" else ("fp32", choice.dtype), choice.as_dict()
 
 
-def _measure_baseline(args, results: dict, ckpt: Path | None, weights: Path, manifest: dict, images: list[bytes],
-                      texts: list[str], full: bool) -> None:
+def _measure_baseline(
+    args,
+    results: dict,
+    ckpt: Path | None,
+    weights: Path,
+    manifest: dict,
+    images: list[bytes],
+    texts: list[str],
+    full: bool,
+) -> None:
     """Into results: preprocessing alone and the in-process transformers rates (needs the HF checkpoint)."""
     if ckpt is None:
         log.warning("no HF checkpoint for --weights %s: in-process baseline skipped", weights)
         return
     results["preprocessing"] = measure_preprocessing(ckpt, manifest, images, reps=2 if full else 1)
-    log.info("preprocessing: ours %.2f ms/img, transformers %.2f ms/img (%.2fx), max diff %.3f/255",
-             results["preprocessing"]["ours_ms"], results["preprocessing"]["hf_ms"],
-             results["preprocessing"]["speedup"], results["preprocessing"]["max_diff_levels"])
+    log.info(
+        "preprocessing: ours %.2f ms/img, transformers %.2f ms/img (%.2fx), max diff %.3f/255",
+        results["preprocessing"]["ours_ms"],
+        results["preprocessing"]["hf_ms"],
+        results["preprocessing"]["speedup"],
+        results["preprocessing"]["max_diff_levels"],
+    )
     for dtype in _dtypes(args):
         key = "in_process" if dtype == "fp32" else f"in_process_{dtype}"
-        results[key] = measure_in_process(ckpt, images, texts, args.batch_sizes, n_images=64 if full else 32,
-                                          n_texts=256 if full else 128, dtype=dtype)
+        results[key] = measure_in_process(
+            ckpt,
+            images,
+            texts,
+            args.batch_sizes,
+            n_images=64 if full else 32,
+            n_texts=256 if full else 128,
+            dtype=dtype,
+        )
 
 
 def _print_checks(checks: list[Check]) -> None:
@@ -1072,7 +1352,7 @@ def _print_checks(checks: list[Check]) -> None:
 
 def _write_outputs(args: argparse.Namespace, results: dict, checks: list[Check]) -> None:
     """The plot, the Markdown report (keeping its notes) and the JSON results, each where its option says."""
-    import json  # noqa: PLC0415
+    import json
 
     if args.plot and plot(results, Path(args.plot)):
         results["plot"] = args.plot
@@ -1089,7 +1369,7 @@ def _write_outputs(args: argparse.Namespace, results: dict, checks: list[Check])
 
 def run(args: argparse.Namespace, command: str) -> int:
     """Entry point of `clip-triton bench`."""
-    import gc  # noqa: PLC0415
+    import gc
 
     started = time.perf_counter()
     # The in-process baseline's OpenMP threads wait as the server's do (clip_server.binary.server_env): spinning
@@ -1117,8 +1397,16 @@ def run(args: argparse.Namespace, command: str) -> int:
     for dtype in _dtypes(args):
         repo, build_s = prepare_repository(args, weights, manifest, dtype)
         main = dtype == "fp32"  # the reduced-precision build: c=8, bulk and the probe embeddings only
-        res = serve_and_measure(args, repo, images, texts, probe_images, probe_texts, full and main,
-                                args.concurrency if full and main else [8])
+        res = serve_and_measure(
+            args,
+            repo,
+            images,
+            texts,
+            probe_images,
+            probe_texts,
+            full and main,
+            args.concurrency if full and main else [8],
+        )
         res["build_s"] = build_s
         if args.matrix:
             res["towers"] = measure_towers(repo)

@@ -46,11 +46,14 @@ def png(array: np.ndarray) -> bytes:
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height (and a tiny IDAT): what a decoder sees before any pixel."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def thin(width: int, height: int) -> np.ndarray:
@@ -88,7 +91,7 @@ def _peak_child(kind: str, width: int, height: int, queue) -> None:
             image = pre.decode(data)
             new_w, new_h = pre.target_size(*image.size)
             top, left = (new_h - 224) // 2, (new_w - 224) // 2
-            out = np.asarray(image.resize((new_w, new_h), resample=3))[top:top + 224, left:left + 224]
+            out = np.asarray(image.resize((new_w, new_h), resample=3))[top : top + 224, left : left + 224]
         answer = f"{out.shape[0]}x{out.shape[1]} crop"
     except InvalidInputError as exc:
         answer = f"refused: {exc}"
@@ -100,9 +103,18 @@ def _peak_child(kind: str, width: int, height: int, queue) -> None:
 def measure_preprocessing() -> list[dict]:
     """Each case in its own forked process, so its peak RSS is its own."""
     ctx = multiprocessing.get_context("fork")
-    cases = [("now", 1, 10_000), ("now", 10_000, 1), ("now", 300, 30_000), ("now", 1, 40_000),
-             ("now", 1, 40_000_000), ("now", 40_000_000, 1), ("before", 1, 500), ("before", 1, 1_000),
-             ("before", 1, 2_000), ("before", 300, 30_000)]
+    cases = [
+        ("now", 1, 10_000),
+        ("now", 10_000, 1),
+        ("now", 300, 30_000),
+        ("now", 1, 40_000),
+        ("now", 1, 40_000_000),
+        ("now", 40_000_000, 1),
+        ("before", 1, 500),
+        ("before", 1, 1_000),
+        ("before", 1, 2_000),
+        ("before", 300, 30_000),
+    ]
     rows = []
     for kind, w, h in cases:
         q = ctx.Queue()
@@ -146,7 +158,7 @@ class ShmSampler(threading.Thread):
         while not self.halt.wait(self.every):
             self.sample()
 
-    def __enter__(self) -> "ShmSampler":
+    def __enter__(self) -> ShmSampler:
         self.start()
         return self
 
@@ -209,12 +221,25 @@ def measure_shm(repository: Path, workdir: Path) -> list[dict]:
 
     npy = io.BytesIO()
     np.save(npy, np.full((2600, 2600, 3), 90, np.uint8))  # 20.3 MB: just under max_image_bytes (20 MiB), accepted
-    scenarios = [("accepted 20.3 MB .npy image, 4 clients x 6 requests", [npy.getvalue()], 4, 6),
-                 ("refused 100 MB item (over max_image_bytes), 4 clients x 4 requests",
-                  [b"\xff\xd8\xff" + bytes(100 * 2**20)], 4, 4)]
-    settings = [("Triton default (1 MiB, 1 MiB)", ["--backend-config=python,shm-default-byte-size=1048576",
-                                                    "--backend-config=python,shm-growth-byte-size=1048576"]),
-                (f"ours ({SHM_DEFAULT_BYTES >> 20} MiB, {SHM_GROWTH_BYTES >> 20} MiB)", [])]
+    scenarios = [
+        ("accepted 20.3 MB .npy image, 4 clients x 6 requests", [npy.getvalue()], 4, 6),
+        (
+            "refused 100 MB item (over max_image_bytes), 4 clients x 4 requests",
+            [b"\xff\xd8\xff" + bytes(100 * 2**20)],
+            4,
+            4,
+        ),
+    ]
+    settings = [
+        (
+            "Triton default (1 MiB, 1 MiB)",
+            [
+                "--backend-config=python,shm-default-byte-size=1048576",
+                "--backend-config=python,shm-growth-byte-size=1048576",
+            ],
+        ),
+        (f"ours ({SHM_DEFAULT_BYTES >> 20} MiB, {SHM_GROWTH_BYTES >> 20} MiB)", []),
+    ]
     rows = []
     for label, extra in settings:
         with TritonServer(repository, exit_timeout=5, extra_args=extra, log_path=workdir / "shm.log") as server:
@@ -222,16 +247,25 @@ def measure_shm(repository: Path, workdir: Path) -> list[dict]:
             for name, items, clients, rounds in scenarios:
                 with ShmSampler(server) as sampler:
                     outcomes = send_items(server.http_url, items, clients, rounds)
-                rows.append({"settings": label, "scenario": name, "outcomes": ", ".join(outcomes),
-                             "start_mib": start[0] / 2**20, "high_mib": sampler.high / 2**20,
-                             "allocated_mib": sampler.high_allocated / 2**20, "pss_mib": tree_pss(server) / 2**20})
+                rows.append(
+                    {
+                        "settings": label,
+                        "scenario": name,
+                        "outcomes": ", ".join(outcomes),
+                        "start_mib": start[0] / 2**20,
+                        "high_mib": sampler.high / 2**20,
+                        "allocated_mib": sampler.high_allocated / 2**20,
+                        "pss_mib": tree_pss(server) / 2**20,
+                    }
+                )
                 log.info("%s", rows[-1])
     return rows
 
 
 # ------------------------------------------------------------------------------------------------ 3. abandoned work
-def abandon(url: str, protocol: str, n: int, items: np.ndarray, give_up_s: float,
-            send_timeout: bool = False) -> dict[str, int]:
+def abandon(
+    url: str, protocol: str, n: int, items: np.ndarray, give_up_s: float, send_timeout: bool = False
+) -> dict[str, int]:
     """n concurrent encode_image requests whose clients give up after give_up_s seconds; outcome -> count.
 
     send_timeout: the clients also pass give_up_s as the request's `timeout` parameter (as clip_client does).
@@ -259,8 +293,11 @@ def abandon(url: str, protocol: str, n: int, items: np.ndarray, give_up_s: float
             outcome = "answered"
         except Exception as exc:  # noqa: BLE001 - classified
             text = str(exc)
-            outcome = ("gave up" if re.search(r"timed out|Deadline|DEADLINE", text) else
-                       "refused: " + re.sub(r".*\] ", "", text)[:60])
+            outcome = (
+                "gave up"
+                if re.search(r"timed out|Deadline|DEADLINE", text)
+                else "refused: " + re.sub(r".*\] ", "", text)[:60]
+            )
         finally:
             try:
                 c.close()
@@ -306,10 +343,12 @@ def measure_abandoned(repository: Path, workdir: Path, n: int = 100, give_up_s: 
     heavy = heavy_request()
     small = png(np.full((64, 64, 3), 120, np.uint8))
     rows = []
-    for label, policy, protocol, send_timeout in [("queue policy (default)", True, "http", False),
-                                                  ("queue policy, attackers send timeout=3 s", True, "grpc", True),
-                                                  ("no queue policy", False, "http", False),
-                                                  ("no queue policy", False, "grpc", False)]:
+    for label, policy, protocol, send_timeout in [
+        ("queue policy (default)", True, "http", False),
+        ("queue policy, attackers send timeout=3 s", True, "grpc", True),
+        ("no queue policy", False, "http", False),
+        ("no queue policy", False, "grpc", False),
+    ]:
         repo = workdir / ("repo-policy" if policy else "repo-no-policy")
         if not repo.exists():
             shutil.copytree(repository, repo)
@@ -328,10 +367,18 @@ def measure_abandoned(repository: Path, workdir: Path, n: int = 100, give_up_s: 
                 t0 = time.monotonic()
                 c.encode_image([small])
                 good = time.monotonic() - t0
-            rows.append({"case": label, "attack": f"{n} x encode_image of {len(heavy)} 2000x1500 JPEGs over {protocol}, "
-                         f"clients give up after {give_up_s:.0f} s", "outcomes": outcomes,
-                         "executed": executed(server) - before - 1, "good_s": good, "alone_s": alone,
-                         "run_s": time.monotonic() - started})
+            rows.append(
+                {
+                    "case": label,
+                    "attack": f"{n} x encode_image of {len(heavy)} 2000x1500 JPEGs over {protocol}, "
+                    f"clients give up after {give_up_s:.0f} s",
+                    "outcomes": outcomes,
+                    "executed": executed(server) - before - 1,
+                    "good_s": good,
+                    "alone_s": alone,
+                    "run_s": time.monotonic() - started,
+                }
+            )
             log.info("%s", rows[-1])
     return rows
 
@@ -340,39 +387,62 @@ def measure_abandoned(repository: Path, workdir: Path, n: int = 100, give_up_s: 
 def markdown(pre: list[dict], shm: list[dict], abandoned: list[dict], seconds: float) -> str:
     """The "Hardening" section."""
     load = os.getloadavg()[0]
-    lines = [MARK_BEGIN, "## Hardening (issue 10)",
-             f"`python -m clip_loadtest.hardening --report docs/benchmarks.md`: one run each, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{seconds:.0f} s, on the 2-core machine above **shared with other engineers' test runs (noisy: 1-min load "
-             f"average {load:.1f} at the end)**; times are indicative, memory figures are what matters.", "",
-             "### Preprocessing extreme aspect ratios (ViT-B/32 size: 224 shortest edge and crop, in process)",
-             "| code | image (W x H) | answer | time | peak memory over baseline |", "|---|---|---|---|---|"]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        MARK_BEGIN,
+        "## Hardening (issue 10)",
+        f"`python -m clip_loadtest.hardening --report docs/benchmarks.md`: one run each, {when}, "
+        f"{seconds:.0f} s, on the 2-core machine above **shared with other engineers' test runs (noisy: 1-min load "
+        f"average {load:.1f} at the end)**; times are indicative, memory figures are what matters.",
+        "",
+        "### Preprocessing extreme aspect ratios (ViT-B/32 size: 224 shortest edge and crop, in process)",
+        "| code | image (W x H) | answer | time | peak memory over baseline |",
+        "|---|---|---|---|---|",
+    ]
     for r in pre:
         lines.append(f"| {r['code']} | {r['image']} | {r['answer']} | {r['ms']:.0f} ms | {r['peak_mib']:.1f} MiB |")
-    lines += ["", "`before` is the former code (Pillow resizes the whole image to 224 x 224*N, then crops); it grows "
-              "linearly with the aspect ratio (the tester measured 4.8 GB and 9 s for 1 x 10000). `now` resizes only the "
-              "kept 224 x 224 (clip_runtime.resample, bit-identical to Pillow) and refuses more than max_aspect_ratio "
-              "(10000:1) from the header.", "",
-              "### Python backend shared memory under repeated maximum-size requests",
-              "| region sizes | scenario | answers | regions at start | high-water: size (written) | server PSS after |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "`before` is the former code (Pillow resizes the whole image to 224 x 224*N, then crops); it grows "
+        "linearly with the aspect ratio (the tester measured 4.8 GB and 9 s for 1 x 10000). `now` resizes only the "
+        "kept 224 x 224 (clip_runtime.resample, bit-identical to Pillow) and refuses more than max_aspect_ratio "
+        "(10000:1) from the header.",
+        "",
+        "### Python backend shared memory under repeated maximum-size requests",
+        "| region sizes | scenario | answers | regions at start | high-water: size (written) | server PSS after |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in shm:
-        lines.append(f"| {r['settings']} | {r['scenario']} | {r['outcomes']} | {r['start_mib']:.0f} MiB | "
-                     f"**{r['high_mib']:.0f} MiB** ({r['allocated_mib']:.0f} MiB) | {r['pss_mib']:.0f} MiB |")
-    lines += ["", "Sum of the server's region files in /dev/shm (6 stubs: 4 Python models and 2 encoders run by the "
-              "Python-based `pytorch` runner), sampled every 20 ms while the scenario ran; a region never shrinks.", "",
-              "### A good request after abandoned heavy requests",
-              "| server | attack | what the attackers got | heavy requests executed anyway | good request (clip_client) "
-              "| the same alone |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['settings']} | {r['scenario']} | {r['outcomes']} | {r['start_mib']:.0f} MiB | "
+            f"**{r['high_mib']:.0f} MiB** ({r['allocated_mib']:.0f} MiB) | {r['pss_mib']:.0f} MiB |"
+        )
+    lines += [
+        "",
+        "Sum of the server's region files in /dev/shm (6 stubs: 4 Python models and 2 encoders run by the "
+        "Python-based `pytorch` runner), sampled every 20 ms while the scenario ran; a region never shrinks.",
+        "",
+        "### A good request after abandoned heavy requests",
+        "| server | attack | what the attackers got | heavy requests executed anyway | good request (clip_client) "
+        "| the same alone |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in abandoned:
         outcomes = ", ".join(f"{k}: {v}" for k, v in sorted(r["outcomes"].items()))
-        lines.append(f"| {r['case']} | {r['attack']} | {outcomes} | {r['executed']} | **{r['good_s']:.1f} s** | "
-                     f"{r['alone_s'] * 1000:.0f} ms |")
-    lines += ["", "Random ViT-B/32-size weights, fp32, CPU; a heavy request costs ~1 s alone (8 JPEG decodes + 8 "
-              "encodes). Queue policy defaults: 5 s per model queue, 128 requests. The good request still waits for the "
-              "batches that are already running (no preemption: a 64-image ViT-B/32 batch takes seconds on 2 cores) and "
-              "may be refused once or twice on the way (clip_client retries), but not for the abandoned work: without a "
-              "policy every abandoned request runs first. gRPC deadlines and HTTP disconnects do not remove queued "
-              "requests in Triton 2.51 (the no-policy rows); a request's `timeout` parameter does.", MARK_END]
+        lines.append(
+            f"| {r['case']} | {r['attack']} | {outcomes} | {r['executed']} | **{r['good_s']:.1f} s** | "
+            f"{r['alone_s'] * 1000:.0f} ms |"
+        )
+    lines += [
+        "",
+        "Random ViT-B/32-size weights, fp32, CPU; a heavy request costs ~1 s alone (8 JPEG decodes + 8 "
+        "encodes). Queue policy defaults: 5 s per model queue, 128 requests. The good request still waits for the "
+        "batches that are already running (no preemption: a 64-image ViT-B/32 batch takes seconds on 2 cores) and "
+        "may be refused once or twice on the way (clip_client retries), but not for the abandoned work: without a "
+        "policy every abandoned request runs first. gRPC deadlines and HTTP disconnects do not remove queued "
+        "requests in Triton 2.51 (the no-policy rows); a request's `timeout` parameter does.",
+        MARK_END,
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -395,8 +465,11 @@ def replace_section(report: Path, section: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m clip_loadtest.hardening", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m clip_loadtest.hardening",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="builds and logs (default: temp)")
     ap.add_argument("--report", type=Path, default=None, help="markdown file whose Hardening section is replaced")
     args = ap.parse_args(argv)

@@ -42,17 +42,38 @@ KINDS = ("text", "image", "zero_shot")
 @events.init_command_line_parser.add_listener
 def _add_options(parser) -> None:
     group = parser.add_argument_group("clip-triton")
-    group.add_argument("--protocol", choices=["auto", "http", "grpc"], default="auto", env_var="CLIP_LT_PROTOCOL",
-                       help="auto: from the host's scheme (http://, https://, grpc://, grpcs://; none: http)")
-    group.add_argument("--ca-file", default=None, env_var="CLIP_LT_CA_FILE",
-                       help="CA certificates for https:// / grpcs:// hosts (default: the system's)")
-    group.add_argument("--api-key-file", default=None, env_var="CLIP_LT_API_KEY_FILE",
-                       help="bearer API key: the first key of this file (one per line, '#' comments), as the "
-                            "gateway's --api-key-file; $CLIP_LT_API_KEY wins, $CLIP_TRITON_API_KEYS is the fallback")
-    group.add_argument("--mix", default="text=3,image=2,zero_shot=1", env_var="CLIP_LT_MIX",
-                       help="task weights, e.g. 'text=1,image=0,zero_shot=0'")
-    group.add_argument("--image-sizes", default="224x224,320x240,480x640,640x480,1024x768", env_var="CLIP_LT_IMAGE_SIZES",
-                       help="JPEG sizes (WxH) generated at startup")
+    group.add_argument(
+        "--protocol",
+        choices=["auto", "http", "grpc"],
+        default="auto",
+        env_var="CLIP_LT_PROTOCOL",
+        help="auto: from the host's scheme (http://, https://, grpc://, grpcs://; none: http)",
+    )
+    group.add_argument(
+        "--ca-file",
+        default=None,
+        env_var="CLIP_LT_CA_FILE",
+        help="CA certificates for https:// / grpcs:// hosts (default: the system's)",
+    )
+    group.add_argument(
+        "--api-key-file",
+        default=None,
+        env_var="CLIP_LT_API_KEY_FILE",
+        help="bearer API key: the first key of this file (one per line, '#' comments), as the "
+        "gateway's --api-key-file; $CLIP_LT_API_KEY wins, $CLIP_TRITON_API_KEYS is the fallback",
+    )
+    group.add_argument(
+        "--mix",
+        default="text=3,image=2,zero_shot=1",
+        env_var="CLIP_LT_MIX",
+        help="task weights, e.g. 'text=1,image=0,zero_shot=0'",
+    )
+    group.add_argument(
+        "--image-sizes",
+        default="224x224,320x240,480x640,640x480,1024x768",
+        env_var="CLIP_LT_IMAGE_SIZES",
+        help="JPEG sizes (WxH) generated at startup",
+    )
     group.add_argument("--num-images", type=int, default=20, env_var="CLIP_LT_NUM_IMAGES", help="distinct JPEGs")
     group.add_argument("--text-batch", type=int, default=1, env_var="CLIP_LT_TEXT_BATCH", help="texts per request")
     group.add_argument("--image-batch", type=int, default=1, env_var="CLIP_LT_IMAGE_BATCH", help="images per request")
@@ -62,10 +83,20 @@ def _add_options(parser) -> None:
     group.add_argument("--request-timeout", type=float, default=60.0, env_var="CLIP_LT_TIMEOUT", help="seconds")
     group.add_argument("--p95-ms", type=float, default=0.0, env_var="CLIP_LT_P95_MS", help="gate: 0 = no bound")
     group.add_argument("--p99-ms", type=float, default=0.0, env_var="CLIP_LT_P99_MS", help="gate: 0 = no bound")
-    group.add_argument("--max-fail-ratio", type=float, default=0.0, env_var="CLIP_LT_MAX_FAIL_RATIO",
-                       help="gate: failures/requests allowed (0 = none)")
-    group.add_argument("--min-requests", type=int, default=1, env_var="CLIP_LT_MIN_REQUESTS",
-                       help="gate: fewer completed requests fail the run")
+    group.add_argument(
+        "--max-fail-ratio",
+        type=float,
+        default=0.0,
+        env_var="CLIP_LT_MAX_FAIL_RATIO",
+        help="gate: failures/requests allowed (0 = none)",
+    )
+    group.add_argument(
+        "--min-requests",
+        type=int,
+        default=1,
+        env_var="CLIP_LT_MIN_REQUESTS",
+        help="gate: fewer completed requests fail the run",
+    )
 
 
 def endpoint_of(host: str | None, protocol: str) -> Endpoint:
@@ -90,8 +121,9 @@ def connection_settings(host: str | None, opts) -> tuple[Endpoint, dict, dict[st
     ca_file = getattr(opts, "ca_file", None)
     if ca_file:
         if not endpoint.tls:
-            raise SettingsError(f"--ca-file {ca_file} is for TLS hosts, but {endpoint.url} is plain text: "
-                                f"use https:// or grpcs://")
+            raise SettingsError(
+                f"--ca-file {ca_file} is for TLS hosts, but {endpoint.url} is plain text: use https:// or grpcs://"
+            )
         if not os.access(ca_file, os.R_OK):
             raise SettingsError(f"--ca-file {ca_file}: not a readable file")
     return endpoint, tritonclient_tls(endpoint, ca_file), auth_headers(getattr(opts, "api_key_file", None))
@@ -117,8 +149,10 @@ class Workload:
         self.mix = parse_mix(opts.mix)
         self.images = jpeg_images(max(1, opts.num_images), sizes=parse_sizes(opts.image_sizes), seed=opts.seed)
         self.texts = short_prompts(256)
-        self.labels = [f"a photo of a {LABELS[i % len(LABELS)]}" + ("" if i < len(LABELS) else f" #{i}")
-                       for i in range(max(1, opts.labels))]
+        self.labels = [
+            f"a photo of a {LABELS[i % len(LABELS)]}" + ("" if i < len(LABELS) else f" #{i}")
+            for i in range(max(1, opts.labels))
+        ]
         self.opts = opts
 
 
@@ -135,7 +169,7 @@ def _init_grpc_gevent() -> None:
     """
     global _grpc_gevent
     if not _grpc_gevent:
-        import grpc.experimental.gevent as grpc_gevent  # noqa: PLC0415
+        import grpc.experimental.gevent as grpc_gevent
 
         grpc_gevent.init_gevent()
         _grpc_gevent = True
@@ -223,9 +257,13 @@ class CLIPUser(User):
             self.request_type = "gRPC"
         else:
             self.mod = httpclient
-            self.client = httpclient.InferenceServerClient(url=endpoint.address, concurrency=1,
-                                                           connection_timeout=self.timeout,
-                                                           network_timeout=self.timeout, **tls)
+            self.client = httpclient.InferenceServerClient(
+                url=endpoint.address,
+                concurrency=1,
+                connection_timeout=self.timeout,
+                network_timeout=self.timeout,
+                **tls,
+            )
             self.request_type = "HTTP"
 
     def on_stop(self) -> None:
@@ -249,7 +287,9 @@ class CLIPUser(User):
             return self.mod.InferRequestedOutput(name, binary_data=True)
         return self.mod.InferRequestedOutput(name)
 
-    def _infer(self, model: str, inputs: list, outputs: list[str] | None, expect: dict[str, tuple[int, ...]], name: str) -> None:
+    def _infer(
+        self, model: str, inputs: list, outputs: list[str] | None, expect: dict[str, tuple[int, ...]], name: str
+    ) -> None:
         """One inference, reported to locust with its latency, response size and any error (shape checks included)."""
         start = time.perf_counter()
         length, exc = 0, None
@@ -267,32 +307,50 @@ class CLIPUser(User):
         except Exception as e:  # noqa: BLE001  server errors, timeouts, bad shapes: a failed request, never a dead user
             exc = RequestFailed(f"{type(e).__name__}: {e}")
         self.environment.events.request.fire(
-            request_type=self.request_type, name=name, response_time=(time.perf_counter() - start) * 1000.0,
-            response_length=length, exception=exc, context={"protocol": self.protocol},
+            request_type=self.request_type,
+            name=name,
+            response_time=(time.perf_counter() - start) * 1000.0,
+            response_length=length,
+            exception=exc,
+            context={"protocol": self.protocol},
         )
 
     def text(self) -> None:
         n = max(1, self.environment.parsed_options.text_batch)
         texts = [self.rng.choice(_workload.texts).encode() for _ in range(n)]
-        self._infer(EncodeText.NAME, [self._bytes_input(EncodeText.TEXT, texts)], [EncodeText.TEXT_EMBEDS],
-                    {EncodeText.TEXT_EMBEDS: (n,)}, EncodeText.NAME if n == 1 else f"{EncodeText.NAME}[{n}]")
+        self._infer(
+            EncodeText.NAME,
+            [self._bytes_input(EncodeText.TEXT, texts)],
+            [EncodeText.TEXT_EMBEDS],
+            {EncodeText.TEXT_EMBEDS: (n,)},
+            EncodeText.NAME if n == 1 else f"{EncodeText.NAME}[{n}]",
+        )
 
     def image(self) -> None:
         n = max(1, self.environment.parsed_options.image_batch)
         images = [self.rng.choice(_workload.images) for _ in range(n)]
-        self._infer(EncodeImage.NAME, [self._bytes_input(EncodeImage.IMAGE, images)], [EncodeImage.IMAGE_EMBEDS],
-                    {EncodeImage.IMAGE_EMBEDS: (n,)}, EncodeImage.NAME if n == 1 else f"{EncodeImage.NAME}[{n}]")
+        self._infer(
+            EncodeImage.NAME,
+            [self._bytes_input(EncodeImage.IMAGE, images)],
+            [EncodeImage.IMAGE_EMBEDS],
+            {EncodeImage.IMAGE_EMBEDS: (n,)},
+            EncodeImage.NAME if n == 1 else f"{EncodeImage.NAME}[{n}]",
+        )
 
     def zero_shot(self) -> None:
         labels = _workload.labels
         top_k = self.mod.InferInput(ZeroShot.TOP_K, [1], "INT32")
         top_k.set_data_from_numpy(np.array([self.environment.parsed_options.top_k], dtype=np.int32))
-        inputs = [self._bytes_input(ZeroShot.TEXT, [t.encode() for t in labels]),
-                  self._bytes_input(ZeroShot.IMAGE, [self.rng.choice(_workload.images)]), top_k]
+        inputs = [
+            self._bytes_input(ZeroShot.TEXT, [t.encode() for t in labels]),
+            self._bytes_input(ZeroShot.IMAGE, [self.rng.choice(_workload.images)]),
+            top_k,
+        ]
         # all outputs: Triton 2.51 answers "unexpected deadlock" when a request names only some outputs of an
         # ensemble whose outputs also feed a later step (text_embeds/image_embeds feed postprocess)
-        self._infer(ZeroShot.NAME, inputs, None, {ZeroShot.PROBS: (1, len(labels)), ZeroShot.TOPK_TEXTS: (1,)},
-                    ZeroShot.NAME)
+        self._infer(
+            ZeroShot.NAME, inputs, None, {ZeroShot.PROBS: (1, len(labels)), ZeroShot.TOPK_TEXTS: (1,)}, ZeroShot.NAME
+        )
 
     @task
     def work(self) -> None:
@@ -324,5 +382,9 @@ def _gate(environment: Environment, **_kw) -> None:
         log.error("clip loadtest gate: FAIL: %s", "; ".join(problems))
         environment.process_exit_code = 1
     else:
-        log.info("clip loadtest gate: pass (%d requests, p95 %.0f ms, p99 %.0f ms)", total.num_requests,
-                 total.get_response_time_percentile(0.95), total.get_response_time_percentile(0.99))
+        log.info(
+            "clip loadtest gate: pass (%d requests, p95 %.0f ms, p99 %.0f ms)",
+            total.num_requests,
+            total.get_response_time_percentile(0.95),
+            total.get_response_time_percentile(0.99),
+        )

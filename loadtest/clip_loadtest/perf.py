@@ -21,9 +21,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from clip_build.files import PinnedWheelError, pinned_wheel, project_root
 from clip_common.contract import ENSEMBLES as PUBLIC_ENSEMBLES
@@ -72,8 +72,13 @@ def install_perf_analyzer(tools_dir: Path | None = None, *, force: bool = False)
     binary.parent.mkdir(parents=True, exist_ok=True)
     libdir.mkdir(parents=True, exist_ok=True)
     try:
-        wheel = pinned_wheel(f"tritonclient=={WHEEL_VERSION}", WHEEL_NAME, WHEEL_SHA256, tools,
-                             pip_args=("--platform", "manylinux1_x86_64", "--python-version", "3"))
+        wheel = pinned_wheel(
+            f"tritonclient=={WHEEL_VERSION}",
+            WHEEL_NAME,
+            WHEEL_SHA256,
+            tools,
+            pip_args=("--platform", "manylinux1_x86_64", "--python-version", "3"),
+        )
     except PinnedWheelError as exc:
         raise PerfError(str(exc)) from None
     with zipfile.ZipFile(wheel) as zf, zf.open(WHEEL_MEMBER) as src, open(f"{binary}.tmp", "wb") as dst:
@@ -131,8 +136,16 @@ def image_input_data(images: Iterable[bytes], batch: int = 1) -> dict:
 def zero_shot_input_data(labels: Sequence[str], images: Iterable[bytes], top_k: int = 5) -> dict:
     """zero_shot requests: every label against one image per request."""
     label_tensor = _bytes_tensor([t.encode("utf-8") for t in labels])
-    return {"data": [{ZeroShot.TEXT: label_tensor, ZeroShot.IMAGE: _bytes_tensor([img]),
-                      ZeroShot.TOP_K: {"content": [int(top_k)], "shape": [1]}} for img in images]}
+    return {
+        "data": [
+            {
+                ZeroShot.TEXT: label_tensor,
+                ZeroShot.IMAGE: _bytes_tensor([img]),
+                ZeroShot.TOP_K: {"content": [int(top_k)], "shape": [1]},
+            }
+            for img in images
+        ]
+    }
 
 
 # ---- running ------------------------------------------------------------------------------------------------------
@@ -157,18 +170,37 @@ def parse_csv(path: Path) -> list[PerfRow]:
     with open(path, newline="") as f:
         for rec in csv.DictReader(f):
             num = {k: float(v) for k, v in rec.items() if k and v not in (None, "")}
-            rows.append(PerfRow(
-                concurrency=int(num.get("Concurrency", 0)), throughput=num.get("Inferences/Second", 0.0),
-                p50_us=num.get("p50 latency", 0.0), p90_us=num.get("p90 latency", 0.0),
-                p95_us=num.get("p95 latency", 0.0), p99_us=num.get("p99 latency", 0.0),
-                queue_us=num.get("Server Queue", 0.0), compute_infer_us=num.get("Server Compute Infer", 0.0), raw=num))
+            rows.append(
+                PerfRow(
+                    concurrency=int(num.get("Concurrency", 0)),
+                    throughput=num.get("Inferences/Second", 0.0),
+                    p50_us=num.get("p50 latency", 0.0),
+                    p90_us=num.get("p90 latency", 0.0),
+                    p95_us=num.get("p95 latency", 0.0),
+                    p99_us=num.get("p99 latency", 0.0),
+                    queue_us=num.get("Server Queue", 0.0),
+                    compute_infer_us=num.get("Server Compute Infer", 0.0),
+                    raw=num,
+                )
+            )
     return rows
 
 
-def run_perf_analyzer(model: str, url: str, input_data: dict | Path, *, protocol: str = "http",
-                      concurrency: Sequence[int] = (1,), measurement_ms: int = 3000, stability: int = 999,
-                      max_trials: int = 5, extra_args: Sequence[str] = (), tools_dir: Path | None = None,
-                      timeout_s: float = 600.0, workdir: Path | None = None) -> list[PerfRow]:
+def run_perf_analyzer(
+    model: str,
+    url: str,
+    input_data: dict | Path,
+    *,
+    protocol: str = "http",
+    concurrency: Sequence[int] = (1,),
+    measurement_ms: int = 3000,
+    stability: int = 999,
+    max_trials: int = 5,
+    extra_args: Sequence[str] = (),
+    tools_dir: Path | None = None,
+    timeout_s: float = 600.0,
+    workdir: Path | None = None,
+) -> list[PerfRow]:
     """Run perf_analyzer on `model` at each concurrency; return its parsed CSV rows.
 
     stability 999 (default) turns perf_analyzer's stability gate off: it reports the mean of its last 3 windows.
@@ -186,9 +218,25 @@ def run_perf_analyzer(model: str, url: str, input_data: dict | Path, *, protocol
         out_csv = Path(tmp) / "out.csv"
         rows: list[PerfRow] = []
         failures: list[str] = []
-        cmd = [str(binary), "-m", model, "-u", url, "-i", protocol, "--input-data", str(data_path),
-               "--measurement-interval", str(measurement_ms), "--stability-percentage", str(stability),
-               "--max-trials", str(max_trials), "-f", str(out_csv)]
+        cmd = [
+            str(binary),
+            "-m",
+            model,
+            "-u",
+            url,
+            "-i",
+            protocol,
+            "--input-data",
+            str(data_path),
+            "--measurement-interval",
+            str(measurement_ms),
+            "--stability-percentage",
+            str(stability),
+            "--max-trials",
+            str(max_trials),
+            "-f",
+            str(out_csv),
+        ]
         for c in concurrency:  # one run per level: a level that cannot stabilise still yields the others
             cmd_c = cmd + ["--concurrency-range", str(c), *extra_args]
             log.debug("%s", " ".join(cmd_c))
@@ -209,8 +257,9 @@ def run_perf_analyzer(model: str, url: str, input_data: dict | Path, *, protocol
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clip_loadtest.perf", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m clip_loadtest.perf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     inst = sub.add_parser("install", help="install perf_analyzer into .artifacts/tools")
     inst.add_argument("--tools-dir", type=Path, default=None)
@@ -231,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "install":
             print(install_perf_analyzer(args.tools_dir, force=args.force))
             return 0
-        from . import workload as bench_data  # noqa: PLC0415
+        from . import workload as bench_data
 
         texts = args.text or bench_data.short_prompts(64)
         images = bench_data.jpeg_images(16, sizes=args.image_sizes)
@@ -241,15 +290,24 @@ def main(argv: list[str] | None = None) -> int:
             data = image_input_data(images, args.batch)
         else:
             data = zero_shot_input_data(bench_data.LABELS, images)
-        rows = run_perf_analyzer(args.model, args.url, data, protocol=args.protocol, concurrency=args.concurrency,
-                                 measurement_ms=args.measurement_ms, tools_dir=args.tools_dir)
+        rows = run_perf_analyzer(
+            args.model,
+            args.url,
+            data,
+            protocol=args.protocol,
+            concurrency=args.concurrency,
+            measurement_ms=args.measurement_ms,
+            tools_dir=args.tools_dir,
+        )
     except PerfError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"{'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'queue ms':>9}")
     for r in rows:
-        print(f"{r.concurrency:>4} {r.throughput:>9.2f} {r.p50_us/1e3:>8.2f} {r.p95_us/1e3:>8.2f} "
-              f"{r.p99_us/1e3:>8.2f} {r.queue_us/1e3:>9.2f}")
+        print(
+            f"{r.concurrency:>4} {r.throughput:>9.2f} {r.p50_us / 1e3:>8.2f} {r.p95_us / 1e3:>8.2f} "
+            f"{r.p99_us / 1e3:>8.2f} {r.queue_us / 1e3:>9.2f}"
+        )
     return 0
 
 

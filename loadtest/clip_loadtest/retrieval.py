@@ -1,5 +1,5 @@
-"""Retrieval benchmark: the embedded gallery (FAISS PQ fast-scan or IVF-SQ8 + Arrow segments) on CLIP's geometry, with the queries
-CLIP serves: image-like (in distribution) and text-like (out of distribution: the modality gap).
+"""Retrieval benchmark: the embedded gallery (FAISS PQ fast-scan or IVF-SQ8 + Arrow segments) on CLIP's geometry,
+with the queries CLIP serves: image-like (in distribution) and text-like (out of distribution: the modality gap).
 
     clip-triton bench-retrieval                                   # 1M x 512 (heavy: ~2 GB per copy)
     clip-triton bench-retrieval --rows 50000 --queries 200        # a quick check
@@ -34,8 +34,15 @@ import numpy as np
 log = logging.getLogger("clip_loadtest.retrieval")
 
 COMMAND_HELP = {"bench-retrieval": "benchmark the embedded gallery on CLIP-like image and text queries (1M vectors)"}
-TARGETS = {"recall_text": 0.95, "recall_image": 0.97, "p50_ms": 10.0, "batch_speedup": 10.0, "reopen_s": 2.0,
-           "memory_ratio": 1.6, "add_per_s": 20_000}
+TARGETS = {
+    "recall_text": 0.95,
+    "recall_image": 0.97,
+    "p50_ms": 10.0,
+    "batch_speedup": 10.0,
+    "reopen_s": 2.0,
+    "memory_ratio": 1.6,
+    "add_per_s": 20_000,
+}
 KINDS = ("image", "text", "nomatch")
 _OLD_META = b"clip_triton_gallery"
 # squared weights of (modality offset, concept, noise): image-image cosine 0.56 across concepts, 0.87 within one
@@ -64,9 +71,9 @@ class ClipLike:
         a, b, c = (np.sqrt(w) for w in _IMAGE)
         out = np.empty((n, self.dim), np.float32)
         for lo in range(0, n, 65536):
-            lab = labels[lo:lo + 65536]
+            lab = labels[lo : lo + 65536]
             noise = _unit(rng.standard_normal((len(lab), self.dim)).astype(np.float32))
-            out[lo:lo + len(lab)] = _unit(a * self.image_offset + b * self.directions[lab] + c * noise)
+            out[lo : lo + len(lab)] = _unit(a * self.image_offset + b * self.directions[lab] + c * noise)
         return out
 
     def texts(self, labels: np.ndarray, seed: int) -> np.ndarray:
@@ -76,8 +83,12 @@ class ClipLike:
         concept = 0.31 / np.sqrt(_IMAGE[1])  # the matching cosine, on top of it
         rest = 1 - shared**2 - concept**2
         noise = _unit(rng.standard_normal((len(labels), self.dim)).astype(np.float32))
-        q = (shared * self.image_offset + np.sqrt(0.7 * rest) * self.text_offset + concept * self.directions[labels]
-             + np.sqrt(0.3 * rest) * noise)
+        q = (
+            shared * self.image_offset
+            + np.sqrt(0.7 * rest) * self.text_offset
+            + concept * self.directions[labels]
+            + np.sqrt(0.3 * rest) * noise
+        )
         return _unit(q).astype(np.float32)
 
 
@@ -86,7 +97,7 @@ def exact_top_k(x: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     best_s = np.full((len(queries), 0), -np.inf, np.float32)
     best_i = np.zeros((len(queries), 0), np.int64)
     for lo in range(0, len(x), 131072):
-        s = queries @ x[lo:lo + 131072].T  # (Q, chunk)
+        s = queries @ x[lo : lo + 131072].T  # (Q, chunk)
         s_all = np.concatenate([best_s, s], axis=1)
         i_all = np.concatenate([best_i, np.arange(lo, lo + s.shape[1])[None].repeat(len(queries), 0)], axis=1)
         top = np.argpartition(-s_all, k - 1, axis=1)[:, :k] if s_all.shape[1] > k else np.argsort(-s_all, axis=1)
@@ -110,9 +121,14 @@ def write_old_gallery(path: Path, x: np.ndarray) -> None:
 
     n, dim = x.shape
     meta = json.dumps({"format_version": 1, "model_id": "bench", "dim": dim}).encode()
-    table = pa.table({"path": pa.array([f"/bench/{i}.jpg" for i in range(n)]), "sha256": pa.array([""] * n),
-                      "size": pa.array(np.zeros(n, np.int64)),
-                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)})
+    table = pa.table(
+        {
+            "path": pa.array([f"/bench/{i}.jpg" for i in range(n)]),
+            "sha256": pa.array([""] * n),
+            "size": pa.array(np.zeros(n, np.int64)),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
+        }
+    )
     pq.write_table(table.replace_schema_metadata({_OLD_META: meta}), path)
 
 
@@ -123,7 +139,7 @@ def old_add_rate(x: np.ndarray, batch: int = 2048) -> float:
     paths: list[str] = []
     start = time.perf_counter()
     for lo in range(0, len(x), batch):
-        part = x[lo:lo + batch]
+        part = x[lo : lo + batch]
         new_paths = [f"/bench/{i}.jpg" for i in range(lo, lo + len(part))]
         replaced = set(new_paths)
         keep = [i for i, p in enumerate(paths) if p not in replaced]
@@ -176,7 +192,7 @@ def probe_new(uri: str, queries: dict, k: int, sweep: tuple[int, ...] = (), warm
         g.search(q, k)
 
     def ids_of(rows: list) -> list:
-        return [[int(h.path[len("/bench/"):-4]) for h in hits] for hits in rows]
+        return [[int(h.path[len("/bench/") : -4]) for h in hits] for hits in rows]
 
     def singles(q: np.ndarray) -> tuple[list, list]:
         lat, found = [], []
@@ -190,15 +206,20 @@ def probe_new(uri: str, queries: dict, k: int, sweep: tuple[int, ...] = (), warm
     def batched(q: np.ndarray, exact: bool) -> tuple[float, list]:
         t, found = time.perf_counter(), []
         for lo in range(0, len(q), batch):
-            found += ids_of(g.search(q[lo:lo + batch], k, exact=exact))
+            found += ids_of(g.search(q[lo : lo + batch], k, exact=exact))
         return 1e3 * (time.perf_counter() - t) / len(q), found
 
     out: dict = {"reopen_s": reopen, "index": {**g.info(), "uri": None}, "kinds": {}, "sweep": []}
     for kind in KINDS:
         lat, found = singles(queries[kind])
         per_q, found_b = batched(queries[kind], False)
-        out["kinds"][kind] = {"p50_ms": 1e3 * float(np.median(lat)), "p90_ms": 1e3 * float(np.percentile(lat, 90)),
-                              "found": found, "batch_ms_per_query": per_q, "found_batch": found_b}
+        out["kinds"][kind] = {
+            "p50_ms": 1e3 * float(np.median(lat)),
+            "p90_ms": 1e3 * float(np.percentile(lat, 90)),
+            "found": found,
+            "batch_ms_per_query": per_q,
+            "found_batch": found_b,
+        }
     out["rss_mb"] = _rss_mb() - base
     for kind in KINDS:
         n_brute = min(len(queries[kind]), 2 * batch)
@@ -232,8 +253,10 @@ def _in_new_process(kind: str, target: str, queries, k: int, workdir: Path, *ext
         np.save(qfile, queries)
         qarg = f"np.load({str(qfile)!r})"
     args = "".join(f", {e!r}" for e in extra)
-    code = (f"import json, numpy as np; from clip_loadtest.retrieval import probe_{kind}; "
-            f"print(json.dumps(probe_{kind}({target!r}, {qarg}, {k}{args})))")
+    code = (
+        f"import json, numpy as np; from clip_loadtest.retrieval import probe_{kind}; "
+        f"print(json.dumps(probe_{kind}({target!r}, {qarg}, {k}{args})))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=7200)
     if done.returncode != 0:
         raise RuntimeError(f"probe {kind} failed: {done.stderr[-2000:]}")
@@ -243,9 +266,22 @@ def _in_new_process(kind: str, target: str, queries, k: int, workdir: Path, *ext
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def run_benchmark(rows: int, dim: int, n_queries: int, brute_queries: int, old_add_rows: int, batch: int,
-                  workdir: Path, k: int = 10, seed: int = 0, sweep: tuple[int, ...] = (), warmup: int = 200,
-                  concept_size: int = 100, index: str | None = None, pq_m: int | None = None) -> dict:
+def run_benchmark(
+    rows: int,
+    dim: int,
+    n_queries: int,
+    brute_queries: int,
+    old_add_rows: int,
+    batch: int,
+    workdir: Path,
+    k: int = 10,
+    seed: int = 0,
+    sweep: tuple[int, ...] = (),
+    warmup: int = 200,
+    concept_size: int = 100,
+    index: str | None = None,
+    pq_m: int | None = None,
+) -> dict:
     """Everything measured in one run; returns the numbers (also printed)."""
     from clip_client.gallery import Gallery
 
@@ -254,11 +290,12 @@ def run_benchmark(rows: int, dim: int, n_queries: int, brute_queries: int, old_a
     gen = ClipLike(dim, max(1, rows // concept_size), seed)
     x = gen.images(rows, seed + 1)
     rng = np.random.default_rng(seed + 2)
-    queries = {"image": gen.images(n_queries, seed + 3),
-               "text": gen.texts(rng.integers(0, gen.concepts, n_queries), seed + 4),
-               "nomatch": gen.texts(gen.concepts + rng.integers(0, len(gen.directions) - gen.concepts, n_queries),
-                                    seed + 5),
-               "warmup": gen.texts(rng.integers(0, gen.concepts, warmup), seed + 6)}
+    queries = {
+        "image": gen.images(n_queries, seed + 3),
+        "text": gen.texts(rng.integers(0, gen.concepts, n_queries), seed + 4),
+        "nomatch": gen.texts(gen.concepts + rng.integers(0, len(gen.directions) - gen.concepts, n_queries), seed + 5),
+        "warmup": gen.texts(rng.integers(0, gen.concepts, warmup), seed + 6),
+    }
     log.info("%d x %d vectors generated in %.1fs", rows, dim, time.perf_counter() - t)
     truth = {kind: exact_top_k(x, queries[kind], k) for kind in KINDS}
 
@@ -268,7 +305,7 @@ def run_benchmark(rows: int, dim: int, n_queries: int, brute_queries: int, old_a
     paths = [f"/bench/{i}.jpg" for i in range(rows)]
     t = time.perf_counter()
     for lo in range(0, rows, batch):
-        g.add(paths[lo:lo + batch], x[lo:lo + batch])
+        g.add(paths[lo : lo + batch], x[lo : lo + batch])
     add_s = time.perf_counter() - t
     g.close()
     log.info("new: %d rows added in %.1fs", rows, add_s)
@@ -293,8 +330,15 @@ def run_benchmark(rows: int, dim: int, n_queries: int, brute_queries: int, old_a
     raw_mb = rows * dim * 4 / 2**20
     kinds = new.pop("kinds")
     result = {
-        "rows": rows, "dim": dim, "concepts": gen.concepts, "queries": n_queries, "brute_queries": brute_queries,
-        "cores": os.cpu_count(), "load_avg": os.getloadavg(), "index": new.pop("index"), "kinds": kinds,
+        "rows": rows,
+        "dim": dim,
+        "concepts": gen.concepts,
+        "queries": n_queries,
+        "brute_queries": brute_queries,
+        "cores": os.cpu_count(),
+        "load_avg": os.getloadavg(),
+        "index": new.pop("index"),
+        "kinds": kinds,
         "new": {**new, "add_per_s": rows / add_s, "add_s": add_s, "memory_ratio": new["rss_mb"] / raw_mb},
         "old": {**old, "add_per_s": old_add, "add_rows_timed": old_add_rows, "memory_ratio": old["rss_mb"] / raw_mb},
         "raw_vectors_mb": raw_mb,
@@ -330,40 +374,99 @@ def render(r: dict, markdown: bool = False) -> str:
         return "met" if ok[key] else "MISSED"
 
     op = idx.get("operating_point") or {}
-    lines = [f"retrieval benchmark: {r['rows']:,} CLIP-like {r['dim']}-d vectors ({r['concepts']:,} concepts), "
-             f"{r['queries']} queries per kind, {r['cores']} cores, load average {r['load_avg'][0]:.1f} at the end; "
-             f"index {idx.get('index')}, nlist {idx.get('nlist')}, nprobe {idx.get('nprobe')}, "
-             f"rerank {idx.get('rerank')} x k (tuned: recall {op.get('recall')} on {op.get('queries')})", ""]
-    target = {"image": f">= {TARGETS['recall_image']} ({mark('recall_image')})",
-              "text": f">= {TARGETS['recall_text']} ({mark('recall_text')})", "nomatch": "shown, not a target"}
-    rows = [[kind, f"{m['recall_at_10']:.3f}", f"{m['recall_batch']:.3f}", f"{m['p50_ms']:.2f}", f"{m['p90_ms']:.2f}",
-             f"{m['batch_ms_per_query']:.3f}", f"{m['brute_ms_per_query']:.2f}", f"{m['batch_speedup']:.1f}x",
-             target[kind]] for kind, m in kinds.items()]
-    lines += _table(["queries", "recall@10", "recall@10 (batches)", "p50 ms", "p90 ms", "batch of 100, ms/query",
-                     "brute force, ms/query", "batch speedup", "recall target"], rows, markdown)
+    lines = [
+        f"retrieval benchmark: {r['rows']:,} CLIP-like {r['dim']}-d vectors ({r['concepts']:,} concepts), "
+        f"{r['queries']} queries per kind, {r['cores']} cores, load average {r['load_avg'][0]:.1f} at the end; "
+        f"index {idx.get('index')}, nlist {idx.get('nlist')}, nprobe {idx.get('nprobe')}, "
+        f"rerank {idx.get('rerank')} x k (tuned: recall {op.get('recall')} on {op.get('queries')})",
+        "",
+    ]
+    target = {
+        "image": f">= {TARGETS['recall_image']} ({mark('recall_image')})",
+        "text": f">= {TARGETS['recall_text']} ({mark('recall_text')})",
+        "nomatch": "shown, not a target",
+    }
+    rows = [
+        [
+            kind,
+            f"{m['recall_at_10']:.3f}",
+            f"{m['recall_batch']:.3f}",
+            f"{m['p50_ms']:.2f}",
+            f"{m['p90_ms']:.2f}",
+            f"{m['batch_ms_per_query']:.3f}",
+            f"{m['brute_ms_per_query']:.2f}",
+            f"{m['batch_speedup']:.1f}x",
+            target[kind],
+        ]
+        for kind, m in kinds.items()
+    ]
+    lines += _table(
+        [
+            "queries",
+            "recall@10",
+            "recall@10 (batches)",
+            "p50 ms",
+            "p90 ms",
+            "batch of 100, ms/query",
+            "brute force, ms/query",
+            "batch speedup",
+            "recall target",
+        ],
+        rows,
+        markdown,
+    )
     lines.append("")
     rows = [
-        ["single-query p50, worst kind", f"{max(kinds['image']['p50_ms'], kinds['text']['p50_ms']):.2f} ms",
-         f"{old['p50_ms']:.1f} ms", f"{r['speedup']:.1f}x", f"<= {TARGETS['p50_ms']} ms ({mark('p50_ms')})"],
-        ["batch of 100 vs brute force", f"{min(kinds[q]['batch_speedup'] for q in ('image', 'text')):.1f}x", "", "",
-         f">= {TARGETS['batch_speedup']:.0f}x ({mark('batch_speedup')})"],
-        ["reopen, new process", f"{new['reopen_s']:.2f} s", f"{old['reopen_s']:.2f} s", "",
-         f"< {TARGETS['reopen_s']} s ({mark('reopen_s')})"],
-        ["memory / raw float32", f"{new['memory_ratio']:.2f}", f"{old['memory_ratio']:.2f}",
-         f"raw {r['raw_vectors_mb']:,.0f} MB", f"<= {TARGETS['memory_ratio']} ({mark('memory_ratio')})"],
-        ["add (vectors/s, retraining included)", f"{new['add_per_s']:,.0f}", f"{old['add_per_s']:,.0f}",
-         f"old timed on {old['add_rows_timed']:,} rows", f">= {TARGETS['add_per_s']:,} ({mark('add_per_s')})"],
+        [
+            "single-query p50, worst kind",
+            f"{max(kinds['image']['p50_ms'], kinds['text']['p50_ms']):.2f} ms",
+            f"{old['p50_ms']:.1f} ms",
+            f"{r['speedup']:.1f}x",
+            f"<= {TARGETS['p50_ms']} ms ({mark('p50_ms')})",
+        ],
+        [
+            "batch of 100 vs brute force",
+            f"{min(kinds[q]['batch_speedup'] for q in ('image', 'text')):.1f}x",
+            "",
+            "",
+            f">= {TARGETS['batch_speedup']:.0f}x ({mark('batch_speedup')})",
+        ],
+        [
+            "reopen, new process",
+            f"{new['reopen_s']:.2f} s",
+            f"{old['reopen_s']:.2f} s",
+            "",
+            f"< {TARGETS['reopen_s']} s ({mark('reopen_s')})",
+        ],
+        [
+            "memory / raw float32",
+            f"{new['memory_ratio']:.2f}",
+            f"{old['memory_ratio']:.2f}",
+            f"raw {r['raw_vectors_mb']:,.0f} MB",
+            f"<= {TARGETS['memory_ratio']} ({mark('memory_ratio')})",
+        ],
+        [
+            "add (vectors/s, retraining included)",
+            f"{new['add_per_s']:,.0f}",
+            f"{old['add_per_s']:,.0f}",
+            f"old timed on {old['add_rows_timed']:,} rows",
+            f">= {TARGETS['add_per_s']:,} ({mark('add_per_s')})",
+        ],
         ["on disk", f"{r['disk_mb']:,.0f} MB", "", "", ""],
     ]
     lines += _table(["", "embedded gallery", "old numpy gallery", "", "target"], rows, markdown)
     if new["sweep"]:
         lines.append("")
-        rows = [[str(p.get("value", p.get("nprobe")))]
-                + [f"{p[kind]['recall_at_10']:.3f} / {p[kind]['p50_ms']:.2f} ms / {p[kind]['batch_ms_per_query']:.2f} ms"
-                   for kind in KINDS] for p in new["sweep"]]
+        rows = [
+            [str(p.get("value", p.get("nprobe")))]
+            + [
+                f"{p[kind]['recall_at_10']:.3f} / {p[kind]['p50_ms']:.2f} ms / {p[kind]['batch_ms_per_query']:.2f} ms"
+                for kind in KINDS
+            ]
+            for p in new["sweep"]
+        ]
         param = new["sweep"][0].get("param", "nprobe")
-        lines += _table([param, *(f"{kind}: recall@10 / p50 / batch-100 per query" for kind in KINDS)], rows,
-                        markdown)
+        lines += _table([param, *(f"{kind}: recall@10 / p50 / batch-100 per query" for kind in KINDS)], rows, markdown)
     return "\n".join(lines)
 
 
@@ -379,9 +482,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bench-retriev
     parser.add_argument("--workdir", default=None, help="where the galleries are written (default: a temp folder)")
     parser.add_argument("--index", choices=("pq", "ivf"), default=None, help="the gallery's index kind (default: pq)")
     parser.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantisers (default: dim / 16)")
-    parser.add_argument("--sweep", default=None,
-                        help="also time these operating points, comma-separated ('' for none): PQ candidates "
-                             "re-ranked per query (default 100,200,400,1000,2000) or IVF nprobe (8,16,32,64,128)")
+    parser.add_argument(
+        "--sweep",
+        default=None,
+        help="also time these operating points, comma-separated ('' for none): PQ candidates "
+        "re-ranked per query (default 100,200,400,1000,2000) or IVF nprobe (8,16,32,64,128)",
+    )
     parser.add_argument("--json-out", default=None, help="also write the numbers as JSON")
     parser.add_argument("--markdown-out", default=None, help="also write the tables as markdown (docs/benchmarks.md)")
 
@@ -393,10 +499,19 @@ def run(args: argparse.Namespace, command: str = "bench-retrieval") -> int:
         sweep = "8,16,32,64,128" if args.index == "ivf" else "100,200,400,1000,2000"
     tmp = None if args.workdir else tempfile.mkdtemp(prefix="clip-retrieval-")
     try:
-        r = run_benchmark(args.rows, args.dim, args.queries, min(args.brute_queries, args.queries),
-                          min(args.old_add_rows, args.rows), args.batch, Path(args.workdir or tmp),
-                          sweep=tuple(int(v) for v in sweep.split(",") if v.strip()),
-                          concept_size=args.concept_size, index=args.index, pq_m=args.pq_m)
+        r = run_benchmark(
+            args.rows,
+            args.dim,
+            args.queries,
+            min(args.brute_queries, args.queries),
+            min(args.old_add_rows, args.rows),
+            args.batch,
+            Path(args.workdir or tmp),
+            sweep=tuple(int(v) for v in sweep.split(",") if v.strip()),
+            concept_size=args.concept_size,
+            index=args.index,
+            pq_m=args.pq_m,
+        )
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

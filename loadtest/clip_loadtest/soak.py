@@ -45,8 +45,12 @@ def bad_inputs() -> list[tuple[str, str, bytes]]:
         def chunk(kind: bytes, data: bytes) -> bytes:
             return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+        return (
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b"")
+        )
 
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
@@ -140,9 +144,13 @@ def rss_growth(samples: list[tuple[float, int]], warmup: float, tail: int = 3) -
         return {"note": "too few samples after warm-up"}
     start = statistics.median(r for _t, r in after[:tail])
     end = statistics.median(r for _t, r in after[-tail:])
-    return {"rss_after_warmup_mib": round(start / 2**20, 1), "rss_end_mib": round(end / 2**20, 1),
-            "rss_max_mib": round(max(r for _t, r in after) / 2**20, 1),
-            "growth_pct": round(100.0 * (end - start) / start, 2), "samples": len(samples)}
+    return {
+        "rss_after_warmup_mib": round(start / 2**20, 1),
+        "rss_end_mib": round(end / 2**20, 1),
+        "rss_max_mib": round(max(r for _t, r in after) / 2**20, 1),
+        "growth_pct": round(100.0 * (end - start) / start, 2),
+        "samples": len(samples),
+    }
 
 
 def build_synthetic(workdir: Path, weights: Path | None) -> Path:
@@ -162,8 +170,26 @@ def build_synthetic(workdir: Path, weights: Path | None) -> Path:
 
 def run_locust(host: str, minutes: float, users: int, out: Path, extra: list[str]) -> tuple[int, dict, str]:
     prefix = out / "locust"
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host, "-u", str(users),
-           "-r", str(users), "-t", f"{int(minutes * 60)}s", "--only-summary", "--csv", str(prefix), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        host,
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{int(minutes * 60)}s",
+        "--only-summary",
+        "--csv",
+        str(prefix),
+        *extra,
+    ]
     log.info("running %s", " ".join(cmd))
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=out)
     stats = {}
@@ -177,8 +203,9 @@ def run_locust(host: str, minutes: float, users: int, out: Path, extra: list[str
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m clip_loadtest.soak", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m clip_loadtest.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--minutes", type=float, default=3.0)
     ap.add_argument("--url", default=None, help="HTTP host:port of a running server (default: build and serve)")
     ap.add_argument("--server-pid", type=int, default=None, help="with --url: tritonserver pid, for RSS sampling")
@@ -221,8 +248,9 @@ def _run_load(args: argparse.Namespace, host: str, http_url: str, rss_fn, workdi
             t.start()
     started = time.monotonic()
     try:
-        code, stats, tail = run_locust(host, args.minutes, args.users, workdir,
-                                       ["--mix", args.mix, "--image-sizes", args.image_sizes])
+        code, stats, tail = run_locust(
+            host, args.minutes, args.users, workdir, ["--mix", args.mix, "--image-sizes", args.image_sizes]
+        )
     finally:
         stop.set()
         for t in (sampler, bad):
@@ -235,13 +263,22 @@ def _summary(args: argparse.Namespace, code: int, stats: dict, bad: BadTraffic |
     """The soak's result from Locust's aggregated and per-ensemble stats and the bad-input counts."""
     agg = stats.get("Aggregated", {})
     return {
-        "minutes": args.minutes, "protocol": args.protocol, "users": args.users, "mix": args.mix,
+        "minutes": args.minutes,
+        "protocol": args.protocol,
+        "users": args.users,
+        "mix": args.mix,
         "locust_exit_code": code,
-        "requests": int(agg.get("Request Count", 0) or 0), "failures": int(agg.get("Failure Count", 0) or 0),
+        "requests": int(agg.get("Request Count", 0) or 0),
+        "failures": int(agg.get("Failure Count", 0) or 0),
         "rps": round(float(agg.get("Requests/s", 0) or 0), 1),
-        "p50_ms": agg.get("50%"), "p95_ms": agg.get("95%"), "p99_ms": agg.get("99%"),
-        "per_ensemble": {k: {"requests": int(v["Request Count"]), "failures": int(v["Failure Count"]),
-                             "p95_ms": v.get("95%")} for k, v in stats.items() if k != "Aggregated"},
+        "p50_ms": agg.get("50%"),
+        "p95_ms": agg.get("95%"),
+        "p99_ms": agg.get("99%"),
+        "per_ensemble": {
+            k: {"requests": int(v["Request Count"]), "failures": int(v["Failure Count"]), "p95_ms": v.get("95%")}
+            for k, v in stats.items()
+            if k != "Aggregated"
+        },
         "bad_inputs_refused": bad.refused if bad else 0,
         "bad_inputs_unexpected": (bad.unexpected[:10] if bad else []),
         "bad_inputs_unexpected_count": len(bad.unexpected) if bad else 0,
@@ -251,9 +288,14 @@ def _summary(args: argparse.Namespace, code: int, stats: dict, bad: BadTraffic |
 
 def _passed(result: dict, max_growth_pct: float) -> bool:
     """No failure, some requests, every bad input refused cleanly, the server healthy, RSS growth under the limit."""
-    return (result["failures"] == 0 and result["requests"] > 0 and result["bad_inputs_unexpected_count"] == 0
-            and not result.get("models_not_ready") and not result.get("dead_stubs")
-            and ("rss" not in result or result["rss"].get("growth_pct", 0.0) < max_growth_pct))
+    return (
+        result["failures"] == 0
+        and result["requests"] > 0
+        and result["bad_inputs_unexpected_count"] == 0
+        and not result.get("models_not_ready")
+        and not result.get("dead_stubs")
+        and ("rss" not in result or result["rss"].get("growth_pct", 0.0) < max_growth_pct)
+    )
 
 
 def _report(result: dict, code: int, tail: str, workdir: Path) -> None:
@@ -263,9 +305,11 @@ def _report(result: dict, code: int, tail: str, workdir: Path) -> None:
     print(json.dumps(summary, indent=2))
     if code != 0 and result["failures"] == 0:
         print(tail, file=sys.stderr)
-    print(f"soak {'PASS' if result['pass'] else 'FAIL'}: {result['requests']} requests, {result['failures']} failures, "
-          f"{result['bad_inputs_refused']} bad inputs refused ({result['bad_inputs_unexpected_count']} unexpected), "
-          f"RSS growth {result.get('rss', {}).get('growth_pct', 'n/a')}%  -> {workdir / 'soak.json'}")
+    print(
+        f"soak {'PASS' if result['pass'] else 'FAIL'}: {result['requests']} requests, {result['failures']} failures, "
+        f"{result['bad_inputs_refused']} bad inputs refused ({result['bad_inputs_unexpected_count']} unexpected), "
+        f"RSS growth {result.get('rss', {}).get('growth_pct', 'n/a')}%  -> {workdir / 'soak.json'}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,11 +4,17 @@ several sizes and short prompts, deterministic for a seed. Import-light: numpy a
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 LABELS = ["cat", "dog", "car", "airplane", "bird", "ship", "horse", "truck", "frog", "deer"]
-_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a {} in the wild", "a close-up photo of the {}.",
-              "a drawing of a {}", "two {}s next to each other"]
+_TEMPLATES = [
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a {} in the wild",
+    "a close-up photo of the {}.",
+    "a drawing of a {}",
+    "two {}s next to each other",
+]
 DEFAULT_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((224, 224), (320, 240), (480, 640), (640, 480), (1024, 768))
 
 
@@ -46,8 +52,8 @@ def parse_sizes(spec: str | Sequence) -> list[tuple[int, int]]:
 
 def synthetic_image(width: int, height: int, seed: int):
     """A photo-like RGB PIL image: smooth colour gradients, a few shapes and mild noise (compresses like a photo)."""
-    import numpy as np  # noqa: PLC0415
-    from PIL import Image, ImageDraw  # noqa: PLC0415
+    import numpy as np
+    from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)

@@ -41,6 +41,7 @@ def make_client(url: str, mode: str, **options) -> Runner:
 
 # ------------------------------------------------------------------------------- a corrupting HTTP proxy
 
+
 class CorruptingProxy:
     """An HTTP/1.1 proxy in front of the real server's HTTP port that rewrites the answers of encode_text /
     encode_image (everything else passes untouched), as set by `mode`:
@@ -100,8 +101,11 @@ class CorruptingProxy:
         conn.request(handler.command, handler.path, body=body, headers=headers)
         response = conn.getresponse()
         data = response.read()
-        out_headers = {k: v for k, v in response.getheaders()
-                       if k.lower() not in ("content-length", "connection", "transfer-encoding")}
+        out_headers = {
+            k: v
+            for k, v in response.getheaders()
+            if k.lower() not in ("content-length", "connection", "transfer-encoding")
+        }
         conn.close()
         status = response.status
         model = handler.path.split("/")[3] if handler.path.startswith("/v2/models/") else ""
@@ -111,8 +115,12 @@ class CorruptingProxy:
                 _, code, n = self.mode.split(":")
                 if self._refused < int(n):
                     self._refused += 1
-                    self._send(handler, int(code), {"Content-Type": "application/json"},
-                               json.dumps({"error": f"refused by the test proxy ({code})"}).encode())
+                    self._send(
+                        handler,
+                        int(code),
+                        {"Content-Type": "application/json"},
+                        json.dumps({"error": f"refused by the test proxy ({code})"}).encode(),
+                    )
                     return
             elif status == 200 and self.mode != "pass":
                 data, out_headers = self._rewrite(data, out_headers)
@@ -129,7 +137,7 @@ class CorruptingProxy:
             handler.end_headers()
             if self.mode == "drip" and status == 200 and len(data) > 0:
                 for i in range(len(data)):  # bounded: one byte per 50 ms until the client hangs up
-                    handler.wfile.write(data[i:i + 1])
+                    handler.wfile.write(data[i : i + 1])
                     handler.wfile.flush()
                     _time.sleep(0.05)
             else:
@@ -148,7 +156,7 @@ class CorruptingProxy:
         blobs, offset = [], size
         for out in header["outputs"]:
             n = out["parameters"]["binary_data_size"]
-            blobs.append(data[offset:offset + n])
+            blobs.append(data[offset : offset + n])
             offset += n
         for i, out in enumerate(header["outputs"]):
             if out["name"] == "model_id" and self.mode == "model_id":
@@ -203,7 +211,7 @@ def drip_relay(target_port: int):
             try:
                 while data := await reader.read(1 << 16):
                     for i in range(0, len(data), 1 if self.drip else len(data)):
-                        writer.write(data[i:i + 1] if self.drip else data)
+                        writer.write(data[i : i + 1] if self.drip else data)
                         await writer.drain()
                         if self.drip:
                             await _asyncio.sleep(0.05)

@@ -37,8 +37,19 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                 "offset"}
+_PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+}
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -48,7 +59,7 @@ def promql_metric_names(expr: str) -> set[str]:
     e = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
     names = set()
     for m in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", e):
-        if m.group() not in _PROMQL_WORDS and not e[m.end():].lstrip().startswith("("):
+        if m.group() not in _PROMQL_WORDS and not e[m.end() :].lstrip().startswith("("):
             names.add(m.group())
     return names
 
@@ -90,9 +101,22 @@ def start_gateway(upstreams: list[str], *options: str) -> GatewayProcess:
     from clip_server import free_port
 
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    cmd = [sys.executable, "-m", "clip_client.cli", "gateway", *[a for u in upstreams for a in ("--upstream", u)],
-           "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-           "--concurrency", "2", *options]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clip_client.cli",
+        "gateway",
+        *[a for u in upstreams for a in ("--upstream", u)],
+        "--http-port",
+        str(http_port),
+        "--grpc-port",
+        str(grpc_port),
+        "--metrics-port",
+        str(metrics_port),
+        "--concurrency",
+        "2",
+        *options,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     gateway = GatewayProcess(proc, http_port, grpc_port, metrics_port, read_until_ready(proc, timeout=60))
     if proc.poll() is not None or not gateway.output or "Ctrl-C to stop" not in gateway.output[-1]:

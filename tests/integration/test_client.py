@@ -114,10 +114,12 @@ def _models_called(runner: Runner, note=None):
             note()
 
     if inspect.iscoroutinefunction(original):
+
         async def spy(request):
             record(request)
             return await original(request)
     else:
+
         def spy(request):
             record(request)
             return original(request)
@@ -227,7 +229,7 @@ def test_sync_client_is_thread_safe(triton_server, reference):
     def work(i):
         try:
             for _ in range(3):
-                got = c.encode_text(TEXTS[i % len(TEXTS):] + TEXTS[: i % len(TEXTS)])
+                got = c.encode_text(TEXTS[i % len(TEXTS) :] + TEXTS[: i % len(TEXTS)])
                 assert _cos(got, np.roll(expected, -(i % len(TEXTS)), axis=0)).min() >= COS_MIN
         except Exception as e:  # noqa: BLE001 - surfaced below
             errors.append(e)
@@ -333,9 +335,12 @@ def test_precomputed_embeddings_are_accepted(client, images):
     t, i = client.encode_text(TEXTS), client.encode_image(arrays)
     np.testing.assert_allclose(client.compute_similarity(t, i), client.compute_similarity(TEXTS, arrays), atol=1e-5)
     np.testing.assert_allclose(client.compute_similarity(TEXTS, i), client.compute_similarity(t, arrays), atol=1e-5)
-    np.testing.assert_array_equal(client.find_best_matches(t, i, top_k=2), client.find_best_matches(TEXTS, arrays, top_k=2))
-    np.testing.assert_array_equal(client.find_best_text_matches(i, t, top_k=2),
-                                  client.find_best_text_matches(arrays, TEXTS, top_k=2))
+    np.testing.assert_array_equal(
+        client.find_best_matches(t, i, top_k=2), client.find_best_matches(TEXTS, arrays, top_k=2)
+    )
+    np.testing.assert_array_equal(
+        client.find_best_text_matches(i, t, top_k=2), client.find_best_text_matches(arrays, TEXTS, top_k=2)
+    )
     one = client.find_best_text_matches(i[0], TEXTS, top_k=3)  # one (D,) embedding: one row
     np.testing.assert_array_equal(one, client.find_best_text_matches(arrays[:1], TEXTS, top_k=3))
     with _models_called(client) as calls:
@@ -358,8 +363,11 @@ def test_compute_similarity(client, reference, images, zero_shot_ref):
     logits = client.compute_similarity(t, i)
     assert logits.shape == (len(TEXTS), len(images["arrays"]))
     np.testing.assert_allclose(logits, zero_shot_ref["logits_per_text"], atol=1e-3, rtol=1e-4)
-    ref = np.exp(reference.logit_scale) * _norm(reference.text(TEXTS)) @ _norm(
-        reference.image([Image.fromarray(a) for a in images["arrays"]])).T
+    ref = (
+        np.exp(reference.logit_scale)
+        * _norm(reference.text(TEXTS))
+        @ _norm(reference.image([Image.fromarray(a) for a in images["arrays"]])).T
+    )
     np.testing.assert_allclose(logits, ref, atol=1e-3, rtol=1e-4)
     cos = client.compute_similarity(t, i, apply_temperature=False)
     np.testing.assert_allclose(cos * np.exp(reference.logit_scale), logits, rtol=1e-5, atol=1e-5)
@@ -415,8 +423,11 @@ def test_classify_pipeline_shape_with_the_default_template(client, reference, im
     arrays = images["arrays"]
     got = client.classify(arrays, LABELS)
     prompts = [DEFAULT_TEMPLATE.replace("{}", c) for c in LABELS]
-    logits = np.exp(reference.logit_scale) * _norm(reference.image([Image.fromarray(a) for a in arrays])) @ _norm(
-        reference.text(prompts)).T
+    logits = (
+        np.exp(reference.logit_scale)
+        * _norm(reference.image([Image.fromarray(a) for a in arrays]))
+        @ _norm(reference.text(prompts)).T
+    )
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     assert len(got) == len(arrays)
@@ -511,7 +522,9 @@ def test_async_client_survives_a_new_event_loop(triton_server, protocol):
     assert _cos(first, second)[0] >= COS_MIN
     # the previous loop's tritonclient was closed, not dropped (sockets of a closed loop's transports are
     # only released when collected: asyncio cannot close them once their loop is gone)
-    left = [str(w.message) for w in caught if str(w.message).startswith(("Unclosed client session", "Unclosed connector"))]
+    left = [
+        str(w.message) for w in caught if str(w.message).startswith(("Unclosed client session", "Unclosed connector"))
+    ]
     assert not left, left
 
 

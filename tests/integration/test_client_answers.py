@@ -53,10 +53,16 @@ def fresh(proxy, triton_server):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("corruption,what", [
-    ("rows", "shaped"), ("dims", "7-dimensional"), ("nan", "not finite"), ("many", "shaped"),
-    ("rename", "without output"),
-])
+@pytest.mark.parametrize(
+    "corruption,what",
+    [
+        ("rows", "shaped"),
+        ("dims", "7-dimensional"),
+        ("nan", "not finite"),
+        ("many", "shaped"),
+        ("rename", "without output"),
+    ],
+)
 def test_a_broken_answer_is_a_typed_error_naming_the_server(fresh, proxy, mode, corruption, what):
     c = fresh(mode, retries=0)
     proxy.mode = corruption
@@ -164,7 +170,9 @@ def test_real_server_statuses(triton_server, protocol, mode, caplog):
     """From the real server: NOT_FOUND / 404 for a model it does not serve -> ModelNotFoundError, not retried;
     INVALID_ARGUMENT / 400 for an undecodable image -> InvalidInputError with the server's words."""
     url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
-    not_found, invalid = ("404", "400") if protocol == "http" else ("StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT")
+    not_found, invalid = (
+        ("404", "400") if protocol == "http" else ("StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT")
+    )
     c = make_client(f"{protocol}://{url}", mode, retries=3, backoff=0.05)
     try:
         dim = c.get_model_info().dim

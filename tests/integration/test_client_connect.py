@@ -46,8 +46,10 @@ def reference_embeds(triton_server) -> np.ndarray:
 def tls(triton_server, tmp_path_factory):
     """A test CA, and TLS-terminating relays in front of the server's HTTP and gRPC ports: (ca, {protocol: port})."""
     ca = make_test_ca(tmp_path_factory.mktemp("tls"))
-    relays = {"http": Relay(_port(triton_server.http_url), ca.server_context()).start(),
-              "grpc": Relay(_port(triton_server.grpc_url), ca.server_context()).start()}
+    relays = {
+        "http": Relay(_port(triton_server.http_url), ca.server_context()).start(),
+        "grpc": Relay(_port(triton_server.grpc_url), ca.server_context()).start(),
+    }
     yield ca, {name: r.port for name, r in relays.items()}
     for r in relays.values():
         r.close()
@@ -112,7 +114,9 @@ def test_wrong_port_fails_fast_and_says_which_port_is_which(triton_server, proto
     other = triton_server.http_url if protocol == "grpc" else triton_server.grpc_url
     msg, seconds = _unreachable(f"{protocol}://{other}", mode)
     assert seconds < 5, msg
-    assert msg.startswith(f"cannot reach a Triton server at {protocol}://{other} ({'gRPC' if protocol == 'grpc' else 'HTTP'})")
+    assert msg.startswith(
+        f"cannot reach a Triton server at {protocol}://{other} ({'gRPC' if protocol == 'grpc' else 'HTTP'})"
+    )
     assert "Is the server running" in msg
 
 
@@ -193,13 +197,24 @@ def test_cli_url_schemes_and_classify(triton_server, tls, tmp_path, capsys):
         Image.new("RGB", (64, 48), colour).save(files[-1])
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     (tmp_path / "empty.png").write_bytes(b"")
-    args = [*files, str(tmp_path / "broken.jpg"), str(tmp_path / "empty.png"), "--labels", "red", "blue", "green",
-            "--json"]
+    args = [
+        *files,
+        str(tmp_path / "broken.jpg"),
+        str(tmp_path / "empty.png"),
+        "--labels",
+        "red",
+        "blue",
+        "green",
+        "--json",
+    ]
     answers = []
-    for url, extra in [(f"grpc://{triton_server.grpc_url}", []), (f"http://{triton_server.http_url}", []),
-                       (triton_server.http_url, ["--protocol", "http"]),
-                       (f"grpcs://127.0.0.1:{ports['grpc']}", ["--ca-file", str(ca.ca_file)]),
-                       (f"https://127.0.0.1:{ports['http']}", ["--ca-file", str(ca.ca_file)])]:
+    for url, extra in [
+        (f"grpc://{triton_server.grpc_url}", []),
+        (f"http://{triton_server.http_url}", []),
+        (triton_server.http_url, ["--protocol", "http"]),
+        (f"grpcs://127.0.0.1:{ports['grpc']}", ["--ca-file", str(ca.ca_file)]),
+        (f"https://127.0.0.1:{ports['http']}", ["--ca-file", str(ca.ca_file)]),
+    ]:
         rc = main(["classify", *args, "--url", url, *extra])
         out = json.loads(capsys.readouterr().out)
         assert rc == 1  # the broken and the empty file are reported, the others classified
@@ -222,8 +237,23 @@ def test_cli_url_schemes_and_classify(triton_server, tls, tmp_path, capsys):
         assert [x["label"] for x in got["labels"]] == [x["label"] for x in expected]
         np.testing.assert_allclose([x["score"] for x in got["labels"]], [x["score"] for x in expected], atol=1e-5)
     # table output, top-k, two templates
-    rc = main(["classify", files[0], "--labels", "red", "blue", "-k", "1", "--template", "a photo of a {}.",
-               "--template", "a drawing of a {}.", "--url", f"grpc://{triton_server.grpc_url}"])
+    rc = main(
+        [
+            "classify",
+            files[0],
+            "--labels",
+            "red",
+            "blue",
+            "-k",
+            "1",
+            "--template",
+            "a photo of a {}.",
+            "--template",
+            "a drawing of a {}.",
+            "--url",
+            f"grpc://{triton_server.grpc_url}",
+        ]
+    )
     line = capsys.readouterr().out.strip()
     assert rc == 0 and line.startswith(files[0] + "\t") and len(line.split("\t")) == 2
 
@@ -233,7 +263,9 @@ def test_cli_fails_fast_and_clearly(triton_server, capsys):
     rc = main(["classify", "x.png", "--labels", "a", "--url", f"http://{triton_server.grpc_url}"])
     err = capsys.readouterr().err
     assert rc == 2 and time.perf_counter() - t0 < 5
-    assert err.startswith(f"clip-triton classify: error: cannot reach a Triton server at http://{triton_server.grpc_url}")
+    assert err.startswith(
+        f"clip-triton classify: error: cannot reach a Triton server at http://{triton_server.grpc_url}"
+    )
     assert "Traceback" not in err
     rc = main(["classify", "x.png", "--labels", "a", "--url", "ftp://127.0.0.1:1"])
     assert rc == 2 and "unknown URL scheme 'ftp'" in capsys.readouterr().err
@@ -247,16 +279,40 @@ def test_cli_fails_fast_and_clearly(triton_server, capsys):
 def test_locust_over_tls(tls, tmp_path, scheme):
     """The locustfile takes https:// and grpcs:// hosts (and --ca-file) like the client: a short run, no failures."""
     ca, ports = tls
-    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", "--host",
-           f"{scheme}://127.0.0.1:{ports[scheme[:-1]]}", "--ca-file", str(ca.ca_file), "-u", "2", "-r", "2", "-t", "3s",
-           "--only-summary", "--mix", "text=1,image=1,zero_shot=0", "--image-sizes", "64x48", "--num-images", "2",
-           "--min-requests", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(ROOT / "loadtest" / "locustfile.py"),
+        "--headless",
+        "--host",
+        f"{scheme}://127.0.0.1:{ports[scheme[:-1]]}",
+        "--ca-file",
+        str(ca.ca_file),
+        "-u",
+        "2",
+        "-r",
+        "2",
+        "-t",
+        "3s",
+        "--only-summary",
+        "--mix",
+        "text=1,image=1,zero_shot=0",
+        "--image-sizes",
+        "64x48",
+        "--num-images",
+        "2",
+        "--min-requests",
+        "4",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=tmp_path)
     output = done.stdout + done.stderr
     # the gate passes only with >= 4 requests and no failure at all
     assert done.returncode == 0 and "clip loadtest gate: pass" in output, output[-4000:]
     assert ("gRPC" if scheme == "grpcs" else "HTTP") + "     encode_text" in output, output[-4000:]
     # an unknown scheme stops the run at once with one message
-    bad = subprocess.run([*cmd[:7], "ftp://127.0.0.1:1", *cmd[8:]], capture_output=True, text=True, timeout=60,
-                         cwd=tmp_path)
+    bad = subprocess.run(
+        [*cmd[:7], "ftp://127.0.0.1:1", *cmd[8:]], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert bad.returncode != 0 and "unknown URL scheme 'ftp'" in bad.stdout + bad.stderr

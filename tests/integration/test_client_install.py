@@ -56,8 +56,10 @@ def _env(venv: Path) -> dict[str, str]:
 
 
 def test_client_install_has_no_server_side_packages(client_venv):
-    probe = ("import importlib.util, json; print(json.dumps({m: importlib.util.find_spec(m) is not None "
-             f"for m in {FORBIDDEN + ('clip_client', 'clip_common', 'tritonclient')!r}}}))")
+    probe = (
+        "import importlib.util, json; print(json.dumps({m: importlib.util.find_spec(m) is not None "
+        f"for m in {FORBIDDEN + ('clip_client', 'clip_common', 'tritonclient')!r}}}))"
+    )
     done = _run([str(client_venv / "bin" / "python"), "-c", probe], env=_env(client_venv), cwd=client_venv)
     found = __import__("json").loads(done.stdout)
     assert found.pop("clip_client") and found.pop("clip_common") and found.pop("tritonclient")
@@ -94,16 +96,32 @@ def test_client_commands_from_the_client_install(client_venv, triton_server, tmp
     assert done.returncode == 0 and "classify" in done.stdout and "convert" not in done.stdout
     done = _run([cli, "--version"], env=_env(client_venv))
     assert done.returncode == 0 and done.stdout.strip() == "clip-triton-client " + _client_version()
-    done = _run([cli, "classify", str(tmp_path / "red.png"), "--labels", "red", "blue", "--url", triton_server.grpc_url,
-                 "--json"], env=_env(client_venv))
+    done = _run(
+        [
+            cli,
+            "classify",
+            str(tmp_path / "red.png"),
+            "--labels",
+            "red",
+            "blue",
+            "--url",
+            triton_server.grpc_url,
+            "--json",
+        ],
+        env=_env(client_venv),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert '"label"' in done.stdout
     # a command that needs a missing extra: exit 2, a clear message naming the extra, no traceback
     for uri, extra in ((tmp_path / "g", "gallery"), (tmp_path / "g.db", "milvus")):
-        done = _run([cli, "index", str(tmp_path), "--uri", str(uri), "--url", triton_server.grpc_url], env=_env(client_venv))
+        done = _run(
+            [cli, "index", str(tmp_path), "--uri", str(uri), "--url", triton_server.grpc_url], env=_env(client_venv)
+        )
         assert done.returncode == 2 and f"clip-triton-client[{extra}]" in done.stderr and "Traceback" not in done.stderr
         assert "ModuleNotFoundError: No module named" in done.stderr  # the real import error is shown too
-    done = _run([cli, "search", "a cat", "--uri", str(tmp_path / "g"), "--url", triton_server.grpc_url], env=_env(client_venv))
+    done = _run(
+        [cli, "search", "a cat", "--uri", str(tmp_path / "g"), "--url", triton_server.grpc_url], env=_env(client_venv)
+    )
     assert done.returncode == 2 and "clip-triton-client[gallery]" in done.stderr and "Traceback" not in done.stderr
     # the protocols come with the plain install; the adapters name their extras
     probe = "from clip_client import MultimodalEmbeddingProvider; import clip_client.integrations.langchain"
@@ -128,9 +146,13 @@ def test_gallery_extra_resolves_a_working_set_in_a_fresh_venv(triton_server, tmp
     for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
         Image.new("RGB", (64, 48), colour).save(photos / f"p{i}.png")
     cli = str(venv / "bin" / "clip-triton")
-    done = _run([cli, "index", str(photos), "--uri", str(tmp_path / "g"), "--url", triton_server.grpc_url,
-                 "--no-progress"], env=_env(venv))
+    done = _run(
+        [cli, "index", str(photos), "--uri", str(tmp_path / "g"), "--url", triton_server.grpc_url, "--no-progress"],
+        env=_env(venv),
+    )
     assert done.returncode == 0 and "3 added" in done.stdout, done.stderr[-3000:]
-    done = _run([cli, "search", "a red square", "--uri", str(tmp_path / "g"), "-k", "2", "--url",
-                 triton_server.grpc_url], env=_env(venv))
+    done = _run(
+        [cli, "search", "a red square", "--uri", str(tmp_path / "g"), "-k", "2", "--url", triton_server.grpc_url],
+        env=_env(venv),
+    )
     assert done.returncode == 0 and len(done.stdout.strip().splitlines()) == 2, done.stderr[-3000:]

@@ -19,8 +19,9 @@ def two_models(tmp_path_factory, weights):
     from clip_build.repository import BuildOptions, build_repositories
 
     tmp = tmp_path_factory.mktemp("two-models")
-    repo = build_repositories([("siglip", weights("siglip")), ("clip", weights("clip"))], tmp / "repo",
-                              BuildOptions(max_queue_delay_us=500))
+    repo = build_repositories(
+        [("siglip", weights("siglip")), ("clip", weights("clip"))], tmp / "repo", BuildOptions(max_queue_delay_us=500)
+    )
     with serving(repo, log_path=tmp / "tritonserver.log", exit_timeout=3) as server:
         yield server
 

@@ -95,12 +95,15 @@ def _with_preprocessor(src, dst, **changes):
     return dst
 
 
-@pytest.mark.parametrize("changes,match", [
-    ({"size": {"height": 32, "width": 40}}, "not square"),
-    ({"size": {"height": 48, "width": 48}}, "does not match the vision tower's image_size 32"),
-    ({"size": {"shortest_edge": 32}}, "do_center_crop=false.*not be square"),
-    ({"size": {"shortest_edge": 32, "longest_edge": 64}, "do_center_crop": True}, "not supported"),
-])
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"size": {"height": 32, "width": 40}}, "not square"),
+        ({"size": {"height": 48, "width": 48}}, "does not match the vision tower's image_size 32"),
+        ({"size": {"shortest_edge": 32}}, "do_center_crop=false.*not be square"),
+        ({"size": {"shortest_edge": 32, "longest_edge": 64}, "do_center_crop": True}, "not supported"),
+    ],
+)
 def test_unsupported_image_sizes_are_refused(checkpoints, tmp_path, changes, match):
     ck = _with_preprocessor(checkpoints("chinese_clip"), tmp_path / "ck", **changes)
     with pytest.raises(ConvertError, match=match):
@@ -114,16 +117,22 @@ def test_do_resize_false_is_refused(checkpoints, tmp_path):
 
 
 def test_processing_flags_recorded(checkpoints, tmp_path):
-    ck = _with_preprocessor(checkpoints("clip"), tmp_path / "ck", do_normalize=False, do_rescale=False,
-                            do_convert_rgb=False)
+    ck = _with_preprocessor(
+        checkpoints("clip"), tmp_path / "ck", do_normalize=False, do_rescale=False, do_convert_rgb=False
+    )
     m = convert(str(ck), tmp_path / "out")
     assert (m["image"]["do_normalize"], m["image"]["do_rescale"], m["image"]["do_convert_rgb"]) == (False, False, False)
     assert len(m["warnings"]) == 1 and "do_convert_rgb=false" in m["warnings"][0]
 
 
 def test_exact_resize_with_center_crop(checkpoints, tmp_path):
-    ck = _with_preprocessor(checkpoints("chinese_clip"), tmp_path / "ck", size={"height": 40, "width": 40},
-                            do_center_crop=True, crop_size={"height": 32, "width": 32})
+    ck = _with_preprocessor(
+        checkpoints("chinese_clip"),
+        tmp_path / "ck",
+        size={"height": 40, "width": 40},
+        do_center_crop=True,
+        crop_size={"height": 32, "width": 32},
+    )
     img = convert(str(ck), tmp_path / "out")["image"]
     assert (img["resize_mode"], img["resize_size"], img["crop_size"], img["do_center_crop"]) == ("exact", 40, 32, True)
 
@@ -193,13 +202,24 @@ def test_wrong_shape_is_an_error(checkpoints, tmp_path):
 
 
 def test_extra_tensor_is_an_error_unless_ignored(checkpoints, tmp_path):
-    ck = _edited_checkpoint(checkpoints("chinese_clip"), tmp_path / "ck",
-                            lambda sd: sd.update({"text_model.surprise.weight": torch.zeros(2)}))
+    ck = _edited_checkpoint(
+        checkpoints("chinese_clip"),
+        tmp_path / "ck",
+        lambda sd: sd.update({"text_model.surprise.weight": torch.zeros(2)}),
+    )
     with pytest.raises(KeyMappingError, match="unexpected tensor.*text_model.surprise.weight"):
         convert(str(ck), tmp_path / "out")
-    ok = _edited_checkpoint(checkpoints("chinese_clip"), tmp_path / "ck2", lambda sd: sd.update({
-        "text_model.embeddings.position_ids": torch.arange(64)[None], "text_model.pooler.dense.weight": torch.zeros(48, 48),
-        "text_model.pooler.dense.bias": torch.zeros(48)}))
+    ok = _edited_checkpoint(
+        checkpoints("chinese_clip"),
+        tmp_path / "ck2",
+        lambda sd: sd.update(
+            {
+                "text_model.embeddings.position_ids": torch.arange(64)[None],
+                "text_model.pooler.dense.weight": torch.zeros(48, 48),
+                "text_model.pooler.dense.bias": torch.zeros(48),
+            }
+        ),
+    )
     convert(str(ok), tmp_path / "out2")  # documented ignore-list: buffers and the unused BERT pooler
 
 
@@ -235,8 +255,20 @@ def test_pickle_refused_unless_allowed(checkpoints, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_convert(checkpoints, tmp_path, caplog):
-    assert cli_main(["convert", "--checkpoint", str(checkpoints("bert")), "--vision-checkpoint",
-                     str(checkpoints("clip")), "--out", str(tmp_path / "w")]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                "--checkpoint",
+                str(checkpoints("bert")),
+                "--vision-checkpoint",
+                str(checkpoints("clip")),
+                "--out",
+                str(tmp_path / "w"),
+            ]
+        )
+        == 0
+    )
     assert load_manifest(tmp_path / "w")["family"] == "bert_vit"
     assert any("RANDOMLY" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
     assert cli_main(["convert", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2

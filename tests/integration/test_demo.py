@@ -12,8 +12,12 @@ from clip_server.demo import RANDOM_LABEL, SAMPLES
 
 
 def test_demo_offline_runs_end_to_end(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "clip_client.cli", "demo", "--offline", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clip_client.cli", "demo", "--offline", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert RANDOM_LABEL in out  # never passed off as the real checkpoint
@@ -37,5 +41,6 @@ def test_demo_offline_runs_end_to_end(tmp_path):
     screen = proc.stdout + proc.stderr
     assert "Writing model shards" not in screen and "it/s]" not in screen
     assert "[transformers]" not in screen and "Warning" not in screen and "torchvision" not in screen
-    assert all(line.split(" ")[0] in ("INFO", "WARNING") and " clip_" in line
-               for line in proc.stderr.splitlines()), proc.stderr[-3000:]
+    assert all(line.split(" ")[0] in ("INFO", "WARNING") and " clip_" in line for line in proc.stderr.splitlines()), (
+        proc.stderr[-3000:]
+    )

@@ -21,13 +21,17 @@ def test_dtype_auto_builds_and_serves_the_chosen_dtype(weights, tmp_path):
     choice = info["dtype_choice"]
     assert choice["requested"] == "auto" and choice["reason"] and info["dtype"] == choice["dtype"]
     texts = ["a photo of a cat", "two dogs", "a diagram"]
-    tok = TextTokenizer(w / "tokenizer" / "tokenizer.json", info["tokenizer"]["max_length"],
-                        info["tokenizer"]["pad_token_id"])
+    tok = TextTokenizer(
+        w / "tokenizer" / "tokenizer.json", info["tokenizer"]["max_length"], info["tokenizer"]["pad_token_id"]
+    )
     with torch.no_grad():
         rows = tok.encode_batch(texts)
         expected = build_text_encoder(w, info["dtype"])(
-            *(torch.from_numpy(getattr(rows, n)) for n in ("ids", "lengths", "widths"))).numpy()
-    with serving(repo, log_path=tmp_path / "tritonserver.log", exit_timeout=3) as server, \
-            CLIPClient(server.grpc_url) as client:
+            *(torch.from_numpy(getattr(rows, n)) for n in ("ids", "lengths", "widths"))
+        ).numpy()
+    with (
+        serving(repo, log_path=tmp_path / "tritonserver.log", exit_timeout=3) as server,
+        CLIPClient(server.grpc_url) as client,
+    ):
         served = client.encode_text(texts, normalize=False)
     np.testing.assert_allclose(served, expected, rtol=1e-3, atol=1e-4)

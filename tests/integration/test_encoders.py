@@ -30,7 +30,9 @@ def test_padding_to_the_batch_longest_equals_padding_to_max_length(weights, fami
     requests = [tok.encode_batch(texts[:2]), tok.encode_batch(texts[2:3]), tok.encode_batch(texts[3:])]
     assert len({r.ids.shape[1] for r in requests}) == 3  # three widths in one batch
     flat = torch.cat([torch.from_numpy(r.ids).reshape(-1) for r in requests])  # as Triton hands a ragged input over
-    lengths, widths = (torch.from_numpy(np.concatenate([getattr(r, n) for r in requests])) for n in ("lengths", "widths"))
+    lengths, widths = (
+        torch.from_numpy(np.concatenate([getattr(r, n) for r in requests])) for n in ("lengths", "widths")
+    )
     full_ids, full_mask = hf_tokenize(w, texts, padding="max_length")
     assert full_ids.shape[1] == t["max_length"]
     enc = build_text_encoder(w)

@@ -10,16 +10,22 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from PIL import Image
 from tritonclient.utils import InferenceServerException
+
 from tests.integration.triton_helpers import infer, repository_copy, serving, wait_until
 
 PROTOCOLS = ("http", "grpc")
-TEXTS = ["a photo of a cat", "a photo of a dog", "a diagram", "ein Foto 🐱 mit Umlauten äöü", "x",
-         "a much longer description of a scene with many different words in it, " * 8]  # > 77 tokens: truncated
+TEXTS = [
+    "a photo of a cat",
+    "a photo of a dog",
+    "a diagram",
+    "ein Foto 🐱 mit Umlauten äöü",
+    "x",
+    "a much longer description of a scene with many different words in it, " * 8,
+]  # > 77 tokens: truncated
 
 
 def _photo(h: int, w: int, seed: int) -> np.ndarray:
@@ -38,8 +44,12 @@ def _encode(array: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-IMAGES = [_encode(_photo(h, w, s), fmt) for s, (h, w, fmt) in enumerate(
-    [(64, 64, "PNG"), (120, 80, "JPEG"), (45, 200, "WEBP"), (300, 301, "PNG"), (33, 40, "NPY")])]
+IMAGES = [
+    _encode(_photo(h, w, s), fmt)
+    for s, (h, w, fmt) in enumerate(
+        [(64, 64, "PNG"), (120, 80, "JPEG"), (45, 200, "WEBP"), (300, 301, "PNG"), (33, 40, "NPY")]
+    )
+]
 
 
 def client_for(handle, protocol: str):
@@ -61,15 +71,20 @@ def hf(triton_server):
         from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
         ckpt = str(triton_server.checkpoint_dir)  # PIL backend: what CLIPImageProcessor is without torchvision
-        return (CLIPModel.from_pretrained(ckpt).eval(), AutoTokenizer.from_pretrained(ckpt),
-                CLIPImageProcessorPil.from_pretrained(ckpt))
+        return (
+            CLIPModel.from_pretrained(ckpt).eval(),
+            AutoTokenizer.from_pretrained(ckpt),
+            CLIPImageProcessorPil.from_pretrained(ckpt),
+        )
 
 
 @pytest.fixture(scope="module")
 def reference(hf):
     """transformers' text/image features and zero-shot outputs for TEXTS x IMAGES."""
     model, tok, proc = hf
-    pil = [Image.fromarray(np.load(io.BytesIO(b))) if b[:6] == b"\x93NUMPY" else Image.open(io.BytesIO(b)) for b in IMAGES]
+    pil = [
+        Image.fromarray(np.load(io.BytesIO(b))) if b[:6] == b"\x93NUMPY" else Image.open(io.BytesIO(b)) for b in IMAGES
+    ]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t_in = tok(TEXTS, padding=True, truncation=True, max_length=77, return_tensors="pt")
@@ -79,9 +94,13 @@ def reference(hf):
         text = getattr(text, "pooler_output", text)
         image = getattr(image, "pooler_output", image)
         out = model(input_ids=t_in["input_ids"], attention_mask=t_in["attention_mask"], pixel_values=pixels)
-    return {"text_embeds": text.numpy(), "image_embeds": image.numpy(),
-            "logits_per_image": out.logits_per_image.numpy(), "logits_per_text": out.logits_per_text.numpy(),
-            "probs": out.logits_per_image.softmax(dim=1).numpy()}
+    return {
+        "text_embeds": text.numpy(),
+        "image_embeds": image.numpy(),
+        "logits_per_image": out.logits_per_image.numpy(),
+        "logits_per_text": out.logits_per_text.numpy(),
+        "probs": out.logits_per_image.softmax(dim=1).numpy(),
+    }
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -112,8 +131,13 @@ def test_zero_shot_matches_transformers(triton_server, reference, protocol):
     client = client_for(triton_server, protocol)
     names = ["text_embeds", "image_embeds", "logits_per_image", "logits_per_text", "probs", "topk_texts", "topk_images"]
     k = 3
-    out = infer(client, protocol, "zero_shot", {"text": as_bytes_column(TEXTS), "image": as_bytes_column(IMAGES),
-                                                "top_k": np.array([k], np.int32)}, names)
+    out = infer(
+        client,
+        protocol,
+        "zero_shot",
+        {"text": as_bytes_column(TEXTS), "image": as_bytes_column(IMAGES), "top_k": np.array([k], np.int32)},
+        names,
+    )
     n_t, n_i = len(TEXTS), len(IMAGES)
     assert cosine(out["text_embeds"], reference["text_embeds"]).min() >= 0.99999
     assert cosine(out["image_embeds"], reference["image_embeds"]).min() >= 0.99999
@@ -175,8 +199,9 @@ def test_concurrent_single_requests_are_batched(batching_server):
         c = httpclient.InferenceServerClient(batching_server.http_url)  # not thread-safe: one per call
         try:
             t = infer(c, "http", "encode_text", {"text": as_bytes_column([f"photo number {i}"])}, ["text_embeds"])
-            m = infer(c, "http", "encode_image", {"image": as_bytes_column([IMAGES[i % len(IMAGES)]])},
-                      ["image_embeds"])
+            m = infer(
+                c, "http", "encode_image", {"image": as_bytes_column([IMAGES[i % len(IMAGES)]])}, ["image_embeds"]
+            )
             return t["text_embeds"].shape, m["image_embeds"].shape
         finally:
             c.close()
@@ -220,9 +245,10 @@ def test_texts_of_different_lengths_share_batches_and_match_alone_and_transforme
     def direct(i: int, protocol: str):  # one row of its own length, straight to the internal encoder
         c = client_for(batching_server, protocol)
         try:
-            ids = t_in["input_ids"][i:i + 1, :lengths[i]].numpy()  # (1, L_i)
-            return infer(c, protocol, "text_encoder", {"input_ids": ids, "lengths": np.array([[lengths[i]]])},
-                         ["text_embeds__0"])["text_embeds__0"][0]
+            ids = t_in["input_ids"][i : i + 1, : lengths[i]].numpy()  # (1, L_i)
+            return infer(
+                c, protocol, "text_encoder", {"input_ids": ids, "lengths": np.array([[lengths[i]]])}, ["text_embeds__0"]
+            )["text_embeds__0"][0]
         finally:
             c.close()
 
@@ -284,10 +310,17 @@ def test_bad_image_fails_alone(triton_server, reference, protocol):
 def test_bad_item_names_its_index(triton_server, protocol):
     client = client_for(triton_server, protocol)
     with pytest.raises(InferenceServerException, match=r"image 1: not a decodable image"):
-        infer(client, protocol, "encode_image", {"image": as_bytes_column([IMAGES[0], b"junk", IMAGES[1]])},
-              ["image_embeds"])
+        infer(
+            client,
+            protocol,
+            "encode_image",
+            {"image": as_bytes_column([IMAGES[0], b"junk", IMAGES[1]])},
+            ["image_embeds"],
+        )
     with pytest.raises(InferenceServerException, match=r"text 1: text is not valid UTF-8"):
-        infer(client, protocol, "encode_text", {"text": as_bytes_column([b"fine", b"\xff\xfe broken"])}, ["text_embeds"])
+        infer(
+            client, protocol, "encode_text", {"text": as_bytes_column([b"fine", b"\xff\xfe broken"])}, ["text_embeds"]
+        )
     ok = infer(client, protocol, "encode_text", {"text": as_bytes_column(["still fine"])}, ["text_embeds"])
     assert ok["text_embeds"].shape[0] == 1
     client.close()

@@ -44,10 +44,18 @@ def supervised(triton_server, tmp_path_factory):
     """Its own server on its own copy of the repository, supervised from a thread (inference probe every second);
     shared by the fault tests of this module, each leaving it serving."""
     tmp = tmp_path_factory.mktemp("supervised")
-    with serving(repository_copy(triton_server, tmp / "repo"), exit_timeout=2,
-                 log_path=tmp / "tritonserver.log") as server:
-        sup = Supervisor(server, check_interval=0.5, confirm_delay=0.2, max_restarts=5, window=600,
-                         probe_interval=1.0, probe_timeout=20)
+    with serving(
+        repository_copy(triton_server, tmp / "repo"), exit_timeout=2, log_path=tmp / "tritonserver.log"
+    ) as server:
+        sup = Supervisor(
+            server,
+            check_interval=0.5,
+            confirm_delay=0.2,
+            max_restarts=5,
+            window=600,
+            probe_interval=1.0,
+            probe_timeout=20,
+        )
         stop = threading.Event()
         thread = sup.start_thread(stop)
         try:
@@ -85,8 +93,9 @@ def test_killed_stub_is_restored_and_no_request_fails_or_lies(supervised):
         restart = wait_restored(sup, before)
         restored = time.monotonic() - killed_at
         assert_flowing(good, killed_at + restored)
-    print(f"stub {victim} killed; service restored after {restored:.1f}s; restart {restart}; "
-          f"{len(good.results)} requests")
+    print(
+        f"stub {victim} killed; service restored after {restored:.1f}s; restart {restart}; {len(good.results)} requests"
+    )
     assert restored < 60, restored
     assert len(sup.restarts) == before + 1 and "stub" in restart["reason"]
     assert victim not in [p for pids in server.stubs().values() for p in pids]
@@ -142,8 +151,11 @@ def failures(server: TritonServer, model: str) -> int:
     import urllib.request
 
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-               if line.startswith("nv_inference_request_failure{") and f'model="{model}"' in line)
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith("nv_inference_request_failure{") and f'model="{model}"' in line
+    )
 
 
 class _FakeServer:
@@ -236,10 +248,29 @@ def test_sigterm_under_load_drains_in_flight_requests(tmp_path):
     http_port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "CLIP_TRITON_ADMIN_KEY"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clip_client.cli", "serve", "--repository", str(repo), "--http-port", str(http_port),
-         "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), "--exit-timeout", "20",
-         "--startup-timeout", "120"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "clip_client.cli",
+            "serve",
+            "--repository",
+            str(repo),
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+            "--exit-timeout",
+            "20",
+            "--startup-timeout",
+            "120",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         lines = read_until_ready(proc)
         out = "".join(lines)
@@ -301,8 +332,11 @@ def test_admin_key_resolution_and_flags_match_compose(tmp_path, monkeypatch):
     server = TritonServer(tmp_path, admin_key="KEY", backend_dir=tmp_path)
     flags = [a for a in server.command() if "restricted" in a]
     compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
-    expected = [f.replace("${CLIP_ADMIN_KEY:?set CLIP_ADMIN_KEY}", "KEY") for f in compose["x-triton-flags"]
-                if "restricted" in f]
+    expected = [
+        f.replace("${CLIP_ADMIN_KEY:?set CLIP_ADMIN_KEY}", "KEY")
+        for f in compose["x-triton-flags"]
+        if "restricted" in f
+    ]
     assert flags == expected
     shm = [a for a in server.command() if "shm-" in a and "prefix" not in a]  # the prefix is per start (local only)
     assert shm == [f for f in compose["x-triton-flags"] if "shm-" in f] and len(shm) == 2

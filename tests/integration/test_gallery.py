@@ -68,7 +68,7 @@ def test_index_search_roundtrip(triton_server, image_dir, tmp_path, capsys, prot
         ref = c.encode_image([r["path"] for r in rows])  # stored embeddings are the client's, normalised
     assert np.sum(ref * g.embeddings([r["id"] for r in rows]), axis=1).min() >= 0.99999
     for r in rows:
-        data = open(r["path"], "rb").read()
+        data = Path(r["path"]).read_bytes()
         i = int(r["path"].rsplit("img", 1)[1][0])
         assert (r["width"], r["height"], r["size"], r["tags"]) == (96 + i, 72, len(data), ["holiday"])
         assert r["sha256"] == __import__("hashlib").sha256(data).hexdigest()
@@ -77,29 +77,61 @@ def test_index_search_roundtrip(triton_server, image_dir, tmp_path, capsys, prot
     target = next(r["path"] for r in rows if r["path"].endswith("img6.png"))
     query = tmp_path / "query.jpg"
     Image.open(target).resize((90, 68), Image.BILINEAR).save(query, quality=80)
-    rc, cap = _cli(triton_server, capsys, "search", "--image", str(query), "--uri", str(uri), "-k", "3", "--json",
-                   protocol=protocol)
+    rc, cap = _cli(
+        triton_server,
+        capsys,
+        "search",
+        "--image",
+        str(query),
+        "--uri",
+        str(uri),
+        "-k",
+        "3",
+        "--json",
+        protocol=protocol,
+    )
     hits = json.loads(cap.out)
     assert rc == 0 and len(hits) == 3 and hits[0]["path"] == target and hits[0]["score"] > 0.99
     assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     assert hits[0]["width"] == 102 and hits[0]["tags"] == ["holiday"]
 
     # text -> images: the same ranking as the client's own math
-    rc, cap = _cli(triton_server, capsys, "search", "a red car", "--uri", str(uri), "-k", "10", "--json", protocol=protocol)
+    rc, cap = _cli(
+        triton_server, capsys, "search", "a red car", "--uri", str(uri), "-k", "10", "--json", protocol=protocol
+    )
     with CLIPClient(triton_server.grpc_url) as c:
         scores = g.embeddings([r["id"] for r in rows]) @ c.encode_text("a red car")  # (N, D) @ (D,)
-    assert rc == 0 and [h["path"] for h in json.loads(cap.out)] == [rows[i]["path"] for i in np.argsort(-scores, kind="stable")]
+    assert rc == 0 and [h["path"] for h in json.loads(cap.out)] == [
+        rows[i]["path"] for i in np.argsort(-scores, kind="stable")
+    ]
 
     # filters and --like (the stored embedding: no server involved)
-    rc, cap = _cli(triton_server, capsys, "search", "a red car", "--uri", str(uri), "--json", "--filter",
-                   'path like "%/b/%" and width >= 103', protocol=protocol)
-    assert rc == 0 and sorted(h["path"].rsplit("/", 1)[1] for h in json.loads(cap.out)) == ["img7.jpg", "img8.png", "img9.jpg"]
+    rc, cap = _cli(
+        triton_server,
+        capsys,
+        "search",
+        "a red car",
+        "--uri",
+        str(uri),
+        "--json",
+        "--filter",
+        'path like "%/b/%" and width >= 103',
+        protocol=protocol,
+    )
+    assert rc == 0 and sorted(h["path"].rsplit("/", 1)[1] for h in json.loads(cap.out)) == [
+        "img7.jpg",
+        "img8.png",
+        "img9.jpg",
+    ]
     rc = main(["search", "--like", target, "--uri", str(uri), "-k", "2"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert rc == 0 and len(lines) == 2 and lines[0].split()[0] == "1" and not any(l.endswith(target) for l in lines)
+    assert (
+        rc == 0 and len(lines) == 2 and lines[0].split()[0] == "1" and not any(line.endswith(target) for line in lines)
+    )
     # a search that finds nothing says so
-    rc, cap = _cli(triton_server, capsys, "search", "a red car", "--uri", str(uri), "--filter", "width > 100000",
-                   protocol=protocol)
+    rc, cap = _cli(
+        triton_server, capsys, "search", "a red car", "--uri", str(uri), "--filter", "width > 100000", protocol=protocol
+    )
     assert rc == 0 and cap.out.strip() == "no match"
 
 
@@ -110,7 +142,9 @@ def test_incremental_duplicates_moves_changes_and_failures(triton_server, image_
 
     # nothing changed: no file is read again, the bad files are not re-sent
     rc, cap = _index(triton_server, capsys, image_dir, uri)
-    assert rc == 0 and "0 added" in cap.out and "10 unchanged" in cap.out and "2 skipped earlier and unchanged" in cap.out
+    assert (
+        rc == 0 and "0 added" in cap.out and "10 unchanged" in cap.out and "2 skipped earlier and unchanged" in cap.out
+    )
     assert "broken.jpg" not in cap.err
     assert {r["path"]: r["id"] for r in Gallery.open(uri).rows()} == before
 
@@ -165,7 +199,10 @@ def test_moved_folder_and_prune(triton_server, image_dir, tmp_path, capsys):
     with Gallery.open(uri) as g:
         paths = [r["path"] for r in g.rows()]
         assert sorted(g.failures()) == sorted(str(moved / p) for p in ("broken.jpg", "b/truncated.png"))
-    assert not any(p.startswith(str(image_dir) + "/") for p in paths) and sum(p.startswith(str(moved)) for p in paths) == 10
+    assert (
+        not any(p.startswith(str(image_dir) + "/") for p in paths)
+        and sum(p.startswith(str(moved)) for p in paths) == 10
+    )
     rc, cap = _cli(triton_server, capsys, "search", "a red car", "--uri", str(uri), "-k", "20", "--json")
     assert rc == 0 and all(h["path"].startswith((str(moved), str(other))) for h in json.loads(cap.out))
 
@@ -204,8 +241,19 @@ def test_milvus_backend_through_the_cli(triton_server, image_dir, tmp_path, caps
     assert answers[0] == answers[1] and len(answers[0]) == 5
     # every CLI run is a new process that finds the side collection of failures released: it must be loaded too
     # (milvus-lite keeps its file locked while the process that opened it lives: a file this process never opened)
-    cmd = [sys.executable, "-m", "clip_client.cli", "index", str(image_dir), "--uri", str(tmp_path / "cli.db"),
-           "--no-progress", "--url", triton_server.grpc_url, "--optimize"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clip_client.cli",
+        "index",
+        str(image_dir),
+        "--uri",
+        str(tmp_path / "cli.db"),
+        "--no-progress",
+        "--url",
+        triton_server.grpc_url,
+        "--optimize",
+    ]
     runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=300) for _ in range(2)]
     assert [r.returncode for r in runs] == [1, 0], runs[-1].stderr[-2000:]  # skipped in the first run only
     assert "10 added" in runs[0].stdout and "2 skipped," in runs[0].stdout
@@ -218,8 +266,18 @@ def test_classify_a_gallery_by_stored_embeddings(triton_server, image_dir, tmp_p
     uri = tmp_path / "g"
     _index(triton_server, capsys, image_dir, uri)
     labels = ["cat", "dog", "red car"]
-    rc, cap = _cli(triton_server, capsys, "classify", "--uri", str(uri), "--labels", *labels, "--json",
-                   "--filter", 'path like "%/a/%"')
+    rc, cap = _cli(
+        triton_server,
+        capsys,
+        "classify",
+        "--uri",
+        str(uri),
+        "--labels",
+        *labels,
+        "--json",
+        "--filter",
+        'path like "%/a/%"',
+    )
     result = json.loads(cap.out)["results"]
     files = sorted(str(p) for p in (image_dir / "a").glob("img*"))
     assert rc == 0 and sorted(r["path"] for r in result) == files

@@ -31,9 +31,16 @@ def uri(request, tmp_path):
 
 
 def _meta(i: int) -> dict:
-    return {"sha256": f"{i:064x}", "size": 1000 * i, "width": 64 + i, "height": 48, "mtime": 1.7e9 + i,
-            "tags": ["cat"] if i % 3 == 0 else ["dog", "outdoor"] if i % 3 == 1 else [],
-            "camera": "X100" if i % 2 else "Z5", "rating": i % 5}
+    return {
+        "sha256": f"{i:064x}",
+        "size": 1000 * i,
+        "width": 64 + i,
+        "height": 48,
+        "mtime": 1.7e9 + i,
+        "tags": ["cat"] if i % 3 == 0 else ["dog", "outdoor"] if i % 3 == 1 else [],
+        "camera": "X100" if i % 2 else "Z5",
+        "rating": i % 5,
+    }
 
 
 def test_add_search_filter_delete_reopen(uri):
@@ -53,7 +60,13 @@ def test_add_search_filter_delete_reopen(uri):
         assert [h.score for h in row] == pytest.approx([float(queries[q] @ x[i]) for i in exact[q]], abs=1e-5)
     best = g.search(x[7], k=1)[0][0]  # a (D,) query works too
     assert best.path == paths[7] and best.score == pytest.approx(1.0, abs=1e-5)
-    assert (best.sha256, best.size, best.width, best.height, best.tags) == (f"{7:064x}", 7000, 71, 48, ["dog", "outdoor"])
+    assert (best.sha256, best.size, best.width, best.height, best.tags) == (
+        f"{7:064x}",
+        7000,
+        71,
+        48,
+        ["dog", "outdoor"],
+    )
     assert best.mtime == pytest.approx(1.7e9 + 7) and best.metadata == {"camera": "X100", "rating": 2}
 
     # filters: the same expression language on both engines
@@ -62,10 +75,15 @@ def test_add_search_filter_delete_reopen(uri):
         return sorted(int(h.path[-6:-4]) for h in found)
 
     assert filtered('array_contains(tags, "cat")') == [i for i in range(60) if i % 3 == 0]
-    assert filtered('array_contains_any(tags, ["cat", "outdoor"]) and size >= 30000') == \
-        [i for i in range(30, 60) if i % 3 != 2]
-    assert filtered('meta["camera"] == "X100" and meta["rating"] >= 3') == [i for i in range(60) if i % 2 and i % 5 >= 3]
-    assert filtered('path like "/photos/b/%" and not (width in [95, 96])') == [i for i in range(30, 60) if i not in (31, 32)]
+    assert filtered('array_contains_any(tags, ["cat", "outdoor"]) and size >= 30000') == [
+        i for i in range(30, 60) if i % 3 != 2
+    ]
+    assert filtered('meta["camera"] == "X100" and meta["rating"] >= 3') == [
+        i for i in range(60) if i % 2 and i % 5 >= 3
+    ]
+    assert filtered('path like "/photos/b/%" and not (width in [95, 96])') == [
+        i for i in range(30, 60) if i not in (31, 32)
+    ]
     assert filtered("size > 1e9") == []
     with pytest.raises(FilterError):
         g.search(queries[:1], k=3, filter="embedding > 1")
@@ -129,8 +147,12 @@ def test_identity_and_input_errors(uri):
 def test_failures_are_remembered(uri):
     g = Gallery.create(uri, dim=DIM, model_id="model-a")
     assert g.failures() == {}
-    g.record_failures([{"path": "/x/bad.jpg", "sha256": "ab" * 32, "size": 3, "mtime": 1.0, "reason": "cannot decode"},
-                       {"path": "/x/worse.jpg", "sha256": "cd" * 32, "size": 4, "mtime": 2.0, "reason": "empty"}])
+    g.record_failures(
+        [
+            {"path": "/x/bad.jpg", "sha256": "ab" * 32, "size": 3, "mtime": 1.0, "reason": "cannot decode"},
+            {"path": "/x/worse.jpg", "sha256": "cd" * 32, "size": 4, "mtime": 2.0, "reason": "empty"},
+        ]
+    )
     g.record_failures([{"path": "/x/bad.jpg", "sha256": "ef" * 32, "size": 5, "mtime": 3.0, "reason": "truncated"}])
     g.close()
     g = Gallery.open(uri)
@@ -141,8 +163,17 @@ def test_failures_are_remembered(uri):
     g.close()
 
 
-ODD_PATHS = ["/p/café.png", "/p/😀 smile.png", '/p/say "cheese".png', "/p/back\\slash.png", "/p/it's.png",
-             "/p/new\nline.png", "/p/tab\tcr\r.png", "/p/ctl\x01.png", "/p/100%_done.png"]
+ODD_PATHS = [
+    "/p/café.png",
+    "/p/😀 smile.png",
+    '/p/say "cheese".png',
+    "/p/back\\slash.png",
+    "/p/it's.png",
+    "/p/new\nline.png",
+    "/p/tab\tcr\r.png",
+    "/p/ctl\x01.png",
+    "/p/100%_done.png",
+]
 
 
 def test_unicode_quote_and_backslash_paths(uri):
@@ -172,7 +203,9 @@ def test_typed_errors_and_edge_inputs(uri):
     with pytest.raises(InvalidInputError, match="all zeros"):
         g.search(np.zeros((1, DIM), np.float32))
     g.add(["/tiny.jpg"], x[2:] * 1e-30)  # normalised, not left tiny
-    assert g.search(x[2], k=1)[0][0].path == "/tiny.jpg" and g.search(x[2], k=1)[0][0].score == pytest.approx(1, abs=1e-5)
+    assert g.search(x[2], k=1)[0][0].path == "/tiny.jpg" and g.search(x[2], k=1)[0][0].score == pytest.approx(
+        1, abs=1e-5
+    )
     assert g.search(np.zeros((0, DIM), np.float32)) == []
     for expr in ('tags in ["x"]', "tags in [1]", 'array_length(tags) like "x"', 'path like "\\ud800"'):
         with pytest.raises(FilterError):
@@ -244,4 +277,7 @@ def test_milvus_index_is_hnsw_with_a_wide_search(tmp_path):
         desc = g.client.describe_index(g.name, "embedding")
         params = g.search_params(10)
     assert (desc["index_type"], params["params"]["ef"], milvus.INDEX["params"]) == (
-        "HNSW", 256, {"M": 32, "efConstruction": 360})
+        "HNSW",
+        256,
+        {"M": 32, "efConstruction": 360},
+    )

@@ -33,8 +33,9 @@ def rows(lo, n):
 
 
 def _python(code: str, *args: str, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _SETUP + code, *args], capture_output=True, text=True, timeout=timeout,
-                          **kw)
+    return subprocess.run(
+        [sys.executable, "-c", _SETUP + code, *args], capture_output=True, text=True, timeout=timeout, **kw
+    )
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -43,8 +44,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def _ivf_gallery(uri: Path, n: int = 2500, kind: str = "ivf") -> None:
     """A gallery with an IVF (or PQ) index (trained at 2,000 rows) in folder uri."""
-    done = _python(f"g = Gallery.create(uri, dim=64, model_id='m', index={kind!r})\n"
-                   f"for lo in range(0, {n}, 500):\n    g.add(*rows(lo, 500))\ng.close()", str(uri))
+    done = _python(
+        f"g = Gallery.create(uri, dim=64, model_id='m', index={kind!r})\n"
+        f"for lo in range(0, {n}, 500):\n    g.add(*rows(lo, 500))\ng.close()",
+        str(uri),
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -121,7 +125,10 @@ def test_full_disk_while_the_index_grows_is_a_gallery_error(tmp_path, kind):
         done = _python(_GROW, str(uri))
         reopened = _python("print(len(Gallery.open(uri)))", str(uri))  # in its own process: nothing stays mapped
         assert (done.returncode, "gallery storage" in done.stderr, reopened.stdout.split()[-1:]) == (
-            3, True, done.stdout.split()[:1]), done.stderr
+            3,
+            True,
+            done.stdout.split()[:1],
+        ), done.stderr
     finally:
         subprocess.run(["umount", "--lazy", str(mnt)], check=True)
         mnt.rmdir()
@@ -158,8 +165,13 @@ def test_truncated_pq_codes_are_found_and_rebuilt_from_the_segments(tmp_path):
     checked = _cli("gallery-check", "--uri", str(uri))
     found = _cli("search", "--like", "/p/5", "--uri", str(uri), "-k", "3")
     after = _cli("gallery-check", "--uri", str(uri))
-    assert (checked.returncode, f"index file {codes}: missing or truncated" in checked.stdout, found.returncode,
-            found.stdout, after.returncode) == (1, True, 0, before, 0), (checked.stdout, found.stderr)
+    assert (
+        checked.returncode,
+        f"index file {codes}: missing or truncated" in checked.stdout,
+        found.returncode,
+        found.stdout,
+        after.returncode,
+    ) == (1, True, 0, before, 0), (checked.stdout, found.stderr)
 
 
 def test_garbage_in_pq_codes_is_found_by_its_checksum_and_repaired(tmp_path):
@@ -172,8 +184,13 @@ def test_garbage_in_pq_codes_is_found_by_its_checksum_and_repaired(tmp_path):
         f.write(np.random.default_rng(0).bytes(4096))
     checked, repaired = _cli("gallery-check", "--uri", str(uri)), _cli("gallery-check", "--uri", str(uri), "--repair")
     found = _cli("search", "--like", "/p/5", "--uri", str(uri), "-k", "3")
-    assert (checked.returncode, f"index file {codes}: checksum mismatch" in checked.stdout, repaired.returncode,
-            found.stdout, _cli("gallery-check", "--uri", str(uri)).returncode) == (1, True, 0, before, 0)
+    assert (
+        checked.returncode,
+        f"index file {codes}: checksum mismatch" in checked.stdout,
+        repaired.returncode,
+        found.stdout,
+        _cli("gallery-check", "--uri", str(uri)).returncode,
+    ) == (1, True, 0, before, 0)
 
 
 def test_truncated_segment_is_an_error_naming_the_file(tmp_path):
@@ -208,7 +225,11 @@ def test_hand_edited_manifest_is_refused_and_repaired(tmp_path):
         g.add(*_rows(5000, 1))
         ids = [r["id"] for r in g.rows()]
     assert (refused.returncode, "next_id 10" in refused.stderr, repaired.returncode, len(set(ids))) == (
-        2, True, 0, 1001)
+        2,
+        True,
+        0,
+        1001,
+    )
 
 
 _KILLED_WRITER = """
@@ -229,8 +250,12 @@ def test_sigkill_mid_write_keeps_committed_rows_and_readers_read(tmp_path, kind)
     _ivf_gallery(uri, n=1000, kind=kind)
     seen = []
     for delay in (0.4, 1.1, 2.3):
-        proc = subprocess.Popen([sys.executable, "-c", _SETUP + _KILLED_WRITER, str(uri)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SETUP + _KILLED_WRITER, str(uri)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout.readline().strip() == "ready"
         end = time.monotonic() + delay
         while time.monotonic() < end:

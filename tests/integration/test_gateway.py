@@ -28,8 +28,15 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from clip_client import CLIPClient
-from clip_common.contract import (ENCODERS, INTERNAL_MODELS, PUBLIC_MODELS, EncodeImage, EncodeText,
-                                  PreprocessText, ZeroShot)
+from clip_common.contract import (
+    ENCODERS,
+    INTERNAL_MODELS,
+    PUBLIC_MODELS,
+    EncodeImage,
+    EncodeText,
+    PreprocessText,
+    ZeroShot,
+)
 from clip_loadtest.soak import RssSampler
 from clip_server import TritonServer
 from clip_server.gateway import GRPC_SERVICE, MAX_MESSAGE_FIELDS, body_cap, repository_limits
@@ -62,16 +69,19 @@ def gateway_repository(tmp_path_factory, weights):
     """One repository (tiny CLIP, small item limits) that both upstreams serve."""
     from clip_build.repository import build_repository
 
-    return build_repository(weights("clip"), tmp_path_factory.mktemp("gateway_repository"), max_queue_delay_us=2000,
-                            limits=LIMITS)
+    return build_repository(
+        weights("clip"), tmp_path_factory.mktemp("gateway_repository"), max_queue_delay_us=2000, limits=LIMITS
+    )
 
 
 @pytest.fixture(scope="module")
 def upstreams(gateway_repository, tmp_path_factory):
     """Two tritonservers on the same repository, started together."""
     logs = tmp_path_factory.mktemp("gateway_upstreams")
-    servers = [TritonServer(gateway_repository, log_path=logs / f"triton{i}.log", exit_timeout=3,
-                            extra_args=SERVER_FLAGS) for i in range(2)]
+    servers = [
+        TritonServer(gateway_repository, log_path=logs / f"triton{i}.log", exit_timeout=3, extra_args=SERVER_FLAGS)
+        for i in range(2)
+    ]
     try:
         for server in servers:
             server.start()
@@ -85,15 +95,21 @@ def upstreams(gateway_repository, tmp_path_factory):
 
 def _healthy(gateway, count: int) -> bool:
     text = gateway.metrics()
-    return all(metric(text, "envoy_cluster_membership_healthy", envoy_cluster_name=c) == count
-               for c in ("triton_http", "triton_grpc"))
+    return all(
+        metric(text, "envoy_cluster_membership_healthy", envoy_cluster_name=c) == count
+        for c in ("triton_http", "triton_grpc")
+    )
 
 
 @pytest.fixture(scope="module")
 def gateway(upstreams, gateway_repository):
     """`clip-triton gateway` over both upstreams, short client timeouts; it learns the limits from clip_info."""
-    gw = start_gateway([f"127.0.0.1:{s.http_port}:{s.grpc_port}" for s in upstreams], "--health-interval", "0.5",
-                       *[x for kv in TIMEOUTS.items() for x in kv])
+    gw = start_gateway(
+        [f"127.0.0.1:{s.http_port}:{s.grpc_port}" for s in upstreams],
+        "--health-interval",
+        "0.5",
+        *[x for kv in TIMEOUTS.items() for x in kv],
+    )
     try:
         assert wait_until(lambda: _healthy(gw, 2), 30), "".join(gw.output)
         yield gw
@@ -110,8 +126,11 @@ def _client(url: str, protocol: str):
 
 def _request_counts(servers) -> list[float]:
     """Requests each server has seen (success + failure, every model)."""
-    return [metric(scrape(s.metrics_url), "nv_inference_request_success")
-            + metric(scrape(s.metrics_url), "nv_inference_request_failure") for s in servers]
+    return [
+        metric(scrape(s.metrics_url), "nv_inference_request_success")
+        + metric(scrape(s.metrics_url), "nv_inference_request_failure")
+        for s in servers
+    ]
 
 
 def _settled_counts(servers, at_least: float, seconds: float = 10.0) -> list[float]:
@@ -133,9 +152,11 @@ def _settled_counts(servers, at_least: float, seconds: float = 10.0) -> list[flo
 def test_public_calls_equal_direct_calls(gateway, upstreams, protocol):
     via = _client(gateway.http_url if protocol == "http" else gateway.grpc_url, protocol)
     direct = _client(upstreams[0].http_url if protocol == "http" else upstreams[0].grpc_url, protocol)
-    calls = [(EncodeText.NAME, {EncodeText.TEXT: TEXTS}, [EncodeText.TEXT_EMBEDS]),
-             (EncodeImage.NAME, {EncodeImage.IMAGE: IMAGES}, [EncodeImage.IMAGE_EMBEDS]),
-             (ZeroShot.NAME, {ZeroShot.TEXT: TEXTS, ZeroShot.IMAGE: IMAGES}, list(ZeroShot.OUTPUTS))]
+    calls = [
+        (EncodeText.NAME, {EncodeText.TEXT: TEXTS}, [EncodeText.TEXT_EMBEDS]),
+        (EncodeImage.NAME, {EncodeImage.IMAGE: IMAGES}, [EncodeImage.IMAGE_EMBEDS]),
+        (ZeroShot.NAME, {ZeroShot.TEXT: TEXTS, ZeroShot.IMAGE: IMAGES}, list(ZeroShot.OUTPUTS)),
+    ]
     for model, inputs, outputs in calls:
         got, want = infer(via, protocol, model, inputs, outputs), infer(direct, protocol, model, inputs, outputs)
         for name in outputs:
@@ -176,35 +197,52 @@ def _refused_paths() -> list[tuple[str, str, int]]:
     paths = []
     for model in INTERNAL_MODELS:
         for name in (model, f"siglip__{model}"):  # a further model's internal models (prefix N__) too
-            paths += [("POST", f"/v2/models/{name}/infer", FORBIDDEN), ("GET", f"/v2/models/{name}", FORBIDDEN),
-                      ("GET", f"/v2/models/{name}/ready", FORBIDDEN),
-                      ("POST", f"/v2/models/{name}/versions/1/infer", FORBIDDEN)]
+            paths += [
+                ("POST", f"/v2/models/{name}/infer", FORBIDDEN),
+                ("GET", f"/v2/models/{name}", FORBIDDEN),
+                ("GET", f"/v2/models/{name}/ready", FORBIDDEN),
+                ("POST", f"/v2/models/{name}/versions/1/infer", FORBIDDEN),
+            ]
     public = EncodeText.NAME
     v2 = [
-        ("GET", f"/v2/models/{public}/config"), ("GET", f"/v2/models/{public}/stats"), ("GET", "/v2/models/stats"),
-        ("POST", "/v2/repository/index"), ("POST", f"/v2/repository/models/{public}/load"),
-        ("POST", f"/v2/repository/models/{public}/unload"), ("GET", "/v2/systemsharedmemory/status"),
-        ("POST", "/v2/systemsharedmemory/region/x/register"), ("GET", "/v2/cudasharedmemory/status"),
-        ("GET", "/v2/trace/setting"), ("GET", f"/v2/models/{public}/trace/setting"), ("GET", "/v2/logging"),
-        ("POST", "/v2/logging"), ("POST", f"/v2/models/{public}/generate"),
+        ("GET", f"/v2/models/{public}/config"),
+        ("GET", f"/v2/models/{public}/stats"),
+        ("GET", "/v2/models/stats"),
+        ("POST", "/v2/repository/index"),
+        ("POST", f"/v2/repository/models/{public}/load"),
+        ("POST", f"/v2/repository/models/{public}/unload"),
+        ("GET", "/v2/systemsharedmemory/status"),
+        ("POST", "/v2/systemsharedmemory/region/x/register"),
+        ("GET", "/v2/cudasharedmemory/status"),
+        ("GET", "/v2/trace/setting"),
+        ("GET", f"/v2/models/{public}/trace/setting"),
+        ("GET", "/v2/logging"),
+        ("POST", "/v2/logging"),
+        ("POST", f"/v2/models/{public}/generate"),
         ("GET", f"/v2/models/{public}/../{INTERNAL_MODELS[0]}/ready"),  # normalised before routing
-        ("GET", f"/v2/models/{public.upper()}/ready"), ("GET", f"/v2/models/Siglip__{public}/ready"),
+        ("GET", f"/v2/models/{public.upper()}/ready"),
+        ("GET", f"/v2/models/Siglip__{public}/ready"),
         ("GET", f"/v2/models/_x__{public}/ready"),  # not a valid prefix
     ]
     return paths + [(m, p, FORBIDDEN) for m, p in v2] + [("GET", "/metrics", NOT_FOUND), ("GET", "/", NOT_FOUND)]
 
 
-EDGE_BODIES = {FORBIDDEN: {"error": f"forbidden at the gateway: only the models {', '.join(PUBLIC_MODELS)} "
-                                    "(optionally N__-prefixed) and server health are served"},
-               NOT_FOUND: {"error": "not found"}}
+EDGE_BODIES = {
+    FORBIDDEN: {
+        "error": f"forbidden at the gateway: only the models {', '.join(PUBLIC_MODELS)} "
+        "(optionally N__-prefixed) and server health are served"
+    },
+    NOT_FOUND: {"error": "not found"},
+}
 
 
 def test_internal_models_and_admin_apis_refused_over_http(gateway, upstreams):
     before = _settled_counts(upstreams, 0)
     answers = [(m, p, *_http(gateway, m, p, b"{}" if m == "POST" else None)) for m, p, _ in _refused_paths()]
     # each one answered by the edge itself (its exact status and body), none reached Triton
-    assert [(m, p, status, json.loads(body)) for m, p, status, body in answers] == \
-        [(m, p, status, EDGE_BODIES[status]) for m, p, status in _refused_paths()]
+    assert [(m, p, status, json.loads(body)) for m, p, status, body in answers] == [
+        (m, p, status, EDGE_BODIES[status]) for m, p, status in _refused_paths()
+    ]
     # an escaped slash never becomes a path separator behind the edge: Envoy rejects the request
     escaped = f"/v2/models/{EncodeText.NAME}%2F..%2F{INTERNAL_MODELS[0]}/ready"
     assert _http(gateway, "GET", escaped)[0] == 400
@@ -223,21 +261,32 @@ def test_internal_models_and_admin_apis_refused_over_grpc(gateway, upstreams):
     texts = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
     texts.set_data_from_numpy(TEXTS[:1])
     for model in INTERNAL_MODELS:
-        for call in (lambda: client.infer(model, [texts]), lambda: client.get_model_metadata(model),
-                     lambda: client.is_model_ready(model)):
+        for call in (
+            lambda model=model: client.infer(model, [texts]),
+            lambda model=model: client.get_model_metadata(model),
+            lambda model=model: client.is_model_ready(model),
+        ):
             assert _grpc_refused(call).status() == "StatusCode.PERMISSION_DENIED"
-    for call in (client.get_model_repository_index, lambda: client.get_model_config(EncodeText.NAME),
-                 client.get_inference_statistics, client.get_system_shared_memory_status,
-                 client.get_cuda_shared_memory_status, client.get_trace_settings, client.get_log_settings,
-                 lambda: client.load_model(EncodeText.NAME), lambda: client.unload_model(EncodeText.NAME)):
+    for call in (
+        client.get_model_repository_index,
+        lambda: client.get_model_config(EncodeText.NAME),
+        client.get_inference_statistics,
+        client.get_system_shared_memory_status,
+        client.get_cuda_shared_memory_status,
+        client.get_trace_settings,
+        client.get_log_settings,
+        lambda: client.load_model(EncodeText.NAME),
+        lambda: client.unload_model(EncodeText.NAME),
+    ):
         assert _grpc_refused(call).status() == "StatusCode.PERMISSION_DENIED"
     assert _request_counts(upstreams) == before
 
 
 def _raw_infer(gateway, body: bytes) -> tuple[str, str]:
     with grpc.insecure_channel(gateway.grpc_url) as channel:
-        call = channel.unary_unary(f"/{GRPC_SERVICE}/ModelInfer", request_serializer=lambda b: b,
-                                   response_deserializer=lambda b: b)
+        call = channel.unary_unary(
+            f"/{GRPC_SERVICE}/ModelInfer", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
         try:
             call(body, timeout=30)
             return "OK", ""
@@ -260,8 +309,10 @@ def test_crafted_grpc_messages_cannot_reach_internal_models(gateway, upstreams):
         assert service_pb2.ModelInferRequest.FromString(sneaky).model_name == internal
         assert _raw_infer(gateway, sneaky)[0] == "StatusCode.PERMISSION_DENIED"
         # the name after other fields (field order is free)
-        late = service_pb2.ModelInferRequest(id="x", model_version="1").SerializeToString() + \
-            service_pb2.ModelInferRequest(model_name=internal).SerializeToString()
+        late = (
+            service_pb2.ModelInferRequest(id="x", model_version="1").SerializeToString()
+            + service_pb2.ModelInferRequest(model_name=internal).SerializeToString()
+        )
         assert _raw_infer(gateway, late)[0] == "StatusCode.PERMISSION_DENIED"
     assert _request_counts(upstreams) == before
     # a 5-byte tag whose bits above 32 Triton's C++ parser drops: field 1 there, last, so it wins
@@ -270,12 +321,20 @@ def test_crafted_grpc_messages_cannot_reach_internal_models(gateway, upstreams):
     tensor.shape.extend([1, 1])
     text.raw_input_contents.append(len(b"a cat").to_bytes(4, "little") + b"a cat")
     name = PreprocessText.NAME.encode()
-    wrapped = service_pb2.ModelInferRequest(model_name=EncodeText.NAME).SerializeToString() + \
-        text.SerializeToString() + b"\x8a\x80\x80\x80\x10" + bytes([len(name)]) + name
+    wrapped = (
+        service_pb2.ModelInferRequest(model_name=EncodeText.NAME).SerializeToString()
+        + text.SerializeToString()
+        + b"\x8a\x80\x80\x80\x10"
+        + bytes([len(name)])
+        + name
+    )
     counted = _request_counts(upstreams)
     with grpc.insecure_channel(upstreams[0].grpc_url) as channel:  # the reference: Triton itself runs it
-        direct = channel.unary_unary(f"/{GRPC_SERVICE}/ModelInfer", request_serializer=lambda b: b,
-                                     response_deserializer=service_pb2.ModelInferResponse.FromString)
+        direct = channel.unary_unary(
+            f"/{GRPC_SERVICE}/ModelInfer",
+            request_serializer=lambda b: b,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
         assert direct(wrapped, timeout=30).model_name == PreprocessText.NAME
     before = _settled_counts(upstreams, sum(counted) + 1)
     assert _raw_infer(gateway, wrapped)[0] == "StatusCode.PERMISSION_DENIED"
@@ -283,8 +342,10 @@ def test_crafted_grpc_messages_cannot_reach_internal_models(gateway, upstreams):
         assert _raw_infer(gateway, garbage)[0] == "StatusCode.INVALID_ARGUMENT", garbage
     # many tiny fields (a varint field 15 = 0 each) would make the walk long: refused past MAX_MESSAGE_FIELDS
     crowded = b"\x78\x00" * (MAX_MESSAGE_FIELDS + 1) + good
-    assert _raw_infer(gateway, crowded) == ("StatusCode.INVALID_ARGUMENT",
-                                            f"more than {MAX_MESSAGE_FIELDS} fields in one request message")
+    assert _raw_infer(gateway, crowded) == (
+        "StatusCode.INVALID_ARGUMENT",
+        f"more than {MAX_MESSAGE_FIELDS} fields in one request message",
+    )
     assert _request_counts(upstreams) == before
     assert _raw_infer(gateway, b"\x78\x00" * (MAX_MESSAGE_FIELDS - 8) + good)[0] == "OK"  # within the bound: served
 
@@ -335,7 +396,9 @@ def test_compressed_bodies_refused(gateway, upstreams, encoding):
 
     before = _settled_counts(upstreams, 0)
     body = gzip.compress(b"{" + b" " * 10_000_000 + b"}")  # ~10 KB on the wire, 10 MB inflated: far over the cap
-    status, reply = _http(gateway, "POST", f"/v2/models/{EncodeText.NAME}/infer", body, **{"Content-Encoding": encoding})
+    status, reply = _http(
+        gateway, "POST", f"/v2/models/{EncodeText.NAME}/infer", body, **{"Content-Encoding": encoding}
+    )
     assert status == 415, reply
     assert "Content-Encoding" in json.loads(reply)["error"]
     assert _request_counts(upstreams) == before
@@ -355,17 +418,26 @@ def test_memory_stays_bounded_under_concurrent_uploads(upstreams):
     """24 concurrent uploads of 30 MB (720 MB buffered without a bound) through a gateway bounded to 256 MiB of heap:
     Envoy's resident memory stays near the bound, refused uploads get 503 or are cut, and it serves again after."""
     heap, body = 256 * 1024**2, b"x" * (30 * 1024**2)
-    gw = start_gateway([f"127.0.0.1:{s.http_port}:{s.grpc_port}" for s in upstreams],
-                       "--max-body-bytes", str(32 * 1024**2), "--max-heap-bytes", str(heap))
+    gw = start_gateway(
+        [f"127.0.0.1:{s.http_port}:{s.grpc_port}" for s in upstreams],
+        "--max-body-bytes",
+        str(32 * 1024**2),
+        "--max-heap-bytes",
+        str(heap),
+    )
     try:
         envoy = psutil.Process(gw.proc.pid).children()[0]  # `clip-triton gateway` runs Envoy as its one child
         done = threading.Event()
         sampler = RssSampler(lambda: envoy.memory_info().rss, 0.02, done)
+
         def upload(_) -> bytes:
             try:
                 with socket.create_connection(("127.0.0.1", gw.http_port), timeout=60) as sock:
-                    sock.sendall(f"POST /v2/models/{EncodeText.NAME}/infer HTTP/1.1\r\nHost: x\r\n"
-                                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                    sock.sendall(
+                        f"POST /v2/models/{EncodeText.NAME}/infer HTTP/1.1\r\nHost: x\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n".encode()
+                        + body
+                    )
                     return sock.recv(64).split(b"\r\n")[0] or b"cut"  # closed without an answer: cut too
             except OSError:
                 return b"cut"
@@ -378,7 +450,9 @@ def test_memory_stays_bounded_under_concurrent_uploads(upstreams):
         peak_mib = max(rss for _, rss in sampler.samples) // 1024**2
         assert peak_mib < heap // 1024**2 + 200, (peak_mib, outcomes)
         assert all(o == b"cut" or o.startswith(b"HTTP/1.1 ") for o in outcomes), outcomes  # Triton answers the rest
-        assert sum(o in (b"cut", b"HTTP/1.1 503 Service Unavailable") for o in outcomes) >= 4, outcomes  # the bound acted
+        assert sum(o in (b"cut", b"HTTP/1.1 503 Service Unavailable") for o in outcomes) >= 4, (
+            outcomes
+        )  # the bound acted
         assert wait_until(lambda: _http(gw, "GET", "/v2/health/ready")[0] == 200, 10)  # serves again
     finally:
         assert gw.stop() == 0
@@ -414,12 +488,15 @@ def _seconds_until_closed(port: int, payload: bytes) -> tuple[float, bytes]:
 
 def test_idle_slow_and_half_sent_connections_are_closed(gateway):
     request = f"POST /v2/models/{EncodeText.NAME}/infer HTTP/1.1\r\nHost: x\r\n".encode()
-    cases = {"idle": (b"", "--idle-timeout"),
-             "half-sent headers": (request, "--headers-timeout"),
-             "half-sent body": (request + b"Content-Length: 1000\r\n\r\n" + b"{" * 10, "--request-timeout")}
+    cases = {
+        "idle": (b"", "--idle-timeout"),
+        "half-sent headers": (request, "--headers-timeout"),
+        "half-sent body": (request + b"Content-Length: 1000\r\n\r\n" + b"{" * 10, "--request-timeout"),
+    }
     with ThreadPoolExecutor(len(cases)) as pool:
-        results = dict(zip(cases, pool.map(partial(_seconds_until_closed, gateway.http_port),
-                                           [p for p, _ in cases.values()])))
+        results = dict(
+            zip(cases, pool.map(partial(_seconds_until_closed, gateway.http_port), [p for p, _ in cases.values()]))
+        )
     for name, (seconds, data) in results.items():
         limit = float(TIMEOUTS[cases[name][1]])
         assert limit - 0.5 <= seconds <= limit + 3, (name, seconds)
@@ -428,9 +505,11 @@ def test_idle_slow_and_half_sent_connections_are_closed(gateway):
 
 # ------------------------------------------------------------------------------------------------ rate limit
 def test_per_client_rate_limit(upstreams):
-    gw = start_gateway([f"127.0.0.1:{s.http_port}:{s.grpc_port}" for s in upstreams],
-                       "--rate-limit", "1", "--rate-limit-burst", "3")
+    gw = start_gateway(
+        [f"127.0.0.1:{s.http_port}:{s.grpc_port}" for s in upstreams], "--rate-limit", "1", "--rate-limit-burst", "3"
+    )
     try:
+
         def statuses(source: str, n: int) -> list[int]:
             out = []
             for _ in range(n):
@@ -451,8 +530,13 @@ def test_per_client_rate_limit(upstreams):
 
 # ------------------------------------------------------------------------------------------------ dashboard
 def test_dashboard_queries_name_exported_metrics(gateway, upstreams):
-    infer(_client(gateway.grpc_url, "grpc"), "grpc", ZeroShot.NAME, {ZeroShot.TEXT: TEXTS, ZeroShot.IMAGE: IMAGES},
-          [ZeroShot.PROBS])  # every model has served something
+    infer(
+        _client(gateway.grpc_url, "grpc"),
+        "grpc",
+        ZeroShot.NAME,
+        {ZeroShot.TEXT: TEXTS, ZeroShot.IMAGE: IMAGES},
+        [ZeroShot.PROBS],
+    )  # every model has served something
     exported = metric_names(scrape(upstreams[0].metrics_url)) | metric_names(gateway.metrics())
     assert not GPU_ONLY & exported  # the exemption covers only what a CPU-only server cannot show
     dashboard = json.loads(DASHBOARD.read_text())
@@ -465,8 +549,18 @@ def test_dashboard_queries_name_exported_metrics(gateway, upstreams):
     text = json.dumps(dashboard)
     assert "|".join(PUBLIC_MODELS) in text and "|".join(ENCODERS) in text  # model names as in the contract
     titles = " ".join(p["title"].lower() for p in panels)
-    for topic in ("requests/s", "errors", "p50", "p95", "p99", "queue", "batch size", "gpu utilisation",
-                  "gpu memory", "replicas"):
+    for topic in (
+        "requests/s",
+        "errors",
+        "p50",
+        "p95",
+        "p99",
+        "queue",
+        "batch size",
+        "gpu utilisation",
+        "gpu memory",
+        "replicas",
+    ):
         assert topic in titles, topic
 
 

@@ -20,8 +20,9 @@ BIG = "a" * 40 * 1024  # one 40 KiB header: Triton 2.51 drops the connection fro
 @pytest.fixture(scope="module")
 def gateway(triton_server):
     """`clip-triton gateway --access-log` over the session's server."""
-    gw = start_gateway([f"{triton_server.http_url}:{triton_server.server.grpc_port}"], "--access-log",
-                       "--limits-timeout", "30")
+    gw = start_gateway(
+        [f"{triton_server.http_url}:{triton_server.server.grpc_port}"], "--access-log", "--limits-timeout", "30"
+    )
     try:
         yield gw
     finally:

@@ -28,8 +28,22 @@ def kit_run(kit, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     env = dict(os.environ, CLIP_GPUKIT_HOME=str(tmp / "home"))
     for name in ("CLIP_TRITON_SERVER_ROOT", "CLIP_TRITON_PYTHON_ENV", "CLIP_TRITON_TEMPLATE"):
         env.pop(name, None)
-    done = subprocess.run([sys.executable, str(folder / "run_kit.py"), "--device", "cpu", "--out", str(tmp / "out"),
-                           "--workdir", str(tmp / "work")], capture_output=True, text=True, env=env, timeout=540)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(folder / "run_kit.py"),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp / "out"),
+            "--workdir",
+            str(tmp / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=540,
+    )
     return done, tmp / "out"
 
 
@@ -41,15 +55,23 @@ def test_kit_holds_what_the_server_loads_and_fits(kit, kit_run):
     stubs = {n for n in names if n.startswith("server/") and n.endswith("triton_python_backend_stub")}
     assert stubs == {f"server/pytriton/tritonserver/python_backend_stubs/{PYTHON_TAG}/triton_python_backend_stub"}
     root = triton_root()
-    libs = {f"server/nvidia_pytriton.libs/{p.name}" for p in loaded_libraries(
-        [root / "bin" / "tritonserver", root / "backends" / "python" / "libtriton_python.so"], libs_dir())}
+    libs = {
+        f"server/nvidia_pytriton.libs/{p.name}"
+        for p in loaded_libraries(
+            [root / "bin" / "tritonserver", root / "backends" / "python" / "libtriton_python.so"], libs_dir()
+        )
+    }
     assert libs and libs <= names
     assert not any("libpython3" in n for n in names), "the wheel's libpython3.13 is for the 3.13 stub only"
     assert "tools/bin/perf_analyzer" in names and "site/tritonclient/grpc/__init__.py" in names
     assert not any(n.startswith("site/tritonclient/http") for n in names), "the HTTP client needs gevent"
     assert "stub-site/numpy/__init__.py" in names and not any("/tests/" in n for n in names)
-    assert {"src/clip_runtime/image.py", "src/clip_loadtest/gpukit/run.py", "cache/clip_bpe/vocab.json",
-            "model_repository/preprocess_image/1/model.py"} <= names
+    assert {
+        "src/clip_runtime/image.py",
+        "src/clip_loadtest/gpukit/run.py",
+        "cache/clip_bpe/vocab.json",
+        "model_repository/preprocess_image/1/model.py",
+    } <= names
 
 
 def test_kit_serves_and_measures_on_cpu(kit_run):

@@ -18,10 +18,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image, ImageOps
 from tritonclient.utils import InferenceServerException
-from tests.integration.triton_helpers import infer, repository_copy, serving
 
 from clip_loadtest.hardening import png_header
 from clip_server import TritonServer
+from tests.integration.triton_helpers import infer, repository_copy, serving
 
 PROTOCOLS = ("http", "grpc")
 INVALID = ("400", "StatusCode.INVALID_ARGUMENT")
@@ -59,17 +59,38 @@ BAD = [
     ("truncated JPEG", "encode_image", _jpeg[: len(_jpeg) // 2], r"image 0: cannot decode JPEG image: .*truncated"),
     ("truncated PNG", "encode_image", _png[: len(_png) // 2], r"image 0: cannot decode PNG image"),
     ("PNG bomb 50000x50000", "encode_image", png_header(50000, 50000), r"image 0: image has too many pixels"),
-    ("PNG 8000x6000 header", "encode_image", png_header(8000, 6000),
-     r"image 0: image is 8000x6000 = 48000000 pixels, more than the limit of 40000000"),
-    ("ICO (decoder not allowed)", "encode_image", encode(Image.fromarray(photo(32, 32)), "ICO"),
-     r"image 0: not a decodable image \(allowed formats: JPEG, PNG, WEBP, BMP, GIF, TIFF"),
-    ("TGA (decoder not allowed)", "encode_image", encode(Image.fromarray(photo(32, 32)), "TGA"),
-     r"not a decodable image"),
+    (
+        "PNG 8000x6000 header",
+        "encode_image",
+        png_header(8000, 6000),
+        r"image 0: image is 8000x6000 = 48000000 pixels, more than the limit of 40000000",
+    ),
+    (
+        "ICO (decoder not allowed)",
+        "encode_image",
+        encode(Image.fromarray(photo(32, 32)), "ICO"),
+        r"image 0: not a decodable image \(allowed formats: JPEG, PNG, WEBP, BMP, GIF, TIFF",
+    ),
+    (
+        "TGA (decoder not allowed)",
+        "encode_image",
+        encode(Image.fromarray(photo(32, 32)), "TGA"),
+        r"not a decodable image",
+    ),
     ("bad .npy", "encode_image", b"\x93NUMPY\x01\x00junk", r"image 0: bad .npy header"),
-    ("float .npy", "encode_image", (lambda b: (np.save(b, np.zeros((4, 4, 3), np.float32)), b.getvalue())[1])(io.BytesIO()),
-     r"must be uint8 with shape \(H, W, 3\)"),
+    (
+        "float .npy",
+        "encode_image",
+        (lambda b: (np.save(b, np.zeros((4, 4, 3), np.float32)), b.getvalue())[1])(io.BytesIO()),
+        r"must be uint8 with shape \(H, W, 3\)",
+    ),
     ("invalid UTF-8", "encode_text", b"caf\xc3(", r"text 0: text is not valid UTF-8"),
-    ("text over max_text_bytes", "encode_text", b"a" * 16385, r"text 0: text is 16385 bytes, more than the limit of 16384"),
+    (
+        "text over max_text_bytes",
+        "encode_text",
+        b"a" * 16385,
+        r"text 0: text is 16385 bytes, more than the limit of 16384",
+    ),
 ]
 
 
@@ -111,8 +132,9 @@ def assert_all_ready(server: TritonServer) -> None:
     assert not server.dead_stubs()
 
 
-def run_mixed(url: str, protocol: str, bad: list[tuple[str, str, bytes]], good_reference: dict, rounds: int = 2,
-              threads: int = 8) -> list:
+def run_mixed(
+    url: str, protocol: str, bad: list[tuple[str, str, bytes]], good_reference: dict, rounds: int = 2, threads: int = 8
+) -> list:
     """bad [(ensemble, input, item)] and the good items, shuffled together and sent concurrently; checked here."""
     jobs = [("good", "encode_image", i) for i in range(len(GOOD_IMAGES))]
     jobs += [("good", "encode_text", i) for i in range(len(GOOD_TEXTS))]
@@ -157,8 +179,11 @@ def hf(triton_server):
         from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
         ckpt = str(triton_server.checkpoint_dir)
-        return (CLIPModel.from_pretrained(ckpt).eval(), AutoTokenizer.from_pretrained(ckpt),
-                CLIPImageProcessorPil.from_pretrained(ckpt))
+        return (
+            CLIPModel.from_pretrained(ckpt).eval(),
+            AutoTokenizer.from_pretrained(ckpt),
+            CLIPImageProcessorPil.from_pretrained(ckpt),
+        )
 
 
 def hf_images(hf, images: list[Image.Image]) -> np.ndarray:
@@ -181,8 +206,10 @@ def hf_texts(hf, texts: list[str]) -> np.ndarray:
 def alone(triton_server):
     """Each good item's embedding from a request made alone (HTTP)."""
     url = triton_server.http_url
-    return {"encode_image": [embed(url, "http", "image", [b])[0] for b in GOOD_IMAGES],
-            "encode_text": [embed(url, "http", "text", [t])[0] for t in GOOD_TEXTS]}
+    return {
+        "encode_image": [embed(url, "http", "image", [b])[0] for b in GOOD_IMAGES],
+        "encode_text": [embed(url, "http", "text", [t])[0] for t in GOOD_TEXTS],
+    }
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -261,10 +288,15 @@ def _modes() -> list[tuple[str, bytes, Image.Image]]:
     base = Image.fromarray(rgb)
     white = Image.new("RGBA", base.size, (255, 255, 255, 255))
     cases = []
-    g16 = (photo(60, 80, 8)[..., 0].astype(np.uint16) * 257 + np.arange(80, dtype=np.uint16)[None, :] * 3)
+    g16 = photo(60, 80, 8)[..., 0].astype(np.uint16) * 257 + np.arange(80, dtype=np.uint16)[None, :] * 3
     img16 = Image.fromarray(g16)
-    cases.append(("16-bit greyscale PNG", encode(img16, "PNG"),
-                  Image.fromarray(((g16.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")))
+    cases.append(
+        (
+            "16-bit greyscale PNG",
+            encode(img16, "PNG"),
+            Image.fromarray(((g16.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB"),
+        )
+    )
     cmyk = encode(base.convert("CMYK"), "JPEG", quality=95)
     cases.append(("CMYK JPEG", cmyk, Image.open(io.BytesIO(cmyk)).convert("RGB")))
     pal = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
@@ -272,10 +304,20 @@ def _modes() -> list[tuple[str, bytes, Image.Image]]:
     pal_t = pal.copy()
     pal_t.info["transparency"] = 3
     data = encode(pal_t, "PNG", transparency=3)
-    cases.append(("palette PNG + transparency", data,
-                  Image.alpha_composite(white, Image.open(io.BytesIO(data)).convert("RGBA")).convert("RGB")))
-    cases.append(("greyscale JPEG", encode(base.convert("L"), "JPEG", quality=95),
-                  Image.open(io.BytesIO(encode(base.convert("L"), "JPEG", quality=95))).convert("RGB")))
+    cases.append(
+        (
+            "palette PNG + transparency",
+            data,
+            Image.alpha_composite(white, Image.open(io.BytesIO(data)).convert("RGBA")).convert("RGB"),
+        )
+    )
+    cases.append(
+        (
+            "greyscale JPEG",
+            encode(base.convert("L"), "JPEG", quality=95),
+            Image.open(io.BytesIO(encode(base.convert("L"), "JPEG", quality=95))).convert("RGB"),
+        )
+    )
     rgba = base.copy()
     rgba.putalpha(Image.fromarray(np.linspace(0, 255, 96 * 72).reshape(72, 96).astype(np.uint8)))
     cases.append(("RGBA PNG", encode(rgba, "PNG"), Image.alpha_composite(white, rgba).convert("RGB")))
@@ -283,9 +325,16 @@ def _modes() -> list[tuple[str, bytes, Image.Image]]:
     cases.append(("LA PNG", encode(la, "PNG"), Image.alpha_composite(white, la.convert("RGBA")).convert("RGB")))
     for orientation in (3, 6, 8):
         data = exif_rotated(rgb, orientation)
-        cases.append((f"EXIF orientation {orientation}", data,
-                      ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")))
-    cases.append(("1x1 PNG", encode(Image.new("RGB", (1, 1), (200, 30, 40)), "PNG"), Image.new("RGB", (1, 1), (200, 30, 40))))
+        cases.append(
+            (
+                f"EXIF orientation {orientation}",
+                data,
+                ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"),
+            )
+        )
+    cases.append(
+        ("1x1 PNG", encode(Image.new("RGB", (1, 1), (200, 30, 40)), "PNG"), Image.new("RGB", (1, 1), (200, 30, 40)))
+    )
     big = Image.fromarray(np.kron(photo(400, 600, 9), np.ones((10, 10, 1), np.uint8)))  # 6000x4000
     data = encode(big, "JPEG", quality=85)
     cases.append(("6000x4000 JPEG", data, Image.open(io.BytesIO(data)).convert("RGB")))
@@ -374,9 +423,14 @@ def test_memory_is_flat_over_1000_bad_requests(triton_server):
     assert_all_ready(server)
 
 
-# ------------------------------------------------------------------------------------------------ limits + restricted APIs
-LIMITS = {"max_items_per_request": 4, "max_text_bytes": 64, "max_image_bytes": 60_000, "max_pixels": 500_000,
-          "allowed_formats": ["PNG", "JPEG"]}
+# ------------------------------------------------------------------------------------- limits + restricted APIs
+LIMITS = {
+    "max_items_per_request": 4,
+    "max_text_bytes": 64,
+    "max_image_bytes": 60_000,
+    "max_pixels": 500_000,
+    "allowed_formats": ["PNG", "JPEG"],
+}
 ADMIN_KEY = "test-admin-key-123"
 
 
@@ -384,8 +438,9 @@ ADMIN_KEY = "test-admin-key-123"
 def hardened(triton_server, tmp_path_factory):
     """A copy of the shared repository with tight limits (configs regenerated as `build --limit` writes them), served
     with the admin APIs restricted behind ADMIN_KEY."""
-    repo = repository_copy(triton_server, tmp_path_factory.mktemp("hardened") / "repo", max_queue_delay_us=2000,
-                           limits=LIMITS)
+    repo = repository_copy(
+        triton_server, tmp_path_factory.mktemp("hardened") / "repo", max_queue_delay_us=2000, limits=LIMITS
+    )
     with serving(repo, admin_key=ADMIN_KEY, exit_timeout=2) as server:
         yield server
 
@@ -394,10 +449,26 @@ LIMIT_CASES = [
     ("encode_text", ["a", "b", "c", "d", "e"], r"5 texts in one request, more than the limit of 4"),
     ("encode_image", [_png] * 5, r"5 images in one request, more than the limit of 4"),
     ("encode_text", ["x" * 65], r"text 0: text is 65 bytes, more than the limit of 64"),
-    ("encode_image", [encode(Image.fromarray(photo(300, 300)), "BMP")], r"image 0: image is 270054 bytes, more than the limit of 60000"),
-    ("encode_image", [png_header(1000, 600)], r"image 0: image is 1000x600 = 600000 pixels, more than the limit of 500000"),
-    ("encode_image", [encode(Image.fromarray(photo(40, 40)), "WEBP")], r"not a decodable image \(allowed formats: PNG, JPEG,"),
-    ("encode_image", [encode(Image.fromarray(photo(40, 40)), "GIF")], r"not a decodable image \(allowed formats: PNG, JPEG,"),
+    (
+        "encode_image",
+        [encode(Image.fromarray(photo(300, 300)), "BMP")],
+        r"image 0: image is 270054 bytes, more than the limit of 60000",
+    ),
+    (
+        "encode_image",
+        [png_header(1000, 600)],
+        r"image 0: image is 1000x600 = 600000 pixels, more than the limit of 500000",
+    ),
+    (
+        "encode_image",
+        [encode(Image.fromarray(photo(40, 40)), "WEBP")],
+        r"not a decodable image \(allowed formats: PNG, JPEG,",
+    ),
+    (
+        "encode_image",
+        [encode(Image.fromarray(photo(40, 40)), "GIF")],
+        r"not a decodable image \(allowed formats: PNG, JPEG,",
+    ),
 ]
 
 
@@ -412,9 +483,17 @@ def test_every_limit_is_enforced(hardened, protocol):
         assert_clean_error(info.value, pattern)
         assert str(info.value.status()) in INVALID
     # at the limits: fine
-    assert infer(c, protocol, "encode_text", {"text": column(["x" * 64] * 4)}, ["text_embeds"])["text_embeds"].shape[0] == 4
-    ok = infer(c, protocol, "encode_image", {"image": column([encode(Image.fromarray(photo(500, 1000)), "JPEG", quality=30)])},
-               ["image_embeds"])
+    assert (
+        infer(c, protocol, "encode_text", {"text": column(["x" * 64] * 4)}, ["text_embeds"])["text_embeds"].shape[0]
+        == 4
+    )
+    ok = infer(
+        c,
+        protocol,
+        "encode_image",
+        {"image": column([encode(Image.fromarray(photo(500, 1000)), "JPEG", quality=30)])},
+        ["image_embeds"],
+    )
     assert ok["image_embeds"].shape[0] == 1
     c.close()
     assert_all_ready(hardened)
@@ -425,9 +504,11 @@ def test_admin_apis_need_the_key(hardened, protocol):
     url = hardened.http_url if protocol == "http" else hardened.grpc_url
     c = client_for(url, protocol)
     kw = {"as_json": True} if protocol == "grpc" else {}
-    for call in (lambda h: c.get_model_config("postprocess", headers=h, **kw),
-                 lambda h: c.get_inference_statistics("encode_text", headers=h, **kw),
-                 lambda h: c.get_model_repository_index(headers=h, **kw)):
+    for call in (
+        lambda h: c.get_model_config("postprocess", headers=h, **kw),
+        lambda h: c.get_inference_statistics("encode_text", headers=h, **kw),
+        lambda h: c.get_model_repository_index(headers=h, **kw),
+    ):
         with pytest.raises(InferenceServerException, match="restricted"):
             call(None)
         with pytest.raises(InferenceServerException, match="restricted"):
@@ -438,8 +519,10 @@ def test_admin_apis_need_the_key(hardened, protocol):
     assert c.get_model_metadata("encode_text", **kw)
     config = c.get_model_config("postprocess", headers=hardened.admin_headers, **kw)
     config = config.get("config", config)
-    assert config["parameters"]["model_id"]["string_value"] == json.loads(
-        (hardened.repository / "clip_triton.json").read_text())["model_id"]
+    assert (
+        config["parameters"]["model_id"]["string_value"]
+        == json.loads((hardened.repository / "clip_triton.json").read_text())["model_id"]
+    )
     c.close()
 
 

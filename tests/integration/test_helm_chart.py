@@ -24,14 +24,21 @@ ADAPTER_VALUES = ROOT / "deploy" / "helm" / "prometheus-adapter-values.yaml"
 VALUE_SETS = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
 KUBERNETES = "1.33.0"
 # Custom resources the 1.33 schemas do not know: checked field by field below instead.
-CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
-                ("serving.kserve.io/v1alpha1", "ServingRuntime"), ("serving.kserve.io/v1beta1", "InferenceService")}
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"),
+    ("serving.kserve.io/v1beta1", "InferenceService"),
+}
 LOADTEST = ROOT / "deploy" / "helm" / "clip-triton-loadtest"
 # The cluster each value set is rendered for: the APIs its optional CRDs / aggregated APIs add (.Capabilities).
 OPERATOR, ADAPTER = "monitoring.coreos.com/v1", "custom.metrics.k8s.io/v1beta1"
 KSERVE = ["serving.kserve.io/v1beta1/InferenceService", "serving.kserve.io/v1alpha1/ServingRuntime"]
-CLUSTER_APIS = {"default-values.yaml": [OPERATOR, ADAPTER], "kserve-values.yaml": KSERVE + [OPERATOR],
-                "conventions-values.yaml": [ADAPTER]}
+CLUSTER_APIS = {
+    "default-values.yaml": [OPERATOR, ADAPTER],
+    "kserve-values.yaml": KSERVE + [OPERATOR],
+    "conventions-values.yaml": [ADAPTER],
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +53,9 @@ def _api_flags(name: str) -> list[str]:
 
 def _render(tools, *args, release: str = "rel", chart: Path = CHART) -> list[dict]:
     """The objects `helm template` renders (namespace serving, Kubernetes 1.33) with these extra arguments."""
-    text = _run([tools["helm"], "template", release, chart, "--namespace", "serving", "--kube-version", KUBERNETES,
-                 *args])
+    text = _run(
+        [tools["helm"], "template", release, chart, "--namespace", "serving", "--kube-version", KUBERNETES, *args]
+    )
     return [d for d in yaml.safe_load_all(text) if d]
 
 
@@ -78,8 +86,12 @@ def rendered(tools) -> dict[str, list[dict]]:
 
 
 def _kind(objects: list[dict], kind: str, component: str | None = None) -> list[dict]:
-    return [o for o in objects if o["kind"] == kind and (
-        component is None or o["metadata"]["labels"].get("app.kubernetes.io/component") == component)]
+    return [
+        o
+        for o in objects
+        if o["kind"] == kind
+        and (component is None or o["metadata"]["labels"].get("app.kubernetes.io/component") == component)
+    ]
 
 
 def _one(objects: list[dict], kind: str, component: str | None = None) -> dict:
@@ -120,20 +132,26 @@ def test_kubectl_kustomize_takes_the_rendered_objects(tools, rendered, tmp_path)
         (folder / "all.yaml").write_text(yaml.safe_dump_all(objects))
         (folder / "kustomization.yaml").write_text("resources: [all.yaml]\n")
         out = [d for d in yaml.safe_load_all(_run([tools["kubectl"], "kustomize", folder])) if d]
-        assert sorted((o["kind"], o["metadata"]["name"]) for o in out) == \
-            sorted((o["kind"], o["metadata"]["name"]) for o in objects)
+        assert sorted((o["kind"], o["metadata"]["name"]) for o in out) == sorted(
+            (o["kind"], o["metadata"]["name"]) for o in objects
+        )
 
 
 def test_selectors_match_their_pods(rendered):
     for name, objects in rendered.items():
-        pods = {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"]
-                for o in objects if o["kind"] in ("Deployment", "Job")}
+        pods = {
+            o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"]
+            for o in objects
+            if o["kind"] in ("Deployment", "Job")
+        }
         for obj in objects:
             if obj["kind"] == "Deployment":
                 assert obj["spec"]["selector"]["matchLabels"].items() <= pods[obj["metadata"]["name"]].items()
-            selector = {"Service": lambda o: o["spec"].get("selector"),
-                        "PodDisruptionBudget": lambda o: o["spec"]["selector"]["matchLabels"],
-                        "NetworkPolicy": lambda o: o["spec"]["podSelector"]["matchLabels"]}.get(obj["kind"])
+            selector = {
+                "Service": lambda o: o["spec"].get("selector"),
+                "PodDisruptionBudget": lambda o: o["spec"]["selector"]["matchLabels"],
+                "NetworkPolicy": lambda o: o["spec"]["podSelector"]["matchLabels"],
+            }.get(obj["kind"])
             if selector:
                 wanted = selector(obj)
                 assert any(wanted.items() <= labels.items() for labels in pods.values()), (name, obj["metadata"])
@@ -280,8 +298,17 @@ def test_network_policy_admits_only_the_gateway(rendered):
 def test_locust_has_its_own_chart_targeting_the_gateway(tools):
     """The production chart renders no load generator; clip-triton-loadtest targets a release's gateway."""
     assert not (CHART / "templates" / "locust.yaml").exists() and "locust" not in _values("default-values.yaml")
-    objects = _render(tools, "--set", "target.release=rel", "--set", "protocol=http", "--set", "workers=2",
-                      release="load", chart=LOADTEST)
+    objects = _render(
+        tools,
+        "--set",
+        "target.release=rel",
+        "--set",
+        "protocol=http",
+        "--set",
+        "workers=2",
+        release="load",
+        chart=LOADTEST,
+    )
     master = _container(_one(objects, "Deployment", "locust-master"), "locust")
     workers = _one(objects, "Deployment", "locust-worker")
     host = next(e["value"] for e in master["env"] if e["name"] == "LOCUST_HOST")
@@ -294,10 +321,13 @@ def test_locust_has_its_own_chart_targeting_the_gateway(tools):
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)
 
 
-@pytest.mark.parametrize("release, main_settings", [
-    ("rel", []),
-    ("a-very-long-release-name-for-clip-triton-x", ["gateway.auth.existingSecret=keys", "gateway.auth.key=k.txt"]),
-])
+@pytest.mark.parametrize(
+    "release, main_settings",
+    [
+        ("rel", []),
+        ("a-very-long-release-name-for-clip-triton-x", ["gateway.auth.existingSecret=keys", "gateway.auth.key=k.txt"]),
+    ],
+)
 def test_locust_workers_get_the_gateways_key_and_ca(tools, tmp_path, release, main_settings):
     """By default the load test speaks TLS to the release's gateway with the CA and API key of the Secrets the
     clip-triton chart creates or names (long release names and existing Secrets included), on master and workers."""
@@ -306,14 +336,21 @@ def test_locust_workers_get_the_gateways_key_and_ca(tools, tmp_path, release, ma
     set_main = [a for kv in main_settings for a in ("--set", kv)]
     main = _render(tools, *set_main, release=release)
     gateway = _one(main, "Deployment", "gateway")
-    mounted = {v["name"]: v["secret"]["secretName"] for v in gateway["spec"]["template"]["spec"]["volumes"]
-               if "secret" in v}
+    mounted = {
+        v["name"]: v["secret"]["secretName"] for v in gateway["spec"]["template"]["spec"]["volumes"] if "secret" in v
+    }
     args = _container(gateway, "gateway")["args"]
     key_file = next(a.split("=", 1)[1] for a in args if a.startswith("--api-key-file"))
     service = next(s for s in _kind(main, "Service", "gateway") if s["spec"].get("clusterIP") != "None")
     lt_settings = [kv.replace("gateway.", "target.") for kv in main_settings]
-    objects = _render(tools, "--set", f"target.release={release}", *[a for kv in lt_settings for a in ("--set", kv)],
-                      release="load", chart=LOADTEST)
+    objects = _render(
+        tools,
+        "--set",
+        f"target.release={release}",
+        *[a for kv in lt_settings for a in ("--set", kv)],
+        release="load",
+        chart=LOADTEST,
+    )
     master = _container(_one(objects, "Deployment", "locust-master"), "locust")
     workers = _one(objects, "Deployment", "locust-worker")
     worker = _container(workers, "locust")
@@ -347,15 +384,22 @@ def test_locust_workers_get_the_gateways_key_and_ca(tools, tmp_path, release, ma
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)
 
 
-@pytest.mark.parametrize("settings, says", [
-    (["target.host=grpc://gw:8001"], "target.tls.enabled=true"),
-    (["target.host=grpcs://gw:8001", "target.tls.enabled=false"], "target.tls.enabled=false"),
-    (["target.host=grpcs://gw:8001"], "target.tls.existingSecret or target.release"),
-])
+@pytest.mark.parametrize(
+    "settings, says",
+    [
+        (["target.host=grpc://gw:8001"], "target.tls.enabled=true"),
+        (["target.host=grpcs://gw:8001", "target.tls.enabled=false"], "target.tls.enabled=false"),
+        (["target.host=grpcs://gw:8001"], "target.tls.existingSecret or target.release"),
+    ],
+)
 def test_locust_chart_refuses_settings_that_could_not_reach_the_gateway(tools, settings, says):
     """A plain-text host with TLS on (or the reverse), or no release to find the CA Secret: a template-time error."""
-    done = subprocess.run([str(tools["helm"]), "template", "load", str(LOADTEST),
-                           *[a for kv in settings for a in ("--set", kv)]], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(tools["helm"]), "template", "load", str(LOADTEST), *[a for kv in settings for a in ("--set", kv)]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert (done.returncode != 0, says in done.stderr) == (True, True), done.stderr
 
 
@@ -371,8 +415,15 @@ def test_kserve_manifests_serve_the_same_repository(rendered):
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     assert _one(objects, "Job")  # the build Job writes the repository KServe serves
     kubernetes_validate.validate(  # the runtime's pod-level parts against the core schemas
-        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
-         "spec": {"containers": [container], "volumes": runtime["spec"]["volumes"]}}, KUBERNETES, strict=True)
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "x"},
+            "spec": {"containers": [container], "volumes": runtime["spec"]["volumes"]},
+        },
+        KUBERNETES,
+        strict=True,
+    )
 
 
 def _tritonserver_containers(obj: dict, triton_image: str) -> list[tuple[dict, list[dict]]]:
@@ -428,17 +479,28 @@ def test_names_stay_dns_labels_with_the_longest_release_name(tools):
 
 def _template_error(tools, *settings: str, apis: tuple[str, ...] = ()) -> str:
     sets = [a for s in settings for a in ("--set", s)]
-    done = subprocess.run([str(tools["helm"]), "template", "rel", str(CHART), *sets,
-                           *[a for api in apis for a in ("--api-versions", api)]],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            str(tools["helm"]),
+            "template",
+            "rel",
+            str(CHART),
+            *sets,
+            *[a for api in apis for a in ("--api-versions", api)],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0, settings
     return done.stderr
 
 
 def test_values_that_would_not_run_fail_at_template_time(tools):
     cases = {
-        ("modelRepository.source=foo",):
-            "at '/modelRepository/source': value must be one of 'build', 'pvc', 's3', 'gs'",
+        (
+            "modelRepository.source=foo",
+        ): "at '/modelRepository/source': value must be one of 'build', 'pvc', 's3', 'gs'",
         ("kserve.enabled=true",): "kserve.enabled needs KServe's CRDs (serving.kserve.io/v1beta1 InferenceService)",
         ("gateway.service.type=LoadBalancer", "gateway.tls.enabled=false"): "would expose inference in plain text",
         ("gateway.service.type=NodePort", "gateway.auth.enabled=false"): "would expose inference in plain text",
@@ -459,34 +521,50 @@ def test_chart_derives_the_gateways_body_cap_and_limit_names_as_the_code(tools):
     from clip_build.repository import BUILD_LIMITS
     from clip_server.gateway import DEFAULT_MAX_BODY_BYTES, REFUSE_REQUESTS_AT
 
-    for limits in ([], ["max_items_per_request=2"], ["max_items_per_request=3", "max_text_bytes=100",
-                                                     "max_image_bytes=5000"]):
+    for limits in (
+        [],
+        ["max_items_per_request=2"],
+        ["max_items_per_request=3", "max_text_bytes=100", "max_image_bytes=5000"],
+    ):
         cap = min(body_cap(repository_limits(None, limits)), DEFAULT_MAX_BODY_BYTES)
         err = _template_error(tools, "gateway.maxHeapBytes=1", *([f"limits={{{','.join(limits)}}}"] if limits else []))
-        assert f"no room for two bodies of the cap ({cap} bytes): raise it to at least " \
-               f"{int(2 * cap / REFUSE_REQUESTS_AT) + 1}," in err, (limits, err)
+        assert (
+            f"no room for two bodies of the cap ({cap} bytes): raise it to at least "
+            f"{int(2 * cap / REFUSE_REQUESTS_AT) + 1}," in err
+        ), (limits, err)
     err = _template_error(tools, "limits={max_itmes=4}")
     assert f"with NAME one of {', '.join(BUILD_LIMITS)}" in err
 
 
 def test_schema_refuses_bad_values(tools):
     """values.schema.json: `helm lint --strict` fails on wrong types, unknown names and bad enums, naming the value."""
-    cases = {("triton.replicas=two",): "replicas", ("pdb.enabled=true",): "pdb",
-             ("modelRepository.build.dtype=fp8",): "dtype", ("gateway.service.type=External",): "type",
-             ("triton.image.digest=latest",): "digest", ("gateway.tls.enabled=yes",): "enabled"}
+    cases = {
+        ("triton.replicas=two",): "replicas",
+        ("pdb.enabled=true",): "pdb",
+        ("modelRepository.build.dtype=fp8",): "dtype",
+        ("gateway.service.type=External",): "type",
+        ("triton.image.digest=latest",): "digest",
+        ("gateway.tls.enabled=yes",): "enabled",
+    }
     for settings, name in cases.items():
         flags = [a for s in settings for a in ("--set-string" if "=two" in s or "=yes" in s else "--set", s)]
-        done = subprocess.run([str(tools["helm"]), "lint", "--strict", str(CHART), *flags],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [str(tools["helm"]), "lint", "--strict", str(CHART), *flags], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode != 0 and "schema" in done.stdout + done.stderr and name in done.stdout + done.stderr, (
-            settings, done.stdout[-800:])
+            settings,
+            done.stdout[-800:],
+        )
 
 
 def _serving_objects(objects: list[dict]) -> dict:
     """What a model change touches: the build Job's name, the Triton pod template, and the KServe-free rest."""
     triton = _one(objects, "Deployment", "triton")
-    return {"jobs": [o["metadata"]["name"] for o in _kind(objects, "Job")],
-            "template": triton["spec"]["template"], "strategy": triton["spec"]["strategy"]}
+    return {
+        "jobs": [o["metadata"]["name"] for o in _kind(objects, "Job")],
+        "template": triton["spec"]["template"],
+        "strategy": triton["spec"]["strategy"],
+    }
 
 
 def test_model_change_rolls_the_pods_and_rollback_restores_them(tools):
@@ -494,9 +572,11 @@ def test_model_change_rolls_the_pods_and_rollback_restores_them(tools):
     its own Job and folder, the Triton pod template changes (a rolling update without losing capacity), and going back
     renders exactly the first release's objects; an upgrade that changes nothing else rolls nothing."""
     a = _serving_objects(_render(tools, *_api_flags("default-values.yaml")))
-    steps = {"checkpoint": ("--set", "modelRepository.build.checkpoint=openai/clip-vit-large-patch14"),
-             "dtype": ("--set", "modelRepository.build.dtype=bf16"),
-             "limits": ("--set", "limits={max_items_per_request=16}")}
+    steps = {
+        "checkpoint": ("--set", "modelRepository.build.checkpoint=openai/clip-vit-large-patch14"),
+        "dtype": ("--set", "modelRepository.build.dtype=bf16"),
+        "limits": ("--set", "limits={max_items_per_request=16}"),
+    }
     seen = {a["template"]["metadata"]["annotations"]["clip-triton/repository"]}
     for what, flags in steps.items():
         b = _serving_objects(_render(tools, *_api_flags("default-values.yaml"), *flags))
@@ -518,8 +598,11 @@ def test_gateway_needs_keys_and_tls_by_default(rendered):
         values = _values(name)
         gateway = _one(objects, "Deployment", "gateway")
         flags = dict(a[2:].split("=", 1) for a in _container(gateway, "gateway")["args"] if "=" in a)
-        volumes = {v["name"]: v["secret"]["secretName"] for v in gateway["spec"]["template"]["spec"]["volumes"]
-                   if "secret" in v}
+        volumes = {
+            v["name"]: v["secret"]["secretName"]
+            for v in gateway["spec"]["template"]["spec"]["volumes"]
+            if "secret" in v
+        }
         auth, tls = values["gateway"]["auth"], values["gateway"]["tls"]
         assert flags["api-key-file"] == f"/etc/clip-triton/api-keys/{auth['key']}"
         assert (flags["tls-cert"], flags["tls-key"]) == ("/etc/clip-triton/tls/tls.crt", "/etc/clip-triton/tls/tls.key")
@@ -532,8 +615,10 @@ def test_gateway_needs_keys_and_tls_by_default(rendered):
             assert {"tls.crt", "tls.key", "ca.crt"} <= generated["data"].keys()
         openai = _one(objects, "Deployment", "openai")
         service = _one(objects, "Service", "openai")
-        assert flags["openai-upstream"] == f"{service['metadata']['name']}.serving.svc.cluster.local:" \
-                                           f"{service['spec']['ports'][0]['port']}"
+        assert (
+            flags["openai-upstream"] == f"{service['metadata']['name']}.serving.svc.cluster.local:"
+            f"{service['spec']['ports'][0]['port']}"
+        )
         assert service["spec"]["type"] == "ClusterIP"
         openai_args = _container(openai, "openai")["args"]
         headless = next(s for s in _kind(objects, "Service", "triton") if s["spec"].get("clusterIP") == "None")
@@ -542,14 +627,22 @@ def test_gateway_needs_keys_and_tls_by_default(rendered):
         hpa = next(h for h in _kind(objects, "HorizontalPodAutoscaler", "openai"))
         assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
         assert _one(objects, "PodDisruptionBudget", "openai")["spec"]["maxUnavailable"] == 1
-    public = [s for s in _kind(rendered["gcs-values.yaml"], "Service", "gateway")
-              if s["spec"].get("clusterIP") != "None"]
+    public = [
+        s for s in _kind(rendered["gcs-values.yaml"], "Service", "gateway") if s["spec"].get("clusterIP") != "None"
+    ]
     assert public[0]["spec"]["type"] == "LoadBalancer"
 
 
 def test_insecure_exposure_only_when_asked(tools):
-    objects = _render(tools, "--set", "gateway.service.type=LoadBalancer", "--set", "gateway.tls.enabled=false",
-                      "--set", "gateway.allowInsecureExposure=true")
+    objects = _render(
+        tools,
+        "--set",
+        "gateway.service.type=LoadBalancer",
+        "--set",
+        "gateway.tls.enabled=false",
+        "--set",
+        "gateway.allowInsecureExposure=true",
+    )
     args = _container(_one(objects, "Deployment", "gateway"), "gateway")["args"]
     assert not any(a.startswith("--tls-") for a in args)
 
@@ -574,7 +667,8 @@ def test_conventions_reach_the_pods(rendered):
     container = _container(triton, "triton")
     assert container["image"] == "registry.example.com/ml/clip-triton-server:24.10"
     assert _container(_one(objects, "Deployment", "gateway"), "gateway")["image"].startswith(
-        "other.example.com/clip-triton-gateway@sha256:")
+        "other.example.com/clip-triton-gateway@sha256:"
+    )
     assert "@sha256:" in _one(objects, "Job")["spec"]["template"]["spec"]["containers"][0]["image"]
     assert pod["spec"]["serviceAccountName"] == "inference" and not _kind(objects, "ServiceAccount")
     assert pod["metadata"]["annotations"]["example.com/team"] == "vision"
@@ -603,7 +697,11 @@ def test_the_real_gateway_takes_the_rendered_arguments(rendered, tmp_path):
             files[key].write_bytes(base64.b64decode(value))
     mounted = ("/etc/clip-triton/api-keys/", "/etc/clip-triton/tls/")
     local = [a.replace(mounted[0], f"{tmp_path}/").replace(mounted[1], f"{tmp_path}/") for a in args]
-    done = subprocess.run([sys.executable, "-m", "clip_server.gateway", *local, "--print-config"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "clip_server.gateway", *local, "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "transport_socket" in done.stdout and "generate_request_id: true" in done.stdout

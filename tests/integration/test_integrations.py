@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_client import (AsyncCLIPClient, AsyncMultimodalEmbeddingProvider, CLIPClient, EmbeddingProvider,
-                         MultimodalEmbeddingProvider)
+from clip_client import (
+    AsyncCLIPClient,
+    AsyncMultimodalEmbeddingProvider,
+    CLIPClient,
+    EmbeddingProvider,
+    MultimodalEmbeddingProvider,
+)
 
 TEXTS = ["a photo of a cat", "a red car", ""]
 
@@ -38,8 +43,13 @@ def test_clients_are_providers(triton_server, image):
     async def run():
         async with AsyncCLIPClient(triton_server.http_url, protocol="http") as a:
             assert isinstance(a, AsyncMultimodalEmbeddingProvider)
-            return (await a.dimension(), await a.model_id(), await a.embed_images([str(image)]),
-                    await a.embed_images(image), await a.embed_texts(TEXTS[0]))
+            return (
+                await a.dimension(),
+                await a.model_id(),
+                await a.embed_images([str(image)]),
+                await a.embed_images(image),
+                await a.embed_texts(TEXTS[0]),
+            )
 
     dim, model_id, emb, one_image, one_text = asyncio.run(run())
     assert (dim, model_id) == (info.dim, info.model_id) and np.allclose(emb, ref, atol=1e-6)
@@ -63,8 +73,7 @@ def test_langchain_embeddings(triton_server, image):
     async def run(e):
         return await e.aembed_documents(TEXTS[:2]), await e.aembed_query(TEXTS[0])
 
-    for e in (emb, CLIPEmbeddings(url=triton_server.grpc_url,
-                                  async_provider=AsyncCLIPClient(triton_server.grpc_url))):
+    for e in (emb, CLIPEmbeddings(url=triton_server.grpc_url, async_provider=AsyncCLIPClient(triton_server.grpc_url))):
         docs, query = asyncio.run(run(e))
         assert np.allclose(docs, ref_t[:2], atol=1e-6) and np.allclose(query, ref_t[0], atol=1e-6)
     with pytest.raises(TypeError):
@@ -90,7 +99,9 @@ def test_llamaindex_multimodal_embedding(triton_server, image):
     async def run(e):
         return await e.aget_query_embedding(TEXTS[0]), await e.aget_image_embedding(str(image))
 
-    for e in (emb, CLIPMultiModalEmbedding(url=triton_server.grpc_url,
-                                           async_provider=AsyncCLIPClient(triton_server.grpc_url))):
+    for e in (
+        emb,
+        CLIPMultiModalEmbedding(url=triton_server.grpc_url, async_provider=AsyncCLIPClient(triton_server.grpc_url)),
+    ):
         q, i = asyncio.run(run(e))
         assert np.allclose(q, ref_t[0], atol=1e-6) and np.allclose(i, ref_i[0], atol=1e-6)

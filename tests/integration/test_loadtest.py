@@ -29,10 +29,35 @@ def test_locust_smoke(triton_server, tmp_path, protocol):
     """8 s, 4 users, every task kind: zero failures, every ensemble called, the gate passes (exit code 0)."""
     url = triton_server.http_url if protocol == "http" else triton_server.grpc_url
     prefix = tmp_path / protocol
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", f"{protocol}://{url}",
-           "-u", "4", "-r", "4", "-t", "8s", "--only-summary", "--csv", str(prefix), "--html", f"{prefix}.html",
-           "--mix", "text=2,image=2,zero_shot=1", "--image-sizes", "64x48,224x224,500x375", "--num-images", "6",
-           "--p99-ms", "20000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        f"{protocol}://{url}",
+        "-u",
+        "4",
+        "-r",
+        "4",
+        "-t",
+        "8s",
+        "--only-summary",
+        "--csv",
+        str(prefix),
+        "--html",
+        f"{prefix}.html",
+        "--mix",
+        "text=2,image=2,zero_shot=1",
+        "--image-sizes",
+        "64x48,224x224,500x375",
+        "--num-images",
+        "6",
+        "--p99-ms",
+        "20000",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=tmp_path)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
@@ -52,9 +77,27 @@ def test_locust_gate_fails_on_errors(tmp_path):
     """The quitting gate turns failed requests into a non-zero exit code (nothing listens on the port)."""
     from clip_server import free_port
 
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host",
-           f"http://127.0.0.1:{free_port()}", "-u", "1", "-r", "1", "-t", "2s", "--only-summary",
-           "--mix", "text=1", "--request-timeout", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        f"http://127.0.0.1:{free_port()}",
+        "-u",
+        "1",
+        "-r",
+        "1",
+        "-t",
+        "2s",
+        "--only-summary",
+        "--mix",
+        "text=1",
+        "--request-timeout",
+        "2",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=45, cwd=tmp_path)
     assert done.returncode != 0, (done.stdout + done.stderr)[-3000:]
     assert "clip loadtest gate: FAIL" in done.stdout + done.stderr
@@ -66,13 +109,41 @@ def secure_gateway(triton_server, tmp_path_factory):
     ca.crt and the key file in the chart's Secret layouts (the certificate is its own CA)."""
     folder = tmp_path_factory.mktemp("secure-gateway")
     cert, key = folder / "ca.crt", folder / "tls.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     (folder / "api-keys").write_text(f"# comment lines and extra keys as in the chart's Secret\n{KEY}\nsecond-key\n")
     server = triton_server.server
-    gw = start_gateway([f"127.0.0.1:{server.http_port}:{server.grpc_port}"], "--api-key", KEY, "--api-key",
-                       "second-key", "--tls-cert", str(cert), "--tls-key", str(key))
+    gw = start_gateway(
+        [f"127.0.0.1:{server.http_port}:{server.grpc_port}"],
+        "--api-key",
+        KEY,
+        "--api-key",
+        "second-key",
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+    )
     yield gw, folder
     gw.stop()
 
@@ -85,17 +156,51 @@ def _secure_run(gateway, folder: Path, protocol: str, prefix: Path, seconds: int
     gw, _ = gateway
     host = f"https://localhost:{gw.http_port}" if protocol == "http" else f"grpcs://localhost:{gw.grpc_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIP_LT_", "CLIP_TRITON_API_KEYS"))}
-    env |= {"CLIP_LT_API_KEY_FILE": str(folder / "api-keys"), "CLIP_LT_MIX": "text=2,image=2,zero_shot=1",
-            "CLIP_LT_IMAGE_SIZES": "64x48,224x224", "CLIP_LT_NUM_IMAGES": "4", "CLIP_LT_TIMEOUT": "20"}
+    env |= {
+        "CLIP_LT_API_KEY_FILE": str(folder / "api-keys"),
+        "CLIP_LT_MIX": "text=2,image=2,zero_shot=1",
+        "CLIP_LT_IMAGE_SIZES": "64x48,224x224",
+        "CLIP_LT_NUM_IMAGES": "4",
+        "CLIP_LT_TIMEOUT": "20",
+    }
     locust = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE)]
     port = str(free_port())
     role = ["--master", "--master-bind-port", port, "--expect-workers", str(workers)] if workers else []
-    procs = [subprocess.Popen([*locust, "--worker", "--master-port", port], cwd=prefix.parent, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(workers)]
+    procs = [
+        subprocess.Popen(
+            [*locust, "--worker", "--master-port", port],
+            cwd=prefix.parent,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(workers)
+    ]
     try:
-        return subprocess.run([*locust, *role, "--headless", "--host", host, "-u", "2", "-r", "2", "-t", f"{seconds}s",
-                               "--only-summary", "--csv", str(prefix), *extra],
-                              capture_output=True, text=True, timeout=60, cwd=prefix.parent, env=env)
+        return subprocess.run(
+            [
+                *locust,
+                *role,
+                "--headless",
+                "--host",
+                host,
+                "-u",
+                "2",
+                "-r",
+                "2",
+                "-t",
+                f"{seconds}s",
+                "--only-summary",
+                "--csv",
+                str(prefix),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=prefix.parent,
+            env=env,
+        )
     finally:
         for proc in procs:
             try:
@@ -111,13 +216,22 @@ def test_locust_through_the_secure_gateway(secure_gateway, tmp_path, protocol, w
     """The key from a key file and the CA from a file (gRPC: master + worker, as the chart runs them): zero failures
     over https:// / grpcs://, every ensemble called."""
     prefix = tmp_path / protocol
-    done = _secure_run(secure_gateway, secure_gateway[1], protocol, prefix, 6,
-                       "--ca-file", str(secure_gateway[1] / "ca.crt"), workers=workers)
+    done = _secure_run(
+        secure_gateway,
+        secure_gateway[1],
+        protocol,
+        prefix,
+        6,
+        "--ca-file",
+        str(secure_gateway[1] / "ca.crt"),
+        workers=workers,
+    )
     output = done.stdout + done.stderr
     stats = _stats(prefix)
     called = {name for name in ENSEMBLES if int(stats.get(name, {}).get("Request Count", 0)) > 0}
-    assert (done.returncode, int(stats["Aggregated"]["Failure Count"]), called) == (0, 0, set(ENSEMBLES)), \
-        output[-4000:]
+    assert (done.returncode, int(stats["Aggregated"]["Failure Count"]), called) == (0, 0, set(ENSEMBLES)), output[
+        -4000:
+    ]
 
 
 @pytest.mark.timeout(90)
@@ -126,8 +240,9 @@ def test_locust_verifies_the_gateways_certificate(secure_gateway, tmp_path):
     prefix = tmp_path / "untrusted"
     done = _secure_run(secure_gateway, secure_gateway[1], "grpc", prefix, 6, "--request-timeout", "5")
     total = _stats(prefix)["Aggregated"]
-    assert (done.returncode, int(total["Failure Count"]) == int(total["Request Count"]) > 0) == (1, True), \
-        (done.stdout + done.stderr)[-4000:]
+    assert (done.returncode, int(total["Failure Count"]) == int(total["Request Count"]) > 0) == (1, True), (
+        done.stdout + done.stderr
+    )[-4000:]
 
 
 @pytest.mark.timeout(60)
@@ -139,8 +254,25 @@ def test_locust_stops_before_any_request_on_unusable_tls_or_key_files(tmp_path, 
     given = tmp_path / "given.txt"
     given.write_text("# only a comment\n")
     scheme = "http" if flag == "--ca-file" else "https"
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host",
-           f"{scheme}://127.0.0.1:{free_port()}", "-u", "1", "-r", "1", "-t", "2s", "--only-summary", flag, str(given)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        f"{scheme}://127.0.0.1:{free_port()}",
+        "-u",
+        "1",
+        "-r",
+        "1",
+        "-t",
+        "2s",
+        "--only-summary",
+        flag,
+        str(given),
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_LT_")}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=45, cwd=tmp_path, env=env)
     output = done.stdout + done.stderr

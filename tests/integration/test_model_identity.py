@@ -44,20 +44,35 @@ def test_encode_text_answers_model_id_and_token_counts(triton_server, manifest, 
 
     tok = AutoTokenizer.from_pretrained(str(triton_server.checkpoint_dir))
     want = [len(ids) for ids in tok(TEXTS, truncation=True, max_length=77)["input_ids"]]
-    out = infer(_client(triton_server, protocol), protocol, EncodeText.NAME, {EncodeText.TEXT: _texts(TEXTS)},
-                [EncodeText.MODEL_ID, EncodeText.TOKEN_COUNTS])
-    got = (out[EncodeText.MODEL_ID].reshape(-1).tolist(), out[EncodeText.TOKEN_COUNTS].dtype,
-           out[EncodeText.TOKEN_COUNTS].tolist())
+    out = infer(
+        _client(triton_server, protocol),
+        protocol,
+        EncodeText.NAME,
+        {EncodeText.TEXT: _texts(TEXTS)},
+        [EncodeText.MODEL_ID, EncodeText.TOKEN_COUNTS],
+    )
+    got = (
+        out[EncodeText.MODEL_ID].reshape(-1).tolist(),
+        out[EncodeText.TOKEN_COUNTS].dtype,
+        out[EncodeText.TOKEN_COUNTS].tolist(),
+    )
     assert got == ([manifest["model_id"].encode()], np.dtype(np.int32), want)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_encode_image_answers_model_id(triton_server, manifest, protocol):
     images = np.array([[small_png(1)], [small_png(2)]], dtype=object)
-    out = infer(_client(triton_server, protocol), protocol, EncodeImage.NAME, {EncodeImage.IMAGE: images},
-                [EncodeImage.MODEL_ID, EncodeImage.IMAGE_EMBEDS])
+    out = infer(
+        _client(triton_server, protocol),
+        protocol,
+        EncodeImage.NAME,
+        {EncodeImage.IMAGE: images},
+        [EncodeImage.MODEL_ID, EncodeImage.IMAGE_EMBEDS],
+    )
     assert (out[EncodeImage.MODEL_ID].tolist(), out[EncodeImage.IMAGE_EMBEDS].shape[0]) == (
-        [manifest["model_id"].encode()], 2)
+        [manifest["model_id"].encode()],
+        2,
+    )
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -69,8 +84,19 @@ def test_zero_shot_answers_model_id(triton_server, manifest, protocol):
 
 def test_clip_info_names_the_model_its_scoring_and_source(triton_server, manifest):
     info = _info(triton_server)
-    entry = {"name": info["name"], "prefix": "", "model_id": manifest["model_id"], "family": "clip",
-             "scoring": "softmax", "source": triton_server.checkpoint_dir.name, "dim": manifest["projection_dim"]}
+    entry = {
+        "name": info["name"],
+        "prefix": "",
+        "model_id": manifest["model_id"],
+        "family": "clip",
+        "scoring": "softmax",
+        "source": triton_server.checkpoint_dir.name,
+        "dim": manifest["projection_dim"],
+    }
     got = {k: info.get(k) for k in ("scoring", "logit_bias", "source", "models")}
-    assert got == {"scoring": "softmax", "logit_bias": None, "source": triton_server.checkpoint_dir.name,
-                   "models": [entry]}
+    assert got == {
+        "scoring": "softmax",
+        "logit_bias": None,
+        "source": triton_server.checkpoint_dir.name,
+        "models": [entry],
+    }

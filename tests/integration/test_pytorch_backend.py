@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-
 import tritonclient.http as httpclient
 
 from clip_server import TritonServer
@@ -25,12 +24,18 @@ class Named(torch.nn.Module):
 
 def _config(name: str, inputs: list[str], outputs: list[str]) -> str:
     tensor = '  {{ name: "{}" data_type: TYPE_FP32 dims: [ 4 ] }}'
-    return (f'name: "{name}"\nbackend: "pytorch"\nmax_batch_size: 8\ndefault_model_filename: "model.pt"\n'
-            + "input [\n" + ",\n".join(tensor.format(n) for n in inputs) + "\n]\n"
-            + "output [\n" + ",\n".join(tensor.format(n) for n in outputs) + "\n]\n"
-            + "dynamic_batching { max_queue_delay_microseconds: 20000 }\n"
-            + 'instance_group [ { kind: KIND_CPU count: 1 } ]\n'
-            + 'parameters { key: "INFERENCE_MODE" value: { string_value: "true" } }\n')
+    return (
+        f'name: "{name}"\nbackend: "pytorch"\nmax_batch_size: 8\ndefault_model_filename: "model.pt"\n'
+        + "input [\n"
+        + ",\n".join(tensor.format(n) for n in inputs)
+        + "\n]\n"
+        + "output [\n"
+        + ",\n".join(tensor.format(n) for n in outputs)
+        + "\n]\n"
+        + "dynamic_batching { max_queue_delay_microseconds: 20000 }\n"
+        + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
+        + 'parameters { key: "INFERENCE_MODE" value: { string_value: "true" } }\n'
+    )
 
 
 @pytest.fixture(scope="module")

@@ -60,8 +60,10 @@ def test_cli_build_rejects_tampered_weights(weights, tmp_path, caplog):
     shutil.copytree(weights("clip"), bad)
     (bad / "tokenizer" / "tokenizer.json").write_text("{}")
     assert main(["build", "--weights", str(bad), "--repository", str(tmp_path / "repo")]) == 1
-    assert any("build failed" in r.getMessage() and "sha256" in r.getMessage() and "tokenizer.json" in r.getMessage()
-               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert any(
+        "build failed" in r.getMessage() and "sha256" in r.getMessage() and "tokenizer.json" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
     caplog.clear()
     shutil.copy2(weights("clip") / "tokenizer" / "tokenizer.json", bad / "tokenizer" / "tokenizer.json")
     data = bytearray((bad / "text.parquet").read_bytes())
@@ -76,29 +78,70 @@ def test_cli_build_limits_are_checked(weights, tmp_path, caplog):
     from clip_client.cli import main
 
     out = tmp_path / "repo"
-    assert main(["build", "--weights", str(weights("clip")), "--repository", str(out), "--limit", "max_pixels=lots"]) == 2
+    assert (
+        main(["build", "--weights", str(weights("clip")), "--repository", str(out), "--limit", "max_pixels=lots"]) == 2
+    )
     assert any("max_pixels" in r.getMessage() for r in caplog.records)
     assert main(["build", "--weights", str(weights("clip")), "--repository", str(out), "--limit", "nonsense=1"]) == 2
-    assert main(["build", "--weights", str(weights("clip")), "--repository", str(out), "--limit", "max_pixels=1000",
-                 "--preferred-batch-size", "2", "0"]) == 1  # a preferred size out of 1..max_batch_size
-    assert main(["build", "--weights", str(weights("clip")), "--repository", str(out), "--limit", "max_pixels=1000",
-                 "--limit", "allowed_formats=PNG", "--limit", "max_items_per_request=8", "--cores", "6",
-                 "--instance-count", "3", "--preferred-batch-size", "16", "2"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "--weights",
+                str(weights("clip")),
+                "--repository",
+                str(out),
+                "--limit",
+                "max_pixels=1000",
+                "--preferred-batch-size",
+                "2",
+                "0",
+            ]
+        )
+        == 1
+    )  # a preferred size out of 1..max_batch_size
+    assert (
+        main(
+            [
+                "build",
+                "--weights",
+                str(weights("clip")),
+                "--repository",
+                str(out),
+                "--limit",
+                "max_pixels=1000",
+                "--limit",
+                "allowed_formats=PNG",
+                "--limit",
+                "max_items_per_request=8",
+                "--cores",
+                "6",
+                "--instance-count",
+                "3",
+                "--preferred-batch-size",
+                "16",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert '"1000"' in (out / "preprocess_image" / "config.pbtxt").read_text()
     tuning = read_info(out)["encoders"]  # the defaults for 6 cores, the options given over them
     assert tuning["text_encoder"] == {"instances": 3, "threads": 6, "preferred": [2, 16], "queue_delay_us": 30000}
     assert tuning["image_encoder"] == {"instances": 3, "threads": 6, "preferred": [2, 16], "queue_delay_us": 30000}
     image = parse_config((out / "image_encoder" / "config.pbtxt").read_text())
     assert image.instance_group[0].count == 3 and list(image.dynamic_batching.preferred_batch_size) == [2, 16]
-    assert read_parameters(parameters((out / "image_encoder" / "config.pbtxt").read_text()),
-                           ["INTRA_OP_THREAD_COUNT"]) == {"INTRA_OP_THREAD_COUNT": 6}
+    assert read_parameters(
+        parameters((out / "image_encoder" / "config.pbtxt").read_text()), ["INTRA_OP_THREAD_COUNT"]
+    ) == {"INTRA_OP_THREAD_COUNT": 6}
     info = json.loads((out / "clip_info" / "1" / "info.json").read_text())
     assert info["limits"]["max_pixels"] == 1000 and info["limits"]["allowed_formats"] == ["PNG"]
     assert info["max_items_per_request"] == 8 and info["model_id"] in (out / "postprocess" / "config.pbtxt").read_text()
 
 
-@pytest.mark.parametrize("name", ["logit_scale", "model_id", "max_length", "pad_token_id", "tokenizer_file",
-                                  "image_mean", "resize_mode"])
+@pytest.mark.parametrize(
+    "name", ["logit_scale", "model_id", "max_length", "pad_token_id", "tokenizer_file", "image_mean", "resize_mode"]
+)
 def test_limits_cannot_override_the_manifest(weights, tmp_path, caplog, name):
     from clip_client.cli import main
 
@@ -108,15 +151,38 @@ def test_limits_cannot_override_the_manifest(weights, tmp_path, caplog, name):
     with pytest.raises(ValueError, match="allowed: .*default_top_k"):
         build_repository(weights("clip"), tmp_path / "repo", limits={name: "1"})
     assert not (tmp_path / "repo").exists()  # refused before anything is written
-    assert main(["build", "--weights", str(weights("clip")), "--repository", str(tmp_path / "repo2"),
-                 "--limit", f"{name}=1"]) == 2
-    assert any(f"bad --limit '{name}=1'" in r.getMessage() and "default_top_k" in r.getMessage()
-               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert (
+        main(
+            [
+                "build",
+                "--weights",
+                str(weights("clip")),
+                "--repository",
+                str(tmp_path / "repo2"),
+                "--limit",
+                f"{name}=1",
+            ]
+        )
+        == 2
+    )
+    assert any(
+        f"bad --limit '{name}=1'" in r.getMessage() and "default_top_k" in r.getMessage() for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
 
 
-@pytest.mark.parametrize("item", ["max_pixels=0", "max_items_per_request=-1", "allowed_formats=", "allowed_formats=EXE",
-                                  "jpeg_draft_gap=0.5", "default_top_k=0", "default_top_k=x",
-                                  "pad_to_multiple_of=16"])  # gone: ragged batching pads each batch to its longest
+@pytest.mark.parametrize(
+    "item",
+    [
+        "max_pixels=0",
+        "max_items_per_request=-1",
+        "allowed_formats=",
+        "allowed_formats=EXE",
+        "jpeg_draft_gap=0.5",
+        "default_top_k=0",
+        "default_top_k=x",
+        "pad_to_multiple_of=16",
+    ],
+)  # gone: ragged batching pads each batch to its longest
 def test_limit_values_are_checked(weights, tmp_path, item):
     from clip_client.cli import main
 

@@ -48,9 +48,22 @@ def _repo(root: Path, models: dict[str, str]) -> Path:
 
 
 def _serve_cmd(repo: Path) -> list[str]:
-    return [sys.executable, "-m", "clip_client.cli", "serve", "--repository", str(repo), "--http-port",
-            str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
-            "--startup-timeout", "120"]
+    return [
+        sys.executable,
+        "-m",
+        "clip_client.cli",
+        "serve",
+        "--repository",
+        str(repo),
+        "--http-port",
+        str(free_port()),
+        "--grpc-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+        "--startup-timeout",
+        "120",
+    ]
 
 
 def test_serve_fails_with_the_servers_message(tmp_path):
@@ -115,7 +128,8 @@ def test_sigterm_while_models_load_stops_at_once(tmp_path):
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and "triton_python_backend_stub" not in " ".join(
-                " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)):
+            " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)
+        ):
             time.sleep(0.2)  # the slow model's stub is running its initialize()
         os.kill(proc.pid, signal.SIGTERM)
         # the load alone takes 120 s: an exit within 60 s means serve did not wait for it (no timing threshold)
@@ -138,7 +152,11 @@ def test_second_serve_on_ports_in_use_fails_at_once_naming_the_port(tmp_path):
         seconds = time.monotonic() - t0
         http_port = cmd[cmd.index("--http-port") + 1]
         assert (second.returncode, "ready" in second.stdout, f"HTTP {http_port}" in second.stderr, seconds < 15) == (
-            1, False, True, True), (second.returncode, second.stdout, second.stderr[-2000:], seconds)
+            1,
+            False,
+            True,
+            True,
+        ), (second.returncode, second.stdout, second.stderr[-2000:], seconds)
     finally:
         first.terminate()
         first.wait(60)
@@ -147,8 +165,9 @@ def test_second_serve_on_ports_in_use_fails_at_once_naming_the_port(tmp_path):
 def test_serve_logs_json_lines_when_asked(tmp_path):
     """--log-format json: every line serve logs is one JSON object with time, level, logger and message."""
     repo = _repo(tmp_path / "repo", {"identity": IDENTITY})
-    proc = subprocess.Popen([*_serve_cmd(repo), "--log-format", "json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*_serve_cmd(repo), "--log-format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         read_until_ready(proc)
         os.kill(proc.pid, signal.SIGTERM)

@@ -24,9 +24,16 @@ SCRIPT = Path(__file__).resolve().parents[2] / "docker" / "watchdog.py"
 
 def watchdog(server: TritonServer, repository: Path, **env: str) -> subprocess.Popen:
     """The sidecar watching `server`, checking every 0.2 s, two broken checks to act; its stderr piped."""
-    env = {**os.environ, "CLIP_HEALTH_URL": f"http://{server.http_url}", "CLIP_METRICS_URL": server.metrics_url,
-           "CLIP_REPOSITORY": str(repository), "CLIP_WATCH_INTERVAL": "0.2", "CLIP_WATCH_FAILURES": "2",
-           "CLIP_WATCH_PID": str(server.process.pid), **env}
+    env = {
+        **os.environ,
+        "CLIP_HEALTH_URL": f"http://{server.http_url}",
+        "CLIP_METRICS_URL": server.metrics_url,
+        "CLIP_REPOSITORY": str(repository),
+        "CLIP_WATCH_INTERVAL": "0.2",
+        "CLIP_WATCH_FAILURES": "2",
+        "CLIP_WATCH_PID": str(server.process.pid),
+        **env,
+    }
     return subprocess.Popen([sys.executable, str(SCRIPT)], env=env, stderr=subprocess.PIPE, text=True)
 
 

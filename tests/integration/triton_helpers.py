@@ -17,14 +17,23 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 
-def infer(client, protocol: str, model: str, inputs: dict[str, np.ndarray], outputs: list[str],
-          headers: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+def infer(
+    client,
+    protocol: str,
+    model: str,
+    inputs: dict[str, np.ndarray],
+    outputs: list[str],
+    headers: dict[str, str] | None = None,
+) -> dict[str, np.ndarray]:
     """One raw tritonclient call: numpy inputs by name -> the requested outputs by name."""
     mod = httpclient if protocol == "http" else grpcclient
     tensors = []
     for name, array in inputs.items():
-        dtype = "BYTES" if array.dtype == object else {"int32": "INT32", "int64": "INT64", "float32": "FP32"}[
-            array.dtype.name]
+        dtype = (
+            "BYTES"
+            if array.dtype == object
+            else {"int32": "INT32", "int64": "INT64", "float32": "FP32"}[array.dtype.name]
+        )
         t = mod.InferInput(name, list(array.shape), dtype)
         t.set_data_from_numpy(array)
         tensors.append(t)
@@ -127,12 +136,14 @@ class GoodTraffic:
         self._threads: list[threading.Thread] = []
         self.reference: dict[str, np.ndarray] = {}
 
-    def __enter__(self) -> "GoodTraffic":
+    def __enter__(self) -> GoodTraffic:
         from clip_client import CLIPClient
 
         with CLIPClient(self.urls["http"], protocol="http") as c:
-            self.reference = {"image": c.encode_image(GOOD_IMAGES, normalize=False),
-                              "text": c.encode_text(GOOD_TEXTS, normalize=False)}
+            self.reference = {
+                "image": c.encode_image(GOOD_IMAGES, normalize=False),
+                "text": c.encode_text(GOOD_TEXTS, normalize=False),
+            }
         for k, (protocol, client) in enumerate(self.workers):
             t = threading.Thread(target=self._run, args=(protocol, client, k), name=f"good-{protocol}-{client}-{k}")
             t.start()
@@ -164,8 +175,10 @@ class GoodTraffic:
             from clip_client import CLIPClient
 
             c = CLIPClient(self.urls[protocol], protocol=protocol, **self.options)
-            calls = {"image": lambda i: c.encode_image([GOOD_IMAGES[i]], normalize=False)[0],
-                     "text": lambda i: c.encode_text([GOOD_TEXTS[i]], normalize=False)[0]}
+            calls = {
+                "image": lambda i: c.encode_image([GOOD_IMAGES[i]], normalize=False)[0],
+                "text": lambda i: c.encode_text([GOOD_TEXTS[i]], normalize=False)[0],
+            }
         else:
             mod = httpclient if protocol == "http" else grpcclient
             c = mod.InferenceServerClient(self.urls[protocol])
@@ -173,8 +186,10 @@ class GoodTraffic:
             def raw(model: str, name: str, out: str, item: bytes) -> np.ndarray:
                 return infer(c, protocol, model, {name: np.array([[item]], dtype=object)}, [out])[out][0]
 
-            calls = {"image": lambda i: raw("encode_image", "image", "image_embeds", GOOD_IMAGES[i]),
-                     "text": lambda i: raw("encode_text", "text", "text_embeds", GOOD_TEXTS[i].encode())}
+            calls = {
+                "image": lambda i: raw("encode_image", "image", "image_embeds", GOOD_IMAGES[i]),
+                "text": lambda i: raw("encode_text", "text", "text_embeds", GOOD_TEXTS[i].encode()),
+            }
         k = seed
         try:
             while not self._stop.is_set():
@@ -216,10 +231,18 @@ class GoodTraffic:
         assert len(results) >= minimum, (len(results), minimum)
         stale = 0
         for kind, item, out, t in results:
-            if not np.allclose(out, self.reference[kind][item], atol=1e-5, rtol=1e-4) and stale_window \
-                    and stale_window[0] <= t <= stale_window[1]:
+            if (
+                not np.allclose(out, self.reference[kind][item], atol=1e-5, rtol=1e-4)
+                and stale_window
+                and stale_window[0] <= t <= stale_window[1]
+            ):
                 stale += 1
                 continue
-            np.testing.assert_allclose(out, self.reference[kind][item], atol=1e-5, rtol=1e-4,
-                                       err_msg=f"good {kind} item {item} answered at {t:.3f}")
+            np.testing.assert_allclose(
+                out,
+                self.reference[kind][item],
+                atol=1e-5,
+                rtol=1e-4,
+                err_msg=f"good {kind} item {item} answered at {t:.3f}",
+            )
         return stale

@@ -30,8 +30,11 @@ def _torchvision_stand_in() -> None:
         BILINEAR = "bilinear"
         BICUBIC = "bicubic"
 
-    pil = {InterpolationMode.NEAREST: Image.NEAREST, InterpolationMode.BILINEAR: Image.BILINEAR,
-           InterpolationMode.BICUBIC: Image.BICUBIC}
+    pil = {
+        InterpolationMode.NEAREST: Image.NEAREST,
+        InterpolationMode.BILINEAR: Image.BILINEAR,
+        InterpolationMode.BICUBIC: Image.BICUBIC,
+    }
 
     def resize(img, size, interpolation=InterpolationMode.BILINEAR, max_size=None, antialias=True):
         w, h = img.size
@@ -106,20 +109,42 @@ def _torchvision_stand_in() -> None:
     functional = types.ModuleType("torchvision.transforms.functional")
     ops = types.ModuleType("torchvision.ops")
     misc = types.ModuleType("torchvision.ops.misc")
-    for name, obj in dict(InterpolationMode=InterpolationMode, Resize=Resize, CenterCrop=CenterCrop, ToTensor=ToTensor,
-                          Normalize=Normalize, Compose=Compose, RandomResizedCrop=_TrainOnly, ColorJitter=_TrainOnly,
-                          Grayscale=_TrainOnly, functional=functional).items():
+    for name, obj in dict(
+        InterpolationMode=InterpolationMode,
+        Resize=Resize,
+        CenterCrop=CenterCrop,
+        ToTensor=ToTensor,
+        Normalize=Normalize,
+        Compose=Compose,
+        RandomResizedCrop=_TrainOnly,
+        ColorJitter=_TrainOnly,
+        Grayscale=_TrainOnly,
+        functional=functional,
+    ).items():
         setattr(transforms, name, obj)
-    for name, obj in dict(resize=resize, crop=crop, center_crop=center_crop, to_tensor=to_tensor, pad=pad,
-                          get_dimensions=get_dimensions, InterpolationMode=InterpolationMode).items():
+    for name, obj in dict(
+        resize=resize,
+        crop=crop,
+        center_crop=center_crop,
+        to_tensor=to_tensor,
+        pad=pad,
+        get_dimensions=get_dimensions,
+        InterpolationMode=InterpolationMode,
+    ).items():
         setattr(functional, name, obj)
     misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (torch.nn.Module,), {})
     ops.misc, tv.ops, tv.transforms = misc, ops, transforms
     for module in (tv, transforms, functional, ops, misc):
         module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
-    sys.modules.update({"torchvision": tv, "torchvision.transforms": transforms,
-                        "torchvision.transforms.functional": functional, "torchvision.ops": ops,
-                        "torchvision.ops.misc": misc})
+    sys.modules.update(
+        {
+            "torchvision": tv,
+            "torchvision.transforms": transforms,
+            "torchvision.transforms.functional": functional,
+            "torchvision.ops": ops,
+            "torchvision.ops.misc": misc,
+        }
+    )
 
 
 def open_clip():

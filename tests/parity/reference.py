@@ -50,17 +50,28 @@ def _pooled(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hf_text_features(family: str, text_ckpt: str | Path, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     projection: torch.Tensor | None = None) -> torch.Tensor:
+def hf_text_features(
+    family: str,
+    text_ckpt: str | Path,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    projection: torch.Tensor | None = None,
+) -> torch.Tensor:
     """transformers' text embeddings: get_text_features, or (bert_vit) BertModel + mean pooling + projection."""
     from transformers import BertModel, ChineseCLIPModel, CLIPModel
 
     if family == "clip":
-        return _pooled(CLIPModel.from_pretrained(str(text_ckpt)).eval().get_text_features(
-            input_ids=input_ids, attention_mask=attention_mask))
+        return _pooled(
+            CLIPModel.from_pretrained(str(text_ckpt))
+            .eval()
+            .get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        )
     if family == "chinese_clip":
-        return _pooled(ChineseCLIPModel.from_pretrained(str(text_ckpt)).eval().get_text_features(
-            input_ids=input_ids, attention_mask=attention_mask))
+        return _pooled(
+            ChineseCLIPModel.from_pretrained(str(text_ckpt))
+            .eval()
+            .get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        )
     if projection is None:
         raise ValueError("bert_vit needs the text projection weight")
     hidden = BertModel.from_pretrained(str(text_ckpt)).eval()(input_ids=input_ids, attention_mask=attention_mask)[0]
@@ -91,8 +102,9 @@ def hf_tokenize(weights_dir: Path, texts=CORPUS, padding="longest"):
 
     manifest = json.loads((weights_dir / "manifest.json").read_text())
     tok = AutoTokenizer.from_pretrained(str(weights_dir / "tokenizer"))
-    enc = tok(texts, padding=padding, truncation=True, max_length=manifest["tokenizer"]["max_length"],
-              return_tensors="pt")
+    enc = tok(
+        texts, padding=padding, truncation=True, max_length=manifest["tokenizer"]["max_length"], return_tensors="pt"
+    )
     return enc["input_ids"], enc["attention_mask"]
 
 

@@ -23,8 +23,15 @@ from tests.parity.parity_results import PARITY
 MIN_COS = 0.99999
 PROB_TOL = 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-TEXTS = ["a photo of a cat", "A Photo of a CAT, sitting!", "", "two dogs playing in the park with a ball " * 6,
-         "ein foto einer katze äöü ß", "</s> a special token in the text", "the astronaut 🚀 floats"]
+TEXTS = [
+    "a photo of a cat",
+    "A Photo of a CAT, sitting!",
+    "",
+    "two dogs playing in the park with a ball " * 6,
+    "ein foto einer katze äöü ß",
+    "</s> a special token in the text",
+    "the astronaut 🚀 floats",
+]
 
 
 def _photo(h: int, w: int, seed: int) -> np.ndarray:
@@ -40,22 +47,42 @@ def _encoded(array: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-IMAGES = [_encoded(_photo(h, w, s), fmt) for s, (h, w, fmt) in enumerate(
-    [(64, 64, "PNG"), (120, 80, "JPEG"), (45, 200, "PNG"), (301, 300, "PNG"), (33, 40, "JPEG")])]
+IMAGES = [
+    _encoded(_photo(h, w, s), fmt)
+    for s, (h, w, fmt) in enumerate(
+        [(64, 64, "PNG"), (120, 80, "JPEG"), (45, 200, "PNG"), (301, 300, "PNG"), (33, 40, "JPEG")]
+    )
+]
 
 
 # Tiny open_clip configs in open_clip's own format: GELU vs QuickGELU, class-token vs average pooling, ln_pre or not,
 # image sizes 48 and 64, longest (padded) vs squash vs shortest-edge + center crop, bicubic vs bilinear.
-OC_GELU = {"embed_dim": 24, "vision_cfg": {"image_size": 48, "layers": 2, "width": 64, "patch_size": 16,
-                                           "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
-OC_GELU_PRE = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic", "resize_mode": "longest",
-               "fill_color": 0}  # the training checkpoint (oc-epoch) is served with open_clip's defaults: shortest
-OC_QUICK = {"embed_dim": 16, "quick_gelu": True,
-            "vision_cfg": {"image_size": 64, "layers": 2, "width": 48, "patch_size": 16, "head_width": 12,
-                           "pool_type": "avg", "no_ln_pre": True},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
-                         "proj_bias": True}}
+OC_GELU = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 48, "layers": 2, "width": 64, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+OC_GELU_PRE = {
+    "mean": [0.5, 0.4, 0.3],
+    "std": [0.2, 0.25, 0.3],
+    "interpolation": "bicubic",
+    "resize_mode": "longest",
+    "fill_color": 0,
+}  # the training checkpoint (oc-epoch) is served with open_clip's defaults: shortest
+OC_QUICK = {
+    "embed_dim": 16,
+    "quick_gelu": True,
+    "vision_cfg": {
+        "image_size": 64,
+        "layers": 2,
+        "width": 48,
+        "patch_size": 16,
+        "head_width": 12,
+        "pool_type": "avg",
+        "no_ln_pre": True,
+    },
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "proj_bias": True},
+}
 OC_QUICK_PRE = {"interpolation": "bilinear", "resize_mode": "squash"}
 
 
@@ -64,10 +91,20 @@ def _oc_hf() -> dict:
     WordPiece vocabulary of all-MiniLM-L6-v2), pooled at its [SEP] (pool_type eos)."""
     from clip_build.synthetic import minilm_dir
 
-    return {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
-                                            "head_width": 16},
-            "text_cfg": {"context_length": 24, "vocab_size": 30522, "width": 32, "heads": 2, "layers": 1,
-                         "hf_tokenizer_name": str(minilm_dir()), "pool_type": "eos", "eos_id": 102}}
+    return {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+        "text_cfg": {
+            "context_length": 24,
+            "vocab_size": 30522,
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+            "hf_tokenizer_name": str(minilm_dir()),
+            "pool_type": "eos",
+            "eos_id": 102,
+        },
+    }
 
 
 def _training_checkpoint(tmp: Path, hub: Path) -> tuple[Path, Path]:
@@ -76,8 +113,9 @@ def _training_checkpoint(tmp: Path, hub: Path) -> tuple[Path, Path]:
     from safetensors.torch import load_file
 
     sd = load_file(str(hub / "open_clip_model.safetensors"))
-    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in sd.items()}},
-               str(tmp / "epoch_3.pt"))
+    torch.save(
+        {"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in sd.items()}}, str(tmp / "epoch_3.pt")
+    )
     (tmp / "model.json").write_text(json.dumps(OC_GELU))
     return tmp / "epoch_3.pt", tmp / "model.json"
 
@@ -92,10 +130,12 @@ def family_server(tmp_path_factory, checkpoints):
     from tests.parity.open_clip_reference import save_hub_folder
 
     tmp = tmp_path_factory.mktemp("families")
-    models = {"siglip": checkpoints("siglip"),
-              "oc-gelu": save_hub_folder(tmp / "oc-gelu", OC_GELU, OC_GELU_PRE, seed=1),
-              "oc-quick": save_hub_folder(tmp / "oc-quick", OC_QUICK, OC_QUICK_PRE, seed=2, safetensors=False),
-              "oc-hf": save_hub_folder(tmp / "oc-hf", _oc_hf(), {}, seed=3)}
+    models = {
+        "siglip": checkpoints("siglip"),
+        "oc-gelu": save_hub_folder(tmp / "oc-gelu", OC_GELU, OC_GELU_PRE, seed=1),
+        "oc-quick": save_hub_folder(tmp / "oc-quick", OC_QUICK, OC_QUICK_PRE, seed=2, safetensors=False),
+        "oc-hf": save_hub_folder(tmp / "oc-hf", _oc_hf(), {}, seed=3),
+    }
     # a hub folder of an hf_tokenizer_name model holds that tokenizer's files (open_clip's local-dir loads them)
     AutoTokenizer.from_pretrained(_oc_hf()["text_cfg"]["hf_tokenizer_name"]).save_pretrained(str(models["oc-hf"]))
     epoch, model_json = _training_checkpoint(tmp, models["oc-gelu"])
@@ -126,8 +166,13 @@ def _served(server, name: str) -> dict[str, np.ndarray]:
     p = _prefix(name)
     out = infer(client, "http", p + EncodeText.NAME, {EncodeText.TEXT: texts}, [EncodeText.TEXT_EMBEDS])
     out |= infer(client, "http", p + EncodeImage.NAME, {EncodeImage.IMAGE: images}, [EncodeImage.IMAGE_EMBEDS])
-    out |= infer(client, "http", p + ZeroShot.NAME, {ZeroShot.TEXT: texts, ZeroShot.IMAGE: images},
-                 [ZeroShot.PROBS, ZeroShot.LOGITS_PER_IMAGE])
+    out |= infer(
+        client,
+        "http",
+        p + ZeroShot.NAME,
+        {ZeroShot.TEXT: texts, ZeroShot.IMAGE: images},
+        [ZeroShot.PROBS, ZeroShot.LOGITS_PER_IMAGE],
+    )
     return out
 
 
@@ -143,13 +188,23 @@ def _siglip_reference(ckpt: Path) -> dict[str, torch.Tensor]:
     model = SiglipModel.from_pretrained(str(ckpt)).eval()
     tok = AutoTokenizer.from_pretrained(str(ckpt))
     proc = AutoImageProcessor.from_pretrained(str(ckpt))
-    ids = tok(TEXTS, padding="max_length", max_length=model.config.text_config.max_position_embeddings,
-              truncation=True, return_tensors="pt")["input_ids"]
+    ids = tok(
+        TEXTS,
+        padding="max_length",
+        max_length=model.config.text_config.max_position_embeddings,
+        truncation=True,
+        return_tensors="pt",
+    )["input_ids"]
     pixels = proc([Image.open(io.BytesIO(b)).convert("RGB") for b in IMAGES], return_tensors="pt")["pixel_values"]
     out = model(input_ids=ids, pixel_values=pixels)
-    return {"text": out.text_embeds, "image": out.image_embeds, "probs": torch.sigmoid(out.logits_per_image),
-            "logits": out.logits_per_image, "text_raw": model.get_text_features(input_ids=ids).pooler_output,
-            "image_raw": model.get_image_features(pixel_values=pixels).pooler_output}
+    return {
+        "text": out.text_embeds,
+        "image": out.image_embeds,
+        "probs": torch.sigmoid(out.logits_per_image),
+        "logits": out.logits_per_image,
+        "text_raw": model.get_text_features(input_ids=ids).pooler_output,
+        "image_raw": model.get_image_features(pixel_values=pixels).pooler_output,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +237,10 @@ def open_clip_results(family_server):
     from tests.parity.open_clip_reference import reference
 
     server, models = family_server
-    return {name: (_served(server, name), reference(models[name][0], TEXTS, IMAGES))
-            for name in ("oc-gelu", "oc-quick", "oc-epoch", "oc-hf")}
+    return {
+        name: (_served(server, name), reference(models[name][0], TEXTS, IMAGES))
+        for name in ("oc-gelu", "oc-quick", "oc-epoch", "oc-hf")
+    }
 
 
 @pytest.mark.parametrize("name", ["oc-gelu", "oc-quick", "oc-epoch", "oc-hf"])
@@ -212,8 +269,10 @@ def test_open_clip_zero_shot_probabilities_match(open_clip_results, name):
 def test_training_checkpoint_serves_the_same_model_as_its_hub_folder(family_server):
     server, models = family_server
     client = httpclient.InferenceServerClient(server.http_url)
-    infos = {n: json.loads(infer(client, "http", f"{n}__clip_info", {}, ["info"])["info"].reshape(-1)[0])
-             for n in ("oc-gelu", "oc-epoch")}
+    infos = {
+        n: json.loads(infer(client, "http", f"{n}__clip_info", {}, ["info"])["info"].reshape(-1)[0])
+        for n in ("oc-gelu", "oc-epoch")
+    }
     assert (infos["oc-gelu"]["model_id"], infos["oc-epoch"]["source"]) == (infos["oc-epoch"]["model_id"], "epoch_3.pt")
 
 
@@ -233,7 +292,8 @@ def test_unprefixed_clip_info_lists_every_model(family_server):
     info = json.loads(infer(client, "http", "clip_info", {}, ["info"])["info"].reshape(-1)[0])
     ids = {n: json.loads((w / "manifest.json").read_text())["model_id"] for n, (_, w) in models.items()}
     assert [(m["name"], m["prefix"], m["model_id"]) for m in info["models"]] == [
-        (n, _prefix(n), ids[n]) for n in ("siglip", "oc-gelu", "oc-quick", "oc-hf", "oc-epoch")]
+        (n, _prefix(n), ids[n]) for n in ("siglip", "oc-gelu", "oc-quick", "oc-hf", "oc-epoch")
+    ]
 
 
 @pytest.mark.integration  # not parity: uses this module's server (tests/conftest.py)

@@ -14,9 +14,18 @@ from clip_build.synthetic import BPE_MEMBER, open_clip_wheel
 from clip_runtime.text import OpenClipBPE, SiglipSentencePiece
 from tests.parity.reference import CORPUS
 
-ODD = ["&amp; html &lt;b&gt; escapes", "Ã©mojibake fixed by ftfy", "ﬁ ligature and ｆｕｌｌ width", "“curly” ‘quotes’",
-       "<start_of_text> special <end_of_text> tokens", "under_score snake_case", "don't it's we're I'll",
-       "a  b\u00a0c\u2003d", "\x1f\x0b control", "x" * 300]
+ODD = [
+    "&amp; html &lt;b&gt; escapes",
+    "Ã©mojibake fixed by ftfy",
+    "ﬁ ligature and ｆｕｌｌ width",
+    "“curly” ‘quotes’",
+    "<start_of_text> special <end_of_text> tokens",
+    "under_score snake_case",
+    "don't it's we're I'll",
+    "a  b\u00a0c\u2003d",
+    "\x1f\x0b control",
+    "x" * 300,
+]
 
 
 def _random_texts(n: int, seed: int) -> list[str]:

@@ -40,8 +40,19 @@ def reference(hf_proc, data: bytes) -> np.ndarray:
         return hf_proc(images=image, return_tensors="np")["pixel_values"][0]
 
 
-SIZES = [(224, 224), (300, 400), (400, 300), (1000, 333), (97, 130), (50, 50), (3, 900), (1080, 1920), (225, 224),
-         (481, 640), (2000, 37)]
+SIZES = [
+    (224, 224),
+    (300, 400),
+    (400, 300),
+    (1000, 333),
+    (97, 130),
+    (50, 50),
+    (3, 900),
+    (1080, 1920),
+    (225, 224),
+    (481, 640),
+    (2000, 37),
+]
 
 
 @pytest.mark.parametrize("h,w", SIZES)
@@ -77,8 +88,9 @@ def _chinese_clip_processor_class():
 @pytest.mark.parametrize("h,w", [(300, 400), (400, 300), (1000, 333), (3, 900), (1080, 1920), (97, 130), (50, 50)])
 def test_parity_with_chinese_clip_exact_resize(h, w, side):
     """Real Chinese-CLIP configs: size {height, width}, no center crop -> resized to exactly side x side."""
-    hf_proc = _chinese_clip_processor_class()(size={"height": side, "width": side}, crop_size=side,
-                                              do_center_crop=False)
+    hf_proc = _chinese_clip_processor_class()(
+        size={"height": side, "width": side}, crop_size=side, do_center_crop=False
+    )
     data = encode(Image.fromarray(photo(h, w, seed=h + w)), "JPEG", quality=90)
     cfg = ImageConfig(image_size=side, crop_size=side, resize_mode="exact", do_center_crop=False)
     ours = ImagePreprocessor(cfg)([data])[0]
@@ -95,14 +107,31 @@ def test_rescale_and_normalize_flags_follow_the_manifest(do_rescale, do_normaliz
 
     from clip_build.repository import image_parameters
 
-    image = {"size": 64, "crop_size": 64, "shortest_edge": 64, "resize_mode": "shortest_edge", "resize_size": 64,
-             "do_center_crop": True, "resample": 3, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
-             "rescale_factor": 1 / 255, "do_resize": True, "do_rescale": do_rescale, "do_normalize": do_normalize,
-             "do_convert_rgb": True}
+    image = {
+        "size": 64,
+        "crop_size": 64,
+        "shortest_edge": 64,
+        "resize_mode": "shortest_edge",
+        "resize_size": 64,
+        "do_center_crop": True,
+        "resample": 3,
+        "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.25, 0.3],
+        "rescale_factor": 1 / 255,
+        "do_resize": True,
+        "do_rescale": do_rescale,
+        "do_normalize": do_normalize,
+        "do_convert_rgb": True,
+    }
     params = {n: p.default for n, p in PARAMETERS.items()} | image_parameters({"image": image})
-    hf_proc = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
-                                    image_mean=image["mean"], image_std=image["std"], do_rescale=do_rescale,
-                                    do_normalize=do_normalize)
+    hf_proc = CLIPImageProcessorPil(
+        size={"shortest_edge": 64},
+        crop_size={"height": 64, "width": 64},
+        image_mean=image["mean"],
+        image_std=image["std"],
+        do_rescale=do_rescale,
+        do_normalize=do_normalize,
+    )
     for h, w in [(100, 70), (64, 200)]:
         data = encode(Image.fromarray(photo(h, w)), "PNG")
         ours = ImagePreprocessor(ImageConfig.from_parameters(params))([data])[0]
@@ -159,21 +188,3 @@ def test_exif_orientation_applied(hf, orientation):
     assert np.abs(ours - reference(hf(64, 64), data)).max() <= TOL
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
     assert upright.size == ((90, 160) if orientation in (6, 8) else (160, 90))
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

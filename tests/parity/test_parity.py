@@ -36,14 +36,16 @@ def bert_vit_with_projection(tmp_path_factory, checkpoints):
     tmp = tmp_path_factory.mktemp("bert_vit_proj")
     hidden = json.loads((checkpoints("bert") / "config.json").read_text())["hidden_size"]
     dim = json.loads((checkpoints("clip") / "config.json").read_text())["projection_dim"]
-    proj = torch.randn(dim, hidden, generator=torch.Generator().manual_seed(3)) * hidden ** -0.5
+    proj = torch.randn(dim, hidden, generator=torch.Generator().manual_seed(3)) * hidden**-0.5
     save_file({"text_projection.weight": proj}, str(tmp / "proj.safetensors"))
     out = tmp / "weights"
     convert(str(checkpoints("bert")), out, str(checkpoints("clip")), str(tmp / "proj.safetensors"))
     return out, proj
 
 
-def _check_family(family, weights_dir, text_src, vision_src, projection, tmp_path, n_images=6, texts=CORPUS, label=None):
+def _check_family(
+    family, weights_dir, text_src, vision_src, projection, tmp_path, n_images=6, texts=CORPUS, label=None
+):
     """Compare eager + TorchScript text and image embeddings with transformers; record min cosines."""
     ids, mask = hf_tokenize(weights_dir, texts)
     px = random_pixels(weights_dir, n_images)
@@ -58,10 +60,13 @@ def _check_family(family, weights_dir, text_src, vision_src, projection, tmp_pat
     ts_t = torch.jit.load(str(tmp_path / "text" / "model.pt"))
     ts_i = torch.jit.load(str(tmp_path / "image" / "model.pt"))
     with torch.no_grad():
-        outs = {"text (eager)": (ref_t, te(*token_rows(ids, mask))),
-                "text (torchscript)": (ref_t, ts_t(*token_rows(ids, mask))),
-                "text (ts, ragged)": (ref_t, ts_t(*ragged_rows_of(ids, mask))),
-                "image (eager)": (ref_i, ie(px)), "image (torchscript)": (ref_i, ts_i(px))}
+        outs = {
+            "text (eager)": (ref_t, te(*token_rows(ids, mask))),
+            "text (torchscript)": (ref_t, ts_t(*token_rows(ids, mask))),
+            "text (ts, ragged)": (ref_t, ts_t(*ragged_rows_of(ids, mask))),
+            "image (eager)": (ref_i, ie(px)),
+            "image (torchscript)": (ref_i, ts_i(px)),
+        }
     label = label or family
     for tower, (ref, ours) in outs.items():
         assert ours.dtype == torch.float32 and ours.shape == ref.shape
@@ -69,8 +74,10 @@ def _check_family(family, weights_dir, text_src, vision_src, projection, tmp_pat
         PARITY[label, tower] = cos
         print(f"parity {label:<22} {tower:<20} min cosine {cos:.9f}")
         assert cos >= MIN_COS, f"{label} {tower}: min cosine {cos}"
-    for eager_t, eager_i in ((outs["text (eager)"][1], outs["image (eager)"][1]),
-                             (outs["text (torchscript)"][1], outs["image (torchscript)"][1])):
+    for eager_t, eager_i in (
+        (outs["text (eager)"][1], outs["image (eager)"][1]),
+        (outs["text (torchscript)"][1], outs["image (torchscript)"][1]),
+    ):
         assert torch.equal(top1(ref_t, ref_i), top1(eager_t, eager_i))
         assert torch.equal(top1(ref_i, ref_t), top1(eager_i, eager_t))
 
@@ -80,8 +87,14 @@ def test_parity_clip(weights, checkpoints, tmp_path):
 
 
 def test_parity_chinese_clip(weights, checkpoints, tmp_path):
-    _check_family("chinese_clip", weights("chinese_clip"), checkpoints("chinese_clip"), checkpoints("chinese_clip"),
-                  None, tmp_path)
+    _check_family(
+        "chinese_clip",
+        weights("chinese_clip"),
+        checkpoints("chinese_clip"),
+        checkpoints("chinese_clip"),
+        None,
+        tmp_path,
+    )
 
 
 def test_chinese_clip_images_end_to_end(weights, checkpoints):
@@ -129,14 +142,23 @@ def test_parity_bert_vit_real_minilm(tmp_path, checkpoints):
     """The real 384-d all-MiniLM-L6-v2 weights (mean pooling, 256-token limit) + the tiny CLIP ViT."""
     out = tmp_path / "weights"
     dim = json.loads((checkpoints("clip") / "config.json").read_text())["projection_dim"]
-    proj = torch.randn(dim, 384, generator=torch.Generator().manual_seed(5)) * 384 ** -0.5
+    proj = torch.randn(dim, 384, generator=torch.Generator().manual_seed(5)) * 384**-0.5
     save_file({"text_projection.weight": proj}, str(tmp_path / "proj.safetensors"))
     manifest = convert(str(minilm_dir()), out, str(checkpoints("clip")), str(tmp_path / "proj.safetensors"))
     assert manifest["text"]["pooling"] == "mean"
     assert manifest["tokenizer"]["max_length"] == 256  # sentence_bert_config.json's max_seq_length
     assert manifest["warnings"] == []
-    _check_family("bert_vit", out, minilm_dir(), checkpoints("clip"), proj, tmp_path, n_images=2, texts=CORPUS[:6],
-                  label="bert_vit (MiniLM-L6)")
+    _check_family(
+        "bert_vit",
+        out,
+        minilm_dir(),
+        checkpoints("clip"),
+        proj,
+        tmp_path,
+        n_images=2,
+        texts=CORPUS[:6],
+        label="bert_vit (MiniLM-L6)",
+    )
 
 
 @pytest.mark.slow
@@ -146,11 +168,14 @@ def test_parity_clip_vit_b32(weights, checkpoints, tmp_path):
     manifest = json.loads((w / "manifest.json").read_text())
     assert manifest["text"]["config"]["eos_token_id"] == 2 and manifest["projection_dim"] == 512
     assert manifest["image"]["size"] == 224 and manifest["vision"]["config"]["patch_size"] == 32
-    _check_family("clip", w, checkpoints("clip", "base"), checkpoints("clip", "base"), None, tmp_path,
-                  n_images=2, texts=["a photo of a cat", "a diagram", "", "word " * 100], label="clip ViT-B/32")
-
-
-
-
-
-
+    _check_family(
+        "clip",
+        w,
+        checkpoints("clip", "base"),
+        checkpoints("clip", "base"),
+        None,
+        tmp_path,
+        n_images=2,
+        texts=["a photo of a cat", "a diagram", "", "word " * 100],
+        label="clip ViT-B/32",
+    )

@@ -13,11 +13,23 @@ from clip_runtime.text import TextTokenizer
 from tests.parity.reference import CORPUS
 
 EXTRA = [
-    "a", "A", "don't you'll we've it's", "e-mail: someone@example.com, url https://x.org/a?b=c#d",
-    "Ça va? Größe, straße, ﬁ ligature, Ⅻ, ½", "한국어 텍스트", "עברית ועربية", "Ελληνικά κείμενο",
-    "zero\u200bwidth\u200djoiner", "\u00a0nbsp\u3000ideographic space", "👨‍👩‍👧‍👦 family emoji 🇫🇷 flag",
-    "\x00control\x07chars", "<|startoftext|> literal special <|endoftext|>", "[CLS] [SEP] [PAD] [MASK]",
-    "x" * 500, "a b " * 300, "中" * 600,
+    "a",
+    "A",
+    "don't you'll we've it's",
+    "e-mail: someone@example.com, url https://x.org/a?b=c#d",
+    "Ça va? Größe, straße, ﬁ ligature, Ⅻ, ½",
+    "한국어 텍스트",
+    "עברית ועربية",
+    "Ελληνικά κείμενο",
+    "zero\u200bwidth\u200djoiner",
+    "\u00a0nbsp\u3000ideographic space",
+    "👨‍👩‍👧‍👦 family emoji 🇫🇷 flag",
+    "\x00control\x07chars",
+    "<|startoftext|> literal special <|endoftext|>",
+    "[CLS] [SEP] [PAD] [MASK]",
+    "x" * 500,
+    "a b " * 300,
+    "中" * 600,
 ]
 TEXTS = CORPUS + EXTRA
 
@@ -87,9 +99,3 @@ def _pair_cached(weights_dir):
     if weights_dir not in _CACHE:
         _CACHE[weights_dir] = _pair(weights_dir)
     return _CACHE[weights_dir]
-
-
-
-
-
-

@@ -20,8 +20,12 @@ def pb(monkeypatch):
     mod = types.ModuleType("triton_python_backend_utils")
     mod.Tensor, mod.InferenceResponse, mod.TritonError, mod.Logger = FakeTensor, FakeResponse, FakeError, FakeLogger
     mod.get_input_tensor_by_name = lambda request, name: request.get(name)
-    mod.triton_string_to_numpy = lambda t: {"TYPE_FP32": np.float32, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32,
-                                            "TYPE_STRING": np.object_}[t]
+    mod.triton_string_to_numpy = lambda t: {
+        "TYPE_FP32": np.float32,
+        "TYPE_INT64": np.int64,
+        "TYPE_INT32": np.int32,
+        "TYPE_STRING": np.object_,
+    }[t]
     mod.TritonModelException = RuntimeError
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", mod)
     FakeLogger.errors = []
@@ -46,10 +50,22 @@ def manifest() -> dict:
         "text": {"arch": "clip_text", "pooling": "eot"},
         "vision": {"arch": "vit"},
         "tokenizer": {"dir": "tokenizer", "max_length": 77, "pad_token_id": 0},
-        "image": {"size": 32, "crop_size": 32, "shortest_edge": 32, "resize_mode": "shortest_edge", "resize_size": 32,
-                  "do_center_crop": True, "resample": 3, "mean": [0.48145466, 0.4578275, 0.40821073],
-                  "std": [0.26862954, 0.26130258, 0.27577711], "rescale_factor": 1 / 255, "do_resize": True,
-                  "do_rescale": True, "do_normalize": True, "do_convert_rgb": True},
+        "image": {
+            "size": 32,
+            "crop_size": 32,
+            "shortest_edge": 32,
+            "resize_mode": "shortest_edge",
+            "resize_size": 32,
+            "do_center_crop": True,
+            "resample": 3,
+            "mean": [0.48145466, 0.4578275, 0.40821073],
+            "std": [0.26862954, 0.26130258, 0.27577711],
+            "rescale_factor": 1 / 255,
+            "do_resize": True,
+            "do_rescale": True,
+            "do_normalize": True,
+            "do_convert_rgb": True,
+        },
         "files": {},
         "warnings": [],
     }

@@ -40,8 +40,14 @@ def test_a_bad_item_fails_its_own_request_only(pb):
 
     requests = [_req(X=np.array([1, 7, 2])), _req(X=np.array([3])), _req(X=np.array([7]))]
     seen = []
-    out = execute_batched(pb, requests, read=lambda r: list(r["X"].as_numpy()), prepare=prepare,
-                          compute=lambda good: seen.append(good) or {"OUT": np.array(good)}, label="thing")
+    out = execute_batched(
+        pb,
+        requests,
+        read=lambda r: list(r["X"].as_numpy()),
+        prepare=prepare,
+        compute=lambda good: seen.append(good) or {"OUT": np.array(good)},
+        label="thing",
+    )
     assert out[0].error.message == "thing 1: no sevens" and out[0].error.code == "INVALID_ARG"
     assert out[2].error.message == "thing 0: no sevens"
     assert out[1].error is None and out[1].outputs["OUT"].tolist() == [3]
@@ -68,8 +74,13 @@ def test_compute_failure_answers_a_short_message(pb):
     def boom(good):
         raise RuntimeError('File "/usr/lib/python3/site-packages/torch/nn/functional.py", line 2233\nIndexError')
 
-    out = execute_batched(pb, [_req(X=np.array([1])), _req(X=np.array([2]))],
-                          read=lambda r: list(r["X"].as_numpy()), compute=boom, logger=pb.Logger)
+    out = execute_batched(
+        pb,
+        [_req(X=np.array([1])), _req(X=np.array([2]))],
+        read=lambda r: list(r["X"].as_numpy()),
+        compute=boom,
+        logger=pb.Logger,
+    )
     for o in out:
         assert o.error.code == "INTERNAL" and "site-packages" not in o.error.message and "\n" not in o.error.message
     assert "functional.py" in FakeLogger.errors[-1]
@@ -98,8 +109,13 @@ def test_a_request_that_fails_the_computation_fails_alone(pb):
 
 def test_rows_per_item(pb):
     requests = [_req(X=np.ones((2, 3))), _req(X=np.ones((1, 3)) * 2)]
-    out = execute_batched(pb, requests, read=lambda r: [r["X"].as_numpy()], rows=len,
-                          compute=lambda items: {"OUT": np.concatenate(items).sum(axis=1)})
+    out = execute_batched(
+        pb,
+        requests,
+        read=lambda r: [r["X"].as_numpy()],
+        rows=len,
+        compute=lambda items: {"OUT": np.concatenate(items).sum(axis=1)},
+    )
     assert out[0].outputs["OUT"].tolist() == [3.0, 3.0] and out[1].outputs["OUT"].tolist() == [6.0]
 
 
@@ -140,20 +156,38 @@ def _runner(pb, tmp_path, max_batch_size=8, kind="CPU", ragged=False):
     version.mkdir(exist_ok=True)
     torch.jit.script(_RowSums() if ragged else _Sum()).save(str(version / "model.pt"))
     names = ["input_ids", "lengths"] if ragged else ["input_ids", "attention_mask"]
-    config = {"max_batch_size": max_batch_size, "default_model_filename": "model.pt",
-              "input": [{"name": n, "data_type": "TYPE_INT64", "allow_ragged_batch": ragged and n == "input_ids"}
-                        for n in names],
-              "output": [{"name": "sum__0", "data_type": "TYPE_FP32"}],
-              "parameters": {"INFERENCE_MODE": {"string_value": "true"}}}
+    config = {
+        "max_batch_size": max_batch_size,
+        "default_model_filename": "model.pt",
+        "input": [
+            {"name": n, "data_type": "TYPE_INT64", "allow_ragged_batch": ragged and n == "input_ids"} for n in names
+        ],
+        "output": [{"name": "sum__0", "data_type": "TYPE_FP32"}],
+        "parameters": {"INFERENCE_MODE": {"string_value": "true"}},
+    }
     if ragged:  # as Triton's JSON of clip_build's text_encoder config
-        config["batch_input"] = [{"kind": "BATCH_ITEM_SHAPE", "target_name": ["widths"], "data_type": "TYPE_INT32",
-                                  "source_input": ["input_ids"]}]
+        config["batch_input"] = [
+            {
+                "kind": "BATCH_ITEM_SHAPE",
+                "target_name": ["widths"],
+                "data_type": "TYPE_INT32",
+                "source_input": ["input_ids"],
+            }
+        ]
     spec = importlib.util.spec_from_file_location("runner_under_test", RUNNER_SOURCE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     model = module.TritonPythonModel()
-    model.initialize({"model_config": json.dumps(config), "model_repository": str(tmp_path), "model_version": "1",
-                      "model_name": "summer", "model_instance_kind": kind, "model_instance_device_id": "0"})
+    model.initialize(
+        {
+            "model_config": json.dumps(config),
+            "model_repository": str(tmp_path),
+            "model_version": "1",
+            "model_name": "summer",
+            "model_instance_kind": kind,
+            "model_instance_device_id": "0",
+        }
+    )
     return model
 
 
@@ -183,8 +217,10 @@ def test_runner_forward_failure_has_no_traceback(pb, tmp_path):
     model = _runner(pb, tmp_path)
 
     def fail(arrays):
-        raise RuntimeError("The following operation failed in the TorchScript interpreter.\n"
-                           'File "/root/.venv/lib/python3.11/site-packages/torch/nn/functional.py"')
+        raise RuntimeError(
+            "The following operation failed in the TorchScript interpreter.\n"
+            'File "/root/.venv/lib/python3.11/site-packages/torch/nn/functional.py"'
+        )
 
     model._forward = fail
     (out,) = model.execute([_req(input_ids=np.array([[1]]), attention_mask=np.array([[1]]))])
@@ -234,8 +270,15 @@ def test_runner_takes_inputs_through_dlpack_as_the_numpy_path_would(pb, tmp_path
     model = _runner(pb, tmp_path)
     ids, mask = np.array([[1, 2], [3, 4]], np.int64), np.array([[1, 1], [0, 1]], np.int64)
     host = model.execute([_req(input_ids=ids, attention_mask=mask), _req(input_ids=ids[:1], attention_mask=mask[:1])])
-    device = model.execute([{"input_ids": _DeviceTensor("input_ids", ids), "attention_mask": _DeviceTensor(
-        "attention_mask", mask.astype(np.int32))}, _req(input_ids=ids[:1], attention_mask=mask[:1])])  # mixed, cast
+    device = model.execute(
+        [
+            {
+                "input_ids": _DeviceTensor("input_ids", ids),
+                "attention_mask": _DeviceTensor("attention_mask", mask.astype(np.int32)),
+            },
+            _req(input_ids=ids[:1], attention_mask=mask[:1]),
+        ]
+    )  # mixed, cast
     assert [r.outputs["sum__0"].tolist() for r in device] == [r.outputs["sum__0"].tolist() for r in host]
     assert [r.outputs["sum__0"].tolist() for r in host] == [[[3.0], [4.0]], [[3.0]]]
 
@@ -288,32 +331,54 @@ def test_ragged_rows_repads_to_the_longest_row():
     assert ids.tolist() == [[1, 2, 3, 4]]  # cut to the position table
 
 
-@pytest.mark.parametrize("flat,lengths,widths", [
-    ([1, 2, 3], [5, 5], [2, 2]),  # lengths over widths
-    ([1, 2, 3], [2, 2], [10**15, 10**15]),  # widths whose sum is far past the ids
-    ([1, 2, 3], [-4, 2], [-1, -9]),  # negative counts
-    ([], [3, 1], [3, 1]),  # no ids at all
-    ([1, 2, 3], [], []),  # no rows
-    ([1, 2, 3], [2, 2, 2], [1]),  # fewer widths than rows
-    ([1, 2, 3], [10**18], [10**18]),
-])
+@pytest.mark.parametrize(
+    "flat,lengths,widths",
+    [
+        ([1, 2, 3], [5, 5], [2, 2]),  # lengths over widths
+        ([1, 2, 3], [2, 2], [10**15, 10**15]),  # widths whose sum is far past the ids
+        ([1, 2, 3], [-4, 2], [-1, -9]),  # negative counts
+        ([], [3, 1], [3, 1]),  # no ids at all
+        ([1, 2, 3], [], []),  # no rows
+        ([1, 2, 3], [2, 2, 2], [1]),  # fewer widths than rows
+        ([1, 2, 3], [10**18], [10**18]),
+    ],
+)
 def test_ragged_rows_takes_any_values(flat, lengths, widths):
     """No value Triton accepts for input_ids, lengths, widths makes the re-padding raise or read out of range."""
-    ids, mask = ragged_rows(torch.tensor(flat, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64),
-                            torch.tensor(widths, dtype=torch.int64), 77)
+    ids, mask = ragged_rows(
+        torch.tensor(flat, dtype=torch.int64),
+        torch.tensor(lengths, dtype=torch.int64),
+        torch.tensor(widths, dtype=torch.int64),
+        77,
+    )
     assert ids.shape == mask.shape and ids.shape[0] == len(lengths) and 1 <= ids.shape[1] <= 77
     assert set(ids[mask == 1].tolist()) <= set(flat) and (ids[mask == 0] == 0).all()
 
 
 def test_runner_refuses_batch_inputs_it_cannot_make(pb, tmp_path):
     model = _runner(pb, tmp_path, ragged=True)
-    config = {"max_batch_size": 8, "input": [{"name": "input_ids", "data_type": "TYPE_INT64"}],
-              "output": [{"name": "sum__0", "data_type": "TYPE_FP32"}],
-              "batch_input": [{"kind": "BATCH_ELEMENT_COUNT", "target_name": ["n"], "data_type": "TYPE_INT32",
-                               "source_input": ["input_ids"]}]}
+    config = {
+        "max_batch_size": 8,
+        "input": [{"name": "input_ids", "data_type": "TYPE_INT64"}],
+        "output": [{"name": "sum__0", "data_type": "TYPE_FP32"}],
+        "batch_input": [
+            {
+                "kind": "BATCH_ELEMENT_COUNT",
+                "target_name": ["n"],
+                "data_type": "TYPE_INT32",
+                "source_input": ["input_ids"],
+            }
+        ],
+    }
     with pytest.raises(pb.TritonModelException, match="batch_input kind BATCH_ELEMENT_COUNT is not supported"):
-        type(model)().initialize({"model_config": json.dumps(config), "model_repository": str(tmp_path),
-                                  "model_version": "1", "model_name": "summer"})
+        type(model)().initialize(
+            {
+                "model_config": json.dumps(config),
+                "model_repository": str(tmp_path),
+                "model_version": "1",
+                "model_name": "summer",
+            }
+        )
 
 
 class _CancelledAfter(dict):
@@ -340,8 +405,14 @@ def test_cancelled_requests_are_skipped_before_reading_and_before_computing(pb):
         read.append(int(r["X"].as_numpy()[0, 0]))
         return list(r["X"].as_numpy().reshape(-1))
 
-    requests = [_CancelledAfter(0, X=np.array([[1]])), _CancelledAfter(1, X=np.array([[2]])),
-                _CancelledAfter(9, X=np.array([[3]]))]
+    requests = [
+        _CancelledAfter(0, X=np.array([[1]])),
+        _CancelledAfter(1, X=np.array([[2]])),
+        _CancelledAfter(9, X=np.array([[3]])),
+    ]
     out = execute_batched(pb, requests, read=read_x, compute=compute)
-    assert (read, computed, [o.outputs["OUT"].tolist() if o.error is None else "cancelled" in o.error.message
-                             for o in out]) == ([2, 3], [3], [True, True, [3]])
+    assert (
+        read,
+        computed,
+        [o.outputs["OUT"].tolist() if o.error is None else "cancelled" in o.error.message for o in out],
+    ) == ([2, 3], [3], [True, True, [3]])

@@ -103,8 +103,15 @@ def test_uint8_array_goes_as_npy():
     assert np.array_equal(_load_npy(image_item_bytes(view)), view)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((4, 4, 3), np.float32), np.zeros((4, 4), np.uint8),
-                                 np.zeros((4, 4, 4), np.uint8), np.zeros((0, 4, 3), np.uint8)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((4, 4, 3), np.float32),
+        np.zeros((4, 4), np.uint8),
+        np.zeros((4, 4, 4), np.uint8),
+        np.zeros((0, 4, 3), np.uint8),
+    ],
+)
 def test_bad_arrays_rejected(bad):
     with pytest.raises(InvalidInputError):
         image_item_bytes(bad)
@@ -227,9 +234,9 @@ def test_by_length_sorts_within_windows_and_records_the_order(sizes, window):
     out = list(by_length(iter(items), window, order))
     assert [items[i] for i in order] == out and sorted(order) == list(range(len(items)))  # a permutation, recorded
     for start in range(0, len(out), window):
-        chunk = out[start:start + window]
+        chunk = out[start : start + window]
         assert [len(x) for x in chunk] == sorted(len(x) for x in chunk)  # shortest first within each window
-        assert sorted(order[start:start + window]) == list(range(start, start + len(chunk)))  # never across windows
+        assert sorted(order[start : start + window]) == list(range(start, start + len(chunk)))  # never across windows
 
 
 # ------------------------------------------------------------------------------------------- math
@@ -260,7 +267,7 @@ def test_template_averaging_is_the_clip_recipe():
     prompts = RNG.normal(size=(c * t, d)).astype(np.float32)
     got = ops.class_embeddings(prompts, c, t)
     for k in range(c):
-        block = prompts[k * t:(k + 1) * t]
+        block = prompts[k * t : (k + 1) * t]
         block = block / np.linalg.norm(block, axis=1, keepdims=True)
         mean = block.mean(axis=0)
         np.testing.assert_allclose(got[k], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
@@ -281,12 +288,21 @@ def _configs(params=None, mbs=64):
     post = {"name": "postprocess", "max_batch_size": 0, "parameters": params or {}}
     return {
         "postprocess": post,
-        "encode_text": {"name": "encode_text", "max_batch_size": 0,
-                        "output": [{"name": "text_embeds", "data_type": "TYPE_FP32", "dims": ["-1", "512"]}]},
-        "encode_image": {"name": "encode_image", "max_batch_size": 0,
-                         "output": [{"name": "image_embeds", "data_type": "TYPE_FP32", "dims": [-1, 512]}]},
-        "preprocess_text": {"name": "preprocess_text", "max_batch_size": mbs,
-                            "parameters": {"max_items_per_request": {"string_value": "32"}}},
+        "encode_text": {
+            "name": "encode_text",
+            "max_batch_size": 0,
+            "output": [{"name": "text_embeds", "data_type": "TYPE_FP32", "dims": ["-1", "512"]}],
+        },
+        "encode_image": {
+            "name": "encode_image",
+            "max_batch_size": 0,
+            "output": [{"name": "image_embeds", "data_type": "TYPE_FP32", "dims": [-1, 512]}],
+        },
+        "preprocess_text": {
+            "name": "preprocess_text",
+            "max_batch_size": mbs,
+            "parameters": {"max_items_per_request": {"string_value": "32"}},
+        },
         "text_encoder": {"name": "text_encoder", "max_batch_size": mbs},
         "preprocess_image": {"name": "preprocess_image", "max_batch_size": mbs},
         "image_encoder": {"name": "image_encoder", "max_batch_size": 16},
@@ -294,7 +310,9 @@ def _configs(params=None, mbs=64):
 
 
 def test_model_info_from_configs():
-    info = _core.build_model_info(_configs({"logit_scale": {"string_value": "4.6052"}, "model_id": {"string_value": "abc"}}))
+    info = _core.build_model_info(
+        _configs({"logit_scale": {"string_value": "4.6052"}, "model_id": {"string_value": "abc"}})
+    )
     assert (info.model_id, info.dim, info.identity_source) == ("abc", 512, "postprocess.model_id")
     assert info.max_text_items == 32 and info.max_image_items == 16
     np.testing.assert_allclose(info.scale, np.exp(4.6052))
@@ -362,12 +380,23 @@ def test_error_mapping_is_by_status_alone():
 
     from clip_client import ModelNotFoundError, RateLimitedError, _status
 
-    table = {"StatusCode.UNAVAILABLE": ServerUnavailableError, "503": ServerUnavailableError,
-             "StatusCode.CANCELLED": ServerUnavailableError, "429": RateLimitedError,
-             "StatusCode.INVALID_ARGUMENT": InvalidInputError, "400": InvalidInputError, "413": InvalidInputError,
-             "StatusCode.RESOURCE_EXHAUSTED": InvalidInputError, "StatusCode.NOT_FOUND": ModelNotFoundError,
-             "404": ModelNotFoundError, "StatusCode.DEADLINE_EXCEEDED": ServerTimeoutError,
-             "504": ServerTimeoutError, "StatusCode.INTERNAL": ServerError, "500": ServerError, "403": ServerError}
+    table = {
+        "StatusCode.UNAVAILABLE": ServerUnavailableError,
+        "503": ServerUnavailableError,
+        "StatusCode.CANCELLED": ServerUnavailableError,
+        "429": RateLimitedError,
+        "StatusCode.INVALID_ARGUMENT": InvalidInputError,
+        "400": InvalidInputError,
+        "413": InvalidInputError,
+        "StatusCode.RESOURCE_EXHAUSTED": InvalidInputError,
+        "StatusCode.NOT_FOUND": ModelNotFoundError,
+        "404": ModelNotFoundError,
+        "StatusCode.DEADLINE_EXCEEDED": ServerTimeoutError,
+        "504": ServerTimeoutError,
+        "StatusCode.INTERNAL": ServerError,
+        "500": ServerError,
+        "403": ServerError,
+    }
     for words in ("rate limited", "has no available versions", "stub process is not healthy", "image 1: bad", "x"):
         for status, kind in table.items():
             err = _status.map_error(E(words, status), "infer m", "grpc://h:1")
@@ -498,14 +527,26 @@ def test_client_options_validated():
     assert CLIPClient(protocol="http").url == "http://127.0.0.1:8000"
     c = CLIPClient("https://triton.example/v2prefix/")
     assert (c.protocol, c.endpoint.tls, c.endpoint.address, c.endpoint.effective_port) == (
-        "http", True, "triton.example/v2prefix", 443)
+        "http",
+        True,
+        "triton.example/v2prefix",
+        443,
+    )
 
 
-@pytest.mark.parametrize("url,expected", [
-    ("http://h:1", ("http", False, "h:1")), ("HTTPS://h:2", ("http", True, "h:2")), ("grpc://h:3", ("grpc", False, "h:3")),
-    ("grpcs://h:4", ("grpc", True, "h:4")), ("h:5", ("grpc", False, "h:5")), ("[::1]:6", ("grpc", False, "[::1]:6")),
-    ("grpcs://[::1]", ("grpc", True, "[::1]")), ("http://h:7/", ("http", False, "h:7")),
-])
+@pytest.mark.parametrize(
+    "url,expected",
+    [
+        ("http://h:1", ("http", False, "h:1")),
+        ("HTTPS://h:2", ("http", True, "h:2")),
+        ("grpc://h:3", ("grpc", False, "h:3")),
+        ("grpcs://h:4", ("grpc", True, "h:4")),
+        ("h:5", ("grpc", False, "h:5")),
+        ("[::1]:6", ("grpc", False, "[::1]:6")),
+        ("grpcs://[::1]", ("grpc", True, "[::1]")),
+        ("http://h:7/", ("http", False, "h:7")),
+    ],
+)
 def test_parse_endpoint(url, expected):
     from clip_common.endpoint import parse_endpoint
 
@@ -514,10 +555,18 @@ def test_parse_endpoint(url, expected):
     assert parse_endpoint(e.url) == e  # the canonical URL reads back the same
 
 
-@pytest.mark.parametrize("url,match", [
-    ("ftp://h:1", "unknown URL scheme"), ("h:0", "port must be"), ("h:99999", "port must be"), ("h:x", "port must be"),
-    ("grpc://h:1/path", "cannot have a path"), ("http://:80", "no host"), ("http://u:p@h:1", "credentials"),
-])
+@pytest.mark.parametrize(
+    "url,match",
+    [
+        ("ftp://h:1", "unknown URL scheme"),
+        ("h:0", "port must be"),
+        ("h:99999", "port must be"),
+        ("h:x", "port must be"),
+        ("grpc://h:1/path", "cannot have a path"),
+        ("http://:80", "no host"),
+        ("http://u:p@h:1", "credentials"),
+    ],
+)
 def test_parse_endpoint_rejects(url, match):
     from clip_common.endpoint import EndpointError, parse_endpoint
 
@@ -532,7 +581,10 @@ def test_tritonclient_tls_options(tmp_path, monkeypatch):
     ca = tmp_path / "ca.pem"
     ca.write_text("x")
     assert tritonclient_tls(parse_endpoint("grpcs://h:1"), str(ca)) == {"ssl": True, "root_certificates": str(ca)}
-    assert tritonclient_tls(parse_endpoint("https://h:1"), str(ca)) == {"ssl": True, "ssl_options": {"ca_certs": str(ca)}}
+    assert tritonclient_tls(parse_endpoint("https://h:1"), str(ca)) == {
+        "ssl": True,
+        "ssl_options": {"ca_certs": str(ca)},
+    }
     monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the system's bundle, as OpenSSL finds it
     monkeypatch.delenv("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", raising=False)
     assert tritonclient_tls(parse_endpoint("grpcs://h:1"))["root_certificates"] == str(ca)
@@ -647,8 +699,22 @@ def test_cli_arguments():
     assert (a.query, a.top_k, a.image, a.uri, a.filter) == ("a red car", 3, None, "g.parquet", "size > 1")
     a = p.parse_args(["search", "--image", "q.jpg", "--gallery", "g.parquet", "--protocol", "http"])
     assert (a.query, a.image, a.protocol) == (None, "q.jpg", "http")
-    a = p.parse_args(["classify", "x.jpg", "y.jpg", "--labels", "cat", "dog", "--template", "art of a {}",
-                      "--url", "grpcs://h:443", "--ca-file", "ca.pem"])
+    a = p.parse_args(
+        [
+            "classify",
+            "x.jpg",
+            "y.jpg",
+            "--labels",
+            "cat",
+            "dog",
+            "--template",
+            "art of a {}",
+            "--url",
+            "grpcs://h:443",
+            "--ca-file",
+            "ca.pem",
+        ]
+    )
     assert (a.images, a.labels, a.templates, a.top_k) == (["x.jpg", "y.jpg"], ["cat", "dog"], ["art of a {}"], None)
     assert (a.url, a.ca_file) == ("grpcs://h:443", "ca.pem")
 
@@ -657,8 +723,15 @@ def _options_with_defaults(parser) -> list:
     """The options of a parser that take a value and have a default (0 included; not None / suppressed / [])."""
     import argparse
 
-    return [a for a in parser._actions if a.option_strings and a.nargs != 0 and a.default is not None
-            and a.default is not argparse.SUPPRESS and a.default != []]
+    return [
+        a
+        for a in parser._actions
+        if a.option_strings
+        and a.nargs != 0
+        and a.default is not None
+        and a.default is not argparse.SUPPRESS
+        and a.default != []
+    ]
 
 
 def test_every_help_shows_the_defaults(capsys, monkeypatch):
@@ -678,7 +751,7 @@ def test_every_help_shows_the_defaults(capsys, monkeypatch):
         for action in _options_with_defaults(command):
             shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
             flag = max(action.option_strings, key=len)
-            part = text[text.index(flag, text.index("options:")):]
+            part = text[text.index(flag, text.index("options:")) :]
             assert re.search(rf"\(?default:? {re.escape(shown)}\b", part), (name, flag, shown, part[:300])
             checked += 1
     assert checked > 30

@@ -21,12 +21,16 @@ def test_gateway_answers_map_to_typed_errors():
     err = _core.map_error(E(RATE, "429"), "infer encode_text")
     assert isinstance(err, RateLimitedError) and _core.retryable(err) and err.status == "429"
     assert str(err).startswith("infer encode_text: rate limited: ")
-    for exc in (E("request body larger than the gateway's cap of 1000 bytes", "413"),
-                E("request message larger than the gateway's cap of 1000 bytes", "StatusCode.RESOURCE_EXHAUSTED")):
+    for exc in (
+        E("request body larger than the gateway's cap of 1000 bytes", "413"),
+        E("request message larger than the gateway's cap of 1000 bytes", "StatusCode.RESOURCE_EXHAUSTED"),
+    ):
         err = _core.map_error(exc, "infer encode_image")
         assert isinstance(err, InvalidInputError) and not _core.retryable(err) and str(err) == exc.message()
-    for exc in (E("Request for unknown model: 'clip_info' is not found", "404"),
-                E("Request for unknown model: 'clip_info' is not found", "StatusCode.NOT_FOUND")):
+    for exc in (
+        E("Request for unknown model: 'clip_info' is not found", "404"),
+        E("Request for unknown model: 'clip_info' is not found", "StatusCode.NOT_FOUND"),
+    ):
         err = _core.map_error(exc, "infer clip_info")
         assert isinstance(err, ModelNotFoundError) and isinstance(err, ServerError) and not _core.retryable(err)
     forbidden = _core.map_error(E("forbidden at the gateway: only the models ... are served", "403"), "config x")
@@ -43,7 +47,8 @@ def test_a_retry_warning_names_the_call_once(caplog):
         client._log_retry("infer encode_text", RateLimitedError("slow down"), 1, 1.0)
     assert [r.getMessage() for r in caplog.records] == [
         "infer encode_text: server unavailable: [503] down; retry 1/8 in 0.50 s",
-        "infer encode_text: slow down; retry 2/8 in 1.00 s"]
+        "infer encode_text: slow down; retry 2/8 in 1.00 s",
+    ]
 
 
 def test_unreachable_message_ends_one_sentence_once():

@@ -40,8 +40,17 @@ def test_every_public_method_has_a_return_type_and_documents_its_errors():
             fn = member.fget if isinstance(member, property) else member
             assert inspect.signature(fn).return_annotation is not inspect.Signature.empty, (cls.__name__, name)
             assert inspect.getdoc(fn) == inspect.cleandoc(DOCS[name]), (cls.__name__, name)
-    for name in ("encode_text", "encode_image", "compute_similarity", "find_best_matches", "classify",
-                 "zero_shot_classification", "zero_shot", "class_embeddings", "get_model_info"):
+    for name in (
+        "encode_text",
+        "encode_image",
+        "compute_similarity",
+        "find_best_matches",
+        "classify",
+        "zero_shot_classification",
+        "zero_shot",
+        "class_embeddings",
+        "get_model_info",
+    ):
         doc = DOCS[name]
         assert "Returns" in doc and "Raises" in doc, name
         assert all(e in doc for e in ERRORS[1:]), name

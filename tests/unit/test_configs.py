@@ -30,8 +30,9 @@ def model_config_type(code: int) -> str:
 
 @pytest.mark.parametrize("kind,count,mbs", [("cpu", 1, 64), ("gpu", 2, 16)])
 def test_configs_follow_the_contract(manifest, kind, count, mbs):
-    configs = generate_configs(manifest, instance_kind=kind, max_batch_size=mbs,
-                               tuning=encoder_tuning(kind, 2, mbs, instances=count))
+    configs = generate_configs(
+        manifest, instance_kind=kind, max_batch_size=mbs, tuning=encoder_tuning(kind, 2, mbs, instances=count)
+    )
     plan = plan_preprocessing(kind)  # the auto rule: what generate_configs uses when given no plan
     counts = {C.PreprocessImage.NAME: plan.image_instances, C.PreprocessText.NAME: plan.text_instances}
     assert set(configs) == set(C.MODELS)
@@ -42,9 +43,15 @@ def test_configs_follow_the_contract(manifest, kind, count, mbs):
         assert cfg.max_batch_size == (mbs if spec.batching else 0), name
         assert _tensors(cfg.input) == [(t.name, TYPE_OF[t.dtype], t.resolve(sizes), t.optional) for t in spec.inputs]
         assert [t.allow_ragged_batch for t in cfg.input] == [t.ragged for t in spec.inputs], name
-        assert [(model_config_pb2().BatchInput.Kind.Name(b.kind), tuple(b.target_name), model_config_type(b.data_type),
-                 tuple(b.source_input)) for b in cfg.batch_input] == [
-            (b.kind, (b.target,), TYPE_OF[b.dtype], (b.source,)) for b in spec.batch_inputs], name
+        assert [
+            (
+                model_config_pb2().BatchInput.Kind.Name(b.kind),
+                tuple(b.target_name),
+                model_config_type(b.data_type),
+                tuple(b.source_input),
+            )
+            for b in cfg.batch_input
+        ] == [(b.kind, (b.target,), TYPE_OF[b.dtype], (b.source,)) for b in spec.batch_inputs], name
         assert _tensors(cfg.output) == [(t.name, TYPE_OF[t.dtype], t.resolve(sizes), False) for t in spec.outputs]
         if spec.kind == "ensemble":
             assert cfg.platform == "ensemble"
@@ -91,22 +98,35 @@ def test_naming_levels():
 
 def test_parameters_parse_back(manifest):
     configs = generate_configs(manifest, instance_kind="gpu", max_batch_size=16, limits={"max_pixels": 1234})
-    image = read_parameters(parameters(configs["preprocess_image"]), ["max_pixels", "max_items_per_request",
-                                                                     "image_size", "crop_size", "image_mean"])
-    assert image == {"max_pixels": 1234, "max_items_per_request": 16, "image_size": 32, "crop_size": 32,
-                     "image_mean": manifest["image"]["mean"]}
+    image = read_parameters(
+        parameters(configs["preprocess_image"]),
+        ["max_pixels", "max_items_per_request", "image_size", "crop_size", "image_mean"],
+    )
+    assert image == {
+        "max_pixels": 1234,
+        "max_items_per_request": 16,
+        "image_size": 32,
+        "crop_size": 32,
+        "image_mean": manifest["image"]["mean"],
+    }
     post = read_parameters(parameters(configs["postprocess"]), ["logit_scale", "model_id", "default_top_k"])
     assert post == {"logit_scale": manifest["logit_scale"], "model_id": manifest["model_id"], "default_top_k": 5}
-    text = read_parameters(parameters(configs["preprocess_text"]), ["max_length", "pad_token_id", "max_items_per_request"])
+    text = read_parameters(
+        parameters(configs["preprocess_text"]), ["max_length", "pad_token_id", "max_items_per_request"]
+    )
     assert text == {"max_length": 77, "pad_token_id": 0, "max_items_per_request": 16}
     torch = read_parameters(parameters(configs["text_encoder"]), ["INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION"])
     assert torch == {"INFERENCE_MODE": True, "DISABLE_OPTIMIZED_EXECUTION": True}
 
 
 def test_tuning_knobs_reach_the_configs(manifest):
-    configs = generate_configs(manifest, limits={"default_top_k": 3, "decode_threads": 0, "jpeg_draft_gap": 4,
-                                                 "allowed_formats": ["png", "JPG"]})
-    image = read_parameters(parameters(configs["preprocess_image"]), ["decode_threads", "jpeg_draft_gap", "allowed_formats"])
+    configs = generate_configs(
+        manifest,
+        limits={"default_top_k": 3, "decode_threads": 0, "jpeg_draft_gap": 4, "allowed_formats": ["png", "JPG"]},
+    )
+    image = read_parameters(
+        parameters(configs["preprocess_image"]), ["decode_threads", "jpeg_draft_gap", "allowed_formats"]
+    )
     assert image == {"decode_threads": 0, "jpeg_draft_gap": 4.0, "allowed_formats": ["png", "JPG"]}
     post = read_parameters(parameters(configs["postprocess"]), ["default_top_k", "logit_scale"])
     assert post == {"default_top_k": 3, "logit_scale": manifest["logit_scale"]}
@@ -122,8 +142,9 @@ def test_old_manifest_shortest_edge_without_crop_is_refused(manifest):
 
 def test_image_flags_reach_the_preprocessor(manifest):
     manifest["image"] = {**manifest["image"], "do_normalize": False, "do_rescale": False}
-    p = read_parameters(parameters(generate_configs(manifest)["preprocess_image"]),
-                        ["image_mean", "image_std", "rescale_factor"])
+    p = read_parameters(
+        parameters(generate_configs(manifest)["preprocess_image"]), ["image_mean", "image_std", "rescale_factor"]
+    )
     assert p == {"image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0], "rescale_factor": 1.0}
     manifest["image"]["do_resize"] = False
     with pytest.raises(ValueError, match="do_resize=false"):
@@ -132,8 +153,15 @@ def test_image_flags_reach_the_preprocessor(manifest):
 
 def test_exact_resize_layout(manifest):
     """Chinese-CLIP's preprocessor (height/width size, no center crop): an exact resize to the encoder's side."""
-    manifest["image"] = {**manifest["image"], "resize_mode": "exact", "do_center_crop": False, "shortest_edge": None,
-                         "size": 40, "resize_size": 40, "crop_size": 40}
+    manifest["image"] = {
+        **manifest["image"],
+        "resize_mode": "exact",
+        "do_center_crop": False,
+        "shortest_edge": None,
+        "size": 40,
+        "resize_size": 40,
+        "crop_size": 40,
+    }
     configs = generate_configs(manifest)
     p = read_parameters(parameters(configs["preprocess_image"]), ["resize_mode", "image_size", "do_center_crop"])
     assert p == {"resize_mode": "exact", "image_size": 40, "do_center_crop": False}
@@ -168,15 +196,22 @@ def _batching(config: str) -> tuple:
     cfg = parse_config(config)
     (group,) = cfg.instance_group
     threads = read_parameters(parameters(config), ["INTRA_OP_THREAD_COUNT"])["INTRA_OP_THREAD_COUNT"]
-    return (group.count, threads, tuple(cfg.dynamic_batching.preferred_batch_size),
-            cfg.dynamic_batching.max_queue_delay_microseconds)
+    return (
+        group.count,
+        threads,
+        tuple(cfg.dynamic_batching.preferred_batch_size),
+        cfg.dynamic_batching.max_queue_delay_microseconds,
+    )
 
 
-@pytest.mark.parametrize("cores,text,image", [
-    (2, (1, 2, (8,), 30000), (1, 2, (4,), 30000)),  # measured: docs/benchmarks.md, "Batching defaults"
-    (1, (1, 1, (8,), 30000), (1, 1, (4,), 30000)),
-    (16, (1, 16, (8,), 30000), (1, 16, (4,), 30000)),
-])
+@pytest.mark.parametrize(
+    "cores,text,image",
+    [
+        (2, (1, 2, (8,), 30000), (1, 2, (4,), 30000)),  # measured: docs/benchmarks.md, "Batching defaults"
+        (1, (1, 1, (8,), 30000), (1, 1, (4,), 30000)),
+        (16, (1, 16, (8,), 30000), (1, 16, (4,), 30000)),
+    ],
+)
 def test_cpu_batching_defaults_follow_the_core_count(manifest, cores, text, image):
     configs = generate_configs(manifest, tuning=encoder_tuning("cpu", cores))
     assert _batching(configs[C.TextEncoder.NAME]) == text
@@ -192,8 +227,12 @@ def test_gpu_defaults_and_overrides(manifest):
     configs = generate_configs(manifest, max_batch_size=16, tuning=tuned)
     for name in C.ENCODERS:
         assert _batching(configs[name]) == (3, 0, (2, 16), 500)
-    assert _batching(generate_configs(manifest, max_batch_size=4, tuning=encoder_tuning("cpu", 2, 4))[
-        C.TextEncoder.NAME])[2] == ()  # preferred sizes over max_batch_size are dropped
+    assert (
+        _batching(generate_configs(manifest, max_batch_size=4, tuning=encoder_tuning("cpu", 2, 4))[C.TextEncoder.NAME])[
+            2
+        ]
+        == ()
+    )  # preferred sizes over max_batch_size are dropped
     every = generate_configs(manifest, max_queue_delay_us=2000)
     assert {_batching(every[n])[3] for n in C.MODELS if C.MODELS[n].batching} == {2000}
     for bad in ({"instances": 0}, {"threads": -1}, {"preferred": [65]}, {"queue_delay_us": -1}):

@@ -13,15 +13,19 @@ from safetensors.torch import save_file
 from clip_build.convert import ConvertError, convert
 from clip_build.families import open_clip_model_config, open_clip_tower_configs
 
-TINY = {"embed_dim": 8, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+TINY = {
+    "embed_dim": 8,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+}
 
 
 def _hub(tmp_path, model_cfg=TINY, preprocess_cfg=None, weights=True):
     folder = tmp_path / "hub"
     folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
-                                                              "preprocess_cfg": preprocess_cfg or {}}))
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}})
+    )
     if weights:
         save_file({"logit_scale": torch.ones(())}, str(folder / "open_clip_model.safetensors"))
     return folder
@@ -42,12 +46,15 @@ def test_timm_towers_are_refused_naming_what_is_supported():
         open_clip_tower_configs(cfg, "cfg")
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"vision_cfg": {**TINY["vision_cfg"], "layers": [3, 4, 6, 3]}}, "ModifiedResNet"),
-    ({"text_cfg": {**TINY["text_cfg"], "hf_model_name": "xlm-roberta-base"}}, "Hugging Face encoder"),
-    ({"vision_cfg": {**TINY["vision_cfg"], "ls_init_value": 1e-5}}, "ls_init_value"),
-    ({"vision_cfg": {**TINY["vision_cfg"], "attentional_pool": True}}, "attentional_pool"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"vision_cfg": {**TINY["vision_cfg"], "layers": [3, 4, 6, 3]}}, "ModifiedResNet"),
+        ({"text_cfg": {**TINY["text_cfg"], "hf_model_name": "xlm-roberta-base"}}, "Hugging Face encoder"),
+        ({"vision_cfg": {**TINY["vision_cfg"], "ls_init_value": 1e-5}}, "ls_init_value"),
+        ({"vision_cfg": {**TINY["vision_cfg"], "attentional_pool": True}}, "attentional_pool"),
+    ],
+)
 def test_unsupported_open_clip_towers_are_named(change, message):
     with pytest.raises(ConvertError, match=message):
         open_clip_tower_configs({**TINY, **change}, "cfg")
@@ -96,8 +103,11 @@ def test_build_cli_names_each_weights_folder(tmp_path):
 
     (tmp_path / "My_Weights").mkdir()
     got = named_weights(["siglip=/w/a", str(tmp_path / "My_Weights"), "/w/c"], ["", "", "third"])
-    assert got == [("siglip", tmp_path.joinpath("/w/a")), ("my-weights", tmp_path / "My_Weights"),
-                   ("third", tmp_path.joinpath("/w/c"))]
+    assert got == [
+        ("siglip", tmp_path.joinpath("/w/a")),
+        ("my-weights", tmp_path / "My_Weights"),
+        ("third", tmp_path.joinpath("/w/c")),
+    ]
 
 
 @pytest.mark.integration  # exports TorchScript for two models (no server)
@@ -105,9 +115,23 @@ def test_cli_converts_siglip_and_builds_two_models_into_one_repository(checkpoin
     from clip_client.cli import main
 
     assert main(["convert", "--checkpoint", str(checkpoints("siglip")), "--out", str(tmp_path / "siglip")]) == 0
-    assert main(["build", "--weights", f"clip={weights('clip')}", "--weights", f"sig-lip={tmp_path / 'siglip'}",
-                 "--repository", str(tmp_path / "repo")]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "--weights",
+                f"clip={weights('clip')}",
+                "--weights",
+                f"sig-lip={tmp_path / 'siglip'}",
+                "--repository",
+                str(tmp_path / "repo"),
+            ]
+        )
+        == 0
+    )
     info = json.loads((tmp_path / "repo" / "clip_info" / "1" / "info.json").read_text())
     steps = (tmp_path / "repo" / "sig-lip__zero_shot" / "config.pbtxt").read_text()
     assert ([(m["name"], m["prefix"], m["scoring"]) for m in info["models"]], steps.count('"sig-lip__')) == (
-        [("clip", "", "softmax"), ("sig-lip", "sig-lip__", "sigmoid")], 6)  # its name + 5 steps
+        [("clip", "", "softmax"), ("sig-lip", "sig-lip__", "sigmoid")],
+        6,
+    )  # its name + 5 steps

@@ -29,11 +29,20 @@ def _seed_images() -> list[bytes]:
     rgb = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
     out = []
     for image, fmt, kw in [
-        (rgb, "PNG", {}), (rgb, "JPEG", {"quality": 80}), (rgb, "JPEG", {"progressive": True}), (rgb, "GIF", {}),
-        (rgb, "BMP", {}), (rgb, "TIFF", {}), (rgb, "TIFF", {"compression": "tiff_deflate"}), (rgb, "WEBP", {}),
-        (rgb.convert("P"), "PNG", {"transparency": 0}), (rgb.convert("RGBA"), "PNG", {}),
+        (rgb, "PNG", {}),
+        (rgb, "JPEG", {"quality": 80}),
+        (rgb, "JPEG", {"progressive": True}),
+        (rgb, "GIF", {}),
+        (rgb, "BMP", {}),
+        (rgb, "TIFF", {}),
+        (rgb, "TIFF", {"compression": "tiff_deflate"}),
+        (rgb, "WEBP", {}),
+        (rgb.convert("P"), "PNG", {"transparency": 0}),
+        (rgb.convert("RGBA"), "PNG", {}),
         (Image.fromarray((rng.integers(0, 65536, (20, 20))).astype(np.uint16)), "PNG", {}),
-        (rgb.convert("CMYK"), "JPEG", {}), (rgb.convert("L"), "TIFF", {}), (rgb.convert("1"), "BMP", {}),
+        (rgb.convert("CMYK"), "JPEG", {}),
+        (rgb.convert("L"), "TIFF", {}),
+        (rgb.convert("1"), "BMP", {}),
     ]:
         buf = io.BytesIO()
         image.save(buf, fmt, **kw)
@@ -68,8 +77,22 @@ def test_random_bytes_image(data):
 
 
 @FUZZ
-@given(st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF",
-                        b"\x93NUMPY", b"\x93NUMPY\x01\x00"]), st.binary(max_size=2048))
+@given(
+    st.sampled_from(
+        [
+            b"\x89PNG\r\n\x1a\n",
+            b"\xff\xd8\xff",
+            b"GIF89a",
+            b"BM",
+            b"II*\x00",
+            b"MM\x00*",
+            b"RIFF",
+            b"\x93NUMPY",
+            b"\x93NUMPY\x01\x00",
+        ]
+    ),
+    st.binary(max_size=2048),
+)
 def test_magic_prefixed_bytes_image(magic, rest):
     _check_image(magic + rest)
 
@@ -114,7 +137,7 @@ def test_random_strings_text(tokenizer, text):
     _check_text_bytes(tokenizer, text.encode("utf-8"))
     ids, lengths, widths = tokenizer.encode_batch([text, "x"])
     assert ids.shape[1] <= tokenizer.max_length and widths.tolist() == [[ids.shape[1]]] * 2
-    assert lengths.max() == ids.shape[1] and (ids[1, lengths[1, 0]:] == tokenizer.pad_token_id).all()
+    assert lengths.max() == ids.shape[1] and (ids[1, lengths[1, 0] :] == tokenizer.pad_token_id).all()
 
 
 @FUZZ

@@ -58,7 +58,7 @@ def test_ivf_recall_reopen_and_incremental_files(tmp_path, small_ivf):
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (uri / "segments").iterdir()}
     lists_inode = data.stat().st_ino
     for lo in range(4000, 8000, 1000):
-        g.add([f"/p/{i}" for i in range(lo, lo + 1000)], x[lo:lo + 1000])
+        g.add([f"/p/{i}" for i in range(lo, lo + 1000)], x[lo : lo + 1000])
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (uri / "segments").iterdir()}
     assert all(after[name] == v for name, v in before.items()) and len(after) == len(before) + 4
     assert data.stat().st_ino == lists_inode and header.exists()
@@ -71,11 +71,17 @@ def test_ivf_recall_reopen_and_incremental_files(tmp_path, small_ivf):
     g.close()
 
     # a new process opens it (memory-mapped lists) and gets the same answers
-    code = ("import json, sys, numpy as np; from clip_client.gallery import Gallery; g = Gallery.open(sys.argv[1]); "
-            "q = np.array(json.loads(sys.argv[2]), np.float32); "
-            "print(json.dumps([[h.path for h in row] for row in g.search(q, k=5)]))")
-    out = subprocess.run([sys.executable, "-c", code, str(uri), json.dumps(queries[:3].tolist())], capture_output=True,
-                         text=True, timeout=120)
+    code = (
+        "import json, sys, numpy as np; from clip_client.gallery import Gallery; g = Gallery.open(sys.argv[1]); "
+        "q = np.array(json.loads(sys.argv[2]), np.float32); "
+        "print(json.dumps([[h.path for h in row] for row in g.search(q, k=5)]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(uri), json.dumps(queries[:3].tolist())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     g = Gallery.open(uri)
     assert json.loads(out.stdout) == [[h.path for h in row] for row in g.search(queries[:3], k=5)]
@@ -100,14 +106,21 @@ def test_pq_recall_reopen_deletes_filters_and_retrain(tmp_path, small_ivf):
     entry = dict(g.manifest["index"])
     path = uri / "index" / f"{entry['name']}.faiss"
     assert (entry["kind"], entry["m"], entry["trained_on"], sorted(os.listdir(uri / "index"))) == (
-        "pq", local.pq_m_for(DIM), 4000, [path.name])
+        "pq",
+        local.pq_m_for(DIM),
+        4000,
+        [path.name],
+    )
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (uri / "segments").iterdir()}
     for lo in range(4000, 8000, 1000):
-        g.add([f"/p/{i}" for i in range(lo, lo + 1000)], x[lo:lo + 1000])
+        g.add([f"/p/{i}" for i in range(lo, lo + 1000)], x[lo : lo + 1000])
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (uri / "segments").iterdir()}
     assert all(after[name] == v for name, v in before.items()) and len(after) == len(before) + 4
     assert (g.manifest["index"]["ntotal"], g.manifest["index"]["bytes"], g.manifest["index"]["header_crc"]) == (
-        8000, path.stat().st_size, local._crc32(path))
+        8000,
+        path.stat().st_size,
+        local._crc32(path),
+    )
     assert len(g) == 8000 and _recall(g, x, queries) >= 0.95
     keep = np.arange(0, 8000, 97)  # a filter keeping few rows: exact among them
     assert _recall_with_filter(g, x, queries, keep) == 1.0
@@ -162,14 +175,14 @@ def test_small_segments_are_merged_and_ids_stay(tmp_path, monkeypatch):
     x = _clustered(60)
     g = Gallery.create(tmp_path / "g", dim=DIM, model_id="m")
     for lo in range(0, 60, 10):
-        g.add([f"/p/{i}" for i in range(lo, lo + 10)], x[lo:lo + 10])
+        g.add([f"/p/{i}" for i in range(lo, lo + 10)], x[lo : lo + 10])
     assert len(g.manifest["segments"]) <= 4 and len(g) == 60
     ids = {r["path"]: r["id"] for r in g.rows()}
     g.close()
     g = Gallery.open(tmp_path / "g")
     assert {r["path"]: r["id"] for r in g.rows()} == ids and g.search(x[17], k=1)[0][0].path == "/p/17"
     # optimize() drops deleted rows from the files and from the index: they are never found again
-    assert g.delete(filter="path in [\"/p/17\", \"/p/18\"]") == 2
+    assert g.delete(filter='path in ["/p/17", "/p/18"]') == 2
     g.optimize()
     assert not list((tmp_path / "g" / "tombstones").iterdir()) and len(g) == 58
     found = {h.path for h in g.search(x, k=3)[17] + g.search(x, k=60)[0]}
@@ -295,74 +308,82 @@ def test_old_single_file_gallery_is_refused_with_a_hint(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ filters
 def _table() -> pa.Table:
-    return pa.table({
-        "path": ["/a/x_1.jpg", "/a/y.jpg", "/b/'q'.png", "/b/z%.jpg"],
-        "sha256": ["", "", "", ""],
-        "size": pa.array([10, 200, 3000, -1], pa.int64()),
-        "width": pa.array([1, 2, 3, 4], pa.int64()),
-        "height": pa.array([1, 2, 3, 4], pa.int64()),
-        "mtime": [1.5, 2.5, 3.5, -1.0],
-        "tags": [["cat", "pet"], ["dog"], [], ["cat"]],
-        "meta": ['{"camera": "X", "n": 1}', '{"camera": "Y", "n": 2.5}', "{}", '{"n": "text"}'],
-    })
+    return pa.table(
+        {
+            "path": ["/a/x_1.jpg", "/a/y.jpg", "/b/'q'.png", "/b/z%.jpg"],
+            "sha256": ["", "", "", ""],
+            "size": pa.array([10, 200, 3000, -1], pa.int64()),
+            "width": pa.array([1, 2, 3, 4], pa.int64()),
+            "height": pa.array([1, 2, 3, 4], pa.int64()),
+            "mtime": [1.5, 2.5, 3.5, -1.0],
+            "tags": [["cat", "pet"], ["dog"], [], ["cat"]],
+            "meta": ['{"camera": "X", "n": 1}', '{"camera": "Y", "n": 2.5}', "{}", '{"n": "text"}'],
+        }
+    )
 
 
-@pytest.mark.parametrize("expr, rows", [
-    ("size > 100", [1, 2]),
-    ("100 < size", [1, 2]),
-    ("size >= 10 && size <= 200", [0, 1]),
-    ("size == 10 || !(size != 3000)", [0, 2]),
-    ("not size in [10, 200]", [2, 3]),
-    ("size not in [10, 200]", [2, 3]),
-    ('path like "/a/%"', [0, 1]),
-    ('path like "/a/_.jpg"', [1]),  # _ is one character
-    ('path == "/a/y\\u002ejpg"', [1]),
-    ('path like "/a/x_1%"', [0]),
-    ("path == \"/b/'q'.png\"", [2]),
-    ("path == '/b/\\'q\\'.png'", [2]),
-    ("mtime < 3 AND mtime > 0", [0, 1]),
-    ('array_contains(tags, "cat")', [0, 3]),
-    ('array_contains_any(tags, ["dog", "pet"])', [0, 1]),
-    ('array_contains_all(tags, ["cat", "pet"])', [0]),
-    ("array_length(tags) == 0", [2]),
-    ('meta["camera"] == "X"', [0]),
-    ('meta["n"] > 1', [1]),  # a str value is not comparable with a number: false, not an error
-    ('meta["n"] in [1, "text"]', [0, 3]),
-    ('meta["camera"] like "%"', [0, 1]),
-    ('meta["missing"] == 1', []),
-])
+@pytest.mark.parametrize(
+    "expr, rows",
+    [
+        ("size > 100", [1, 2]),
+        ("100 < size", [1, 2]),
+        ("size >= 10 && size <= 200", [0, 1]),
+        ("size == 10 || !(size != 3000)", [0, 2]),
+        ("not size in [10, 200]", [2, 3]),
+        ("size not in [10, 200]", [2, 3]),
+        ('path like "/a/%"', [0, 1]),
+        ('path like "/a/_.jpg"', [1]),  # _ is one character
+        ('path == "/a/y\\u002ejpg"', [1]),
+        ('path like "/a/x_1%"', [0]),
+        ("path == \"/b/'q'.png\"", [2]),
+        ("path == '/b/\\'q\\'.png'", [2]),
+        ("mtime < 3 AND mtime > 0", [0, 1]),
+        ('array_contains(tags, "cat")', [0, 3]),
+        ('array_contains_any(tags, ["dog", "pet"])', [0, 1]),
+        ('array_contains_all(tags, ["cat", "pet"])', [0]),
+        ("array_length(tags) == 0", [2]),
+        ('meta["camera"] == "X"', [0]),
+        ('meta["n"] > 1', [1]),  # a str value is not comparable with a number: false, not an error
+        ('meta["n"] in [1, "text"]', [0, 3]),
+        ('meta["camera"] like "%"', [0, 1]),
+        ('meta["missing"] == 1', []),
+    ],
+)
 def test_filter_expressions(expr, rows):
     mask = filters.evaluate(filters.parse(expr), _table())
     assert np.flatnonzero(mask).tolist() == rows
 
 
-@pytest.mark.parametrize("expr, message", [
-    ("", "non-empty"),
-    ("size >", "expected"),
-    ("size > 1 and", "expected"),
-    ("(size > 1", "expected"),
-    ("colour == 1", "unknown column"),
-    ("id == 1", "unknown column"),
-    ("size == path", "literal"),
-    ('size == "big"', "type"),
-    ('upper(path) == "A"', "unknown function"),
-    ("array_contains(path, 1)", "applies to tags"),
-    ("size ~ 3", "cannot read"),
-    ("size > 1 size", "unexpected"),
-    ('meta[1] == 2', "string key"),
-    ("tags in [1]", "tags is a list"),
-    ('tags in ["x"]', "tags is a list"),
-    ('array_length(tags) like "x"', "type"),
-    ('size like "1%"', "type"),
-    ('path in ["a", 1]', "type"),
-    ("mtime == true", "type"),
-    ("array_contains(tags, 1)", "string tags"),
-    ("not " * 3000 + "size > 1", "nested"),
-    ("(" * 3000 + "size > 1" + ")" * 3000, "nested"),
-    ('path like "\\ud800"', "surrogate"),
-    ("size > 100000000000000000000000", "out of range"),
-    ("size > 1 or " * 1_000_000 + "size > 1", "longer than"),
-])
+@pytest.mark.parametrize(
+    "expr, message",
+    [
+        ("", "non-empty"),
+        ("size >", "expected"),
+        ("size > 1 and", "expected"),
+        ("(size > 1", "expected"),
+        ("colour == 1", "unknown column"),
+        ("id == 1", "unknown column"),
+        ("size == path", "literal"),
+        ('size == "big"', "type"),
+        ('upper(path) == "A"', "unknown function"),
+        ("array_contains(path, 1)", "applies to tags"),
+        ("size ~ 3", "cannot read"),
+        ("size > 1 size", "unexpected"),
+        ("meta[1] == 2", "string key"),
+        ("tags in [1]", "tags is a list"),
+        ('tags in ["x"]', "tags is a list"),
+        ('array_length(tags) like "x"', "type"),
+        ('size like "1%"', "type"),
+        ('path in ["a", 1]', "type"),
+        ("mtime == true", "type"),
+        ("array_contains(tags, 1)", "string tags"),
+        ("not " * 3000 + "size > 1", "nested"),
+        ("(" * 3000 + "size > 1" + ")" * 3000, "nested"),
+        ('path like "\\ud800"', "surrogate"),
+        ("size > 100000000000000000000000", "out of range"),
+        ("size > 1 or " * 1_000_000 + "size > 1", "longer than"),
+    ],
+)
 def test_filter_errors(expr, message):
     with pytest.raises(FilterError, match=message):
         filters.evaluate(filters.parse(expr), _table())
@@ -372,9 +393,10 @@ def test_long_filters_and_quoted_literals():
     table = _table()
     many = " or ".join(["size == 10"] * 5000)  # n-ary and/or: no recursion per term
     assert np.flatnonzero(filters.evaluate(filters.parse(many), table)).tolist() == [0]
-    assert np.flatnonzero(filters.evaluate(filters.parse('path == "\\ud83d\\ude00"'), pa.table(
-        {"path": ["\U0001F600", "x"]}))).tolist() == [0]  # an escaped surrogate pair is one character
-    odd = ['caf\u00e9 "q" \\ \n\r\t \x01 \U0001F600', "/b/'q'.png"]
+    assert np.flatnonzero(
+        filters.evaluate(filters.parse('path == "\\ud83d\\ude00"'), pa.table({"path": ["\U0001f600", "x"]}))
+    ).tolist() == [0]  # an escaped surrogate pair is one character
+    odd = ['caf\u00e9 "q" \\ \n\r\t \x01 \U0001f600', "/b/'q'.png"]
     tree = filters.parse(filters.in_list("path", odd))
     assert tree == ("in", ("col", "path"), odd, False)
 
@@ -433,7 +455,11 @@ def test_tune_measures_given_then_recent_queries(tmp_path, small_ivf, kind):
     recent = g.tune()
     g.close()
     assert (given["queries"], given["recall"] >= 0.99, recent["queries"], recent["n_queries"]) == (
-        "given", True, "recent", 40)
+        "given",
+        True,
+        "recent",
+        40,
+    )
 
 
 def test_index_is_retrained_as_the_gallery_grows(tmp_path, small_ivf):
@@ -442,7 +468,7 @@ def test_index_is_retrained_as_the_gallery_grows(tmp_path, small_ivf):
     g.add([f"/p/{i}" for i in range(3000)], x[:3000])
     first = dict(g.manifest["index"])
     for lo in range(3000, 13000, 2000):
-        g.add([f"/p/{i}" for i in range(lo, lo + 2000)], x[lo:lo + 2000])
+        g.add([f"/p/{i}" for i in range(lo, lo + 2000)], x[lo : lo + 2000])
     last = g.manifest["index"]
     g.close()
     assert (first["trained_on"], last["trained_on"], last["nlist"] > first["nlist"]) == (3000, 13000, True)
@@ -454,12 +480,16 @@ def test_pq_codebooks_are_retrained_as_the_gallery_grows(tmp_path, small_ivf):
     g.add([f"/p/{i}" for i in range(3000)], x[:3000])
     first = dict(g.manifest["index"])
     for lo in range(3000, 13000, 2000):
-        g.add([f"/p/{i}" for i in range(lo, lo + 2000)], x[lo:lo + 2000])
+        g.add([f"/p/{i}" for i in range(lo, lo + 2000)], x[lo : lo + 2000])
     last = g.manifest["index"]
     files = os.listdir(tmp_path / "g" / "index")
     g.close()
     assert (first["trained_on"], last["trained_on"], last["name"] != first["name"], files) == (
-        3000, 13000, True, [f"{last['name']}.faiss"])  # retrained at 4x; the old codes' file removed
+        3000,
+        13000,
+        True,
+        [f"{last['name']}.faiss"],
+    )  # retrained at 4x; the old codes' file removed
 
 
 def test_hand_edited_manifest_is_refused(tmp_path):
@@ -484,6 +514,11 @@ def test_gallery_info_tune_and_exact_through_the_cli(tmp_path, small_ivf, capsys
     assert main(["search", "--like", "/p/7", "--uri", str(tmp_path / "g"), "--exact", "-k", "1"]) == 0
     first = capsys.readouterr().out.split()
     op = info["operating_point"]
-    assert (info["rows"], info["index_kind"], op["target"], op["recall"] >= 0.99, info["rerank"] == op["rerank"],
-            first[-1]) == (
-                4000, "pq", 0.99, True, True, f"/p/{int(np.argsort(-(x @ x[7]))[1])}")  # the nearest other image
+    assert (
+        info["rows"],
+        info["index_kind"],
+        op["target"],
+        op["recall"] >= 0.99,
+        info["rerank"] == op["rerank"],
+        first[-1],
+    ) == (4000, "pq", 0.99, True, True, f"/p/{int(np.argsort(-(x @ x[7]))[1])}")  # the nearest other image

@@ -10,8 +10,16 @@ import yaml
 
 from clip_build.repository import effective_limits
 from clip_common.contract import INTERNAL_MODELS, PUBLIC_MODELS
-from clip_server.gateway import (GatewayError, GatewaySettings, Upstream, body_cap, http_routes, render_config,
-                                 repository_limits, resolve_limits)
+from clip_server.gateway import (
+    GatewayError,
+    GatewaySettings,
+    Upstream,
+    body_cap,
+    http_routes,
+    render_config,
+    repository_limits,
+    resolve_limits,
+)
 
 
 def _config(*upstreams: str, **settings) -> dict:
@@ -39,8 +47,9 @@ def test_limits_resolution_without_asking_upstreams(tmp_path):
     assert resolve_limits(nowhere, None, [], 0) == (effective_limits(), "build defaults")
     assert resolve_limits(nowhere, None, ["max_text_bytes=10"], 60)[0]["max_text_bytes"] == 10  # not asked
     (tmp_path / "clip_info" / "1").mkdir(parents=True)
-    (tmp_path / "clip_info" / "1" / "info.json").write_text(json.dumps(
-        {"max_items_per_request": 3, "limits": {**effective_limits(), "max_items_per_request": 8}}))
+    (tmp_path / "clip_info" / "1" / "info.json").write_text(
+        json.dumps({"max_items_per_request": 3, "limits": {**effective_limits(), "max_items_per_request": 8}})
+    )
     limits, source = resolve_limits(nowhere, str(tmp_path), [], 60)
     assert limits["max_items_per_request"] == 3 and source == str(tmp_path)  # what one request may carry
     assert resolve_limits(nowhere, None, [], 0.1) == (effective_limits(), "build defaults")  # nobody answered
@@ -49,8 +58,11 @@ def test_limits_resolution_without_asking_upstreams(tmp_path):
 def test_public_models_route_and_internal_models_never_appear():
     text = render_config([Upstream.parse("10.0.0.1:8000:8001")], GatewaySettings(8080, 8081, 1000))
     assert not [m for m in INTERNAL_MODELS if m in text]
-    pattern = next(r["match"]["safe_regex"]["regex"] for r in http_routes(GatewaySettings(8080, 8081, 1000))
-                   if r["match"].get("safe_regex", {}).get("regex", "").endswith("/infer$"))
+    pattern = next(
+        r["match"]["safe_regex"]["regex"]
+        for r in http_routes(GatewaySettings(8080, 8081, 1000))
+        if r["match"].get("safe_regex", {}).get("regex", "").endswith("/infer$")
+    )
     for model in PUBLIC_MODELS:
         assert re.match(pattern, f"/v2/models/{model}/infer")
         assert re.match(pattern, f"/v2/models/{model}/versions/3/infer")
@@ -64,8 +76,10 @@ def test_clusters_follow_the_upstreams():
     clusters = {c["name"]: c for c in static["static_resources"]["clusters"]}
     assert clusters["triton_http"]["type"] == "STATIC" and clusters["triton_http"]["lb_policy"] == "LEAST_REQUEST"
     grpc = clusters["triton_grpc"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    ports = [(e["endpoint"]["address"]["socket_address"]["port_value"], e["endpoint"]["health_check_config"]["port_value"])
-             for e in grpc]
+    ports = [
+        (e["endpoint"]["address"]["socket_address"]["port_value"], e["endpoint"]["health_check_config"]["port_value"])
+        for e in grpc
+    ]
     assert ports == [(8001, 8000), (9001, 9000)]  # gRPC endpoints health-checked on their HTTP port
     dns = _config("triton-headless.ns.svc.cluster.local:8000:8001")
     assert {c["type"] for c in dns["static_resources"]["clusters"] if c["name"].startswith("triton")} == {"STRICT_DNS"}
@@ -113,7 +127,8 @@ class OnlyStdlibAndOurs:  # the gateway image installs our packages with --no-de
         if top not in sys.stdlib_module_names and top not in ours and not top.startswith("_"):
             raise ImportError(f"{name} is not installed in the gateway image")
 sys.meta_path.insert(0, OnlyStdlibAndOurs())
-sys.argv = ["gateway", "--upstream", "triton:8000:8001", "--http-port", "8000", "--grpc-port", "8001", "--limits-timeout", "0", "--print-config"]
+sys.argv = ["gateway", "--upstream", "triton:8000:8001", "--http-port", "8000", "--grpc-port", "8001",
+            "--limits-timeout", "0", "--print-config"]
 runpy.run_module("clip_server.gateway", run_name="__main__")
 """
 

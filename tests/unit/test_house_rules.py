@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 import subprocess
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 # a suppression comment: rule codes (e.g. BLE001 or F401,F403), then a reason (at least one word)
@@ -14,8 +15,9 @@ WITH_REASON = re.compile(r":\s*[A-Z]+[0-9]+(\s*,\s*[A-Z]+[0-9]+)*\s+\W*\w+")
 
 
 def _python_files() -> list[Path]:
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "*.py"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     return [ROOT / p for p in listed if (ROOT / p).is_file()]
 
 
@@ -54,4 +56,5 @@ def test_the_client_under_test_is_this_trees():
     for module in (clip_client, clip_common):
         assert Path(module.__file__).resolve().is_relative_to(ROOT / "client"), (
             f"{module.__name__} is imported from {module.__file__}, not this tree: run "
-            "`.venv/bin/python -m pip install --no-deps -e ./client` (make setup does)")
+            "`.venv/bin/python -m pip install --no-deps -e ./client` (make setup does)"
+        )

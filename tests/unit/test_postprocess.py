@@ -1,4 +1,6 @@
-"""Zero-shot postprocess and the shared embedding math (clip_common.ops) vs a torch reference written like transformers' CLIPModel.forward."""
+"""Zero-shot postprocess and the shared embedding math (clip_common.ops) vs a torch reference.
+
+The reference is written like transformers' CLIPModel.forward."""
 
 from __future__ import annotations
 
@@ -18,8 +20,11 @@ def torch_reference(text: np.ndarray, image: np.ndarray, logit_scale: float) -> 
     i = i / i.norm(p=2, dim=-1, keepdim=True)
     logits_per_text = torch.matmul(t, i.t()) * torch.tensor(logit_scale).exp()
     logits_per_image = logits_per_text.t()
-    return {"logits_per_text": logits_per_text.numpy(), "logits_per_image": logits_per_image.numpy(),
-            "probs": logits_per_image.softmax(dim=1).numpy()}
+    return {
+        "logits_per_text": logits_per_text.numpy(),
+        "logits_per_image": logits_per_image.numpy(),
+        "probs": logits_per_image.softmax(dim=1).numpy(),
+    }
 
 
 @pytest.mark.parametrize("t,i,d", [(1, 1, 8), (5, 3, 24), (7, 11, 512), (2, 40, 64)])

@@ -11,12 +11,15 @@ def _never() -> float:
     raise AssertionError("calibration must not run without native bf16")
 
 
-@pytest.mark.parametrize(("flags", "speedup", "dtype"), [
-    ({"avx2", "avx512f"}, None, "fp32"),  # no native bf16: no calibration, fp32
-    ({"avx2", "avx512_bf16"}, 2.4, "bf16"),
-    ({"amx_bf16", "amx_tile"}, BF16_MIN_SPEEDUP, "bf16"),
-    ({"avx512_bf16"}, BF16_MIN_SPEEDUP - 0.01, "fp32"),  # native but not measurably faster here
-])
+@pytest.mark.parametrize(
+    ("flags", "speedup", "dtype"),
+    [
+        ({"avx2", "avx512f"}, None, "fp32"),  # no native bf16: no calibration, fp32
+        ({"avx2", "avx512_bf16"}, 2.4, "bf16"),
+        ({"amx_bf16", "amx_tile"}, BF16_MIN_SPEEDUP, "bf16"),
+        ({"avx512_bf16"}, BF16_MIN_SPEEDUP - 0.01, "fp32"),  # native but not measurably faster here
+    ],
+)
 def test_cpu_builds_pick_bf16_only_where_native_and_measured_faster(flags, speedup, dtype):
     choice = choose_dtype("cpu", flags=flags, calibrate=_never if speedup is None else (lambda: speedup))
     assert (choice.dtype, choice.speedup) == (dtype, speedup)

@@ -44,7 +44,9 @@ def test_explicit_counts_and_decode_threads():
 
 
 def test_configs_and_clip_info_carry_the_plan(manifest):
-    plan = PreprocessPlan(image_instances=5, text_instances=3, decode_threads=2, image_decode="cpu", rule="auto", cores=16)
+    plan = PreprocessPlan(
+        image_instances=5, text_instances=3, decode_threads=2, image_decode="cpu", rule="auto", cores=16
+    )
     configs = generate_configs(manifest, instance_kind="gpu", preprocess=plan)
     image, text = parse_config(configs[C.PreprocessImage.NAME]), parse_config(configs[C.PreprocessText.NAME])
     assert [(g.count, g.kind) for g in image.instance_group] == [(5, image.instance_group[0].KIND_CPU)]
@@ -71,9 +73,15 @@ def test_gpu_decode_configs(manifest):
 
 def test_server_args_give_gpu_decode_a_cuda_pool(tmp_path):
     def info(decode):
-        (tmp_path / "clip_triton.json").write_text(json.dumps({
-            "max_batch_size": 256, "preprocess": {"image_decode": decode},
-            "exports": {"image_encoder": {"inputs": [{"shape": [-1, 3, 224, 224]}]}}}))
+        (tmp_path / "clip_triton.json").write_text(
+            json.dumps(
+                {
+                    "max_batch_size": 256,
+                    "preprocess": {"image_decode": decode},
+                    "exports": {"image_encoder": {"inputs": [{"shape": [-1, 3, 224, 224]}]}},
+                }
+            )
+        )
         return server_args(tmp_path)
 
     assert server_args(tmp_path) == []  # no clip_triton.json: nothing to add

@@ -27,8 +27,15 @@ def _load(model: str, manifest: dict, version_dir: Path, configs: dict | None = 
     spec.loader.exec_module(module)
     instance = module.TritonPythonModel()
     config = config_json((configs or generate_configs(manifest))[model])
-    instance.initialize({"model_config": json.dumps(config), "model_repository": str(version_dir.parent),
-                         "model_version": version_dir.name, "model_name": model, **args})
+    instance.initialize(
+        {
+            "model_config": json.dumps(config),
+            "model_repository": str(version_dir.parent),
+            "model_version": version_dir.name,
+            "model_name": model,
+            **args,
+        }
+    )
     return instance
 
 
@@ -49,8 +56,11 @@ def test_preprocess_image_isolates_bad_request_and_normalises_in_the_pool(pb, ma
     original = model.pre.pixels
     monkeypatch.setattr(model.pre, "pixels", lambda a: threads.append(threading.current_thread().name) or original(a))
     images = [_png(40, 50), _png(60, 30, 1), _png(40, 40), _png(33, 70, 2)]
-    requests = [_bytes_req("IMAGE", images[:2]), _bytes_req("IMAGE", [images[2], b"garbage"]),
-                _bytes_req("IMAGE", images[3:])]
+    requests = [
+        _bytes_req("IMAGE", images[:2]),
+        _bytes_req("IMAGE", [images[2], b"garbage"]),
+        _bytes_req("IMAGE", images[3:]),
+    ]
     out = model.execute(requests)
     s = model.pre.cfg.output_size
     assert out[0].error is None and out[0].outputs["PIXEL_VALUES"].shape == (2, 3, s, s)
@@ -59,8 +69,9 @@ def test_preprocess_image_isolates_bad_request_and_normalises_in_the_pool(pb, ma
     assert out[2].error is None and out[2].outputs["PIXEL_VALUES"].shape == (1, 3, s, s)
     assert len(threads) == 4 and all(name.startswith("decode") for name in threads)  # each good item, in the pool
     exact = model.pre.normalise(np.stack([model.pre.load(b) for b in images]))  # (4, 3, S, S): one batched lookup
-    assert np.array_equal(np.concatenate([out[0].outputs["PIXEL_VALUES"], out[2].outputs["PIXEL_VALUES"]]),
-                          exact[[0, 1, 3]])
+    assert np.array_equal(
+        np.concatenate([out[0].outputs["PIXEL_VALUES"], out[2].outputs["PIXEL_VALUES"]]), exact[[0, 1, 3]]
+    )
     solo = model.execute([_bytes_req("IMAGE", images[3:])])[0]
     assert np.array_equal(solo.outputs["PIXEL_VALUES"], out[2].outputs["PIXEL_VALUES"])
 
@@ -69,11 +80,20 @@ def test_preprocess_image_isolates_bad_request_and_normalises_in_the_pool(pb, ma
 def test_preprocess_image_gpu_decode_fails_the_load_clearly(pb, manifest, tmp_path):
     """--image-decode gpu where torchvision (CI) or CUDA is missing: the model load fails saying so, no CPU fallback."""
     configs = generate_configs(manifest, instance_kind="gpu", preprocess=plan_preprocessing("gpu", "gpu", cores=4))
-    with pytest.raises(pb.TritonModelException, match=r"^preprocess_image: image_decode=gpu cannot run here: "
-                       r"(ModuleNotFoundError: No module named 'torchvision'|GpuDecodeUnavailable: .*sees 0 CUDA).*"
-                       r"torch with CUDA and torchvision .* --image-decode cpu$"):
-        _load("preprocess_image", manifest, tmp_path / "1", configs, model_instance_kind="GPU",
-              model_instance_device_id="0")
+    with pytest.raises(
+        pb.TritonModelException,
+        match=r"^preprocess_image: image_decode=gpu cannot run here: "
+        r"(ModuleNotFoundError: No module named 'torchvision'|GpuDecodeUnavailable: .*sees 0 CUDA).*"
+        r"torch with CUDA and torchvision .* --image-decode cpu$",
+    ):
+        _load(
+            "preprocess_image",
+            manifest,
+            tmp_path / "1",
+            configs,
+            model_instance_kind="GPU",
+            model_instance_device_id="0",
+        )
 
 
 def test_preprocess_text_rows_lengths_and_widths(pb, manifest, tokenizer_json, tmp_path):
@@ -84,8 +104,11 @@ def test_preprocess_text_rows_lengths_and_widths(pb, manifest, tokenizer_json, t
     shutil.copy(tokenizer_json, version / "tokenizer.json")
     model = _load("preprocess_text", manifest, version)
     long = "a much longer sentence with quite a few more words in it"
-    requests = [_bytes_req("TEXT", [b"a cat"]), _bytes_req("TEXT", [b"ok", b"\xc3\x28 bad"]),
-                _bytes_req("TEXT", [long.encode()] * 2)]
+    requests = [
+        _bytes_req("TEXT", [b"a cat"]),
+        _bytes_req("TEXT", [b"ok", b"\xc3\x28 bad"]),
+        _bytes_req("TEXT", [long.encode()] * 2),
+    ]
     out = model.execute(requests)
     assert out[1].error.message.startswith("text 1: ")
     # the widths come from Triton (BATCH_ITEM_SHAPE); TOKEN_COUNTS and MODEL_ID go to encode_text's answer
@@ -119,8 +142,10 @@ def test_postprocess_refuses_too_many_embeddings_before_computing(pb, manifest, 
     monkeypatch.setitem(type(model)._one.__globals__, "zero_shot", lambda *a: computed.append(a) or {})
     d, n = manifest["projection_dim"], model.max_items
     rows = np.zeros((n + 1, d), np.float32)
-    too_many = [{"TEXT_EMBEDS": _Tensor("TEXT_EMBEDS", rows), "IMAGE_EMBEDS": _Tensor("IMAGE_EMBEDS", rows[:1])},
-                {"TEXT_EMBEDS": _Tensor("TEXT_EMBEDS", rows[:1]), "IMAGE_EMBEDS": _Tensor("IMAGE_EMBEDS", rows)}]
+    too_many = [
+        {"TEXT_EMBEDS": _Tensor("TEXT_EMBEDS", rows), "IMAGE_EMBEDS": _Tensor("IMAGE_EMBEDS", rows[:1])},
+        {"TEXT_EMBEDS": _Tensor("TEXT_EMBEDS", rows[:1]), "IMAGE_EMBEDS": _Tensor("IMAGE_EMBEDS", rows)},
+    ]
     out = model.execute(too_many)
     assert out[0].error.message == f"{n + 1} text embeddings in one request, more than the limit of {n}"
     assert out[1].error.message == f"{n + 1} image embeddings in one request, more than the limit of {n}"

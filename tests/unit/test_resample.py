@@ -28,8 +28,17 @@ def _array(h: int, w: int, seed: int) -> np.ndarray:
 def _sizes(n: int, seed: int):
     """(w, h, new_w, new_h): up- and downscales, thin images, both pass orders, unchanged sides."""
     rng = np.random.default_rng(seed)
-    yield from [(1, 1, 224, 224), (224, 900, 224, 300), (900, 224, 300, 224), (5, 700, 50, 7000), (700, 5, 7000, 50),
-                (293, 1414, 224, 1080), (1414, 293, 1080, 224), (100, 400, 400, 100), (400, 100, 100, 400)]
+    yield from [
+        (1, 1, 224, 224),
+        (224, 900, 224, 300),
+        (900, 224, 300, 224),
+        (5, 700, 50, 7000),
+        (700, 5, 7000, 50),
+        (293, 1414, 224, 1080),
+        (1414, 293, 1080, 224),
+        (100, 400, 400, 100),
+        (400, 100, 100, 400),
+    ]
     for _ in range(n):
         w, h = (int(v) for v in rng.integers(1, 700, 2))
         nw, nh = (int(v) for v in rng.integers(1, 700, 2))
@@ -69,8 +78,11 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("cfg", [ImageConfig(), ImageConfig(image_size=64, crop_size=64, resize_mode="exact",
-                                                               do_center_crop=False)], ids=["crop", "exact"])
+@pytest.mark.parametrize(
+    "cfg",
+    [ImageConfig(), ImageConfig(image_size=64, crop_size=64, resize_mode="exact", do_center_crop=False)],
+    ids=["crop", "exact"],
+)
 def test_bounded_path_gives_the_same_pixels_as_pillow(monkeypatch, cfg):
     """The preprocessor's two ways (Pillow's whole resize, the region) agree on ordinary and thin images."""
     images = [_png(_array(h, w, h + w)) for h, w in [(300, 400), (1000, 333), (3, 900), (900, 3), (97, 130)]]
@@ -97,7 +109,9 @@ def test_aspect_ratio_limit_is_checked_before_decoding():
     pre = ImagePreprocessor(ImageConfig(max_aspect_ratio=100))
     assert pre.load(_png(_array(5, 500, 0))).shape == (224, 224, 3)  # exactly 100:1
     for shape in [(5, 501), (501, 5)]:
-        with pytest.raises(InvalidInputError, match=r"image is \d+x\d+: its aspect ratio is more than the limit of 100:1"):
+        with pytest.raises(
+            InvalidInputError, match=r"image is \d+x\d+: its aspect ratio is more than the limit of 100:1"
+        ):
             pre.load(_png(_array(*shape, 0)))
     npy = io.BytesIO()
     np.save(npy, _array(1, 101, 0))

@@ -37,8 +37,10 @@ def test_encode_bytes_and_empty_batch():
 
 
 def test_runtime_never_imports_torch():
-    code = ("import sys, clip_runtime.text, clip_runtime.errors\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys, clip_runtime.text, clip_runtime.errors\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]\n"
+        "assert not bad, bad\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr

@@ -25,7 +25,9 @@ def test_parquet_roundtrip_and_metadata(tmp_path):
         "b.empty": torch.zeros(0, 7),
         "c.numpy": np.arange(4, dtype=np.float32).reshape(2, 2),
     }
-    digest = write_parquet(tmp_path / "t.parquet", tensors.items(), {"tower": "text", "family": "x", "config": {"k": 1}})
+    digest = write_parquet(
+        tmp_path / "t.parquet", tensors.items(), {"tower": "text", "family": "x", "config": {"k": 1}}
+    )
     assert len(digest) == 64
     meta = pq.ParquetFile(tmp_path / "t.parquet")
     assert meta.num_row_groups == len(tensors)  # one tensor per row group
@@ -47,7 +49,9 @@ def test_reader_is_lazy(tmp_path, monkeypatch):
     r = ParquetWeights(tmp_path / "t.parquet")
     calls = []
     real = r._file.read_row_groups
-    monkeypatch.setattr(r._file, "read_row_groups", lambda groups, **kw: calls.append(list(groups)) or real(groups, **kw))
+    monkeypatch.setattr(
+        r._file, "read_row_groups", lambda groups, **kw: calls.append(list(groups)) or real(groups, **kw)
+    )
     out = r.read(["t7"])
     assert calls == [[7]] and torch.equal(torch.from_numpy(out["t7"].copy()), torch.full((64,), 7.0))
     with pytest.raises(WeightsFormatError, match="no tensors named"):
@@ -82,7 +86,9 @@ def test_open_clip_wheel_pinned_by_name_and_sha256(tmp_path, monkeypatch):
     out = synthetic.clip_bpe_files()
     assert json.loads((out / "vocab.json").read_text(encoding="utf-8"))["<|endoftext|>"] == 49407
     (out / "vocab.json").write_text("{}")  # a tampered derived file is rebuilt from the verified wheel
-    assert synthetic.clip_bpe_files() == out and len(json.loads((out / "vocab.json").read_text(encoding="utf-8"))) == 49408
+    assert (
+        synthetic.clip_bpe_files() == out and len(json.loads((out / "vocab.json").read_text(encoding="utf-8"))) == 49408
+    )
     data = bytearray((wheels / synthetic.OPEN_CLIP_WHEEL_FILE).read_bytes())
     data[len(data) // 2] ^= 0x01
     (wheels / synthetic.OPEN_CLIP_WHEEL_FILE).write_bytes(bytes(data))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -15,8 +16,19 @@ POOLINGS = ("cls", "mean")
 class BertEncoder(nn.Module):
     """Returns the pooled (B, C) embedding: hidden state of [CLS] or the attention-mask-weighted mean."""
 
-    def __init__(self, vocab: int, max_positions: int, type_vocab: int, hidden: int, layers: int, heads: int,
-                 intermediate: int, act: str, eps: float, pooling: str):
+    def __init__(
+        self,
+        vocab: int,
+        max_positions: int,
+        type_vocab: int,
+        hidden: int,
+        layers: int,
+        heads: int,
+        intermediate: int,
+        act: str,
+        eps: float,
+        pooling: str,
+    ):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unsupported pooling {pooling!r}; supported: {POOLINGS}")
@@ -30,11 +42,20 @@ class BertEncoder(nn.Module):
         self.max_positions = max_positions
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], pooling: str) -> "BertEncoder":
+    def from_config(cls, cfg: Mapping[str, Any], pooling: str) -> BertEncoder:
         """Build from an HF BertConfig / ChineseCLIPTextConfig dict."""
-        return cls(cfg["vocab_size"], cfg["max_position_embeddings"], cfg.get("type_vocab_size", 2), cfg["hidden_size"],
-                   cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["intermediate_size"],
-                   cfg.get("hidden_act", "gelu"), cfg.get("layer_norm_eps", 1e-12), pooling)
+        return cls(
+            cfg["vocab_size"],
+            cfg["max_position_embeddings"],
+            cfg.get("type_vocab_size", 2),
+            cfg["hidden_size"],
+            cfg["num_hidden_layers"],
+            cfg["num_attention_heads"],
+            cfg["intermediate_size"],
+            cfg.get("hidden_act", "gelu"),
+            cfg.get("layer_norm_eps", 1e-12),
+            pooling,
+        )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         input_ids, attention_mask = clean_tokens(input_ids, attention_mask, self.vocab, self.max_positions)

@@ -21,8 +21,20 @@ POOLS = ("argmax", "eos", "last", "first")
 class ClipTextTransformer(nn.Module):
     """Returns the pooled (B, C) hidden state (CLIP: at the EOT token, as HF CLIPTextTransformer's pooler_output)."""
 
-    def __init__(self, vocab: int, max_positions: int, hidden: int, layers: int, heads: int, intermediate: int,
-                 act: str, eps: float, eos_token_id: int, causal: bool = True, pool: str = ""):
+    def __init__(
+        self,
+        vocab: int,
+        max_positions: int,
+        hidden: int,
+        layers: int,
+        heads: int,
+        intermediate: int,
+        act: str,
+        eps: float,
+        eos_token_id: int,
+        causal: bool = True,
+        pool: str = "",
+    ):
         super().__init__()
         pool = pool or ("argmax" if eos_token_id == 2 else "eos")
         if pool not in POOLS:
@@ -41,8 +53,19 @@ class ClipTextTransformer(nn.Module):
     def from_config(cls, cfg: Mapping[str, Any] | TextTowerConfig) -> ClipTextTransformer:
         """Build from a manifest text config (HF CLIPTextConfig keys + TextTowerConfig's)."""
         c = cfg if isinstance(cfg, TextTowerConfig) else TextTowerConfig.from_dict(cfg)
-        return cls(c.vocab_size, c.max_position_embeddings, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
-                   c.intermediate_size, c.hidden_act, c.layer_norm_eps, int(c.eos_token_id), bool(c.causal), c.pool)
+        return cls(
+            c.vocab_size,
+            c.max_position_embeddings,
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.intermediate_size,
+            c.hidden_act,
+            c.layer_norm_eps,
+            int(c.eos_token_id),
+            bool(c.causal),
+            c.pool,
+        )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         input_ids, attention_mask = clean_tokens(input_ids, attention_mask, self.vocab, self.max_positions)

@@ -15,8 +15,9 @@ class TextEncoder(nn.Module):
     its longest row: masked positions change neither CLIP's EOT pooling nor BERT's masked pooling.
     """
 
-    def __init__(self, text: nn.Module, hidden: int, projection_dim: int, dtype_name: str = "fp32",
-                 proj_bias: bool = False):
+    def __init__(
+        self, text: nn.Module, hidden: int, projection_dim: int, dtype_name: str = "fp32", proj_bias: bool = False
+    ):
         super().__init__()
         self.text = text
         self.text_projection = nn.Linear(hidden, projection_dim, bias=proj_bias)
@@ -33,8 +34,9 @@ class TextEncoder(nn.Module):
 class ImageEncoder(nn.Module):
     """pixel_values float32 (B, 3, S, S) -> unnormalised image embeddings float32 (B, D)."""
 
-    def __init__(self, vision: nn.Module, hidden: int, projection_dim: int, dtype_name: str = "fp32",
-                 proj_bias: bool = False):
+    def __init__(
+        self, vision: nn.Module, hidden: int, projection_dim: int, dtype_name: str = "fp32", proj_bias: bool = False
+    ):
         super().__init__()
         self.vision = vision
         self.visual_projection = nn.Linear(hidden, projection_dim, bias=proj_bias)

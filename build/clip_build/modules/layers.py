@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,7 +28,7 @@ def additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
     return zero.masked_fill(~keep, lowest)
 
 
-def clean_tokens(input_ids: Tensor, attention_mask: Tensor, vocab: int, max_positions: int) -> Tuple[Tensor, Tensor]:
+def clean_tokens(input_ids: Tensor, attention_mask: Tensor, vocab: int, max_positions: int) -> tuple[Tensor, Tensor]:
     """Whatever int64 (B, L) pair a caller sends -> ids in [0, vocab) and a 0/1 mask, both (B, T), T = L capped to
     1..max_positions; the mask is cut or zero-padded to T. Valid input passes unchanged.
 
@@ -53,11 +51,11 @@ def _per_row(values: Tensor, rows: int, high: int) -> Tensor:
     """The first `rows` values of any-shaped int tensor, clamped to [0, high]; missing ones are 0. (rows,) int64."""
     flat = values.reshape(-1)[:rows].to(torch.int64).clamp(0, high)
     out = torch.zeros(rows, dtype=torch.int64, device=values.device)  # (rows,)
-    out[:flat.shape[0]] = flat
+    out[: flat.shape[0]] = flat
     return out
 
 
-def ragged_rows(input_ids: Tensor, lengths: Tensor, widths: Tensor, max_positions: int) -> Tuple[Tensor, Tensor]:
+def ragged_rows(input_ids: Tensor, lengths: Tensor, widths: Tensor, max_positions: int) -> tuple[Tensor, Tensor]:
     """A ragged batch of token rows -> ids and a 0/1 mask, both int64 (B, T), T = the longest row, 1..max_positions.
 
     input_ids holds the rows back to back in any shape (the libtorch backend hands a ragged input over as ONE 1-D
@@ -142,7 +140,7 @@ class SelfAttention(nn.Module):
         self.v = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, hidden)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         B, T, C = x.shape
         q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -162,7 +160,7 @@ class PreLNBlock(nn.Module):
         self.ln2 = nn.LayerNorm(hidden, eps=eps)
         self.mlp = MLP(hidden, intermediate, act)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         x = x + self.attn(self.ln1(x), mask)  # (B, T, C)
         return x + self.mlp(self.ln2(x))  # (B, T, C)
 
@@ -177,6 +175,6 @@ class PostLNBlock(nn.Module):
         self.mlp = MLP(hidden, intermediate, act)
         self.ln2 = nn.LayerNorm(hidden, eps=eps)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         x = self.ln1(x + self.attn(x, mask))  # (B, T, C)
         return self.ln2(x + self.mlp(x))  # (B, T, C)

@@ -49,9 +49,23 @@ class MapHead(nn.Module):
 class VisionTransformer(nn.Module):
     """Returns the pooled (B, C) features (HF CLIP: post_layernorm(CLS), as CLIPVisionTransformer's pooler_output)."""
 
-    def __init__(self, image_size: int, patch_size: int, channels: int, hidden: int, layers: int, heads: int,
-                 intermediate: int, act: str, eps: float, class_token: bool = True, patch_bias: bool = False,
-                 pre_norm: bool = True, pool: str = "cls", final_ln_after_pool: bool = False):
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        channels: int,
+        hidden: int,
+        layers: int,
+        heads: int,
+        intermediate: int,
+        act: str,
+        eps: float,
+        class_token: bool = True,
+        patch_bias: bool = False,
+        pre_norm: bool = True,
+        pool: str = "cls",
+        final_ln_after_pool: bool = False,
+    ):
         super().__init__()
         if image_size % patch_size != 0:
             raise ValueError(f"image size {image_size} is not a multiple of patch size {patch_size}")
@@ -73,9 +87,22 @@ class VisionTransformer(nn.Module):
     def from_config(cls, cfg: Mapping[str, Any] | VisionTowerConfig) -> VisionTransformer:
         """Build from a manifest vision config (HF CLIPVisionConfig keys + VisionTowerConfig's)."""
         c = cfg if isinstance(cfg, VisionTowerConfig) else VisionTowerConfig.from_dict(cfg)
-        return cls(c.image_size, c.patch_size, c.num_channels, c.hidden_size, c.num_hidden_layers,
-                   c.num_attention_heads, c.intermediate_size, c.hidden_act, c.layer_norm_eps, c.class_token,
-                   c.patch_bias, c.pre_norm, c.pool, c.final_ln_after_pool)
+        return cls(
+            c.image_size,
+            c.patch_size,
+            c.num_channels,
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.intermediate_size,
+            c.hidden_act,
+            c.layer_norm_eps,
+            c.class_token,
+            c.patch_bias,
+            c.pre_norm,
+            c.pool,
+            c.final_ln_after_pool,
+        )
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         B = pixel_values.shape[0]
@@ -92,7 +119,7 @@ class VisionTransformer(nn.Module):
         if self.pool == "cls":
             return self.post_ln(x[:, 0])  # (B, C)
         if self.pool == "avg":
-            tokens = x[:, self.num_prefix:]  # (B, N, C)
+            tokens = x[:, self.num_prefix :]  # (B, N, C)
             if self.final_ln_after_pool:
                 return self.post_ln(tokens.mean(dim=1))
             return self.post_ln(tokens).mean(dim=1)  # (B, C)

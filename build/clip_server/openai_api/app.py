@@ -394,7 +394,7 @@ async def _named(coro, rows: list[int]):
         if found is None or int(found.group(1)) >= len(rows):
             raise
         param = f"input[{rows[int(found.group(1))]}]"
-        raise invalid(f"{param}: {err.message[found.end():]}", param=param, code=err.code) from None
+        raise invalid(f"{param}: {err.message[found.end() :]}", param=param, code=err.code) from None
 
 
 async def _call(coro, what: str):

@@ -201,9 +201,7 @@ def ascii_url(url: str) -> str:
     userinfo = parts.netloc.rpartition("@")[0]
     netloc = (quote(userinfo, safe=":%") + "@" if userinfo else "") + host + (f":{port}" if port is not None else "")
     safe = "/%:@!$&'()*+,;=-._~"
-    return urlunsplit(
-        (parts.scheme, netloc, quote(parts.path, safe=safe), quote(parts.query, safe=safe + "?"), "")
-    )
+    return urlunsplit((parts.scheme, netloc, quote(parts.path, safe=safe), quote(parts.query, safe=safe + "?"), ""))
 
 
 def _scheme(url: str) -> str:

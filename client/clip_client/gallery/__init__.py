@@ -13,5 +13,15 @@ from .base import FIELDS, Gallery, GalleryError, Hit, MissingExtraError
 from .filters import FilterError
 from .indexing import IndexReport, encode_tolerant, index_folder, iter_image_files
 
-__all__ = ["FIELDS", "FilterError", "Gallery", "GalleryError", "Hit", "IndexReport", "MissingExtraError", "encode_tolerant", "index_folder",
-           "iter_image_files"]
+__all__ = [
+    "FIELDS",
+    "FilterError",
+    "Gallery",
+    "GalleryError",
+    "Hit",
+    "IndexReport",
+    "MissingExtraError",
+    "encode_tolerant",
+    "index_folder",
+    "iter_image_files",
+]

@@ -10,23 +10,29 @@ import sys
 from ..errors import CLIPClientError, InvalidInputError
 from .base import Gallery, is_milvus_uri
 
-COMMAND_HELP = {"gallery-info": "show a gallery's size, index and operating point (measured recall)",
-                "gallery-check": "verify a gallery's files (checksums, sizes, manifest); --repair rebuilds the index"}
+COMMAND_HELP = {
+    "gallery-info": "show a gallery's size, index and operating point (measured recall)",
+    "gallery-check": "verify a gallery's files (checksums, sizes, manifest); --repair rebuilds the index",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Arguments of `clip-triton gallery-info | gallery-check`."""
     parser.add_argument("--uri", "--gallery", dest="uri", default="gallery", help="the gallery (a folder, or Milvus)")
     if command == "gallery-info":
-        parser.add_argument("--tune", action="store_true",
-                            help="first re-measure recall against exact search and store the cheapest operating point "
-                                 "(PQ: candidates re-ranked; IVF: nprobe) reaching "
-                                 "--target-recall (on OOD-like probes drawn from the gallery)")
+        parser.add_argument(
+            "--tune",
+            action="store_true",
+            help="first re-measure recall against exact search and store the cheapest operating point "
+            "(PQ: candidates re-ranked; IVF: nprobe) reaching "
+            "--target-recall (on OOD-like probes drawn from the gallery)",
+        )
         parser.add_argument("--target-recall", type=float, default=0.95, help="recall@10 --tune aims for")
         parser.add_argument("--json", action="store_true", help="print JSON")
     else:
-        parser.add_argument("--repair", action="store_true",
-                            help="rebuild the index and the manifest's counters from the segments")
+        parser.add_argument(
+            "--repair", action="store_true", help="rebuild the index and the manifest's counters from the segments"
+        )
 
 
 def run(args: argparse.Namespace, command: str) -> int:

@@ -47,8 +47,10 @@ def require(module: str, extra: str, what: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:  # the real reason too: a package that is there but fails to import says why
-        raise MissingExtraError(f"{what} needs {module.split('.')[0]}: pip install 'clip-triton-client[{extra}]' "
-                                f"(the full clip-triton install has it) ({type(e).__name__}: {e})") from None
+        raise MissingExtraError(
+            f"{what} needs {module.split('.')[0]}: pip install 'clip-triton-client[{extra}]' "
+            f"(the full clip-triton install has it) ({type(e).__name__}: {e})"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,17 @@ class Hit:
 
     def to_dict(self) -> dict:
         """JSON-able dict of the hit."""
-        return {"path": self.path, "score": self.score, "sha256": self.sha256, "size": self.size, "width": self.width,
-                "height": self.height, "mtime": self.mtime, "tags": list(self.tags), "metadata": dict(self.metadata)}
+        return {
+            "path": self.path,
+            "score": self.score,
+            "sha256": self.sha256,
+            "size": self.size,
+            "width": self.width,
+            "height": self.height,
+            "mtime": self.mtime,
+            "tags": list(self.tags),
+            "metadata": dict(self.metadata),
+        }
 
 
 def check_path(path: Any) -> None:
@@ -102,17 +113,26 @@ def row_values(path: str, metadata: dict | None) -> dict:
     if not isinstance(metadata or {}, dict):
         raise InvalidInputError(f"metadata must be a dict per row, got {type(metadata).__name__}")
     tags = meta.pop("tags", None) or []
-    if (isinstance(tags, str) or len(tags) > MAX_TAGS
-            or not all(isinstance(t, str) and 0 < len(t.encode("utf-8")) <= MAX_TAG for t in tags)):
-        raise InvalidInputError(f"tags must be a list of at most {MAX_TAGS} non-empty str of <= {MAX_TAG} bytes, got {tags!r}")
+    if (
+        isinstance(tags, str)
+        or len(tags) > MAX_TAGS
+        or not all(isinstance(t, str) and 0 < len(t.encode("utf-8")) <= MAX_TAG for t in tags)
+    ):
+        raise InvalidInputError(
+            f"tags must be a list of at most {MAX_TAGS} non-empty str of <= {MAX_TAG} bytes, got {tags!r}"
+        )
     sha = meta.pop("sha256", None) or ""
     if not isinstance(sha, str) or (sha and not re.fullmatch(r"[0-9a-f]{64}", sha)):
         raise InvalidInputError(f"sha256 must be 64 lowercase hex digits, got {sha!r}")
     row = {"path": path, "sha256": sha, "tags": list(tags)}
     for key, kind in (("size", int), ("width", int), ("height", int), ("mtime", float)):
         v = meta.pop(key, None)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
-                              or not math.isfinite(v) or not 0 <= v <= _INT64_MAX):
+        if v is not None and (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float, np.integer, np.floating))
+            or not math.isfinite(v)
+            or not 0 <= v <= _INT64_MAX
+        ):
             raise InvalidInputError(f"{key} must be a non-negative number below 2**63, got {v!r}")
         if v is not None and kind is int and v != int(v):
             raise InvalidInputError(f"{key} must be a whole number, got {v!r}")
@@ -132,22 +152,39 @@ def row_columns(paths: Sequence[str], metadata: Sequence[dict | None] | None) ->
         for p in paths:
             check_path(p)
         n = len(paths)
-        return {"path": list(paths), "sha256": [""] * n, "size": [_UNKNOWN_INT] * n, "width": [_UNKNOWN_INT] * n,
-                "height": [_UNKNOWN_INT] * n, "mtime": [float(_UNKNOWN_INT)] * n, "tags": [[]] * n, "meta": ["{}"] * n}
+        return {
+            "path": list(paths),
+            "sha256": [""] * n,
+            "size": [_UNKNOWN_INT] * n,
+            "width": [_UNKNOWN_INT] * n,
+            "height": [_UNKNOWN_INT] * n,
+            "mtime": [float(_UNKNOWN_INT)] * n,
+            "tags": [[]] * n,
+            "meta": ["{}"] * n,
+        }
     rows = [row_values(p, m) for p, m in zip(paths, metadata)]
     return {name: [r[name] for r in rows] for name in FIELDS}
 
 
 def make_hit(row: dict, score: float) -> Hit:
     """A Hit from stored columns (unknown sentinels -> None)."""
+
     def known(v):
         return None if v is None or v == _UNKNOWN_INT else v
 
     meta = row.get("meta") or {}
-    return Hit(path=row["path"], score=float(score), id=int(row["id"]), sha256=row.get("sha256") or None,
-               size=known(row.get("size")), width=known(row.get("width")), height=known(row.get("height")),
-               mtime=known(row.get("mtime")), tags=list(row.get("tags") or []),
-               metadata=json.loads(meta) if isinstance(meta, str) else dict(meta))
+    return Hit(
+        path=row["path"],
+        score=float(score),
+        id=int(row["id"]),
+        sha256=row.get("sha256") or None,
+        size=known(row.get("size")),
+        width=known(row.get("width")),
+        height=known(row.get("height")),
+        mtime=known(row.get("mtime")),
+        tags=list(row.get("tags") or []),
+        metadata=json.loads(meta) if isinstance(meta, str) else dict(meta),
+    )
 
 
 def check_embeddings(embeddings: Any, n: int | None, dim: int, name: str = "embeddings") -> np.ndarray:
@@ -189,8 +226,17 @@ class Gallery(ABC):
 
     # ------------------------------------------------------------------------------------------ lifecycle
     @staticmethod
-    def create(uri: str, dim: int, model_id: str, *, exist_ok: bool = False, expected_rows: int | None = None,
-               index: str | None = None, pq_m: int | None = None, **identity: Any) -> "Gallery":
+    def create(
+        uri: str,
+        dim: int,
+        model_id: str,
+        *,
+        exist_ok: bool = False,
+        expected_rows: int | None = None,
+        index: str | None = None,
+        pq_m: int | None = None,
+        **identity: Any,
+    ) -> Gallery:
         """A new, empty gallery at `uri` for embeddings of `dim` from model `model_id` (identity: e.g. logit_scale).
 
         With exist_ok=True an existing gallery of the same model is opened instead (another model: ModelMismatchError).
@@ -207,7 +253,8 @@ class Gallery(ABC):
                 raise ModelMismatchError(
                     f"{uri} holds a gallery of model {g.model_id} (dim {g.dim}), not of model {ident['model_id']} "
                     f"(dim {ident['dim']}): embeddings of different models are not comparable - re-index the images "
-                    "into another uri with this model")
+                    "into another uri with this model"
+                )
             return g
         if index is None and pq_m is None:
             return backend.create(uri, ident, expected_rows)
@@ -216,7 +263,7 @@ class Gallery(ABC):
         return backend.create(uri, ident, expected_rows, index=index, pq_m=pq_m)
 
     @staticmethod
-    def open(uri: str) -> "Gallery":
+    def open(uri: str) -> Gallery:
         """An existing gallery (InvalidInputError when there is none at `uri`)."""
         uri = as_uri(uri)
         return _backend(uri).open(uri)
@@ -240,15 +287,16 @@ class Gallery(ABC):
             raise ModelMismatchError(
                 f"the gallery was embedded by model {mine[0]} (dim {mine[1]}) but the server serves model "
                 f"{other[0]} (dim {other[1]}); embeddings of different models are not comparable - "
-                f"re-index the images with this server or point --url at the server that built the gallery")
+                f"re-index the images with this server or point --url at the server that built the gallery"
+            )
 
-    def __enter__(self) -> "Gallery":
+    def __enter__(self) -> Gallery:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: backends without resources keep the no-op
         """Release files / connections."""
 
     # ------------------------------------------------------------------------------------------ rows
@@ -275,8 +323,9 @@ class Gallery(ABC):
         """The stored (normalised) embeddings of rows `ids`, in that order -> (len(ids), dim)."""
 
     @abstractmethod
-    def search(self, queries: np.ndarray, k: int = 10, filter: str | None = None,
-               exact: bool = False) -> list[list[Hit]]:
+    def search(
+        self, queries: np.ndarray, k: int = 10, filter: str | None = None, exact: bool = False
+    ) -> list[list[Hit]]:
         """The k rows most similar to each query row (cosine), best first: one list of hits per query. exact=True
         scores every row (no approximate index): slower, for checking recall or when it must be exact."""
 
@@ -310,7 +359,7 @@ class Gallery(ABC):
         paths = as_paths(paths)
         found: dict[str, list[int]] = {}
         for lo in range(0, len(paths), 256):
-            for r in self.rows(filter=in_list("path", paths[lo:lo + 256]), fields=("path",)):
+            for r in self.rows(filter=in_list("path", paths[lo : lo + 256]), fields=("path",)):
                 found.setdefault(r["path"], []).append(int(r["id"]))
         return found
 
@@ -321,14 +370,16 @@ class Gallery(ABC):
             raise InvalidInputError(f"{path!r} is not in the gallery")
         return self.search(self.embeddings(ids[:1]), k, filter, exact=exact)[0]
 
-    def search_text(self, client: Any, texts: str | Sequence[str], k: int = 10, filter: str | None = None,
-                    exact: bool = False) -> list[list[Hit]]:
+    def search_text(
+        self, client: Any, texts: str | Sequence[str], k: int = 10, filter: str | None = None, exact: bool = False
+    ) -> list[list[Hit]]:
         """Embed texts with a CLIPClient (same model as the gallery, checked) and search: one list per text."""
         self.check_identity(client.get_model_info())
         return self.search(client.encode_text(texts), k, filter, exact=exact)
 
-    def search_image(self, client: Any, images: Any, k: int = 10, filter: str | None = None,
-                     exact: bool = False) -> list[list[Hit]]:
+    def search_image(
+        self, client: Any, images: Any, k: int = 10, filter: str | None = None, exact: bool = False
+    ) -> list[list[Hit]]:
         """Embed images (paths, bytes, PIL images, arrays) with a CLIPClient and search: one list per image."""
         self.check_identity(client.get_model_info())
         return self.search(client.encode_image(images), k, filter, exact=exact)

@@ -23,12 +23,15 @@ import numpy as np
 from ..errors import InvalidInputError
 from .base import FIELDS
 
-_TOKEN = re.compile(r"""\s*(?:
+_TOKEN = re.compile(
+    r"""\s*(?:
     (?P<num>-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)
   | (?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
   | (?P<op>==|!=|<=|>=|&&|\|\||[<>!()\[\],])
   | (?P<name>[A-Za-z_][A-Za-z_0-9]*)
-)""", re.X)
+)""",
+    re.X,
+)
 _CMP = {"==", "!=", "<", "<=", ">", ">="}
 _FUNCS = {"array_contains", "array_contains_any", "array_contains_all", "array_length"}
 _FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
@@ -58,7 +61,7 @@ def _tokens(text: str) -> list[tuple[str, Any]]:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
-            raise FilterError(f"filter: cannot read {text[pos:pos + 20]!r} (at character {pos})")
+            raise FilterError(f"filter: cannot read {text[pos : pos + 20]!r} (at character {pos})")
         pos = m.end()
         kind = m.lastgroup
         value = m.group(kind)
@@ -82,6 +85,7 @@ _ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|.)", re.S)
 
 def _unquote(s: str) -> str:
     """A quoted literal's text: backslash escapes \\n \\t \\r \\uXXXX, any other escaped char is itself."""
+
     def one(m: re.Match) -> str:
         e = m.group(1)
         return chr(int(e[1:], 16)) if len(e) == 5 else {"n": "\n", "t": "\t", "r": "\r"}.get(e, e)
@@ -185,8 +189,10 @@ class _Parser:
         if node[0] == "lit":
             raise FilterError("filter: like / in apply to a column")
         if node == ("col", "tags"):
-            raise FilterError("filter: tags is a list: use array_contains(tags, x), array_contains_any, "
-                              "array_contains_all or array_length(tags)")
+            raise FilterError(
+                "filter: tags is a list: use array_contains(tags, x), array_contains_any, "
+                "array_contains_all or array_length(tags)"
+            )
         if node[0] == "meta":
             return node
         name = "array_length(tags)" if node[0] == "call" else node[1]
@@ -268,7 +274,9 @@ def evaluate(tree, table) -> np.ndarray:
         col = tree[1]
         if col[0] == "meta":
             rx = re.compile(_like_regex(tree[2]), re.S)
-            return np.array([isinstance(v, str) and rx.fullmatch(v) is not None for v in _meta_values(table, col[1])], bool)
+            return np.array(
+                [isinstance(v, str) and rx.fullmatch(v) is not None for v in _meta_values(table, col[1])], bool
+            )
         return _mask(pc.match_like(_array(table, col), tree[2]))
     if kind == "in":
         col, values, negate = tree[1], tree[2], tree[3]
@@ -281,7 +289,14 @@ def evaluate(tree, table) -> np.ndarray:
     if col[0] == "meta":
         return np.array([_py_cmp(v, op, value) for v in _meta_values(table, col[1])], bool)
     arr = _array(table, col)
-    fn = {"==": pc.equal, "!=": pc.not_equal, "<": pc.less, "<=": pc.less_equal, ">": pc.greater, ">=": pc.greater_equal}[op]
+    fn = {
+        "==": pc.equal,
+        "!=": pc.not_equal,
+        "<": pc.less,
+        "<=": pc.less_equal,
+        ">": pc.greater,
+        ">=": pc.greater_equal,
+    }[op]
     try:
         return _mask(fn(arr, _scalar(value, arr)))
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for incomparable operands
@@ -364,7 +379,9 @@ def _py_cmp(v: Any, op: str, value: Any) -> bool:
     if v is None or isinstance(v, (list, dict)) or isinstance(v, str) != isinstance(value, str):
         return False
     try:
-        return {"==": v == value, "!=": v != value, "<": v < value, "<=": v <= value, ">": v > value, ">=": v >= value}[op]
+        return {"==": v == value, "!=": v != value, "<": v < value, "<=": v <= value, ">": v > value, ">=": v >= value}[
+            op
+        ]
     except TypeError:
         return False
 

@@ -115,9 +115,11 @@ class IndexReport:
 
     def summary(self) -> str:
         """One line for the CLI."""
-        return (f"{self.added} added, {self.copied} reused (duplicate or moved content), {self.updated} changed, "
-                f"{self.removed} removed, {self.unchanged} unchanged, {len(self.skipped)} skipped, "
-                f"{self.known_bad} skipped earlier and unchanged, {self.total} images in the gallery")
+        return (
+            f"{self.added} added, {self.copied} reused (duplicate or moved content), {self.updated} changed, "
+            f"{self.removed} removed, {self.unchanged} unchanged, {len(self.skipped)} skipped, "
+            f"{self.known_bad} skipped earlier and unchanged, {self.total} images in the gallery"
+        )
 
 
 @dataclass
@@ -150,8 +152,9 @@ class _Indexer:
         w, h = image_size(f.data)
         self.paths.append(f.path)
         self.vectors.append(embedding)
-        self.meta.append({"sha256": f.sha256, "size": f.size, "mtime": f.mtime, "width": w, "height": h,
-                          "tags": list(self.tags)})
+        self.meta.append(
+            {"sha256": f.sha256, "size": f.size, "mtime": f.mtime, "width": w, "height": h, "tags": list(self.tags)}
+        )
         self.succeeded.append(f.path)
         if len(self.paths) >= FLUSH_ROWS:
             self.flush_rows()
@@ -172,7 +175,7 @@ class _Indexer:
         digests = sorted({f.sha256 for f in files})
         known = {}
         for lo in range(0, len(digests), 512):
-            for r in self.gallery.rows(filter=in_list("sha256", digests[lo:lo + 512]), fields=("sha256", "path")):
+            for r in self.gallery.rows(filter=in_list("sha256", digests[lo : lo + 512]), fields=("sha256", "path")):
                 known.setdefault(r["sha256"], int(r["id"]))
                 self.elsewhere.add(r["path"])
         if known:
@@ -186,9 +189,11 @@ class _Indexer:
             else:
                 new.setdefault(f.sha256, []).append(f)
         firsts = [group[0] for group in new.values()]
-        chunks = [firsts[lo:lo + self.batch_size] for lo in range(0, len(firsts), self.batch_size)]
+        chunks = [firsts[lo : lo + self.batch_size] for lo in range(0, len(firsts), self.batch_size)]
         with ThreadPoolExecutor(self.workers, thread_name_prefix="clip-index") as pool:
-            for chunk, (good, bad) in zip(chunks, pool.map(lambda c: encode_tolerant(self.client, [f.data for f in c]), chunks)):
+            for chunk, (good, bad) in zip(
+                chunks, pool.map(lambda c: encode_tolerant(self.client, [f.data for f in c]), chunks)
+            ):
                 for i, f in enumerate(chunk):
                     group = new[f.sha256]
                     if i in good:
@@ -216,7 +221,7 @@ def prune_missing(gallery: Gallery) -> int:
     """Delete the rows (and forget the failures) of paths that are not existing files on this machine; returns how
     many rows were deleted."""
     missing = sorted(p for p in {r["path"] for r in gallery.rows(fields=("path",))} if not _exists(p))
-    removed = sum(gallery.delete(paths=missing[lo:lo + 256]) for lo in range(0, len(missing), 256))
+    removed = sum(gallery.delete(paths=missing[lo : lo + 256]) for lo in range(0, len(missing), 256))
     gallery.forget_failures([p for p in gallery.failures() if not _exists(p)])
     return removed
 
@@ -274,19 +279,35 @@ def _finish(run: _Indexer, gallery: Gallery, files: list[str], existing: dict, f
     run.flush_rows()  # keep whatever was embedded, also when the run is interrupted
     on_disk = set(files)
     # under the folder: rows of files that are gone; elsewhere: rows of content found here whose file is gone
-    gone = sorted({p for p in existing if p not in on_disk}
-                  | {p for p in run.elsewhere if p not in on_disk and not p.startswith(prefix) and not _exists(p)})
-    run.report.removed = sum(gallery.delete(paths=gone[lo:lo + 256]) for lo in range(0, len(gone), 256))
+    gone = sorted(
+        {p for p in existing if p not in on_disk}
+        | {p for p in run.elsewhere if p not in on_disk and not p.startswith(prefix) and not _exists(p)}
+    )
+    run.report.removed = sum(gallery.delete(paths=gone[lo : lo + 256]) for lo in range(0, len(gone), 256))
     gallery.record_failures(run.failed)
     done = set(run.succeeded)
-    gallery.forget_failures([p for p, v in failures.items() if p in done or (p not in on_disk and (
-        p.startswith(prefix) or (v.get("sha256") in run.seen and not _exists(p))))])
+    gallery.forget_failures(
+        [
+            p
+            for p, v in failures.items()
+            if p in done
+            or (p not in on_disk and (p.startswith(prefix) or (v.get("sha256") in run.seen and not _exists(p))))
+        ]
+    )
     run.report.total = len(gallery)
 
 
-def index_folder(client: Any, gallery: Gallery, root: str | os.PathLike, batch_size: int | None = None,
-                 workers: int | None = None, progress: bool = True, retry_failed: bool = False,
-                 tags: list[str] | None = None, prune: bool = False) -> IndexReport:
+def index_folder(
+    client: Any,
+    gallery: Gallery,
+    root: str | os.PathLike,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    retry_failed: bool = False,
+    tags: list[str] | None = None,
+    prune: bool = False,
+) -> IndexReport:
     """Sync `gallery` with the images under `root` (a folder or one file) using `client` to embed; see the module.
     batch_size: images per request (None or 0: the server's limit)."""
     from tqdm import tqdm
@@ -304,7 +325,9 @@ def index_folder(client: Any, gallery: Gallery, root: str | os.PathLike, batch_s
     failures = gallery.failures()
     bad_content = {v["sha256"]: v for v in failures.values() if v.get("sha256")}
     bar = tqdm(total=len(files), unit="img", desc="index", disable=not progress, file=sys.stderr)
-    run = _Indexer(client, gallery, workers or client.max_concurrency, batch_size or info.max_image_items, tags or [], bar)
+    run = _Indexer(
+        client, gallery, workers or client.max_concurrency, batch_size or info.max_image_items, tags or [], bar
+    )
     try:
         for path in files:
             if not _visit(run, path, existing.get(path, []), bad_content, retry_failed):

@@ -102,6 +102,7 @@ class GalleryLockedError(GalleryError):
 
 def _storage(fn):
     """Report the file system's errors (no such folder, permission denied, disk full) as GalleryError."""
+
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
@@ -149,18 +150,21 @@ def _index_files(root: Path, entry: dict) -> list[Path]:
 def _schema(dim: int, identity: dict):
     import pyarrow as pa
 
-    return pa.schema([
-        pa.field("id", pa.int64(), nullable=False),
-        pa.field("path", pa.string(), nullable=False),
-        pa.field("sha256", pa.string(), nullable=False),
-        pa.field("size", pa.int64(), nullable=False),
-        pa.field("width", pa.int64(), nullable=False),
-        pa.field("height", pa.int64(), nullable=False),
-        pa.field("mtime", pa.float64(), nullable=False),
-        pa.field("tags", pa.list_(pa.string()), nullable=False),
-        pa.field("meta", pa.string(), nullable=False),
-        pa.field("embedding", pa.binary(4 * dim), nullable=False),
-    ], metadata={META_KEY: json.dumps({"format_version": FORMAT_VERSION, **identity}, sort_keys=True).encode()})
+    return pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),
+            pa.field("path", pa.string(), nullable=False),
+            pa.field("sha256", pa.string(), nullable=False),
+            pa.field("size", pa.int64(), nullable=False),
+            pa.field("width", pa.int64(), nullable=False),
+            pa.field("height", pa.int64(), nullable=False),
+            pa.field("mtime", pa.float64(), nullable=False),
+            pa.field("tags", pa.list_(pa.string()), nullable=False),
+            pa.field("meta", pa.string(), nullable=False),
+            pa.field("embedding", pa.binary(4 * dim), nullable=False),
+        ],
+        metadata={META_KEY: json.dumps({"format_version": FORMAT_VERSION, **identity}, sort_keys=True).encode()},
+    )
 
 
 def _read_manifest(root: Path) -> dict:
@@ -221,25 +225,37 @@ class _Segment:
         except OSError as e:
             raise GalleryError(f"segment {path}: {e.strerror or e} (run `clip-triton gallery-check`)") from None
         if "bytes" in entry and size != entry["bytes"]:
-            raise GalleryError(f"segment {path} is {size} bytes, the manifest says {entry['bytes']}: truncated or "
-                               "replaced (run `clip-triton gallery-check`)")
+            raise GalleryError(
+                f"segment {path} is {size} bytes, the manifest says {entry['bytes']}: truncated or "
+                "replaced (run `clip-triton gallery-check`)"
+            )
         try:
             self.source = pa.memory_map(str(path), "r")  # the table's buffers point into this mapping (no copy)
             self.table = pa.ipc.open_file(self.source).read_all()
         except (pa.ArrowException, OSError) as e:
-            raise GalleryError(f"segment {path} is not a readable Arrow file ({e}): truncated or damaged "
-                               "(run `clip-triton gallery-check`)") from None
+            raise GalleryError(
+                f"segment {path} is not a readable Arrow file ({e}): truncated or damaged "
+                "(run `clip-triton gallery-check`)"
+            ) from None
         if self.table.column("id").num_chunks > 1:  # written as one record batch; anything else is copied once
             self.table = self.table.combine_chunks()
         self.ids = self.table.column("id").to_numpy()
-        if (len(self.ids) != entry["rows"] or (len(self.ids) and (self.ids[0], self.ids[-1]) != (entry["min_id"],
-                                                                                                  entry["max_id"]))):
-            raise GalleryError(f"segment {path} holds {len(self.ids)} rows with ids "
-                               f"{self.ids[:1].tolist()}..{self.ids[-1:].tolist()}, the manifest says {entry['rows']} "
-                               f"rows with ids {entry['min_id']}..{entry['max_id']} (run `clip-triton gallery-check`)")
+        if len(self.ids) != entry["rows"] or (
+            len(self.ids) and (self.ids[0], self.ids[-1]) != (entry["min_id"], entry["max_id"])
+        ):
+            raise GalleryError(
+                f"segment {path} holds {len(self.ids)} rows with ids "
+                f"{self.ids[:1].tolist()}..{self.ids[-1:].tolist()}, the manifest says {entry['rows']} "
+                f"rows with ids {entry['min_id']}..{entry['max_id']} (run `clip-triton gallery-check`)"
+            )
         emb = self.table.column("embedding").chunk(0) if self.table.num_rows else None
-        self.vectors = (np.frombuffer(emb.buffers()[1], "<f4", count=(emb.offset + len(emb)) * dim)[emb.offset * dim:]
-                        .reshape(len(emb), dim) if emb is not None else np.zeros((0, dim), np.float32))  # (n, D)
+        self.vectors = (
+            np.frombuffer(emb.buffers()[1], "<f4", count=(emb.offset + len(emb)) * dim)[emb.offset * dim :].reshape(
+                len(emb), dim
+            )
+            if emb is not None
+            else np.zeros((0, dim), np.float32)
+        )  # (n, D)
 
 
 def _check_manifest(root: Path, manifest: dict) -> None:
@@ -250,19 +266,25 @@ def _check_manifest(root: Path, manifest: dict) -> None:
     for e in manifest["segments"]:
         lo, hi = e.get("min_id"), e.get("max_id")
         if not (isinstance(lo, int) and isinstance(hi, int) and last < lo <= hi):
-            raise GalleryError(f"{root / MANIFEST}: segment {e.get('file')} has ids {lo}..{hi} after ids up to "
-                               f"{last}: the manifest is damaged (run `clip-triton gallery-check`)")
+            raise GalleryError(
+                f"{root / MANIFEST}: segment {e.get('file')} has ids {lo}..{hi} after ids up to "
+                f"{last}: the manifest is damaged (run `clip-triton gallery-check`)"
+            )
         last = e["max_id"]
         seqs.append(int(str(e["file"]).split(".")[0]))
     if not isinstance(manifest.get("next_id"), int) or manifest["next_id"] <= last:
-        raise GalleryError(f"{root / MANIFEST}: next_id {manifest.get('next_id')} but the segments hold ids up to "
-                           f"{last}: new rows would reuse ids (run `clip-triton gallery-check --repair`)")
+        raise GalleryError(
+            f"{root / MANIFEST}: next_id {manifest.get('next_id')} but the segments hold ids up to "
+            f"{last}: new rows would reuse ids (run `clip-triton gallery-check --repair`)"
+        )
     seqs += [int(str(n).split(".")[0]) for n in manifest["tombstones"]]
     if manifest["index"]:
         seqs.append(int(manifest["index"]["name"].rsplit("-", 1)[1]))
     if not isinstance(manifest.get("next_seq"), int) or manifest["next_seq"] <= max(seqs):
-        raise GalleryError(f"{root / MANIFEST}: next_seq {manifest.get('next_seq')} but file number {max(seqs)} "
-                           "exists: new files would overwrite it (run `clip-triton gallery-check --repair`)")
+        raise GalleryError(
+            f"{root / MANIFEST}: next_seq {manifest.get('next_seq')} but file number {max(seqs)} "
+            "exists: new files would overwrite it (run `clip-triton gallery-check --repair`)"
+        )
 
 
 class LocalGallery(Gallery):
@@ -291,8 +313,14 @@ class LocalGallery(Gallery):
 
     @classmethod
     @_storage
-    def create(cls, uri: str, identity: dict, expected_rows: int | None = None, index: str | None = None,
-               pq_m: int | None = None) -> "LocalGallery":
+    def create(
+        cls,
+        uri: str,
+        identity: dict,
+        expected_rows: int | None = None,
+        index: str | None = None,
+        pq_m: int | None = None,
+    ) -> LocalGallery:
         """A new empty gallery in folder `uri` (which must not hold one already); index: "pq" (default) or "ivf";
         pq_m: PQ sub-quantisers (a divisor of dim; default dim / 16)."""
         require("faiss", "gallery", "the embedded gallery")
@@ -306,15 +334,24 @@ class LocalGallery(Gallery):
             raise InvalidInputError(f"{str(root)!r} is {what}: open it with Gallery.open or pick a new folder")
         for sub in ("segments", "tombstones", "index"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        manifest = {"format_version": FORMAT_VERSION, "identity": identity, "segments": [], "tombstones": [],
-                    "next_id": 0, "next_seq": 1, "index": None, "expected_rows": int(expected_rows or 0),
-                    "index_kind": index or DEFAULT_INDEX, "pq_m": int(pq_m or pq_m_for(dim))}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "identity": identity,
+            "segments": [],
+            "tombstones": [],
+            "next_id": 0,
+            "next_seq": 1,
+            "index": None,
+            "expected_rows": int(expected_rows or 0),
+            "index_kind": index or DEFAULT_INDEX,
+            "pq_m": int(pq_m or pq_m_for(dim)),
+        }
         _write_atomic(root / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
         return cls(root, manifest)
 
     @classmethod
     @_storage
-    def open(cls, uri: str) -> "LocalGallery":
+    def open(cls, uri: str) -> LocalGallery:
         """The gallery in folder `uri`."""
         require("faiss", "gallery", "the embedded gallery")
         root = Path(uri)
@@ -402,8 +439,9 @@ class LocalGallery(Gallery):
                 with self.pa.memory_map(str(path), "r") as source:
                     dead.append(self.pa.ipc.open_file(source).read_all().column("id").to_numpy())
             except (self.pa.ArrowException, OSError) as e:
-                raise GalleryError(f"tombstone file {path} is not readable ({e}) "
-                                   "(run `clip-triton gallery-check`)") from None
+                raise GalleryError(
+                    f"tombstone file {path} is not readable ({e}) (run `clip-triton gallery-check`)"
+                ) from None
         self._dead = np.unique(np.concatenate(dead)) if dead else np.zeros(0, np.int64)
         cols = ["id", *FIELDS]
         tables = [s.table.select(cols) for s in self._segs]
@@ -454,7 +492,9 @@ class LocalGallery(Gallery):
         ids = np.asarray(ids, np.int64).reshape(-1)
         live = self._ids()
         pos = np.searchsorted(live, ids)
-        ok = (pos < len(live)) & (live[np.minimum(pos, len(live) - 1)] == ids) if len(live) else np.zeros(len(ids), bool)
+        ok = (
+            (pos < len(live)) & (live[np.minimum(pos, len(live) - 1)] == ids) if len(live) else np.zeros(len(ids), bool)
+        )
         if not ok.all():
             raise InvalidInputError(f"no rows with ids {ids[~ok][:5].tolist()}")
         return self._vectors_of(ids)
@@ -473,12 +513,18 @@ class LocalGallery(Gallery):
         self._lock()
         start = self.manifest["next_id"]
         ids = np.arange(start, start + len(paths), dtype=np.int64)
-        vectors = self.pa.FixedSizeBinaryArray.from_buffers(self.pa.binary(4 * self.dim), len(paths),
-                                                            [None, self.pa.py_buffer(emb.astype("<f4").tobytes())])
+        vectors = self.pa.FixedSizeBinaryArray.from_buffers(
+            self.pa.binary(4 * self.dim), len(paths), [None, self.pa.py_buffer(emb.astype("<f4").tobytes())]
+        )
         table = self.pa.Table.from_pydict({"id": ids, **cols, "embedding": vectors}, schema=self._schema)
         name = self._write_table("segments", table)
-        entry = {"file": name, "rows": len(paths), "min_id": int(ids[0]), "max_id": int(ids[-1]),
-                 **self._file_sums("segments", name)}
+        entry = {
+            "file": name,
+            "rows": len(paths),
+            "min_id": int(ids[0]),
+            "max_id": int(ids[-1]),
+            **self._file_sums("segments", name),
+        }
         self.manifest["segments"].append(entry)
         self.manifest["next_id"] = int(ids[-1]) + 1
         seg = _Segment(entry, self.root / "segments" / name, self.dim)
@@ -562,8 +608,15 @@ class LocalGallery(Gallery):
             if merged.num_rows:
                 ids = merged.column("id").to_numpy()
                 name = self._write_table("segments", merged.combine_chunks())
-                entries.append({"file": name, "rows": merged.num_rows, "min_id": int(ids[0]), "max_id": int(ids[-1]),
-                                **self._file_sums("segments", name)})
+                entries.append(
+                    {
+                        "file": name,
+                        "rows": merged.num_rows,
+                        "min_id": int(ids[0]),
+                        "max_id": int(ids[-1]),
+                        **self._file_sums("segments", name),
+                    }
+                )
         tombstones = self.manifest["tombstones"] if drop_deleted else []
         if not old and not tombstones:
             return False
@@ -646,10 +699,12 @@ class LocalGallery(Gallery):
         header, data = self._index_files(entry)
         if not header.is_file() or not data.is_file():  # a writer replaced them after this reader read the manifest
             return self._rebuild_damaged(entry, f"{header if not header.is_file() else data} is missing")
-        if ("ivfdata_bytes" in entry and data.stat().st_size < entry["ivfdata_bytes"]):
-            raise GalleryError(f"index list file {data} is missing or truncated "
-                               f"({data.stat().st_size if data.is_file() else 0} bytes, the manifest says "
-                               f"{entry.get('ivfdata_bytes')}): run `clip-triton gallery-check --repair`")
+        if "ivfdata_bytes" in entry and data.stat().st_size < entry["ivfdata_bytes"]:
+            raise GalleryError(
+                f"index list file {data} is missing or truncated "
+                f"({data.stat().st_size if data.is_file() else 0} bytes, the manifest says "
+                f"{entry.get('ivfdata_bytes')}): run `clip-triton gallery-check --repair`"
+            )
         try:
             if "header_crc" in entry and _crc32(header) != entry["header_crc"]:
                 raise RuntimeError("checksum mismatch")
@@ -657,8 +712,10 @@ class LocalGallery(Gallery):
                 index = self.faiss.read_index(str(header), self.faiss.IO_FLAG_ONDISK_SAME_DIR)
             lists = self.faiss.downcast_InvertedLists(index.invlists)
             if lists.totsize > data.stat().st_size:  # checked before any page of the mapping is touched
-                raise GalleryError(f"index list file {data} is truncated ({data.stat().st_size} bytes, its header "
-                                   f"needs {lists.totsize}): run `clip-triton gallery-check --repair`")
+                raise GalleryError(
+                    f"index list file {data} is truncated ({data.stat().st_size} bytes, its header "
+                    f"needs {lists.totsize}): run `clip-triton gallery-check --repair`"
+                )
             if index.ntotal == entry["ntotal"]:
                 self._no_prefetch(index)
                 return index
@@ -722,8 +779,14 @@ class LocalGallery(Gallery):
         index = self.faiss.IndexIDMap(self.faiss.IndexPQFastScan(self.dim, m, 4, self.faiss.METRIC_INNER_PRODUCT))
         with self._omp_threads(1):  # see _omp_threads: 5x faster than 2 threads on a busy 2-core machine
             index.train(self._training_sample(PQ_TRAIN_ROWS))
-        self.manifest["index"] = {"name": f"pqfs-{self._next_seq():08d}", "kind": "pq", "m": m, "nbits": 4,
-                                  "sized_for": RETRAIN_FACTOR * rows, "trained_on": rows}
+        self.manifest["index"] = {
+            "name": f"pqfs-{self._next_seq():08d}",
+            "kind": "pq",
+            "m": m,
+            "nbits": 4,
+            "sized_for": RETRAIN_FACTOR * rows,
+            "trained_on": rows,
+        }
         self._index = index
         with self._omp_threads(1):
             for ids, vectors in self._iter_live():
@@ -737,14 +800,24 @@ class LocalGallery(Gallery):
         rows = len(self)
         sized_for = min(max(2 * rows, self.manifest.get("expected_rows") or 0), RETRAIN_FACTOR * rows)
         nlist = nlist_for(sized_for)
-        index = self.faiss.IndexIVFScalarQuantizer(self.faiss.IndexFlatIP(self.dim), self.dim, nlist,
-                                                   self.faiss.ScalarQuantizer.QT_8bit, self.faiss.METRIC_INNER_PRODUCT)
+        index = self.faiss.IndexIVFScalarQuantizer(
+            self.faiss.IndexFlatIP(self.dim),
+            self.dim,
+            nlist,
+            self.faiss.ScalarQuantizer.QT_8bit,
+            self.faiss.METRIC_INNER_PRODUCT,
+        )
         # spherical k-means (cosine); retrained as the gallery grows, so a modest sample per list is enough
         index.cp.niter, index.cp.spherical, index.cp.min_points_per_centroid = 10, True, 1
         index.cp.max_points_per_centroid = 32
         index.train(self._training_sample(32 * nlist))
-        entry = {"name": f"ivfsq8-{self._next_seq():08d}", "kind": "ivf", "nlist": nlist, "sized_for": sized_for,
-                 "trained_on": rows}
+        entry = {
+            "name": f"ivfsq8-{self._next_seq():08d}",
+            "kind": "ivf",
+            "nlist": nlist,
+            "sized_for": sized_for,
+            "trained_on": rows,
+        }
         header, data = self._index_files(entry)
         lists = self.faiss.OnDiskInvertedLists(nlist, index.code_size, str(data))
         index.replace_invlists(lists, True)
@@ -793,8 +866,9 @@ class LocalGallery(Gallery):
             os.posix_fallocate(fd, old, need)
         except OSError as e:
             os.ftruncate(fd, old)
-            raise GalleryError(f"gallery storage: no space for the index lists ({need} bytes more): "
-                               f"{e.strerror or e}: {data}") from None
+            raise GalleryError(
+                f"gallery storage: no space for the index lists ({need} bytes more): {e.strerror or e}: {data}"
+            ) from None
         finally:
             os.close(fd)
         with _quiet_stdout():
@@ -810,7 +884,8 @@ class LocalGallery(Gallery):
     def _index_add(self, ids: np.ndarray, emb: np.ndarray) -> None:
         entry = self.manifest["index"]
         if (entry is None and len(self) >= TRAIN_AT) or (
-                entry is not None and len(self) > RETRAIN_FACTOR * entry.get("trained_on", entry["sized_for"])):
+            entry is not None and len(self) > RETRAIN_FACTOR * entry.get("trained_on", entry["sized_for"])
+        ):
             self._build_index(trained=True)  # trains on every row, the new ones included
             return
         if entry is None:
@@ -839,8 +914,9 @@ class LocalGallery(Gallery):
                     try:  # the blocks reserved first: a full disk fails here, before anything is written
                         os.posix_fallocate(f.fileno(), 0, len(data))
                     except OSError as e:
-                        raise GalleryError(f"gallery storage: no space for the index ({len(data)} bytes): "
-                                           f"{e.strerror or e}: {path}") from None
+                        raise GalleryError(
+                            f"gallery storage: no space for the index ({len(data)} bytes): {e.strerror or e}: {path}"
+                        ) from None
                     f.write(memoryview(data))
 
             _write_atomic(path, write)
@@ -866,8 +942,9 @@ class LocalGallery(Gallery):
         return (q / np.where(norm > 0, norm, 1)).astype(np.float32)
 
     @_storage
-    def tune(self, queries: np.ndarray | None = None, target_recall: float = 0.95, k: int = 10,
-             _auto: bool = False) -> dict:
+    def tune(
+        self, queries: np.ndarray | None = None, target_recall: float = 0.95, k: int = 10, _auto: bool = False
+    ) -> dict:
         """Measure recall@k against exact search and store the cheapest operating point that reaches `target_recall`
         (PQ: the fewest candidates re-ranked, `rerank` x k; IVF: the fewest lists scanned, `nprobe`), persisted.
         queries: a sample of real queries; None: the recent queries this object served
@@ -886,8 +963,9 @@ class LocalGallery(Gallery):
         truth = self._exact(q, k)[1]
 
         def recall_of(found: np.ndarray) -> float:
-            return float(np.mean([len(set(f[f >= 0]) & set(t[t >= 0])) / max(1, (t >= 0).sum())
-                                  for f, t in zip(found, truth)]))
+            return float(
+                np.mean([len(set(f[f >= 0]) & set(t[t >= 0])) / max(1, (t >= 0).sum()) for f, t in zip(found, truth)])
+            )
 
         curve = []  # (nprobe or rerank, recall) measured
         if _entry_kind(entry) == "pq":
@@ -908,34 +986,62 @@ class LocalGallery(Gallery):
                 if recall >= target_recall or nprobe >= nlist:
                     break
                 nprobe = min(nlist, int(math.ceil(nprobe * 1.4142)))
-        point = {"nprobe": nprobe, "rerank": rerank, "candidates": k * rerank, "recall": round(recall, 4),
-                 "target": target_recall, "k": k, "queries": source, "n_queries": len(q), "rows": len(self),
-                 "nlist": nlist, "curve": curve}
+        point = {
+            "nprobe": nprobe,
+            "rerank": rerank,
+            "candidates": k * rerank,
+            "recall": round(recall, 4),
+            "target": target_recall,
+            "k": k,
+            "queries": source,
+            "n_queries": len(q),
+            "rows": len(self),
+            "nlist": nlist,
+            "curve": curve,
+        }
         self._lock()
         if self.manifest["index"] is None or self.manifest["index"]["name"] != entry["name"]:
             return point  # another writer rebuilt it meanwhile
         self.manifest["index"]["operating_point"] = point
         self._save_manifest()
         self.nprobe, self.rerank = nprobe or DEFAULT_NPROBE, rerank
-        log.log(logging.DEBUG if _auto else logging.INFO, "%s: nprobe %s of %s lists, %d candidates re-ranked: "
-                "recall@%d %.3f on %d %s", self.root, nprobe, nlist, k * rerank, k, point["recall"], len(q), source)
+        log.log(
+            logging.DEBUG if _auto else logging.INFO,
+            "%s: nprobe %s of %s lists, %d candidates re-ranked: recall@%d %.3f on %d %s",
+            self.root,
+            nprobe,
+            nlist,
+            k * rerank,
+            k,
+            point["recall"],
+            len(q),
+            source,
+        )
         return point
 
     def info(self) -> dict:
         """What the gallery holds and how it searches: rows, segments, the index and its operating point."""
         entry = self.manifest["index"]
-        return {"uri": str(self.root), "rows": len(self), "dim": self.dim, "model_id": self.model_id,
-                "segments": len(self.manifest["segments"]), "deleted_pending": int(len(self._dead)),
-                "index": _index_name(entry), "index_kind": self.manifest.get("index_kind", DEFAULT_INDEX),
-                **({} if entry is None else {k: entry.get(k) for k in ("nlist", "m", "trained_on", "sized_for")}),
-                "nprobe": None if entry is None or _entry_kind(entry) == "pq" else self.nprobe,
-                "rerank": None if entry is None else self.rerank,
-                "operating_point": None if entry is None else entry.get("operating_point"),
-                "recent_queries": len(self._recent)}
+        return {
+            "uri": str(self.root),
+            "rows": len(self),
+            "dim": self.dim,
+            "model_id": self.model_id,
+            "segments": len(self.manifest["segments"]),
+            "deleted_pending": int(len(self._dead)),
+            "index": _index_name(entry),
+            "index_kind": self.manifest.get("index_kind", DEFAULT_INDEX),
+            **({} if entry is None else {k: entry.get(k) for k in ("nlist", "m", "trained_on", "sized_for")}),
+            "nprobe": None if entry is None or _entry_kind(entry) == "pq" else self.nprobe,
+            "rerank": None if entry is None else self.rerank,
+            "operating_point": None if entry is None else entry.get("operating_point"),
+            "recent_queries": len(self._recent),
+        }
 
     # ------------------------------------------------------------------------------------------ search
-    def search(self, queries: np.ndarray, k: int = 10, filter: str | None = None,
-               exact: bool = False) -> list[list[Hit]]:
+    def search(
+        self, queries: np.ndarray, k: int = 10, filter: str | None = None, exact: bool = False
+    ) -> list[list[Hit]]:
         """Top-k rows per query by exact cosine, best first; a filter restricts the rows searched. exact=True: every
         row is scored (no index)."""
         q = check_embeddings(queries, None, self.dim, "queries")  # (Q, D)
@@ -957,8 +1063,9 @@ class LocalGallery(Gallery):
             nprobe = math.ceil(nprobe * len(self) / max(1, len(allowed)))
         return self._hits(*self._ivf_search(q, min(k, n), nprobe, self.rerank, allowed))
 
-    def _pq_search(self, q: np.ndarray, k: int, rerank: int,
-                   allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _pq_search(
+        self, q: np.ndarray, k: int, rerank: int, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """PQ fast-scan candidates (k * rerank per query, more when rows are deleted or filtered out) re-scored
         exactly -> (Q, k) scores and ids. A filter keeping few rows is searched exactly (cheaper, and complete)."""
         total = int(self._index.ntotal)
@@ -996,8 +1103,9 @@ class LocalGallery(Gallery):
         finally:
             self.faiss.omp_set_num_threads(before)
 
-    def _ivf_search(self, q: np.ndarray, k: int, nprobe: int, rerank: int,
-                    allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _ivf_search(
+        self, q: np.ndarray, k: int, nprobe: int, rerank: int, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """IVF candidates (k * rerank per query) re-scored exactly -> (Q, k) scores and ids."""
         params = self.faiss.SearchParametersIVF()
         bitmap = self._live_bitmap(allowed)  # deleted rows stay in the index until it is rebuilt: skipped here
@@ -1025,9 +1133,9 @@ class LocalGallery(Gallery):
                 keep = np.isin(ids, allowed)
                 ids, vectors = ids[keep], vectors[keep]
             for lo in range(0, len(ids), 65536):
-                s = q @ vectors[lo:lo + 65536].T  # (Q, chunk)
+                s = q @ vectors[lo : lo + 65536].T  # (Q, chunk)
                 s_all = np.concatenate([best_s, s], axis=1)
-                i_all = np.concatenate([best_i, np.broadcast_to(ids[lo:lo + 65536], s.shape)], axis=1)
+                i_all = np.concatenate([best_i, np.broadcast_to(ids[lo : lo + 65536], s.shape)], axis=1)
                 top = np.argpartition(-s_all, k - 1, axis=1)[:, :k] if s_all.shape[1] > k else None
                 if top is not None:
                     s_all, i_all = np.take_along_axis(s_all, top, 1), np.take_along_axis(i_all, top, 1)
@@ -1046,9 +1154,12 @@ class LocalGallery(Gallery):
         exact = np.full(cand.shape, -np.inf, np.float32)
         step = max(1, 65536 // max(1, cand.shape[1]))  # queries per block: at most 64k vectors gathered at once
         for lo in range(0, len(q), step):
-            sub = ok[lo:lo + step]
-            exact[lo:lo + step][sub] = np.einsum("nd,nd->n", self._vectors_of(cand[lo:lo + step][sub]),
-                                                 np.repeat(q[lo:lo + step], sub.sum(axis=1), axis=0))
+            sub = ok[lo : lo + step]
+            exact[lo : lo + step][sub] = np.einsum(
+                "nd,nd->n",
+                self._vectors_of(cand[lo : lo + step][sub]),
+                np.repeat(q[lo : lo + step], sub.sum(axis=1), axis=0),
+            )
         top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         scores, ids = np.take_along_axis(exact, top, 1), np.take_along_axis(cand, top, 1)
         ids[~np.isfinite(scores)] = -1

@@ -55,6 +55,7 @@ MAX_EF = 32768  # Milvus' limit
 
 def _milvus_errors(fn):
     """Report Milvus' errors (MilvusException, e.g. DataNotMatchException) as GalleryError."""
+
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
@@ -114,7 +115,7 @@ class MilvusGallery(Gallery):
 
     @classmethod
     @_milvus_errors
-    def create(cls, uri: str, identity: dict, expected_rows: int | None = None) -> "MilvusGallery":
+    def create(cls, uri: str, identity: dict, expected_rows: int | None = None) -> MilvusGallery:
         """A new collection (InvalidInputError when it exists) with an HNSW index (INDEX); expected_rows is not
         needed by Milvus."""
         from pymilvus import DataType
@@ -131,18 +132,25 @@ class MilvusGallery(Gallery):
         for col in ("size", "width", "height"):
             schema.add_field(col, DataType.INT64)
         schema.add_field("mtime", DataType.DOUBLE)
-        schema.add_field("tags", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_TAGS, max_length=MAX_TAG)
+        schema.add_field(
+            "tags", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_TAGS, max_length=MAX_TAG
+        )
         schema.add_field("meta", DataType.JSON)
         schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=int(identity["dim"]))
         index = client.prepare_index_params()
         index.add_index("embedding", **INDEX)
-        client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong",
-                                 properties={IDENTITY_PROPERTY: json.dumps(identity, sort_keys=True)})
+        client.create_collection(
+            name,
+            schema=schema,
+            index_params=index,
+            consistency_level="Strong",
+            properties={IDENTITY_PROPERTY: json.dumps(identity, sort_keys=True)},
+        )
         return cls(client, name, identity)
 
     @classmethod
     @_milvus_errors
-    def open(cls, uri: str) -> "MilvusGallery":
+    def open(cls, uri: str) -> MilvusGallery:
         """The gallery in an existing collection."""
         base, name = split_uri(uri)
         client = _connect(base)
@@ -177,7 +185,7 @@ class MilvusGallery(Gallery):
         cols["embedding"] = emb.tolist()
         rows = [dict(zip(cols, values)) for values in zip(*cols.values())]
         for lo in range(0, len(rows), BATCH):
-            self.client.insert(self.name, rows[lo:lo + BATCH])
+            self.client.insert(self.name, rows[lo : lo + BATCH])
 
     def _where(self, paths: list[str] | None, filter: str | None) -> str:
         parts = []
@@ -230,8 +238,9 @@ class MilvusGallery(Gallery):
         return np.asarray([got[i] for i in ids], np.float32).reshape(len(ids), self.dim)
 
     @_milvus_errors
-    def search(self, queries: np.ndarray, k: int = 10, filter: str | None = None,
-               exact: bool = False) -> list[list[Hit]]:
+    def search(
+        self, queries: np.ndarray, k: int = 10, filter: str | None = None, exact: bool = False
+    ) -> list[list[Hit]]:
         """Top-k rows per query (Milvus HNSW search with ef = max(self.ef, k), inner product on normalised
         vectors); exact=True scores every row here (the rows' embeddings are read page by page)."""
         q = check_embeddings(queries, None, self.dim, "queries")  # (Q, D)
@@ -241,8 +250,14 @@ class MilvusGallery(Gallery):
             return []
         if exact:
             return self._exact(q, k, where)
-        answers = self.client.search(self.name, data=q.tolist(), limit=k, filter=where, output_fields=list(FIELDS),
-                                     search_params=self.search_params(k))
+        answers = self.client.search(
+            self.name,
+            data=q.tolist(),
+            limit=k,
+            filter=where,
+            output_fields=list(FIELDS),
+            search_params=self.search_params(k),
+        )
         return [[make_hit({**h["entity"], "id": h["id"]}, h["distance"]) for h in hits] for hits in answers]
 
     def search_params(self, k: int) -> dict:
@@ -251,16 +266,18 @@ class MilvusGallery(Gallery):
 
     def _exact(self, q: np.ndarray, k: int, where: str) -> list[list[Hit]]:
         best: list[list[tuple[float, dict]]] = [[] for _ in range(len(q))]
-        it = self.client.query_iterator(self.name, batch_size=BATCH, filter=where,
-                                        output_fields=["id", *FIELDS, "embedding"])
+        it = self.client.query_iterator(
+            self.name, batch_size=BATCH, filter=where, output_fields=["id", *FIELDS, "embedding"]
+        )
         try:
             while page := it.next():
                 emb = np.asarray([r.pop("embedding") for r in page], np.float32)  # (n, D)
                 scores = q @ emb.T  # (Q, n)
                 for qi in range(len(q)):
                     top = np.argsort(-scores[qi], kind="stable")[:k]
-                    best[qi] = sorted(best[qi] + [(float(scores[qi, j]), page[j]) for j in top],
-                                      key=lambda t: (-t[0], t[1]["id"]))[:k]
+                    best[qi] = sorted(
+                        best[qi] + [(float(scores[qi, j]), page[j]) for j in top], key=lambda t: (-t[0], t[1]["id"])
+                    )[:k]
         finally:
             it.close()
         return [[make_hit(row, s) for s, row in hits] for hits in best]
@@ -268,10 +285,16 @@ class MilvusGallery(Gallery):
     def info(self) -> dict:
         """Rows, the index Milvus built and the search width."""
         desc = self.client.describe_index(self.name, "embedding") or {}
-        return {"uri": self.name, "rows": len(self), "dim": self.dim, "model_id": self.model_id,
-                "index": desc.get("index_type"), "index_params": {k: desc.get(k) for k in ("M", "efConstruction")
-                                                                   if k in desc},
-                "ef": self.ef, "operating_point": (self.identity.get("search") or None)}
+        return {
+            "uri": self.name,
+            "rows": len(self),
+            "dim": self.dim,
+            "model_id": self.model_id,
+            "index": desc.get("index_type"),
+            "index_params": {k: desc.get(k) for k in ("M", "efConstruction") if k in desc},
+            "ef": self.ef,
+            "operating_point": (self.identity.get("search") or None),
+        }
 
     @_milvus_errors
     def tune(self, queries: np.ndarray | None = None, target_recall: float = 0.95, k: int = 10) -> dict:
@@ -298,11 +321,18 @@ class MilvusGallery(Gallery):
                 break
             ef = min(MAX_EF, 2 * ef)
         self.ef = saved
-        point = {"ef": ef, "recall": round(recall, 4), "target": target_recall, "k": k, "n_queries": len(q),
-                 "queries": "given" if queries is not None else "gallery probes (OOD-like)"}
+        point = {
+            "ef": ef,
+            "recall": round(recall, 4),
+            "target": target_recall,
+            "k": k,
+            "n_queries": len(q),
+            "queries": "given" if queries is not None else "gallery probes (OOD-like)",
+        }
         self.identity = {**self.identity, "search": point}
-        self.client.alter_collection_properties(self.name, properties={
-            IDENTITY_PROPERTY: json.dumps(self.identity, sort_keys=True)})
+        self.client.alter_collection_properties(
+            self.name, properties={IDENTITY_PROPERTY: json.dumps(self.identity, sort_keys=True)}
+        )
         self.ef = ef
         return point
 
@@ -327,8 +357,10 @@ class MilvusGallery(Gallery):
         if not failures:
             return
         self._failures_collection()
-        rows = [{"path": f["path"], "record": {k: f.get(k) for k in ("sha256", "size", "mtime", "reason")},
-                 "v": [0.0, 0.0]} for f in failures]
+        rows = [
+            {"path": f["path"], "record": {k: f.get(k) for k in ("sha256", "size", "mtime", "reason")}, "v": [0.0, 0.0]}
+            for f in failures
+        ]
         self.client.upsert(self.failures_name, rows)
 
     @_milvus_errors

@@ -8,8 +8,9 @@ from typing import Any
 from ..providers import AsyncMultimodalEmbeddingProvider, MultimodalEmbeddingProvider
 
 
-def sync_provider(provider: MultimodalEmbeddingProvider | None, url: str | None, protocol: str,
-                  options: dict[str, Any]) -> MultimodalEmbeddingProvider:
+def sync_provider(
+    provider: MultimodalEmbeddingProvider | None, url: str | None, protocol: str, options: dict[str, Any]
+) -> MultimodalEmbeddingProvider:
     """The given provider, or a CLIPClient for url/protocol."""
     if provider is not None:
         if not isinstance(provider, MultimodalEmbeddingProvider):
@@ -23,7 +24,9 @@ def sync_provider(provider: MultimodalEmbeddingProvider | None, url: str | None,
 def check_async(provider: AsyncMultimodalEmbeddingProvider | None) -> AsyncMultimodalEmbeddingProvider | None:
     """The async provider (e.g. an AsyncCLIPClient) or None."""
     if provider is not None and not isinstance(provider, AsyncMultimodalEmbeddingProvider):
-        raise TypeError(f"async_provider must implement AsyncMultimodalEmbeddingProvider, got {type(provider).__name__}")
+        raise TypeError(
+            f"async_provider must implement AsyncMultimodalEmbeddingProvider, got {type(provider).__name__}"
+        )
     return provider
 
 

@@ -1,8 +1,8 @@
 """LangChain: CLIPEmbeddings, a langchain_core `Embeddings` backed by a clip-triton server (extra `langchain`).
 
-    from clip_client.integrations.langchain import CLIPEmbeddings
-    emb = CLIPEmbeddings(url="127.0.0.1:8001")          # or CLIPEmbeddings(provider=any MultimodalEmbeddingProvider)
-    emb.embed_documents(["a cat", "a dog"]); emb.embed_query("a cat"); emb.embed_image(["cat.jpg"])
+from clip_client.integrations.langchain import CLIPEmbeddings
+emb = CLIPEmbeddings(url="127.0.0.1:8001")          # or CLIPEmbeddings(provider=any MultimodalEmbeddingProvider)
+emb.embed_documents(["a cat", "a dog"]); emb.embed_query("a cat"); emb.embed_image(["cat.jpg"])
 """
 
 from __future__ import annotations
@@ -18,8 +18,15 @@ Embeddings = require("langchain_core.embeddings", "langchain", "CLIPEmbeddings")
 class CLIPEmbeddings(Embeddings):
     """Texts (and images, for LangChain's multimodal vector stores) embedded by a CLIP model on Triton."""
 
-    def __init__(self, provider: Any = None, *, url: str | None = None, protocol: str = "grpc",
-                 async_provider: Any = None, **client_options: Any):
+    def __init__(
+        self,
+        provider: Any = None,
+        *,
+        url: str | None = None,
+        protocol: str = "grpc",
+        async_provider: Any = None,
+        **client_options: Any,
+    ):
         self.provider = sync_provider(provider, url, protocol, client_options)
         self.async_provider = check_async(async_provider)
 

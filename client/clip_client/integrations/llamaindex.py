@@ -24,9 +24,17 @@ class CLIPMultiModalEmbedding(_base.MultiModalEmbedding):
     _provider: Any = PrivateAttr()
     _async_provider: Any = PrivateAttr()
 
-    def __init__(self, provider: Any = None, *, url: str | None = None, protocol: str = "grpc",
-                 async_provider: Any = None, model_name: str = "clip-triton", embed_batch_size: int = 64,
-                 **client_options: Any):
+    def __init__(
+        self,
+        provider: Any = None,
+        *,
+        url: str | None = None,
+        protocol: str = "grpc",
+        async_provider: Any = None,
+        model_name: str = "clip-triton",
+        embed_batch_size: int = 64,
+        **client_options: Any,
+    ):
         super().__init__(model_name=model_name, embed_batch_size=embed_batch_size)
         self._provider = sync_provider(provider, url, protocol, client_options)
         self._async_provider = check_async(async_provider)

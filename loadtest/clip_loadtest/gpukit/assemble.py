@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -50,18 +49,26 @@ LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
 # python-rapidjson (tritonclient.grpc imports it) for each Python a kit can target: exact files, PyPI's sha256.
 RAPIDJSON_VERSION = "1.25"
 RAPIDJSON = {
-    "3.11": ("python_rapidjson-1.25-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
-             "d2975f036913143206ab034c90b888cf16a1b40440011b2e8ebedfb95e07d089"),
-    "3.12": ("python_rapidjson-1.25-cp312-cp312-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
-             "d425190a9cc78f46f897d0efceddc094048ea08d584340a5830f48e186607f9c"),
+    "3.11": (
+        "python_rapidjson-1.25-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+        "d2975f036913143206ab034c90b888cf16a1b40440011b2e8ebedfb95e07d089",
+    ),
+    "3.12": (
+        "python_rapidjson-1.25-cp312-cp312-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+        "d425190a9cc78f46f897d0efceddc094048ea08d584340a5830f48e186607f9c",
+    ),
 }
 # numpy < 2 for the stubs, per Python a kit can target.
 NUMPY_VERSION = "1.26.4"
 NUMPY = {
-    "3.11": ("numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
-             "666dbfb6ec68962c033a450943ded891bed2d54e6755e35e5835d63f4f6931d5"),
-    "3.12": ("numpy-1.26.4-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
-             "675d61ffbfa78604709862923189bad94014bef562cc35cf61d3a07bba02a7ed"),
+    "3.11": (
+        "numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        "666dbfb6ec68962c033a450943ded891bed2d54e6755e35e5835d63f4f6931d5",
+    ),
+    "3.12": (
+        "numpy-1.26.4-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        "675d61ffbfa78604709862923189bad94014bef562cc35cf61d3a07bba02a7ed",
+    ),
 }
 NUMPY_SKIP = {"tests", "distutils", "f2py", "include"}  # folders `import numpy` never loads
 _LDD_LINE = re.compile(r"^\s*(\S+) => (\S+) \(0x[0-9a-f]+\)$")
@@ -146,9 +153,15 @@ def _wheel(requirement: str, pins: dict[str, tuple[str, str]], python: str, plat
     if python not in pins:
         raise KitError(f"no pinned {requirement} wheel for Python {python} (have {', '.join(pins)})")
     name, sha = pins[python]
-    return zipfile.ZipFile(pinned_wheel(requirement, name, sha, cache_dir() / "wheels",
-                                        pip_args=("--platform", platform, "--python-version", python,
-                                                  "--implementation", "cp")))
+    return zipfile.ZipFile(
+        pinned_wheel(
+            requirement,
+            name,
+            sha,
+            cache_dir() / "wheels",
+            pip_args=("--platform", platform, "--python-version", python, "--implementation", "cp"),
+        )
+    )
 
 
 def _site(dst: Path, python: str) -> list[Path]:
@@ -195,8 +208,7 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def assemble(out: str | os.PathLike, python: str = "3.12", level: int = 1,
-             max_mib: float = DEFAULT_MAX_MIB) -> dict:
+def assemble(out: str | os.PathLike, python: str = "3.12", level: int = 1, max_mib: float = DEFAULT_MAX_MIB) -> dict:
     """Write the kit into `out` (replacing a previous one) and return its kit.json."""
     started = time.monotonic()
     out = Path(out)
@@ -220,31 +232,51 @@ def assemble(out: str | os.PathLike, python: str = "3.12", level: int = 1,
         "format_version": 1,
         "python": python,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "archive": {"file": "kit.tar.xz", "bytes": (out / "kit.tar.xz").stat().st_size,
-                    "sha256": sha256_file(out / "kit.tar.xz"), "xz_preset": level},
+        "archive": {
+            "file": "kit.tar.xz",
+            "bytes": (out / "kit.tar.xz").stat().st_size,
+            "sha256": sha256_file(out / "kit.tar.xz"),
+            "xz_preset": level,
+        },
         "unpacked_bytes": parts,
         "stripped": stripped,
-        "versions": {"tritonserver": f"2.51 (nvidia-pytriton {pytriton})",
-                     "tritonclient": importlib.metadata.version("tritonclient"),
-                     "perf_analyzer": f"tritonclient {perf.WHEEL_VERSION} wheel",
-                     "python-rapidjson": RAPIDJSON_VERSION, "stub numpy": NUMPY_VERSION,
-                     "built_with": sys.version.split()[0]},
+        "versions": {
+            "tritonserver": f"2.51 (nvidia-pytriton {pytriton})",
+            "tritonclient": importlib.metadata.version("tritonclient"),
+            "perf_analyzer": f"tritonclient {perf.WHEEL_VERSION} wheel",
+            "python-rapidjson": RAPIDJSON_VERSION,
+            "stub numpy": NUMPY_VERSION,
+            "built_with": sys.version.split()[0],
+        },
     }
     (out / "kit.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     meta["kit_bytes"] = sum((out / n).stat().st_size for n in ("run_kit.py", "kit.json", "kit.tar.xz"))
     mib = meta["kit_bytes"] / 2**20
-    log.info("GPU kit %s: %.1f MiB (archive %.1f MiB; unpacked %.1f MiB: %s) of the %d MiB the device tool carries, "
-             "assembled in %.0f s", out, mib, meta["archive"]["bytes"] / 2**20, sum(parts.values()) / 2**20,
-             ", ".join(f"{k} {v / 2**20:.1f}" for k, v in parts.items()), LIMIT_MIB, time.monotonic() - started)
+    log.info(
+        "GPU kit %s: %.1f MiB (archive %.1f MiB; unpacked %.1f MiB: %s) of the %d MiB the device tool carries, "
+        "assembled in %.0f s",
+        out,
+        mib,
+        meta["archive"]["bytes"] / 2**20,
+        sum(parts.values()) / 2**20,
+        ", ".join(f"{k} {v / 2**20:.1f}" for k, v in parts.items()),
+        LIMIT_MIB,
+        time.monotonic() - started,
+    )
     if mib > max_mib:
-        raise KitError(f"the kit takes {mib:.1f} MiB, more than the {max_mib:g} MiB allowed "
-                       f"({LIMIT_MIB} MiB carry limit, the checkout included)")
+        raise KitError(
+            f"the kit takes {mib:.1f} MiB, more than the {max_mib:g} MiB allowed "
+            f"({LIMIT_MIB} MiB carry limit, the checkout included)"
+        )
     return meta
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clip_loadtest.gpukit.assemble", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m clip_loadtest.gpukit.assemble",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default=".artifacts/gpu-kit", help="kit folder (git-ignored)")
     parser.add_argument("--python", default="3.12", help="the device's Python (major.minor): picks the stub")
     parser.add_argument("--level", type=int, default=1, choices=range(10), help="xz preset (1: ~30 MiB quickly)")
@@ -256,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     except (KitError, perf.PerfError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"{args.out}: {meta['kit_bytes'] / 2**20:.1f} MiB (limit {LIMIT_MIB} MiB with the checkout); on the device: "
-          f"python3 {Path(args.out) / 'run_kit.py'} --device cuda --out \"$OUT\"")
+    print(
+        f"{args.out}: {meta['kit_bytes'] / 2**20:.1f} MiB (limit {LIMIT_MIB} MiB with the checkout); on the device: "
+        f'python3 {Path(args.out) / "run_kit.py"} --device cuda --out "$OUT"'
+    )
     return 0
 
 

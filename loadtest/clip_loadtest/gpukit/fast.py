@@ -105,8 +105,12 @@ def to_fp8(module: nn.Module, under: str = "layers") -> int:
     """Replace every nn.Linear below `module.<under>` (the transformer layers) with Fp8Linear; the count replaced.
     Patch embedding, pooling head and projection stay as they are (small, and the most sensitive)."""
     root = module.get_submodule(under)
-    targets = [(parent, name, child) for parent in root.modules() for name, child in parent.named_children()
-               if isinstance(child, nn.Linear)]
+    targets = [
+        (parent, name, child)
+        for parent in root.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
     for parent, name, child in targets:
         setattr(parent, name, Fp8Linear(child))
     return len(targets)
@@ -126,8 +130,14 @@ def fp8_parity(fp8: Tensor, reference: Tensor, labels: Tensor) -> dict:
     decided = (top2[:, 0] - top2[:, -1] >= 1 - FP8_MIN_COSINE) if t.shape[0] > 1 else torch.ones_like(cos, dtype=bool)
     agree = sim_a.argmax(dim=1) == sim_b.argmax(dim=1)  # (N,)
     n = int(decided.sum())
-    out = {"min_cosine": float(cos.min()), "top1_agreement": float(agree[decided].float().mean()) if n else None,
-           "top1_agreement_all": float(agree.float().mean()), "images": int(a.shape[0]), "decided": n,
-           "ties": int(a.shape[0]) - n, "labels": int(t.shape[0])}
+    out = {
+        "min_cosine": float(cos.min()),
+        "top1_agreement": float(agree[decided].float().mean()) if n else None,
+        "top1_agreement_all": float(agree.float().mean()),
+        "images": int(a.shape[0]),
+        "decided": n,
+        "ties": int(a.shape[0]) - n,
+        "labels": int(t.shape[0]),
+    }
     out["passed"] = bool(n and out["min_cosine"] >= FP8_MIN_COSINE and out["top1_agreement"] >= FP8_MIN_AGREEMENT)
     return out

@@ -39,20 +39,24 @@ class GpuMonitor:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def start(cls, interval_ms: int = 200) -> "GpuMonitor":
+    def start(cls, interval_ms: int = 200) -> GpuMonitor:
         """A sampling monitor, or an idle one saying why (no nvidia-smi, or it fails)."""
         smi = shutil.which("nvidia-smi")
         if smi is None:
             return cls("nvidia-smi not found: GPU utilisation not measured")
-        info = subprocess.run([smi, "--id=0", f"--query-gpu={INFO_QUERY}", "--format=csv,noheader"],
-                              capture_output=True, text=True)
+        info = subprocess.run(
+            [smi, "--id=0", f"--query-gpu={INFO_QUERY}", "--format=csv,noheader"], capture_output=True, text=True
+        )
         if info.returncode != 0:
             return cls(f"nvidia-smi failed: {(info.stderr or info.stdout).strip()[:200]}")
         monitor = cls()
         monitor.info = dict(zip(INFO_QUERY.split(","), (f.strip() for f in info.stdout.splitlines()[0].split(","))))
-        monitor._proc = subprocess.Popen([smi, "--id=0", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits",
-                                          f"--loop-ms={interval_ms}"], stdout=subprocess.PIPE,
-                                         stderr=subprocess.DEVNULL, text=True)
+        monitor._proc = subprocess.Popen(
+            [smi, "--id=0", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", f"--loop-ms={interval_ms}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         monitor._thread = threading.Thread(target=monitor._read, daemon=True)
         monitor._thread.start()
         return monitor
@@ -85,8 +89,13 @@ class GpuMonitor:
         if not inside:
             return {"measured": False, "reason": f"no nvidia-smi sample inside {t1 - t0:.1f} s"}
         utils = [u for u, _ in inside]
-        return {"measured": True, "samples": len(inside), "util_mean_pct": round(sum(utils) / len(utils), 1),
-                "util_max_pct": max(utils), "memory_max_mib": max(m for _, m in inside)}
+        return {
+            "measured": True,
+            "samples": len(inside),
+            "util_mean_pct": round(sum(utils) / len(utils), 1),
+            "util_max_pct": max(utils),
+            "memory_max_mib": max(m for _, m in inside),
+        }
 
     def stop(self) -> None:
         """Stop sampling."""

@@ -64,15 +64,23 @@ def main() -> int:
     meta = json.loads((kit / "kit.json").read_text(encoding="utf-8"))
     have = f"{sys.version_info.major}.{sys.version_info.minor}"
     if have != meta["python"]:
-        print(f"error: this kit carries the Triton python stub for Python {meta['python']}, but {sys.executable} is "
-              f"Python {have}; assemble one with `python -m clip_loadtest.gpukit.assemble --python {have}`",
-              file=sys.stderr)
+        print(
+            f"error: this kit carries the Triton python stub for Python {meta['python']}, but {sys.executable} is "
+            f"Python {have}; assemble one with `python -m clip_loadtest.gpukit.assemble --python {have}`",
+            file=sys.stderr,
+        )
         return 2
     root = unpack(kit, meta)
     path = [str(root / "src"), str(root / "site"), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), CLIP_TRITON_PYTHON_ENV=str(make_stub_env(root)),
-               CLIP_TRITON_SERVER_ROOT=str(root / "server"), CLIP_TRITON_CACHE=str(root / "cache"),
-               CLIP_TRITON_TEMPLATE=str(root / "model_repository"), CLIP_GPUKIT_ROOT=str(root))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(path),
+        CLIP_TRITON_PYTHON_ENV=str(make_stub_env(root)),
+        CLIP_TRITON_SERVER_ROOT=str(root / "server"),
+        CLIP_TRITON_CACHE=str(root / "cache"),
+        CLIP_TRITON_TEMPLATE=str(root / "model_repository"),
+        CLIP_GPUKIT_ROOT=str(root),
+    )
     os.execve(sys.executable, [sys.executable, "-m", "clip_loadtest.gpukit.run", *sys.argv[1:]], env)
     return 1  # not reached
 

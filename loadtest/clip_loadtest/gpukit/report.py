@@ -23,36 +23,53 @@ def _dtype_rows(dtype: str, res: dict) -> list[str]:
     lines = [f"### {dtype}", ""]
     if towers:
         texts = ", ".join(f"L={k}: {v:,.0f}" for k, v in towers["text_per_s"].items())
-        lines += [f"- towers alone, batch {towers['batch']}: images {towers['image_per_s']:,.0f}/s; texts/s {texts}; "
-                  f"GPU {_gpu(towers.get('gpu'))}"]
+        lines += [
+            f"- towers alone, batch {towers['batch']}: images {towers['image_per_s']:,.0f}/s; texts/s {texts}; "
+            f"GPU {_gpu(towers.get('gpu'))}"
+        ]
     for key, label in (("graphs", "image tower, CUDA graphs"), ("fp8", "image tower, FP8 linear layers")):
         got = (res.get("fast") or {}).get(key)
         if got:
-            what = got.get("error") or got.get("skipped") or (
-                f"{got['image_per_s']:,.0f} images/s, min cosine vs fp32 {got['min_cosine']:.5f}"
-                + (f", top-1 agreement {got['top1_agreement'] or 0:.0%} ({got['decided']} decided, {got['ties']} ties)"
-                   if "top1_agreement" in got else "")
-                + (" (emulated on the CPU: numerics only)" if got.get("emulated") else ""))
+            what = (
+                got.get("error")
+                or got.get("skipped")
+                or (
+                    f"{got['image_per_s']:,.0f} images/s, min cosine vs fp32 {got['min_cosine']:.5f}"
+                    + (
+                        f", top-1 agreement {got['top1_agreement'] or 0:.0%}"
+                        f" ({got['decided']} decided, {got['ties']} ties)"
+                        if "top1_agreement" in got
+                        else ""
+                    )
+                    + (" (emulated on the CPU: numerics only)" if got.get("emulated") else "")
+                )
+            )
             lines.append(f"- {label}: {what}")
     if "parity" in res:
         lines.append("- parity vs fp32 CPU: min cosine " + ", ".join(f"{k} {v:.6f}" for k, v in res["parity"].items()))
     if "preprocess" in res:
         pre = res["preprocess"]
-        lines.append(f"- preprocessing ({pre['rule']}, {pre['cores']} cores, decode {pre['image_decode']}): "
-                     f"{pre['image_instances']} preprocess_image x {pre['decode_threads'] or 'min(4, cores)'} decode "
-                     f"threads, "
-                     f"{pre['text_instances']} preprocess_text")
+        lines.append(
+            f"- preprocessing ({pre['rule']}, {pre['cores']} cores, decode {pre['image_decode']}): "
+            f"{pre['image_instances']} preprocess_image x {pre['decode_threads'] or 'min(4, cores)'} decode "
+            f"threads, "
+            f"{pre['text_instances']} preprocess_text"
+        )
     if "vs_exact_path" in res:
-        lines.append(f"- embeddings vs the exact (CPU-decoding) build, min cosine: "
-                     f"image {res['vs_exact_path']['image']:.6f}")
+        lines.append(
+            f"- embeddings vs the exact (CPU-decoding) build, min cosine: image {res['vs_exact_path']['image']:.6f}"
+        )
     check = res.get("decode_check")
     if check:
-        lines.append(f"- decode check: error {check['error'][:300]}" if "error" in check else
-                     f"- pixels vs the exact path ({check['items']} items, on {check['device']}): max "
-                     f"{check['max_diff_levels']}/255, mean {check['mean_diff_levels']}/255, 99.9th percentile "
-                     f"{check['p999_diff_levels']}/255, normalised max {check['max_diff_normalised']}; routed "
-                     f"{check['routed']}; fallbacks identical {all(check['fallback_identical'].values())}, "
-                     f"errors as the exact path {all(check['errors_match'].values())}")
+        lines.append(
+            f"- decode check: error {check['error'][:300]}"
+            if "error" in check
+            else f"- pixels vs the exact path ({check['items']} items, on {check['device']}): max "
+            f"{check['max_diff_levels']}/255, mean {check['mean_diff_levels']}/255, 99.9th percentile "
+            f"{check['p999_diff_levels']}/255, normalised max {check['max_diff_normalised']}; routed "
+            f"{check['routed']}; fallbacks identical {all(check['fallback_identical'].values())}, "
+            f"errors as the exact path {all(check['errors_match'].values())}"
+        )
     if res.get("server_args"):
         lines.append(f"- server flags: `{' '.join(res['server_args'])}`")
     for key, label in (("build_s", "build"), ("cold_start_s", "cold start (all models ready)")):
@@ -68,12 +85,18 @@ def _dtype_rows(dtype: str, res: dict) -> list[str]:
                 continue
             models = r.get("models") or {}
             batch = ", ".join(f"{m} {s['mean_batch']:.0f}" for m, s in sorted(models.items()) if "encoder" in m)
-            rows.append(f"| {label} | {kind} | {r.get('concurrency', '')} | {r.get('items_per_request', '')} | "
-                        f"{r['items_per_s']:,.0f} | {_ms(r, 'p50_ms')} | {_ms(r, 'p99_ms')} | "
-                        f"{_gpu(r.get('gpu'))}{'; mean batch ' + batch if batch else ''} |")
+            rows.append(
+                f"| {label} | {kind} | {r.get('concurrency', '')} | {r.get('items_per_request', '')} | "
+                f"{r['items_per_s']:,.0f} | {_ms(r, 'p50_ms')} | {_ms(r, 'p99_ms')} | "
+                f"{_gpu(r.get('gpu'))}{'; mean batch ' + batch if batch else ''} |"
+            )
     if rows:
-        lines += ["", "| run | kind | callers | items/request | items/s | p50 ms | p99 ms | GPU, encoder batch |",
-                  "|---|---|---|---|---|---|---|---|", *rows]
+        lines += [
+            "",
+            "| run | kind | callers | items/request | items/s | p50 ms | p99 ms | GPU, encoder batch |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
     lines += [f"- skipped: {s}" for s in res.get("skipped", [])]
     lines += [f"- **error:** {e}" for e in res.get("errors", [])]
     return lines + [""]
@@ -88,8 +111,12 @@ def render(results: dict, checks: list[Check]) -> str:
         "# clip-triton GPU kit results",
         "",
         f"- device: {results['device']}"
-        + (f", {gpu.get('name')} (compute {gpu.get('capability')}, {gpu.get('memory_gib')} GiB, "
-           f"driver {gpu.get('smi_driver_version', '?')})" if gpu else ""),
+        + (
+            f", {gpu.get('name')} (compute {gpu.get('capability')}, {gpu.get('memory_gib')} GiB, "
+            f"driver {gpu.get('smi_driver_version', '?')})"
+            if gpu
+            else ""
+        ),
         f"- {env.get('cpu_count', '?')} CPU cores, Python {env.get('python', '?')}, torch {env.get('torch', '?')} "
         f"(CUDA {env.get('torch_cuda')}), numpy {env.get('numpy', '?')}; "
         f"GPU utilisation: {env.get('gpu_monitor', '?')}",

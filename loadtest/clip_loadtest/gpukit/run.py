@@ -64,8 +64,10 @@ PLANS = {
     "cpu": Plan("tiny", 16, 1, 16, 3, (16, 77), 2, 4, 2.0, 1.0, "64x48,48x64", 8, 1000),
 }
 TARGETS = {"image tower bf16 (img/s, batch 256)": 30_000, "end-to-end images/s through Triton (bf16)": 5_000}
-FAST_TARGETS = {"image tower bf16, CUDA graphs (img/s, batch 256)": ("graphs", 40_000),
-                "image tower FP8 + CUDA graphs (img/s, batch 256)": ("fp8", 55_000)}
+FAST_TARGETS = {
+    "image tower bf16, CUDA graphs (img/s, batch 256)": ("graphs", 40_000),
+    "image tower FP8 + CUDA graphs (img/s, batch 256)": ("fp8", 55_000),
+}
 E2E_TARGET = TARGETS["end-to-end images/s through Triton (bf16)"]
 GPU_DECODE_MIN_S = 60.0  # the --image-decode gpu step starts only with this much of the budget left
 DECODE_CHECK_TIMEOUT_S = 90  # normally ~15 s: torch and CUDA start, 70 decodes
@@ -78,13 +80,13 @@ class KitRunError(RuntimeError):
 # ---- set-up -------------------------------------------------------------------------------------------------------
 def check_machine(device: str) -> dict:
     """CUDA for --device cuda, a shared libpython and numpy < 2 for the stubs (KitRunError); what the stubs import."""
-    import ctypes  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
-    import sysconfig  # noqa: PLC0415
+    import ctypes
+    import subprocess
+    import sysconfig
 
-    import torch  # noqa: PLC0415
+    import torch
 
-    from clip_server.binary import stub_env_bin  # noqa: PLC0415
+    from clip_server.binary import stub_env_bin
 
     if device == "cuda" and not torch.cuda.is_available():
         raise KitRunError(f"--device cuda, but torch {torch.__version__} sees no CUDA device")
@@ -96,25 +98,33 @@ def check_machine(device: str) -> dict:
         except OSError:
             continue
     else:
-        raise KitRunError(f"the Triton python stub links {soname or 'libpython'}, which this Python "
-                          f"({sys.executable}) does not have as a shared library (LIBDIR {libdir})")
-    code = ("import json, numpy, clip_runtime; print(json.dumps({'numpy': numpy.__version__, 'numpy_at': "
-            "numpy.__file__, 'clip_runtime_at': clip_runtime.__file__}))")
+        raise KitRunError(
+            f"the Triton python stub links {soname or 'libpython'}, which this Python "
+            f"({sys.executable}) does not have as a shared library (LIBDIR {libdir})"
+        )
+    code = (
+        "import json, numpy, clip_runtime; print(json.dumps({'numpy': numpy.__version__, 'numpy_at': "
+        "numpy.__file__, 'clip_runtime_at': clip_runtime.__file__}))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([str(stub_env_bin() / "python3"), "-c", code], capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise KitRunError(f"the python stubs' environment ({stub_env_bin()}) cannot import numpy and clip_runtime: "
-                          f"{done.stderr.strip()[-500:]}")
+        raise KitRunError(
+            f"the python stubs' environment ({stub_env_bin()}) cannot import numpy and clip_runtime: "
+            f"{done.stderr.strip()[-500:]}"
+        )
     stub = json.loads(done.stdout.strip().splitlines()[-1])
     if int(stub["numpy"].split(".")[0]) >= 2:
-        raise KitRunError(f"the python stubs would import numpy {stub['numpy']} ({stub['numpy_at']}): Triton 24.10's "
-                          "stub misreads numpy 2 arrays (crashes on BYTES inputs, empty FP32 outputs); give them "
-                          "numpy < 2 (the GPU kit's stub-site)")
+        raise KitRunError(
+            f"the python stubs would import numpy {stub['numpy']} ({stub['numpy_at']}): Triton 24.10's "
+            "stub misreads numpy 2 arrays (crashes on BYTES inputs, empty FP32 outputs); give them "
+            "numpy < 2 (the GPU kit's stub-site)"
+        )
     return stub
 
 
 def _origin(module: str) -> str:
-    import importlib.util  # noqa: PLC0415
+    import importlib.util
 
     spec = importlib.util.find_spec(module)
     return str(Path(spec.origin).parent) if spec and spec.origin else "missing"
@@ -122,33 +132,45 @@ def _origin(module: str) -> str:
 
 def environment(device: str, monitor: GpuMonitor) -> dict:
     """Machine, versions, and where the server and each package came from (the kit's copies on the device)."""
-    import numpy  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import numpy
+    import torch
 
-    from clip_server.binary import tritonserver_binary  # noqa: PLC0415
+    from clip_server.binary import tritonserver_binary
 
     root = os.environ.get(KIT_ROOT_ENV)
-    env = {"python": platform.python_version(), "executable": sys.executable, "platform": platform.platform(),
-           "cpu_count": os.cpu_count(), "numpy": numpy.__version__, "torch": torch.__version__,
-           "torch_cuda": torch.version.cuda, "tritonserver": str(tritonserver_binary()), "kit_root": root,
-           "kit": json.loads((Path(root) / "kit.json").read_text(encoding="utf-8"))["versions"] if root else None,
-           "packages": {m: _origin(m) for m in ("clip_runtime", "clip_server", "clip_loadtest", "tritonclient",
-                                                "rapidjson")}}
+    env = {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "numpy": numpy.__version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "tritonserver": str(tritonserver_binary()),
+        "kit_root": root,
+        "kit": json.loads((Path(root) / "kit.json").read_text(encoding="utf-8"))["versions"] if root else None,
+        "packages": {
+            m: _origin(m) for m in ("clip_runtime", "clip_server", "clip_loadtest", "tritonclient", "rapidjson")
+        },
+    }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        env["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
-                      "memory_gib": round(props.total_memory / 2**30, 1),
-                      "multiprocessors": props.multi_processor_count,
-                      **{f"smi_{k}": v for k, v in monitor.info.items()}}
+        env["gpu"] = {
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "multiprocessors": props.multi_processor_count,
+            **{f"smi_{k}": v for k, v in monitor.info.items()},
+        }
     env["gpu_monitor"] = monitor.reason or "nvidia-smi, 200 ms samples"
     return env
 
 
 def prepare_weights(work: Path, size: str) -> tuple[Path, dict]:
     """A random-weight CLIP checkpoint of `size`, converted to Parquet (reused when already in `work`)."""
-    from clip_build.convert import convert  # noqa: PLC0415
-    from clip_build.synthetic import make_random_checkpoint  # noqa: PLC0415
-    from clip_build.weights import load_manifest  # noqa: PLC0415
+    from clip_build.convert import convert
+    from clip_build.synthetic import make_random_checkpoint
+    from clip_build.weights import load_manifest
 
     ckpt, weights = work / f"checkpoint-clip-{size}", work / f"weights-clip-{size}"
     if not (weights / "manifest.json").is_file():
@@ -160,28 +182,30 @@ def prepare_weights(work: Path, size: str) -> tuple[Path, dict]:
 
 def fp32_reference(weights: Path, manifest: dict, images: list[bytes], texts: list[str]) -> dict:
     """fp32 embeddings on the CPU of the probe images and texts, preprocessed exactly as the server does."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from clip_build.export import build_image_encoder, build_text_encoder  # noqa: PLC0415
-    from clip_runtime.image import ImagePreprocessor  # noqa: PLC0415
-    from clip_runtime.text import TextTokenizer  # noqa: PLC0415
+    from clip_build.export import build_image_encoder, build_text_encoder
+    from clip_runtime.image import ImagePreprocessor
+    from clip_runtime.text import TextTokenizer
 
     tok = manifest["tokenizer"]
-    tokenizer = TextTokenizer(weights / (tok.get("dir") or "tokenizer") / "tokenizer.json", int(tok["max_length"]),
-                              int(tok["pad_token_id"]))
+    tokenizer = TextTokenizer(
+        weights / (tok.get("dir") or "tokenizer") / "tokenizer.json", int(tok["max_length"]), int(tok["pad_token_id"])
+    )
     rows = tokenizer.encode_batch(texts)  # ids (N, L), lengths (N, 1), widths (N, 1) int64
     pixels = ImagePreprocessor(image_config_for(manifest))(images)  # (N, 3, S, S) float32
     with torch.inference_mode():
         image = build_image_encoder(weights, "fp32")(torch.from_numpy(pixels))  # (N, D)
-        text = build_text_encoder(weights, "fp32")(*(torch.from_numpy(getattr(rows, n))
-                                                      for n in ("ids", "lengths", "widths")))  # (N, D)
+        text = build_text_encoder(weights, "fp32")(
+            *(torch.from_numpy(getattr(rows, n)) for n in ("ids", "lengths", "widths"))
+        )  # (N, D)
     return {"image": image.numpy(), "text": text.numpy()}
 
 
 # ---- measurements -------------------------------------------------------------------------------------------------
 def _rate(model, inputs: tuple, batch: int, iters: int, device) -> float:
     """Items/s of `model(*inputs)` as the runner calls it (inference mode, profiling executor off)."""
-    import torch  # noqa: PLC0415
+    import torch
 
     def sync():
         if device.type == "cuda":
@@ -200,9 +224,9 @@ def _rate(model, inputs: tuple, batch: int, iters: int, device) -> float:
 
 def measure_towers(repo: Path, device: str, plan: Plan, vocab_size: int) -> dict:
     """Each TorchScript encoder of `repo` alone on `device`: images/s at tower_batch, texts/s per token length."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from clip_build.repository import read_info  # noqa: PLC0415
+    from clip_build.repository import read_info
 
     dev = torch.device(device)
     side = int(read_info(repo)["exports"]["image_encoder"]["inputs"][0]["shape"][-1])
@@ -243,8 +267,10 @@ def measure_fast(ctx: Context, repo: Path, dtype: str) -> dict:
         try:
             graphed = GraphedTower(scripted, (len(ctx.probe_images), plan.tower_batch))
             with torch.jit.optimized_execution(False), torch.inference_mode():  # as the runner calls it
-                out["graphs"] = {"image_per_s": _rate(graphed, (pixels,), plan.tower_batch, plan.tower_iters, dev),
-                                 "min_cosine": min_cosine(graphed(probe).cpu().numpy(), ctx.reference["image"])}
+                out["graphs"] = {
+                    "image_per_s": _rate(graphed, (pixels,), plan.tower_batch, plan.tower_iters, dev),
+                    "min_cosine": min_cosine(graphed(probe).cpu().numpy(), ctx.reference["image"]),
+                }
         except Exception as exc:  # noqa: BLE001 - recorded; the FP8 step still runs
             out["graphs"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     else:
@@ -267,20 +293,36 @@ def measure_fast(ctx: Context, repo: Path, dtype: str) -> dict:
 
 def _perf(server, kind: str, items: list, plan: Plan, workdir: Path) -> dict:
     """perf_analyzer on encode_image / encode_text: requests of per_request items at the run's concurrency."""
-    data = (perf.image_input_data(items, plan.per_request) if kind == "image"
-            else perf.text_input_data(items, plan.per_request))
+    data = (
+        perf.image_input_data(items, plan.per_request)
+        if kind == "image"
+        else perf.text_input_data(items, plan.per_request)
+    )
     model = EncodeImage.NAME if kind == "image" else EncodeText.NAME
     root = os.environ.get(KIT_ROOT_ENV)
     try:
-        rows = perf.run_perf_analyzer(model, server.grpc_url, data, protocol="grpc", concurrency=[plan.concurrency],
-                                      measurement_ms=plan.perf_window_ms, max_trials=3, workdir=workdir,
-                                      tools_dir=Path(root) / "tools" if root else None)
+        rows = perf.run_perf_analyzer(
+            model,
+            server.grpc_url,
+            data,
+            protocol="grpc",
+            concurrency=[plan.concurrency],
+            measurement_ms=plan.perf_window_ms,
+            max_trials=3,
+            workdir=workdir,
+            tools_dir=Path(root) / "tools" if root else None,
+        )
     except perf.PerfError as exc:
         return {"error": str(exc)[:500]}
     r = rows[-1]
-    return {"concurrency": r.concurrency, "items_per_request": plan.per_request,
-            "items_per_s": round(r.throughput * plan.per_request, 1), "requests_per_s": round(r.throughput, 2),
-            "p50_ms": round(r.p50_us / 1e3, 2), "p99_ms": round(r.p99_us / 1e3, 2)}
+    return {
+        "concurrency": r.concurrency,
+        "items_per_request": plan.per_request,
+        "items_per_s": round(r.throughput * plan.per_request, 1),
+        "requests_per_s": round(r.throughput, 2),
+        "p50_ms": round(r.p50_us / 1e3, 2),
+        "p99_ms": round(r.p99_us / 1e3, 2),
+    }
 
 
 @dataclass
@@ -307,16 +349,22 @@ class Context:
 
 def serve_dtype(ctx: Context, dtype: str) -> dict:
     """Build, time the towers, serve, check parity, measure end to end; the server is always stopped."""
-    from clip_build.repository import build_repository, read_info  # noqa: PLC0415
-    from clip_client import CLIPClient  # noqa: PLC0415
-    from clip_server import TritonServer  # noqa: PLC0415
+    from clip_build.repository import build_repository, read_info
+    from clip_client import CLIPClient
+    from clip_server import TritonServer
 
     args, plan, work = ctx.args, ctx.plan, Path(ctx.args.workdir)
     res: dict = {"errors": [], "skipped": []}
     repo = work / f"repo-{dtype}"
     t0 = time.perf_counter()
-    build_repository(ctx.weights, repo, instance_kind="gpu" if args.device == "cuda" else "cpu", dtype=dtype,
-                     instance_count=plan.instance_count, max_batch_size=plan.max_batch_size)
+    build_repository(
+        ctx.weights,
+        repo,
+        instance_kind="gpu" if args.device == "cuda" else "cpu",
+        dtype=dtype,
+        instance_count=plan.instance_count,
+        max_batch_size=plan.max_batch_size,
+    )
     res["build_s"] = round(time.perf_counter() - t0, 1)
     res["preprocess"] = read_info(repo)["preprocess"]  # the auto rule's instances and decode threads
     phase = f"{dtype} towers"
@@ -327,8 +375,12 @@ def serve_dtype(ctx: Context, dtype: str) -> dict:
         with ctx.monitor.phase(f"{dtype} fast towers"):
             res["fast"] = measure_fast(ctx, repo, dtype)
         log.info("%s fast towers: %s", dtype, res["fast"])
-    log.info("%s towers alone: %.0f images/s, texts/s %s", dtype, res["towers"]["image_per_s"],
-             {k: round(v) for k, v in res["towers"]["text_per_s"].items()})
+    log.info(
+        "%s towers alone: %.0f images/s, texts/s %s",
+        dtype,
+        res["towers"]["image_per_s"],
+        {k: round(v) for k, v in res["towers"]["text_per_s"].items()},
+    )
 
     server = TritonServer(repo, log_path=Path(args.out) / f"tritonserver-{dtype}.log", exit_timeout=3)
     t0 = time.perf_counter()
@@ -342,11 +394,16 @@ def serve_dtype(ctx: Context, dtype: str) -> dict:
 
         with client() as c:
             ctx.served[dtype] = c.encode_image(ctx.probe_images, normalize=False)  # (N, D)
-            res["parity"] = {"image": min_cosine(ctx.served[dtype], ctx.reference["image"]),
-                             "text": min_cosine(c.encode_text(ctx.probe_texts, normalize=False),
-                                                ctx.reference["text"])}
-        log.info("%s parity vs fp32 CPU: min cosine image %.6f, text %.6f", dtype, res["parity"]["image"],
-                 res["parity"]["text"])
+            res["parity"] = {
+                "image": min_cosine(ctx.served[dtype], ctx.reference["image"]),
+                "text": min_cosine(c.encode_text(ctx.probe_texts, normalize=False), ctx.reference["text"]),
+            }
+        log.info(
+            "%s parity vs fp32 CPU: min cosine image %.6f, text %.6f",
+            dtype,
+            res["parity"]["image"],
+            res["parity"]["text"],
+        )
         res["e2e"], res["latency"], res["perf_analyzer"] = {}, {}, {}
         for kind, items in (("image", ctx.images), ("text", ctx.texts)):
             res["e2e"][kind] = end_to_end(ctx, server, client, kind, items, dtype, res["errors"])
@@ -378,9 +435,20 @@ def end_to_end(ctx: Context, server, client, kind: str, items: list, label: str,
     before, phase = model_stats(server.http_url), f"{label} e2e {kind}"
     with ctx.monitor.phase(phase):
         r = closed_loop(client, kind, items, plan.concurrency, plan.duration_s, plan.per_request)
-    out = {**r.summary(), "gpu": ctx.monitor.summary(phase), "models": stats_delta(before, model_stats(server.http_url))}
-    log.info("%s end to end %s: %.0f items/s, p50 %.1f ms, p99 %.1f ms, GPU %s", label, kind, r.items_per_s,
-             r.pct(50), r.pct(99), out["gpu"])
+    out = {
+        **r.summary(),
+        "gpu": ctx.monitor.summary(phase),
+        "models": stats_delta(before, model_stats(server.http_url)),
+    }
+    log.info(
+        "%s end to end %s: %.0f items/s, p50 %.1f ms, p99 %.1f ms, GPU %s",
+        label,
+        kind,
+        r.items_per_s,
+        r.pct(50),
+        r.pct(99),
+        out["gpu"],
+    )
     if r.errors:
         errors.append(f"{r.errors} failed {kind} requests end to end")
     return out
@@ -389,8 +457,12 @@ def end_to_end(ctx: Context, server, client, kind: str, items: list, label: str,
 def decode_check(timeout: float) -> dict:
     """clip_loadtest.gpukit.decode_check in a subprocess (a crash in nvJPEG cannot take the run down): its JSON."""
     try:
-        done = subprocess.run([sys.executable, "-m", "clip_loadtest.gpukit.decode_check", "--device", "cuda"],
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "-m", "clip_loadtest.gpukit.decode_check", "--device", "cuda"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"decode_check did not finish in {timeout:.0f} s"}
     try:
@@ -402,9 +474,9 @@ def decode_check(timeout: float) -> dict:
 def serve_gpu_decode(ctx: Context, res: dict) -> None:
     """--image-decode gpu, filling `res` step by step: pixels vs the exact path (decode_check), then build, serve,
     embeddings vs the exact path's and the fp32 reference, end-to-end images/s; the server is always stopped."""
-    from clip_build.repository import build_repository, read_info, server_args  # noqa: PLC0415
-    from clip_client import CLIPClient  # noqa: PLC0415
-    from clip_server import TritonServer  # noqa: PLC0415
+    from clip_build.repository import build_repository, read_info, server_args
+    from clip_client import CLIPClient
+    from clip_server import TritonServer
 
     args, plan, work, dtype = ctx.args, ctx.plan, Path(ctx.args.workdir), res["dtype"]
     res["decode_check"] = decode_check(min(DECODE_CHECK_TIMEOUT_S, ctx.budget_end - time.monotonic()))
@@ -412,17 +484,30 @@ def serve_gpu_decode(ctx: Context, res: dict) -> None:
         res["errors"].append(f"decode_check: {res['decode_check']['error']}")
     elif not res["decode_check"].get("ok"):
         res["errors"].append("decode_check: a fallback item or an error message differs from the exact path")
-    log.info("GPU decode vs the exact path: %s", {k: v for k, v in res["decode_check"].items()
-                                                   if k in ("max_diff_levels", "mean_diff_levels", "routed", "ok")})
+    log.info(
+        "GPU decode vs the exact path: %s",
+        {k: v for k, v in res["decode_check"].items() if k in ("max_diff_levels", "mean_diff_levels", "routed", "ok")},
+    )
     repo = work / f"repo-{dtype}-gpu-decode"
     t0 = time.perf_counter()
-    build_repository(ctx.weights, repo, instance_kind="gpu", dtype=dtype, instance_count=plan.instance_count,
-                     max_batch_size=plan.max_batch_size, image_decode="gpu")
+    build_repository(
+        ctx.weights,
+        repo,
+        instance_kind="gpu",
+        dtype=dtype,
+        instance_count=plan.instance_count,
+        max_batch_size=plan.max_batch_size,
+        image_decode="gpu",
+    )
     res["build_s"] = round(time.perf_counter() - t0, 1)
     res["preprocess"] = read_info(repo)["preprocess"]
     res["server_args"] = server_args(repo)
-    server = TritonServer(repo, log_path=Path(args.out) / f"tritonserver-{dtype}-gpu-decode.log", exit_timeout=3,
-                          extra_args=res["server_args"])
+    server = TritonServer(
+        repo,
+        log_path=Path(args.out) / f"tritonserver-{dtype}-gpu-decode.log",
+        exit_timeout=3,
+        extra_args=res["server_args"],
+    )
     t0 = time.perf_counter()
     server.start()
     try:
@@ -437,10 +522,15 @@ def serve_gpu_decode(ctx: Context, res: dict) -> None:
         res["parity"] = {"image": min_cosine(embeds, ctx.reference["image"])}
         if dtype in ctx.served:
             res["vs_exact_path"] = {"image": min_cosine(embeds, ctx.served[dtype])}
-        log.info("%s GPU decode: min cosine vs fp32 CPU %.6f, vs the exact path %s", dtype, res["parity"]["image"],
-                 res.get("vs_exact_path"))
-        res["e2e"] = {"image": end_to_end(ctx, server, client, "image", ctx.images, f"{dtype} gpu-decode",
-                                          res["errors"])}
+        log.info(
+            "%s GPU decode: min cosine vs fp32 CPU %.6f, vs the exact path %s",
+            dtype,
+            res["parity"]["image"],
+            res.get("vs_exact_path"),
+        )
+        res["e2e"] = {
+            "image": end_to_end(ctx, server, client, "image", ctx.images, f"{dtype} gpu-decode", res["errors"])
+        }
         if ctx.late():
             res["skipped"].append("perf_analyzer (image): time budget")
         elif not args.no_perf_analyzer:
@@ -456,11 +546,19 @@ def evaluate(results: dict, device: str) -> list[Check]:
     for dtype, res in results["dtypes"].items():
         for kind in ("image", "text"):
             cos = (res.get("parity") or {}).get(kind)
-            checks.append(Check(f"{dtype} {kind} embeddings vs fp32 CPU (min cosine)", cos, f">= {PARITY_MIN}",
-                                None if cos is None else cos >= PARITY_MIN))
+            checks.append(
+                Check(
+                    f"{dtype} {kind} embeddings vs fp32 CPU (min cosine)",
+                    cos,
+                    f">= {PARITY_MIN}",
+                    None if cos is None else cos >= PARITY_MIN,
+                )
+            )
     bf16 = results["dtypes"].get("bf16") or {}
-    values = [(bf16.get("towers") or {}).get("image_per_s"),
-              ((bf16.get("e2e") or {}).get("image") or {}).get("items_per_s")]
+    values = [
+        (bf16.get("towers") or {}).get("image_per_s"),
+        ((bf16.get("e2e") or {}).get("image") or {}).get("items_per_s"),
+    ]
     for (name, target), value in zip(TARGETS.items(), values):
         ok = None if device != "cuda" or value is None else value >= target
         checks.append(Check(name, value, f">= {target:,}", ok, "GPU target" if device == "cuda" else "GPU target; n/a"))
@@ -469,53 +567,102 @@ def evaluate(results: dict, device: str) -> list[Check]:
         value = (fast.get(key) or {}).get("image_per_s")
         why = (fast.get(key) or {}).get("error") or (fast.get(key) or {}).get("skipped") or ""
         ok = None if device != "cuda" or value is None else value >= target
-        checks.append(Check(name, value if device == "cuda" else None, f">= {target:,}", ok,
-                            f"GPU target{'; n/a' if device != 'cuda' else ''}{'; ' + why if why else ''}"))
+        checks.append(
+            Check(
+                name,
+                value if device == "cuda" else None,
+                f">= {target:,}",
+                ok,
+                f"GPU target{'; n/a' if device != 'cuda' else ''}{'; ' + why if why else ''}",
+            )
+        )
     fp8 = fast.get("fp8") or {}
     if "min_cosine" in fp8:  # the gate: the FP8 tower only counts when it keeps the embeddings and the zero-shot top-1
-        checks.append(Check("FP8 image tower vs fp32 CPU (min cosine; zero-shot top-1 agreement)", fp8["min_cosine"],
-                            ">= 0.999; >= 99%", bool(fp8["passed"]),
-                            f"top-1 agreement {fp8['top1_agreement'] or 0:.0%} over the {fp8['decided']} of "
-                            f"{fp8['images']} images decided at the gate's tolerance ({fp8['ties']} ties), "
-                            f"{fp8['labels']} labels{' (emulated on the CPU)' if fp8.get('emulated') else ''}"))
+        checks.append(
+            Check(
+                "FP8 image tower vs fp32 CPU (min cosine; zero-shot top-1 agreement)",
+                fp8["min_cosine"],
+                ">= 0.999; >= 99%",
+                bool(fp8["passed"]),
+                f"top-1 agreement {fp8['top1_agreement'] or 0:.0%} over the {fp8['decided']} of "
+                f"{fp8['images']} images decided at the gate's tolerance ({fp8['ties']} ties), "
+                f"{fp8['labels']} labels{' (emulated on the CPU)' if fp8.get('emulated') else ''}",
+            )
+        )
     gpu = results.get("gpu_decode") or {}
     if gpu.get("dtype"):
         d = gpu["dtype"]
         for versus, key in (("fp32 CPU", "parity"), ("the exact build", "vs_exact_path")):
             cos = (gpu.get(key) or {}).get("image")
-            checks.append(Check(f"{d} GPU-decode image embeddings vs {versus} (min cosine)", cos, f">= {PARITY_MIN}",
-                                None if cos is None else cos >= PARITY_MIN))
+            checks.append(
+                Check(
+                    f"{d} GPU-decode image embeddings vs {versus} (min cosine)",
+                    cos,
+                    f">= {PARITY_MIN}",
+                    None if cos is None else cos >= PARITY_MIN,
+                )
+            )
         rate = ((gpu.get("e2e") or {}).get("image") or {}).get("items_per_s")
-        checks.append(Check(f"end-to-end images/s through Triton, --image-decode gpu ({d})", rate, f">= {E2E_TARGET:,}",
-                            None if rate is None else rate >= E2E_TARGET, "GPU target"))
+        checks.append(
+            Check(
+                f"end-to-end images/s through Triton, --image-decode gpu ({d})",
+                rate,
+                f">= {E2E_TARGET:,}",
+                None if rate is None else rate >= E2E_TARGET,
+                "GPU target",
+            )
+        )
         levels = (gpu.get("decode_check") or {}).get("max_diff_levels")
-        checks.append(Check("GPU-decode pixels vs the exact path (max, 1/255 levels)", levels, "report", None,
-                            f"mean {(gpu.get('decode_check') or {}).get('mean_diff_levels')}"))
+        checks.append(
+            Check(
+                "GPU-decode pixels vs the exact path (max, 1/255 levels)",
+                levels,
+                "report",
+                None,
+                f"mean {(gpu.get('decode_check') or {}).get('mean_diff_levels')}",
+            )
+        )
     return checks
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="run_kit.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=tuple(PLANS), default="cuda", help="cuda: ViT-B/32 size, KIND_GPU; "
-                        "cpu: tiny model, KIND_CPU")
+    parser = argparse.ArgumentParser(
+        prog="run_kit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device",
+        choices=tuple(PLANS),
+        default="cuda",
+        help="cuda: ViT-B/32 size, KIND_GPU; cpu: tiny model, KIND_CPU",
+    )
     parser.add_argument("--dtypes", default="bf16", help="comma-separated encoder dtypes, run in this order")
     parser.add_argument("--out", default="gpukit-results", help="gpukit.json, gpukit.md, server logs")
-    parser.add_argument("--workdir", default=None, help="checkpoints, weights, repositories (default: a folder "
-                        "under the system temp dir)")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="seconds the run aims at: a dtype starts only "
-                        "if the previous one's time is left; latency and perf_analyzer are skipped after 80%%")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="checkpoints, weights, repositories (default: a folder under the system temp dir)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="seconds the run aims at: a dtype starts only "
+        "if the previous one's time is left; latency and perf_analyzer are skipped after 80%%",
+    )
     parser.add_argument("--no-perf-analyzer", action="store_true")
-    parser.add_argument("--no-gpu-decode", action="store_true", help="skip the --image-decode gpu build (it runs on "
-                        "--device cuda only, for the first dtype, after the others)")
+    parser.add_argument(
+        "--no-gpu-decode",
+        action="store_true",
+        help="skip the --image-decode gpu build (it runs on --device cuda only, for the first dtype, after the others)",
+    )
     args = parser.parse_args(argv)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [d for d in args.dtypes if d not in ("fp32", "fp16", "bf16")]
     if bad or not args.dtypes:
         parser.error(f"--dtypes: give some of fp32, fp16, bf16 (got {args.dtypes})")
     if args.workdir is None:
-        import tempfile  # noqa: PLC0415
+        import tempfile
 
         args.workdir = str(Path(tempfile.gettempdir()) / f"clip-gpukit-work-{args.device}")
     return args
@@ -543,7 +690,7 @@ def run_gpu_decode(ctx: Context, results: dict) -> None:
         return
     try:
         serve_gpu_decode(ctx, res)
-    except Exception as exc:  # noqa: BLE001 - recorded; what was measured before stays
+    except Exception as exc:  # recorded; what was measured before stays
         log.exception("the --image-decode gpu run failed")
         res["errors"].append(f"{type(exc).__name__}: {exc}"[:2000])
 
@@ -556,21 +703,43 @@ def main(argv: list[str] | None = None) -> int:
     out, work = Path(args.out), Path(args.workdir)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"command": " ".join(["run_kit.py", *(argv if argv is not None else sys.argv[1:])]),
-                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": args.device,
-                     "plan": plan.__dict__, "dtypes": {}, "skipped": [], "errors": []}
+    results: dict = {
+        "command": " ".join(["run_kit.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": args.device,
+        "plan": plan.__dict__,
+        "dtypes": {},
+        "skipped": [],
+        "errors": [],
+    }
     monitor = GpuMonitor.start() if args.device == "cuda" else GpuMonitor("--device cpu: no GPU")
     try:
         stub = check_machine(args.device)
         results["environment"] = {**environment(args.device, monitor), "stub_python": stub}
         weights, manifest = prepare_weights(work, plan.size)
-        results["weights"] = {"model_id": manifest["model_id"], "size": plan.size, "family": manifest["family"],
-                              "projection_dim": manifest["projection_dim"], "random_init": True}
+        results["weights"] = {
+            "model_id": manifest["model_id"],
+            "size": plan.size,
+            "family": manifest["family"],
+            "projection_dim": manifest["projection_dim"],
+            "random_init": True,
+        }
         probe_images, probe_texts = jpeg_images(8, sizes="224x224,640x480,480x640,1024x768", seed=2), short_prompts(8)
-        ctx = Context(args, plan, weights, manifest, jpeg_images(plan.n_images, sizes=plan.image_sizes, seed=1),
-                      short_prompts(256), probe_images, probe_texts,
-                      fp32_reference(weights, manifest, probe_images, probe_texts), monitor,
-                      started + 0.8 * args.budget_s, started + args.budget_s, {})
+        ctx = Context(
+            args,
+            plan,
+            weights,
+            manifest,
+            jpeg_images(plan.n_images, sizes=plan.image_sizes, seed=1),
+            short_prompts(256),
+            probe_images,
+            probe_texts,
+            fp32_reference(weights, manifest, probe_images, probe_texts),
+            monitor,
+            started + 0.8 * args.budget_s,
+            started + args.budget_s,
+            {},
+        )
         results["prepare_s"] = round(time.monotonic() - started, 1)
         last_s = 0.0  # how long the previous dtype took: the next one starts only if as much time is left
         for dtype in args.dtypes:
@@ -580,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 results["dtypes"][dtype] = serve_dtype(ctx, dtype)
-            except Exception as exc:  # noqa: BLE001 - recorded; the next dtype still runs
+            except Exception as exc:  # recorded; the next dtype still runs
                 log.exception("%s run failed", dtype)
                 results["dtypes"][dtype] = {"errors": [f"{type(exc).__name__}: {exc}"[:2000]]}
             last_s = time.monotonic() - t0
@@ -588,21 +757,27 @@ def main(argv: list[str] | None = None) -> int:
         run_gpu_decode(ctx, results)
     except KitRunError as exc:
         results["errors"].append(str(exc))
-    except Exception as exc:  # noqa: BLE001 - the report is still written
+    except Exception as exc:  # the report is still written
         log.exception("the run failed")
         results["errors"].append(f"{type(exc).__name__}: {exc}"[:2000])
     finally:
         monitor.stop()
     checks = write_report(results, out, args.device, started)
     gpu_decode = results.get("gpu_decode") or {}
-    errors = (results["errors"] + [e for r in results["dtypes"].values() for e in r.get("errors", [])]
-              + [f"--image-decode gpu: {e}" for e in gpu_decode.get("errors", [])])
+    errors = (
+        results["errors"]
+        + [e for r in results["dtypes"].values() for e in r.get("errors", [])]
+        + [f"--image-decode gpu: {e}" for e in gpu_decode.get("errors", [])]
+    )
     # every dtype's parity must pass; the GPU-decode build's must not fail (it may not have been reached)
-    parity_ok = bool(results["dtypes"]) and all(c.ok or (c.ok is None and "GPU-decode" in c.name)
-                                                for c in checks if "cosine" in c.name)
-    print(f"{out / 'gpukit.md'}: {len(results['dtypes'])} dtype(s) and "
-          f"{'the GPU-decode build' if gpu_decode.get('e2e') else 'no GPU-decode measurement'} in "
-          f"{results['elapsed_s']:.0f} s, parity {'ok' if parity_ok else 'FAILED'}, {len(errors)} error(s)")
+    parity_ok = bool(results["dtypes"]) and all(
+        c.ok or (c.ok is None and "GPU-decode" in c.name) for c in checks if "cosine" in c.name
+    )
+    print(
+        f"{out / 'gpukit.md'}: {len(results['dtypes'])} dtype(s) and "
+        f"{'the GPU-decode build' if gpu_decode.get('e2e') else 'no GPU-decode measurement'} in "
+        f"{results['elapsed_s']:.0f} s, parity {'ok' if parity_ok else 'FAILED'}, {len(errors)} error(s)"
+    )
     for e in errors:
         print(f"error: {e}")
     return 0 if parity_ok and not errors else 1

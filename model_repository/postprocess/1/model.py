@@ -43,13 +43,17 @@ class TritonPythonModel:
         k_tensor = pb_utils.get_input_tensor_by_name(request, M.TOP_K)
         for what, n in (("text", len(text)), ("image", len(image))):
             if n > self.max_items:
-                raise InvalidInputError(f"{n} {what} embeddings in one request, more than the limit of {self.max_items}")
+                raise InvalidInputError(
+                    f"{n} {what} embeddings in one request, more than the limit of {self.max_items}"
+                )
         k = int(k_tensor.as_numpy().reshape(-1)[0]) if k_tensor is not None else self.default_k
         if k < 1:
             raise InvalidInputError(f"top_k must be >= 1, got {k}")
         if text.shape[-1] != image.shape[-1]:
             raise InvalidInputError(f"embedding sizes differ: text {text.shape}, image {image.shape}")
         result = zero_shot(text, image, self.logit_scale, k, logit_bias=self.logit_bias, scoring=self.scoring)
-        tensors = [pb_utils.Tensor(M.TEXT_EMBEDS_OUT, np.ascontiguousarray(text, dtype=np.float32)),
-                   pb_utils.Tensor(M.IMAGE_EMBEDS_OUT, np.ascontiguousarray(image, dtype=np.float32))]
+        tensors = [
+            pb_utils.Tensor(M.TEXT_EMBEDS_OUT, np.ascontiguousarray(text, dtype=np.float32)),
+            pb_utils.Tensor(M.IMAGE_EMBEDS_OUT, np.ascontiguousarray(image, dtype=np.float32)),
+        ]
         return tensors + [pb_utils.Tensor(name, np.ascontiguousarray(result[key])) for name, key in OUTPUTS.items()]

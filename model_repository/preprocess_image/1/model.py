@@ -12,9 +12,27 @@ from clip_runtime.batching import execute_batched, request_items
 from clip_runtime.image import ImageConfig, ImagePreprocessor
 from clip_runtime.params import read_parameters
 
-PARAMS = ("image_size", "resize_mode", "crop_size", "do_center_crop", "crop_rounding", "pad_fill", "resample",
-          "rescale_factor", "image_mean", "image_std", "max_image_bytes", "max_pixels", "max_aspect_ratio",
-          "allowed_formats", "jpeg_draft_gap", "decode_threads", "image_decode", "max_items_per_request", "model_id")
+PARAMS = (
+    "image_size",
+    "resize_mode",
+    "crop_size",
+    "do_center_crop",
+    "crop_rounding",
+    "pad_fill",
+    "resample",
+    "rescale_factor",
+    "image_mean",
+    "image_std",
+    "max_image_bytes",
+    "max_pixels",
+    "max_aspect_ratio",
+    "allowed_formats",
+    "jpeg_draft_gap",
+    "decode_threads",
+    "image_decode",
+    "max_items_per_request",
+    "model_id",
+)
 
 
 class TritonPythonModel:
@@ -36,17 +54,27 @@ class TritonPythonModel:
 
         if self.gpu is not None:
             return execute_batched(
-                pb_utils, requests, read=read,
+                pb_utils,
+                requests,
+                read=read,
                 prepare=lambda items: self.gpu.prepare(items, self.pool),  # uint8 (3, S, S) on the GPU, or the error
                 compute=lambda good: {M.PIXEL_VALUES: self.gpu.finish(good)},  # (M, 3, S, S) on the GPU
-                tensor=pb_utils.Tensor.from_dlpack, label="image", logger=self.logger,
-                per_request=lambda items: self.model_id)
+                tensor=pb_utils.Tensor.from_dlpack,
+                label="image",
+                logger=self.logger,
+                per_request=lambda items: self.model_id,
+            )
         return execute_batched(
-            pb_utils, requests, read=read,
+            pb_utils,
+            requests,
+            read=read,
             # float32 (3, S, S) normalised, or the error: decoding and lookups run in the pool (they release the GIL)
             prepare=lambda items: self.pre.load_many(items, self.pool, catch=Exception, normalised=True),
             compute=lambda good: {M.PIXEL_VALUES: np.stack(good)},  # (M, 3, S, S)
-            label="image", logger=self.logger, per_request=lambda items: self.model_id)
+            label="image",
+            logger=self.logger,
+            per_request=lambda items: self.model_id,
+        )
 
     def finalize(self):
         if self.pool is not None:
@@ -58,12 +86,14 @@ def _gpu_path(pre, args):
     try:
         from clip_runtime.gpu_image import GpuImagePreprocessor
 
-        gpu = GpuImagePreprocessor.for_instance(pre, args.get("model_instance_kind", "CPU"),
-                                                int(args.get("model_instance_device_id", 0) or 0))
+        gpu = GpuImagePreprocessor.for_instance(
+            pre, args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0) or 0)
+        )
     except (ImportError, RuntimeError) as exc:  # no torch/torchvision, no CUDA device, no nvJPEG
         raise pb_utils.TritonModelException(
             f"{args['model_name']}: image_decode=gpu cannot run here: {type(exc).__name__}: {exc}. It needs torch with "
             "CUDA and torchvision (nvJPEG) in the Python backend's environment and a GPU; or build the repository "
-            "with --image-decode cpu") from None
+            "with --image-decode cpu"
+        ) from None
     pb_utils.Logger.log_info(f"{args['model_name']}: decoding JPEGs with nvJPEG on {gpu.device}")
     return gpu

@@ -13,8 +13,16 @@ from clip_runtime.batching import execute_batched, request_items
 from clip_runtime.params import read_parameters
 from clip_runtime.text import decode_texts, load_tokenizer
 
-PARAMS = ("tokenizer_file", "tokenizer_kind", "tokenizer_settings", "max_length", "pad_token_id", "max_text_bytes",
-          "max_items_per_request", "model_id")
+PARAMS = (
+    "tokenizer_file",
+    "tokenizer_kind",
+    "tokenizer_settings",
+    "max_length",
+    "pad_token_id",
+    "max_text_bytes",
+    "max_items_per_request",
+    "model_id",
+)
 
 
 class TritonPythonModel:
@@ -28,19 +36,24 @@ class TritonPythonModel:
         if p["tokenizer_settings"]:
             with open(os.path.join(here, p["tokenizer_settings"]), encoding="utf-8") as f:
                 settings = json.load(f)
-        self.tokenizer = load_tokenizer(p["tokenizer_kind"], os.path.join(here, p["tokenizer_file"]), p["max_length"],
-                                        p["pad_token_id"], settings)
+        self.tokenizer = load_tokenizer(
+            p["tokenizer_kind"], os.path.join(here, p["tokenizer_file"]), p["max_length"], p["pad_token_id"], settings
+        )
         self.max_bytes = p["max_text_bytes"]
         self.max_items = p["max_items_per_request"]
         self.model_id = {M.MODEL_ID: np.array([p["model_id"].encode("utf-8")], dtype=np.object_)}  # (1,)
 
     def execute(self, requests):
         return execute_batched(
-            pb_utils, requests,
+            pb_utils,
+            requests,
             read=lambda request: request_items(pb_utils, request, M.TEXT, "text", self.max_items),
             prepare=lambda items: decode_texts(items, self.max_bytes),  # str, or the InvalidInputError per item
             compute=self._tokenize,
-            label="text", logger=self.logger, per_request=lambda items: self.model_id)
+            label="text",
+            logger=self.logger,
+            per_request=lambda items: self.model_id,
+        )
 
     def _tokenize(self, texts):
         rows, counts = self.tokenizer.encode_counted(texts)  # one call for the whole execute: (M, L), (M, 1), (M,)
