@@ -287,6 +287,10 @@ def _check_manifest(root: Path, manifest: dict) -> None:
         )
 
 
+# Tries to map a consistent snapshot while a writer merges segments (each try reads the manifest anew).
+OPEN_ATTEMPTS = 5
+
+
 class LocalGallery(Gallery):
     """A gallery in a local folder (see the module docstring). Use Gallery.create / Gallery.open."""
 
@@ -358,7 +362,18 @@ class LocalGallery(Gallery):
         if not cls.exists(uri):
             hint = " (a single-file gallery of an older clip-triton: re-index the images)" if root.is_file() else ""
             raise InvalidInputError(f"{str(root)!r} is not a clip-triton gallery{hint}")
-        return cls(root, _read_manifest(root))
+        manifest = _read_manifest(root)
+        for _ in range(OPEN_ATTEMPTS - 1):
+            try:
+                return cls(root, manifest)
+            except GalleryError:
+                # a writer may have merged segments between our manifest read and the mapping (it deletes the old
+                # files after saving the new manifest): a changed manifest means try again; the same one is damage
+                latest = _read_manifest(root)
+                if latest == manifest:
+                    raise
+                manifest = latest
+        return cls(root, manifest)
 
     def close(self) -> None:
         """Release the write lock, the index and the mapped files."""
