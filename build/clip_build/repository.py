@@ -384,16 +384,7 @@ def generate_configs(
         + batching
         + _instances("KIND_CPU", plan.text_instances)
         + params(
-            [
-                "tokenizer_file",
-                "tokenizer_kind",
-                "tokenizer_settings",
-                "max_length",
-                "pad_token_id",
-                "max_text_bytes",
-                "max_items_per_request",
-                "model_id",
-            ],
+            list(P.PREPROCESS_TEXT),
             {**tokenizer_parameters(tok), "model_id": str(manifest["model_id"])},
         )
     )
@@ -402,27 +393,7 @@ def generate_configs(
         + batching
         + _instances("KIND_GPU" if gpu_decode else "KIND_CPU", plan.image_instances)
         + params(
-            [
-                "image_size",
-                "resize_mode",
-                "crop_size",
-                "do_center_crop",
-                "crop_rounding",
-                "pad_fill",
-                "resample",
-                "rescale_factor",
-                "image_mean",
-                "image_std",
-                "max_image_bytes",
-                "max_pixels",
-                "max_aspect_ratio",
-                "allowed_formats",
-                "jpeg_draft_gap",
-                "decode_threads",
-                "image_decode",
-                "max_items_per_request",
-                "model_id",
-            ],
+            list(P.PREPROCESS_IMAGE),
             {
                 **img,
                 "decode_threads": plan.decode_threads,

@@ -162,3 +162,37 @@ def read_parameters(model_config: dict | str, names: list[str] | tuple[str, ...]
         except (ValueError, KeyError) as exc:
             raise ParameterError(f"parameter {name}={text!r} is not a valid {spec.kind}") from exc
     return out
+
+
+# The parameters each Python model reads: the build writes exactly these into its config.pbtxt.
+PREPROCESS_TEXT = (
+    "tokenizer_file",
+    "tokenizer_kind",
+    "tokenizer_settings",
+    "max_length",
+    "pad_token_id",
+    "max_text_bytes",
+    "max_items_per_request",
+    "model_id",
+)
+PREPROCESS_IMAGE = (
+    "image_size",
+    "resize_mode",
+    "crop_size",
+    "do_center_crop",
+    "crop_rounding",
+    "pad_fill",
+    "resample",
+    "rescale_factor",
+    "image_mean",
+    "image_std",
+    "max_image_bytes",
+    "max_pixels",
+    "max_aspect_ratio",
+    "allowed_formats",
+    "jpeg_draft_gap",
+    "decode_threads",
+    "image_decode",
+    "max_items_per_request",
+    "model_id",
+)

@@ -8,31 +8,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from clip_common.contract import PreprocessImage as M
+from clip_runtime import params as P
 from clip_runtime.batching import execute_batched, request_items
 from clip_runtime.image import ImageConfig, ImagePreprocessor
 from clip_runtime.params import read_parameters
 
-PARAMS = (
-    "image_size",
-    "resize_mode",
-    "crop_size",
-    "do_center_crop",
-    "crop_rounding",
-    "pad_fill",
-    "resample",
-    "rescale_factor",
-    "image_mean",
-    "image_std",
-    "max_image_bytes",
-    "max_pixels",
-    "max_aspect_ratio",
-    "allowed_formats",
-    "jpeg_draft_gap",
-    "decode_threads",
-    "image_decode",
-    "max_items_per_request",
-    "model_id",
-)
+PARAMS = P.PREPROCESS_IMAGE
 
 
 class TritonPythonModel:

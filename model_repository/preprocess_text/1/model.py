@@ -9,20 +9,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from clip_common.contract import PreprocessText as M
+from clip_runtime import params as P
 from clip_runtime.batching import execute_batched, request_items
 from clip_runtime.params import read_parameters
 from clip_runtime.text import decode_texts, load_tokenizer
 
-PARAMS = (
-    "tokenizer_file",
-    "tokenizer_kind",
-    "tokenizer_settings",
-    "max_length",
-    "pad_token_id",
-    "max_text_bytes",
-    "max_items_per_request",
-    "model_id",
-)
+PARAMS = P.PREPROCESS_TEXT
 
 
 class TritonPythonModel:
