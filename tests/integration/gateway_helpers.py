@@ -9,6 +9,7 @@ import sys
 import threading
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tests.integration.triton_helpers import read_until_ready
 
@@ -124,3 +125,30 @@ def start_gateway(upstreams: list[str], *options: str) -> GatewayProcess:
         raise RuntimeError("gateway did not start:\n" + "".join(gateway.output) + (proc.stdout.read() or ""))
     threading.Thread(target=lambda: gateway.output.extend(proc.stdout), daemon=True).start()  # never let the pipe fill
     return gateway
+
+
+def self_signed_certificate(cert: Path, key: Path, san: str) -> tuple[Path, Path]:
+    """A one-day self-signed certificate for CN=localhost with subjectAltName `san` (openssl CLI); it is its own CA."""
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            f"subjectAltName={san}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -19,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from clip_client import CLIPClient
 from clip_common.contract import EncodeText
-from tests.integration.gateway_helpers import start_gateway
+from tests.integration.gateway_helpers import self_signed_certificate, start_gateway
 from tests.integration.openai_helpers import cosine, start_front_end
 
 KEY = "gw-key-0123456789abcdef0123"
@@ -32,28 +31,7 @@ def certificate(tmp_path_factory) -> tuple[Path, Path]:
     """A self-signed certificate for localhost / 127.0.0.1 (openssl CLI)."""
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    self_signed_certificate(cert, key, "DNS:localhost,IP:127.0.0.1")
     return cert, key
 
 

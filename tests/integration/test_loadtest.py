@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.gateway_helpers import start_gateway
+from tests.integration.gateway_helpers import self_signed_certificate, start_gateway
 
 LOCUSTFILE = Path(__file__).resolve().parents[2] / "loadtest" / "locustfile.py"
 ENSEMBLES = ("encode_text", "encode_image", "zero_shot")
@@ -109,28 +109,7 @@ def secure_gateway(triton_server, tmp_path_factory):
     ca.crt and the key file in the chart's Secret layouts (the certificate is its own CA)."""
     folder = tmp_path_factory.mktemp("secure-gateway")
     cert, key = folder / "ca.crt", folder / "tls.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    self_signed_certificate(cert, key, "DNS:localhost")
     (folder / "api-keys").write_text(f"# comment lines and extra keys as in the chart's Secret\n{KEY}\nsecond-key\n")
     server = triton_server.server
     gw = start_gateway(
