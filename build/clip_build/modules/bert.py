@@ -64,6 +64,15 @@ class BertEncoder(nn.Module):
         x = self.word_embedding(input_ids) + self.token_type_embedding.weight[0] + self.position_embedding(pos)
         x = self.embed_ln(x)  # (B, T, C)
         mask = additive_mask((attention_mask != 0).view(B, 1, 1, T), x.dtype)  # (B, 1, 1, T)
+        if self.pooling == "cls" and len(self.layers) > 0:
+            n = len(self.layers)
+            first = torch.zeros(B, dtype=torch.int64, device=x.device)  # (B,) [CLS]
+            for i, layer in enumerate(self.layers):
+                if i < n - 1:
+                    x = layer(x, mask)  # (B, T, C)
+                else:  # the last layer at [CLS] only: its other rows are never read
+                    x = layer.forward_row(x, mask, first)  # (B, 1, C)
+            return x[:, 0]  # (B, C)
         for layer in self.layers:
             x = layer(x, mask)
         if self.pooling == "cls":

@@ -77,15 +77,21 @@ class ClipTextTransformer(nn.Module):
             causal = causal.tril()
         keep = causal.view(1, 1, T, T) & (attention_mask != 0).view(B, 1, 1, T)  # (B, 1, T, T)
         mask = additive_mask(keep, x.dtype)  # (B, 1, T, T)
-        for layer in self.layers:
-            x = layer(x, mask)
-        x = self.final_ln(x)  # (B, T, C)
+        items = torch.arange(B, device=x.device)  # (B,)
         if self.pool == "last":  # the row's last position (rows padded to the context length: SigLIP)
-            return x[:, -1]  # (B, C)
-        if self.pool == "first":
-            return x[:, 0]  # (B, C)
-        if self.pool == "argmax":  # legacy configs / OpenAI BPE: the EOT token has the largest id
-            eot = input_ids.to(torch.int32).argmax(dim=-1)  # (B,)
+            row = torch.full((B,), T - 1, dtype=torch.int64, device=x.device)
+        elif self.pool == "first":
+            row = torch.zeros(B, dtype=torch.int64, device=x.device)
+        elif self.pool == "argmax":  # legacy configs / OpenAI BPE: the EOT token has the largest id
+            row = input_ids.to(torch.int32).argmax(dim=-1).to(torch.int64)  # (B,)
         else:  # first occurrence of eos_token_id
-            eot = (input_ids == self.eos_token_id).to(torch.int32).argmax(dim=-1)  # (B,)
-        return x[torch.arange(B, device=x.device), eot]  # (B, C)
+            row = (input_ids == self.eos_token_id).to(torch.int32).argmax(dim=-1).to(torch.int64)  # (B,)
+        n = len(self.layers)
+        if n == 0:
+            return self.final_ln(x[items, row])  # (B, C)
+        for i, layer in enumerate(self.layers):
+            if i < n - 1:
+                x = layer(x, mask)  # (B, T, C)
+            else:  # the last layer at the pooled position only: its other rows are never read
+                x = layer.forward_row(x, mask[items, :, row].unsqueeze(2), row)  # (B, 1, C); mask (B, 1, 1, T)
+        return self.final_ln(x[:, 0])  # (B, C)

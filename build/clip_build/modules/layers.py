@@ -149,6 +149,16 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.out(y)
 
+    def forward_query(self, xq: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Attention output for the query rows xq (B, Q, C) over all of x (B, T, C); mask additive (B, 1, Q|1, T)."""
+        B, T, C = x.shape
+        Q = xq.shape[1]
+        q = self.q(xq).view(B, Q, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, Q, hd)
+        k = self.k(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        v = self.v(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, Q, hd)
+        return self.out(y.transpose(1, 2).reshape(B, Q, C))  # (B, Q, C)
+
 
 class PreLNBlock(nn.Module):
     """CLIP encoder layer: x + attn(ln1(x)), then x + mlp(ln2(x))."""
@@ -164,6 +174,14 @@ class PreLNBlock(nn.Module):
         x = x + self.attn(self.ln1(x), mask)  # (B, T, C)
         return x + self.mlp(self.ln2(x))  # (B, T, C)
 
+    def forward_row(self, x: Tensor, mask: Tensor | None, row: Tensor) -> Tensor:
+        """The block's output at one position per item, row (B,) int64: (B, 1, C). The last layer of a tower that
+        pools one token needs nothing else (keys and values still come from every position)."""
+        h = self.ln1(x)  # (B, T, C)
+        items = torch.arange(x.shape[0], device=x.device)  # (B,)
+        xr = x[items, row].unsqueeze(1) + self.attn.forward_query(h[items, row].unsqueeze(1), h, mask)  # (B, 1, C)
+        return xr + self.mlp(self.ln2(xr))  # (B, 1, C)
+
 
 class PostLNBlock(nn.Module):
     """BERT encoder layer: ln1(x + attn(x)), then ln2(x + mlp(x))."""
@@ -178,3 +196,10 @@ class PostLNBlock(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         x = self.ln1(x + self.attn(x, mask))  # (B, T, C)
         return self.ln2(x + self.mlp(x))  # (B, T, C)
+
+    def forward_row(self, x: Tensor, mask: Tensor | None, row: Tensor) -> Tensor:
+        """As PreLNBlock.forward_row: the output at position row[b] of each item b, (B, 1, C)."""
+        items = torch.arange(x.shape[0], device=x.device)  # (B,)
+        xr = x[items, row].unsqueeze(1)  # (B, 1, C)
+        xr = self.ln1(xr + self.attn.forward_query(xr, x, mask))  # (B, 1, C)
+        return self.ln2(xr + self.mlp(xr))  # (B, 1, C)

@@ -114,6 +114,15 @@ class VisionTransformer(nn.Module):
         x = x + self.position_embedding.weight.to(x.dtype)  # (B, P, C)
         x = self.pre_ln(x)
         no_mask: Tensor | None = None
+        if self.pool == "cls" and len(self.layers) > 0:
+            n = len(self.layers)
+            first = torch.zeros(B, dtype=torch.int64, device=x.device)  # (B,) the class token
+            for i, layer in enumerate(self.layers):
+                if i < n - 1:
+                    x = layer(x, no_mask)  # (B, P, C)
+                else:  # the last layer at the class token only: its other rows are never read
+                    x = layer.forward_row(x, no_mask, first)  # (B, 1, C)
+            return self.post_ln(x[:, 0])  # (B, C)
         for layer in self.layers:
             x = layer(x, no_mask)
         if self.pool == "cls":
