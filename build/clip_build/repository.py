@@ -79,6 +79,11 @@ def _parameters(values: dict[str, str]) -> str:
 # gRPC cancellation) is dropped while still queued. A request's own timeout can only shorten the default.
 MAX_QUEUE_SIZE = 128  # requests waiting per model
 QUEUE_TIMEOUT_US = 5_000_000  # longest wait in one model's queue (a CPU node runs a 64-image ViT-B/32 batch in ~3 s)
+# The preprocessors' (the ensembles' first step) shorter wait: Triton 2.51 never marks a first ensemble step cancelled
+# and its HTTP frontend cancels nothing, so an abandoned request still queued here would be decoded and encoded anyway.
+# Refusing it after 1.5 s bounds that work (96 abandoned 8-JPEG requests: a good one after them 3.9 s -> 1.0 s over
+# gRPC, 14.7 s -> 5.4 s over HTTP; docs/deploy.md). Capped by queue_timeout_us.
+PREPROCESS_QUEUE_TIMEOUT_US = 1_500_000
 
 
 def _preprocess_preferred(max_batch_size: int) -> tuple[int, ...]:
@@ -337,6 +342,7 @@ def generate_configs(
     max_queue_delay_us: int | None = None,
     max_queue_size: int = MAX_QUEUE_SIZE,
     queue_timeout_us: int = QUEUE_TIMEOUT_US,
+    preprocess_queue_timeout_us: int = PREPROCESS_QUEUE_TIMEOUT_US,
     limits: dict[str, Any] | None = None,
     preprocess: PreprocessPlan | None = None,
     tuning: dict[str, EncoderTuning] | None = None,
@@ -367,7 +373,8 @@ def generate_configs(
         )
     tuning = tuning or encoder_tuning(instance_kind, max_batch_size=max_batch_size, queue_delay_us=max_queue_delay_us)
     preprocess_delay = PREPROCESS_QUEUE_DELAY_US if max_queue_delay_us is None else max_queue_delay_us
-    batching = _batching(_preprocess_preferred(max_batch_size), preprocess_delay, max_queue_size, queue_timeout_us)
+    preprocess_timeout = min(preprocess_queue_timeout_us, queue_timeout_us)
+    batching = _batching(_preprocess_preferred(max_batch_size), preprocess_delay, max_queue_size, preprocess_timeout)
 
     def params(names: list[str], values: dict[str, Any]) -> str:
         # limits only hold BUILD_LIMITS names: they override the default
@@ -455,6 +462,7 @@ class BuildOptions:
     max_queue_delay_us: int | None = None  # every batching model's queue delay (default: tuning's / the preprocessors')
     max_queue_size: int = MAX_QUEUE_SIZE
     queue_timeout_us: int = QUEUE_TIMEOUT_US
+    preprocess_queue_timeout_us: int = PREPROCESS_QUEUE_TIMEOUT_US  # the preprocessors' (capped by queue_timeout_us)
     limits: dict[str, Any] | None = None  # --limit NAME=VALUE (BUILD_LIMITS)
     preprocess_instances: str = "auto"
     image_decode: str = "cpu"
@@ -473,9 +481,12 @@ class BuildOptions:
             self.max_batch_size < 1
             or self.max_queue_size < 1
             or self.queue_timeout_us < 1
+            or self.preprocess_queue_timeout_us < 1
             or (self.cores is not None and self.cores < 1)
         ):
-            raise ValueError("max_batch_size, max_queue_size, queue_timeout_us and cores must be >= 1")
+            raise ValueError(
+                "max_batch_size, max_queue_size, queue_timeout_us, preprocess_queue_timeout_us and cores must be >= 1"
+            )
         return check_limits(self.limits)
 
     def tuning(self) -> dict[str, EncoderTuning]:
@@ -614,6 +625,7 @@ def _build_model(build: ModelBuild, repo: Path, prefix: str) -> tuple[str, dict[
         max_queue_delay_us=opts.max_queue_delay_us,
         max_queue_size=opts.max_queue_size,
         queue_timeout_us=opts.queue_timeout_us,
+        preprocess_queue_timeout_us=opts.preprocess_queue_timeout_us,
         limits=limits,
         preprocess=plan,
         tuning=tuning,
@@ -639,6 +651,7 @@ def _build_model(build: ModelBuild, repo: Path, prefix: str) -> tuple[str, dict[
         "max_queue_delay_us": PREPROCESS_QUEUE_DELAY_US if opts.max_queue_delay_us is None else opts.max_queue_delay_us,
         "max_queue_size": opts.max_queue_size,
         "queue_timeout_us": opts.queue_timeout_us,
+        "preprocess_queue_timeout_us": min(opts.preprocess_queue_timeout_us, opts.queue_timeout_us),
         "preprocess": plan.as_dict(),
         "projection_dim": manifest["projection_dim"],
         "logit_scale": manifest["logit_scale"],
@@ -765,6 +778,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         "a request's own `timeout` parameter can only shorten it",
     )
     parser.add_argument(
+        "--preprocess-queue-timeout-us",
+        type=int,
+        default=PREPROCESS_QUEUE_TIMEOUT_US,
+        help="the same for preprocess_text / preprocess_image, the ensembles' first step (capped by "
+        "--queue-timeout-us): abandoned requests still queued there are refused instead of decoded and encoded",
+    )
+    parser.add_argument(
         "--preprocess-instances",
         default="auto",
         metavar="auto|N|N,M",
@@ -807,6 +827,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         max_queue_delay_us=args.max_queue_delay_us,
         max_queue_size=args.max_queue_size,
         queue_timeout_us=args.queue_timeout_us,
+        preprocess_queue_timeout_us=args.preprocess_queue_timeout_us,
         limits=limits,
         preprocess_instances=args.preprocess_instances,
         image_decode=args.image_decode,

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from clip_build.preprocess_plan import plan_preprocessing
-from clip_build.repository import generate_configs, image_parameters, info_payload
+from clip_build.repository import (
+    PREPROCESS_QUEUE_TIMEOUT_US,
+    QUEUE_TIMEOUT_US,
+    generate_configs,
+    image_parameters,
+    info_payload,
+)
 from clip_build.tuning import encoder_tuning
 from clip_common import contract as C
 from clip_runtime.params import read_parameters
@@ -190,6 +196,30 @@ def test_every_batching_model_has_a_bounded_queue_policy(manifest):
         assert policy.allow_timeout_override, name
     defaults = parse_config(generate_configs(manifest)[C.ImageEncoder.NAME]).dynamic_batching.default_queue_policy
     assert defaults.max_queue_size > 0 and defaults.default_timeout_microseconds > 0
+
+
+def test_the_first_ensemble_step_refuses_sooner_than_the_rest(manifest):
+    """Triton 2.51 never cancels an ensemble's first step (and its HTTP frontend cancels nothing): the preprocessors'
+    own shorter queue timeout is what keeps abandoned requests from being decoded and encoded; capped by the rest's."""
+
+    def timeouts(**options) -> dict[str, int]:
+        configs = generate_configs(manifest, **options)
+        return {
+            name: parse_config(configs[name]).dynamic_batching.default_queue_policy.default_timeout_microseconds
+            for name, spec in C.MODELS.items()
+            if spec.batching
+        }
+
+    pre, enc = (C.PreprocessText.NAME, C.PreprocessImage.NAME), (C.TextEncoder.NAME, C.ImageEncoder.NAME)
+    default = timeouts()
+    assert {default[n] for n in pre} == {PREPROCESS_QUEUE_TIMEOUT_US} and {default[n] for n in enc} == {
+        QUEUE_TIMEOUT_US
+    }
+    assert PREPROCESS_QUEUE_TIMEOUT_US < QUEUE_TIMEOUT_US
+    given = timeouts(preprocess_queue_timeout_us=250_000, queue_timeout_us=3_000_000)
+    assert [given[n] for n in pre + enc] == [250_000, 250_000, 3_000_000, 3_000_000]
+    capped = timeouts(preprocess_queue_timeout_us=9_000_000, queue_timeout_us=2_000_000)
+    assert set(capped.values()) == {2_000_000}
 
 
 def _batching(config: str) -> tuple:
