@@ -27,6 +27,7 @@ def pb(monkeypatch):
         "TYPE_STRING": np.object_,
     }[t]
     mod.TritonModelException = RuntimeError
+    mod.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1  # the flag a response sender takes
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", mod)
     FakeLogger.errors = []
     return mod

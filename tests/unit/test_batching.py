@@ -283,6 +283,71 @@ def test_runner_takes_inputs_through_dlpack_as_the_numpy_path_would(pb, tmp_path
     assert [r.outputs["sum__0"].tolist() for r in host] == [[[3.0], [4.0]], [[3.0]]]
 
 
+class _Answerable(dict):
+    """A request whose response sender records when it sends (python backend 24.10: non-decoupled models may answer
+    a request through it and put None in execute's list)."""
+
+    def __init__(self, events, name, **arrays):
+        super().__init__(_req(**arrays))
+        self.events, self.name = events, name
+
+    def get_response_sender(self):
+        request = self
+
+        class Sender:
+            def send(self, response, flags=None):
+                request.events.append(("sent", request.name, response.outputs["sum__0"].tolist(), flags))
+
+        return Sender()
+
+
+def test_runner_answers_the_smallest_requests_of_a_big_cpu_batch_first(pb, tmp_path):
+    """1 + 10 + 10 rows (> 16): the 1-row request gets its own forward and is sent before the 20-row forward runs;
+    execute's list holds None in its place. A batch of <= 16 rows stays one forward, answered at the end."""
+    model = _runner(pb, tmp_path, max_batch_size=64)
+    events = []
+    original = model._forward
+
+    def spy(parts):
+        events.append(("forward", len(next(iter(parts.values()))), sum(len(p) for p in parts["input_ids"])))
+        return original(parts)
+
+    model._forward = spy
+    ones = np.ones((10, 2), np.int64)
+    small = _Answerable(events, "small", input_ids=np.array([[5, 6]]), attention_mask=np.array([[1, 1]]))
+    big = [_Answerable(events, f"big{i}", input_ids=ones * (i + 1), attention_mask=ones) for i in range(2)]
+    out = model.execute([big[0], small, big[1]])
+    assert events == [
+        ("forward", 1, 1),
+        ("sent", "small", [[11.0]], pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL),
+        ("forward", 2, 20),
+    ]
+    assert out[1] is None
+    assert out[0].outputs["sum__0"].tolist() == [[2.0]] * 10 and out[2].outputs["sum__0"].tolist() == [[4.0]] * 10
+
+    events.clear()
+    few = [
+        _Answerable(events, f"r{i}", input_ids=np.array([[i, 1]]), attention_mask=np.array([[1, 1]])) for i in range(8)
+    ]
+    out = model.execute(few)
+    assert events == [("forward", 8, 8)] and [o.outputs["sum__0"].tolist() for o in out] == [
+        [[i + 1.0]] for i in range(8)
+    ]
+
+
+def test_runner_answers_early_requests_with_the_rest_where_the_stub_cannot_send(pb, tmp_path):
+    """A request without a response sender (an older python backend) is answered in execute's list, in order."""
+    model = _runner(pb, tmp_path, max_batch_size=64)
+    ones = np.ones((10, 2), np.int64)
+    reqs = [
+        _req(input_ids=ones, attention_mask=ones),
+        _req(input_ids=np.array([[5, 6]]), attention_mask=np.ones((1, 2))),
+    ]
+    reqs.append(_req(input_ids=ones * 2, attention_mask=ones))
+    out = model.execute(reqs)
+    assert [o.outputs["sum__0"].tolist() for o in out] == [[[2.0]] * 10, [[11.0]], [[4.0]] * 10]
+
+
 # ---------------------------------------------------------------------------------------------- ragged batches
 def _rows(ids, lengths):
     return _req(input_ids=np.array(ids, np.int64), lengths=np.array(lengths, np.int64).reshape(-1, 1))
