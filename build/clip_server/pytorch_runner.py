@@ -26,8 +26,6 @@ as the libtorch backend takes them.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
 import re
@@ -38,25 +36,15 @@ import triton_python_backend_utils as pb_utils
 
 from clip_runtime.batching import execute_batched, execute_each
 from clip_runtime.errors import InvalidInputError
+from clip_runtime.memory import TRIM_ROWS, malloc_trim
 from clip_runtime.params import read_parameters
 
 _INDEXED = re.compile(r"^(.*)__(\d+)$")
-# After a forward of more rows than this (a bulk batch), the freed activations are handed back to the OS: glibc keeps
-# freed heap memory for reuse, so one batch of 64 images kept the encoder's process hundreds of MB larger for good.
-TRIM_ROWS = 16
 # In a CPU batch of more rows than TRIM_ROWS, the smallest requests (up to EARLY_ROWS rows together) are computed first
 # and answered at once through their response senders; the rest follow in one forward. A one-image request batched
 # with 56 rows of bulk (or abandoned) work is answered after ~1/57 of the batch's time instead of all of it: measured
 # with 96 abandoned 8-image requests over HTTP, a good request after them went from 6.2 s to ~1 s (docs/deploy.md).
 EARLY_ROWS = 8
-
-
-def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 PARAMS = ("INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION", "INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT")
@@ -79,7 +67,7 @@ class TritonPythonModel:
             except RuntimeError:  # only settable before any parallel work
                 pass
 
-        self.trim = _malloc_trim()
+        self.trim = malloc_trim()
         self.trim_due = False
         self.device = self._device(args)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
