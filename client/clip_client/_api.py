@@ -38,7 +38,8 @@ Parameters
         (fetched here, at most max_download_bytes), encoded bytes, a PIL image or a uint8 (H, W, 3) array; a uint8
         (N, H, W, 3) array is N images.
     normalize: L2-normalise each row.
-    batch_size: at most this many images per request (default: the server's limit).
+    batch_size: at most this many images per request (default: the server's limit, and for a sized collection
+        at most half of it, 8 at the fewest, so that decoding and encoding overlap).
     show_progress: a tqdm progress bar over the images.
 Returns
     (D,) for one image, (N, D) for an iterable.

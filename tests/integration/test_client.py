@@ -559,3 +559,24 @@ def test_async_close_while_reading_model_info(triton_server):
     finally:
         proxy.release.set()
         proxy.close()
+
+
+def test_a_sized_image_call_is_split_so_decoding_overlaps_encoding(client, images, reference):
+    """A list of images goes out as two requests at least (the second's decoding runs while the first is encoded),
+    never below 8 images a request; a generator (length unknown) and an explicit batch_size are sent as given."""
+    arrays = images["arrays"]
+    twenty = [arrays[i % len(arrays)] for i in range(20)]
+    with _models_called(client) as calls:
+        got = client.encode_image(twenty)
+    assert calls == ["encode_image"] * 2  # 10 + 10
+    want = reference.image([Image.fromarray(a) for a in twenty])
+    assert _cos(got, want).min() >= COS_MIN
+    with _models_called(client) as calls:
+        client.encode_image(twenty[:5])
+    assert calls == ["encode_image"]  # 5 < 2 x 8: one request
+    with _models_called(client) as calls:
+        client.encode_image(iter(twenty))
+    assert calls == ["encode_image"]
+    with _models_called(client) as calls:
+        client.encode_image(twenty, batch_size=20)
+    assert calls == ["encode_image"]
