@@ -35,7 +35,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from clip_runtime.batching import execute_batched, execute_each
-from clip_runtime.errors import InvalidInputError
+from clip_runtime.errors import InvalidInputError, internal_error
 from clip_runtime.memory import TRIM_ROWS, malloc_trim
 from clip_runtime.params import read_parameters
 
@@ -265,14 +265,20 @@ class TritonPythonModel:
                 what="model execution",
                 logger=self.logger,
             )
-        early = self._early(requests)
+        early, total = self._early(requests)
+        self.trim_due = total > TRIM_ROWS  # the whole batch's rows, however they are split into forwards
         responses: list = [None] * len(requests)
         for i, response in zip(early, self._execute_batched([requests[i] for i in early])):
-            responses[i] = _send_now(requests[i], response)
+            responses[i] = _send_now(requests[i], response, self.logger)
         answered = set(early)
         rest = [i for i in range(len(requests)) if i not in answered]
-        for i, response in zip(rest, self._execute_batched([requests[i] for i in rest])):
-            responses[i] = response
+        try:
+            for i, response in zip(rest, self._execute_batched([requests[i] for i in rest])):
+                responses[i] = response
+        except Exception as exc:  # noqa: BLE001 - once a response was sent, execute must not raise (the backend
+            # would then release every request's response factory, the sent ones' a second time)
+            for i in rest:
+                responses[i] = internal_error(pb_utils, self.logger, "internal error while computing the batch", exc)
         if self.trim_due and self.trim is not None and self.device.type == "cpu":
             self.trim(0)  # tens of ms; no CPU cost measured on the next batch (ViT-B/32, batch 32: 5.5 s either way)
         self.trim_due = False
@@ -291,21 +297,19 @@ class TritonPythonModel:
             logger=self.logger,
         )
 
-    def _early(self, requests) -> list[int]:
-        """Indices of the requests to compute and answer first: on the CPU, in a batch of more than TRIM_ROWS rows,
-        the smallest requests up to EARLY_ROWS rows together (none when that would be all of them)."""
-        if self.device.type != "cpu" or len(requests) < 2:
-            return []
+    def _early(self, requests) -> tuple[list[int], int]:
+        """(indices of the requests to compute and answer first, the batch's rows): on the CPU, in a batch of more
+        than TRIM_ROWS rows, the smallest requests up to EARLY_ROWS rows together (none when that would be all)."""
         rows = [_request_rows(r, self.inputs, self.ragged) for r in requests]
-        if sum(rows) <= TRIM_ROWS:
-            return []
+        if self.device.type != "cpu" or len(requests) < 2 or sum(rows) <= TRIM_ROWS:
+            return [], sum(rows)
         early, total = [], 0
         for i in sorted(range(len(requests)), key=rows.__getitem__):
             if total + rows[i] > EARLY_ROWS:
                 break
             early.append(i)
             total += rows[i]
-        return early if len(early) < len(requests) else []
+        return (early if len(early) < len(requests) else []), sum(rows)
 
     def finalize(self):
         self.model = self.stream = None
@@ -325,11 +329,15 @@ def _request_rows(request, inputs: list[tuple[str, object]], ragged: set[str]) -
     return 0
 
 
-def _send_now(request, response):
-    """Send `response` through the request's response sender now (None goes in execute's list in its place);
-    where the stub cannot (no sender, an older python backend), the response is returned with the others."""
+def _send_now(request, response, logger=None):
+    """Send `response` through the request's response sender now (None goes in execute's list in its place). A stub
+    without response senders (an older python backend): the response is returned with the others. Once send() was
+    called the sender is closed whatever happens (python backend r24.10), so a failing send is logged, not retried."""
+    if not hasattr(request, "get_response_sender"):
+        return response
     try:
         request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-    except Exception:  # noqa: BLE001 - answered with the rest of the batch instead
-        return response
+    except Exception as exc:  # noqa: BLE001 - the sender is closed: returning the response would fail the batch
+        if logger is not None:
+            logger.log_error(f"could not send an early response: {type(exc).__name__}: {exc}")
     return None

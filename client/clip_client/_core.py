@@ -370,7 +370,13 @@ class ClientBase:
     ) -> Plan:
         info = yield from self._p_info()
         limit = self._batch_limit(info, kind, batch_size)
-        if kind == "image" and batch_size is None and hasattr(inputs, "__len__") and not is_single(inputs, kind):
+        if (
+            kind == "image"
+            and batch_size is None
+            and self.max_concurrency > 1
+            and hasattr(inputs, "__len__")
+            and not is_single(inputs, kind)
+        ):
             # Two requests at least: the second's decoding overlaps the first's encoding (one call of 64 images on
             # 2 cores: 12.2 images/s as 2 x 32 vs 10.7 as 1 x 64, docs/benchmarks.md).
             limit = min(limit, max(IMAGE_SPLIT_MIN, -(-len(inputs) // 2)))

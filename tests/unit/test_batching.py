@@ -335,6 +335,44 @@ def test_runner_answers_the_smallest_requests_of_a_big_cpu_batch_first(pb, tmp_p
     ]
 
 
+def test_runner_never_raises_once_an_answer_was_sent(pb, tmp_path):
+    """After the early answer went out, a failure while computing the rest answers the rest INTERNAL (a raising
+    execute would make the backend release the sent request's response factory again); a send that fails is logged
+    and not answered twice."""
+    model = _runner(pb, tmp_path, max_batch_size=64)
+    events = []
+    ones = np.ones((10, 2), np.int64)
+    small = _Answerable(events, "small", input_ids=np.array([[5, 6]]), attention_mask=np.array([[1, 1]]))
+    big = [_Answerable(events, f"big{i}", input_ids=ones, attention_mask=ones) for i in range(2)]
+    original, calls = model._execute_batched, []
+
+    def second_fails(requests):
+        calls.append(len(requests))
+        if len(calls) == 2:
+            raise RuntimeError("/secret/path/model.py: boom")
+        return original(requests)
+
+    model._execute_batched = second_fails
+    out = model.execute([big[0], small, big[1]])
+    assert [e[:2] for e in events] == [("sent", "small")] and out[1] is None
+    for r in (out[0], out[2]):
+        assert r.error.code == "INTERNAL" and "/secret" not in r.error.message
+
+    class Broken(_Answerable):
+        def get_response_sender(self):
+            class Sender:
+                def send(self, response, flags=None):
+                    raise RuntimeError("Unable to send response. Response sender has been closed.")
+
+            return Sender()
+
+    model._execute_batched = original
+    small = Broken(events, "small", input_ids=np.array([[5, 6]]), attention_mask=np.array([[1, 1]]))
+    out = model.execute([big[0], small, big[1]])
+    assert out[1] is None and out[0].outputs["sum__0"].tolist() == [[2.0]] * 10
+    assert any("could not send an early response" in e for e in pb.Logger.errors)
+
+
 def test_runner_answers_early_requests_with_the_rest_where_the_stub_cannot_send(pb, tmp_path):
     """A request without a response sender (an older python backend) is answered in execute's list, in order."""
     model = _runner(pb, tmp_path, max_batch_size=64)
