@@ -47,19 +47,25 @@ class TritonPythonModel:
                 logger=self.logger,
                 per_request=lambda items: self.model_id,
             )
-        rows = []
+        stacked = 0
+
+        def stack(good: list) -> dict:
+            nonlocal stacked
+            stacked += len(good)
+            return {M.PIXEL_VALUES: np.stack(good)}  # (M, 3, S, S)
+
         responses = execute_batched(
             pb_utils,
             requests,
             read=read,
             # float32 (3, S, S) normalised, or the error: decoding and lookups run in the pool (they release the GIL)
             prepare=lambda items: self.pre.load_many(items, self.pool, catch=Exception, normalised=True),
-            compute=lambda good: rows.append(len(good)) or {M.PIXEL_VALUES: np.stack(good)},  # (M, 3, S, S)
+            compute=stack,
             label="image",
             logger=self.logger,
             per_request=lambda items: self.model_id,
         )
-        if sum(rows) > TRIM_ROWS and self.trim is not None:
+        if stacked > TRIM_ROWS and self.trim is not None:
             self.trim(0)  # the decode threads' buffers of a bulk batch (measured: ~30 MB kept otherwise)
         return responses
 
